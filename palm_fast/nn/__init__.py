@@ -1,0 +1,1 @@
+"""Fast ``nn.Module``s, state_dict-compatible with the reference modules."""

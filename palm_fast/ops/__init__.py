@@ -1,0 +1,2 @@
+"""Public functional ops. Each is a ``palm_fast::`` torch custom op (CPU -> C++,
+CUDA -> Triton) with fake kernel and autograd, behind a checked Python function."""

@@ -1,0 +1,70 @@
+"""Shared test configuration: backend selection, the tolerance rule, helpers.
+
+* On a machine without CUDA the Triton launchers run on CPU tensors under the
+  Triton interpreter: TRITON_INTERPRET=1 must be set before triton is imported,
+  so it is set here, before any test module imports palm_fast.kernels.
+* On a machine with CUDA the same tests drive the Triton kernels on CUDA tensors.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+# Device on which the Triton launchers are tested: real GPU, or CPU + interpreter.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The tolerance rule (DESIGN.md): the max error of a fast output against an fp64
+# reference may be at most twice the max error of the eager PyTorch reference run
+# in the same dtype, plus a small per-dtype atol (scaled by the output's magnitude).
+ATOL = {
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 8e-3,
+    torch.float64: 1e-12,
+}
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
+
+
+def assert_close_by_rule(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor,
+                         *, name: str = "output", atol: float | None = None) -> None:
+    """Check ``out`` against the fp64 reference with the tolerance rule."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.dtype == eager.dtype, f"{name}: dtype {out.dtype} != {eager.dtype}"
+    assert torch.isfinite(out.detach().float()).all(), f"{name}: non-finite values"
+    scale = max(1.0, ref64.detach().abs().max().item())
+    atol = (ATOL[out.dtype] if atol is None else atol) * scale
+    err = max_err(out, ref64)
+    eager_err = max_err(eager, ref64)
+    bound = 2.0 * eager_err + atol
+    assert err <= bound, (f"{name}: max error {err:.3e} exceeds 2 x eager error "
+                          f"{eager_err:.3e} + atol {atol:.1e} = {bound:.3e}")
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, generator=None) -> torch.Tensor:
+    """Fresh random data (never zeros)."""
+    return (torch.randn(*shape, dtype=torch.float32, generator=generator) * scale).to(
+        device=device, dtype=dtype)
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """An output buffer filled with NaN so unwritten elements show."""
+    return torch.full_like(t, float("nan"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
