@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _cxx_flags():
-    flags = ["-O3", "-fopenmp", "-std=c++17", "-DAT_PARALLEL_OPENMP=1", "-ffast-math", "-fno-finite-math-only"]
+    flags = ["-O3", "-fopenmp", "-std=c++17"]
     # Vectorise for the machine that builds (CI and users build where they run);
     # PALM_FAST_PORTABLE=1 gives a portable binary.
     if os.environ.get("PALM_FAST_PORTABLE", "0") != "1":

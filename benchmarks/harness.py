@@ -78,3 +78,223 @@ def load_all() -> dict[str, CaseGenerator]:
         if info.name.startswith("bench_"):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
     return REGISTRY
+
+
+# --------------------------------------------------------------------------- timing
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def cache_bytes(device: str) -> int:
+    """Last-level cache size used to decide how many input sets to rotate."""
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return int(getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20)
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            txt = f.read().strip()
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(txt[-1], 1)
+        return int(txt.rstrip("KMG")) * mult
+    except (OSError, ValueError):
+        return 32 * 2**20
+
+
+def n_rotations(set_bytes: float, device: str, max_sets: int = 8) -> int:
+    """Enough input sets that their total exceeds twice the cache (bounded)."""
+    if set_bytes <= 0:
+        return 1
+    return int(max(1, min(max_sets, math.ceil(2 * cache_bytes(device) / set_bytes))))
+
+
+@dataclass
+class Timing:
+    ms: float
+    ms_min: float
+    ms_max: float
+    n: int
+
+
+def time_fn(fn: Callable[[], Any], device: str, *, quick: bool = False) -> Timing:
+    """Median time of ``fn()`` in milliseconds.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls).
+    CPU: warm-up, then repeated ``perf_counter`` measurements, median.
+    """
+    if device == "cuda":
+        import triton.testing
+
+        warmup, rep = (10, 40) if quick else (25, 200)
+        times = triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="all")
+        times = list(times)
+        return Timing(statistics.median(times), min(times), max(times), len(times))
+    # CPU
+    fn()  # first call: compilation, allocation
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-6)
+    budget = 0.25 if quick else 1.0  # seconds per measurement series
+    n = int(min(200, max(5, budget / once)))
+    for _ in range(min(3, n)):
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), min(times), max(times), len(times))
+
+
+# --------------------------------------------------------------------------- peaks
+
+def measure_peaks(device: str, quick: bool = False) -> dict:
+    """Measure the copy bandwidth and matmul throughput of ``device`` in this run.
+
+    Copy: ``dst.copy_(src)`` into a preallocated buffer, counting bytes read plus
+    bytes written. Matmul: a large square product (bf16 on CUDA, fp32 on CPU) on
+    random data.
+    """
+    if device == "cuda":
+        n_bytes = (256 if quick else 1024) * 2**20
+        mm_n, mm_dtype = (4096 if quick else 8192), torch.bfloat16
+    else:
+        n_bytes = (64 if quick else 256) * 2**20
+        mm_n, mm_dtype = (1024 if quick else 2048), torch.float32
+    src = torch.randn(n_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, quick=quick)
+    copy_gbps = 2 * n_bytes / (t.ms * 1e-3) / 1e9
+    a = torch.randn(mm_n, mm_n, device=device, dtype=mm_dtype)
+    b = torch.randn(mm_n, mm_n, device=device, dtype=mm_dtype)
+    t = time_fn(lambda: torch.mm(a, b), device, quick=quick)
+    mm_tflops = 2 * mm_n**3 / (t.ms * 1e-3) / 1e12
+    return {"copy_gbps": copy_gbps, "matmul_tflops": mm_tflops,
+            "matmul_shape": [mm_n, mm_n, mm_n], "matmul_dtype": str(mm_dtype).replace("torch.", "")}
+
+
+# --------------------------------------------------------------------------- records
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def _git_commit() -> str | None:
+    try:
+        import os
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def meta(device: str, peaks: dict, argv: list[str] | None = None) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "git_commit": _git_commit(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": device,
+        "device_name": device_name(device),
+        "peaks": peaks,
+        "command": " ".join(argv if argv is not None else sys.argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def run_case(case: Case, ctx: BenchContext, peaks: dict,
+             on_impl: Callable[[str], None] | None = None) -> list[dict]:
+    """Time every implementation of ``case`` on the same rotated inputs."""
+    sets = [case.setup()]
+    n = n_rotations(case.bytes, ctx.device)
+    sets += [case.setup() for _ in range(n - 1)]
+    records = []
+    for impl, fn in case.impls.items():
+        if on_impl is not None:
+            on_impl(impl)
+        counter = [0]
+
+        def call(fn=fn, counter=counter):
+            inputs = sets[counter[0] % len(sets)]
+            counter[0] += 1
+            return fn(inputs)
+
+        rec = {
+            "name": case.name, "impl": impl, "device": ctx.device,
+            "dtype": dtype_name(case.dtype), "shape": dict(case.shape),
+        }
+        try:
+            t = time_fn(call, ctx.device, quick=ctx.quick)
+        except Exception as e:  # an implementation that fails is reported, not hidden
+            rec.update({"ms": None, "ms_min": None, "ms_max": None, "gbps": None, "tflops": None,
+                        "pct_of_peak": None, "error": f"{type(e).__name__}: {e}"[:500]})
+            records.append(rec)
+            continue
+        sec = t.ms * 1e-3
+        gbps = case.bytes / sec / 1e9 if case.bytes else None
+        tflops = case.flops / sec / 1e12 if case.flops else None
+        if case.bound == "compute" and tflops is not None:
+            pct = 100.0 * tflops / peaks["matmul_tflops"]
+        elif gbps is not None:
+            pct = 100.0 * gbps / peaks["copy_gbps"]
+        else:
+            pct = None
+        rec.update({"ms": t.ms, "ms_min": t.ms_min, "ms_max": t.ms_max, "n_timed": t.n,
+                    "gbps": gbps, "tflops": tflops, "pct_of_peak": pct,
+                    "bytes": case.bytes, "flops": case.flops, "bound": case.bound})
+        rec.update(case.extra)
+        records.append(rec)
+    eager = next((r for r in records if r["impl"] == "eager" and r.get("ms")), None)
+    for r in records:
+        r["speedup_vs_eager"] = (eager["ms"] / r["ms"]) if (eager and r.get("ms")) else None
+    return records
+
+
+def collect_cases(ctx: BenchContext, only: list[str] | None = None) -> list[Case]:
+    reg = load_all()
+    unknown = [o for o in (only or []) if o not in reg]
+    if unknown:
+        raise ValueError(f"--only: unknown benchmark family {unknown}; known: {sorted(reg)}")
+    cases = []
+    for family, gen in sorted(reg.items()):
+        if only and family not in only:
+            continue
+        cases.extend(gen(ctx))
+    return cases
+
+
+def result_doc(meta_: dict, records: list[dict]) -> dict:
+    return {"meta": meta_, "records": records}
+
+
+def as_jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, torch.dtype):
+        return dtype_name(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
