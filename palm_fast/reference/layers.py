@@ -24,7 +24,7 @@ class LayerNorm(nn.Module):
     """``y = (x - mean(x)) / sqrt(var(x) + eps) * weight (+ bias)`` over the last dim.
 
     x ``[..., dim]`` -> y ``[..., dim]`` in x's dtype; statistics (biased variance)
-    and the normalisation are computed in fp32. ``weight`` starts at ones; PaLM
+    and the normalisation are computed in fp32 (fp64 for fp64 x). ``weight`` is ones; PaLM
     uses no bias (``bias=True`` adds a zero-initialised ``bias`` parameter).
     """
 
