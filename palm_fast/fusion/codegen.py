@@ -222,7 +222,8 @@ def _row_kernel_single(em: _Emitter, args) -> tuple[list[str], dict]:
     for i in parts:
         L.append(f"acc{i} = tl.full([BLOCK_N], {_NEUTRAL[g.nodes[i].attr('red')]}, dtype=tl.float32)")
     L.append("for r in range(0, ROWS_PER_PROG):")
-    B = ["row = pid * ROWS_PER_PROG + r", "rmask = row < M", "mask = cmask & ((cols * 0 + row) < M)",  # vector compare: the interpreter rejects scalar&vector masks
+    # the row test is a vector compare: the interpreter rejects a scalar & vector mask
+    B = ["row = pid * ROWS_PER_PROG + r", "rmask = row < M", "mask = cmask & ((cols * 0 + row) < M)",
          "row64 = row.to(tl.int64)"]
     for i, s in in_space.items():
         if s in ("row", "stat"):
@@ -355,6 +356,7 @@ def _row_kernel_looped(em: _Emitter, args) -> tuple[list[str], dict]:
 # kernel cache
 # ---------------------------------------------------------------------------------------
 _KERNELS: dict[tuple, object] = {}
+POISON = False  # tests: fill every buffer the runner allocates with NaN first
 
 
 def cache_dir() -> Path:
@@ -489,7 +491,7 @@ class CompiledGraph:
                     raise ValueError(f"{name}: expected a contiguous tensor")
                 values[nid] = t.reshape(want)
         out_dtype = {}
-        for name, (nid, like) in g.outputs.items():
+        for nid, like in g.outputs.values():
             out_dtype.setdefault(nid, torch.float32 if like == "float32" else inputs[like].dtype)
         P = _num_partials(M, device)
         rpp = -(-M // P)
@@ -506,9 +508,11 @@ class CompiledGraph:
                     values[i] = torch.full((P, N), fill, device=device, dtype=torch.float32)
                 else:
                     shape = {"row": (M, N), "stat": (M,), "col": (N,)}[n.space]
-                    values[i] = torch.empty(shape, device=device, dtype=out_dtype.get(i, torch.float32))
+                    dt = out_dtype.get(i, torch.float32)
+                    values[i] = (torch.full(shape, float("nan"), device=device, dtype=dt) if POISON
+                                 else torch.empty(shape, device=device, dtype=dt))
             call = []
-            for role, i, space in k.args:
+            for _role, i, space in k.args:
                 call.append(values[i])
                 if space == "row":
                     call.append(values[i].stride(0))
@@ -529,7 +533,7 @@ class CompiledGraph:
                 kw["num_warps"] = 4 if block <= 1024 else (8 if block <= 4096 else 16)
             fn[grid](*call, BLOCK_N=block, **kw)
         result = {}
-        for name, (nid, like) in g.outputs.items():
+        for name, (nid, _like) in g.outputs.items():
             v = values[nid]
             if isinstance(v, torch.Tensor) and v.dtype != out_dtype[nid]:
                 v = v.to(out_dtype[nid])
@@ -556,12 +560,12 @@ def compile_graph(graph: Graph, mode: str = "full", **options) -> CompiledGraph:
 # explain
 # ---------------------------------------------------------------------------------------
 def explain(graph: Graph, mode: str = "full", *, M: int = 16384, N: int = 4096,
-            dtype: torch.dtype = torch.bfloat16, source: bool = True, file=sys.stdout,
+            dtype: torch.dtype = torch.bfloat16, source: bool = True, file="stdout",
             **options) -> str:
     """Describe how ``graph`` runs under ``mode`` for an ``M x N`` problem in ``dtype``: the
     groups and their ops, the kernel count, the bytes each kernel moves (row inputs streamed
     once per pass; intermediates are fp32) and, with ``source=True``, the generated Triton
-    source. Prints to ``file`` (``None``: do not print) and returns the text."""
+    source. Prints to ``file`` (default stdout; ``None``: do not print) and returns the text."""
     cg = CompiledGraph(graph, mode, **options)
     g = cg.graph
     item = torch.tensor([], dtype=dtype).element_size()
@@ -597,5 +601,5 @@ def explain(graph: Graph, mode: str = "full", *, M: int = 16384, N: int = 4096,
             lines.append(k.source)
     text = "\n".join(lines)
     if file is not None:
-        print(text, file=file)
+        print(text, file=sys.stdout if file == "stdout" else file)
     return text

@@ -99,6 +99,11 @@ class Graph:
         self.nodes.append(node)
         return node.id
 
+    def _space(self, i) -> str:
+        if not (isinstance(i, int) and 0 <= i < len(self.nodes)):
+            raise ValueError(f"operand {i!r} is not a node of this graph")
+        return self.nodes[i].space
+
     def input(self, name: str, space: str) -> int:
         if space not in ("row", "stat", "col", "scalar"):
             raise ValueError(f"input {name!r}: space must be row, stat, col or scalar, got {space!r}")
@@ -115,18 +120,18 @@ class Graph:
             raise ValueError(f"unknown unary op {op!r}")
         if op == "cast" and attrs.get("dtype") not in CAST_DTYPES:
             raise ValueError(f"cast: dtype must be one of {CAST_DTYPES}, got {attrs.get('dtype')!r}")
-        return self._add(op, (a,), self.nodes[a].space, tuple(attrs.items()))
+        return self._add(op, (a,), self._space(a), tuple(attrs.items()))
 
     def binary(self, op: str, a: int, b: int) -> int:
         if op not in BINARY:
             raise ValueError(f"unknown binary op {op!r}")
-        return self._add(op, (a, b), _join_spaces(self.nodes[i].space for i in (a, b)))
+        return self._add(op, (a, b), _join_spaces(self._space(i) for i in (a, b)))
 
     def where(self, c: int, a: int, b: int) -> int:
-        return self._add("where", (c, a, b), _join_spaces(self.nodes[i].space for i in (c, a, b)))
+        return self._add("where", (c, a, b), _join_spaces(self._space(i) for i in (c, a, b)))
 
     def broadcast(self, a: int) -> int:
-        if self.nodes[a].space == "partial":
+        if self._space(a) == "partial":
             raise ValueError("broadcast: cannot broadcast a partial-sum value")
         return self._add("broadcast", (a,), "row")
 
@@ -135,8 +140,8 @@ class Graph:
             raise ValueError(f"reduce: op must be 'sum' or 'max', got {op!r}")
         if axis not in ("row", "col"):
             raise ValueError(f"reduce: axis must be 'row' or 'col', got {axis!r}")
-        if self.nodes[a].space != "row":
-            raise ValueError(f"reduce: operand must live in the row space, got {self.nodes[a].space}")
+        if self._space(a) != "row":
+            raise ValueError(f"reduce: operand must live in the row space, got {self._space(a)}")
         return self._add("reduce_" + op, (a,), "stat" if axis == "row" else "col", (("axis", axis),))
 
     def output(self, name: str, node: int, dtype_like: str = "float32") -> None:
