@@ -36,9 +36,11 @@ import torch
 from .ir import Graph
 from .passes import Group, Schedule, fuse
 
-DEFAULT_MAX_BLOCK = 16384  # longest row held in one block; longer rows use the looped variant
+DEFAULT_MAX_BLOCK = 16384  # longest row held in one block (kernels with column partials)
 DEFAULT_LOOP_BLOCK = 4096  # column block of the looped variant
-COL_BLOCK = 1024  # column block of the final column-reduction kernel
+COL_BLOCK = 128  # column block of the final column-reduction kernel
+PART_TILE = 32  # partial rows the final column-reduction kernel loads at once
+NO_PARTIAL_MAX_BLOCK = 32768  # groups without column partials hold rows up to this long
 
 _UNARY = {"neg": "-({0})", "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl.sqrt({0})",
           "rsqrt": "tl.rsqrt({0})", "abs": "tl.abs({0})"}
@@ -160,11 +162,15 @@ def _col_kernel(em: _Emitter, args) -> tuple[list[str], dict]:
         n = g.nodes[i]
         if n.kind == "cfin":
             red, p = n.attr("red"), n.inputs[0]
-            L.append(f"acc{i} = tl.full([BLOCK_N], {_NEUTRAL[red]}, dtype=tl.float32)")
-            L.append("for p in range(0, P):")
-            val = f"tl.load(in{p} + p * N + cols, mask=cmask, other={_NEUTRAL[red]})"
+            # [PART_TILE, BLOCK_N] tiles of partial rows, reduced over rows at the end (fixed order)
+            L.append(f"acc{i} = tl.full([{PART_TILE}, BLOCK_N], {_NEUTRAL[red]}, dtype=tl.float32)")
+            L.append(f"for p0 in range(0, P, {PART_TILE}):")
+            L.append(f"    prow = p0 + tl.arange(0, {PART_TILE})")
+            L.append("    pmask = (prow[:, None] < P) & cmask[None, :]")
+            val = f"tl.load(in{p} + prow[:, None] * N + cols[None, :], mask=pmask, other={_NEUTRAL[red]})"
             L.append(f"    acc{i} = " + (f"acc{i} + {val}" if red == "sum" else f"tl.maximum(acc{i}, {val})"))
-            L.append(f"{em.var(i)} = acc{i}")
+            fn = "tl.sum" if red == "sum" else "tl.max"
+            L.append(f"{em.var(i)} = {fn}(acc{i}, axis=0)")
         else:
             L.append(f"{em.var(i)} = " + em.op_expr(i, [avail[j] for j in n.inputs]))
         avail[i] = em.var(i)
@@ -394,9 +400,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _num_partials(M: int, device: torch.device) -> int:
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_partials(M: int, device: torch.device, per_sm: int) -> int:
+    """Programs (and partial-sum rows) of a row kernel with column reductions."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        target = per_sm * _SM_COUNT[idx]
     else:
         target = 4  # the interpreter runs programs one by one
     return max(1, min(M, target))
@@ -408,12 +421,14 @@ class CompiledGraph:
     Intermediates between groups are fp32 tensors allocated per call."""
 
     def __init__(self, graph: Graph, mode: str = "full", *, max_block: int = DEFAULT_MAX_BLOCK,
-                 loop_block: int = DEFAULT_LOOP_BLOCK):
+                 loop_block: int = DEFAULT_LOOP_BLOCK, partials_per_sm: int = 2):
         self.source_graph = graph
         self.schedule = fuse(graph, mode)
         self.graph = self.schedule.graph
         self.mode, self.max_block, self.loop_block = mode, max_block, loop_block
         self.hash = graph.hash()
+        self.partials_per_sm = partials_per_sm
+        self._launch_cache: dict[tuple, tuple] = {}
 
     @property
     def kernel_count(self) -> int:
@@ -423,15 +438,24 @@ class CompiledGraph:
         """(looped, BLOCK_N) for a group at row length N."""
         if group.kind == "col":
             return False, min(COL_BLOCK, max(16, _next_pow2(N)))
-        if N <= self.max_block:
+        limit = self.max_block
+        if self.max_block == DEFAULT_MAX_BLOCK and not any(
+                self.graph.nodes[i].kind == "cpart" for i in group.nodes):
+            limit = NO_PARTIAL_MAX_BLOCK  # no [BLOCK_N] column accumulators held: longer rows fit
+        if N <= limit:
             return False, max(16, _next_pow2(N))
         return True, self.loop_block
 
     def kernel(self, group: Group, N: int, dtypes: tuple) -> tuple[Kernel, object, int]:
+        """(generated kernel, its triton.jit function, BLOCK_N), cached by graph hash, mode,
+        group, variant, block size and input dtypes."""
         looped, block = self.variant(group, N)
         key = (self.hash, self.mode, group.index, looped, block, dtypes)
-        k = generate(self.schedule, group, looped=looped)
-        return k, load_kernel(k, key), block
+        hit = self._launch_cache.get(key)
+        if hit is None:
+            k = generate(self.schedule, group, looped=looped)
+            hit = self._launch_cache[key] = (k, load_kernel(k, key), block)
+        return hit
 
     def sources(self, N: int) -> list[Kernel]:
         return [generate(self.schedule, grp, looped=self.variant(grp, N)[0])
@@ -493,7 +517,7 @@ class CompiledGraph:
         out_dtype = {}
         for nid, like in g.outputs.values():
             out_dtype.setdefault(nid, torch.float32 if like == "float32" else inputs[like].dtype)
-        P = _num_partials(M, device)
+        P = _num_partials(M, device, self.partials_per_sm)
         rpp = -(-M // P)
         P = -(-M // rpp) if M else 1
         for grp in self.schedule.groups:
@@ -569,7 +593,7 @@ def explain(graph: Graph, mode: str = "full", *, M: int = 16384, N: int = 4096,
     cg = CompiledGraph(graph, mode, **options)
     g = cg.graph
     item = torch.tensor([], dtype=dtype).element_size()
-    P = 2 * 132  # partial rows on an H100-class GPU (2 per SM)
+    P = cg.partials_per_sm * 132  # partial rows on an H100-class GPU
 
     def nbytes(i: int, reads: int = 1) -> int:
         n = g.nodes[i]

@@ -6,10 +6,18 @@ in the last dim, ``weight`` / ``bias`` ``[N]``, ``mean`` / ``rstd`` fp32 ``[M]``
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import expanders
-from .codegen import compile_graph
+from .codegen import CompiledGraph, compile_graph
+
+
+@functools.cache
+def _compiled(expander: str, *flags: bool) -> CompiledGraph:
+    """The ``full``-mode compiled graph of an expander (built and hashed once per process)."""
+    return compile_graph(getattr(expanders, expander)(*flags), "full")
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -44,7 +52,7 @@ def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if bias is not None:
         _check("bias", bias, shape=(N,), device=x2d.device)
     eps = _check_eps(eps)
-    cg = compile_graph(expanders.layer_norm_fwd(bias is not None), "full")
+    cg = _compiled("layer_norm_fwd", bias is not None)
     args = dict(x=x2d, weight=weight, eps=eps)
     if bias is not None:
         args["bias"] = bias
@@ -63,7 +71,7 @@ def layer_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, me
     _check("weight", weight, shape=(N,), device=x2d.device)
     _check("mean", mean, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
     _check("rstd", rstd, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
-    cg = compile_graph(expanders.layer_norm_bwd(bool(has_bias)), "full")
+    cg = _compiled("layer_norm_bwd", bool(has_bias))
     r = cg(dy=dy, x=x2d, weight=weight, mean=mean, rstd=rstd)
     return r["dx"], r["dweight"], (r["dbias"] if has_bias else None)
 
@@ -88,7 +96,7 @@ def add_layer_norm_fwd(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None,
     for name, t in (("x", x), ("a", a), ("m", m)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor; call .contiguous() first")
-    cg = compile_graph(expanders.add_layer_norm_fwd(m is not None, bias is not None), "full")
+    cg = _compiled("add_layer_norm_fwd", m is not None, bias is not None)
     args = dict(x=x.reshape(-1, N), a=a.reshape(-1, N), weight=weight, eps=eps)
     if m is not None:
         args["m"] = m.reshape(-1, N)
@@ -102,7 +110,7 @@ def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     """``y = x * rsqrt(mean(x^2) + eps) * weight``; returns ``(y, rstd)``."""
     _check("x2d", x2d, ndim=2)
     _check("weight", weight, shape=(x2d.size(1),), device=x2d.device)
-    r = compile_graph(expanders.rms_norm_fwd(), "full")(x=x2d, weight=weight, eps=_check_eps(eps))
+    r = _compiled("rms_norm_fwd")(x=x2d, weight=weight, eps=_check_eps(eps))
     return r["y"], r["rstd"]
 
 
@@ -113,5 +121,5 @@ def rms_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd
     _check("dy", dy, shape=(M, N), device=x2d.device)
     _check("weight", weight, shape=(N,), device=x2d.device)
     _check("rstd", rstd, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
-    r = compile_graph(expanders.rms_norm_bwd(), "full")(dy=dy, x=x2d, weight=weight, rstd=rstd)
+    r = _compiled("rms_norm_bwd")(dy=dy, x=x2d, weight=weight, rstd=rstd)
     return r["dx"], r["dweight"]
