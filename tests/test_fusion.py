@@ -280,6 +280,8 @@ def test_add_layer_norm(dtype, with_m):
     assert_close_by_rule(out, r64[1], r[1], name="out")
 
 
+# the interpreter evaluates masked-off lanes too (rows past M): numpy warns there, results are masked
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 def test_generic_graphs_softmax_and_column_max():
     """The engine's other clients: a row softmax (max, exp, sum, div, where) and column max."""
     g = Graph("softmax")
