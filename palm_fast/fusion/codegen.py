@@ -1,0 +1,665 @@
+"""Triton code generation for fused groups, the kernel cache, the runner and ``explain()``.
+
+Two kernel shapes:
+
+* **row kernel** (``Group.kind == "row"``): program ``p`` handles rows
+  ``[p * ROWS_PER_PROG, (p + 1) * ROWS_PER_PROG)``. Every load is masked and upcast to fp32 at
+  once (the interpreter stores bf16 as raw bits); all math is fp32; stores cast to the output
+  pointer's dtype. Column partial sums (``col_partial``) accumulate over the program's rows
+  and are written to row ``p`` of a ``[P, N]`` fp32 buffer.
+  - *single-block* variant (``N <= max_block``): the whole row sits in one ``BLOCK_N`` block;
+    each value is computed once; column-space inputs are loaded once per program.
+  - *looped* variant (long rows): pass ``k`` loops over column blocks to compute the row
+    reductions of depth ``k`` (a vector accumulator reduced at the end of the pass), and a
+    final pass recomputes what the outputs need from the inputs and stores it. Reading x
+    again instead of holding it trades bandwidth for not spilling; partial column sums are
+    accumulated in the program's own row of the buffer (no atomics).
+* **col kernel** (``"col"``): program ``q`` owns columns ``[q * BLOCK_N, (q + 1) * BLOCK_N)``,
+  sums (or maxes) the ``P`` partial rows in a fixed order, applies column-space epilogues.
+
+Kernels are written to ``$PALM_FAST_FUSION_CACHE`` (default ``~/.cache/palm_fast/fusion``),
+one file per (graph hash, mode, group, variant, dtypes, block size) — ``triton.jit`` reads
+its function's source file — imported, and cached in memory under the same key.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .ir import Graph
+from .passes import Group, Schedule, fuse
+
+DEFAULT_MAX_BLOCK = 16384  # longest row held in one block (kernels with column partials)
+DEFAULT_LOOP_BLOCK = 4096  # column block of the looped variant
+COL_BLOCK = 128  # column block of the final column-reduction kernel
+PART_TILE = 32  # partial rows the final column-reduction kernel loads at once
+NO_PARTIAL_MAX_BLOCK = 32768  # groups without column partials hold rows up to this long
+
+_UNARY = {"neg": "-({0})", "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl.sqrt({0})",
+          "rsqrt": "tl.rsqrt({0})", "abs": "tl.abs({0})"}
+_BINARY = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
+           "max": "tl.maximum({0}, {1})", "min": "tl.minimum({0}, {1})",
+           "gt": "({0} > {1}).to(tl.float32)", "lt": "({0} < {1}).to(tl.float32)"}
+_NEUTRAL = {"sum": "0.0", "max": "float('-inf')"}
+
+
+def _const_expr(value: float, n_pow: int) -> str:
+    expr = repr(float(value))
+    if n_pow > 0:
+        expr += " * n_f" * n_pow
+    elif n_pow < 0:
+        expr += " / n_f" * (-n_pow)
+    return f"({expr})"
+
+
+@dataclass
+class Kernel:
+    """Generated source for one group plus what the launcher needs to know."""
+
+    group: Group
+    name: str
+    source: str
+    looped: bool
+    args: list[tuple[str, int, str]]  # (role, node id, space): role in in/out/part/scalar
+    row_loads: dict[int, int]  # row-space input -> number of times a program streams it
+    scratch: int = 0  # K of an fp32 [M, K] scratch buffer the kernel needs (0: none)
+
+
+class _Emitter:
+    def __init__(self, graph: Graph, group: Group):
+        self.g, self.group = graph, group
+        self.scratch = 0  # K of the looped kernel's fp32 [M, K] row-value scratch (0: none)
+        self.members = set(group.nodes)
+        self.ext = set(group.inputs)
+
+    def var(self, i: int) -> str:
+        return f"v{i}"
+
+    def op_expr(self, i: int, ins: list[str]) -> str:
+        n = self.g.nodes[i]
+        if n.op in _UNARY:
+            return _UNARY[n.op].format(*ins)
+        if n.op == "cast":
+            return f"{ins[0]}.to(tl.{n.attr('dtype')}).to(tl.float32)"
+        if n.op in _BINARY:
+            return _BINARY[n.op].format(*ins)
+        if n.op == "where":
+            return f"tl.where({ins[0]} != 0, {ins[1]}, {ins[2]})"
+        if n.op == "broadcast":
+            return f"{ins[0]} + tl.zeros([BLOCK_N], dtype=tl.float32)"
+        raise NotImplementedError(n.op)
+
+
+def _ptr(i: int, role: str) -> str:
+    return {"in": f"in{i}", "out": f"out{i}", "part": f"part{i}"}[role]
+
+
+def generate(schedule: Schedule, group: Group, *, looped: bool) -> Kernel:
+    """Triton source for one group (``looped`` selects the long-row variant of a row kernel)."""
+    g = schedule.graph
+    em = _Emitter(g, group)
+    name = f"fused_{g.name}_{schedule.mode}_g{group.index}" + ("_looped" if looped else "")
+    args: list[tuple[str, int, str]] = []
+    for i in group.inputs:
+        n = g.nodes[i]
+        space = n.space
+        args.append(("scalar" if space == "scalar" else "in", i, space))
+    for i in group.outputs:
+        n = g.nodes[i]
+        args.append(("part" if n.kind == "cpart" else "out", i, n.space))
+    params = []
+    for role, i, space in args:
+        if role == "scalar":
+            params.append(f"s{i},  # runtime scalar (node %{i})")
+            continue
+        shape = {"row": "[M, N]", "stat": "[M]", "col": "[N]", "partial": "[P, N] fp32"}[space]
+        params.append(f"{_ptr(i, role)},  # {'output' if role != 'in' else 'input'} %{i} {shape}")
+        if space == "row":
+            params.append(f"{_ptr(i, role)}_rs,  # its row stride")
+    if group.kind == "col":
+        src, row_loads = _col_kernel(em, args)
+        params += ["N,  # columns", "P,  # partial rows to reduce"]
+    else:
+        params += ["M,  # rows", "N,  # columns", "ROWS_PER_PROG,  # rows per program"]
+        src, row_loads = (_row_kernel_looped if looped else _row_kernel_single)(em, args)
+        if em.scratch:
+            params.insert(len(params) - 3, f"scratch,  # fp32 [M, {em.scratch}] row values of the last pass")
+    params.append("BLOCK_N: tl.constexpr,  # columns per block")
+    head = [f'"""Generated by palm_fast.fusion: graph {g.name} ({g.hash()}), mode {schedule.mode}, '
+            f'group {group.index}: nodes {group.nodes}."""',
+            "import triton", "import triton.language as tl", "", "",
+            "@triton.jit", f"def {name}("]
+    head += ["    " + p for p in params]
+    head.append("):")
+    source = "\n".join(head + ["    " + line if line else "" for line in src]) + "\n"
+    return Kernel(group, name, source, looped and group.kind == "row", args, row_loads, em.scratch)
+
+
+def _scalar_names(em: _Emitter, args) -> dict[int, str]:
+    names = {}
+    for role, i, _ in args:
+        if role == "scalar":
+            names[i] = f"s{i}"
+    for n in em.g.nodes:
+        if n.op == "const":
+            names[n.id] = _const_expr(n.attr("value"), n.attr("n_pow"))
+    return names
+
+
+def _col_kernel(em: _Emitter, args) -> tuple[list[str], dict]:
+    g = em.g
+    L = ["pid = tl.program_id(0)", "cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)",
+         "cmask = cols < N", "n_f = N * 1.0"]
+    avail = _scalar_names(em, args)
+    for role, i, space in args:
+        if role == "in" and space == "col":
+            L.append(f"{em.var(i)} = tl.load(in{i} + cols, mask=cmask, other=0.0).to(tl.float32)")
+            avail[i] = em.var(i)
+    for i in em.group.nodes:
+        n = g.nodes[i]
+        if n.kind == "cfin":
+            red, p = n.attr("red"), n.inputs[0]
+            # [PART_TILE, BLOCK_N] tiles of partial rows, reduced over rows at the end (fixed order)
+            L.append(f"acc{i} = tl.full([{PART_TILE}, BLOCK_N], {_NEUTRAL[red]}, dtype=tl.float32)")
+            L.append(f"for p0 in range(0, P, {PART_TILE}):")
+            L.append(f"    prow = p0 + tl.arange(0, {PART_TILE})")
+            L.append("    pmask = (prow[:, None] < P) & cmask[None, :]")
+            val = f"tl.load(in{p} + prow[:, None] * N + cols[None, :], mask=pmask, other={_NEUTRAL[red]})"
+            L.append(f"    acc{i} = " + (f"acc{i} + {val}" if red == "sum" else f"tl.maximum(acc{i}, {val})"))
+            fn = "tl.sum" if red == "sum" else "tl.max"
+            L.append(f"{em.var(i)} = {fn}(acc{i}, axis=0)")
+        else:
+            L.append(f"{em.var(i)} = " + em.op_expr(i, [avail[j] for j in n.inputs]))
+        avail[i] = em.var(i)
+    for role, i, _ in args:
+        if role == "out":
+            L.append(f"tl.store(out{i} + cols, {avail[i]}.to(out{i}.dtype.element_ty), mask=cmask)")
+    return L, {}
+
+
+def _row_prologue(L: list[str]) -> None:
+    L += ["pid = tl.program_id(0)", "n_f = N * 1.0"]
+
+
+def _store(L: list[str], i: int, space: str, val: str) -> None:
+    cast = f"{val}.to(out{i}.dtype.element_ty)"
+    if space == "row":
+        L.append(f"tl.store(out{i} + row64 * out{i}_rs + cols, {cast}, mask=mask)")
+    elif space == "stat":
+        L.append(f"tl.store(out{i} + row, {cast}, mask=rmask)")
+    elif space == "col":  # identical in every program: program 0 writes it
+        L.append(f"tl.store(out{i} + cols, {cast}, mask=cmask & (pid == 0))")
+    else:
+        raise NotImplementedError(space)
+
+
+def _load(i: int, space: str) -> str:
+    if space == "row":
+        return f"tl.load(in{i} + row64 * in{i}_rs + cols, mask=mask, other=0.0).to(tl.float32)"
+    if space == "stat":
+        return f"tl.load(in{i} + row, mask=rmask, other=0.0).to(tl.float32)"
+    return f"tl.load(in{i} + cols, mask=cmask, other=0.0).to(tl.float32)"
+
+
+def _row_kernel_single(em: _Emitter, args) -> tuple[list[str], dict]:
+    g, grp = em.g, em.group
+    L: list[str] = []
+    _row_prologue(L)
+    L += ["cols = tl.arange(0, BLOCK_N)", "cmask = cols < N"]
+    avail = _scalar_names(em, args)
+    in_space = {i: s for r, i, s in args if r == "in"}
+    # column-space inputs and column-only math, once per program
+    for i, s in in_space.items():
+        if s == "col":
+            L.append(f"{em.var(i)} = {_load(i, s)}")
+            avail[i] = em.var(i)
+    body_nodes = []
+    for i in grp.nodes:
+        n = g.nodes[i]
+        if n.kind == "ew" and n.space in ("col", "scalar") and all(j in avail for j in n.inputs):
+            L.append(f"{em.var(i)} = " + em.op_expr(i, [avail[j] for j in n.inputs]))
+            avail[i] = em.var(i)
+        else:
+            body_nodes.append(i)
+    parts = [i for i in grp.nodes if g.nodes[i].kind == "cpart"]
+    for i in parts:
+        L.append(f"acc{i} = tl.full([BLOCK_N], {_NEUTRAL[g.nodes[i].attr('red')]}, dtype=tl.float32)")
+    L.append("for r in range(0, ROWS_PER_PROG):")
+    # the row test is a vector compare: the interpreter rejects a scalar & vector mask
+    B = ["row = pid * ROWS_PER_PROG + r", "rmask = row < M", "mask = cmask & ((cols * 0 + row) < M)",
+         "row64 = row.to(tl.int64)"]
+    for i, s in in_space.items():
+        if s in ("row", "stat"):
+            B.append(f"{em.var(i)} = {_load(i, s)}")
+            avail[i] = em.var(i)
+    for i in body_nodes:
+        n = g.nodes[i]
+        x = [avail[j] for j in n.inputs]
+        if n.kind == "rred":
+            red = n.op.split("_")[1]
+            fn = "tl.sum" if red == "sum" else "tl.max"
+            B.append(f"{em.var(i)} = {fn}(tl.where(cmask, {x[0]}, {_NEUTRAL[red]}), axis=0)")
+        elif n.kind == "cpart":
+            red = n.attr("red")
+            val = f"tl.where(mask, {x[0]}, {_NEUTRAL[red]})"
+            B.append(f"acc{i} = " + (f"acc{i} + {val}" if red == "sum" else f"tl.maximum(acc{i}, {val})"))
+            continue
+        else:
+            B.append(f"{em.var(i)} = " + em.op_expr(i, x))
+        avail[i] = em.var(i)
+    for role, i, s in args:
+        if role == "out":
+            _store(B, i, s, avail[i])
+    L += ["    " + b for b in B]
+    for i in parts:
+        L.append(f"tl.store(part{i} + pid * N + cols, acc{i}, mask=cmask)")
+    loads = {i: 1 for i, s in in_space.items() if s == "row"}
+    return L, loads
+
+
+def _row_kernel_looped(em: _Emitter, args) -> tuple[list[str], dict]:
+    g, grp = em.g, em.group
+    L: list[str] = []
+    _row_prologue(L)
+    L.append("offs = tl.arange(0, BLOCK_N)")
+    base = _scalar_names(em, args)
+    in_space = {i: s for r, i, s in args if r == "in"}
+    loads = {i: 0 for i, s in in_space.items() if s == "row"}
+    # depth of each node: the number of row reductions on its longest path inside the group
+    depth: dict[int, int] = {}
+    for i in grp.nodes:
+        n = g.nodes[i]
+        d = max([depth.get(j, 0) for j in n.inputs], default=0)
+        depth[i] = d + 1 if n.kind == "rred" else d
+    levels = sorted({depth[i] for i in grp.nodes if g.nodes[i].kind == "rred"})
+    L.append("for r in range(0, ROWS_PER_PROG):")
+    B = ["row = pid * ROWS_PER_PROG + r", "rmask = row < M", "row64 = row.to(tl.int64)"]
+    avail = dict(base)  # values live at row level (scalars, stats)
+    for i, s in in_space.items():
+        if s == "stat":
+            B.append(f"{em.var(i)} = {_load(i, s)}")
+            avail[i] = em.var(i)
+
+    def emit_row_level(lines):
+        # stat-space elementwise nodes whose operands are all available
+        for i in grp.nodes:
+            n = g.nodes[i]
+            if i not in avail and n.kind == "ew" and n.space in ("stat", "scalar") and \
+                    all(j in avail for j in n.inputs):
+                lines.append(f"{em.var(i)} = " + em.op_expr(i, [avail[j] for j in n.inputs]))
+                avail[i] = em.var(i)
+
+    def emit_in_loop(i, memo, lines):
+        if i in avail:
+            return avail[i]
+        if i in memo:
+            return memo[i]
+        n = g.nodes[i]
+        if i in in_space:
+            s = in_space[i]
+            lines.append(f"b{i} = {_load(i, s)}")
+            if s == "row":
+                loads[i] += 1
+        else:
+            if n.kind in ("rred", "cpart", "cfin"):
+                raise AssertionError(f"node {i} ({n.op}) needed before its pass")
+            ins = [emit_in_loop(j, memo, lines) for j in n.inputs]
+            lines.append(f"b{i} = " + em.op_expr(i, ins))
+        memo[i] = f"b{i}"
+        return memo[i]
+
+    loop_head = ["for off in range(0, N, BLOCK_N):",
+                 "    cols = off + offs", "    cmask = cols < N", "    mask = cmask & ((cols * 0 + row) < M)"]
+    emit_row_level(B)
+    for lvl in levels:
+        reds = [i for i in grp.nodes if g.nodes[i].kind == "rred" and depth[i] == lvl]
+        for i in reds:
+            B.append(f"acc{i} = tl.full([BLOCK_N], {_NEUTRAL[g.nodes[i].op.split('_')[1]]}, "
+                     "dtype=tl.float32)")
+        B += loop_head
+        memo: dict[int, str] = {}
+        inner: list[str] = []
+        for i in reds:
+            red = g.nodes[i].op.split("_")[1]
+            v = emit_in_loop(g.nodes[i].inputs[0], memo, inner)
+            val = f"tl.where(cmask, {v}, {_NEUTRAL[red]})"
+            inner.append(f"acc{i} = " + (f"acc{i} + {val}" if red == "sum" else f"tl.maximum(acc{i}, {val})"))
+        B += ["    " + x for x in inner]
+        for i in reds:
+            fn = "tl.sum" if g.nodes[i].op == "reduce_sum" else "tl.max"
+            B.append(f"{em.var(i)} = {fn}(acc{i}, axis=0)")
+            avail[i] = em.var(i)
+        emit_row_level(B)
+    # stat outputs, then the final pass for row / col outputs and column partials
+    outs = [(i, s) for r, i, s in args if r == "out"]
+    for i, s in outs:
+        if s == "stat":
+            _store(B, i, s, avail[i])
+    finals = [(i, s) for i, s in outs if s in ("row", "col")]
+    parts = [i for i in grp.nodes if g.nodes[i].kind == "cpart"]
+    if parts:
+        # column partials: keep the [BLOCK_N] accumulators in registers by looping over
+        # column blocks outside and the program's rows inside; the per-row values the
+        # final pass needs come from a small fp32 scratch [M, K] written here
+        keep = [i for i in sorted(avail) if avail[i] == em.var(i) and g.nodes[i].space == "stat"]
+        em.scratch = len(keep)
+        for k, i in enumerate(keep):
+            B.append(f"tl.store(scratch + row64 * {len(keep)} + {k}, {avail[i]}, mask=rmask)")
+        L += ["    " + b for b in B]
+        L += ["for off in range(0, N, BLOCK_N):", "    cols = off + offs", "    cmask = cols < N"]
+        memo: dict[int, str] = {}
+        pre: list[str] = []
+        for i, s in in_space.items():
+            if s == "col":
+                emit_in_loop(i, memo, pre)
+        for i in parts:
+            pre.append(f"acc{i} = tl.full([BLOCK_N], {_NEUTRAL[g.nodes[i].attr('red')]}, dtype=tl.float32)")
+        inner = ["row = pid * ROWS_PER_PROG + r", "rmask = row < M", "row64 = row.to(tl.int64)",
+                 "mask = cmask & ((cols * 0 + row) < M)"]
+        for k, i in enumerate(keep):
+            inner.append(f"{avail[i]} = tl.load(scratch + row64 * {len(keep)} + {k}, mask=rmask, other=0.0)")
+        for i, s in finals:
+            _store(inner, i, s, emit_in_loop(i, memo, inner))
+        for i in parts:
+            red = g.nodes[i].attr("red")
+            v = emit_in_loop(g.nodes[i].inputs[0], memo, inner)
+            val = f"tl.where(mask, {v}, {_NEUTRAL[red]})"
+            inner.append(f"acc{i} = " + (f"acc{i} + {val}" if red == "sum" else f"tl.maximum(acc{i}, {val})"))
+        L += ["    " + x for x in pre]
+        L.append("    for r in range(0, ROWS_PER_PROG):")
+        L += ["        " + x for x in inner]
+        for i in parts:
+            L.append(f"    tl.store(part{i} + pid * N + cols, acc{i}, mask=cmask)")
+        return L, loads
+    if finals:
+        B += loop_head
+        memo = {}
+        inner = []
+        for i, s in finals:
+            _store(inner, i, s, emit_in_loop(i, memo, inner))
+        B += ["    " + x for x in inner]
+    L += ["    " + b for b in B]
+    return L, loads
+
+
+# ---------------------------------------------------------------------------------------
+# kernel cache
+# ---------------------------------------------------------------------------------------
+_KERNELS: dict[tuple, object] = {}
+POISON = False  # tests: fill every buffer the runner allocates with NaN first
+
+
+def cache_dir() -> Path:
+    d = os.environ.get("PALM_FAST_FUSION_CACHE")
+    return Path(d) if d else Path.home() / ".cache" / "palm_fast" / "fusion"
+
+
+def load_kernel(kernel: Kernel, key: tuple):
+    """The ``triton.jit`` function for ``kernel``: memory cache, else write + import its file."""
+    fn = _KERNELS.get(key)
+    if fn is not None:
+        return fn
+    digest = hashlib.sha256((repr(key) + kernel.source).encode()).hexdigest()[:20]
+    mod_name = f"palm_fast_fusion_{digest}"
+    path = cache_dir() / f"{mod_name}.py"
+    if not path.exists() or path.read_text() != kernel.source:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(kernel.source)
+        os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    spec.loader.exec_module(module)
+    fn = getattr(module, kernel.name)
+    _KERNELS[key] = fn
+    return fn
+
+
+# ---------------------------------------------------------------------------------------
+# runner
+# ---------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_partials(M: int, device: torch.device, per_sm: int) -> int:
+    """Programs (and partial-sum rows) of a row kernel with column reductions."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        target = per_sm * _SM_COUNT[idx]
+    else:
+        target = 4  # the interpreter runs programs one by one
+    return max(1, min(M, target))
+
+
+class CompiledGraph:
+    """A graph fused under ``mode``, runnable on torch tensors (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``): ``compiled(x=..., weight=..., eps=1e-5) -> {name: tensor}``.
+    Intermediates between groups are fp32 tensors allocated per call."""
+
+    def __init__(self, graph: Graph, mode: str = "full", *, max_block: int = DEFAULT_MAX_BLOCK,
+                 loop_block: int = DEFAULT_LOOP_BLOCK, partials_per_sm: int = 2):
+        self.source_graph = graph
+        self.schedule = fuse(graph, mode)
+        self.graph = self.schedule.graph
+        self.mode, self.max_block, self.loop_block = mode, max_block, loop_block
+        self.hash = graph.hash()
+        self.partials_per_sm = partials_per_sm
+        self._launch_cache: dict[tuple, tuple] = {}
+
+    @property
+    def kernel_count(self) -> int:
+        return self.schedule.kernel_count
+
+    def variant(self, group: Group, N: int) -> tuple[bool, int]:
+        """(looped, BLOCK_N) for a group at row length N."""
+        if group.kind == "col":
+            return False, min(COL_BLOCK, max(16, _next_pow2(N)))
+        limit = self.max_block
+        if self.max_block == DEFAULT_MAX_BLOCK and not any(
+                self.graph.nodes[i].kind == "cpart" for i in group.nodes):
+            limit = NO_PARTIAL_MAX_BLOCK  # no [BLOCK_N] column accumulators held: longer rows fit
+        if N <= limit:
+            return False, max(16, _next_pow2(N))
+        return True, self.loop_block
+
+    def kernel(self, group: Group, N: int, dtypes: tuple) -> tuple[Kernel, object, int]:
+        """(generated kernel, its triton.jit function, BLOCK_N), cached by graph hash, mode,
+        group, variant, block size and input dtypes."""
+        looped, block = self.variant(group, N)
+        key = (self.hash, self.mode, group.index, looped, block, dtypes)
+        hit = self._launch_cache.get(key)
+        if hit is None:
+            k = generate(self.schedule, group, looped=looped)
+            hit = self._launch_cache[key] = (k, load_kernel(k, key), block)
+        return hit
+
+    def sources(self, N: int) -> list[Kernel]:
+        return [generate(self.schedule, grp, looped=self.variant(grp, N)[0])
+                for grp in self.schedule.groups]
+
+    def __call__(self, **inputs) -> dict[str, torch.Tensor]:
+        g = self.graph
+        missing = set(g.inputs) - set(inputs)
+        if missing:
+            raise TypeError(f"{g.name}: missing inputs {sorted(missing)}")
+        extra = set(inputs) - set(g.inputs)
+        if extra:
+            raise TypeError(f"{g.name}: unexpected inputs {sorted(extra)}")
+        values: dict[int, object] = {}
+        M = N = None
+        device = None
+        for name, nid in g.inputs.items():
+            space, t = g.nodes[nid].space, inputs[name]
+            if space == "scalar":
+                if isinstance(t, torch.Tensor) or not isinstance(t, (int, float)):
+                    raise TypeError(f"{name}: expected a Python float, got {type(t).__name__}")
+                values[nid] = float(t)
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+            if space == "row":
+                if t.dim() != 2:
+                    raise ValueError(f"{name}: expected a 2-D [M, N] tensor, got shape {tuple(t.shape)}")
+                if t.size(1) > 1 and t.stride(1) != 1:
+                    raise ValueError(f"{name}: expected a unit stride in the last dim, got strides "
+                                     f"{tuple(t.stride())}")
+                if M is None:
+                    M, N = t.shape
+                elif tuple(t.shape) != (M, N):
+                    raise ValueError(f"{name}: expected shape {(M, N)}, got {tuple(t.shape)}")
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                raise ValueError(f"{name}: expected device {device}, got {t.device}")
+            values[nid] = t
+        if M is None:
+            raise ValueError(f"{g.name}: needs at least one row-space input")
+        if N == 0:
+            raise ValueError(f"{g.name}: rows of length 0 (N == 0) are not supported")
+        if device.type != "cuda" and not _interpreting():
+            raise RuntimeError(f"{g.name}: the generated Triton kernels need CUDA tensors (or CPU "
+                               "tensors with TRITON_INTERPRET=1 set before triton is imported)")
+        for name, nid in g.inputs.items():
+            space, t = g.nodes[nid].space, values[nid]
+            want = {"stat": (M,), "col": (N,)}.get(space)
+            if want is not None:
+                if t.numel() != want[0] or t.dim() not in (1, 2):
+                    raise ValueError(f"{name}: expected shape {want} ({space} vector), got {tuple(t.shape)}")
+                if not t.is_contiguous():
+                    raise ValueError(f"{name}: expected a contiguous tensor")
+                values[nid] = t.reshape(want)
+        out_dtype = {}
+        for nid, like in g.outputs.values():
+            out_dtype.setdefault(nid, torch.float32 if like == "float32" else inputs[like].dtype)
+        P = _num_partials(M, device, self.partials_per_sm)
+        rpp = -(-M // P)
+        P = -(-M // rpp) if M else 1
+        for grp in self.schedule.groups:
+            dtypes = tuple(str(values[i].dtype) if isinstance(values[i], torch.Tensor) else "f"
+                           for i in grp.inputs)
+            k, fn, block = self.kernel(grp, N, dtypes)
+            has_part = any(g.nodes[i].kind == "cpart" for i in grp.nodes)
+            for i in grp.outputs:
+                n = g.nodes[i]
+                if n.kind == "cpart":
+                    if M == 0:  # no program runs a row: the partial sums are the neutral element
+                        fill = 0.0 if n.attr("red") == "sum" else float("-inf")
+                        values[i] = torch.full((P, N), fill, device=device, dtype=torch.float32)
+                    else:  # every program writes its own row of partials
+                        values[i] = torch.empty((P, N), device=device, dtype=torch.float32)
+                else:
+                    shape = {"row": (M, N), "stat": (M,), "col": (N,)}[n.space]
+                    dt = out_dtype.get(i, torch.float32)
+                    values[i] = (torch.full(shape, float("nan"), device=device, dtype=dt) if POISON
+                                 else torch.empty(shape, device=device, dtype=dt))
+            call = []
+            for _role, i, space in k.args:
+                call.append(values[i])
+                if space == "row":
+                    call.append(values[i].stride(0))
+            if k.scratch:
+                call.append(torch.empty((max(M, 1), k.scratch), device=device, dtype=torch.float32))
+            if grp.kind == "col":
+                call += [N, P]
+                grid = (-(-N // block),)
+            else:
+                if has_part:
+                    call += [M, N, rpp]
+                    grid = (P,)
+                else:
+                    call += [M, N, 1]
+                    grid = (M,)
+                if grid[0] == 0:
+                    continue
+            kw = {}
+            if device.type == "cuda":
+                kw["num_warps"] = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+            fn[grid](*call, BLOCK_N=block, **kw)
+        result = {}
+        for name, (nid, _like) in g.outputs.items():
+            v = values[nid]
+            if isinstance(v, torch.Tensor) and v.dtype != out_dtype[nid]:
+                v = v.to(out_dtype[nid])
+            result[name] = v
+        return result
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+_COMPILED: dict[tuple, CompiledGraph] = {}
+
+
+def compile_graph(graph: Graph, mode: str = "full", **options) -> CompiledGraph:
+    """A cached :class:`CompiledGraph` (keyed by graph hash, mode and options)."""
+    key = (graph.hash(), mode, tuple(sorted(options.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = CompiledGraph(graph, mode, **options)
+    return _COMPILED[key]
+
+
+# ---------------------------------------------------------------------------------------
+# explain
+# ---------------------------------------------------------------------------------------
+def explain(graph: Graph, mode: str = "full", *, M: int = 16384, N: int = 4096,
+            dtype: torch.dtype = torch.bfloat16, source: bool = True, file="stdout",
+            **options) -> str:
+    """Describe how ``graph`` runs under ``mode`` for an ``M x N`` problem in ``dtype``: the
+    groups and their ops, the kernel count, the bytes each kernel moves (row inputs streamed
+    once per pass; intermediates are fp32) and, with ``source=True``, the generated Triton
+    source. Prints to ``file`` (default stdout; ``None``: do not print) and returns the text."""
+    cg = CompiledGraph(graph, mode, **options)
+    g = cg.graph
+    item = torch.tensor([], dtype=dtype).element_size()
+    P = cg.partials_per_sm * 132  # partial rows on an H100-class GPU
+
+    def nbytes(i: int, reads: int = 1) -> int:
+        n = g.nodes[i]
+        if n.space == "scalar":
+            return 0
+        size = {"row": M * N, "stat": M, "col": N, "partial": P * N}[n.space]
+        is_io = n.op == "input" and n.space in ("row", "col") or any(
+            v == i and like != "float32" for v, like in g.outputs.values())
+        return size * (item if is_io else 4) * reads
+
+    lines = [f"graph {graph.name} ({graph.hash()}): {graph.op_count()} primitive ops; mode {mode}; "
+             f"{cg.kernel_count} kernel(s); M={M}, N={N}, {str(dtype).replace('torch.', '')}"]
+    total = 0
+    kernels = cg.sources(N)
+    for grp, k in zip(cg.schedule.groups, kernels):
+        ops = ", ".join(f"%{i}={g.nodes[i].op}" for i in grp.nodes)
+        moved = sum(nbytes(i, k.row_loads.get(i, 1)) for i in grp.inputs) + \
+            sum(nbytes(i) for i in grp.outputs)
+        total += moved
+        variant = "col-reduce" if grp.kind == "col" else ("looped" if k.looped else "single-block")
+        lines.append(f"  kernel {grp.index}: {grp.label} [{grp.kind}, {variant}] {ops}")
+        lines.append(f"    reads {['%' + str(i) for i in grp.inputs]} writes "
+                     f"{['%' + str(i) for i in grp.outputs]}; bytes moved {moved:,} "
+                     f"({moved / (M * N * item):.2f} x M*N*itemsize)")
+    lines.append(f"  total bytes moved {total:,} ({total / (M * N * item):.2f} x M*N*itemsize)")
+    if source:
+        for k in kernels:
+            lines.append(f"# ---- kernel {k.group.index}: {k.name}")
+            lines.append(k.source)
+    text = "\n".join(lines)
+    if file is not None:
+        print(text, file=sys.stdout if file == "stdout" else file)
+    return text

@@ -1,0 +1,118 @@
+"""Expanders: composite ops written as primitive-op graphs.
+
+Each function returns a fresh :class:`~palm_fast.fusion.ir.Graph`. The LayerNorm forward is
+exactly MindSpore's 11-op decomposition (10 without a bias, as in PaLM)::
+
+    s = ReduceSum(x); mean = Mul(s, 1/N); d = Sub(x, mean); sq = Mul(d, d)
+    ss = ReduceSum(sq); var = Mul(ss, 1/N); ve = Add(var, eps); rstd = Rsqrt(ve)
+    xhat = Mul(d, rstd); yw = Mul(xhat, gamma); y = Add(yw, beta)
+
+The backward, with ``xhat = (x - mean) * rstd`` and ``g = dy * gamma``::
+
+    dx      = rstd * (g - xhat * mean_N(xhat * g) - mean_N(g))
+    dweight = sum_M(dy * xhat)         dbias = sum_M(dy)
+"""
+from __future__ import annotations
+
+from .ir import Graph
+
+
+def _layer_norm_body(g: Graph, x: int, weight: int, bias: int | None, eps: int):
+    inv_n = g.const(1.0, n_pow=-1)
+    s = g.sum(x)
+    mean = g.mul(s, inv_n)
+    d = g.sub(x, mean)
+    sq = g.mul(d, d)
+    ss = g.sum(sq)
+    var = g.mul(ss, inv_n)
+    ve = g.add(var, eps)
+    rstd = g.rsqrt(ve)
+    xhat = g.mul(d, rstd)
+    y = g.mul(xhat, weight)
+    if bias is not None:
+        y = g.add(y, bias)
+    return y, mean, rstd
+
+
+def layer_norm_fwd(has_bias: bool = True) -> Graph:
+    """Inputs x[row], weight[col], (bias[col]), eps[scalar]; outputs y, mean, rstd."""
+    g = Graph("layer_norm_fwd" + ("" if has_bias else "_nobias"))
+    x = g.input("x", "row")
+    weight = g.input("weight", "col")
+    bias = g.input("bias", "col") if has_bias else None
+    eps = g.input("eps", "scalar")
+    y, mean, rstd = _layer_norm_body(g, x, weight, bias, eps)
+    g.output("y", y, "x")
+    g.output("mean", mean)
+    g.output("rstd", rstd)
+    return g
+
+
+def layer_norm_bwd(has_bias: bool = True) -> Graph:
+    """Inputs dy[row], x[row], weight[col], mean[stat], rstd[stat]; outputs dx, dweight, (dbias)."""
+    g = Graph("layer_norm_bwd" + ("" if has_bias else "_nobias"))
+    dy = g.input("dy", "row")
+    x = g.input("x", "row")
+    weight = g.input("weight", "col")
+    mean = g.input("mean", "stat")
+    rstd = g.input("rstd", "stat")
+    inv_n = g.const(1.0, n_pow=-1)
+    xhat = g.mul(g.sub(x, mean), rstd)
+    wdy = g.mul(dy, weight)
+    c1 = g.mul(g.sum(g.mul(xhat, wdy)), inv_n)
+    c2 = g.mul(g.sum(wdy), inv_n)
+    dx = g.mul(g.sub(wdy, g.add(g.mul(xhat, c1), c2)), rstd)
+    g.output("dx", dx, "x")
+    g.output("dweight", g.sum(g.mul(dy, xhat), axis="col"), "weight")
+    if has_bias:
+        g.output("dbias", g.sum(dy, axis="col"), "weight")
+    return g
+
+
+def rms_norm_fwd() -> Graph:
+    """``y = x * rsqrt(mean_N(x^2) + eps) * weight``; outputs y, rstd."""
+    g = Graph("rms_norm_fwd")
+    x = g.input("x", "row")
+    weight = g.input("weight", "col")
+    eps = g.input("eps", "scalar")
+    ms = g.mul(g.sum(g.mul(x, x)), g.const(1.0, n_pow=-1))
+    rstd = g.rsqrt(g.add(ms, eps))
+    g.output("y", g.mul(g.mul(x, rstd), weight), "x")
+    g.output("rstd", rstd)
+    return g
+
+
+def rms_norm_bwd() -> Graph:
+    """``dx = rstd * (g - xhat * mean_N(xhat * g))``, ``g = dy * weight``; ``dweight = sum_M(dy * xhat)``."""
+    g = Graph("rms_norm_bwd")
+    dy = g.input("dy", "row")
+    x = g.input("x", "row")
+    weight = g.input("weight", "col")
+    rstd = g.input("rstd", "stat")
+    xhat = g.mul(x, rstd)
+    wdy = g.mul(dy, weight)
+    c = g.mul(g.sum(g.mul(xhat, wdy)), g.const(1.0, n_pow=-1))
+    g.output("dx", g.mul(g.sub(wdy, g.mul(xhat, c)), rstd), "x")
+    g.output("dweight", g.sum(g.mul(dy, xhat), axis="col"), "weight")
+    return g
+
+
+def add_layer_norm_fwd(has_m: bool = True, has_bias: bool = True) -> Graph:
+    """The parallel block's residual sum and the next LayerNorm:
+    ``y = x + a (+ m); out = LN(y)``; outputs y_sum, out, mean, rstd."""
+    g = Graph("add_layer_norm_fwd" + ("" if has_m else "_2") + ("" if has_bias else "_nobias"))
+    x = g.input("x", "row")
+    a = g.input("a", "row")
+    m = g.input("m", "row") if has_m else None
+    weight = g.input("weight", "col")
+    bias = g.input("bias", "col") if has_bias else None
+    eps = g.input("eps", "scalar")
+    y = g.add(x, a)
+    if m is not None:
+        y = g.add(y, m)
+    out, mean, rstd = _layer_norm_body(g, y, weight, bias, eps)
+    g.output("y_sum", y, "x")
+    g.output("out", out, "x")
+    g.output("mean", mean)
+    g.output("rstd", rstd)
+    return g

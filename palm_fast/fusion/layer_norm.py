@@ -1,0 +1,125 @@
+"""LayerNorm built from fused primitives: launchers over the ``full`` mode's generated kernels.
+
+These are the CUDA entry points of ``palm_fast.ops.layer_norm`` (they also run on CPU tensors
+under ``TRITON_INTERPRET=1``, which the tests use). Shapes: ``x2d [M, N]`` with a unit stride
+in the last dim, ``weight`` / ``bias`` ``[N]``, ``mean`` / ``rstd`` fp32 ``[M]``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import expanders
+from .codegen import CompiledGraph, compile_graph
+
+
+@functools.cache
+def _compiled(expander: str, *flags: bool) -> CompiledGraph:
+    """The ``full``-mode compiled graph of an expander (built and hashed once per process)."""
+    return compile_graph(getattr(expanders, expander)(*flags), "full")
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(name: str, t, *, ndim: int | None = None, shape=None, device=None, dtypes=_FLOATS):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in ({', '.join(map(str, dtypes))}), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if t.dim() > 0 and t.size(-1) > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected a unit stride in the last dim, got strides {tuple(t.stride())}")
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    return float(eps)
+
+
+def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
+    """``y = (x - mean) * rstd * weight (+ bias)`` row-wise; returns ``(y, mean, rstd)``
+    with y in x's dtype and mean/rstd fp32 ``[M]``. One generated kernel."""
+    _check("x2d", x2d, ndim=2)
+    N = x2d.size(1)
+    _check("weight", weight, shape=(N,), device=x2d.device)
+    if bias is not None:
+        _check("bias", bias, shape=(N,), device=x2d.device)
+    eps = _check_eps(eps)
+    cg = _compiled("layer_norm_fwd", bias is not None)
+    args = dict(x=x2d, weight=weight, eps=eps)
+    if bias is not None:
+        args["bias"] = bias
+    r = cg(**args)
+    return r["y"], r["mean"], r["rstd"]
+
+
+def layer_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                   rstd: torch.Tensor, has_bias: bool):
+    """Gradients of :func:`layer_norm_fwd`: ``(dx, dweight, dbias or None)``. Stage 1 computes
+    dx and per-program partial column sums, stage 2 sums the partials in a fixed order (fp32;
+    dweight/dbias returned in weight's dtype). Deterministic: no atomics."""
+    _check("x2d", x2d, ndim=2)
+    M, N = x2d.shape
+    _check("dy", dy, shape=(M, N), device=x2d.device)
+    _check("weight", weight, shape=(N,), device=x2d.device)
+    _check("mean", mean, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
+    _check("rstd", rstd, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
+    cg = _compiled("layer_norm_bwd", bool(has_bias))
+    r = cg(dy=dy, x=x2d, weight=weight, mean=mean, rstd=rstd)
+    return r["dx"], r["dweight"], (r["dbias"] if has_bias else None)
+
+
+def add_layer_norm_fwd(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor | None, eps: float):
+    """The parallel block's residual sum and next LayerNorm in one kernel:
+    ``y_sum = x + a (+ m)``, ``out = LN(y_sum)``; returns ``(y_sum, out, mean, rstd)``.
+    ``x``, ``a``, ``m`` share a shape ``[..., N]``; y_sum and out have that shape, mean/rstd
+    are fp32 ``[M]`` with M the product of the leading dims."""
+    _check("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dim, got shape {tuple(x.shape)}")
+    _check("a", a, shape=x.shape, device=x.device)
+    if m is not None:
+        _check("m", m, shape=x.shape, device=x.device)
+    N = x.size(-1)
+    _check("weight", weight, shape=(N,), device=x.device)
+    if bias is not None:
+        _check("bias", bias, shape=(N,), device=x.device)
+    eps = _check_eps(eps)
+    for name, t in (("x", x), ("a", a), ("m", m)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor; call .contiguous() first")
+    cg = _compiled("add_layer_norm_fwd", m is not None, bias is not None)
+    args = dict(x=x.reshape(-1, N), a=a.reshape(-1, N), weight=weight, eps=eps)
+    if m is not None:
+        args["m"] = m.reshape(-1, N)
+    if bias is not None:
+        args["bias"] = bias
+    r = cg(**args)
+    return r["y_sum"].view(x.shape), r["out"].view(x.shape), r["mean"], r["rstd"]
+
+
+def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``y = x * rsqrt(mean(x^2) + eps) * weight``; returns ``(y, rstd)``."""
+    _check("x2d", x2d, ndim=2)
+    _check("weight", weight, shape=(x2d.size(1),), device=x2d.device)
+    r = _compiled("rms_norm_fwd")(x=x2d, weight=weight, eps=_check_eps(eps))
+    return r["y"], r["rstd"]
+
+
+def rms_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    """Gradients of :func:`rms_norm_fwd`: ``(dx, dweight)``."""
+    _check("x2d", x2d, ndim=2)
+    M, N = x2d.shape
+    _check("dy", dy, shape=(M, N), device=x2d.device)
+    _check("weight", weight, shape=(N,), device=x2d.device)
+    _check("rstd", rstd, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
+    r = _compiled("rms_norm_bwd")(dy=dy, x=x2d, weight=weight, rstd=rstd)
+    return r["dx"], r["dweight"]

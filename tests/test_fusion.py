@@ -1,0 +1,391 @@
+"""palm_fast.fusion: IR, expanders, passes, fusion rules per mode, generated kernels.
+
+Kernels run under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET=1) or on CUDA.
+The interpreter runs each program in Python, so the long rows use 1-2 rows only; the looped
+long-row variant is also exercised cheaply at small N through a small ``max_block``.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DTYPES, TRITON_DEVICE, assert_close_by_rule, randn
+
+from palm_fast.fusion import (
+    FusionError,
+    Graph,
+    Partition,
+    codegen,
+    compile_graph,
+    cse,
+    expanders,
+    explain,
+    fuse,
+    simplify,
+)
+from palm_fast.fusion.layer_norm import (
+    add_layer_norm_fwd,
+    layer_norm_bwd,
+    layer_norm_fwd,
+    rms_norm_bwd,
+    rms_norm_fwd,
+)
+
+DEV = TRITON_DEVICE
+EPS = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Every buffer the runner allocates starts as NaN, so an unwritten element shows."""
+    monkeypatch.setattr(codegen, "POISON", True)
+
+
+# ---------------------------------------------------------------------------------------
+# IR, expanders, passes
+# ---------------------------------------------------------------------------------------
+def test_expander_op_counts():
+    assert expanders.layer_norm_fwd(True).op_count() == 11
+    assert expanders.layer_norm_fwd(False).op_count() == 10
+    ops = [n.op for n in expanders.layer_norm_fwd(True).compute_nodes()]
+    assert ops == ["reduce_sum", "mul", "sub", "mul", "reduce_sum", "mul", "add", "rsqrt", "mul",
+                   "mul", "add"]  # MindSpore's decomposition, in its order
+    assert expanders.add_layer_norm_fwd(True, True).op_count() == 13
+    assert expanders.add_layer_norm_fwd(False, False).op_count() == 11
+    assert expanders.rms_norm_fwd().op_count() == 7
+    bwd = expanders.layer_norm_bwd(True)
+    assert set(bwd.outputs) == {"dx", "dweight", "dbias"}
+    assert set(expanders.layer_norm_bwd(False).outputs) == {"dx", "dweight"}
+
+
+def test_graph_hash_is_stable_and_discriminating():
+    assert expanders.layer_norm_fwd(True).hash() == expanders.layer_norm_fwd(True).hash()
+    assert expanders.layer_norm_fwd(True).hash() != expanders.layer_norm_fwd(False).hash()
+    g = expanders.layer_norm_fwd(True)
+    assert g.topological_order() == list(range(len(g.nodes)))
+    assert "reduce_sum" in str(g) and "return y" in str(g)
+
+
+def test_ir_rejects_bad_ops():
+    g = Graph()
+    x = g.input("x", "row")
+    s = g.sum(x)
+    with pytest.raises(ValueError, match="row space"):
+        g.sum(s)
+    with pytest.raises(ValueError, match="axis"):
+        g.reduce("sum", x, "depth")
+    with pytest.raises(ValueError, match="unknown unary"):
+        g.unary("tanh", x)
+    with pytest.raises(ValueError, match="not a node"):
+        g.add(x, 99)
+
+
+def test_cse_and_algebra():
+    g = Graph("t")
+    x, w = g.input("x", "row"), g.input("w", "col")
+    a = g.exp(x)
+    b = g.exp(x)  # duplicate
+    c = g.add(g.mul(a, w), g.mul(w, b))  # commutative duplicate
+    d = g.mul(g.mul(c, g.const(2.0)), g.const(3.0))  # -> c * 6
+    e = g.add(g.mul(d, g.const(1.0)), g.const(0.0))  # -> d
+    f = g.mul(e, g.mul(g.const(4.0), g.const(0.5, n_pow=-1)))  # consts fold to 2/N
+    g.output("y", f, "x")
+    assert g.op_count() == 11
+    s = fuse(g, "full").graph
+    ops = [n.op for n in s.compute_nodes()]
+    assert ops.count("exp") == 1
+    # exp, a*w (CSE'd with w*b), add, c * (12/N): x*1 and +0 dropped, the scalings folded
+    assert ops == ["exp", "mul", "add", "mul"]
+    consts = sorted((n.attr("value"), n.attr("n_pow")) for n in s.nodes if n.op == "const"
+                    and any(n.id in m.inputs for m in s.compute_nodes()))
+    assert consts == [(12.0, -1)]
+    assert len(cse(g).compute_nodes()) < len(g.compute_nodes())
+    assert len(simplify(g).compute_nodes()) <= len(g.compute_nodes()) + 2  # folds add consts
+    # the simplified graph still computes the same thing
+    x_t, w_t = randn(2, 8, device=DEV), randn(8, device=DEV)
+    y = compile_graph(g, "full")(x=x_t, w=w_t)["y"]
+    ref = (2 * torch.exp(x_t.double()) * w_t.double()) * 6 * 4 * 0.5 / 8
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mindspore_mode_regroups_layer_norm_into_1_single_and_2_fused():
+    for has_bias in (True, False):
+        s = fuse(expanders.layer_norm_fwd(has_bias), "mindspore")
+        assert s.kernel_count == 3
+        labels = [grp.label for grp in s.groups]
+        assert labels.count("single op") == 1
+        assert sum(lbl.startswith("fused") for lbl in labels) == 2
+        ops = [[s.graph.nodes[i].op for i in grp.nodes] for grp in s.groups]
+        assert ops[0] == ["reduce_sum"]  # ReduceSum(x) alone
+        assert ops[1] == ["mul", "sub", "mul", "reduce_sum"]  # mean, d, d*d absorbed by the reduce
+        assert ops[2][:3] == ["mul", "add", "rsqrt"]  # var, +eps, rsqrt, then the epilogue
+        assert len(ops[2]) == (6 if has_bias else 5)
+
+
+def test_full_mode_kernel_counts():
+    for has_bias in (True, False):
+        assert fuse(expanders.layer_norm_fwd(has_bias), "full").kernel_count == 1
+        s = fuse(expanders.layer_norm_bwd(has_bias), "full")
+        assert [grp.kind for grp in s.groups] == ["row", "col"]  # two stages
+        stage1 = {s.graph.nodes[i].kind for i in s.groups[0].nodes}
+        assert {"rred", "cpart"} <= stage1 and "cfin" not in stage1
+        stage2 = {s.graph.nodes[i].kind for i in s.groups[1].nodes}
+        assert stage2 == {"cfin"}
+        assert sum(s.graph.nodes[i].kind == "cfin" for i in s.groups[1].nodes) == (2 if has_bias else 1)
+    assert fuse(expanders.add_layer_norm_fwd(), "full").kernel_count == 1
+    assert fuse(expanders.rms_norm_fwd(), "full").kernel_count == 1
+    assert fuse(expanders.rms_norm_bwd(), "full").kernel_count == 2
+    # a target where the row does not fit: reductions stop fusing forward, as in mindspore
+    assert fuse(expanders.layer_norm_fwd(True), "full", row_fits=False).kernel_count == 3
+    with pytest.raises(ValueError, match="mode"):
+        fuse(expanders.layer_norm_fwd(True), "xla")
+
+
+def test_cycle_check_rejects_illegal_merge():
+    g = Graph("cyc")
+    x = g.input("x", "row")
+    a = g.exp(x)
+    r = g.sum(a)
+    b = g.mul(a, r)
+    g.output("b", b)
+    part = Partition(g, "mindspore")
+    # {a} -> {r} -> {b} and {a} -> {b}: merging {a} with {b} would need {r} in between
+    assert part.creates_cycle(part.group_of[a], part.group_of[b])
+    with pytest.raises(FusionError, match="cycle"):
+        part.merge(part.group_of[a], part.group_of[b])
+    # the reduction may absorb its producer, but in mindspore mode may not feed b in-kernel
+    part.merge(part.group_of[a], part.group_of[r])
+    with pytest.raises(FusionError, match="rule"):
+        part.merge(part.group_of[r], part.group_of[b])
+    full = Partition(g, "full")
+    full.run_rules()
+    assert len(full.members) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# generated kernels vs the fp64 reference
+# ---------------------------------------------------------------------------------------
+def _ln_case(M, N, dtype, has_bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(M, N, dtype=dtype, device=DEV, scale=2.0, generator=gen) + 0.5
+    w = randn(N, dtype=dtype, device=DEV, generator=gen)
+    b = randn(N, dtype=dtype, device=DEV, generator=gen) if has_bias else None
+    dy = randn(M, N, dtype=dtype, device=DEV, generator=gen)
+    return x, w, b, dy
+
+
+def _ln_ref(x, w, b, dy):
+    """(y, dx, dw, db) of torch's layer_norm on the given tensors (autograd)."""
+    ins = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = F.layer_norm(ins[0], (x.size(-1),), ins[1], ins[2], EPS)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), ins[0].grad, ins[1].grad, (ins[2].grad if b is not None else None)
+
+
+SHAPES = [(3, 1), (3, 17), (3, 1000), (2, 4096), (1, 18432), (1, 40000)]
+
+
+@pytest.mark.parametrize("M,N", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_fwd_bwd_matches_reference(M, N, dtype):
+    x, w, b, dy = _ln_case(M, N, dtype)
+    y, mean, rstd = layer_norm_fwd(x, w, b, EPS)
+    ref = _ln_ref(*(t.double() for t in (x, w, b, dy)))
+    eager = _ln_ref(x, w, b, dy)
+    assert_close_by_rule(y, ref[0], eager[0], name="y")
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(x64.var(1, unbiased=False) + EPS),
+                               rtol=1e-4, atol=1e-5)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (M,)
+    dx, dw, db = layer_norm_bwd(dy, x, w, mean, rstd, True)
+    for name, out, r64, r in zip(("dx", "dweight", "dbias"), (dx, dw, db), ref[1:], eager[1:]):
+        assert_close_by_rule(out, r64, r, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_without_bias_and_looped_variant_at_small_n(dtype):
+    """No bias (PaLM), and the looped variant forced with a tiny block (several blocks per
+    row, a ragged last block, several rows per program for the partial sums)."""
+    M, N = 9, 100
+    x, w, _, dy = _ln_case(M, N, dtype, has_bias=False)
+    ref = _ln_ref(*(t.double() for t in (x, w)), None, dy.double())
+    eager = _ln_ref(x, w, None, dy)
+    outs = {}
+    for opts in ({}, {"max_block": 32, "loop_block": 32}):
+        fwd = compile_graph(expanders.layer_norm_fwd(False), "full", **opts)
+        bwd = compile_graph(expanders.layer_norm_bwd(False), "full", **opts)
+        assert fwd.variant(fwd.schedule.groups[0], N)[0] == bool(opts)
+        r = fwd(x=x, weight=w, eps=EPS)
+        g = bwd(dy=dy, x=x, weight=w, mean=r["mean"], rstd=r["rstd"])
+        assert set(g) == {"dx", "dweight"}
+        assert_close_by_rule(r["y"], ref[0], eager[0], name="y")
+        assert_close_by_rule(g["dx"], ref[1], eager[1], name="dx")
+        assert_close_by_rule(g["dweight"], ref[2], eager[2], name="dweight")
+        outs[bool(opts)] = r["y"]
+    _, _, none = layer_norm_bwd(dy, x, w, r["mean"], r["rstd"], False)
+    assert none is None
+
+
+def test_mindspore_mode_runs_and_agrees_with_full():
+    x, w, b, dy = _ln_case(4, 300, torch.float32)
+    args = dict(x=x, weight=w, bias=b, eps=EPS)
+    ms = compile_graph(expanders.layer_norm_fwd(True), "mindspore")(**args)
+    full = compile_graph(expanders.layer_norm_fwd(True), "full")(**args)
+    for k in ("y", "mean", "rstd"):
+        torch.testing.assert_close(ms[k], full[k], rtol=1e-6, atol=1e-6)
+    bargs = dict(dy=dy, x=x, weight=w, mean=full["mean"], rstd=full["rstd"])
+    gm = compile_graph(expanders.layer_norm_bwd(True), "mindspore")(**bargs)
+    gf = compile_graph(expanders.layer_norm_bwd(True), "full")(**bargs)
+    for k in ("dx", "dweight", "dbias"):
+        torch.testing.assert_close(gm[k], gf[k], rtol=1e-5, atol=1e-5)
+
+
+def _rms_ref(x, w, dy, eps=1e-6):
+    xs, ws = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y = xs * torch.rsqrt(xs.float().pow(2).mean(-1, keepdim=True) + eps).to(xs.dtype) * ws
+    y.backward(dy)
+    return y.detach(), xs.grad, ws.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm(dtype):
+    x, w, _, dy = _ln_case(3, 257, dtype, has_bias=False)
+    y, rstd = rms_norm_fwd(x, w, 1e-6)
+    dx, dw = rms_norm_bwd(dy, x, w, rstd)
+    ref, eager = _rms_ref(x.double(), w.double(), dy.double()), _rms_ref(x, w, dy)
+    for name, out, r64, r in zip(("y", "dx", "dweight"), (y, dx, dw), ref, eager):
+        assert_close_by_rule(out, r64, r, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_m", [True, False])
+def test_add_layer_norm(dtype, with_m):
+    M, N = 2, 130
+    x, w, b, a = _ln_case(M * 3, N, dtype, seed=1)
+    x, a = x.view(M, 3, N), a.view(M, 3, N)
+    m = randn(M, 3, N, dtype=dtype, device=DEV) if with_m else None
+    y_sum, out, mean, rstd = add_layer_norm_fwd(x, a, m, w, b, EPS)
+    assert y_sum.shape == out.shape == x.shape and mean.shape == (M * 3,)
+
+    def ref(x, a, m, w, b):
+        y = x + a + (m if m is not None else 0)
+        return y, F.layer_norm(y, (N,), w, b, EPS)
+
+    r64 = ref(*(t.double() if t is not None else None for t in (x, a, m, w, b)))
+    r = ref(x, a, m, w, b)
+    assert_close_by_rule(y_sum, r64[0], r[0], name="y_sum")
+    assert_close_by_rule(out, r64[1], r[1], name="out")
+
+
+# the interpreter evaluates masked-off lanes too (rows past M): numpy warns there, results are masked
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+def test_generic_graphs_softmax_and_column_max():
+    """The engine's other clients: a row softmax (max, exp, sum, div, where) and column max."""
+    g = Graph("softmax")
+    x = g.input("x", "row")
+    e = g.exp(g.sub(x, g.max(x)))
+    g.output("p", g.div(e, g.sum(e)), "x")
+    clipped = g.where(g.binary("gt", x, g.const(0.0)), x, g.cast(g.unary("neg", x), "bfloat16"))
+    g.output("colmax", g.max(clipped, axis="col"))
+    g.output("logsum", g.log(g.sum(e)))
+    t = randn(5, 70, device=DEV, scale=3.0)
+    for opts in ({}, {"max_block": 32, "loop_block": 32}):
+        cg = compile_graph(g, "full", **opts)
+        assert cg.kernel_count == 2
+        r = cg(x=t)
+        torch.testing.assert_close(r["p"], torch.softmax(t, -1), rtol=1e-5, atol=1e-6)
+        ref = torch.where(t > 0, t, (-t).to(torch.bfloat16).float()).max(0).values
+        # one bf16 ulp: the interpreter's fp32 -> bf16 cast truncates where the GPU rounds
+        torch.testing.assert_close(r["colmax"], ref, rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(r["logsum"], (t - t.max(-1, keepdim=True).values).exp().sum(-1).log(),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_determinism_bitwise():
+    x, w, b, dy = _ln_case(11, 333, torch.bfloat16)  # 4 programs of 3 rows: partials matter
+    runs = []
+    for _ in range(2):
+        y, mean, rstd = layer_norm_fwd(x, w, b, EPS)
+        runs.append((y, mean, rstd) + layer_norm_bwd(dy, x, w, mean, rstd, True))
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+
+
+def test_kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PALM_FAST_FUSION_CACHE", str(tmp_path))
+    monkeypatch.setattr(codegen, "_KERNELS", {})
+    g = expanders.rms_norm_fwd()
+    cg = codegen.CompiledGraph(g, "full")
+    grp = cg.schedule.groups[0]
+    k, fn, block = cg.kernel(grp, 100, ("torch.float32", "torch.float32", "f"))
+    assert block == 128
+    files = list(tmp_path.glob("palm_fast_fusion_*.py"))
+    assert len(files) == 1 and files[0].read_text() == k.source
+    assert cg.kernel(grp, 100, ("torch.float32", "torch.float32", "f"))[1] is fn  # memory cache
+    assert cg.kernel(grp, 100, ("torch.bfloat16", "torch.float32", "f"))[1] is not fn  # dtype key
+    assert cg.kernel(grp, 1000, ("torch.float32", "torch.float32", "f"))[2] == 1024  # block key
+    assert len(list(tmp_path.glob("palm_fast_fusion_*.py"))) == 3
+    assert compile_graph(g, "full") is compile_graph(expanders.rms_norm_fwd(), "full")
+
+
+# ---------------------------------------------------------------------------------------
+# explain, bad input
+# ---------------------------------------------------------------------------------------
+def test_explain_reports_groups_bytes_and_source(capsys):
+    text = explain(expanders.layer_norm_fwd(True), "mindspore", M=1024, N=4096)
+    assert capsys.readouterr().out.strip() == text.strip()  # printed too
+    assert "3 kernel(s)" in text and "11 primitive ops" in text
+    assert "single op" in text and "fused (4 ops)" in text and "fused (6 ops)" in text
+    assert text.count("bytes moved") == 4 and "@triton.jit" in text and ".to(tl.float32)" in text
+    full = explain(expanders.layer_norm_fwd(False), "full", M=1024, N=4096, file=None)
+    assert "1 kernel(s)" in full and "single-block" in full
+    assert "total bytes moved" in full and "(2.00 x M*N*itemsize)" in full  # read x, write y
+    long = explain(expanders.layer_norm_fwd(False), "full", M=8, N=40000, source=False, file=None)
+    assert "looped" in long and "@triton.jit" not in long
+    bwd = explain(expanders.layer_norm_bwd(True), "full", M=1024, N=4096, file=None)
+    assert "2 kernel(s)" in bwd and "col-reduce" in bwd and "tl.atomic" not in bwd
+
+
+def test_bad_inputs_name_the_argument():
+    x, w, b, dy = _ln_case(2, 16, torch.float32)
+    with pytest.raises(ValueError, match="x2d"):
+        layer_norm_fwd(x[0], w, b, EPS)
+    with pytest.raises(TypeError, match="x2d"):
+        layer_norm_fwd(x.to(torch.int32), w, b, EPS)
+    with pytest.raises(ValueError, match="weight"):
+        layer_norm_fwd(x, w[:8], b, EPS)
+    with pytest.raises(ValueError, match="bias"):
+        layer_norm_fwd(x, w, b[:3], EPS)
+    with pytest.raises(ValueError, match="x2d.*stride"):
+        layer_norm_fwd(torch.empty(16, 2, device=DEV).t(), w, b, EPS)
+    with pytest.raises(ValueError, match="eps"):
+        layer_norm_fwd(x, w, b, -1.0)
+    y, mean, rstd = layer_norm_fwd(x, w, b, EPS)
+    with pytest.raises(TypeError, match="mean"):
+        layer_norm_bwd(dy, x, w, mean.half(), rstd, True)
+    with pytest.raises(ValueError, match="rstd"):
+        layer_norm_bwd(dy, x, w, mean, rstd[:1], True)
+    with pytest.raises(ValueError, match="dy"):
+        layer_norm_bwd(dy[:, :8], x, w, mean, rstd, True)
+    with pytest.raises(ValueError, match="m"):
+        add_layer_norm_fwd(x, x, x[:1], w, None, EPS)
+    cg = compile_graph(expanders.layer_norm_fwd(True), "full")
+    with pytest.raises(TypeError, match="missing inputs.*bias"):
+        cg(x=x, weight=w, eps=EPS)
+    with pytest.raises(TypeError, match="eps"):
+        cg(x=x, weight=w, bias=b, eps=torch.tensor(EPS))
+    with pytest.raises(ValueError, match="N == 0"):
+        cg(x=x[:, :0], weight=w[:0], bias=b[:0], eps=EPS)
+
+
+def test_empty_rows():
+    w = randn(8, device=DEV)
+    y, mean, rstd = layer_norm_fwd(torch.empty(0, 8, device=DEV), w, None, EPS)
+    assert y.shape == (0, 8) and mean.shape == (0,)
+    dx, dw, db = layer_norm_bwd(torch.empty(0, 8, device=DEV), torch.empty(0, 8, device=DEV), w,
+                                mean, rstd, True)
+    assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8, device=DEV))
+    assert not math.isnan(db.sum().item())
