@@ -38,6 +38,7 @@ setup(
         "palm_fast.reference",
         "palm_fast.ops",
         "palm_fast.nn",
+        "palm_fast.fusion",
         "palm_fast.kernels",
         "palm_fast.benchmarks",
     ],

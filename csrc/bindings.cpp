@@ -5,4 +5,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "palm_fast C++ CPU kernels";
   palm_fast::bind_rope(m);
   palm_fast::bind_swiglu(m);
+  palm_fast::bind_layer_norm(m);
 }

@@ -15,5 +15,6 @@ namespace palm_fast {
 
 void bind_rope(pybind11::module_& m);
 void bind_swiglu(pybind11::module_& m);
+void bind_layer_norm(pybind11::module_& m);
 
 }  // namespace palm_fast
