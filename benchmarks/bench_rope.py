@@ -6,8 +6,8 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-
 from palm_fast.benchmarks.harness import BenchContext, Case, register
+
 from palm_fast.ops import rope
 from palm_fast.reference.functional import apply_rope, positions_from_offsets, rope_inv_freq
 
@@ -36,54 +36,54 @@ def _liger_impl():
     return run
 
 
+def _case(ctx: BenchContext, s: dict, mode: str) -> Case:
+    dev, dtype, grad = ctx.device, ctx.dtype, mode == "fwdbwd"
+    B, T, H, Hk, D = s["B"], s["T"], s["H"], s["Hk"], s["D"]
+    es = torch.empty((), dtype=dtype).element_size()
+    inv_freq = rope_inv_freq(D, device=dev)
+    # Offsets [B] (position = offset + t): palm_fast reads B ints; the references get
+    # the equivalent [B, T] positions tensor.
+    offsets = torch.zeros(B, dtype=torch.int64, device=dev)
+    positions = positions_from_offsets(offsets, T)
+    theta = positions[:1].float()[..., None] * inv_freq                  # [1, T, D/2]
+    cos = torch.cat((theta.cos(), theta.cos()), -1).to(dtype)            # liger layout [1, T, D]
+    sin = torch.cat((theta.sin(), theta.sin()), -1).to(dtype)
+
+    def setup():
+        inp = dict(q=torch.randn(B, T, H, D, device=dev, dtype=dtype, requires_grad=grad),
+                   k=torch.randn(B, T, Hk, D, device=dev, dtype=dtype, requires_grad=grad),
+                   cos=cos, sin=sin)
+        if grad:
+            inp["gq"] = torch.randn(B, T, H, D, device=dev, dtype=dtype)
+            inp["gk"] = torch.randn(B, T, Hk, D, device=dev, dtype=dtype)
+        return inp
+
+    def wrap(fn):
+        def run(inp):
+            outs = fn(inp)
+            if grad:
+                torch.autograd.backward(outs, (inp["gq"], inp["gk"]))
+            return outs
+        return run
+
+    compiled = torch.compile(_eager)   # one compiled function per case
+    impls = {
+        "palm_fast": wrap(lambda inp: rope(inp["q"], inp["k"], offsets=offsets, inv_freq=inv_freq)),
+        "eager": wrap(lambda inp: _eager(inp["q"], inp["k"], positions, inv_freq)),
+        "compile": wrap(lambda inp: compiled(inp["q"], inp["k"], positions, inv_freq)),
+    }
+    liger = _liger_impl()
+    if liger is not None:
+        impls["liger"] = wrap(liger)
+    # Read q, k once and write q_out, k_out once, plus the offsets; the backward moves
+    # the same bytes again (read grads, write input grads).
+    one_pass = 2 * B * T * (H + Hk) * D * es + offsets.numel() * offsets.element_size()
+    return Case(name=f"rope.{mode}", shape=dict(s), dtype=dtype, bytes=(2 if grad else 1) * one_pass,
+                setup=setup, impls=impls, flops=0, bound="memory")
+
+
 @register("rope")
 def rope_cases(ctx: BenchContext):
-    dev, dtype = ctx.device, ctx.dtype
-    es = torch.empty((), dtype=dtype).element_size()
     for s in _shapes(ctx):
-        B, T, H, Hk, D = s["B"], s["T"], s["H"], s["Hk"], s["D"]
-        inv_freq = rope_inv_freq(D, device=dev)
-        # Offsets [B] (position = offset + t): palm_fast reads B ints; the references get
-        # the equivalent [B, T] positions tensor.
-        offsets = torch.zeros(B, dtype=torch.int64, device=dev)
-        positions = positions_from_offsets(offsets, T)
-        theta = positions[:1].float()[..., None] * inv_freq                  # [1, T, D/2]
-        cos = torch.cat((theta.cos(), theta.cos()), -1).to(dtype)            # liger layout [1, T, D]
-        sin = torch.cat((theta.sin(), theta.sin()), -1).to(dtype)
-        io_bytes = 2 * B * T * (H + Hk) * D * es    # read q, k once; write q_out, k_out once
-
         for mode in ("fwd", "fwdbwd"):
-            grad = mode == "fwdbwd"
-
-            def setup(grad=grad):
-                q = torch.randn(B, T, H, D, device=dev, dtype=dtype, requires_grad=grad)
-                k = torch.randn(B, T, Hk, D, device=dev, dtype=dtype, requires_grad=grad)
-                inp = dict(q=q, k=k, cos=cos, sin=sin)
-                if grad:
-                    inp["gq"] = torch.randn(B, T, H, D, device=dev, dtype=dtype)
-                    inp["gk"] = torch.randn(B, T, Hk, D, device=dev, dtype=dtype)
-                return inp
-
-            def wrap(fn, grad=grad):
-                def run(inp):
-                    outs = fn(inp)
-                    if grad:
-                        torch.autograd.backward(outs, (inp["gq"], inp["gk"]))
-                    return outs
-                return run
-
-            compiled = torch.compile(_eager)   # one compiled function per case
-            impls = {
-                "palm_fast": wrap(lambda inp: rope(inp["q"], inp["k"], offsets=offsets, inv_freq=inv_freq)),
-                "eager": wrap(lambda inp: _eager(inp["q"], inp["k"], positions, inv_freq)),
-                "compile": wrap(lambda inp, c=compiled: c(inp["q"], inp["k"], positions, inv_freq)),
-            }
-            liger = _liger_impl()
-            if liger is not None:
-                impls["liger"] = wrap(liger)
-            n_pass = 2 if grad else 1     # the backward moves the same bytes as the forward
-            yield Case(
-                name=f"rope.{mode}", shape=dict(s), dtype=dtype,
-                bytes=n_pass * (io_bytes + offsets.numel() * offsets.element_size()),
-                setup=setup, impls=impls, flops=0, bound="memory",
-            )
+            yield _case(ctx, s, mode)
