@@ -1,0 +1,162 @@
+"""Rotary position embedding of q and k: the ``palm_fast::rope`` / ``palm_fast::rope_``
+custom ops (CPU -> C++ ``_C.rope_cpu``, CUDA -> Triton ``kernels.rope.rope``) and the
+checked public functions ``rope`` and ``rope_``.
+
+The math is ``palm_fast.reference.functional.apply_rope`` applied to q ``[B, T, H, D]``
+and k ``[B, T, Hk, D]`` with the same positions. The rotation is orthogonal, so the
+backward is the same op with ``inverse`` flipped (rotation by ``-theta``).
+"""
+from __future__ import annotations
+
+import torch
+
+from palm_fast._ext import cpp
+from palm_fast.reference.functional import rope_inv_freq
+
+from ._checks import check_last_dim_contiguous, check_same_device, check_same_dtype, check_tensor
+
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels need a unit stride in the last dim (autograd may hand us expanded grads)."""
+    return t if t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch(q, k, q_out, k_out, inv_freq, pos, pos_is_offset, interleaved, inverse):
+    if q.device.type == "cpu":
+        cpp().rope_cpu(q, k, q_out, k_out, inv_freq.contiguous(), pos, pos_is_offset,
+                       interleaved, inverse)
+    else:
+        from palm_fast.kernels.rope import rope as rope_triton
+
+        rope_triton(q, k, inv_freq, pos, pos_is_offset=pos_is_offset, interleaved=interleaved,
+                    inverse=inverse, q_out=q_out, k_out=k_out)
+
+
+# ---------------------------------------------------------------- out of place (autograd)
+@torch.library.custom_op("palm_fast::rope", mutates_args=())
+def rope_op(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor,
+            pos_is_offset: bool, interleaved: bool, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE of q and k into new contiguous tensors (see the module docstring)."""
+    q, k = _unit_last(q), _unit_last(k)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _launch(q, k, q_out, k_out, inv_freq, pos, pos_is_offset, interleaved, inverse)
+    return q_out, k_out
+
+
+@rope_op.register_fake
+def _(q, k, inv_freq, pos, pos_is_offset, interleaved, inverse):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device))
+
+
+def _rope_setup_context(ctx, inputs, output):
+    _, _, inv_freq, pos, pos_is_offset, interleaved, inverse = inputs
+    ctx.save_for_backward(inv_freq, pos)
+    ctx.flags = (pos_is_offset, interleaved, inverse)
+
+
+def _rope_backward(ctx, grad_q, grad_k):
+    inv_freq, pos = ctx.saved_tensors
+    pos_is_offset, interleaved, inverse = ctx.flags
+    # d(R x)/dx = R, so the gradient is R^T g: the same rotation with the angle negated.
+    gq, gk = rope_op(grad_q, grad_k, inv_freq, pos, pos_is_offset, interleaved, not inverse)
+    return gq, gk, None, None, None, None, None
+
+
+rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
+
+
+# ---------------------------------------------------------------- in place (no autograd)
+@torch.library.custom_op("palm_fast::rope_", mutates_args=("q", "k"))
+def rope_inplace_op(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor,
+                    pos_is_offset: bool, interleaved: bool, inverse: bool) -> None:
+    """RoPE of q and k written back into q and k."""
+    _launch(q, k, q, k, inv_freq, pos, pos_is_offset, interleaved, inverse)
+
+
+@rope_inplace_op.register_fake
+def _(q, k, inv_freq, pos, pos_is_offset, interleaved, inverse):
+    return None
+
+
+# ---------------------------------------------------------------- public functions
+def _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim):
+    """Check the arguments of ``rope``/``rope_``; return (inv_freq, pos, pos_is_offset)."""
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4)
+    check_same_dtype(q=q, k=k)
+    check_same_device(q=q, k=k)
+    B, T, _, D = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(f"k: expected shape [{B}, {T}, Hk, {D}] (B, T, D of q), got {tuple(k.shape)}")
+    check_last_dim_contiguous("q", q)
+    check_last_dim_contiguous("k", k)
+    if inv_freq is None:
+        rdim = D if rotary_dim is None else rotary_dim
+        if not isinstance(rdim, int) or isinstance(rdim, bool):
+            raise TypeError(f"rotary_dim: expected an int, got {type(rdim).__name__}")
+        if rdim <= 0 or rdim % 2 or rdim > D:
+            raise ValueError(f"rotary_dim: expected a positive even integer <= head dim {D}, got {rdim}")
+        inv_freq = rope_inv_freq(rdim, base, device=q.device)
+    else:
+        check_tensor("inv_freq", inv_freq, dtypes=(torch.float32,), ndim=1)
+        check_same_device(q=q, inv_freq=inv_freq)
+        rdim = 2 * inv_freq.numel()
+        if rotary_dim is not None and rotary_dim != rdim:
+            raise ValueError(f"rotary_dim: expected {rdim} (2 * len(inv_freq)) or None, got {rotary_dim}")
+        if rdim == 0 or rdim > D:
+            raise ValueError(f"inv_freq: expected 1 <= len(inv_freq) <= head dim / 2 = {D // 2}, "
+                             f"got {inv_freq.numel()}")
+    if positions is not None and offsets is not None:
+        raise ValueError("positions, offsets: expected at most one of them, got both")
+    if positions is not None:
+        check_tensor("positions", positions, dtypes=_INT_DTYPES, ndim=2)
+        check_same_device(q=q, positions=positions)
+        if tuple(positions.shape) != (B, T):
+            raise ValueError(f"positions: expected shape ({B}, {T}), got {tuple(positions.shape)}")
+        return inv_freq, positions, False
+    if offsets is None:
+        offsets = torch.zeros(B, dtype=torch.int32, device=q.device)
+    check_tensor("offsets", offsets, dtypes=_INT_DTYPES, ndim=1)
+    check_same_device(q=q, offsets=offsets)
+    if offsets.shape[0] != B:
+        raise ValueError(f"offsets: expected shape ({B},), got {tuple(offsets.shape)}")
+    return inv_freq, offsets, True
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = None,
+         offsets: torch.Tensor | None = None, inv_freq: torch.Tensor | None = None,
+         base: float = 10000.0, rotary_dim: int | None = None,
+         interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of q ``[B, T, H, D]`` and k ``[B, T, Hk, D]`` (autograd).
+
+    positions: ``[B, T]`` int32/int64; or offsets: ``[B]`` (position = offsets[b] + t);
+    neither: positions 0..T-1. inv_freq: ``[R/2]`` fp32, default
+    ``rope_inv_freq(rotary_dim or D, base)``; features ``R..D-1`` pass through.
+    interleaved: pairs ``(2i, 2i+1)`` instead of rotate-half ``(i, i + R/2)``.
+    q and k may be strided views (e.g. of a fused projection); the last dim must be
+    unit-stride. Returns new contiguous ``(q_out, k_out)`` in the input dtype.
+    Raises TypeError/ValueError naming the bad argument.
+    """
+    inv_freq, pos, pos_is_offset = _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim)
+    return rope_op(q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = None,
+          offsets: torch.Tensor | None = None, inv_freq: torch.Tensor | None = None,
+          base: float = 10000.0, rotary_dim: int | None = None,
+          interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-place ``rope``: rotates q and k in their own storage and returns ``(q, k)``.
+
+    No autograd: raises RuntimeError when grad mode is on and q or k requires grad
+    (use ``rope``). Same arguments as ``rope``.
+    """
+    if torch.is_grad_enabled() and (getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)):
+        raise RuntimeError("rope_: in-place RoPE does not support autograd, but q or k requires grad; "
+                           "use palm_fast.ops.rope or run under torch.no_grad()")
+    inv_freq, pos, pos_is_offset = _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim)
+    rope_inplace_op(q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
+    return q, k

@@ -1,0 +1,356 @@
+"""Tests of the fused RoPE op everywhere it lives: the C++ kernel (CPU), the Triton
+launcher (interpreter on CPU, CUDA when present), the custom ops, the public functions
+and the fast RotaryEmbedding module. The reference is functional.apply_rope in fp64."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    DTYPES,
+    HAS_CUDA,
+    TRITON_DEVICE,
+    assert_close_by_rule,
+    poison_like,
+    randn,
+    requires_cuda,
+)
+
+from palm_fast._ext import cpp
+from palm_fast.nn import RotaryEmbedding
+from palm_fast.ops import rope, rope_
+from palm_fast.reference.functional import apply_rope, positions_from_offsets, rope_inv_freq
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_inputs(B, T, H, D, dtype, device="cpu", *, Hk=1, rotary_dim=None, pos_kind="offsets",
+                big=False, pos_dtype=torch.int64):
+    """q, k, inv_freq, pos tensor (offsets [B] or positions [B, T]) and the [B, T] positions."""
+    q = randn(B, T, H, D, dtype=dtype, device=device)
+    k = randn(B, T, Hk, D, dtype=dtype, device=device)
+    inv_freq = rope_inv_freq(rotary_dim or D, device=device)
+    hi = 30000 if big else 50
+    if pos_kind == "offsets":
+        pos = torch.randint(0, hi, (B,), dtype=pos_dtype, device=device)
+        positions = positions_from_offsets(pos, T)
+    else:
+        pos = torch.randint(0, hi + T, (B, T), dtype=pos_dtype, device=device)
+        positions = pos
+    return q, k, inv_freq, pos, positions
+
+
+def references(x, positions, inv_freq, interleaved, inverse=False):
+    """(fp64 reference, eager reference in x's dtype)."""
+    ref64 = apply_rope(x.double().cpu(), positions.cpu(), inv_freq.cpu(), interleaved=interleaved,
+                       inverse=inverse)
+    eager = apply_rope(x.cpu(), positions.cpu(), inv_freq.cpu(), interleaved=interleaved, inverse=inverse)
+    return ref64, eager
+
+
+def check_parity(qo, ko, q, k, positions, inv_freq, interleaved, inverse=False):
+    rq, eq = references(q, positions, inv_freq, interleaved, inverse)
+    rk, ek = references(k, positions, inv_freq, interleaved, inverse)
+    assert_close_by_rule(qo.cpu(), rq, eq, name="q_out")
+    assert_close_by_rule(ko.cpu(), rk, ek, name="k_out")
+
+
+def run_cpp(q, k, inv_freq, pos, pos_is_offset, interleaved, inverse=False, q_out=None, k_out=None):
+    q_out = poison_like(q) if q_out is None else q_out
+    k_out = poison_like(k) if k_out is None else k_out
+    cpp().rope_cpu(q, k, q_out, k_out, inv_freq, pos, pos_is_offset, interleaved, inverse)
+    return q_out, k_out
+
+
+def run_triton(q, k, inv_freq, pos, pos_is_offset, interleaved, inverse=False, q_out=None, k_out=None):
+    from palm_fast.kernels.rope import rope as rope_triton
+
+    q_out = poison_like(q) if q_out is None else q_out
+    k_out = poison_like(k) if k_out is None else k_out
+    return rope_triton(q, k, inv_freq, pos, pos_is_offset=pos_is_offset, interleaved=interleaved,
+                       inverse=inverse, q_out=q_out, k_out=k_out)
+
+
+def fused_views(B, T, H, D, dtype, device="cpu"):
+    """q [B,T,H,D] and k [B,T,1,D] as strided views of a fused projection [B, T, (H+2)*D + 24]."""
+    fused = randn(B, T, (H + 2) * D + 24, dtype=dtype, device=device)
+    q = fused[..., : H * D].view(B, T, H, D)
+    k = fused[..., H * D: (H + 1) * D].view(B, T, 1, D)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    return fused, q, k
+
+
+# ----------------------------------------------------------------------------- C++ kernel
+CPP_SHAPES = [  # B, T, H, D, rotary_dim
+    (1, 1, 1, 64, None),
+    (2, 17, 12, 80, None),
+    (1, 17, 48, 256, None),
+    (2, 17, 5, 96, 32),       # partial rotary, H odd
+    (1, 1000, 3, 128, 64),    # long sequence, partial rotary
+    (2, 17, 16, 128, 18),     # rotary dim not a multiple of the vector width
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("shape", CPP_SHAPES, ids=str)
+def test_cpp_parity(dtype, interleaved, shape):
+    B, T, H, D, rdim = shape
+    pos_kind = "positions" if T == 17 and H == 12 else "offsets"
+    q, k, inv_freq, pos, positions = make_inputs(B, T, H, D, dtype, rotary_dim=rdim, pos_kind=pos_kind,
+                                                 pos_dtype=torch.int32 if D == 96 else torch.int64)
+    qo, ko = run_cpp(q, k, inv_freq, pos, pos_kind == "offsets", interleaved)
+    check_parity(qo, ko, q, k, positions, inv_freq, interleaved)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+def test_cpp_inverse_multi_kv_large_positions(dtype, interleaved):
+    q, k, inv_freq, pos, positions = make_inputs(2, 9, 7, 128, dtype, Hk=3, pos_kind="positions", big=True)
+    qo, ko = run_cpp(q, k, inv_freq, pos, False, interleaved, inverse=True)
+    check_parity(qo, ko, q, k, positions, inv_freq, interleaved, inverse=True)
+
+
+# ----------------------------------------------------------------------------- Triton launcher
+# Small grids: under the interpreter every program runs in Python.
+TRITON_SHAPES = [  # B, T, H, D, rotary_dim, Hk
+    (1, 1, 1, 64, None, 1),
+    (2, 3, 12, 80, None, 1),
+    (1, 2, 48, 256, None, 1),   # several head tiles (BLOCK_H = 16 for D = 256)
+    (2, 2, 5, 96, 32, 3),       # partial rotary, multi kv heads
+    (1, 3, 3, 128, 18, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
+def test_triton_parity(dtype, interleaved, shape):
+    B, T, H, D, rdim, Hk = shape
+    pos_kind = "positions" if H in (12, 3) else "offsets"
+    q, k, inv_freq, pos, positions = make_inputs(B, T, H, D, dtype, TRITON_DEVICE, Hk=Hk, rotary_dim=rdim,
+                                                 pos_kind=pos_kind, big=(H == 12),
+                                                 pos_dtype=torch.int32 if H == 5 else torch.int64)
+    qo, ko = run_triton(q, k, inv_freq, pos, pos_kind == "offsets", interleaved)
+    check_parity(qo, ko, q, k, positions, inv_freq, interleaved)
+    qi, ki = run_triton(q, k, inv_freq, pos, pos_kind == "offsets", interleaved, inverse=True)
+    check_parity(qi, ki, q, k, positions, inv_freq, interleaved, inverse=True)
+
+
+def test_triton_launch_config_tiles():
+    """The block sizes the launcher picks: one tile per token for H=16, D=128; several
+    head tiles for H=48, D=256 (both exercised in test_triton_parity shapes)."""
+    from palm_fast.kernels.rope import launch_config
+
+    assert launch_config(16, 1, 64, 128) == dict(BLOCK_H=16, BLOCK_HK=1, BLOCK_HALF=64, BLOCK_PASS=1)
+    cfg = launch_config(48, 1, 128, 256)
+    assert cfg["BLOCK_H"] == 16 and cfg["BLOCK_HALF"] == 128
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_strided_views_and_in_place(backend):
+    """q, k as views of a fused projection output, rotated out of place and in place,
+    without touching the rest of the fused buffer."""
+    device = "cpu" if backend == "cpp" else TRITON_DEVICE
+    run = run_cpp if backend == "cpp" else run_triton
+    B, T, H, D = (2, 17, 12, 64) if backend == "cpp" else (2, 3, 12, 64)
+    for interleaved in (False, True):
+        fused, q, k = fused_views(B, T, H, D, torch.bfloat16, device)
+        inv_freq = rope_inv_freq(48, device=device)
+        offs = torch.tensor([3, 1000], device=device)
+        positions = positions_from_offsets(offs, T)
+        qo, ko = run(q, k, inv_freq, offs, True, interleaved)
+        check_parity(qo, ko, q, k, positions, inv_freq, interleaved)
+        before = fused.clone()
+        run(q, k, inv_freq, offs, True, interleaved, q_out=q, k_out=k)
+        assert torch.equal(q, qo) and torch.equal(k, ko)
+        assert torch.equal(fused[..., (H + 1) * D:], before[..., (H + 1) * D:])  # v and the rest untouched
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_determinism(backend):
+    device = "cpu" if backend == "cpp" else TRITON_DEVICE
+    run = run_cpp if backend == "cpp" else run_triton
+    q, k, inv_freq, pos, _ = make_inputs(2, 5, 12, 96, torch.bfloat16, device, rotary_dim=64)
+    a = run(q, k, inv_freq, pos, True, False)
+    b = run(q, k, inv_freq, pos, True, False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ----------------------------------------------------------------------------- custom ops, autograd
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+def test_gradients_vs_reference(dtype, interleaved):
+    B, T, H, D = 2, 17, 6, 80
+    _, q0, k0 = fused_views(B, T, H, D, dtype)  # non-contiguous inputs
+    positions = torch.randint(0, 3000, (B, T))
+    inv_freq = rope_inv_freq(64)
+    gq, gk = randn(B, T, H, D, dtype=dtype), randn(B, T, 1, D, dtype=dtype)
+    q, k = q0.detach().requires_grad_(), k0.detach().requires_grad_()
+    qo, ko = rope(q, k, positions=positions, rotary_dim=64, interleaved=interleaved)
+    torch.autograd.backward((qo, ko), (gq, gk))
+
+    def ref(dt):
+        qr = q0.detach().to(dt).requires_grad_()
+        kr = k0.detach().to(dt).requires_grad_()
+        outs = (apply_rope(qr, positions, inv_freq, interleaved=interleaved),
+                apply_rope(kr, positions, inv_freq, interleaved=interleaved))
+        torch.autograd.backward(outs, (gq.to(dt), gk.to(dt)))
+        return outs, qr.grad, kr.grad
+
+    (rq, rk), rgq, rgk = ref(torch.float64)
+    (eq, ek), egq, egk = ref(dtype)
+    assert_close_by_rule(qo, rq, eq, name="q_out")
+    assert_close_by_rule(ko, rk, ek, name="k_out")
+    assert_close_by_rule(q.grad, rgq, egq, name="grad q")
+    assert_close_by_rule(k.grad, rgk, egk, name="grad k")
+
+
+@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
+def test_gradcheck_fp32():
+    """gradcheck in fp32 (the op takes fp32/fp16/bf16 only) with loose tolerances."""
+    q = randn(1, 3, 2, 8).requires_grad_()
+    k = randn(1, 3, 1, 8).requires_grad_()
+    f = lambda a, b: rope(a, b, offsets=torch.tensor([5]), rotary_dim=6)
+    assert torch.autograd.gradcheck(f, (q, k), eps=1e-2, atol=1e-3, rtol=1e-3)
+
+
+def test_expanded_grad():
+    """Autograd hands the backward zero-stride grads (e.g. from .sum()): must still work."""
+    q = randn(1, 4, 3, 64).requires_grad_()
+    k = randn(1, 4, 1, 64).requires_grad_()
+    qo, ko = rope(q, k)
+    (qo.sum() + ko.sum()).backward()
+    pos = torch.arange(4)[None]
+    inv = rope_inv_freq(64)
+    expect = apply_rope(torch.ones(1, 4, 3, 64, dtype=torch.float64), pos, inv, inverse=True)
+    torch.testing.assert_close(q.grad.double(), expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op_name", ["rope", "rope_"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_opcheck(op_name, device):
+    op = getattr(torch.ops.palm_fast, op_name).default
+    for pos_is_offset, interleaved in [(True, False), (False, True)]:
+        q, k, inv_freq, pos, _ = make_inputs(2, 3, 4, 64, torch.float32, device, rotary_dim=32,
+                                             pos_kind="offsets" if pos_is_offset else "positions")
+        if op_name == "rope":
+            q.requires_grad_()
+            k.requires_grad_()
+        torch.library.opcheck(op, (q, k, inv_freq, pos, pos_is_offset, interleaved, False))
+
+
+def test_torch_compile_fullgraph():
+    q, k, inv_freq, pos, _ = make_inputs(2, 5, 4, 64, torch.float32, rotary_dim=32)
+
+    def f(a, b):
+        qo, ko = rope(a, b, offsets=pos, inv_freq=inv_freq)
+        return (qo * 2).sum() + ko.sum()
+
+    q.requires_grad_()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k)
+    out.backward()
+    q2 = q.detach().requires_grad_()
+    f(q2, k).backward()
+    torch.testing.assert_close(out, f(q.detach(), k))
+    torch.testing.assert_close(q.grad, q2.grad)
+
+
+def test_public_rope_and_in_place_match_reference():
+    for dtype in DTYPES:
+        q, k, _, _, _ = make_inputs(2, 5, 12, 128, dtype)
+        for kw, positions in [({}, torch.arange(5).expand(2, 5)),
+                              ({"offsets": torch.tensor([7, 29990], dtype=torch.int32)},
+                               positions_from_offsets(torch.tensor([7, 29990]), 5))]:
+            qo, ko = rope(q, k, rotary_dim=96, interleaved=True, **kw)
+            check_parity(qo, ko, q, k, positions, rope_inv_freq(96), True)
+            qi, ki = q.clone(), k.clone()
+            r = rope_(qi, ki, rotary_dim=96, interleaved=True, **kw)
+            assert r[0] is qi and r[1] is ki
+            assert torch.equal(qi, qo) and torch.equal(ki, ko)
+
+
+def test_in_place_refuses_autograd():
+    q = randn(1, 2, 2, 64).requires_grad_()
+    k = randn(1, 2, 1, 64)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        rope_(q, k)
+    with torch.no_grad():
+        rope_(q, k)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_custom_op_cuda(dtype):
+    for H, D, rdim in [(12, 128, None), (48, 256, None), (5, 80, 64)]:
+        _, q, k = fused_views(2, 33, H, D, dtype, "cuda")
+        positions = torch.randint(0, 30000, (2, 33), device="cuda")
+        qo, ko = rope(q, k, positions=positions, rotary_dim=rdim)
+        check_parity(qo, ko, q, k, positions, rope_inv_freq(rdim or D), False)
+        q2, k2 = q.clone(), k.clone()
+        rope_(q2, k2, positions=positions, rotary_dim=rdim)
+        assert torch.equal(q2, qo) and torch.equal(k2, ko)
+
+
+# ----------------------------------------------------------------------------- module
+def test_module_matches_reference_and_state_dict():
+    m = RotaryEmbedding(64, base=500.0, interleaved=True)
+    assert m.inv_freq.dtype == torch.float32 and m.inv_freq.shape == (32,)
+    assert list(m.state_dict()) == ["inv_freq"]
+    q, k, _, pos, positions = make_inputs(2, 5, 4, 96, torch.float32, rotary_dim=64)
+    qo, ko = m(q, k, offsets=pos)
+    check_parity(qo, ko, q, k, positions, rope_inv_freq(64, 500.0), True)
+    try:
+        from palm_fast.reference.layers import RotaryEmbedding as RefRotary
+    except ImportError:
+        pytest.skip("palm_fast.reference.layers not available in this checkout")
+    ref = RefRotary(64, base=500.0, interleaved=True)
+    m2 = RotaryEmbedding(64)
+    m2.load_state_dict(ref.state_dict())
+    ref.load_state_dict(m.state_dict())
+    rq, rk = ref(q, k, offsets=pos)
+    torch.testing.assert_close(qo, rq)
+    torch.testing.assert_close(ko, rk)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _bad_cases():
+    q, k = randn(2, 3, 4, 64), randn(2, 3, 1, 64)
+    return [
+        (dict(q=q.double()), TypeError, "q: expected dtype"),
+        (dict(k=k.half()), TypeError, "k: expected dtype torch.float32"),
+        (dict(q=q[0]), ValueError, "q: expected 4 dims"),
+        (dict(q=[1.0]), TypeError, "q: expected a torch.Tensor"),
+        (dict(k=randn(2, 4, 1, 64)), ValueError, r"k: expected shape \[2, 3, Hk, 64\]"),
+        (dict(k=randn(2, 3, 1, 32)), ValueError, r"k: expected shape"),
+        (dict(q=randn(2, 3, 64, 4).transpose(-1, -2)), ValueError, "q: expected a unit stride"),
+        (dict(rotary_dim=33), ValueError, "rotary_dim: expected a positive even integer"),
+        (dict(rotary_dim=128), ValueError, "rotary_dim: .*<= head dim 64, got 128"),
+        (dict(inv_freq=torch.ones(8, dtype=torch.float64)), TypeError, "inv_freq: expected dtype"),
+        (dict(inv_freq=torch.ones(33)), ValueError, "inv_freq: expected 1 <= len"),
+        (dict(inv_freq=torch.ones(8), rotary_dim=32), ValueError, "rotary_dim: expected 16"),
+        (dict(positions=torch.zeros(2, 4, dtype=torch.long)), ValueError,
+         r"positions: expected shape \(2, 3\)"),
+        (dict(positions=torch.zeros(2, 3)), TypeError, "positions: expected dtype"),
+        (dict(offsets=torch.zeros(3, dtype=torch.long)), ValueError, r"offsets: expected shape \(2,\)"),
+        (dict(offsets=torch.zeros(2, 1, dtype=torch.long)), ValueError, "offsets: expected 1 dims"),
+        (dict(positions=torch.zeros(2, 3, dtype=torch.long), offsets=torch.zeros(2, dtype=torch.long)),
+         ValueError, "positions, offsets: expected at most one"),
+    ], q, k
+
+
+@pytest.mark.parametrize("fn", [rope, rope_], ids=["rope", "rope_"])
+def test_bad_inputs(fn):
+    cases, q, k = _bad_cases()
+    for kw, exc, msg in cases:
+        args = dict(q=q.clone(), k=k.clone())
+        args.update(kw)
+        qq, kk = args.pop("q"), args.pop("k")
+        with pytest.raises(exc, match=msg):
+            fn(qq, kk, **args)
+
+
+@pytest.mark.skipif(HAS_CUDA is False, reason="needs a CUDA device for the mixed-device case")
+def test_bad_device():
+    with pytest.raises(ValueError, match="k: expected device"):
+        rope(randn(1, 2, 2, 64, device="cuda"), randn(1, 2, 1, 64))
+
