@@ -6,8 +6,8 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-from palm_fast.benchmarks.harness import BenchContext, Case, register
 
+from palm_fast.benchmarks.harness import BenchContext, Case, register
 from palm_fast.ops import rope
 from palm_fast.reference.functional import apply_rope, positions_from_offsets, rope_inv_freq
 
