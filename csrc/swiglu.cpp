@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "palm_fast.h"
 
@@ -86,11 +87,29 @@ inline void store2(scalar_t* p, const Vectorized<acc_t>& a, const Vectorized<acc
   }
 }
 
+// Vectorized<float>::exp_u20 (a polynomial exp within 20 ULP, ~2x faster than
+// Sleef's u10 exp) where the installed torch has it; exp() otherwise (and for
+// fp64).  20 ULP in exp is ~2e-6 relative in the sigmoid, well inside the
+// tolerance rule for fp32 and far below bf16/fp16 rounding.
+template <typename V, typename = void>
+struct has_exp_u20 : std::false_type {};
+template <typename V>
+struct has_exp_u20<V, std::void_t<decltype(std::declval<const V&>().exp_u20())>> : std::true_type {};
+
+template <typename acc_t>
+inline Vectorized<acc_t> fast_exp(const Vectorized<acc_t>& v) {
+  if constexpr (std::is_same_v<acc_t, float> && has_exp_u20<Vectorized<acc_t>>::value) {
+    return v.exp_u20();
+  } else {
+    return v.exp();
+  }
+}
+
 // sigmoid(g) = 1 / (1 + exp(-g)); for g -> -inf exp overflows to inf and s -> 0.
 template <typename acc_t>
 inline Vectorized<acc_t> sigmoid(const Vectorized<acc_t>& g) {
   const Vectorized<acc_t> one(acc_t(1));
-  return one / (one + g.neg().exp());
+  return one / (one + fast_exp(g.neg()));
 }
 
 // Forward on one step: out = gate * sigmoid(gate) * value.
