@@ -217,6 +217,23 @@ def test_cpp_extreme_gates():
     check_fwd_bwd(cpp().swiglu_fwd, cpp().swiglu_bwd, x, grad)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_nan_propagates(backend):
+    device = "cpu" if backend == "cpp" else TRITON_DEVICE
+    fwd, bwd = ((cpp().swiglu_fwd, cpp().swiglu_bwd) if backend == "cpp"
+                else (tk.swiglu_fwd, tk.swiglu_bwd))
+    F = 20
+    x = randn(2, 2 * F, device=device)
+    x[0, 3] = float("nan")       # a value
+    x[1, F + 5] = float("nan")   # a gate
+    grad = randn(2, F, device=device)
+    out, gx = fwd(x), bwd(grad, x)
+    expect_out = torch.isnan(functional.swiglu(x))
+    assert torch.equal(torch.isnan(out), expect_out)
+    _, ref_gx = reference(x, grad)
+    assert torch.equal(torch.isnan(gx), torch.isnan(ref_gx))
+
+
 def test_gradcheck_fp64_cpu():
     """torch.autograd.gradcheck of the custom op (C++ supports fp64 for this)."""
     x = randn(3, 2, 2 * 13, dtype=torch.float64).requires_grad_()
