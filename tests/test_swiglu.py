@@ -45,7 +45,8 @@ def check_fwd_bwd(fwd, bwd, x: torch.Tensor, grad: torch.Tensor) -> None:
 # (leading shape, F): 1-D/2-D/3-D leading dims, batch 1, F = 1, odd F, F not a
 # multiple of any vector width or block, large F.
 CPP_SHAPES = [((), 1), ((1,), 11), ((17,), 64), ((1000,), 1000), ((2, 3, 5), 4100),
-              ((1, 7), 4096), ((3,), 16384)]
+              ((1, 7), 4096), ((3,), 16384),
+              ((2048,), 1024)]  # outputs >= 8 MiB: the huge-page-advised allocation
 # The interpreter runs each program in Python: few rows, but all tile regimes
 # (BLOCK_F = 1 / 16 / 1024 with several column blocks / row masking).
 TRITON_SHAPES = [((), 1), ((1,), 11), ((17,), 64), ((3,), 1000), ((2, 3), 1), ((1, 2), 4100)]
