@@ -1,2 +1,3 @@
 """Fast ``nn.Module``s, state_dict-compatible with the reference modules."""
 from .rope import RotaryEmbedding  # noqa: F401
+from .swiglu import SwiGLU, SwiGLUMLP  # noqa: F401

@@ -1,3 +1,4 @@
 """Public functional ops. Each is a ``palm_fast::`` torch custom op (CPU -> C++,
 CUDA -> Triton) with fake kernel and autograd, behind a checked Python function."""
 from .rope import rope, rope_  # noqa: F401
+from .swiglu import swiglu  # noqa: F401
