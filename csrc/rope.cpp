@@ -14,15 +14,8 @@
 // may have any strides in B, T, H (unit stride in D); the outputs may alias the inputs
 // (in place): each vector step reads both elements of its pairs before writing them.
 
-// Use ATen's AVX2 Vectorized<float> (and its Sleef cos/sin) when this file is compiled for
-// AVX2 (-march=native on an AVX2 machine). An extension build does not define ATen's
-// CPU_CAPABILITY macros, which would leave the portable fallback (scalar std::cos per
-// lane); the distinct inline namespace keeps these instantiations apart from the other
-// translation units' ones.
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+// SIMD Vectorized (AVX2) for this extension: see cpu_capability.h.
+#include "cpu_capability.h"  // must precede every ATen include
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

@@ -18,21 +18,8 @@
 // vectorised loop of at::vec::Vectorized<acc_t> (exp of the vector), the tail of
 // a chunk goes through the same vector code on a zero-padded stack buffer so
 // every element sees identical math.
-// at::vec::Vectorized is only specialised for SIMD when CPU_CAPABILITY_* is
-// defined (ATen defines it per kernel file; an extension gets the scalar
-// fallback otherwise).  Pick the ISA this file is compiled for (-march=native in
-// setup.py); the capability also names an inline namespace, so this cannot
-// clash with another translation unit built for a different capability.  With
-// PALM_FAST_PORTABLE=1 (no -march) the portable fallback is used.
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+// SIMD Vectorized (AVX2) for this extension: see cpu_capability.h.
+#include "cpu_capability.h"  // must precede every ATen include
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
