@@ -7,8 +7,8 @@ reads grad_out (F) and x (2F) and writes grad_x (2F), so fwd+bwd moves 8F.
 from __future__ import annotations
 
 import torch
-from palm_fast.benchmarks.harness import BenchContext, Case, register
 
+from palm_fast.benchmarks.harness import BenchContext, Case, register
 from palm_fast.reference import functional
 
 

@@ -12,10 +12,10 @@ from conftest import (
     randn,
     requires_cuda,
 )
-from palm_fast.kernels import swiglu as tk
 
 import palm_fast.ops as ops
 from palm_fast._ext import cpp
+from palm_fast.kernels import swiglu as tk
 from palm_fast.nn import SwiGLU, SwiGLUMLP
 from palm_fast.reference import functional
 
