@@ -39,7 +39,7 @@ def _print_table(records: list[dict], meta: dict) -> None:
     peaks = meta["peaks"]
     title = (f"palm_fast bench on {meta['device_name']} | torch {meta['torch']} | "
              f"triton {meta['triton']} | measured peaks: copy {peaks['copy_gbps']:.0f} GB/s, "
-             f"matmul {peaks['matmul_tflops']:.1f} TFLOP/s ({peaks['matmul_dtype']})")
+             f"matmul {peaks['matmul_tflops']:.3g} TFLOP/s ({peaks['matmul_dtype']})")
     table = Table(title=title, title_justify="left")
     for col, justify in [("case", "left"), ("dtype", "left"), ("shape", "left"), ("impl", "left"),
                          ("ms", "right"), ("GB/s", "right"), ("TFLOP/s", "right"),
@@ -55,11 +55,14 @@ def _print_table(records: list[dict], meta: dict) -> None:
         table.add_row(
             r["name"] if first else "", r["dtype"] if first else "", shape if first else "",
             r["impl"], _fmt(r["ms"], ".4f") if r.get("ms") is not None else "[red]error[/red]",
-            _fmt(r.get("gbps"), ".1f"), _fmt(r.get("tflops"), ".2f"),
+            _fmt(r.get("gbps"), ".1f"), _fmt(r.get("tflops"), ".3g"),
             _fmt(r.get("pct_of_peak"), ".1f"), "-" if speed is None else f"{speed:.2f}x",
             end_section=False,
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(table)
     errors = [r for r in records if r.get("error")]
     for r in errors:
         Console(stderr=True).print(f"[red]{r['name']} / {r['impl']}: {r['error']}[/red]")
