@@ -62,7 +62,8 @@ def _case(ctx: BenchContext, s: dict, mode: str) -> Case:
         def run(inp):
             outs = fn(inp)
             if grad:
-                torch.autograd.backward(outs, (inp["gq"], inp["gk"]))
+                # autograd.grad, not backward: no accumulation into q.grad between calls
+                return torch.autograd.grad(outs, (inp["q"], inp["k"]), (inp["gq"], inp["gk"]))
             return outs
         return run
 

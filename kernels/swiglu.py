@@ -35,9 +35,11 @@ import triton.language as tl
 
 from ._common import check_launch_device
 
-# Elements per program (BLOCK_R * BLOCK_F), and the widest column block.
+# Elements per program (BLOCK_R * BLOCK_F), and the widest column block. Swept on an H100
+# (bf16, 16384 x 8192 and 4096 x 4096): 4096 x 4096 gave 97-98% of copy bandwidth
+# forward and backward, vs 94-95% for 1024-wide blocks.
 _TILE_ELEMS = 4096
-_MAX_BLOCK_F = 1024
+_MAX_BLOCK_F = 4096
 
 
 @triton.jit

@@ -48,7 +48,7 @@ CPP_SHAPES = [((), 1), ((1,), 11), ((17,), 64), ((1000,), 1000), ((2, 3, 5), 410
               ((1, 7), 4096), ((3,), 16384),
               ((2048,), 1024)]  # outputs >= 8 MiB: the huge-page-advised allocation
 # The interpreter runs each program in Python: few rows, but all tile regimes
-# (BLOCK_F = 1 / 16 / 1024 with several column blocks / row masking).
+# (BLOCK_F = 1 / 16 / 1024 / 4096 with several column blocks / row masking).
 TRITON_SHAPES = [((), 1), ((1,), 11), ((17,), 64), ((3,), 1000), ((2, 3), 1), ((1, 2), 4100)]
 CUDA_SHAPES = CPP_SHAPES + [((2048,), 11008)]
 
@@ -80,8 +80,8 @@ def test_tile_config_regimes():
     assert tk.tile_config(1, 1) == (1, 1, 4)
     assert tk.tile_config(1000, 1) == (1024, 1, 4)       # tall, thin: many rows per program
     assert tk.tile_config(3, 1000) == (4, 1024, 8)       # one masked column block
-    assert tk.tile_config(2, 4100) == (2, 1024, 4)       # 5 column blocks, last one partial
-    assert tk.tile_config(16384, 8192) == (4, 1024, 8)   # the H100 benchmark shape
+    assert tk.tile_config(2, 4100) == (1, 4096, 8)       # 2 column blocks, last one partial
+    assert tk.tile_config(16384, 8192) == (1, 4096, 8)   # the H100 benchmark shape (tuned there)
     for rows, F in [(1, 11), (17, 64), (6, 1), (7, 16384)]:
         br, bf, _ = tk.tile_config(rows, F)
         assert bf >= 1 and br >= 1 and br * bf <= 4096

@@ -100,7 +100,10 @@ def _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim):
             raise TypeError(f"rotary_dim: expected an int, got {type(rdim).__name__}")
         if rdim <= 0 or rdim % 2 or rdim > D:
             raise ValueError(f"rotary_dim: expected a positive even integer <= head dim {D}, got {rdim}")
-        inv_freq = rope_inv_freq(rdim, base, device=q.device)
+        # Computed on the CPU and moved: pow() on another device can differ in the last
+        # bit, which large positions amplify; this keeps every backend (and the
+        # reference module, whose buffer is built on the CPU) on the same frequencies.
+        inv_freq = rope_inv_freq(rdim, base).to(q.device)
     else:
         check_tensor("inv_freq", inv_freq, dtypes=(torch.float32,), ndim=1)
         check_same_device(q=q, inv_freq=inv_freq)
