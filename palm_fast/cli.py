@@ -103,7 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 case, ctx, peaks,
                 on_impl=lambda impl, label=label: progress.update(task, description=f"{label} [{impl}]"))
             progress.advance(task)
-    meta = harness.meta(device, peaks, argv=["palm-fast"] + sys.argv[1:])
+    meta = harness.meta(device, peaks, argv=["palm-fast"] + list(args.argv))
     _print_table(records, meta)
     if args.json:
         with open(args.json, "w") as f:
@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

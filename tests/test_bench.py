@@ -1,0 +1,118 @@
+"""The benchmark harness and ``palm-fast bench``: records, JSON, errors, and a smoke run of
+every registered case (each implementation executed once on its own inputs)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from palm_fast import cli
+from palm_fast.benchmarks import harness
+
+RECORD_KEYS = {"name", "impl", "device", "dtype", "shape", "ms", "ms_min", "ms_max", "gbps",
+               "tflops", "pct_of_peak"}
+
+
+def _toy_family(fail: bool):
+    def gen(ctx):
+        n = 1 << 16
+
+        def setup():
+            return torch.randn(n, dtype=ctx.dtype)
+
+        def boom(x):
+            raise RuntimeError("deliberate failure")
+
+        impls = {"palm_fast": lambda x: x * 2, "eager": lambda x: x + x}
+        if fail:
+            impls["broken"] = boom
+        yield harness.Case(name="toy.fwd", shape={"n": n}, dtype=ctx.dtype, bytes=2 * n * 4,
+                           flops=n, setup=setup, impls=impls)
+    return gen
+
+
+@pytest.fixture
+def toy_registry(monkeypatch):
+    reg = dict(harness.load_all())
+    reg["_toy"] = _toy_family(False)
+    reg["_toy_fail"] = _toy_family(True)
+    monkeypatch.setattr(harness, "REGISTRY", reg)
+    monkeypatch.setattr(harness, "load_all", lambda: reg)
+    monkeypatch.setattr(harness, "measure_peaks",
+                        lambda device, quick=False: {"copy_gbps": 10.0, "matmul_tflops": 0.1,
+                                                     "matmul_shape": [1, 1, 1], "matmul_dtype": "float32"})
+    return reg
+
+
+def test_cli_writes_records_per_design(toy_registry, tmp_path, capsys):
+    path = tmp_path / "out.json"
+    rc = cli.main(["bench", "--only", "_toy", "--device", "cpu", "--dtype", "fp32", "--quick",
+                   "--json", str(path)])
+    assert rc == 0
+    doc = json.loads(path.read_text())
+    assert set(doc) == {"meta", "records"}
+    meta = doc["meta"]
+    for key in ("git_commit", "torch", "triton", "device_name", "peaks", "command"):
+        assert key in meta
+    assert meta["command"].startswith("palm-fast bench")
+    recs = doc["records"]
+    assert [r["impl"] for r in recs] == ["palm_fast", "eager"]
+    for r in recs:
+        assert RECORD_KEYS <= set(r)
+        assert r["name"] == "toy.fwd" and r["dtype"] == "float32" and r["device"] == "cpu"
+        assert r["ms_min"] <= r["ms"] <= r["ms_max"]
+        assert r["gbps"] == pytest.approx(2 * (1 << 16) * 4 / (r["ms"] * 1e-3) / 1e9)
+        assert r["pct_of_peak"] == pytest.approx(100 * r["gbps"] / 10.0)
+    eager = recs[1]
+    assert eager["speedup_vs_eager"] == pytest.approx(1.0)
+    assert "toy.fwd" in capsys.readouterr().out
+
+
+def test_failing_implementation_is_reported_not_hidden(toy_registry, tmp_path):
+    path = tmp_path / "out.json"
+    rc = cli.main(["bench", "--only", "_toy_fail", "--device", "cpu", "--dtype", "fp32", "--quick",
+                   "--json", str(path)])
+    assert rc == 1
+    recs = {r["impl"]: r for r in json.loads(path.read_text())["records"]}
+    assert recs["broken"]["ms"] is None and "deliberate failure" in recs["broken"]["error"]
+    assert recs["palm_fast"]["ms"] > 0
+
+
+def test_unknown_family_and_dtype_are_rejected(toy_registry):
+    with pytest.raises(ValueError, match="--only"):
+        cli.main(["bench", "--only", "nope", "--device", "cpu", "--quick"])
+    with pytest.raises(SystemExit, match="--dtype"):
+        cli.main(["bench", "--only", "_toy", "--device", "cpu", "--dtype", "int8"])
+
+
+def test_rotation_count_and_timer():
+    assert harness.n_rotations(0, "cpu") == 1
+    assert harness.n_rotations(1 << 40, "cpu") == 1
+    assert 1 < harness.n_rotations(1024, "cpu") <= 8
+    t = harness.time_fn(lambda: torch.ones(10).sum(), "cpu", quick=True)
+    assert 0 < t.ms_min <= t.ms <= t.ms_max and t.n >= 5
+
+
+def test_measure_peaks_cpu_quick():
+    peaks = harness.measure_peaks("cpu", quick=True)
+    assert peaks["copy_gbps"] > 0 and peaks["matmul_tflops"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_registered_case_runs(dtype):
+    """Smoke: each case of each family, quick CPU shapes, every implementation but
+    ``compile`` (compilation is too slow for the suite) runs once and returns tensors."""
+    ctx = harness.BenchContext(device="cpu", dtype=dtype, quick=True)
+    cases = harness.collect_cases(ctx)
+    families = {c.name.split(".")[0] for c in cases}
+    assert {"rope", "swiglu"} <= families
+    for case in cases:
+        assert case.bytes > 0 and case.name.split(".")[-1] in ("fwd", "bwd", "fwdbwd")
+        assert {"palm_fast", "eager"} <= set(case.impls)
+        inputs = case.setup()
+        for impl, fn in case.impls.items():
+            if impl == "compile":
+                continue
+            out = fn(inputs)
+            assert out is not None, f"{case.name}/{impl} returned nothing"
