@@ -1,2 +1,3 @@
 """Public functional ops. Each is a ``palm_fast::`` torch custom op (CPU -> C++,
 CUDA -> Triton) with fake kernel and autograd, behind a checked Python function."""
+from .layer_norm import add_layer_norm, layer_norm  # noqa: F401
