@@ -79,10 +79,15 @@ def test_cpu_fp32_weight_with_bf16_input():
 
 def test_cpu_outputs_fully_written():
     """Outputs come from fresh allocations (huge-page path for large ones): no NaN left over."""
-    for M, N in ((1024, 2048), (3, 5)):  # 8 MiB output (aligned allocator) and a tiny one
-        x = randn(M, N)
-        y, mean, rstd = ln_ops.layer_norm_fwd(x, randn(N), None, 1e-5)
-        assert torch.isfinite(y).all() and torch.isfinite(mean).all() and torch.isfinite(rstd).all()
+    for M, N in ((2049, 4096), (3, 5)):  # > 32 MiB outputs (huge-page allocation) and tiny ones
+        x, w, dy = randn(M, N), randn(N), randn(M, N)
+        y, mean, rstd = ln_ops.layer_norm_fwd(x, w, None, 1e-5)
+        dx, dw, db = ln_ops.layer_norm_bwd(dy, x, w, mean, rstd, False)
+        ys, out, _, _ = ln_ops.add_layer_norm_fwd(x, dy, None, w, None, 1e-5)
+        for t in (y, mean, rstd, dx, dw, ys, out):
+            assert torch.isfinite(t).all()
+        assert db.shape == (0,)
+        torch.testing.assert_close(ys, x + dy)
 
 
 def test_cpu_non_contiguous_and_3d():
