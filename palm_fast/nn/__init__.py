@@ -1,3 +1,4 @@
 """Fast ``nn.Module``s, state_dict-compatible with the reference modules."""
+from .layer_norm import LayerNorm  # noqa: F401
 from .rope import RotaryEmbedding  # noqa: F401
 from .swiglu import SwiGLU, SwiGLUMLP  # noqa: F401

@@ -1,0 +1,490 @@
+// LayerNorm on CPU, following the fusion engine's `full` grouping
+// (palm_fast/fusion: one forward kernel; a two-stage backward).
+//
+//   forward   mean = sum_N(x) / N,  var = sum_N((x - mean)^2) / N,  rstd = 1 / sqrt(var + eps)
+//             y = (x - mean) * rstd * weight (+ bias)
+//   backward  xhat = (x - mean) * rstd,  g = dy * weight
+//             dx = rstd * (g - xhat * sum_N(xhat * g) / N - sum_N(g) / N)
+//             dweight = sum_M(dy * xhat),  dbias = sum_M(dy)
+//   add+LN    y_sum = x + a (+ m);  out = LN(y_sum)   (LN of the fp32 sum, as the CUDA kernel)
+//
+// Grouping: the forward is one pass per row (the row is held in cache: a sum, a sum of
+// squared deviations, then normalise + affine).  The backward's stage 1 runs per row
+// (two row sums, then dx) and accumulates dy * xhat and dy into per-chunk partial rows;
+// stage 2 sums the partial rows over chunks in a fixed order.  Chunks are a fixed number
+// of rows that depends on M only, never on the thread count, so dweight / dbias are
+// bitwise identical for any number of threads (no atomics).
+//
+// Element types: x / dy / y in float, Half or BFloat16 (one template, AT_DISPATCH_SWITCH);
+// weight / bias are converted once to fp32 (they may be x's dtype or fp32), all
+// arithmetic is fp32, mean / rstd are fp32 [M], dweight / dbias come back in weight's dtype.
+
+// at::vec::Vectorized<float> is only SIMD when a CPU_CAPABILITY_* macro is defined (ATen
+// defines one per kernel file it builds; an extension otherwise gets the portable scalar
+// fallback). Name the ISA this file is compiled for (setup.py passes -march=native); the
+// macro also names an inline namespace, so these instantiations cannot clash with another
+// translation unit's. PALM_FAST_PORTABLE=1 (no -march) keeps the portable fallback.
+#if !defined(CPU_CAPABILITY)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+#endif
+
+#include "palm_fast.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <type_traits>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace palm_fast {
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+
+// float, Half and BFloat16 (one template instantiated per type; fp64 is rejected in Python).
+#define PF_DISPATCH_FLOATS(TYPE, NAME, ...)                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)   \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// ---------------------------------------------------------------- row <-> fp32 buffers
+// Rows are processed in fp32.  A float row is used in place; a Half / BFloat16 row is
+// converted into (or out of) a per-thread fp32 buffer, which stays in cache.
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  using bVec = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  for (; i + bVec::size() <= n; i += bVec::size()) {
+    auto [lo, hi] = at::vec::convert_to_float<T>(bVec::loadu(src + i));
+    lo.store(dst + i);
+    hi.store(dst + i + fVec::size());
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t n) {
+  using bVec = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  for (; i + bVec::size() <= n; i += bVec::size()) {
+    at::vec::convert_from_float<T>(fVec::loadu(src + i), fVec::loadu(src + i + fVec::size()))
+        .store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// An fp32 view of a T row: the row itself for float, else `buf` filled by conversion.
+template <typename T>
+inline const float* load_row(const T* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    to_float(src, buf, n);
+    return buf;
+  }
+}
+
+// Where to write an fp32 result row destined for `dst`: `dst` itself for float, else `buf`
+// (followed by store_row).
+template <typename T>
+inline float* out_row(T* dst, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename T>
+inline void store_row(const float* buf, T* dst, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>) from_float(buf, dst, n);
+}
+
+// ---------------------------------------------------------------- fp32 row primitives
+
+// sum_i x[i], with four vector accumulators (fixed order: deterministic).
+inline float row_sum(const float* x, int64_t n) {
+  fVec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+  const int64_t V = fVec::size();
+  int64_t i = 0;
+  for (; i + 4 * V <= n; i += 4 * V) {
+    a0 += fVec::loadu(x + i);
+    a1 += fVec::loadu(x + i + V);
+    a2 += fVec::loadu(x + i + 2 * V);
+    a3 += fVec::loadu(x + i + 3 * V);
+  }
+  for (; i + V <= n; i += V) a0 += fVec::loadu(x + i);
+  float s = at::vec::vec_reduce_all<float>(std::plus<fVec>(), (a0 + a1) + (a2 + a3));
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+// sum_i (x[i] - mean)^2
+inline float row_sq_dev(const float* x, float mean, int64_t n) {
+  const fVec vm(mean);
+  fVec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+  const int64_t V = fVec::size();
+  int64_t i = 0;
+  for (; i + 4 * V <= n; i += 4 * V) {
+    fVec d0 = fVec::loadu(x + i) - vm, d1 = fVec::loadu(x + i + V) - vm;
+    fVec d2 = fVec::loadu(x + i + 2 * V) - vm, d3 = fVec::loadu(x + i + 3 * V) - vm;
+    a0 = at::vec::fmadd(d0, d0, a0);
+    a1 = at::vec::fmadd(d1, d1, a1);
+    a2 = at::vec::fmadd(d2, d2, a2);
+    a3 = at::vec::fmadd(d3, d3, a3);
+  }
+  for (; i + V <= n; i += V) {
+    fVec d = fVec::loadu(x + i) - vm;
+    a0 = at::vec::fmadd(d, d, a0);
+  }
+  float s = at::vec::vec_reduce_all<float>(std::plus<fVec>(), (a0 + a1) + (a2 + a3));
+  for (; i < n; ++i) s += (x[i] - mean) * (x[i] - mean);
+  return s;
+}
+
+// One row's statistics and normalisation: y = (x - mean) * rstd * w (+ b).
+inline void normalize_row(const float* x, const float* w, const float* b, float* y, int64_t n,
+                          float eps, float* mean_out, float* rstd_out) {
+  const float inv_n = 1.f / static_cast<float>(n);
+  const float mean = row_sum(x, n) * inv_n;
+  const float var = row_sq_dev(x, mean, n) * inv_n;
+  const float rstd = 1.f / std::sqrt(var + eps);
+  *mean_out = mean;
+  *rstd_out = rstd;
+  // y = x * s - mean * s with s = rstd * w (x * s + c form: one fmadd per element)
+  const fVec vm(mean), vr(rstd);
+  const int64_t V = fVec::size();
+  int64_t i = 0;
+  if (b != nullptr) {
+    for (; i + V <= n; i += V) {
+      fVec s = vr * fVec::loadu(w + i);
+      at::vec::fmadd(fVec::loadu(x + i) - vm, s, fVec::loadu(b + i)).store(y + i);
+    }
+    for (; i < n; ++i) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+  } else {
+    for (; i + V <= n; i += V) {
+      ((fVec::loadu(x + i) - vm) * (vr * fVec::loadu(w + i))).store(y + i);
+    }
+    for (; i < n; ++i) y[i] = (x[i] - mean) * (rstd * w[i]);
+  }
+}
+
+// A new uninitialised tensor for an output (y, dx, ...). glibc serves blocks below 32 MiB (its
+// largest dynamic mmap threshold) from the heap, reusing pages already touched; blocks of
+// 32 MiB and more come straight from mmap, so every call pays a page fault per 4 KiB page on
+// first touch -- at 4096 x 4096 fp32 that costs more than the LayerNorm itself. On Linux such
+// blocks are 2 MiB-aligned and advised as transparent huge pages instead: 512x fewer faults.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+#ifdef __linux__
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * opt.dtype().itemsize();
+  if (nbytes >= 16 * kHuge) {
+    const size_t padded = (nbytes + kHuge - 1) / kHuge * kHuge;
+    if (void* p = std::aligned_alloc(kHuge, padded)) {
+      madvise(p, padded, MADV_HUGEPAGE);  // advisory: a kernel without THP ignores it
+      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, opt);
+    }
+  }
+#endif
+  return at::empty(sizes, opt);
+}
+
+// fp32 copies of weight and bias (no copy when they already are fp32 and contiguous).
+inline at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// ---------------------------------------------------------------- forward
+
+template <typename T>
+void layer_norm_fwd_impl(const T* x, const float* w, const float* b, T* y, float* mean,
+                         float* rstd, int64_t M, int64_t N, float eps) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> xbuf(std::is_same_v<T, float> ? 0 : N), ybuf(std::is_same_v<T, float> ? 0 : N);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = load_row(x + r * N, xbuf.data(), N);
+      float* yr = out_row(y + r * N, ybuf.data());
+      normalize_row(xr, w, b, yr, N, eps, mean + r, rstd + r);
+      store_row(yr, y + r * N, N);
+    }
+  });
+}
+
+std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x_in, const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& bias, double eps) {
+  TORCH_CHECK(x_in.dim() == 2, "layer_norm_fwd: x must be 2-D [M, N]");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), N = x.size(1);
+  TORCH_CHECK(weight.numel() == N, "layer_norm_fwd: weight must have N elements");
+  const at::Tensor w = as_float(weight);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "layer_norm_fwd: bias must have N elements");
+    b = as_float(*bias);
+  }
+  at::Tensor y = empty_output(x.sizes(), x.options());
+  at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M > 0 && N > 0) {
+    PF_DISPATCH_FLOATS(x.scalar_type(), "layer_norm_fwd", [&] {
+      layer_norm_fwd_impl<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
+                                    b.defined() ? b.const_data_ptr<float>() : nullptr,
+                                    y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(),
+                                    rstd.mutable_data_ptr<float>(), M, N, static_cast<float>(eps));
+    });
+  }
+  return {y, mean, rstd};
+}
+
+// ---------------------------------------------------------------- fused add + forward
+
+template <typename T>
+void add_layer_norm_fwd_impl(const T* x, const T* a, const T* m, const float* w, const float* b,
+                             T* ysum, T* out, float* mean, float* rstd, int64_t M, int64_t N,
+                             float eps) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    constexpr bool is_f = std::is_same_v<T, float>;
+    std::vector<float> sbuf(N), abuf(is_f ? 0 : N), obuf(is_f ? 0 : N);
+    const int64_t V = fVec::size();
+    for (int64_t r = r0; r < r1; ++r) {
+      // s = x + a (+ m) in fp32, held in sbuf (one cache-resident row)
+      float* s = sbuf.data();
+      const float* xr = load_row(x + r * N, s, N);
+      const float* ar = load_row(a + r * N, abuf.data(), N);
+      int64_t i = 0;
+      for (; i + V <= N; i += V) (fVec::loadu(xr + i) + fVec::loadu(ar + i)).store(s + i);
+      for (; i < N; ++i) s[i] = xr[i] + ar[i];
+      if (m != nullptr) {
+        const float* mr = load_row(m + r * N, abuf.data(), N);
+        i = 0;
+        for (; i + V <= N; i += V) (fVec::loadu(s + i) + fVec::loadu(mr + i)).store(s + i);
+        for (; i < N; ++i) s[i] += mr[i];
+      }
+      if constexpr (is_f) {
+        std::copy(s, s + N, ysum + r * N);
+      } else {
+        from_float(s, ysum + r * N, N);
+      }
+      float* orow = out_row(out + r * N, obuf.data());
+      normalize_row(s, w, b, orow, N, eps, mean + r, rstd + r);
+      store_row(orow, out + r * N, N);
+    }
+  });
+}
+
+std::vector<at::Tensor> add_layer_norm_fwd(const at::Tensor& x_in, const at::Tensor& a_in,
+                                           const c10::optional<at::Tensor>& m_in,
+                                           const at::Tensor& weight,
+                                           const c10::optional<at::Tensor>& bias, double eps) {
+  TORCH_CHECK(x_in.dim() == 2, "add_layer_norm_fwd: x must be 2-D [M, N]");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), N = x.size(1);
+  TORCH_CHECK(a_in.sizes() == x.sizes() && a_in.scalar_type() == x.scalar_type(),
+              "add_layer_norm_fwd: a must match x");
+  const at::Tensor a = a_in.contiguous();
+  at::Tensor m;
+  if (m_in.has_value() && m_in->defined()) {
+    TORCH_CHECK(m_in->sizes() == x.sizes() && m_in->scalar_type() == x.scalar_type(),
+                "add_layer_norm_fwd: m must match x");
+    m = m_in->contiguous();
+  }
+  TORCH_CHECK(weight.numel() == N, "add_layer_norm_fwd: weight must have N elements");
+  const at::Tensor w = as_float(weight);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "add_layer_norm_fwd: bias must have N elements");
+    b = as_float(*bias);
+  }
+  at::Tensor ysum = empty_output(x.sizes(), x.options());
+  at::Tensor out = empty_output(x.sizes(), x.options());
+  at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M > 0 && N > 0) {
+    PF_DISPATCH_FLOATS(x.scalar_type(), "add_layer_norm_fwd", [&] {
+      add_layer_norm_fwd_impl<scalar_t>(
+          x.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
+          m.defined() ? m.const_data_ptr<scalar_t>() : nullptr, w.const_data_ptr<float>(),
+          b.defined() ? b.const_data_ptr<float>() : nullptr, ysum.mutable_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(),
+          rstd.mutable_data_ptr<float>(), M, N, static_cast<float>(eps));
+    });
+  }
+  return {ysum, out, mean, rstd};
+}
+
+// ---------------------------------------------------------------- backward
+
+// Rows per chunk of the column partial sums: a function of M only (never of the thread
+// count), so the partials and their fixed-order reduction are identical for any threads.
+inline int64_t chunk_rows(int64_t M) {
+  constexpr int64_t kMinRows = 32, kMaxChunks = 256;
+  return std::max<int64_t>(kMinRows, (M + kMaxChunks - 1) / kMaxChunks);
+}
+
+template <typename T>
+void layer_norm_bwd_impl(const T* dy, const T* x, const float* w, const float* mean,
+                         const float* rstd, T* dx, float* pw, float* pb, int64_t M, int64_t N) {
+  const int64_t rows = chunk_rows(M);
+  const int64_t n_chunks = (M + rows - 1) / rows;
+  const float inv_n = 1.f / static_cast<float>(N);
+  const int64_t V = fVec::size();
+  // Stage 1: per row dx; per chunk partial rows pw[c] = sum dy * xhat, pb[c] = sum dy.
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    constexpr bool is_f = std::is_same_v<T, float>;
+    std::vector<float> xbuf(is_f ? 0 : N), dybuf(is_f ? 0 : N), dxbuf(is_f ? 0 : N);
+    for (int64_t c = c0; c < c1; ++c) {
+      float* pwc = pw + c * N;
+      float* pbc = pb != nullptr ? pb + c * N : nullptr;
+      std::fill(pwc, pwc + N, 0.f);
+      if (pbc != nullptr) std::fill(pbc, pbc + N, 0.f);
+      const int64_t r_end = std::min(M, (c + 1) * rows);
+      for (int64_t r = c * rows; r < r_end; ++r) {
+        const float* xr = load_row(x + r * N, xbuf.data(), N);
+        const float* dyr = load_row(dy + r * N, dybuf.data(), N);
+        const float mu = mean[r], rs = rstd[r];
+        const fVec vmu(mu), vrs(rs);
+        // pass 1: sums of xhat * g and g (g = dy * w); column partials
+        fVec s1(0.f), s2(0.f), t1(0.f), t2(0.f);
+        int64_t i = 0;
+        for (; i + 2 * V <= N; i += 2 * V) {
+          fVec d0 = fVec::loadu(dyr + i), d1 = fVec::loadu(dyr + i + V);
+          fVec h0 = (fVec::loadu(xr + i) - vmu) * vrs, h1 = (fVec::loadu(xr + i + V) - vmu) * vrs;
+          fVec g0 = d0 * fVec::loadu(w + i), g1 = d1 * fVec::loadu(w + i + V);
+          s1 = at::vec::fmadd(h0, g0, s1);
+          t1 = at::vec::fmadd(h1, g1, t1);
+          s2 += g0;
+          t2 += g1;
+          at::vec::fmadd(d0, h0, fVec::loadu(pwc + i)).store(pwc + i);
+          at::vec::fmadd(d1, h1, fVec::loadu(pwc + i + V)).store(pwc + i + V);
+          if (pbc != nullptr) {
+            (fVec::loadu(pbc + i) + d0).store(pbc + i);
+            (fVec::loadu(pbc + i + V) + d1).store(pbc + i + V);
+          }
+        }
+        for (; i + V <= N; i += V) {
+          fVec d0 = fVec::loadu(dyr + i);
+          fVec h0 = (fVec::loadu(xr + i) - vmu) * vrs;
+          fVec g0 = d0 * fVec::loadu(w + i);
+          s1 = at::vec::fmadd(h0, g0, s1);
+          s2 += g0;
+          at::vec::fmadd(d0, h0, fVec::loadu(pwc + i)).store(pwc + i);
+          if (pbc != nullptr) (fVec::loadu(pbc + i) + d0).store(pbc + i);
+        }
+        float sum_hg = at::vec::vec_reduce_all<float>(std::plus<fVec>(), s1 + t1);
+        float sum_g = at::vec::vec_reduce_all<float>(std::plus<fVec>(), s2 + t2);
+        for (; i < N; ++i) {
+          const float h = (xr[i] - mu) * rs, g = dyr[i] * w[i];
+          sum_hg += h * g;
+          sum_g += g;
+          pwc[i] += dyr[i] * h;
+          if (pbc != nullptr) pbc[i] += dyr[i];
+        }
+        // pass 2: dx = rstd * (g - xhat * c1 - c2)
+        const float c1 = sum_hg * inv_n, c2 = sum_g * inv_n;
+        const fVec vc1(c1), vc2(c2);
+        float* dxr = out_row(dx + r * N, dxbuf.data());
+        i = 0;
+        for (; i + V <= N; i += V) {
+          fVec h = (fVec::loadu(xr + i) - vmu) * vrs;
+          fVec g = fVec::loadu(dyr + i) * fVec::loadu(w + i);
+          ((g - at::vec::fmadd(h, vc1, vc2)) * vrs).store(dxr + i);
+        }
+        for (; i < N; ++i) {
+          const float h = (xr[i] - mu) * rs, g = dyr[i] * w[i];
+          dxr[i] = (g - (h * c1 + c2)) * rs;
+        }
+        store_row(dxr, dx + r * N, N);
+      }
+    }
+  });
+}
+
+// Stage 2: out[j] = sum over chunks c (in order) of part[c, j].
+void reduce_partials(const float* part, float* out, int64_t n_chunks, int64_t N) {
+  const int64_t V = fVec::size();
+  at::parallel_for(0, (N + V - 1) / V, 64, [&](int64_t b0, int64_t b1) {
+    const int64_t j0 = b0 * V, j1 = std::min(N, b1 * V);
+    int64_t j = j0;
+    for (; j + V <= j1; j += V) {
+      fVec acc(0.f);
+      for (int64_t c = 0; c < n_chunks; ++c) acc += fVec::loadu(part + c * N + j);
+      acc.store(out + j);
+    }
+    for (; j < j1; ++j) {
+      float acc = 0.f;
+      for (int64_t c = 0; c < n_chunks; ++c) acc += part[c * N + j];
+      out[j] = acc;
+    }
+  });
+}
+
+std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                       const at::Tensor& weight, const at::Tensor& mean_in,
+                                       const at::Tensor& rstd_in, bool has_bias) {
+  TORCH_CHECK(x_in.dim() == 2, "layer_norm_bwd: x must be 2-D [M, N]");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), N = x.size(1);
+  TORCH_CHECK(dy_in.sizes() == x.sizes() && dy_in.scalar_type() == x.scalar_type(),
+              "layer_norm_bwd: dy must match x");
+  const at::Tensor dy = dy_in.contiguous();
+  TORCH_CHECK(weight.numel() == N, "layer_norm_bwd: weight must have N elements");
+  TORCH_CHECK(mean_in.numel() == M && mean_in.scalar_type() == at::kFloat &&
+                  rstd_in.numel() == M && rstd_in.scalar_type() == at::kFloat,
+              "layer_norm_bwd: mean and rstd must be fp32 with M elements");
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const at::Tensor w = as_float(weight);
+  at::Tensor dx = empty_output(x.sizes(), x.options());
+  const int64_t n_chunks = M > 0 ? (M + chunk_rows(M) - 1) / chunk_rows(M) : 0;
+  at::Tensor dw32 = at::zeros({N}, x.options().dtype(at::kFloat));
+  at::Tensor db32 = has_bias ? at::zeros({N}, x.options().dtype(at::kFloat)) : at::Tensor();
+  if (M > 0 && N > 0) {
+    at::Tensor pw = at::empty({n_chunks, N}, x.options().dtype(at::kFloat));
+    at::Tensor pb = has_bias ? at::empty({n_chunks, N}, x.options().dtype(at::kFloat)) : at::Tensor();
+    PF_DISPATCH_FLOATS(x.scalar_type(), "layer_norm_bwd", [&] {
+      layer_norm_bwd_impl<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                    w.const_data_ptr<float>(), mean.const_data_ptr<float>(),
+                                    rstd.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(),
+                                    pw.mutable_data_ptr<float>(),
+                                    has_bias ? pb.mutable_data_ptr<float>() : nullptr, M, N);
+    });
+    reduce_partials(pw.const_data_ptr<float>(), dw32.mutable_data_ptr<float>(), n_chunks, N);
+    if (has_bias) {
+      reduce_partials(pb.const_data_ptr<float>(), db32.mutable_data_ptr<float>(), n_chunks, N);
+    }
+  }
+  at::Tensor dw = dw32.to(weight.scalar_type());
+  at::Tensor db = has_bias ? db32.to(weight.scalar_type()) : at::Tensor();
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+void bind_layer_norm(pybind11::module_& m) {
+  m.def("layer_norm_fwd", &layer_norm_fwd, "LayerNorm forward: (y, mean, rstd)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"));
+  m.def("layer_norm_bwd", &layer_norm_bwd,
+        "LayerNorm backward: (dx, dweight, dbias or an undefined tensor)", pybind11::arg("dy"),
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("mean"), pybind11::arg("rstd"),
+        pybind11::arg("has_bias"));
+  m.def("add_layer_norm_fwd", &add_layer_norm_fwd,
+        "y_sum = x + a (+ m); out = LayerNorm(y_sum): (y_sum, out, mean, rstd)", pybind11::arg("x"),
+        pybind11::arg("a"), pybind11::arg("m"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("eps"));
+}
+
+}  // namespace palm_fast

@@ -1,0 +1,71 @@
+"""``LayerNorm`` module on the fast ``palm_fast.ops.layer_norm`` (C++ on CPU, the fusion
+engine's generated Triton kernels on CUDA).
+
+Drop-in for :class:`palm_fast.reference.LayerNorm` (same parameters ``weight`` and optional
+``bias``, same state_dict) and for :class:`torch.nn.LayerNorm` with a 1-D
+``normalized_shape`` and ``elementwise_affine=True`` (``bias=True`` or ``False``): build one
+with the same arguments, load its state_dict, or wrap an existing module with
+:meth:`LayerNorm.from_torch`, which shares its Parameter objects.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..ops.layer_norm import layer_norm
+
+__all__ = ["LayerNorm"]
+
+
+def _feature_dim(dim) -> int:
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        n = dim
+    elif isinstance(dim, Sequence) and len(dim) == 1 and isinstance(dim[0], int):
+        n = int(dim[0])  # torch.nn.LayerNorm's normalized_shape as a 1-tuple / torch.Size
+    else:
+        raise ValueError(f"dim: expected an int or a 1-tuple (normalisation over the last dim only), "
+                         f"got {dim!r}")
+    if n < 1:
+        raise ValueError(f"dim: expected a positive size, got {n}")
+    return n
+
+
+class LayerNorm(nn.Module):
+    """``y = (x - mean(x)) / sqrt(var(x) + eps) * weight (+ bias)`` over the last dim.
+
+    Parameters as the reference: ``weight`` (ones, ``[dim]``) and, with ``bias=True``, ``bias``
+    (zeros). ``dim`` may be an int or a 1-tuple (``torch.nn.LayerNorm``'s ``normalized_shape``).
+    Inputs fp32 / fp16 / bf16; parameters in the input's dtype or fp32.
+    """
+
+    def __init__(self, dim, eps: float = 1e-5, bias: bool = False, *, device=None, dtype=None):
+        super().__init__()
+        self.dim, self.eps = _feature_dim(dim), float(eps)
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(self.dim, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.dim, **kw))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_torch(cls, ln: nn.LayerNorm) -> LayerNorm:
+        """A fast LayerNorm sharing ``ln``'s ``weight`` / ``bias`` Parameters (training either
+        trains both). ``ln`` needs a 1-D ``normalized_shape`` and ``elementwise_affine=True``."""
+        if not isinstance(ln, nn.LayerNorm):
+            raise TypeError(f"ln: expected a torch.nn.LayerNorm, got {type(ln).__name__}")
+        if not ln.elementwise_affine:
+            raise ValueError("ln: expected elementwise_affine=True (palm_fast's LayerNorm has a weight)")
+        new = cls(_feature_dim(tuple(ln.normalized_shape)), eps=ln.eps, bias=False, device="meta")
+        new.weight = ln.weight
+        if ln.bias is not None:
+            new.bias = ln.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, bias={self.bias is not None}"

@@ -1,0 +1,223 @@
+"""LayerNorm and the fused residual-add + LayerNorm as ``palm_fast::`` custom ops.
+
+Math (over the last dim, N features; statistics in fp32, biased variance)::
+
+    mean = sum_N(x) / N;  rstd = 1 / sqrt(sum_N((x - mean)^2) / N + eps)
+    y    = (x - mean) * rstd * weight (+ bias)
+
+``add_layer_norm`` is the parallel block's residual sum followed by the next LayerNorm:
+``y_sum = x + a (+ m)`` and ``out = LN(y_sum)`` (normalising the fp32 sum), both returned.
+
+Custom ops (2-D ``[M, N]`` rows; ``mean`` / ``rstd`` fp32 ``[M]``):
+
+* ``palm_fast::layer_norm_fwd(x, weight, bias?, eps) -> (y, mean, rstd)``
+* ``palm_fast::layer_norm_bwd(dy, x, weight, mean, rstd, has_bias) -> (dx, dweight, dbias)``
+  (``dbias`` is an empty ``[0]`` tensor when ``has_bias`` is false: a custom op cannot
+  return an optional tensor)
+* ``palm_fast::add_layer_norm_fwd(x, a, m?, weight, bias?, eps) -> (y_sum, out, mean, rstd)``
+
+CPU tensors run the C++ kernels (``csrc/layer_norm.cpp``); CUDA tensors run the fusion
+engine's generated ``full``-mode Triton kernels (``palm_fast.fusion.layer_norm``): one
+forward kernel, a two-stage deterministic backward. Both have a fake kernel (torch.compile)
+and autograd; the add+LN backward is the LN backward plus the residual sum's gradient,
+flowing to ``x``, ``a`` and ``m``.
+
+Dtypes: ``x`` (and ``a``, ``m``, ``dy``) fp32, fp16 or bf16; outputs in ``x``'s dtype.
+``weight`` (and ``bias``, which must match ``weight``'s dtype) is either ``x``'s dtype or
+fp32 -- the latter is what a module kept in fp32 sees under bf16 activations (as
+``torch.nn.LayerNorm`` under autocast); ``dweight`` / ``dbias`` come back in ``weight``'s
+dtype. fp64 is not supported (TypeError).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._ext import cpp
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+
+__all__ = ["layer_norm", "add_layer_norm"]
+
+
+# ------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("palm_fast::layer_norm_fwd", mutates_args=(), device_types="cpu")
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm forward of 2-D ``x [M, N]``: ``(y, mean, rstd)``."""
+    y, mean, rstd = cpp().layer_norm_fwd(x, weight, bias, eps)
+    return y, mean, rstd
+
+
+@layer_norm_fwd.register_kernel("cuda")
+def _layer_norm_fwd_cuda(x, weight, bias, eps):
+    from ..fusion.layer_norm import layer_norm_fwd as launch
+
+    return launch(x.contiguous(), weight.contiguous(),
+                  None if bias is None else bias.contiguous(), eps)
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    M = x.shape[0]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
+
+
+@torch.library.custom_op("palm_fast::layer_norm_bwd", mutates_args=(), device_types="cpu")
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                   rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`layer_norm_fwd`: ``(dx, dweight, dbias)``, dbias empty without bias."""
+    dx, dw, db = cpp().layer_norm_bwd(dy, x, weight, mean, rstd, has_bias)
+    return dx, dw, (db if has_bias else weight.new_empty((0,)))
+
+
+@layer_norm_bwd.register_kernel("cuda")
+def _layer_norm_bwd_cuda(dy, x, weight, mean, rstd, has_bias):
+    from ..fusion.layer_norm import layer_norm_bwd as launch
+
+    dx, dw, db = launch(dy.contiguous(), x.contiguous(), weight.contiguous(), mean.contiguous(),
+                        rstd.contiguous(), has_bias)
+    return dx, dw, (db if has_bias else weight.new_empty((0,)))
+
+
+@layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, has_bias):
+    N = x.shape[1]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty((N,)),
+            weight.new_empty((N if has_bias else 0,)))
+
+
+@torch.library.custom_op("palm_fast::add_layer_norm_fwd", mutates_args=(), device_types="cpu")
+def add_layer_norm_fwd(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor | None, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y_sum = x + a (+ m)``, ``out = LN(y_sum)`` for 2-D rows: ``(y_sum, out, mean, rstd)``."""
+    y_sum, out, mean, rstd = cpp().add_layer_norm_fwd(x, a, m, weight, bias, eps)
+    return y_sum, out, mean, rstd
+
+
+@add_layer_norm_fwd.register_kernel("cuda")
+def _add_layer_norm_fwd_cuda(x, a, m, weight, bias, eps):
+    from ..fusion.layer_norm import add_layer_norm_fwd as launch
+
+    return launch(x.contiguous(), a.contiguous(), None if m is None else m.contiguous(),
+                  weight.contiguous(), None if bias is None else bias.contiguous(), eps)
+
+
+@add_layer_norm_fwd.register_fake
+def _(x, a, m, weight, bias, eps):
+    M = x.shape[0]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
+
+
+# ------------------------------------------------------------------------- autograd
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+
+
+def _ln_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd, ctx.has_bias)
+    return dx, dw, (db if ctx.has_bias else None), None
+
+
+layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+def _add_ln_setup(ctx, inputs, output):
+    _x, _a, m, weight, bias, _eps = inputs
+    y_sum, _out, mean, rstd = output
+    ctx.save_for_backward(y_sum, weight, mean, rstd)
+    ctx.has_m, ctx.has_bias = m is not None, bias is not None
+
+
+def _add_ln_backward(ctx, d_sum, d_out, _dmean, _drstd):
+    y_sum, weight, mean, rstd = ctx.saved_tensors
+    dx_ln, dw, db = layer_norm_bwd(d_out, y_sum, weight, mean, rstd, ctx.has_bias)
+    d = d_sum + dx_ln  # y_sum feeds both outputs; x, a and m all receive its gradient
+    return d, d, (d if ctx.has_m else None), dw, (db if ctx.has_bias else None), None
+
+
+add_layer_norm_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
+
+
+# ------------------------------------------------------------------------- public API
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
+    return float(eps)
+
+
+def _check_affine(x: torch.Tensor, weight, bias) -> None:
+    """weight / bias: 1-D [N] on x's device, dtype x's or fp32, bias matching weight."""
+    N = x.shape[-1]
+    check_tensor("weight", weight, ndim=1)
+    if tuple(weight.shape) != (N,):
+        raise ValueError(f"weight: expected shape ({N},) (x's last dim), got {tuple(weight.shape)}")
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"weight: expected dtype {x.dtype} (same as x) or torch.float32, "
+                        f"got {weight.dtype}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"bias: expected shape ({N},) (x's last dim), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias: expected dtype {weight.dtype} (same as weight), got {bias.dtype}")
+    check_same_device(x=x, weight=weight, bias=bias)
+
+
+def _check_input(name: str, x) -> int:
+    check_tensor(name, x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name}: expected a non-empty last dim, got shape {tuple(x.shape)}")
+    return x.shape[-1]
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dim: ``x [..., N]`` -> ``y [..., N]`` in x's dtype.
+
+    ``weight`` / ``bias`` are ``[N]``, in x's dtype or fp32 (bias matching weight). Differentiable
+    in x, weight and bias. Raises TypeError (dtype) / ValueError (shape, device, eps) naming the
+    argument.
+    """
+    N = _check_input("x", x)
+    _check_affine(x, weight, bias)
+    eps = _check_eps(eps)
+    y, _mean, _rstd = layer_norm_fwd(x.reshape(-1, N), weight, bias, eps)
+    return y.view(x.shape)
+
+
+def add_layer_norm(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None = None, *,
+                   weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual sum and LayerNorm in one pass: returns ``(y_sum, out)`` with
+    ``y_sum = x + a (+ m)`` and ``out = LayerNorm(y_sum)`` (normalising the fp32 sum).
+
+    ``x``, ``a``, ``m``: the same shape ``[..., N]`` and dtype; weight / bias as in
+    :func:`layer_norm`. Gradients flow to x, a, m (through both outputs), weight and bias.
+    """
+    N = _check_input("x", x)
+    for name, t in (("a", a), ("m", m)):
+        if t is None and name == "m":
+            continue
+        check_tensor(name, t)
+        if t.shape != x.shape:
+            raise ValueError(f"{name}: expected shape {tuple(x.shape)} (same as x), got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (same as x), got {t.dtype}")
+    check_same_device(x=x, a=a, m=m)
+    _check_affine(x, weight, bias)
+    eps = _check_eps(eps)
+    y_sum, out, _mean, _rstd = add_layer_norm_fwd(
+        x.reshape(-1, N), a.reshape(-1, N), None if m is None else m.reshape(-1, N), weight, bias, eps)
+    return y_sum.view(x.shape), out.view(x.shape)

@@ -1,0 +1,353 @@
+"""LayerNorm product tests: the C++ kernels, the palm_fast:: custom ops (opcheck, compile,
+autograd), the CUDA glue (on CUDA; its launchers also run here under the interpreter), the
+modules (parity and state_dict with the reference and with torch.nn.LayerNorm), determinism
+and bad input. The generated kernels themselves are tested in test_fusion.py."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from conftest import DTYPES, HAS_CUDA, TRITON_DEVICE, assert_close_by_rule, randn, requires_cuda
+
+from palm_fast import reference
+from palm_fast.nn import LayerNorm
+from palm_fast.ops import add_layer_norm, layer_norm
+
+# the module (palm_fast.ops.layer_norm is the function of the same name)
+ln_ops = importlib.import_module("palm_fast.ops.layer_norm")
+
+
+def ref_ln(x, weight, bias, eps=1e-5):
+    """The reference LayerNorm (palm_fast.reference) with the given parameters."""
+    mod = reference.LayerNorm(x.shape[-1], eps=eps, bias=bias is not None)
+    with torch.no_grad():
+        mod.weight.data = weight.detach().clone()
+        if bias is not None:
+            mod.bias.data = bias.detach().clone()
+    return mod(x)
+
+
+def grads(fn, inputs, dy):
+    """(output, grads of every input) of fn(*inputs) for the cotangent dy."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    out = fn(*leaves)
+    torch.autograd.backward(out, dy)
+    return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def check_ln_fwd_bwd(M, N, dtype, has_bias, fn=layer_norm, device="cpu"):
+    x = randn(M, N, dtype=dtype, device=device, scale=2.0) + 0.5
+    w = randn(N, dtype=dtype, device=device)
+    b = randn(N, dtype=dtype, device=device) if has_bias else None
+    dy = randn(M, N, dtype=dtype, device=device)
+    inputs = (x, w, b)
+    out, g = grads(lambda x, w, b: fn(x, w, b), inputs, dy)
+    out64, g64 = grads(ref_ln, [t.double() if t is not None else None for t in inputs], dy.double())
+    eager, ge = grads(ref_ln, inputs, dy)
+    assert_close_by_rule(out, out64, eager, name="y")
+    for name, a, r, e in zip(("dx", "dweight", "dbias"), g, g64, ge):
+        if r is not None:
+            assert_close_by_rule(a, r, e, name=name)
+
+
+# ------------------------------------------------------------------ C++ path (CPU)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N", [(1, 1), (17, 17), (1000, 17), (17, 1000), (1, 4096), (17, 4096),
+                                 (3, 18432), (2, 40000)])
+def test_cpu_matches_reference(M, N, dtype):
+    check_ln_fwd_bwd(M, N, dtype, has_bias=(N % 2 == 1))
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_cpu_many_rows_fp32(has_bias):
+    check_ln_fwd_bwd(1000, 1000, torch.float32, has_bias)  # several backward chunks
+
+
+def test_cpu_fp32_weight_with_bf16_input():
+    """Weights kept in fp32 (module not cast) with bf16 activations: y bf16, dweight fp32."""
+    check_ln_fwd_bwd(33, 257, torch.bfloat16, has_bias=False,
+                     fn=lambda x, w, b: layer_norm(x, w.float(), b))
+    x = randn(5, 64, dtype=torch.bfloat16)
+    w = randn(64).requires_grad_()
+    b = randn(64).requires_grad_()
+    y = layer_norm(x, w, b)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+
+
+def test_cpu_outputs_fully_written():
+    """Outputs come from fresh allocations (huge-page path for large ones): no NaN left over."""
+    for M, N in ((2049, 4096), (3, 5)):  # > 32 MiB outputs (huge-page allocation) and tiny ones
+        x, w, dy = randn(M, N), randn(N), randn(M, N)
+        y, mean, rstd = ln_ops.layer_norm_fwd(x, w, None, 1e-5)
+        dx, dw, db = ln_ops.layer_norm_bwd(dy, x, w, mean, rstd, False)
+        ys, out, _, _ = ln_ops.add_layer_norm_fwd(x, dy, None, w, None, 1e-5)
+        for t in (y, mean, rstd, dx, dw, ys, out):
+            assert torch.isfinite(t).all()
+        assert db.shape == (0,)
+        torch.testing.assert_close(ys, x + dy)
+
+
+def test_cpu_non_contiguous_and_3d():
+    base = randn(4, 9, 2 * 48)
+    x = base[..., ::2]  # last-dim stride 2
+    w, b = randn(48), randn(48)
+    assert torch.equal(layer_norm(x, w, b), layer_norm(x.contiguous(), w, b))
+    xt = randn(48, 6).t()  # [6, 48] with strides (1, 6)
+    assert torch.equal(layer_norm(xt, w), layer_norm(xt.contiguous(), w))
+    assert layer_norm(base, randn(96)).shape == base.shape
+
+
+def test_cpu_zero_rows():
+    x = randn(0, 8)
+    assert layer_norm(x, randn(8)).shape == (0, 8)
+
+
+def test_cpu_stats():
+    x = randn(7, 300, scale=3.0)
+    _, mean, rstd = ln_ops.layer_norm_fwd(x, randn(300), None, 1e-5)
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rstd.double(), (xd.var(-1, unbiased=False) + 1e-5).rsqrt(),
+                               atol=1e-5, rtol=1e-5)
+    assert mean.dtype == rstd.dtype == torch.float32
+
+
+@pytest.mark.filterwarnings("ignore:Input #\\d requires gradient:UserWarning")
+def test_gradcheck_fp32():
+    x = randn(3, 10, dtype=torch.float32, scale=2.0).requires_grad_()
+    w = randn(10).requires_grad_()
+    b = randn(10).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: layer_norm(x, w, b), (x, w, b), eps=1e-2,
+                                    atol=2e-2, rtol=2e-2, fast_mode=True)
+
+
+# ------------------------------------------------------------------ fused add + LayerNorm
+
+def ref_add_ln(x, a, m, w, b):
+    y = x + a if m is None else x + a + m
+    return y, ref_ln(y, w, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("has_m,has_bias", [(True, False), (False, True)])
+def test_add_layer_norm(dtype, has_m, has_bias):
+    M, N = 19, 333
+    x, a = randn(2, M, N, dtype=dtype), randn(2, M, N, dtype=dtype)
+    m = randn(2, M, N, dtype=dtype) if has_m else None
+    w = randn(N, dtype=dtype)
+    b = randn(N, dtype=dtype) if has_bias else None
+    d_sum, d_out = randn(2, M, N, dtype=dtype), randn(2, M, N, dtype=dtype)
+
+    def run(fn, tensors, cast=None):
+        leaves = [None if t is None else (t if cast is None else t.to(cast)).detach().clone()
+                  .requires_grad_() for t in tensors]
+        y_sum, out = fn(*leaves)
+        torch.autograd.backward((y_sum, out), (d_sum.to(y_sum.dtype), d_out.to(out.dtype)))
+        return (y_sum.detach(), out.detach()), [None if t is None else t.grad for t in leaves]
+
+    inputs = (x, a, m, w, b)
+    (ys, out), g = run(lambda x, a, m, w, b: add_layer_norm(x, a, m, weight=w, bias=b), inputs)
+    (ys64, out64), g64 = run(ref_add_ln, inputs, torch.float64)
+    (yse, oute), ge = run(ref_add_ln, inputs)
+    assert_close_by_rule(ys, ys64, yse, name="y_sum")
+    # out normalises the fp32 sum (no rounding of y_sum first): as accurate as eager or better
+    assert_close_by_rule(out, out64, oute, name="out")
+    for name, a_, r, e in zip(("dx", "da", "dm", "dweight", "dbias"), g, g64, ge):
+        if r is not None:
+            assert_close_by_rule(a_, r, e, name=name)
+    assert torch.equal(g[0], g[1])
+
+
+# ------------------------------------------------------------------ determinism
+
+def test_backward_bitwise_deterministic_across_threads():
+    M, N = 777, 300  # many rows: several chunks of column partials
+    x, w, b, dy = randn(M, N), randn(N), randn(N), randn(M, N)
+    _, mean, rstd = ln_ops.layer_norm_fwd(x, w, b, 1e-5)
+    old = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            runs.append((ln_ops.layer_norm_fwd(x, w, b, 1e-5),
+                         ln_ops.layer_norm_bwd(dy, x, w, mean, rstd, True)))
+    finally:
+        torch.set_num_threads(old)
+    for fwd, bwd in runs[1:]:
+        assert all(torch.equal(p, q) for p, q in zip(runs[0][0], fwd)), "forward differs"
+        assert all(torch.equal(p, q) for p, q in zip(runs[0][1], bwd)), "backward differs"
+
+
+# ------------------------------------------------------------------ custom ops
+
+def _sample_inputs():
+    x, dy = randn(9, 40), randn(9, 40)
+    w, b = randn(40), randn(40)
+    xh = randn(9, 40, dtype=torch.bfloat16)
+    _, mean, rstd = ln_ops.layer_norm_fwd(x, w, b, 1e-5)
+    return [
+        (ln_ops.layer_norm_fwd, (x.requires_grad_(), w.requires_grad_(), b, 1e-5)),
+        (ln_ops.layer_norm_fwd, (randn(9, 40).requires_grad_(), randn(40).requires_grad_(), None, 1e-3)),
+        (ln_ops.layer_norm_fwd, (xh, randn(40), None, 1e-5)),  # fp32 weight, bf16 x
+        (ln_ops.layer_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, True)),
+        (ln_ops.layer_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, False)),
+        (ln_ops.add_layer_norm_fwd, (randn(9, 40).requires_grad_(), randn(9, 40).requires_grad_(),
+                                     randn(9, 40).requires_grad_(), randn(40).requires_grad_(),
+                                     randn(40).requires_grad_(), 1e-5)),
+        (ln_ops.add_layer_norm_fwd, (randn(9, 40), randn(9, 40), None, randn(40), None, 1e-5)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(7))
+def test_opcheck(i):
+    op, args = _sample_inputs()[i]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    mod = LayerNorm(64, bias=True)
+
+    def f(x, a, m):
+        y_sum, out = add_layer_norm(x, a, m, weight=mod.weight, bias=mod.bias)
+        return y_sum + mod(out)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x, a, m = (randn(4, 64).requires_grad_() for _ in range(3))
+    out = compiled(x, a, m)
+    out.sum().backward()
+    x2, a2, m2 = (t.detach().clone().requires_grad_() for t in (x, a, m))
+    ref = f(x2, a2, m2)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_cuda_glue_under_interpreter_or_cuda():
+    """The CUDA kernels registered for the custom ops (fusion launchers + glue) on
+    TRITON_DEVICE: CUDA when present, else CPU tensors under the Triton interpreter."""
+    dev = TRITON_DEVICE
+    M, N = 5, 33
+    x, w, b, dy = (randn(M, N, device=dev), randn(N, device=dev), randn(N, device=dev),
+                   randn(M, N, device=dev))
+    y, mean, rstd = ln_ops._layer_norm_fwd_cuda(x, w, b, 1e-5)
+    y_c, mean_c, rstd_c = ln_ops.layer_norm_fwd(x.cpu(), w.cpu(), b.cpu(), 1e-5)
+    torch.testing.assert_close(y.cpu(), y_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rstd.cpu(), rstd_c, atol=1e-5, rtol=1e-5)
+    for has_bias in (True, False):
+        dx, dw, db = ln_ops._layer_norm_bwd_cuda(dy, x, w, mean, rstd, has_bias)
+        dx_c, dw_c, db_c = ln_ops.layer_norm_bwd(dy.cpu(), x.cpu(), w.cpu(), mean_c, rstd_c, has_bias)
+        torch.testing.assert_close(dx.cpu(), dx_c, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dw.cpu(), dw_c, atol=1e-4, rtol=1e-5)
+        assert db.shape == db_c.shape == ((N,) if has_bias else (0,))
+        torch.testing.assert_close(db.cpu(), db_c, atol=1e-4, rtol=1e-5)
+    a, m = randn(M, N, device=dev), randn(M, N, device=dev)
+    ys, out, _, _ = ln_ops._add_layer_norm_fwd_cuda(x, a, m, w, None, 1e-5)
+    ys_c, out_c, _, _ = ln_ops.add_layer_norm_fwd(x.cpu(), a.cpu(), m.cpu(), w.cpu(), None, 1e-5)
+    torch.testing.assert_close(ys.cpu(), ys_c)
+    torch.testing.assert_close(out.cpu(), out_c, atol=1e-5, rtol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N", [(17, 1000), (4, 18432), (2, 40000)])
+def test_cuda_matches_reference(M, N, dtype):
+    check_ln_fwd_bwd(M, N, dtype, has_bias=True, device="cuda")
+    check_ln_fwd_bwd(M, N, dtype, has_bias=False, device="cuda")
+
+
+@requires_cuda
+def test_cuda_opcheck_and_add():
+    x, a, w = randn(9, 40, device="cuda"), randn(9, 40, device="cuda"), randn(40, device="cuda")
+    torch.library.opcheck(ln_ops.layer_norm_fwd, (x.requires_grad_(), w.requires_grad_(), None, 1e-5))
+    torch.library.opcheck(ln_ops.add_layer_norm_fwd, (x, a, None, w, None, 1e-5))
+    ys, out = add_layer_norm(x, a, weight=w)
+    torch.testing.assert_close(out, ref_ln(x + a, w, None), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ modules
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_module_matches_reference_and_state_dict(bias):
+    ref = reference.LayerNorm(48, bias=bias)
+    with torch.no_grad():
+        ref.weight.normal_()
+        if bias:
+            ref.bias.normal_()
+    fast = LayerNorm(48, bias=bias)
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    fast.load_state_dict(ref.state_dict())
+    ref.load_state_dict(fast.state_dict())
+    x = randn(2, 5, 48)
+    torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
+    xb = x.bfloat16()  # fp32 parameters with bf16 activations, as the reference allows
+    torch.testing.assert_close(fast(xb).float(), ref(xb).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_module_drop_in_for_torch_layer_norm(bias):
+    tln = torch.nn.LayerNorm((48,), eps=1e-6, bias=bias)
+    with torch.no_grad():
+        tln.weight.normal_()
+        if bias:
+            tln.bias.normal_()
+    fast = LayerNorm.from_torch(tln)
+    assert fast.weight is tln.weight and fast.bias is tln.bias and fast.eps == 1e-6
+    x = randn(3, 48)
+    torch.testing.assert_close(fast(x), tln(x), atol=1e-5, rtol=1e-5)
+    fast(x).sum().backward()
+    assert tln.weight.grad is not None  # shared Parameter
+    # built with torch.nn.LayerNorm's arguments and loaded from its state_dict
+    fresh = LayerNorm((48,), eps=1e-6, bias=bias)
+    assert fresh.state_dict().keys() == tln.state_dict().keys()
+    fresh.load_state_dict(tln.state_dict())
+    tln.load_state_dict(fresh.state_dict())
+    torch.testing.assert_close(fresh(x), tln(x), atol=1e-5, rtol=1e-5)
+
+
+def test_module_from_torch_rejects_unsupported():
+    with pytest.raises(ValueError, match="elementwise_affine"):
+        LayerNorm.from_torch(torch.nn.LayerNorm(8, elementwise_affine=False))
+    with pytest.raises(ValueError, match="dim"):
+        LayerNorm.from_torch(torch.nn.LayerNorm((4, 8)))
+    with pytest.raises(TypeError, match="ln"):
+        LayerNorm.from_torch(reference.LayerNorm(8))
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_bad_inputs():
+    x, w = randn(4, 8), randn(8)
+    with pytest.raises(TypeError, match="x"):
+        layer_norm(x.double(), w)
+    with pytest.raises(TypeError, match="x"):
+        layer_norm([1.0], w)
+    with pytest.raises(ValueError, match="x"):
+        layer_norm(randn(4, 0), randn(0))
+    with pytest.raises(ValueError, match="weight"):
+        layer_norm(x, randn(9))
+    with pytest.raises(ValueError, match="weight"):
+        layer_norm(x, randn(2, 4))
+    with pytest.raises(TypeError, match="weight"):
+        layer_norm(x.half(), w.bfloat16())
+    with pytest.raises(TypeError, match="weight"):
+        layer_norm(x, w.half())  # fp16 weight with fp32 x: only x's dtype or fp32
+    with pytest.raises(TypeError, match="bias"):
+        layer_norm(x, w, randn(8).half())
+    with pytest.raises(ValueError, match="bias"):
+        layer_norm(x, w, randn(7))
+    with pytest.raises(ValueError, match="eps"):
+        layer_norm(x, w, eps=0.0)
+    with pytest.raises(ValueError, match="eps"):
+        layer_norm(x, w, eps=float("nan"))
+    with pytest.raises(TypeError, match="a"):
+        add_layer_norm(x, x.half(), weight=w)
+    with pytest.raises(ValueError, match="m"):
+        add_layer_norm(x, x, randn(4, 9), weight=w)
+    with pytest.raises(ValueError, match="a"):
+        add_layer_norm(x, randn(8), weight=w)
+    if HAS_CUDA:
+        with pytest.raises(ValueError, match="weight"):
+            layer_norm(x, w.cuda())
