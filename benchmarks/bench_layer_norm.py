@@ -13,8 +13,8 @@ CUDA only: the interpreter is far too slow to time), ``primitives`` (the 10 prim
 the expanded LayerNorm run one by one in eager torch, in x's dtype), ``eager`` (the reference
 module), ``torch`` (``torch.nn.functional.layer_norm``), ``compile`` (``torch.compile`` of the
 reference), ``liger`` when importable; for add+LN ``separate`` (a torch add, then palm_fast's
-LayerNorm). ``extra["kernels"]``: ``{impl: kernels launched}`` where known (the harness copies
-a case's extra into each of its records). On CPU the default run leaves out ``primitives``
+LayerNorm). Each record carries ``kernels``, the number of kernels its implementation launches,
+where known (``Case.impl_extra``). On CPU the default run leaves out ``primitives``
 (``--quick`` keeps it) so the whole suite stays short.
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _cases(ctx: BenchContext, M: int, N: int):
         name="layer_norm.fwd", shape=shape, dtype=ctx.dtype, bytes=2 * M * N * elem,
         setup=setup_fwd, impls={k: (lambda x, f=f: f(x, w)) for k, f in fns.items()
                                 if cuda or ctx.quick or k != "primitives"},
-        extra={"kernels": kernels},
+        impl_extra={k: {"kernels": v} for k, v in kernels.items()},
     )
 
     def setup_fwdbwd():
@@ -149,7 +149,7 @@ def _cases(ctx: BenchContext, M: int, N: int):
     yield Case(
         name="layer_norm.fwdbwd", shape=shape, dtype=ctx.dtype, bytes=5 * M * N * elem,
         setup=setup_fwdbwd, impls=impls,
-        extra={"kernels": {k: v for k, v in bwd_kernels.items() if k in impls}},
+        impl_extra={k: {"kernels": v} for k, v in bwd_kernels.items()},
     )
 
     # ---- the parallel block's residual sum + next LayerNorm
@@ -178,5 +178,5 @@ def _cases(ctx: BenchContext, M: int, N: int):
         add_kernels["palm_fast"] = full_add.kernel_count
     yield Case(
         name="add_layer_norm.fwd", shape=shape, dtype=ctx.dtype, bytes=5 * M * N * elem,
-        setup=setup_add, impls=add_impls, extra={"kernels": add_kernels},
+        setup=setup_add, impls=add_impls, impl_extra={k: {"kernels": v} for k, v in add_kernels.items()},
     )

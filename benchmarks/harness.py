@@ -53,7 +53,9 @@ class Case:
     impls: dict[str, Callable[[Any], Any]]  # implementation name -> fn(inputs)
     flops: float = 0.0              # useful floating-point operations
     bound: str = "memory"           # "memory" or "compute": which peak pct_of_peak uses
-    extra: dict = field(default_factory=dict)  # case-specific figures copied into records
+    extra: dict = field(default_factory=dict)  # case-specific figures copied into every record
+    impl_extra: dict[str, dict] = field(default_factory=dict)  # impl -> figures for its record only
+                                                                # (e.g. {"palm_fast": {"kernels": 1}})
 
 
 CaseGenerator = Callable[[BenchContext], Iterable[Case]]
@@ -268,6 +270,7 @@ def run_case(case: Case, ctx: BenchContext, peaks: dict,
                     "gbps": gbps, "tflops": tflops, "pct_of_peak": pct,
                     "bytes": case.bytes, "flops": case.flops, "bound": case.bound})
         rec.update(case.extra)
+        rec.update(case.impl_extra.get(impl, {}))
         records.append(rec)
     eager = next((r for r in records if r["impl"] == "eager" and r.get("ms")), None)
     for r in records:

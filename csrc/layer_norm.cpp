@@ -19,21 +19,10 @@
 // weight / bias are converted once to fp32 (they may be x's dtype or fp32), all
 // arithmetic is fp32, mean / rstd are fp32 [M], dweight / dbias come back in weight's dtype.
 
-// at::vec::Vectorized<float> is only SIMD when a CPU_CAPABILITY_* macro is defined (ATen
-// defines one per kernel file it builds; an extension otherwise gets the portable scalar
-// fallback). Name the ISA this file is compiled for (setup.py passes -march=native); the
-// macro also names an inline namespace, so these instantiations cannot clash with another
-// translation unit's. PALM_FAST_PORTABLE=1 (no -march) keeps the portable fallback.
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+// SIMD Vectorized (AVX2) for this extension: see cpu_capability.h.
+#include "cpu_capability.h"  // must precede every ATen include
 
+#include "cpu_alloc.h"
 #include "palm_fast.h"
 
 #include <ATen/Parallel.h>
@@ -45,9 +34,6 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace palm_fast {
 namespace {
@@ -182,26 +168,6 @@ inline void normalize_row(const float* x, const float* w, const float* b, float*
     }
     for (; i < n; ++i) y[i] = (x[i] - mean) * (rstd * w[i]);
   }
-}
-
-// A new uninitialised tensor for an output (y, dx, ...). glibc serves blocks below 32 MiB (its
-// largest dynamic mmap threshold) from the heap, reusing pages already touched; blocks of
-// 32 MiB and more come straight from mmap, so every call pays a page fault per 4 KiB page on
-// first touch -- at 4096 x 4096 fp32 that costs more than the LayerNorm itself. On Linux such
-// blocks are 2 MiB-aligned and advised as transparent huge pages instead: 512x fewer faults.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-#ifdef __linux__
-  constexpr size_t kHuge = size_t(2) << 20;
-  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * opt.dtype().itemsize();
-  if (nbytes >= 16 * kHuge) {
-    const size_t padded = (nbytes + kHuge - 1) / kHuge * kHuge;
-    if (void* p = std::aligned_alloc(kHuge, padded)) {
-      madvise(p, padded, MADV_HUGEPAGE);  // advisory: a kernel without THP ignores it
-      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, opt);
-    }
-  }
-#endif
-  return at::empty(sizes, opt);
 }
 
 // fp32 copies of weight and bias (no copy when they already are fp32 and contiguous).
