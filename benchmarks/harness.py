@@ -193,15 +193,20 @@ def device_name(device: str) -> str:
 
 
 def _git_commit() -> str | None:
-    try:
-        import os
+    """The checkout's commit; ``PALM_FAST_GIT_COMMIT`` names it where there is no .git
+    (a copied working tree, as on our GPU machines)."""
+    import os
 
+    if os.environ.get("PALM_FAST_GIT_COMMIT"):
+        return os.environ["PALM_FAST_GIT_COMMIT"]
+    try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=5)
-        return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) == 40 else None
 
 
 def meta(device: str, peaks: dict, argv: list[str] | None = None) -> dict:
