@@ -36,18 +36,22 @@ import torch
 
 from .._ext import cpp
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._dispatch import call_impl, compiling, eager_ctx, eager_function
 
 __all__ = ["layer_norm", "add_layer_norm"]
 
 
 # ------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("palm_fast::layer_norm_fwd", mutates_args=(), device_types="cpu")
-def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def _layer_norm_fwd_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm forward of 2-D ``x [M, N]``: ``(y, mean, rstd)``."""
     y, mean, rstd = cpp().layer_norm_fwd(x, weight, bias, eps)
     return y, mean, rstd
+
+
+layer_norm_fwd = torch.library.custom_op("palm_fast::layer_norm_fwd", mutates_args=(),
+                                       device_types="cpu")(_layer_norm_fwd_cpu)
 
 
 @layer_norm_fwd.register_kernel("cuda")
@@ -65,12 +69,15 @@ def _(x, weight, bias, eps):
             x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
 
 
-@torch.library.custom_op("palm_fast::layer_norm_bwd", mutates_args=(), device_types="cpu")
-def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+def _layer_norm_bwd_cpu(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                    rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`layer_norm_fwd`: ``(dx, dweight, dbias)``, dbias empty without bias."""
     dx, dw, db = cpp().layer_norm_bwd(dy, x, weight, mean, rstd, has_bias)
     return dx, dw, (db if has_bias else weight.new_empty((0,)))
+
+
+layer_norm_bwd = torch.library.custom_op("palm_fast::layer_norm_bwd", mutates_args=(),
+                                       device_types="cpu")(_layer_norm_bwd_cpu)
 
 
 @layer_norm_bwd.register_kernel("cuda")
@@ -89,13 +96,16 @@ def _(dy, x, weight, mean, rstd, has_bias):
             weight.new_empty((N if has_bias else 0,)))
 
 
-@torch.library.custom_op("palm_fast::add_layer_norm_fwd", mutates_args=(), device_types="cpu")
-def add_layer_norm_fwd(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None, weight: torch.Tensor,
+def _add_layer_norm_fwd_cpu(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None, weight: torch.Tensor,
                        bias: torch.Tensor | None, eps: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``y_sum = x + a (+ m)``, ``out = LN(y_sum)`` for 2-D rows: ``(y_sum, out, mean, rstd)``."""
     y_sum, out, mean, rstd = cpp().add_layer_norm_fwd(x, a, m, weight, bias, eps)
     return y_sum, out, mean, rstd
+
+
+add_layer_norm_fwd = torch.library.custom_op("palm_fast::add_layer_norm_fwd", mutates_args=(),
+                                       device_types="cpu")(_add_layer_norm_fwd_cpu)
 
 
 @add_layer_norm_fwd.register_kernel("cuda")
@@ -123,9 +133,16 @@ def _ln_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _ln_bwd(ctx, *args):
+    """The backward op: called directly on the eager path, as a custom op under compile."""
+    if eager_ctx(ctx):
+        return call_impl(_LN_BWD_IMPLS, *args)
+    return layer_norm_bwd(*args)
+
+
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd, ctx.has_bias)
+    dx, dw, db = _ln_bwd(ctx, dy, x, weight, mean, rstd, ctx.has_bias)
     return dx, dw, (db if ctx.has_bias else None), None
 
 
@@ -141,12 +158,20 @@ def _add_ln_setup(ctx, inputs, output):
 
 def _add_ln_backward(ctx, d_sum, d_out, _dmean, _drstd):
     y_sum, weight, mean, rstd = ctx.saved_tensors
-    dx_ln, dw, db = layer_norm_bwd(d_out, y_sum, weight, mean, rstd, ctx.has_bias)
+    dx_ln, dw, db = _ln_bwd(ctx, d_out, y_sum, weight, mean, rstd, ctx.has_bias)
     d = d_sum + dx_ln  # y_sum feeds both outputs; x, a and m all receive its gradient
     return d, d, (d if ctx.has_m else None), dw, (db if ctx.has_bias else None), None
 
 
 add_layer_norm_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
+
+# The same implementations and autograd functions without the dispatcher (eager mode).
+_LN_BWD_IMPLS = {"cpu": _layer_norm_bwd_cpu, "cuda": _layer_norm_bwd_cuda}
+_LayerNormEager = eager_function(
+    "layer_norm_fwd", {"cpu": _layer_norm_fwd_cpu, "cuda": _layer_norm_fwd_cuda}, _ln_setup, _ln_backward)
+_AddLayerNormEager = eager_function(
+    "add_layer_norm_fwd", {"cpu": _add_layer_norm_fwd_cpu, "cuda": _add_layer_norm_fwd_cuda},
+    _add_ln_setup, _add_ln_backward)
 
 
 # ------------------------------------------------------------------------- public API
@@ -193,7 +218,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     N = _check_input("x", x)
     _check_affine(x, weight, bias)
     eps = _check_eps(eps)
-    y, _mean, _rstd = layer_norm_fwd(x.reshape(-1, N), weight, bias, eps)
+    op = layer_norm_fwd if compiling() else _LayerNormEager.apply
+    y, _mean, _rstd = op(x.reshape(-1, N), weight, bias, eps)
     return y.view(x.shape)
 
 
@@ -218,6 +244,7 @@ def add_layer_norm(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None = No
     check_same_device(x=x, a=a, m=m)
     _check_affine(x, weight, bias)
     eps = _check_eps(eps)
-    y_sum, out, _mean, _rstd = add_layer_norm_fwd(
+    op = add_layer_norm_fwd if compiling() else _AddLayerNormEager.apply
+    y_sum, out, _mean, _rstd = op(
         x.reshape(-1, N), a.reshape(-1, N), None if m is None else m.reshape(-1, N), weight, bias, eps)
     return y_sum.view(x.shape), out.view(x.shape)

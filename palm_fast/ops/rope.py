@@ -8,14 +8,23 @@ backward is the same op with ``inverse`` flipped (rotation by ``-theta``).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from palm_fast._ext import cpp
 from palm_fast.reference.functional import rope_inv_freq
 
 from ._checks import check_last_dim_contiguous, check_same_device, check_same_dtype, check_tensor
+from ._dispatch import compiling, eager_ctx, eager_function
 
 _INT_DTYPES = (torch.int32, torch.int64)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_inv_freq(rotary_dim: int, base: float, device: torch.device) -> torch.Tensor:
+    """Eager mode: the default frequencies, built once per (rotary dim, base, device)."""
+    return rope_inv_freq(rotary_dim, base).to(device)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -35,15 +44,18 @@ def _launch(q, k, q_out, k_out, inv_freq, pos, pos_is_offset, interleaved, inver
 
 
 # ---------------------------------------------------------------- out of place (autograd)
-@torch.library.custom_op("palm_fast::rope", mutates_args=())
-def rope_op(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor,
-            pos_is_offset: bool, interleaved: bool, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_out_of_place(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor,
+                       pos_is_offset: bool, interleaved: bool,
+                       inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE of q and k into new contiguous tensors (see the module docstring)."""
     q, k = _unit_last(q), _unit_last(k)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     _launch(q, k, q_out, k_out, inv_freq, pos, pos_is_offset, interleaved, inverse)
     return q_out, k_out
+
+
+rope_op = torch.library.custom_op("palm_fast::rope", mutates_args=())(_rope_out_of_place)
 
 
 @rope_op.register_fake
@@ -62,11 +74,15 @@ def _rope_backward(ctx, grad_q, grad_k):
     inv_freq, pos = ctx.saved_tensors
     pos_is_offset, interleaved, inverse = ctx.flags
     # d(R x)/dx = R, so the gradient is R^T g: the same rotation with the angle negated.
-    gq, gk = rope_op(grad_q, grad_k, inv_freq, pos, pos_is_offset, interleaved, not inverse)
+    rotate = _RopeEager.apply if eager_ctx(ctx) else rope_op
+    gq, gk = rotate(grad_q, grad_k, inv_freq, pos, pos_is_offset, interleaved, not inverse)
     return gq, gk, None, None, None, None, None
 
 
 rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
+# The same implementation and autograd functions without the dispatcher (eager mode).
+_RopeEager = eager_function("rope", {"cpu": _rope_out_of_place, "cuda": _rope_out_of_place},
+                            _rope_setup_context, _rope_backward)
 
 
 # ---------------------------------------------------------------- in place (no autograd)
@@ -103,7 +119,8 @@ def _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim):
         # Computed on the CPU and moved: pow() on another device can differ in the last
         # bit, which large positions amplify; this keeps every backend (and the
         # reference module, whose buffer is built on the CPU) on the same frequencies.
-        inv_freq = rope_inv_freq(rdim, base).to(q.device)
+        inv_freq = (rope_inv_freq(rdim, base).to(q.device) if compiling()
+                    else _cached_inv_freq(rdim, float(base), q.device))
     else:
         check_tensor("inv_freq", inv_freq, dtypes=(torch.float32,), ndim=1)
         check_same_device(q=q, inv_freq=inv_freq)
@@ -145,7 +162,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = N
     Raises TypeError/ValueError naming the bad argument.
     """
     inv_freq, pos, pos_is_offset = _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim)
-    return rope_op(q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
+    op = rope_op if compiling() else _RopeEager.apply
+    return op(q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = None,
@@ -161,5 +179,8 @@ def rope_(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = 
         raise RuntimeError("rope_: in-place RoPE does not support autograd, but q or k requires grad; "
                            "use palm_fast.ops.rope or run under torch.no_grad()")
     inv_freq, pos, pos_is_offset = _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim)
-    rope_inplace_op(q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
+    if compiling():
+        rope_inplace_op(q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
+    else:  # eager: the same launch without the dispatcher
+        _launch(q, k, q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
     return q, k

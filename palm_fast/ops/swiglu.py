@@ -26,6 +26,7 @@ import torch
 from palm_fast._ext import cpp
 
 from ._checks import check_tensor
+from ._dispatch import call_impl, compiling, eager_ctx, eager_function
 
 __all__ = ["swiglu"]
 
@@ -88,10 +89,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     (x,) = ctx.saved_tensors
+    if eager_ctx(ctx):
+        return call_impl(_BWD_IMPLS, grad_out, x)
     return torch.ops.palm_fast.swiglu_bwd(grad_out, x)
 
 
 _swiglu.register_autograd(_backward, setup_context=_setup_context)
+_BWD_IMPLS = {"cpu": _swiglu_bwd_cpu, "cuda": _swiglu_bwd_cuda}
+_SwiGLUEager = eager_function("swiglu", {"cpu": _swiglu_cpu, "cuda": _swiglu_cuda},
+                              _setup_context, _backward)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
@@ -106,4 +112,6 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     if two_f == 0 or two_f % 2:
         raise ValueError(f"x: expected an even, positive last dim [..., 2F] (value | gate), "
                          f"got shape {tuple(x.shape)} (last dim {two_f})")
-    return torch.ops.palm_fast.swiglu(x)
+    if compiling():
+        return torch.ops.palm_fast.swiglu(x)
+    return _SwiGLUEager.apply(x)

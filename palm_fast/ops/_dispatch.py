@@ -1,0 +1,63 @@
+"""A low-overhead eager path for the ``palm_fast::`` custom ops.
+
+Calling a ``torch.library.custom_op`` goes through the dispatcher and its Python autograd
+glue: about 50 us of CPU time per call on our CI-class CPU, more than many of our kernels
+take on a GPU. In eager mode the public functions therefore run the *same* device
+implementations and the *same* ``setup_context`` / ``backward`` functions through a plain
+``torch.autograd.Function``; under ``torch.compile`` (and for ``opcheck``) they call the
+custom op, which carries the fake kernel the compiler needs. Tests check that both paths
+give bitwise-equal outputs and gradients.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def compiling() -> bool:
+    """True while torch.compile / export traces (use the custom op then)."""
+    return torch.compiler.is_compiling()
+
+
+def _device_type(args) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    raise TypeError("no tensor argument")
+
+
+def eager_function(name: str, impls: dict[str, Callable], setup_context: Callable,
+                   backward: Callable) -> type[torch.autograd.Function]:
+    """An ``autograd.Function`` whose forward calls ``impls[device type](*args)`` and whose
+    ``setup_context(ctx, inputs, output)`` / ``backward(ctx, *grads)`` are the functions
+    registered with the custom op's ``register_autograd``."""
+
+    # Old-style forward(ctx, ...): the separate setup_context style binds the arguments
+    # through inspect.signature on every call, which costs more than the kernels we save.
+    def forward(ctx, *args):
+        dev = _device_type(args)
+        if dev not in impls:
+            raise NotImplementedError(f"palm_fast::{name}: no kernel for device type {dev!r} "
+                                      f"(available: {sorted(impls)})")
+        output = impls[dev](*args)
+        setup_context(ctx, args, output)
+        ctx.palm_fast_eager = True  # the backward stays on the eager path too
+        return output
+
+    return type(f"{name}_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    })
+
+
+def eager_ctx(ctx) -> bool:
+    """In a shared ``backward``: True when the forward ran on the eager path (the backward
+    may then call implementations directly); False under the custom op (call custom ops,
+    which AOTAutograd can trace)."""
+    return getattr(ctx, "palm_fast_eager", False)
+
+
+def call_impl(impls: dict[str, Callable], *args):
+    """Run a (non-differentiable) op's device implementation directly."""
+    return impls[_device_type(args)](*args)
