@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from palm_fast.ops.swiglu import swiglu
+from palm_fast.reference import layers as _reference
 
 __all__ = ["SwiGLU", "SwiGLUMLP"]
 
@@ -16,15 +17,11 @@ class SwiGLU(nn.Module):
         return swiglu(x)
 
 
-class SwiGLUMLP(nn.Module):
+class SwiGLUMLP(_reference.SwiGLUMLP):
     """PaLM's MLP: ``w_out(SwiGLU(w_in(x)))`` with bias-free ``w_in: dim -> 2 hidden``
-    (value | gate) and ``w_out: hidden -> dim``; same parameters as the reference."""
+    (value | gate) and ``w_out: hidden -> dim``. The reference module with the fast
+    activation: same parameters and state_dict."""
 
     def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w_in = nn.Linear(dim, 2 * hidden, bias=False)
+        super().__init__(dim, hidden)
         self.act = SwiGLU()
-        self.w_out = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_out(self.act(self.w_in(x)))
