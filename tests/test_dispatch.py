@@ -75,3 +75,17 @@ def test_add_layer_norm_eager_equals_custom_op(device, dtype):
     s2, o2, _, _ = torch.ops.palm_fast.add_layer_norm_fwd(x, a, m, w, None, 1e-5)
     _same([s1, o1], [s2, o2])
     _same(_grads((s1, o1), [x, a, m, w]), _grads((s2, o2), [x, a, m, w]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_double_backward_on_eager_path(device):
+    """The backward of RoPE is RoPE by -theta; with create_graph it stays differentiable:
+    g = R^T gq, so d(sum g)/d gq = R 1."""
+    q = randn(1, 5, 3, 32, device=device).requires_grad_()
+    k = randn(1, 5, 1, 32, device=device).requires_grad_()
+    gq = randn(1, 5, 3, 32, device=device).requires_grad_()
+    qo, _ = ops.rope(q, k)
+    (g,) = torch.autograd.grad(qo, q, gq, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), gq)
+    expect, _ = ops.rope(torch.ones_like(q), torch.ones_like(k))
+    torch.testing.assert_close(gg, expect)

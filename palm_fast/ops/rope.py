@@ -74,7 +74,12 @@ def _rope_backward(ctx, grad_q, grad_k):
     inv_freq, pos = ctx.saved_tensors
     pos_is_offset, interleaved, inverse = ctx.flags
     # d(R x)/dx = R, so the gradient is R^T g: the same rotation with the angle negated.
-    rotate = _RopeEager.apply if eager_ctx(ctx) else rope_op
+    if not eager_ctx(ctx):
+        rotate = rope_op                 # traced by AOTAutograd under torch.compile
+    elif torch.is_grad_enabled():
+        rotate = _RopeEager.apply        # create_graph=True: keep the backward differentiable
+    else:
+        rotate = _rope_out_of_place      # plain eager backward: no autograd bookkeeping
     gq, gk = rotate(grad_q, grad_k, inv_freq, pos, pos_is_offset, interleaved, not inverse)
     return gq, gk, None, None, None, None, None
 
