@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+from ..ops._checks import FLOAT_DTYPES, check_eps, check_last_dim_contiguous, check_shape, check_tensor
 from . import expanders
 from .codegen import CompiledGraph, compile_graph
 
@@ -19,28 +20,13 @@ def _compiled(expander: str, *flags: bool) -> CompiledGraph:
     """The ``full``-mode compiled graph of an expander (built and hashed once per process)."""
     return compile_graph(getattr(expanders, expander)(*flags), "full")
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check(name: str, t, *, ndim: int | None = None, shape=None, device=None, dtypes=_FLOATS):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name}: expected dtype in ({', '.join(map(str, dtypes))}), got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+def _check(name: str, t, *, ndim: int | None = None, shape=None, device=None, dtypes=FLOAT_DTYPES):
+    check_tensor(name, t, dtypes=dtypes, ndim=ndim)
+    if shape is not None:
+        check_shape(name, t, shape)
     if device is not None and t.device != device:
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
-    if t.dim() > 0 and t.size(-1) > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name}: expected a unit stride in the last dim, got strides {tuple(t.stride())}")
-
-
-def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
-    return float(eps)
+    check_last_dim_contiguous(name, t)
 
 
 def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
@@ -51,7 +37,7 @@ def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     _check("weight", weight, shape=(N,), device=x2d.device)
     if bias is not None:
         _check("bias", bias, shape=(N,), device=x2d.device)
-    eps = _check_eps(eps)
+    eps = check_eps(eps)
     cg = _compiled("layer_norm_fwd", bias is not None)
     args = dict(x=x2d, weight=weight, eps=eps)
     if bias is not None:
@@ -92,7 +78,7 @@ def add_layer_norm_fwd(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None,
     _check("weight", weight, shape=(N,), device=x.device)
     if bias is not None:
         _check("bias", bias, shape=(N,), device=x.device)
-    eps = _check_eps(eps)
+    eps = check_eps(eps)
     for name, t in (("x", x), ("a", a), ("m", m)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor; call .contiguous() first")
@@ -110,7 +96,7 @@ def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     """``y = x * rsqrt(mean(x^2) + eps) * weight``; returns ``(y, rstd)``."""
     _check("x2d", x2d, ndim=2)
     _check("weight", weight, shape=(x2d.size(1),), device=x2d.device)
-    r = _compiled("rms_norm_fwd")(x=x2d, weight=weight, eps=_check_eps(eps))
+    r = _compiled("rms_norm_fwd")(x=x2d, weight=weight, eps=check_eps(eps))
     return r["y"], r["rstd"]
 
 

@@ -4,6 +4,7 @@ Every failure names the argument, what was expected and what was received.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -60,3 +61,15 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
             f"{name}: expected a unit stride in the last dim, got strides {tuple(t.stride())}; "
             "call .contiguous() first"
         )
+
+
+def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], what: str = "") -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}{what}, got {tuple(t.shape)}")
+
+
+def check_eps(eps) -> float:
+    """A LayerNorm-style epsilon: a finite float > 0."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
+    return float(eps)

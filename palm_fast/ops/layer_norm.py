@@ -30,12 +30,10 @@ dtype. fp64 is not supported (TypeError).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._ext import cpp
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_shape, check_tensor
 from ._dispatch import call_impl, compiling, eager_ctx, eager_function
 
 __all__ = ["layer_norm", "add_layer_norm"]
@@ -176,25 +174,17 @@ _AddLayerNormEager = eager_function(
 
 # ------------------------------------------------------------------------- public API
 
-def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
-    return float(eps)
-
-
 def _check_affine(x: torch.Tensor, weight, bias) -> None:
     """weight / bias: 1-D [N] on x's device, dtype x's or fp32, bias matching weight."""
     N = x.shape[-1]
     check_tensor("weight", weight, ndim=1)
-    if tuple(weight.shape) != (N,):
-        raise ValueError(f"weight: expected shape ({N},) (x's last dim), got {tuple(weight.shape)}")
+    check_shape("weight", weight, (N,), " (x's last dim)")
     if weight.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"weight: expected dtype {x.dtype} (same as x) or torch.float32, "
                         f"got {weight.dtype}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
-        if tuple(bias.shape) != (N,):
-            raise ValueError(f"bias: expected shape ({N},) (x's last dim), got {tuple(bias.shape)}")
+        check_shape("bias", bias, (N,), " (x's last dim)")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias: expected dtype {weight.dtype} (same as weight), got {bias.dtype}")
     check_same_device(x=x, weight=weight, bias=bias)
@@ -217,7 +207,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """
     N = _check_input("x", x)
     _check_affine(x, weight, bias)
-    eps = _check_eps(eps)
+    eps = check_eps(eps)
     op = layer_norm_fwd if compiling() else _LayerNormEager.apply
     y, _mean, _rstd = op(x.reshape(-1, N), weight, bias, eps)
     return y.view(x.shape)
@@ -243,7 +233,7 @@ def add_layer_norm(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None = No
             raise TypeError(f"{name}: expected dtype {x.dtype} (same as x), got {t.dtype}")
     check_same_device(x=x, a=a, m=m)
     _check_affine(x, weight, bias)
-    eps = _check_eps(eps)
+    eps = check_eps(eps)
     op = add_layer_norm_fwd if compiling() else _AddLayerNormEager.apply
     y_sum, out, _mean, _rstd = op(
         x.reshape(-1, N), a.reshape(-1, N), None if m is None else m.reshape(-1, N), weight, bias, eps)
