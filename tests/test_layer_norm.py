@@ -243,6 +243,17 @@ def test_cuda_glue_under_interpreter_or_cuda():
         torch.testing.assert_close(dw.cpu(), dw_c, atol=1e-4, rtol=1e-5)
         assert db.shape == db_c.shape == ((N,) if has_bias else (0,))
         torch.testing.assert_close(db.cpu(), db_c, atol=1e-4, rtol=1e-5)
+    # rows sliced from a wider buffer are read in place (the kernels take a row stride)
+    wide = randn(M, N + 7, device=dev)
+    xs, dys = wide[:, 3:3 + N], randn(M, N + 7, device=dev)[:, :N]
+    ys_, mean_s, rstd_s = ln_ops._layer_norm_fwd_cuda(xs, w, b, 1e-5)
+    torch.testing.assert_close(ys_.cpu(), ln_ops.layer_norm_fwd(xs.cpu().contiguous(), w.cpu(), b.cpu(),
+                                                                1e-5)[0], atol=1e-5, rtol=1e-5)
+    dxs, dws, _ = ln_ops._layer_norm_bwd_cuda(dys, xs, w, mean_s, rstd_s, True)
+    dxs_c, dws_c, _ = ln_ops.layer_norm_bwd(dys.cpu().contiguous(), xs.cpu().contiguous(), w.cpu(),
+                                            mean_s.cpu(), rstd_s.cpu(), True)
+    torch.testing.assert_close(dxs.cpu(), dxs_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dws.cpu(), dws_c, atol=1e-4, rtol=1e-5)
     a, m = randn(M, N, device=dev), randn(M, N, device=dev)
     ys, out, _, _ = ln_ops._add_layer_norm_fwd_cuda(x, a, m, w, None, 1e-5)
     ys_c, out_c, _, _ = ln_ops.add_layer_norm_fwd(x.cpu(), a.cpu(), m.cpu(), w.cpu(), None, 1e-5)

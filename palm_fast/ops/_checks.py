@@ -73,3 +73,10 @@ def check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
     return float(eps)
+
+
+def unit_last_dim(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is unit-stride (any other strides are fine for our
+    kernels, e.g. rows sliced from a wider buffer), else a contiguous copy (e.g. the
+    expanded gradients autograd hands a backward)."""
+    return t if t.dim() == 0 or t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()

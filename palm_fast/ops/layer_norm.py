@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .._ext import cpp
-from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_shape, check_tensor, unit_last_dim
 from ._dispatch import call_impl, compiling, eager_ctx, eager_function
 
 __all__ = ["layer_norm", "add_layer_norm"]
@@ -56,7 +56,8 @@ layer_norm_fwd = torch.library.custom_op("palm_fast::layer_norm_fwd", mutates_ar
 def _layer_norm_fwd_cuda(x, weight, bias, eps):
     from ..fusion.layer_norm import layer_norm_fwd as launch
 
-    return launch(x.contiguous(), weight.contiguous(),
+    # the generated kernels take a row stride: row-strided x is read in place
+    return launch(unit_last_dim(x), weight.contiguous(),
                   None if bias is None else bias.contiguous(), eps)
 
 
@@ -82,7 +83,7 @@ layer_norm_bwd = torch.library.custom_op("palm_fast::layer_norm_bwd", mutates_ar
 def _layer_norm_bwd_cuda(dy, x, weight, mean, rstd, has_bias):
     from ..fusion.layer_norm import layer_norm_bwd as launch
 
-    dx, dw, db = launch(dy.contiguous(), x.contiguous(), weight.contiguous(), mean.contiguous(),
+    dx, dw, db = launch(unit_last_dim(dy), unit_last_dim(x), weight.contiguous(), mean.contiguous(),
                         rstd.contiguous(), has_bias)
     return dx, dw, (db if has_bias else weight.new_empty((0,)))
 

@@ -15,7 +15,13 @@ import torch
 from palm_fast._ext import cpp
 from palm_fast.reference.functional import rope_inv_freq
 
-from ._checks import check_last_dim_contiguous, check_same_device, check_same_dtype, check_tensor
+from ._checks import (
+    check_last_dim_contiguous,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    unit_last_dim,
+)
 from ._dispatch import compiling, eager_ctx, eager_function
 
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -25,11 +31,6 @@ _INT_DTYPES = (torch.int32, torch.int64)
 def _cached_inv_freq(rotary_dim: int, base: float, device: torch.device) -> torch.Tensor:
     """Eager mode: the default frequencies, built once per (rotary dim, base, device)."""
     return rope_inv_freq(rotary_dim, base).to(device)
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels need a unit stride in the last dim (autograd may hand us expanded grads)."""
-    return t if t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def _launch(q, k, q_out, k_out, inv_freq, pos, pos_is_offset, interleaved, inverse):
@@ -48,7 +49,7 @@ def _rope_out_of_place(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor,
                        pos_is_offset: bool, interleaved: bool,
                        inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE of q and k into new contiguous tensors (see the module docstring)."""
-    q, k = _unit_last(q), _unit_last(k)
+    q, k = unit_last_dim(q), unit_last_dim(k)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     _launch(q, k, q_out, k_out, inv_freq, pos, pos_is_offset, interleaved, inverse)
