@@ -32,6 +32,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <type_traits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 
@@ -173,6 +175,19 @@ inline void normalize_row(const float* x, const float* w, const float* b, float*
 // fp32 copies of weight and bias (no copy when they already are fp32 and contiguous).
 inline at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// fp32 weight [N] and bias [N] (undefined when absent), checked against the row length.
+inline std::pair<at::Tensor, at::Tensor> affine_as_float(const at::Tensor& weight,
+                                                         const c10::optional<at::Tensor>& bias,
+                                                         int64_t N, const char* op) {
+  TORCH_CHECK(weight.numel() == N, op, ": weight must have N elements");
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, op, ": bias must have N elements");
+    b = as_float(*bias);
+  }
+  return {as_float(weight), b};
+}
+
 // ---------------------------------------------------------------- forward
 
 template <typename T>
@@ -195,16 +210,11 @@ std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x_in, const at::Tensor&
   TORCH_CHECK(x_in.dim() == 2, "layer_norm_fwd: x must be 2-D [M, N]");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), N = x.size(1);
-  TORCH_CHECK(weight.numel() == N, "layer_norm_fwd: weight must have N elements");
-  const at::Tensor w = as_float(weight);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "layer_norm_fwd: bias must have N elements");
-    b = as_float(*bias);
-  }
+  at::Tensor w, b;  // (not a structured binding: C++17 lambdas cannot capture those)
+  std::tie(w, b) = affine_as_float(weight, bias, N, "layer_norm_fwd");
   at::Tensor y = empty_output(x.sizes(), x.options());
   at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty_like(mean);
   if (M > 0 && N > 0) {
     PF_DISPATCH_FLOATS(x.scalar_type(), "layer_norm_fwd", [&] {
       layer_norm_fwd_impl<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
@@ -269,17 +279,12 @@ std::vector<at::Tensor> add_layer_norm_fwd(const at::Tensor& x_in, const at::Ten
                 "add_layer_norm_fwd: m must match x");
     m = m_in->contiguous();
   }
-  TORCH_CHECK(weight.numel() == N, "add_layer_norm_fwd: weight must have N elements");
-  const at::Tensor w = as_float(weight);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "add_layer_norm_fwd: bias must have N elements");
-    b = as_float(*bias);
-  }
+  at::Tensor w, b;  // (not a structured binding: C++17 lambdas cannot capture those)
+  std::tie(w, b) = affine_as_float(weight, bias, N, "add_layer_norm_fwd");
   at::Tensor ysum = empty_output(x.sizes(), x.options());
   at::Tensor out = empty_output(x.sizes(), x.options());
   at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty_like(mean);
   if (M > 0 && N > 0) {
     PF_DISPATCH_FLOATS(x.scalar_type(), "add_layer_norm_fwd", [&] {
       add_layer_norm_fwd_impl<scalar_t>(
