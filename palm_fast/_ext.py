@@ -18,10 +18,3 @@ def cpp():
         ) from e
     return _C
 
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

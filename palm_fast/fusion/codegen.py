@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from palm_fast.kernels._common import interpreting
+
 from .ir import Graph
 from .passes import Group, Schedule, fuse
 
@@ -427,10 +429,6 @@ def load_kernel(kernel: Kernel, key: tuple):
 # ---------------------------------------------------------------------------------------
 # runner
 # ---------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -533,7 +531,7 @@ class CompiledGraph:
             raise ValueError(f"{g.name}: needs at least one row-space input")
         if N == 0:
             raise ValueError(f"{g.name}: rows of length 0 (N == 0) are not supported")
-        if device.type != "cuda" and not _interpreting():
+        if device.type != "cuda" and not interpreting():
             raise RuntimeError(f"{g.name}: the generated Triton kernels need CUDA tensors (or CPU "
                                "tensors with TRITON_INTERPRET=1 set before triton is imported)")
         for name, nid in g.inputs.items():
