@@ -27,6 +27,12 @@ from ._dispatch import compiling, eager_ctx, eager_function
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_zero(device: torch.device) -> torch.Tensor:
+    """Eager mode: the default start offset, allocated once per device (never written)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 @functools.lru_cache(maxsize=32)
 def _cached_inv_freq(rotary_dim: int, base: float, device: torch.device) -> torch.Tensor:
     """Eager mode: the default frequencies, built once per (rotary dim, base, device)."""
@@ -144,8 +150,9 @@ def _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim):
         if tuple(positions.shape) != (B, T):
             raise ValueError(f"positions: expected shape ({B}, {T}), got {tuple(positions.shape)}")
         return inv_freq, positions, False
-    if offsets is None:
-        offsets = torch.zeros(B, dtype=torch.int32, device=q.device)
+    if offsets is None:  # positions 0..T-1: one zero offset broadcast over the batch
+        zero = torch.zeros(1, dtype=torch.int32, device=q.device) if compiling() else _cached_zero(q.device)
+        offsets = zero.expand(B)
     check_tensor("offsets", offsets, dtypes=_INT_DTYPES, ndim=1)
     check_same_device(q=q, offsets=offsets)
     if offsets.shape[0] != B:
