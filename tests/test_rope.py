@@ -354,3 +354,14 @@ def test_bad_device():
     with pytest.raises(ValueError, match="k: expected device"):
         rope(randn(1, 2, 2, 64, device="cuda"), randn(1, 2, 1, 64))
 
+
+
+def test_module_cast_keeps_fp32_frequencies():
+    """model.to(bf16) must not turn inv_freq into bf16 (the op needs fp32 frequencies)."""
+    m = RotaryEmbedding(32).to(torch.bfloat16)
+    assert m.inv_freq.dtype == torch.float32
+    q, k = randn(1, 4, 2, 32, dtype=torch.bfloat16), randn(1, 4, 1, 32, dtype=torch.bfloat16)
+    qo, ko = m(q, k)
+    ref = RotaryEmbedding(32)
+    rq, rk = ref(q, k)
+    assert torch.equal(qo, rq) and torch.equal(ko, rk)
