@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from palm_fast.ops.block import pack_in_proj, parallel_block
+from palm_fast.ops.block import pack_in_proj, parallel_block, uses_triton
 from palm_fast.reference import layers as _reference
 
 from .layer_norm import LayerNorm
@@ -71,9 +71,9 @@ class ParallelBlock(_reference.ParallelBlock):
         return new
 
     def _packed_in_proj(self):
-        """The cached pair re-layout of ``in_proj.weight`` (CUDA only; None on CPU)."""
+        """The cached pair re-layout of ``in_proj.weight`` (Triton backend only; None on CPU)."""
         w, inv = self.in_proj.weight, self.rotary.inv_freq
-        if w.device.type != "cuda":
+        if not uses_triton(w.device.type):
             return None
         args = (w, inv, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.rotary.interleaved)
         if torch.compiler.is_compiling():

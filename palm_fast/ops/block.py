@@ -37,7 +37,12 @@ import torch.nn.functional as F
 from .._ext import cpp
 from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_tensor
 from ._dispatch import call_impl, compiling, eager_ctx, eager_function
-from .layer_norm import _LN_BWD_IMPLS, _layer_norm_fwd_cpu, _layer_norm_fwd_cuda
+from .layer_norm import (
+    _layer_norm_bwd_cpu,
+    _layer_norm_bwd_cuda,
+    _layer_norm_fwd_cpu,
+    _layer_norm_fwd_cuda,
+)
 
 __all__ = ["causal_mqa_attention", "fused_input_projection", "fused_output_projection",
            "pack_in_proj", "parallel_block"]
@@ -64,7 +69,7 @@ def _sizes(n_heads, n_kv_heads, head_dim, d_ff):
     return hq, hkv, hq + 2 * hkv, d_ff
 
 
-def _in_proj_cpu(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos,
+def _in_proj_aten(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos,
                  n_heads, n_kv_heads, head_dim, d_ff, eps, interleaved, keep_ff):
     """x ``[M, d]`` -> (q, k, v, h, ff, xn, mean, rstd); ff = the whole projection [M, Nin]
     (its last 2F columns are the pre-activation: read in place, no copy)."""
@@ -83,7 +88,7 @@ def _in_proj_cpu(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos
     return q, k, v, h, proj, xn, mean, rstd
 
 
-def _in_proj_cuda(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos,
+def _in_proj_triton(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos,
                   n_heads, n_kv_heads, head_dim, d_ff, eps, interleaved, keep_ff):
     """x ``[M, d]`` -> (q, k, v, h, ff, xn, mean, rstd); ff = [M, 2F] when keep_ff, else [0]."""
     xn, mean, rstd = _layer_norm_fwd_cuda(x, ln_weight, None, eps)
@@ -95,7 +100,14 @@ def _in_proj_cuda(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, po
     return q, k, v, h, ff, xn, mean, rstd
 
 
-_IN_IMPLS = {"cpu": _in_proj_cpu, "cuda": _in_proj_cuda}
+# Backends by device type. CPU: ATen GEMM + C++ epilogues; CUDA: the Triton epilogue GEMM.
+# (Tests point "cpu" at the Triton functions to run them on CPU tensors under the interpreter.)
+_IN_IMPLS = {"cpu": _in_proj_aten, "cuda": _in_proj_triton}
+
+
+def uses_triton(device_type: str) -> bool:
+    """True when tensors of ``device_type`` run the Triton input GEMM (it needs the packed weight)."""
+    return _IN_IMPLS.get(device_type) is _in_proj_triton
 
 
 @torch.library.custom_op("palm_fast::block_in_proj", mutates_args=())
@@ -115,7 +127,7 @@ def _(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos, n_heads, 
       head_dim, d_ff, eps, interleaved, keep_ff):
     hq, hkv, _, _ = _sizes(n_heads, n_kv_heads, head_dim, d_ff)
     M = x.shape[0]
-    if x.device.type == "cpu":
+    if not uses_triton(x.device.type):
         ff = x.new_empty((M, w_in.shape[0]))
     else:
         ff = x.new_empty((M, 2 * d_ff) if keep_ff else (0,))
@@ -127,29 +139,32 @@ def _(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos, n_heads, 
 
 def _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos,
                       n_heads, n_kv_heads, head_dim, d_ff, interleaved):
-    """Gradients (dx, d_ln_weight, d_w_in) of ``block_in_proj`` (any device)."""
+    """Gradients (dx, d_ln_weight, d_w_in) of ``block_in_proj``: the RoPE and SwiGLU backward
+    write ``dproj [M, Nin]`` in place, then two GEMMs and the LayerNorm backward."""
     hq, hkv, nqkv, F_ = _sizes(n_heads, n_kv_heads, head_dim, d_ff)
     M = x.shape[0]
     dproj = torch.empty(M, nqkv + 2 * F_, dtype=x.dtype, device=x.device)
-    dq4 = dq.reshape(1, M, n_heads, head_dim)
-    dk4 = dk.reshape(1, M, n_kv_heads, head_dim)
+    dq4 = dq.reshape(1, M, n_heads, head_dim).contiguous()
+    dk4 = dk.reshape(1, M, n_kv_heads, head_dim).contiguous()
     oq = dproj[:, :hq].view(1, M, n_heads, head_dim)
     ok = dproj[:, hq:hq + hkv].view(1, M, n_kv_heads, head_dim)
     pre = ff[:, ff.shape[1] - 2 * F_:]          # value | gate pre-activation (a view)
-    if x.device.type == "cpu":
-        cpp().rope_cpu(dq4.contiguous(), dk4.contiguous(), oq, ok, inv_freq, pos.view(1, M),
-                       False, interleaved, True)
-        dproj[:, nqkv:].copy_(cpp().swiglu_bwd(dh.contiguous(), pre))
-    else:
+    if uses_triton(x.device.type):
         from palm_fast.kernels import swiglu as ks
         from palm_fast.kernels.rope import rope as rope_triton
-        rope_triton(dq4.contiguous(), dk4.contiguous(), inv_freq, pos.view(1, M), pos_is_offset=False,
+
+        rope_triton(dq4, dk4, inv_freq, pos.view(1, M), pos_is_offset=False,
                     interleaved=interleaved, inverse=True, q_out=oq, k_out=ok)
         _swiglu_bwd_into(ks, dh.contiguous(), pre, dproj[:, nqkv:])
-    dproj[:, hq + hkv:nqkv].copy_(dv)
+        ln_bwd = _layer_norm_bwd_cuda
+    else:
+        cpp().rope_cpu(dq4, dk4, oq, ok, inv_freq, pos.view(1, M), False, interleaved, True)
+        dproj[:, nqkv:].copy_(cpp().swiglu_bwd(dh.contiguous(), pre))
+        ln_bwd = _layer_norm_bwd_cpu
+    dproj[:, hq + hkv:nqkv].copy_(dv.reshape(M, hkv))
     dxn = torch.mm(dproj, w_in)
     dw_in = torch.mm(dproj.t(), xn)
-    dx, dlnw, _ = call_impl(_LN_BWD_IMPLS, dxn, x, ln_weight, mean, rstd, False)
+    dx, dlnw, _ = ln_bwd(dxn, x, ln_weight, mean, rstd, False)
     return dx, dlnw, dw_in
 
 
@@ -259,7 +274,7 @@ def fused_input_projection(x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch
     eps = check_eps(eps)
     B, T, d = x.shape
     M = B * T
-    if x.device.type == "cuda":
+    if uses_triton(x.device.type):
         if packed is None:
             packed = pack_in_proj(w_in, inv_freq, n_heads, n_kv_heads, head_dim, d_ff, interleaved)
         extra = (packed.w_a, packed.w_b, packed.dst_a, packed.dst_b, packed.freq)
@@ -333,16 +348,16 @@ def _sdpa(q, k, v, scale, q_offset: int):
 
 # =========================================================================== output side
 
-def _out_proj_cpu(o, h, x, w_attn_out, w_ff_out):
+def _out_proj_aten(o, h, x, w_attn_out, w_ff_out):
     y = torch.addmm(x, o, w_attn_out.t())
     return y.addmm_(h, w_ff_out.t())
 
 
-def _out_proj_cuda(o, h, x, w_attn_out, w_ff_out):
+def _out_proj_triton(o, h, x, w_attn_out, w_ff_out):
     return _proj().out_proj(o, h, x, w_attn_out, w_ff_out)
 
 
-_OUT_IMPLS = {"cpu": _out_proj_cpu, "cuda": _out_proj_cuda}
+_OUT_IMPLS = {"cpu": _out_proj_aten, "cuda": _out_proj_triton}
 
 
 @torch.library.custom_op("palm_fast::block_out_proj", mutates_args=())
