@@ -235,6 +235,15 @@ def test_causal_mqa_attention(dtype, Hk):
     assert_close_by_rule(o2, o2_ref, attention(q * (0.5 * hd ** 0.5), k, v).to(dtype), name="o(scale)")
 
 
+def test_strided_input_int32_positions_and_empty_sequence():
+    ref, fast = _blocks(BLOCK_CONFIGS[0], torch.float32)
+    x = randn(64, 5, 2).permute(2, 1, 0)                 # non-contiguous x
+    pos = torch.randint(0, 50, (2, 5), dtype=torch.int32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, pos), ref(x, pos), rtol=1e-5, atol=1e-5)
+        assert fast(randn(2, 0, 64)).shape == (2, 0, 64)
+
+
 def test_determinism():
     _, fast = _blocks(BLOCK_CONFIGS[0], torch.float32)
     x, g = randn(2, 7, 64), randn(2, 7, 64)

@@ -38,6 +38,7 @@ VM for the block's input GEMM).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -481,7 +482,7 @@ def fused_output_projection(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
     if w_attn_out.shape[0] != d or w_ff_out.shape[0] != d:
         raise ValueError(f"w_attn_out, w_ff_out: expected {d} rows (x's last dim), got "
                          f"{tuple(w_attn_out.shape)} and {tuple(w_ff_out.shape)}")
-    if o.shape[:2] != (B, T) or o[0, 0].numel() != hq:
+    if o.shape[:2] != (B, T) or math.prod(o.shape[2:]) != hq:
         raise ValueError(f"o: expected shape ({B}, {T}, {hq}) or ({B}, {T}, H, hd) with H hd = {hq}, "
                          f"got {tuple(o.shape)}")
     if tuple(h.shape) != (B, T, F_):
