@@ -303,10 +303,13 @@ def test_determinism():
     assert all(torch.equal(u, w) for u, w in zip(a, b))
 
 
-def test_torch_compile_block():
-    """fullgraph compile (the custom ops' fake kernels and autograd) matches eager bitwise-close."""
-    _, fast = _blocks(BLOCK_CONFIGS[0], torch.float32)
-    x, g = randn(2, 7, 64), randn(2, 7, 64)
+@pytest.mark.parametrize("backend", ["aten", "triton"])
+def test_torch_compile_block(backend, request):
+    """fullgraph compile (the custom ops' fake kernels and autograd) matches eager, on the
+    CPU path and on the Triton path (with its packed weight and pre-activation layout)."""
+    device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
+    _, fast = _blocks(BLOCK_CONFIGS[0], torch.float32, device)
+    x, g = randn(2, 7, 64, device=device), randn(2, 7, 64, device=device)
     eager = _fwd_bwd(fast, x, g)
     compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
     outs = _fwd_bwd(compiled, x, g)
