@@ -34,14 +34,23 @@ from palm_fast.benchmarks.harness import BenchContext, Case, register
 def _shape(ctx: BenchContext) -> dict:
     if ctx.device == "cuda":
         B, T = (2, 2048) if ctx.quick else (8, 2048)
-        return dict(B=B, T=T, d=2048, H=16, hd=128, F=8192)
-    return dict(B=1, T=32 if ctx.quick else 64, d=256, H=4, hd=64, F=1024)
+        s = dict(B=B, T=T, d=2048, H=16, Hk=1, hd=128, F=8192)
+    else:
+        s = dict(B=1, T=32 if ctx.quick else 64, d=256, H=4, Hk=1, hd=64, F=1024)
+    if ctx.config:   # --config PRESET: that model's block, at the default token count
+        from palm_fast import get_config
+
+        c = get_config(ctx.config)
+        T = min(s["T"], c.max_seq_len)
+        s = dict(B=s["B"] * s["T"] // T, T=T, d=c.d_model, H=c.n_heads, Hk=c.n_kv_heads,
+                 hd=c.head_dim, F=c.d_ff)
+    return s
 
 
 def _block_flops(s: dict) -> float:
     """Forward model FLOPs of one block (PaLM Appendix B, attention over the full T x T)."""
-    d, H, hd, F = s["d"], s["H"], s["hd"], s["F"]
-    n_block = d * (H * hd + 2 * hd) + H * hd * d + 3 * d * F
+    d, H, Hk, hd, F = s["d"], s["H"], s["Hk"], s["hd"], s["F"]
+    n_block = d * (H * hd + 2 * Hk * hd) + H * hd * d + 3 * d * F
     tokens = s["B"] * s["T"]
     return tokens * (2 * n_block + 4 * H * hd * s["T"])
 
@@ -53,11 +62,11 @@ def block_cases(ctx: BenchContext):
     from palm_fast.reference import SerialBlock
 
     s = _shape(ctx)
-    B, T, d, H, hd, F = (s[k] for k in ("B", "T", "d", "H", "hd", "F"))
+    B, T, d, H, Hk, hd, F = (s[k] for k in ("B", "T", "d", "H", "Hk", "hd", "F"))
     dev, dt = ctx.device, ctx.dtype
     torch.manual_seed(0)
-    ref = RefBlock(d, H, hd, F).to(device=dev, dtype=dt)
-    fast = ParallelBlock(d, H, hd, F).to(device=dev, dtype=dt)
+    ref = RefBlock(d, H, hd, F, Hk).to(device=dev, dtype=dt)
+    fast = ParallelBlock(d, H, hd, F, Hk).to(device=dev, dtype=dt)
     fast.load_state_dict(ref.state_dict())
     serial = SerialBlock.from_parallel(ref)
     blocks = {"palm_fast": fast, "eager": ref, "serial": serial}
@@ -111,7 +120,7 @@ def _in_proj_case(ctx: BenchContext, s: dict, fast):
     from palm_fast.kernels import projection as kp
     from palm_fast.ops import block as ob
 
-    B, T, d, H, hd, F = (s[k] for k in ("B", "T", "d", "H", "hd", "F"))
+    B, T, d, H, Hk, hd, F = (s[k] for k in ("B", "T", "d", "H", "Hk", "hd", "F"))
     dev, dt = ctx.device, ctx.dtype
     elem = torch.empty((), dtype=dt).element_size()
     M = B * T
@@ -128,17 +137,17 @@ def _in_proj_case(ctx: BenchContext, s: dict, fast):
 
         def epilogue(inputs):
             xn, pos = inputs
-            return kp.in_proj(xn, packed, pos, H, 1, hd, F, store_ff=False)
+            return kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=False)
     else:
         def epilogue(inputs):
             xn, pos = inputs
-            return ob.in_proj_epilogue_aten(xn, w_in, inv_freq, pos, H, 1, hd, F, False)
+            return ob.in_proj_epilogue_aten(xn, w_in, inv_freq, pos, H, Hk, hd, F, False)
 
     def matmul(inputs):
         return torch.mm(inputs[0], w_in.t())
 
     yield Case(name="block.in_proj", shape=dict(M=M, K=d, N=n_in), dtype=dt,
-               bytes=(M * d + n_in * d + M * (H * hd + 2 * hd + F)) * elem,
+               bytes=(M * d + n_in * d + M * (H * hd + 2 * Hk * hd + F)) * elem,
                flops=2 * M * d * n_in, bound="compute", setup=setup_in,
                impls={"palm_fast": epilogue, "matmul": matmul})
 
