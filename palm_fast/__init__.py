@@ -10,3 +10,5 @@ from . import config, flops, nn, ops, reference  # noqa: F401
 from .config import PRESETS, PaLMConfig, get_config  # noqa: F401
 
 __version__ = "0.1.0"
+from . import patching  # noqa: F401,E402
+from .patching import PatchReport, patch, register, unpatch  # noqa: F401,E402
