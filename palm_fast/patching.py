@@ -278,7 +278,13 @@ def patch(model: nn.Module, *, rope: bool = True, swiglu: bool = True, layer_nor
     _load_builtins()
     report = PatchReport()
     root = model
-    if _ORIGINAL not in model.__dict__:
+    unsupported = _unsupported_dtypes(model)
+    if unsupported:
+        # Parameter-free modules (SwiGLU) cannot see the dtype they will get: refuse the model.
+        report.skipped.append(PatchRecord("", _qualname(type(model)), reason=(
+            f"the model holds {', '.join(unsupported)} tensors; palm_fast kernels take float32, "
+            "float16 or bfloat16 (nothing was patched)")))
+    elif _ORIGINAL not in model.__dict__:
         new = _replace(model, "", opts, report)
         if new is not None:
             root = new
@@ -350,6 +356,13 @@ def _share(new: nn.Module, orig: nn.Module, names: list[str]) -> nn.Module:
         else:
             raise AttributeError(f"{type(orig).__name__} has no parameter or buffer {n!r}")
     return new
+
+
+def _unsupported_dtypes(model: nn.Module) -> list[str]:
+    found = {str(t.dtype) for t in list(model.parameters()) + list(model.buffers())
+             if t is not None and t.is_floating_point()
+             and t.dtype not in (torch.float32, torch.float16, torch.bfloat16)}
+    return sorted(found)
 
 
 def check_dtype(module: nn.Module) -> None:
