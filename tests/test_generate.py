@@ -19,6 +19,16 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is as fast, and far faster on a loaded
+    machine (idle worker threads of tiny ops spin and get descheduled)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def lively(config: PaLMConfig, seed: int = 0, cls=PaLM) -> PaLM:
     """A randomly initialised model whose greedy continuations vary. At the standard init the
     tied embedding dominates and greedy decoding repeats the last token; larger output
