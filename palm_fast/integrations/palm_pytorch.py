@@ -31,10 +31,10 @@ Replacements (same attribute names, the same Parameter / buffer objects, same st
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as fast
+from ..ops.block import causal_mqa_attention
 from ..ops.layer_norm import layer_norm
 from ..ops.rope import rope
 from ..patching import PatchOptions, Unsupported, check_dtype, register
@@ -97,11 +97,8 @@ class _RotaryView:
 
 def _causal_mqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q ``[B, T, H, D]``, k and v ``[B, T, 1, D]`` -> ``softmax(q k^T * scale + causal) v``
-    ``[B, T, H, D]``, through SDPA (one shared k/v head broadcast to every query head)."""
-    B, T, H, D = q.shape
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, scale=scale, enable_gqa=True)
-    return o.transpose(1, 2)
+    ``[B, T, H, D]`` (``palm_fast.ops.causal_mqa_attention``: SDPA, k/v never copied per head)."""
+    return causal_mqa_attention(q, k, v, scale=scale)
 
 
 def _attention_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -253,7 +250,78 @@ def _restore_block(orig: nn.Module, new: nn.Module) -> None:
     orig.pos_emb = None
 
 
+# ------------------------------------------------------------- palm_fast.generate support
+class _BlockView:
+    """A PaLM-pytorch block (patched or not) seen through ``palm_fast.reference.ParallelBlock``'s
+    attribute names, as ``palm_fast.generate`` reads them (``ff_out`` is the output Linear;
+    the SwiGLU is ``act``)."""
+
+    def __init__(self, blk: nn.Module, rotary):
+        self.norm = blk.norm
+        self.in_proj = blk.fused_attn_ff_proj
+        self.split_sizes = tuple(int(s) for s in blk.fused_dims)
+        self.n_heads = int(blk.heads)
+        self.head_dim = self.split_sizes[0] // self.n_heads
+        self.rotary = rotary
+        self.act = blk.ff_out[0]
+        self.attn_out = blk.attn_out
+        self.ff_out = blk.ff_out[1]
+
+
+class _StandardRotary:
+    """The rotary table ``generate``'s fused RoPE computes: ``1 / 10000^(2i / rotary_dim)``."""
+
+    base = ROPE_BASE
+    interleaved = False
+
+    def __init__(self, rotary_dim: int):
+        self.rotary_dim = rotary_dim
+
+
+def decoder_parts(model: nn.Module):
+    """``palm_fast.generation.decoder_parts`` for PaLM-pytorch's ``nn.Sequential`` (patched or
+    not): ``Embedding, Residual(block) x depth, LayerNorm, Linear``; no logit scale. Raises
+    ValueError for another layout (generate then says why)."""
+    from ..generation import DecoderParts
+
+    pp = _pp()
+    blocks_ok = (pp.ParallelTransformerBlock, ParallelTransformerBlock)
+    norms_ok = (pp.LayerNorm, LayerNorm)
+    n = len(model)
+    if n < 4 or type(model[0]) is not nn.Embedding or type(model[-1]) is not nn.Linear \
+            or type(model[-2]) not in norms_ok:
+        raise ValueError("model: an nn.Sequential that is not laid out like PaLM-pytorch's PaLM "
+                         "(Embedding, Residual(ParallelTransformerBlock)..., LayerNorm, Linear)")
+    head = model[-1]
+    if head.bias is not None or head.weight.shape != model[0].weight.shape:
+        raise ValueError(f"model[{n - 1}]: expected a bias-free Linear {tuple(model[0].weight.shape)} "
+                         f"(the tied output head), got {head}")
+    views = []
+    for i in range(1, n - 2):
+        res = model[i]
+        blk = getattr(res, "fn", None)
+        if type(res) is not pp.Residual or type(blk) not in blocks_ok:
+            raise ValueError(f"model[{i}]: expected Residual(ParallelTransformerBlock), got "
+                             f"{type(res).__qualname__}({type(blk).__qualname__})")
+        D = int(blk.fused_dims[0]) // int(blk.heads)
+        if float(blk.scale) != D ** -0.5:
+            raise ValueError(f"model[{i}].fn.scale = {blk.scale}: generate uses dim_head^-0.5")
+        inv = blk.rotary_emb.inv_freq
+        want = Fn.rope_inv_freq(2 * inv.numel(), ROPE_BASE, device=inv.device)
+        # A half-precision model holds the standard table rounded to its dtype: accept that
+        # (generate's RoPE then uses the fp32 table, as the model had before .to(dtype)).
+        if not torch.equal(inv, want.to(inv.dtype)):
+            raise ValueError(f"model[{i}].fn.rotary_emb.inv_freq is not the standard table "
+                             f"1 / 10000^(2i / {2 * inv.numel()}) generate's fused RoPE computes")
+        views.append(_BlockView(blk, _StandardRotary(2 * inv.numel())))
+    return DecoderParts(embed=model[0], blocks=views, norm=model[-2], head_weight=head.weight,
+                        logit_scale=None)
+
+
 def register_all() -> None:
+    from ..generation import register_decoder_parts
+
+    register_decoder_parts(nn.Sequential, decoder_parts)
     pp = _pp()
     register(pp.LayerNorm, _layer_norm, kind="layer_norm", replace=True)
     register(pp.SwiGLU, _swiglu, kind="swiglu", replace=True)

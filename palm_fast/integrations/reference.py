@@ -45,7 +45,7 @@ def swiglu(m: ref.SwiGLU, opts: PatchOptions) -> nn.Module:
 
 def parallel_block(m: ref.ParallelBlock, opts: PatchOptions) -> nn.Module:
     fast_block = getattr(fast, "ParallelBlock", None)
-    if fast_block is None:
+    if fast_block is None or not hasattr(fast_block, "from_reference"):
         raise Unsupported("palm_fast.nn.ParallelBlock is not in this build; the block's parts are "
                           "patched one by one (attention stays the reference)")
     off = [k for k in ("rope", "swiglu", "layer_norm", "attention") if not opts.enabled(k)]
@@ -53,11 +53,7 @@ def parallel_block(m: ref.ParallelBlock, opts: PatchOptions) -> nn.Module:
         raise Unsupported(f"palm_fast.nn.ParallelBlock uses every fast piece but {', '.join(off)}="
                           "False was asked; the block's parts are patched one by one")
     check_dtype(m)
-    rot = m.rotary
-    with torch.device("meta"):
-        new = fast_block(m.dim, m.n_heads, m.head_dim, m.d_ff, m.n_kv_heads, m.eps, rot.rotary_dim,
-                         rot.base, rot.interleaved)
-    return share_state(new, m)
+    return fast_block.from_reference(m)
 
 
 def register_all() -> None:
