@@ -536,3 +536,19 @@ def test_generate_refuses_a_palm_pytorch_layout_it_cannot_run():
         palm_fast.generate(m, [tokens(B=1, T=4)[0]], 2)
     with pytest.raises(ValueError, match="laid out like PaLM-pytorch"):
         palm_fast.generate(nn.Sequential(nn.Linear(4, 4)), [tokens(B=1, T=4)[0]], 2)
+
+
+@needs_pp
+def test_palm_lite_variant_is_reported_not_patched():
+    from palm_pytorch import palm_lite
+
+    torch.manual_seed(0)
+    m = palm_lite.PaLM(dim=32, num_tokens=V, depth=1, dim_head=8, heads=4)
+    ref = copy.deepcopy(m)
+    with pytest.warns(patching.PatchWarning, match="ALiBi"):
+        palm_fast.patch(m)
+    assert type(m[1].fn) is palm_lite.ParallelTransformerBlock
+    assert type(m[1].fn.ff_out[0]) is palm_fast.nn.SwiGLU          # same value | gate math
+    x = tokens(T=9)
+    with torch.no_grad():
+        assert max_err(m(x), ref(x)) <= 1e-5 * max(1.0, ref(x).abs().max().item())

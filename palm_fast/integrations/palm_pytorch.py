@@ -411,6 +411,23 @@ def decoder_parts(model: nn.Module):
                         logit_scale=None)
 
 
+def _palm_lite_block(m: nn.Module, opts: PatchOptions) -> nn.Module:
+    raise Unsupported("palm_pytorch.palm_lite block: RMSNorm and ALiBi attention with one k = v "
+                      "head, not PaLM's LayerNorm / RoPE / separate k, v; no palm_fast replacement "
+                      "(its SwiGLU is still swapped)")
+
+
+def register_palm_lite() -> None:
+    """The ``palm_lite`` variant shipped in the same package (only once it is imported)."""
+    import sys
+
+    lite = sys.modules.get("palm_pytorch.palm_lite")
+    if lite is None:
+        return
+    register(lite.SwiGLU, _swiglu, kind="swiglu", replace=True)
+    register(lite.ParallelTransformerBlock, _palm_lite_block, kind="block", replace=True)
+
+
 def register_all() -> None:
     from ..generation import register_decoder_parts
 
