@@ -552,3 +552,14 @@ def test_palm_lite_variant_is_reported_not_patched():
     x = tokens(T=9)
     with torch.no_grad():
         assert max_err(m(x), ref(x)) <= 1e-5 * max(1.0, ref(x).abs().max().item())
+
+
+@needs_pp
+def test_patching_the_root_module_itself():
+    ln = pp.LayerNorm(16)
+    new = palm_fast.patch(ln)
+    assert type(new) is pp_fast.LayerNorm and new.gamma is ln.gamma and new.beta is ln.beta
+    assert "replaced <root>" in str(new.palm_fast_report)
+    x = torch.randn(3, 16)
+    assert max_err(new(x), ln(x)) <= 1e-6
+    assert palm_fast.unpatch(new) is ln
