@@ -153,36 +153,39 @@ def _in_proj_fwd(
         wa_ptrs += BLOCK_K
         wb_ptrs += BLOCK_K
 
-    # ---- epilogue
+    # ---- epilogue (tile-level branches: the trig only runs on tiles holding q / k / v pairs)
     row_ok = rows < M
     pair_ok = pairs < P
     rows64 = rows.to(tl.int64)
-    dst_a = tl.load(dst_a_ptr + pairs_ld)
-    dst_b = tl.load(dst_b_ptr + pairs_ld)
-    # q / k / v pairs: rotate (a rotation by 0 for pass-through features and v)
-    freq = tl.load(freq_ptr + pairs_ld)
-    pos = tl.load(pos_ptr + rows_ld).to(tl.float32)
-    theta = pos[:, None] * freq[None, :]
-    if PRECISE_TRIG:
-        cos = libdevice.cos(theta)
-        sin = libdevice.sin(theta)
-    else:
-        cos = tl.cos(theta)
-        sin = tl.sin(theta)
-    out_a = acc_a * cos - acc_b * sin
-    out_b = acc_b * cos + acc_a * sin
-    qkv_ok = row_ok[:, None] & (pair_ok & (pairs < P_QKV))[None, :]
-    _store_qkv(q_ptr, k_ptr, v_ptr, rows64, dst_a, out_a, qkv_ok, HQ, HKV)
-    _store_qkv(q_ptr, k_ptr, v_ptr, rows64, dst_b, out_b, qkv_ok, HQ, HKV)
-    # SwiGLU pairs: a = value, b = gate
-    ff_ok = row_ok[:, None] & (pair_ok & (pairs >= P_QKV))[None, :]
-    f = pairs - P_QKV
-    h = acc_b / (1.0 + tl.exp(-acc_b)) * acc_a
-    tl.store(h_ptr + rows64[:, None] * F + f[None, :], h.to(h_ptr.dtype.element_ty), mask=ff_ok)
-    if STORE_FF:
-        ff_row = ff_ptr + rows64[:, None] * (2 * F) + f[None, :]
-        tl.store(ff_row, acc_a.to(ff_ptr.dtype.element_ty), mask=ff_ok)
-        tl.store(ff_row + F, acc_b.to(ff_ptr.dtype.element_ty), mask=ff_ok)
+    n_start = pid_n * BLOCK_N
+    if n_start < P_QKV:
+        # q / k / v pairs: rotate (by 0 for pass-through features and v: a plain copy)
+        dst_a = tl.load(dst_a_ptr + pairs_ld)
+        dst_b = tl.load(dst_b_ptr + pairs_ld)
+        freq = tl.load(freq_ptr + pairs_ld)
+        pos = tl.load(pos_ptr + rows_ld).to(tl.float32)
+        theta = pos[:, None] * freq[None, :]
+        if PRECISE_TRIG:
+            cos = libdevice.cos(theta)
+            sin = libdevice.sin(theta)
+        else:
+            cos = tl.cos(theta)
+            sin = tl.sin(theta)
+        out_a = acc_a * cos - acc_b * sin
+        out_b = acc_b * cos + acc_a * sin
+        qkv_ok = row_ok[:, None] & (pair_ok & (pairs < P_QKV))[None, :]
+        _store_qkv(q_ptr, k_ptr, v_ptr, rows64, dst_a, out_a, qkv_ok, HQ, HKV)
+        _store_qkv(q_ptr, k_ptr, v_ptr, rows64, dst_b, out_b, qkv_ok, HQ, HKV)
+    if n_start + BLOCK_N > P_QKV:
+        # SwiGLU pairs: a = value, b = gate
+        ff_ok = row_ok[:, None] & (pair_ok & (pairs >= P_QKV))[None, :]
+        f = pairs - P_QKV
+        h = acc_b / (1.0 + tl.exp(-acc_b)) * acc_a
+        tl.store(h_ptr + rows64[:, None] * F + f[None, :], h.to(h_ptr.dtype.element_ty), mask=ff_ok)
+        if STORE_FF:
+            ff_row = ff_ptr + rows64[:, None] * (2 * F) + f[None, :]
+            tl.store(ff_row, acc_a.to(ff_ptr.dtype.element_ty), mask=ff_ok)
+            tl.store(ff_row + F, acc_b.to(ff_ptr.dtype.element_ty), mask=ff_ok)
 
 
 @triton.jit

@@ -29,6 +29,12 @@ def test_same_init_and_state_dict():
     assert all(isinstance(b, ParallelBlock) for b in fast.blocks)
     assert isinstance(fast.norm, palm_fast.nn.LayerNorm)
     assert fast.embed.weight is not None and fast.num_params() == ref.num_params() == CFG.param_count()
+    with torch.no_grad():
+        fast.norm.weight.mul_(3.0)
+        fast.blocks[0].norm.weight.mul_(3.0)
+    fast.reset_parameters()                     # re-init restores the fast norms too
+    assert torch.equal(fast.norm.weight, torch.ones(CFG.d_model))
+    assert torch.equal(fast.blocks[0].norm.weight, torch.ones(CFG.d_model))
     # round trip through a fresh model of the other kind
     other = RefPaLM(CFG)
     other.load_state_dict(fast.state_dict())

@@ -20,7 +20,7 @@ Three autograd pieces, each a ``palm_fast::`` custom op with a fake kernel (for
   ``dW_in = dproj^T xn``), then the LayerNorm backward. Saved: x, xn, mean/rstd and the
   pre-activation ``ff`` (not q / k / v / h, which attention and the output GEMM save).
 * ``causal_mqa_attention``: ``scaled_dot_product_attention`` (flash on GPU) with one k/v
-  head shared by all query heads (``enable_gqa``: no k/v copy per head).
+  head shared by all query heads (broadcast as a stride-0 view: no k/v copy per head).
 * ``fused_output_projection`` (``palm_fast::block_out_proj`` / ``_bwd``): CUDA: one Triton
   GEMM over the virtual concatenation ``[o | h]`` with the residual added in its epilogue;
   CPU: two accumulating ATen ``addmm`` into the residual. Backward: four cuBLAS/ATen GEMMs
@@ -28,8 +28,16 @@ Three autograd pieces, each a ``palm_fast::`` custom op with a fake kernel (for
 
 The backward GEMMs use cuBLAS through ATen: we could not time Triton against cuBLAS on a
 GPU when this was written, and cuBLAS is the safe default for plain GEMMs.
+
+CPU GEMMs in bf16 / fp16 on a CPU without native half-precision matrix instructions
+(no AVX512-BF16 / AMX) run as fp32 GEMMs on upcast operands (``_mm``): the products of
+half-precision values are exact in fp32 and the sum accumulates in fp32, as ATen's own
+half GEMM does, but ATen's fallback for them is several times slower (6x on our AVX2 CI
+VM for the block's input GEMM).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +70,29 @@ def pack_in_proj(w_in, inv_freq, n_heads, n_kv_heads, head_dim, d_ff, interleave
     return _proj().pack_in_proj(w_in, inv_freq, n_heads, n_kv_heads, head_dim, d_ff, interleaved)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _native_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU has matrix instructions for ``dtype`` (else ATen's half GEMM is slow)."""
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.cpu._is_amx_fp16_supported()
+
+
+def _upcast_gemm(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in _HALF and not _native_half_gemm(t.dtype)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in a's dtype; half-precision CPU operands without native support go through
+    an fp32 GEMM (exact products, fp32 accumulation, one rounding)."""
+    if _upcast_gemm(a):
+        return torch.mm(a.float(), b.float()).to(a.dtype)
+    return torch.mm(a, b)
+
+
 # =========================================================================== input side
 
 def _sizes(n_heads, n_kv_heads, head_dim, d_ff):
@@ -69,22 +100,31 @@ def _sizes(n_heads, n_kv_heads, head_dim, d_ff):
     return hq, hkv, hq + 2 * hkv, d_ff
 
 
-def _in_proj_aten(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos,
-                 n_heads, n_kv_heads, head_dim, d_ff, eps, interleaved, keep_ff):
-    """x ``[M, d]`` -> (q, k, v, h, ff, xn, mean, rstd); ff = the whole projection [M, Nin]
-    (its last 2F columns are the pre-activation: read in place, no copy)."""
+def in_proj_epilogue_aten(xn, w_in, inv_freq, pos, n_heads, n_kv_heads, head_dim, d_ff, interleaved):
+    """CPU input GEMM + epilogues of 2-D xn ``[M, d]``: ONE ATen GEMM, then the C++ RoPE
+    (reading q and k in place from the projection) and the C++ SwiGLU. Returns
+    (q, k, v, h, proj) with proj ``[M, Nin]`` (its last 2F columns: the pre-activation)."""
     hq, hkv, nqkv, _ = _sizes(n_heads, n_kv_heads, head_dim, d_ff)
-    M = x.shape[0]
-    xn, mean, rstd = _layer_norm_fwd_cpu(x, ln_weight, None, eps)
-    proj = torch.mm(xn, w_in.t())
-    q = torch.empty(M, hq, dtype=x.dtype)
-    k = torch.empty(M, hkv, dtype=x.dtype)
+    M = xn.shape[0]
+    proj = _mm(xn, w_in.t())
+    q = torch.empty(M, hq, dtype=xn.dtype)
+    k = torch.empty(M, hkv, dtype=xn.dtype)
     cpp().rope_cpu(proj[:, :hq].view(1, M, n_heads, head_dim),
                    proj[:, hq:hq + hkv].view(1, M, n_kv_heads, head_dim),
                    q.view(1, M, n_heads, head_dim), k.view(1, M, n_kv_heads, head_dim),
                    inv_freq, pos.view(1, M), False, interleaved, False)
     v = proj[:, hq + hkv:nqkv].contiguous()
     h = cpp().swiglu_fwd(proj[:, nqkv:])
+    return q, k, v, h, proj
+
+
+def _in_proj_aten(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos,
+                  n_heads, n_kv_heads, head_dim, d_ff, eps, interleaved, keep_ff):
+    """x ``[M, d]`` -> (q, k, v, h, ff, xn, mean, rstd); ff = the whole projection [M, Nin]
+    (its last 2F columns are the pre-activation: read in place, no copy)."""
+    xn, mean, rstd = _layer_norm_fwd_cpu(x, ln_weight, None, eps)
+    q, k, v, h, proj = in_proj_epilogue_aten(xn, w_in, inv_freq, pos, n_heads, n_kv_heads,
+                                             head_dim, d_ff, interleaved)
     return q, k, v, h, proj, xn, mean, rstd
 
 
@@ -162,8 +202,8 @@ def _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, in
         dproj[:, nqkv:].copy_(cpp().swiglu_bwd(dh.contiguous(), pre))
         ln_bwd = _layer_norm_bwd_cpu
     dproj[:, hq + hkv:nqkv].copy_(dv.reshape(M, hkv))
-    dxn = torch.mm(dproj, w_in)
-    dw_in = torch.mm(dproj.t(), xn)
+    dxn = _mm(dproj, w_in)
+    dw_in = _mm(dproj.t(), xn)
     dx, dlnw, _ = ln_bwd(dxn, x, ln_weight, mean, rstd, False)
     return dx, dlnw, dw_in
 
@@ -304,8 +344,8 @@ def causal_mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     o ``[B, T, H, hd]`` in q's dtype. ``scale`` defaults to ``hd ** -0.5``.
 
     ``o[b, i, h] = softmax_{j <= i}(q[b, i, h] . k[b, j] * scale) @ v[b, :]``. Runs
-    ``scaled_dot_product_attention`` (flash backend on GPU) with the k/v head broadcast by
-    ``enable_gqa`` (never copied per query head); autograd through SDPA's backward.
+    ``scaled_dot_product_attention`` (flash backend on GPU) with the k/v head broadcast to
+    the query heads as a stride-0 view (never copied per head); autograd through SDPA.
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=(3, 4))
@@ -332,23 +372,33 @@ def causal_mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _sdpa(q, k, v, scale, q_offset: int):
     """SDPA over [B, T, H, D] / [B, S, Hk, D]; queries sit at key index q_offset + i."""
-    T, S = q.shape[1], k.shape[1]
+    B, T, H, D = q.shape
+    S, Hk = k.shape[1], k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = kt.shape[1] != qt.shape[1]
+    if Hk != H:
+        # Each kv head broadcast to its H / Hk query heads as a stride-0 view (no copy), so
+        # every SDPA backend (flash, memory-efficient, cuDNN) accepts the shapes; the
+        # backward sums the expanded gradient back onto the shared head.
+        g = H // Hk
+        kt = kt[:, :, None].expand(B, Hk, g, S, D).reshape(B, H, S, D) if Hk > 1 else kt.expand(B, H, S, D)
+        vt = vt[:, :, None].expand(B, Hk, g, S, D).reshape(B, H, S, D) if Hk > 1 else vt.expand(B, H, S, D)
     if q_offset == 0 and T == S:
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
     elif T == 1:   # one new token: every cached key is visible
-        o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
     else:
         i = torch.arange(T, device=q.device)[:, None] + q_offset
         mask = torch.arange(S, device=q.device)[None, :] <= i
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
     return o.transpose(1, 2)
 
 
 # =========================================================================== output side
 
 def _out_proj_aten(o, h, x, w_attn_out, w_ff_out):
+    if _upcast_gemm(x):   # fp32 GEMMs, one rounding of the sum (see the module doc)
+        y = torch.addmm(x.float(), o.float(), w_attn_out.float().t())
+        return y.addmm_(h.float(), w_ff_out.float().t()).to(x.dtype)
     y = torch.addmm(x, o, w_attn_out.t())
     return y.addmm_(h, w_ff_out.t())
 
@@ -373,7 +423,7 @@ def _(o, h, x, w_attn_out, w_ff_out):
 
 
 def _out_proj_bwd_impl(g, o, h, w_attn_out, w_ff_out):
-    return torch.mm(g, w_attn_out), torch.mm(g, w_ff_out), torch.mm(g.t(), o), torch.mm(g.t(), h)
+    return _mm(g, w_attn_out), _mm(g, w_ff_out), _mm(g.t(), o), _mm(g.t(), h)
 
 
 @torch.library.custom_op("palm_fast::block_out_proj_bwd", mutates_args=())
