@@ -61,7 +61,11 @@ class DecoderParts:
     blocks:       the parallel blocks, in order; each exposes the reference
                   ``ParallelBlock`` attributes ``norm, in_proj, split_sizes, rotary, act,
                   attn_out, ff_out, n_heads, head_dim`` (one shared K/V head: split sizes
-                  ``(n_heads * head_dim, head_dim, head_dim, 2 * d_ff)``).
+                  ``(n_heads * head_dim, head_dim, head_dim, 2 * d_ff)``) and means the
+                  reference block's function, residual included:
+                  ``x + attn_out(Attn(norm x)) + ff_out(act(ff))``. Only these attributes
+                  are read (never ``forward``); ``norm`` / ``act`` may be any callables
+                  (ours run the fast ops directly).
     norm:         the final LayerNorm (module ``[..., d] -> [..., d]``).
     head_weight:  the output head ``[V, d]`` (the tied embedding): ``logits = norm(h) @ W^T``.
     logit_scale:  multiplies the logits (``d ** -0.5`` for PaLM's tied embedding), or None.
