@@ -563,3 +563,33 @@ def test_patching_the_root_module_itself():
     x = torch.randn(3, 16)
     assert max_err(new(x), ln(x)) <= 1e-6
     assert palm_fast.unpatch(new) is ln
+
+
+def test_reference_gqa_blocks_are_patched_exactly():
+    torch.manual_seed(0)
+    cfg = palm_fast.get_config("palm-tiny").replace(vocab_size=V, n_kv_heads=2)
+    m = RefPaLM(cfg)
+    ref = copy.deepcopy(m)
+    palm_fast.patch(m)
+    assert m.palm_fast_report.ok and type(m.blocks[0]) is palm_fast.nn.ParallelBlock
+    x = tokens(T=20)
+    with torch.no_grad():
+        assert max_err(m(x), ref(x)) <= 2e-5 * max(1.0, ref(x).abs().max().item())
+
+
+@needs_pp
+def test_decoder_parts_of_palm_pytorch_rotary_tables():
+    """A bf16 model holds the standard table rounded to bf16: accepted (generate uses the fp32
+    table); a table that is not the standard one is refused with the reason."""
+    from palm_fast.generation import decoder_parts
+
+    m = palm_fast.patch(pp_model().to(torch.bfloat16))
+    parts = decoder_parts(m)
+    assert len(parts.blocks) == 2 and parts.logit_scale is None
+    assert parts.head_weight is m[0].weight and parts.blocks[0].ff_out is m[1].fn.ff_out[1]
+    out = palm_fast.generate(m, [tokens(B=1, T=5)[0]], 3)
+    assert out[0].shape == (8,) and out[0].dtype == torch.int64
+    with torch.no_grad():
+        m[2].fn.rotary_emb.inv_freq.mul_(0.5)
+    with pytest.raises(ValueError, match=r"model\[2\]\.fn\.rotary_emb\.inv_freq"):
+        decoder_parts(m)
