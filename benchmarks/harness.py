@@ -56,6 +56,7 @@ class Case:
     extra: dict = field(default_factory=dict)  # case-specific figures copied into every record
     impl_extra: dict[str, dict] = field(default_factory=dict)  # impl -> figures for its record only
                                                                 # (e.g. {"palm_fast": {"kernels": 1}})
+    tokens: float = 0.0             # tokens produced per call: records tokens_per_s (0: none)
 
 
 CaseGenerator = Callable[[BenchContext], Iterable[Case]]
@@ -276,6 +277,8 @@ def run_case(case: Case, ctx: BenchContext, peaks: dict,
                     "bytes": case.bytes, "flops": case.flops, "bound": case.bound})
         rec.update(case.extra)
         rec.update(case.impl_extra.get(impl, {}))
+        if case.tokens:
+            rec["tokens_per_s"] = case.tokens / sec
         records.append(rec)
     eager = next((r for r in records if r["impl"] == "eager" and r.get("ms")), None)
     for r in records:
