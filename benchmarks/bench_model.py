@@ -57,14 +57,18 @@ def estimate_train_bytes(cfg: PaLMConfig, batch: int, seq_len: int, dtype: torch
 
     Parameters, gradients and two AdamW moments in ``dtype``; per sequence and layer the
     fp32 attention scores the reference keeps (about 1.5 T x T x H x 4 bytes with the
-    transients of the backward) and about 40 bytes x T x (d + projection width + F) of
-    other activations; the fp32 logits and their softmax (4 x T x V x 4 bytes).
+    transients of the backward), the activations saved in ``dtype`` (input, norm output,
+    projection, SwiGLU output: T (d + proj + F)) and those saved in fp32 (LayerNorm
+    internals, rotated and attended q/k/v, SwiGLU internals: about 4 T (4 d + 3 H Q + 2 F));
+    the fp32 logits with their softmax and gradients (4 x T x V x 4 bytes).
     """
     e = _elem(dtype)
     n = cfg.param_count()
     static = 4 * n * e
-    proj = cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim + 2 * cfg.d_ff
-    per_layer = 1.5 * cfg.n_heads * seq_len * seq_len * 4 + 40 * seq_len * (cfg.d_model + proj + cfg.d_ff)
+    d, hq, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.d_ff
+    proj = hq + 2 * cfg.n_kv_heads * cfg.head_dim + 2 * F
+    per_layer = (1.5 * cfg.n_heads * seq_len * seq_len * 4
+                 + seq_len * (e * (d + proj + F) + 4 * (4 * d + 3 * hq + 2 * F)))
     per_seq = cfg.n_layers * per_layer + 16 * seq_len * cfg.vocab_size
     return static + batch * per_seq
 
