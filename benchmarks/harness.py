@@ -309,43 +309,63 @@ def figures(case: Case, ms: float, peaks: dict) -> dict:
     return {"gbps": gbps, "tflops": tflops, "pct_of_peak": pct}
 
 
+def input_sets(case: Case, ctx: BenchContext) -> list:
+    """The input sets an implementation cycles through: enough to exceed the cache when
+    they are small, one in smoke mode or for a case that asks not to rotate."""
+    n = 1 if (ctx.smoke or not case.rotate) else n_rotations(case.bytes, ctx.device)
+    return [case.setup() for _ in range(n)]
+
+
+def cycling(fn: Callable[[Any], Any], sets: list) -> Callable[[], Any]:
+    """``fn`` as a zero-argument call that takes the next input set each time."""
+    counter = [0]
+
+    def call():
+        inputs = sets[counter[0] % len(sets)]
+        counter[0] += 1
+        return fn(inputs)
+
+    return call
+
+
+def make_record(case: Case, ctx: BenchContext, impl: str, t: Timing | None, peaks: dict,
+                error: str | None = None) -> dict:
+    """The record of one (case, implementation) per DESIGN.md, from its timing (None and
+    ``error`` for an implementation that failed)."""
+    rec = {
+        "name": case.name, "impl": impl, "device": ctx.device,
+        "dtype": dtype_name(case.dtype), "shape": dict(case.shape),
+    }
+    if t is None:
+        rec.update({"ms": None, "ms_min": None, "ms_max": None, "gbps": None, "tflops": None,
+                    "pct_of_peak": None, "error": error})
+        return rec
+    rec.update({"ms": t.ms, "ms_min": t.ms_min, "ms_max": t.ms_max, "n_timed": t.n})
+    rec.update(figures(case, t.ms, peaks))
+    rec.update({"bytes": case.bytes, "flops": case.flops, "bound": case.bound})
+    rec.update(case.extra)
+    rec.update(case.impl_extra.get(impl, {}))
+    if case.derive is not None:
+        rec.update(case.derive(rec, peaks))
+    return rec
+
+
 def _run_case(case: Case, ctx: BenchContext, peaks: dict,
               on_impl: Callable[[str], None] | None) -> list[dict]:
-    sets = [case.setup()]
-    n = 1 if (ctx.smoke or not case.rotate) else n_rotations(case.bytes, ctx.device)
-    sets += [case.setup() for _ in range(n - 1)]
+    sets = input_sets(case, ctx)
     records = []
     for impl, fn in case.impls.items():
         if ctx.smoke and impl in SMOKE_SKIP_IMPLS:
             continue
         if on_impl is not None:
             on_impl(impl)
-        counter = [0]
-
-        def call(fn=fn, counter=counter):
-            inputs = sets[counter[0] % len(sets)]
-            counter[0] += 1
-            return fn(inputs)
-
-        rec = {
-            "name": case.name, "impl": impl, "device": ctx.device,
-            "dtype": dtype_name(case.dtype), "shape": dict(case.shape),
-        }
         try:
-            t = time_fn(call, ctx.device, quick=ctx.quick, repeats=case.repeats, smoke=ctx.smoke)
+            t = time_fn(cycling(fn, sets), ctx.device, quick=ctx.quick, repeats=case.repeats,
+                        smoke=ctx.smoke)
         except Exception as e:  # an implementation that fails is reported, not hidden
-            rec.update({"ms": None, "ms_min": None, "ms_max": None, "gbps": None, "tflops": None,
-                        "pct_of_peak": None, "error": f"{type(e).__name__}: {e}"[:500]})
-            records.append(rec)
+            records.append(make_record(case, ctx, impl, None, peaks, f"{type(e).__name__}: {e}"[:500]))
             continue
-        rec.update({"ms": t.ms, "ms_min": t.ms_min, "ms_max": t.ms_max, "n_timed": t.n})
-        rec.update(figures(case, t.ms, peaks))
-        rec.update({"bytes": case.bytes, "flops": case.flops, "bound": case.bound})
-        rec.update(case.extra)
-        rec.update(case.impl_extra.get(impl, {}))
-        if case.derive is not None:
-            rec.update(case.derive(rec, peaks))
-        records.append(rec)
+        records.append(make_record(case, ctx, impl, t, peaks))
     eager = next((r for r in records if r["impl"] == "eager" and r.get("ms")), None)
     for r in records:
         r["speedup_vs_eager"] = (eager["ms"] / r["ms"]) if (eager and r.get("ms")) else None
