@@ -1,0 +1,138 @@
+"""Parallel-block benchmark: the fused block against the eager reference, the serial block
+(same weights) and ``torch.compile`` of the reference.
+
+Cases:
+
+* ``block.fwd`` / ``block.fwdbwd``: one block on ``x [B, T, d]`` (fwdbwd: gradients of x and
+  every weight). Implementations ``palm_fast`` (``palm_fast.nn.ParallelBlock``), ``eager``
+  (``palm_fast.reference.ParallelBlock``), ``serial`` (``SerialBlock.from_parallel``, same
+  weights: PaLM's ~15% parallel-vs-serial claim), ``compile`` (``torch.compile`` of the
+  reference; left out on CPU by default because compiling it there costs tens of seconds,
+  ``--quick`` keeps it). On CPU the default run times fwdbwd in fp32 only (half-precision
+  GEMMs without matrix units take seconds per call there).
+* ``block.in_proj``: the input GEMM with its RoPE + SwiGLU epilogue (``palm_fast``; CUDA:
+  the Triton kernel, CPU: ATen GEMM + C++ epilogues) against the plain ``matmul`` of the same
+  shape (``xn @ W_in^T``, no epilogue).
+
+FLOPs are model FLOPs as PaLM counts them (Appendix B): per token ``2 N_block + 4 H hd T``
+forward (the full T x T score matrix), three times that for forward + backward. TFLOP/s is
+reported against the matmul peak measured in the same run (``pct_of_peak``).
+
+Shapes: CUDA d=2048, H=16, hd=128, F=8192, B=8 x T=2048 (16384 tokens); CPU the palm-small
+block (d=256, H=4, hd=64, F=1024) on 1 x 128 tokens (64 with ``--quick``).
+"""
+from __future__ import annotations
+
+import torch
+
+from palm_fast.benchmarks.harness import BenchContext, Case, register
+
+
+def _shape(ctx: BenchContext) -> dict:
+    if ctx.device == "cuda":
+        B, T = (2, 2048) if ctx.quick else (8, 2048)
+        return dict(B=B, T=T, d=2048, H=16, hd=128, F=8192)
+    return dict(B=1, T=64 if ctx.quick else 128, d=256, H=4, hd=64, F=1024)
+
+
+def _block_flops(s: dict) -> float:
+    """Forward model FLOPs of one block (PaLM Appendix B, attention over the full T x T)."""
+    d, H, hd, F = s["d"], s["H"], s["hd"], s["F"]
+    n_block = d * (H * hd + 2 * hd) + H * hd * d + 3 * d * F
+    tokens = s["B"] * s["T"]
+    return tokens * (2 * n_block + 4 * H * hd * s["T"])
+
+
+@register("block")
+def block_cases(ctx: BenchContext):
+    from palm_fast.nn import ParallelBlock
+    from palm_fast.reference import ParallelBlock as RefBlock
+    from palm_fast.reference import SerialBlock
+
+    s = _shape(ctx)
+    B, T, d, H, hd, F = (s[k] for k in ("B", "T", "d", "H", "hd", "F"))
+    dev, dt = ctx.device, ctx.dtype
+    torch.manual_seed(0)
+    ref = RefBlock(d, H, hd, F).to(device=dev, dtype=dt)
+    fast = ParallelBlock(d, H, hd, F).to(device=dev, dtype=dt)
+    fast.load_state_dict(ref.state_dict())
+    serial = SerialBlock.from_parallel(ref)
+    blocks = {"palm_fast": fast, "eager": ref, "serial": serial}
+    if dev == "cuda" or ctx.quick:
+        blocks["compile"] = torch.compile(ref)
+    elem = torch.empty((), dtype=dt).element_size()
+    flops = _block_flops(s)
+    params = sum(p.numel() for p in ref.parameters())
+
+    def setup_fwd():
+        return torch.randn(B, T, d, device=dev, dtype=dt)
+
+    def fwd(block):
+        def run(x):
+            with torch.no_grad():
+                return block(x)
+        return run
+
+    yield Case(name="block.fwd", shape=s, dtype=dt, bytes=(2 * B * T * d + params) * elem,
+               flops=flops, bound="compute", setup=setup_fwd,
+               impls={name: fwd(b) for name, b in blocks.items()})
+
+    def setup_fwdbwd():
+        x = torch.randn(B, T, d, device=dev, dtype=dt, requires_grad=True)
+        return x, torch.randn(B, T, d, device=dev, dtype=dt)
+
+    def fwdbwd(block):
+        weights = list(block.parameters())
+
+        def run(inputs):
+            x, g = inputs
+            return torch.autograd.grad(block(x), [x, *weights], g)
+        return run
+
+    if dev == "cpu" and dt != torch.float32 and not ctx.quick:
+        # Half-precision GEMMs on a CPU without bf16/fp16 matrix units take seconds per block
+        # backward here (ATen's fallback): too slow for the default suite (--quick keeps it).
+        yield from _in_proj_case(ctx, s, fast)
+        return
+    yield Case(name="block.fwdbwd", shape=s, dtype=dt, bytes=(4 * B * T * d + 3 * params) * elem,
+               flops=3 * flops, bound="compute", setup=setup_fwdbwd,
+               impls={name: fwdbwd(b) for name, b in blocks.items()})
+
+    yield from _in_proj_case(ctx, s, fast)
+
+
+def _in_proj_case(ctx: BenchContext, s: dict, fast):
+    """The input GEMM with its epilogue vs the plain matmul of the same shape."""
+    from palm_fast.kernels import projection as kp
+    from palm_fast.ops import block as ob
+
+    B, T, d, H, hd, F = (s[k] for k in ("B", "T", "d", "H", "hd", "F"))
+    dev, dt = ctx.device, ctx.dtype
+    elem = torch.empty((), dtype=dt).element_size()
+    M = B * T
+    w_in = fast.in_proj.weight.detach()
+    n_in = w_in.shape[0]
+    inv_freq = fast.rotary.inv_freq
+
+    def setup_in():
+        return (torch.randn(M, d, device=dev, dtype=dt),
+                torch.arange(T, device=dev).repeat(B))
+
+    if dev == "cuda":
+        packed = fast._packed_in_proj()
+
+        def epilogue(inputs):
+            xn, pos = inputs
+            return kp.in_proj(xn, packed, pos, H, 1, hd, F, store_ff=False)
+    else:
+        def epilogue(inputs):
+            xn, pos = inputs
+            return ob.in_proj_epilogue_aten(xn, w_in, inv_freq, pos, H, 1, hd, F, False)
+
+    def matmul(inputs):
+        return torch.mm(inputs[0], w_in.t())
+
+    yield Case(name="block.in_proj", shape=dict(M=M, K=d, N=n_in), dtype=dt,
+               bytes=(M * d + n_in * d + M * (H * hd + 2 * hd + F)) * elem,
+               flops=2 * M * d * n_in, bound="compute", setup=setup_in,
+               impls={"palm_fast": epilogue, "matmul": matmul})

@@ -1,0 +1,390 @@
+"""Triton GEMMs with epilogues for the PaLM parallel block (the CUDA backend of
+``palm_fast::block_in_proj`` / ``palm_fast::block_out_proj``).
+
+Input projection with RoPE + SwiGLU epilogue
+--------------------------------------------
+The reference block computes ``proj = xn @ W^T`` with ``W = in_proj.weight [Nin, d]`` laid
+out ``q | k | v | value | gate`` (``H hd | Hk hd | Hk hd | F | F`` rows), then rotates q and
+k, and ``h = silu(gate) * value``. Every output needs exactly one *partner* column:
+
+* a rotary pair of a q or k head: ``(c, c + R/2)`` (rotate-half) or ``(c, c + 1)``
+  (interleaved), rotated by ``theta = position * inv_freq[i]``:
+  ``(a, b) -> (a cos - b sin, b cos + a sin)``;
+* a pass-through pair of a head (features ``R..hd-1``) or of v: ``(c, c + 1)``, rotated by
+  ``theta = 0`` (``freq = 0``: cos = 1, sin = 0 exactly, a plain copy);
+* a SwiGLU pair ``(value f, gate f)``: ``h[f] = silu(b) * a``.
+
+``pack_in_proj`` enumerates these P = (H + 2 Hk) hd / 2 + F pairs once and gathers the
+weight rows into ``w_a [P, d]`` (first member) and ``w_b [P, d]`` (partner), with the
+destination columns ``dst_a``, ``dst_b`` (in the reference ``proj`` numbering) and the
+frequency ``freq`` of every pair. That re-layout is config-independent and is cached by
+the module (``palm_fast.nn.ParallelBlock``); its ``state_dict`` keeps the reference layout.
+
+``_in_proj_fwd`` computes, per ``[BLOCK_M, BLOCK_N]`` tile of pairs, the two accumulators
+``acc_a = xn @ w_a^T`` and ``acc_b = xn @ w_b^T`` (fp32; the A tile is loaded once per
+K step and feeds both dots), then the epilogue above, and writes q ``[M, H hd]``,
+k ``[M, Hk hd]``, v ``[M, Hk hd]`` (the layouts attention reads as ``[B, T, heads, hd]``
+views) and ``h [M, F]``. The 2F-wide pre-activation reaches memory only when
+``STORE_FF`` (training: the SwiGLU backward needs it), as ``ff [M, 2F]`` (value | gate).
+
+Output projection with residual epilogue
+----------------------------------------
+``y = x + o @ W_attn_out^T + h @ W_ff_out^T`` is ONE GEMM with K = H hd + F: the K loop
+walks the ``o`` segment (against ``W_attn_out [d, H hd]``) and then the ``h`` segment
+(against ``W_ff_out [d, F]``) into one fp32 accumulator, and the epilogue adds the
+residual ``x``. The A operand is the virtual concatenation ``[o | h]`` and B the virtual
+concatenation ``[W_attn_out ; W_ff_out]``: neither activations nor weights are copied
+into a concatenated buffer.
+
+Tiling and numerics
+-------------------
+Grouped ("super-row") program order for L2 reuse; rows and pair columns are wrapped
+(``% M``, ``% P``) for loads so only the K tail is masked, stores are masked. Operands are
+bf16/fp16 on the GPU (tensor cores) with fp32 accumulation; under ``TRITON_INTERPRET=1``
+(``UPCAST``) every loaded tile is upcast to fp32 because the interpreter cannot multiply
+bf16. Autotune lists are short (``IN_PROJ_CONFIGS``, ``OUT_PROJ_CONFIGS``, each fits an
+H100's shared memory) and the tests run every config under the interpreter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_launch_device, interpreting
+
+try:  # precise cos/sin on the GPU (as kernels/rope.py)
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - old triton
+    libdevice = None
+
+
+def _cfg(bm, bn, bk, group, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+# Input projection: BLOCK_N counts pairs, so the tile covers 2 * BLOCK_N weight rows.
+# Shared memory per stage (bf16): (BM + 2 BN) * BK * 2 bytes -> 48 / 32 / 16 KiB.
+IN_PROJ_CONFIGS = [
+    _cfg(128, 128, 64, 8, 8, 3),
+    _cfg(128, 64, 64, 8, 4, 4),
+    _cfg(64, 64, 32, 8, 4, 4),   # small M (decode, short prompts)
+]
+# Output projection: (BM + BN) * BK * 2 bytes per stage -> 32 / 24 / 8 KiB.
+OUT_PROJ_CONFIGS = [
+    _cfg(128, 128, 64, 8, 8, 3),
+    _cfg(128, 64, 64, 8, 4, 4),
+    _cfg(64, 64, 32, 8, 4, 4),
+]
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped program order: (pid_m, pid_n) of this program."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _load_k_tiles(a_ptrs, w_ptrs, k_left, offs_k, UPCAST: tl.constexpr):
+    """A tile ``[BM, BK]`` and W^T tile ``[BK, BN]`` with the K tail masked (zeros)."""
+    kmask = offs_k < k_left
+    a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+    w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+        w = w.to(tl.float32)
+    return a, w
+
+
+@triton.jit
+def _in_proj_fwd(
+    x_ptr,        # LayerNorm output xn [M, K]; unit column stride, row stride stride_xm
+    wa_ptr,       # packed weight rows, first member of each pair [P, K] contiguous
+    wb_ptr,       # packed weight rows, partner of each pair [P, K] contiguous
+    dst_a_ptr,    # int32 [P]: column of the first member in the reference proj numbering
+    dst_b_ptr,    # int32 [P]: column of the partner
+    freq_ptr,     # fp32 [P]: rotation frequency of the pair (0 for pass-through / v / ff)
+    pos_ptr,      # int32/int64 [M]: position of each row (token)
+    q_ptr,        # out [M, HQ] (HQ = H hd), contiguous
+    k_ptr,        # out [M, HKV] (HKV = Hk hd), contiguous
+    v_ptr,        # out [M, HKV], contiguous
+    h_ptr,        # out [M, F] = silu(gate) * value, contiguous
+    ff_ptr,       # out [M, 2F] pre-activation value | gate (written when STORE_FF), contiguous
+    M, K, P,      # rows, reduction size (d), number of pairs
+    P_QKV,        # pairs before the SwiGLU ones: (H + 2 Hk) hd / 2
+    HQ, HKV, F,   # widths of q, of k (= of v), of h
+    stride_xm,    # elements between rows of xn
+    STORE_FF: tl.constexpr,    # also write the pre-activation (training)
+    UPCAST: tl.constexpr,      # fp32 dot operands (interpreter)
+    PRECISE_TRIG: tl.constexpr,  # libdevice cos/sin (GPU)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, P, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_ld = (rows % M).to(tl.int64)          # wrapped for loads; stores are masked
+    pairs_ld = (pairs % P).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + rows_ld[:, None] * stride_xm + offs_k[None, :]
+    wa_ptrs = wa_ptr + pairs_ld[None, :] * K + offs_k[:, None]
+    wb_ptrs = wb_ptr + pairs_ld[None, :] * K + offs_k[:, None]
+    acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a, wa = _load_k_tiles(a_ptrs, wa_ptrs, K - k0, offs_k, UPCAST)
+        wb = tl.load(wb_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
+        if UPCAST:
+            wb = wb.to(tl.float32)
+        acc_a = tl.dot(a, wa, acc_a)
+        acc_b = tl.dot(a, wb, acc_b)
+        a_ptrs += BLOCK_K
+        wa_ptrs += BLOCK_K
+        wb_ptrs += BLOCK_K
+
+    # ---- epilogue (tile-level branches: the trig only runs on tiles holding q / k / v pairs)
+    row_ok = rows < M
+    pair_ok = pairs < P
+    rows64 = rows.to(tl.int64)
+    n_start = pid_n * BLOCK_N
+    if n_start < P_QKV:
+        # q / k / v pairs: rotate (by 0 for pass-through features and v: a plain copy)
+        dst_a = tl.load(dst_a_ptr + pairs_ld)
+        dst_b = tl.load(dst_b_ptr + pairs_ld)
+        freq = tl.load(freq_ptr + pairs_ld)
+        pos = tl.load(pos_ptr + rows_ld).to(tl.float32)
+        theta = pos[:, None] * freq[None, :]
+        if PRECISE_TRIG:
+            cos = libdevice.cos(theta)
+            sin = libdevice.sin(theta)
+        else:
+            cos = tl.cos(theta)
+            sin = tl.sin(theta)
+        out_a = acc_a * cos - acc_b * sin
+        out_b = acc_b * cos + acc_a * sin
+        qkv_ok = row_ok[:, None] & (pair_ok & (pairs < P_QKV))[None, :]
+        _store_qkv(q_ptr, k_ptr, v_ptr, rows64, dst_a, out_a, qkv_ok, HQ, HKV)
+        _store_qkv(q_ptr, k_ptr, v_ptr, rows64, dst_b, out_b, qkv_ok, HQ, HKV)
+    if n_start + BLOCK_N > P_QKV:
+        # SwiGLU pairs: a = value, b = gate
+        ff_ok = row_ok[:, None] & (pair_ok & (pairs >= P_QKV))[None, :]
+        f = pairs - P_QKV
+        h = acc_b / (1.0 + tl.exp(-acc_b)) * acc_a
+        tl.store(h_ptr + rows64[:, None] * F + f[None, :], h.to(h_ptr.dtype.element_ty), mask=ff_ok)
+        if STORE_FF:
+            ff_row = ff_ptr + rows64[:, None] * (2 * F) + f[None, :]
+            tl.store(ff_row, acc_a.to(ff_ptr.dtype.element_ty), mask=ff_ok)
+            tl.store(ff_row + F, acc_b.to(ff_ptr.dtype.element_ty), mask=ff_ok)
+
+
+@triton.jit
+def _store_qkv(q_ptr, k_ptr, v_ptr, rows64, col, val, mask, HQ, HKV):
+    """Store ``val [BM, BN]`` at reference column ``col [BN]`` of q | k | v."""
+    is_q = col < HQ
+    is_k = (col >= HQ) & (col < HQ + HKV)
+    q_off = rows64[:, None] * HQ + col[None, :]
+    kv_off = rows64[:, None] * HKV + (col - HQ)[None, :]
+    v_off = rows64[:, None] * HKV + (col - HQ - HKV)[None, :]
+    val = val.to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + q_off, val, mask=mask & is_q[None, :])
+    tl.store(k_ptr + kv_off, val, mask=mask & is_k[None, :])
+    tl.store(v_ptr + v_off, val, mask=mask & (col >= HQ + HKV)[None, :])
+
+
+@triton.jit
+def _mm_segment(acc, a_ptr, stride_am, w_ptr, stride_wn, rows_ld, cols_ld, K,
+                UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc += A[rows, :K] @ W[cols, :K]^T`` (W row-major ``[N, K]``, row stride stride_wn)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows_ld[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + cols_ld[None, :] * stride_wn + offs_k[:, None]
+    for k0 in range(0, K, BLOCK_K):
+        a, w = _load_k_tiles(a_ptrs, w_ptrs, K - k0, offs_k, UPCAST)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _out_proj_fwd(
+    o_ptr,        # attention output [M, K1] (K1 = H hd); unit column stride, row stride stride_om
+    h_ptr,        # SwiGLU output [M, K2] (K2 = F); unit column stride, row stride stride_hm
+    wo_ptr,       # attn_out.weight [N, K1]; row stride stride_wo
+    wf_ptr,       # ff_out.weight [N, K2]; row stride stride_wf
+    res_ptr,      # residual x [M, N]; row stride stride_rm
+    y_ptr,        # out [M, N] = x + o wo^T + h wf^T, contiguous
+    M, N, K1, K2,
+    stride_om, stride_hm, stride_wo, stride_wf, stride_rm,
+    UPCAST: tl.constexpr,   # fp32 dot operands (interpreter)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_ld = (rows % M).to(tl.int64)
+    cols_ld = (cols % N).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _mm_segment(acc, o_ptr, stride_om, wo_ptr, stride_wo, rows_ld, cols_ld, K1, UPCAST, BLOCK_K)
+    acc = _mm_segment(acc, h_ptr, stride_hm, wf_ptr, stride_wf, rows_ld, cols_ld, K2, UPCAST, BLOCK_K)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)
+    res = tl.load(res_ptr + rows64[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
+    y = acc + res.to(tl.float32)
+    tl.store(y_ptr + rows64[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_in_proj_tuned = triton.autotune(IN_PROJ_CONFIGS, key=["M", "K", "P", "STORE_FF"])(_in_proj_fwd)
+_out_proj_tuned = triton.autotune(OUT_PROJ_CONFIGS, key=["M", "N", "K1", "K2"])(_out_proj_fwd)
+
+
+# --------------------------------------------------------------------------- packing
+
+@dataclass
+class PackedInProj:
+    """The input projection re-laid out in partner pairs (see the module docstring)."""
+
+    w_a: torch.Tensor     # [P, d] weight rows of the first member of each pair
+    w_b: torch.Tensor     # [P, d] weight rows of the partner
+    dst_a: torch.Tensor   # int32 [P] reference column of the first member
+    dst_b: torch.Tensor   # int32 [P] reference column of the partner
+    freq: torch.Tensor    # fp32 [P] rotation frequency (0: no rotation)
+    p_qkv: int            # number of q / k / v pairs (the rest are SwiGLU pairs)
+
+
+def pair_columns(n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, rotary_half: int,
+                 interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(col_a, col_b, freq_index)`` int64 ``[P]`` of every pair (freq_index -1: no rotation)."""
+    hd, R2 = head_dim, rotary_half
+    if hd % 2 or not 0 < R2 <= hd // 2:
+        raise ValueError(f"head_dim {hd} / rotary dim {2 * R2}: expected an even head dim >= rotary dim")
+    i = torch.arange(R2)
+    if interleaved:
+        rot_a, rot_b = 2 * i, 2 * i + 1
+    else:
+        rot_a, rot_b = i, i + R2
+    pas = torch.arange(2 * R2, hd, 2)                      # pass-through pairs (c, c + 1)
+    head_a = torch.cat((rot_a, pas))
+    head_b = torch.cat((rot_b, pas + 1))
+    head_f = torch.cat((i, torch.full((pas.numel(),), -1)))
+    n_rot_heads = n_heads + n_kv_heads
+    base = (torch.arange(n_rot_heads) * hd)[:, None]
+    col_a = [(base + head_a).flatten()]
+    col_b = [(base + head_b).flatten()]
+    fidx = [head_f.repeat(n_rot_heads)]
+    v0 = n_rot_heads * hd
+    vc = v0 + torch.arange(0, n_kv_heads * hd, 2)
+    col_a.append(vc)
+    col_b.append(vc + 1)
+    fidx.append(torch.full((vc.numel(),), -1))
+    f0 = v0 + n_kv_heads * hd
+    fc = f0 + torch.arange(d_ff)
+    col_a.append(fc)
+    col_b.append(fc + d_ff)
+    fidx.append(torch.full((d_ff,), -1))
+    return torch.cat(col_a), torch.cat(col_b), torch.cat(fidx)
+
+
+def pack_in_proj(w_in: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int,
+                 head_dim: int, d_ff: int, interleaved: bool) -> PackedInProj:
+    """Gather ``in_proj.weight [Nin, d]`` into the pair layout (a copy; no autograd)."""
+    col_a, col_b, fidx = pair_columns(n_heads, n_kv_heads, head_dim, d_ff, inv_freq.numel(),
+                                      interleaved)
+    dev = w_in.device
+    inv = inv_freq.detach().to(device="cpu", dtype=torch.float32)
+    freq = torch.where(fidx >= 0, inv[fidx.clamp(min=0)], torch.zeros(()))
+    w = w_in.detach()
+    return PackedInProj(
+        w_a=w.index_select(0, col_a.to(dev)).contiguous(),
+        w_b=w.index_select(0, col_b.to(dev)).contiguous(),
+        dst_a=col_a.to(device=dev, dtype=torch.int32),
+        dst_b=col_b.to(device=dev, dtype=torch.int32),
+        freq=freq.to(dev),
+        p_qkv=(n_heads + 2 * n_kv_heads) * head_dim // 2,
+    )
+
+
+# --------------------------------------------------------------------------- launchers
+
+def _meta(config: triton.Config | None) -> dict | None:
+    """Explicit launch meta-parameters, or None to autotune (GPU only)."""
+    if config is None and interpreting():
+        config = IN_PROJ_CONFIGS[-1]  # the smallest tile: fastest under the interpreter
+    if config is None:
+        return None
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: int,
+            n_kv_heads: int, head_dim: int, d_ff: int, *, store_ff: bool,
+            config: triton.Config | None = None):
+    """``xn [M, d]`` -> ``(q [M, H hd], k [M, Hk hd], v [M, Hk hd], h [M, F], ff)``.
+
+    q and k rotated by ``pos [M]`` (one position per row); ``ff [M, 2F]`` (value | gate
+    pre-activation) when ``store_ff``, else an empty ``[0]`` tensor. ``config`` forces
+    one of ``IN_PROJ_CONFIGS`` (tests); default: autotuned on the GPU.
+    """
+    check_launch_device(xn)
+    M, K = xn.shape
+    assert xn.stride(-1) == 1 and packed.w_a.shape[1] == K
+    HQ, HKV, F = n_heads * head_dim, n_kv_heads * head_dim, d_ff
+    P = packed.w_a.shape[0]
+    dev, dt = xn.device, xn.dtype
+    q = torch.empty(M, HQ, device=dev, dtype=dt)
+    k = torch.empty(M, HKV, device=dev, dtype=dt)
+    v = torch.empty(M, HKV, device=dev, dtype=dt)
+    h = torch.empty(M, F, device=dev, dtype=dt)
+    ff = torch.empty((M, 2 * F) if store_ff else (0,), device=dev, dtype=dt)
+    if M == 0:
+        return q, k, v, h, ff
+    args = (xn, packed.w_a, packed.w_b, packed.dst_a, packed.dst_b, packed.freq, pos,
+            q, k, v, h, ff if store_ff else h, M, K, P, packed.p_qkv, HQ, HKV, F, xn.stride(0))
+    flags = dict(STORE_FF=bool(store_ff), UPCAST=interpreting(),
+                 PRECISE_TRIG=(libdevice is not None and not interpreting()))
+    meta = _meta(config)
+    if meta is None:
+        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(P, m["BLOCK_N"]),)  # noqa: E731
+        _in_proj_tuned[grid](*args, **flags)
+    else:
+        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(P, meta["BLOCK_N"]),)
+        _in_proj_fwd[grid](*args, **flags, **meta)
+    return q, k, v, h, ff
+
+
+def out_proj(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor, w_attn_out: torch.Tensor,
+             w_ff_out: torch.Tensor, *, config: triton.Config | None = None) -> torch.Tensor:
+    """``y = x + o @ w_attn_out^T + h @ w_ff_out^T`` as one GEMM (K = H hd + F).
+
+    o ``[M, H hd]``, h ``[M, F]``, x ``[M, d]`` (any row strides, unit column stride);
+    weights ``[d, H hd]``, ``[d, F]``. Returns a contiguous ``[M, d]``.
+    """
+    check_launch_device(o)
+    M, K1 = o.shape
+    K2 = h.shape[1]
+    N = x.shape[1]
+    for t in (o, h, x, w_attn_out, w_ff_out):
+        assert t.stride(-1) == 1 or t.shape[-1] <= 1
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y
+    args = (o, h, w_attn_out, w_ff_out, x, y, M, N, K1, K2,
+            o.stride(0), h.stride(0), w_attn_out.stride(0), w_ff_out.stride(0), x.stride(0))
+    meta = _meta(config if config is not None or not interpreting() else OUT_PROJ_CONFIGS[-1])
+    if meta is None:
+        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+        _out_proj_tuned[grid](*args, UPCAST=interpreting())
+    else:
+        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _out_proj_fwd[grid](*args, UPCAST=interpreting(), **meta)
+    return y

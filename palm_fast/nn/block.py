@@ -1,0 +1,108 @@
+"""Fast ``ParallelBlock``: the reference PaLM block (same constructor, parameters, buffers and
+state_dict) whose forward runs the fused functional block of ``palm_fast.ops.block``.
+
+The CUDA input GEMM reads ``in_proj.weight`` re-laid out in RoPE / SwiGLU partner pairs
+(``kernels.projection.pack_in_proj``). The re-layout is built once and cached on the module
+(not a buffer: the state_dict keeps the reference layout); it is rebuilt when the weight
+changes (new storage, or an in-place update such as an optimizer step, which bumps the
+tensor's version counter), or when dtype, device or the rotary frequencies change.
+"""
+from __future__ import annotations
+
+import torch
+
+from palm_fast.ops.block import pack_in_proj, parallel_block, uses_triton
+from palm_fast.reference import layers as _reference
+
+from .layer_norm import LayerNorm
+from .rope import RotaryEmbedding
+from .swiglu import SwiGLU
+
+__all__ = ["ParallelBlock"]
+
+RECOMPUTE = ("none", "attention", "full")
+
+
+class ParallelBlock(_reference.ParallelBlock):
+    """``y = x + attn_out(Attn(h)) + ff_out(swiglu(h Wff))``, ``h = norm(x)``, fused.
+
+    Same ``__init__`` arguments as :class:`palm_fast.reference.ParallelBlock`, plus
+    ``recompute`` ("none" | "attention" | "full"): activation recomputation in training
+    (``torch.utils.checkpoint``: the attention forward, or the whole block).
+    ``forward(x [B, T, dim], positions=None, cache=None) -> [B, T, dim]`` with the
+    reference semantics (a reference ``KVCache`` works).
+    """
+
+    def __init__(self, dim: int, n_heads: int, head_dim: int, d_ff: int, n_kv_heads: int = 1,
+                 eps: float = 1e-5, rotary_dim: int | None = None, rope_base: float = 10000.0,
+                 interleaved: bool = False, *, recompute: str = "none"):
+        super().__init__(dim, n_heads, head_dim, d_ff, n_kv_heads, eps, rotary_dim, rope_base,
+                         interleaved)
+        w = self.norm.weight
+        self.norm = LayerNorm(dim, eps, device=w.device, dtype=w.dtype)
+        inv_freq = self.rotary.inv_freq
+        self.rotary = RotaryEmbedding(self.rotary.rotary_dim, rope_base, interleaved)
+        self.rotary.inv_freq = inv_freq
+        self.act = SwiGLU()
+        self.recompute = recompute
+        self._packed = None
+        self._packed_key = None
+
+    @property
+    def recompute(self) -> str:
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, value: str) -> None:
+        if value not in RECOMPUTE:
+            raise ValueError(f"recompute: expected one of {RECOMPUTE}, got {value!r}")
+        self._recompute = value
+
+    @classmethod
+    def from_reference(cls, block: _reference.ParallelBlock, *, recompute: str = "none") -> ParallelBlock:
+        """A fast block sharing ``block``'s parameters and buffers (no copy, no RNG use)."""
+        rot = block.rotary
+        with torch.device("meta"):
+            new = cls(block.dim, block.n_heads, block.head_dim, block.d_ff, block.n_kv_heads,
+                      block.eps, rot.rotary_dim, rot.base, rot.interleaved, recompute=recompute)
+        new.norm.weight = block.norm.weight
+        new.in_proj, new.attn_out, new.ff_out = block.in_proj, block.attn_out, block.ff_out
+        new.rotary.inv_freq = rot.inv_freq
+        return new
+
+    def _packed_in_proj(self):
+        """The cached pair re-layout of ``in_proj.weight`` (Triton backend only; None on CPU)."""
+        w, inv = self.in_proj.weight, self.rotary.inv_freq
+        if not uses_triton(w.device.type):
+            return None
+        args = (w, inv, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.rotary.interleaved)
+        if torch.compiler.is_compiling():
+            return pack_in_proj(*args)
+        key = (w.data_ptr(), w._version, w.dtype, w.device, inv.data_ptr(), inv._version)
+        if self._packed is None or self._packed_key != key:
+            self._packed = pack_in_proj(*args)
+            self._packed_key = key
+        return self._packed
+
+    def _apply(self, fn, recurse=True):
+        self._packed, self._packed_key = None, None   # .to() / .cuda(): rebuild lazily
+        return super()._apply(fn, recurse)
+
+    def _block(self, x: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
+        return parallel_block(
+            x, self.norm.weight, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight,
+            self.rotary.inv_freq, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim, d_ff=self.d_ff, eps=self.eps,
+            interleaved=self.rotary.interleaved, positions=positions, cache=cache,
+            packed=self._packed_in_proj(), recompute_attention=self.recompute == "attention")
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: _reference.KVCache | None = None) -> torch.Tensor:
+        if self.recompute == "full" and cache is None and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._block, x, positions, None, use_reentrant=False)
+        return self._block(x, positions, cache)
+
+    def extra_repr(self) -> str:
+        return f"recompute={self.recompute!r}" if self.recompute != "none" else ""

@@ -1,0 +1,497 @@
+"""The fused PaLM parallel block as functional pieces with their own autograd.
+
+Math (reference: ``palm_fast.reference.ParallelBlock``), x ``[B, T, d]``, M = B T::
+
+    xn          = LayerNorm(x)                                  (no bias)
+    q|k|v|ff    = xn @ W_in^T                                   (ONE GEMM, N = H hd + 2 Hk hd + 2F)
+    q, k        = RoPE(q, k, positions);  h = silu(gate) * value  (ff = value | gate)
+    o           = causal_attention(q, k, v)                     (one shared k/v head: MQA)
+    y           = x + [o | h] @ [W_attn_out ; W_ff_out]^T        (ONE GEMM, K = H hd + F)
+
+Three autograd pieces, each a ``palm_fast::`` custom op with a fake kernel (for
+``torch.compile``) and an eager fast path (``_dispatch``) like the other ops:
+
+* ``fused_input_projection`` (``palm_fast::block_in_proj`` / ``_bwd``): LayerNorm (ours),
+  the GEMM, RoPE on q and the k head(s), SwiGLU. CUDA: the Triton GEMM whose epilogue does
+  RoPE + SwiGLU (``kernels/projection.py``; the 2F pre-activation is written only when
+  autograd needs it). CPU: one ATen GEMM, then the C++ RoPE (reading the projection in
+  place) and the C++ SwiGLU. Backward: the RoPE backward (inverse rotation) and the SwiGLU
+  backward write ``d proj`` in place, then two GEMMs (cuBLAS / ATen: ``d xn = dproj W_in``,
+  ``dW_in = dproj^T xn``), then the LayerNorm backward. Saved: x, xn, mean/rstd and the
+  pre-activation ``ff`` (not q / k / v / h, which attention and the output GEMM save).
+* ``causal_mqa_attention``: ``scaled_dot_product_attention`` (flash on GPU) with one k/v
+  head shared by all query heads (broadcast as a stride-0 view: no k/v copy per head).
+* ``fused_output_projection`` (``palm_fast::block_out_proj`` / ``_bwd``): CUDA: one Triton
+  GEMM over the virtual concatenation ``[o | h]`` with the residual added in its epilogue;
+  CPU: two accumulating ATen ``addmm`` into the residual. Backward: four cuBLAS/ATen GEMMs
+  (``do``, ``dh``, ``dW_attn_out``, ``dW_ff_out``); ``dx`` is the incoming gradient.
+
+The backward GEMMs use cuBLAS through ATen: we could not time Triton against cuBLAS on a
+GPU when this was written, and cuBLAS is the safe default for plain GEMMs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._ext import cpp
+from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_tensor
+from ._dispatch import call_impl, compiling, eager_ctx, eager_function
+from .layer_norm import (
+    _layer_norm_bwd_cpu,
+    _layer_norm_bwd_cuda,
+    _layer_norm_fwd_cpu,
+    _layer_norm_fwd_cuda,
+)
+
+__all__ = ["causal_mqa_attention", "fused_input_projection", "fused_output_projection",
+           "pack_in_proj", "parallel_block"]
+
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _proj():
+    from palm_fast.kernels import projection
+
+    return projection
+
+
+def pack_in_proj(w_in, inv_freq, n_heads, n_kv_heads, head_dim, d_ff, interleaved):
+    """The pair re-layout of ``in_proj.weight`` the CUDA epilogue GEMM reads
+    (``kernels.projection.PackedInProj``); modules cache it."""
+    return _proj().pack_in_proj(w_in, inv_freq, n_heads, n_kv_heads, head_dim, d_ff, interleaved)
+
+
+# =========================================================================== input side
+
+def _sizes(n_heads, n_kv_heads, head_dim, d_ff):
+    hq, hkv = n_heads * head_dim, n_kv_heads * head_dim
+    return hq, hkv, hq + 2 * hkv, d_ff
+
+
+def in_proj_epilogue_aten(xn, w_in, inv_freq, pos, n_heads, n_kv_heads, head_dim, d_ff, interleaved):
+    """CPU input GEMM + epilogues of 2-D xn ``[M, d]``: ONE ATen GEMM, then the C++ RoPE
+    (reading q and k in place from the projection) and the C++ SwiGLU. Returns
+    (q, k, v, h, proj) with proj ``[M, Nin]`` (its last 2F columns: the pre-activation)."""
+    hq, hkv, nqkv, _ = _sizes(n_heads, n_kv_heads, head_dim, d_ff)
+    M = xn.shape[0]
+    proj = torch.mm(xn, w_in.t())
+    q = torch.empty(M, hq, dtype=xn.dtype)
+    k = torch.empty(M, hkv, dtype=xn.dtype)
+    cpp().rope_cpu(proj[:, :hq].view(1, M, n_heads, head_dim),
+                   proj[:, hq:hq + hkv].view(1, M, n_kv_heads, head_dim),
+                   q.view(1, M, n_heads, head_dim), k.view(1, M, n_kv_heads, head_dim),
+                   inv_freq, pos.view(1, M), False, interleaved, False)
+    v = proj[:, hq + hkv:nqkv].contiguous()
+    h = cpp().swiglu_fwd(proj[:, nqkv:])
+    return q, k, v, h, proj
+
+
+def _in_proj_aten(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos,
+                  n_heads, n_kv_heads, head_dim, d_ff, eps, interleaved, keep_ff):
+    """x ``[M, d]`` -> (q, k, v, h, ff, xn, mean, rstd); ff = the whole projection [M, Nin]
+    (its last 2F columns are the pre-activation: read in place, no copy)."""
+    xn, mean, rstd = _layer_norm_fwd_cpu(x, ln_weight, None, eps)
+    q, k, v, h, proj = in_proj_epilogue_aten(xn, w_in, inv_freq, pos, n_heads, n_kv_heads,
+                                             head_dim, d_ff, interleaved)
+    return q, k, v, h, proj, xn, mean, rstd
+
+
+def _in_proj_triton(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos,
+                  n_heads, n_kv_heads, head_dim, d_ff, eps, interleaved, keep_ff):
+    """x ``[M, d]`` -> (q, k, v, h, ff, xn, mean, rstd); ff = [M, 2F] when keep_ff, else [0]."""
+    xn, mean, rstd = _layer_norm_fwd_cuda(x, ln_weight, None, eps)
+    kp = _proj()
+    packed = kp.PackedInProj(w_a, w_b, dst_a, dst_b, freq,
+                             (n_heads + 2 * n_kv_heads) * head_dim // 2)
+    q, k, v, h, ff = kp.in_proj(xn, packed, pos, n_heads, n_kv_heads, head_dim, d_ff,
+                                store_ff=keep_ff)
+    return q, k, v, h, ff, xn, mean, rstd
+
+
+# Backends by device type. CPU: ATen GEMM + C++ epilogues; CUDA: the Triton epilogue GEMM.
+# (Tests point "cpu" at the Triton functions to run them on CPU tensors under the interpreter.)
+_IN_IMPLS = {"cpu": _in_proj_aten, "cuda": _in_proj_triton}
+
+
+def uses_triton(device_type: str) -> bool:
+    """True when tensors of ``device_type`` run the Triton input GEMM (it needs the packed weight)."""
+    return _IN_IMPLS.get(device_type) is _in_proj_triton
+
+
+@torch.library.custom_op("palm_fast::block_in_proj", mutates_args=())
+def block_in_proj(x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch.Tensor, w_a: torch.Tensor,
+                  w_b: torch.Tensor, dst_a: torch.Tensor, dst_b: torch.Tensor, freq: torch.Tensor,
+                  inv_freq: torch.Tensor, pos: torch.Tensor, n_heads: int, n_kv_heads: int,
+                  head_dim: int, d_ff: int, eps: float, interleaved: bool, keep_ff: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm + input GEMM + RoPE/SwiGLU epilogue of 2-D x ``[M, d]`` (see module doc)."""
+    return call_impl(_IN_IMPLS, x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos,
+                     n_heads, n_kv_heads, head_dim, d_ff, eps, interleaved, keep_ff)
+
+
+@block_in_proj.register_fake
+def _(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos, n_heads, n_kv_heads,
+      head_dim, d_ff, eps, interleaved, keep_ff):
+    hq, hkv, _, _ = _sizes(n_heads, n_kv_heads, head_dim, d_ff)
+    M = x.shape[0]
+    if not uses_triton(x.device.type):
+        ff = x.new_empty((M, w_in.shape[0]))
+    else:
+        ff = x.new_empty((M, 2 * d_ff) if keep_ff else (0,))
+    f32 = torch.float32
+    return (x.new_empty((M, hq)), x.new_empty((M, hkv)), x.new_empty((M, hkv)),
+            x.new_empty((M, d_ff)), ff, x.new_empty(x.shape), x.new_empty((M,), dtype=f32),
+            x.new_empty((M,), dtype=f32))
+
+
+def _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos,
+                      n_heads, n_kv_heads, head_dim, d_ff, interleaved):
+    """Gradients (dx, d_ln_weight, d_w_in) of ``block_in_proj``: the RoPE and SwiGLU backward
+    write ``dproj [M, Nin]`` in place, then two GEMMs and the LayerNorm backward."""
+    hq, hkv, nqkv, F_ = _sizes(n_heads, n_kv_heads, head_dim, d_ff)
+    M = x.shape[0]
+    dproj = torch.empty(M, nqkv + 2 * F_, dtype=x.dtype, device=x.device)
+    dq4 = dq.reshape(1, M, n_heads, head_dim).contiguous()
+    dk4 = dk.reshape(1, M, n_kv_heads, head_dim).contiguous()
+    oq = dproj[:, :hq].view(1, M, n_heads, head_dim)
+    ok = dproj[:, hq:hq + hkv].view(1, M, n_kv_heads, head_dim)
+    pre = ff[:, ff.shape[1] - 2 * F_:]          # value | gate pre-activation (a view)
+    if uses_triton(x.device.type):
+        from palm_fast.kernels import swiglu as ks
+        from palm_fast.kernels.rope import rope as rope_triton
+
+        rope_triton(dq4, dk4, inv_freq, pos.view(1, M), pos_is_offset=False,
+                    interleaved=interleaved, inverse=True, q_out=oq, k_out=ok)
+        _swiglu_bwd_into(ks, dh.contiguous(), pre, dproj[:, nqkv:])
+        ln_bwd = _layer_norm_bwd_cuda
+    else:
+        cpp().rope_cpu(dq4, dk4, oq, ok, inv_freq, pos.view(1, M), False, interleaved, True)
+        dproj[:, nqkv:].copy_(cpp().swiglu_bwd(dh.contiguous(), pre))
+        ln_bwd = _layer_norm_bwd_cpu
+    dproj[:, hq + hkv:nqkv].copy_(dv.reshape(M, hkv))
+    dxn = torch.mm(dproj, w_in)
+    dw_in = torch.mm(dproj.t(), xn)
+    dx, dlnw, _ = ln_bwd(dxn, x, ln_weight, mean, rstd, False)
+    return dx, dlnw, dw_in
+
+
+def _swiglu_bwd_into(ks, grad_out, x, out):
+    """The SwiGLU backward kernel writing ``d(value | gate)`` straight into a slice of dproj."""
+    import triton
+
+    n_rows, F_ = grad_out.shape
+    if n_rows == 0:
+        return
+    block_r, block_f, num_warps = ks.tile_config(n_rows, F_)
+    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(F_, block_f))
+    ks._swiglu_bwd[grid](grad_out, x, out, n_rows, F_, grad_out.stride(0), x.stride(0), out.stride(0),
+                         BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps)
+
+
+@torch.library.custom_op("palm_fast::block_in_proj_bwd", mutates_args=())
+def block_in_proj_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dh: torch.Tensor,
+                      x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch.Tensor, xn: torch.Tensor,
+                      mean: torch.Tensor, rstd: torch.Tensor, ff: torch.Tensor, inv_freq: torch.Tensor,
+                      pos: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int,
+                      interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos,
+                             n_heads, n_kv_heads, head_dim, d_ff, interleaved)
+
+
+@block_in_proj_bwd.register_fake
+def _(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos, n_heads, n_kv_heads,
+      head_dim, d_ff, interleaved):
+    return x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape), w_in.new_empty(w_in.shape)
+
+
+def _in_setup(ctx, inputs, output):
+    (x, ln_weight, w_in, _wa, _wb, _da, _db, _fr, inv_freq, pos, n_heads, n_kv_heads, head_dim,
+     d_ff, _eps, interleaved, keep_ff) = inputs
+    _q, _k, _v, _h, ff, xn, mean, rstd = output
+    ctx.save_for_backward(x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos)
+    ctx.dims = (n_heads, n_kv_heads, head_dim, d_ff, interleaved)
+    ctx.keep_ff = keep_ff
+
+
+def _zeros_if_none(g, like):
+    return torch.zeros_like(like) if g is None else g
+
+
+def _in_backward(ctx, dq, dk, dv, dh, _dff, _dxn, _dmean, _drstd):
+    if not ctx.keep_ff:
+        raise RuntimeError("fused_input_projection: backward needs the SwiGLU pre-activation, "
+                           "which was not kept (the forward ran with keep_ff=False)")
+    x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos = ctx.saved_tensors
+    n_heads, n_kv_heads, head_dim, d_ff, interleaved = ctx.dims
+    M = x.shape[0]
+    hq, hkv = n_heads * head_dim, n_kv_heads * head_dim
+    dq = _zeros_if_none(dq, x.new_empty(M, hq))
+    dk = _zeros_if_none(dk, x.new_empty(M, hkv))
+    dv = _zeros_if_none(dv, x.new_empty(M, hkv))
+    dh = _zeros_if_none(dh, x.new_empty(M, d_ff))
+    bwd = _in_proj_bwd_impl if eager_ctx(ctx) else block_in_proj_bwd
+    dx, dlnw, dw = bwd(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos,
+                       n_heads, n_kv_heads, head_dim, d_ff, interleaved)
+    return (dx, dlnw, dw) + (None,) * 14
+
+
+block_in_proj.register_autograd(_in_backward, setup_context=_in_setup)
+_InProjEager = eager_function("block_in_proj", _IN_IMPLS, _in_setup, _in_backward)
+
+
+def _check_in(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_heads, head_dim, d_ff):
+    check_tensor("x", x, ndim=3)
+    B, T, d = x.shape
+    check_tensor("ln_weight", ln_weight, ndim=1)
+    if ln_weight.shape[0] != d:
+        raise ValueError(f"ln_weight: expected shape ({d},) (x's last dim), got {tuple(ln_weight.shape)}")
+    if ln_weight.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"ln_weight: expected dtype {x.dtype} (same as x) or torch.float32, "
+                        f"got {ln_weight.dtype}")
+    check_tensor("w_in", w_in, ndim=2)
+    n_in = (n_heads + 2 * n_kv_heads) * head_dim + 2 * d_ff
+    if tuple(w_in.shape) != (n_in, d):
+        raise ValueError(f"w_in: expected shape ({n_in}, {d}) ((H + 2 Hk) hd + 2F, d), "
+                         f"got {tuple(w_in.shape)}")
+    if w_in.dtype != x.dtype:
+        raise TypeError(f"w_in: expected dtype {x.dtype} (same as x), got {w_in.dtype}")
+    check_tensor("inv_freq", inv_freq, dtypes=(torch.float32,), ndim=1)
+    if not 1 <= inv_freq.numel() <= head_dim // 2:
+        raise ValueError(f"inv_freq: expected 1 <= len <= head_dim / 2 = {head_dim // 2}, "
+                         f"got {inv_freq.numel()}")
+    check_tensor("positions", positions, dtypes=_INT_DTYPES, ndim=2)
+    if tuple(positions.shape) != (B, T):
+        raise ValueError(f"positions: expected shape ({B}, {T}), got {tuple(positions.shape)}")
+    check_same_device(x=x, ln_weight=ln_weight, w_in=w_in, inv_freq=inv_freq, positions=positions)
+
+
+def fused_input_projection(x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch.Tensor,
+                           inv_freq: torch.Tensor, positions: torch.Tensor, *, n_heads: int,
+                           n_kv_heads: int = 1, head_dim: int, d_ff: int, eps: float = 1e-5,
+                           interleaved: bool = False, packed=None):
+    """LayerNorm + ONE GEMM against ``w_in`` (q | k | v | value | gate) + RoPE/SwiGLU epilogue.
+
+    x ``[B, T, d]``; ln_weight ``[d]``; w_in ``[(H + 2 Hk) hd + 2F, d]`` (reference layout);
+    inv_freq ``[R/2]`` fp32; positions ``[B, T]`` int. Returns q ``[B, T, H, hd]`` and
+    k, v ``[B, T, Hk, hd]`` (rotated q and k) and h ``[B, T, F]``, with autograd to x,
+    ln_weight and w_in. ``packed``: a cached ``pack_in_proj`` result (CUDA; built on the
+    fly when None). Raises TypeError/ValueError naming the bad argument.
+    """
+    _check_in(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_heads, head_dim, d_ff)
+    eps = check_eps(eps)
+    B, T, d = x.shape
+    M = B * T
+    if uses_triton(x.device.type):
+        if packed is None:
+            packed = pack_in_proj(w_in, inv_freq, n_heads, n_kv_heads, head_dim, d_ff, interleaved)
+        extra = (packed.w_a, packed.w_b, packed.dst_a, packed.dst_b, packed.freq)
+    else:
+        e = x.new_empty((0,))
+        extra = (e, e, e, e, e)
+    keep_ff = torch.is_grad_enabled() and (x.requires_grad or ln_weight.requires_grad
+                                           or w_in.requires_grad)
+    x2 = x.reshape(M, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    pos = positions.reshape(M)
+    args = (x2, ln_weight, w_in, *extra, inv_freq.contiguous(), pos, int(n_heads), int(n_kv_heads),
+            int(head_dim), int(d_ff), eps, bool(interleaved), bool(keep_ff))
+    op = block_in_proj if compiling() else _InProjEager.apply
+    q, k, v, h = op(*args)[:4]
+    return (q.view(B, T, n_heads, head_dim), k.view(B, T, n_kv_heads, head_dim),
+            v.view(B, T, n_kv_heads, head_dim), h.view(B, T, d_ff))
+
+
+# =========================================================================== attention
+
+def causal_mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float | None = None) -> torch.Tensor:
+    """Causal multi-query attention: q ``[B, T, H, hd]``, k and v ``[B, T, hd]`` (one head
+    shared by all query heads; ``[B, T, Hk, hd]`` with ``H % Hk == 0`` also works) ->
+    o ``[B, T, H, hd]`` in q's dtype. ``scale`` defaults to ``hd ** -0.5``.
+
+    ``o[b, i, h] = softmax_{j <= i}(q[b, i, h] . k[b, j] * scale) @ v[b, :]``. Runs
+    ``scaled_dot_product_attention`` (flash backend on GPU) with the k/v head broadcast to
+    the query heads as a stride-0 view (never copied per head); autograd through SDPA.
+    """
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=(3, 4))
+    check_tensor("v", v, ndim=(3, 4))
+    check_same_device(q=q, k=k, v=v)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (same as q), got {t.dtype}")
+    B, T, H, D = q.shape
+    if k.dim() == 3:
+        k = k.unsqueeze(2)
+    if v.dim() == 3:
+        v = v.unsqueeze(2)
+    Hk = k.shape[2]
+    if k.shape != (B, T, Hk, D) or H % Hk:
+        raise ValueError(f"k: expected shape ({B}, {T}, {D}) or ({B}, {T}, Hk, {D}) with Hk dividing "
+                         f"{H}, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected shape {tuple(k.shape)} (same as k), got {tuple(v.shape)}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
+    return _sdpa(q, k, v, scale, q_offset=0)
+
+
+def _sdpa(q, k, v, scale, q_offset: int):
+    """SDPA over [B, T, H, D] / [B, S, Hk, D]; queries sit at key index q_offset + i."""
+    B, T, H, D = q.shape
+    S, Hk = k.shape[1], k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if Hk != H:
+        # Each kv head broadcast to its H / Hk query heads as a stride-0 view (no copy), so
+        # every SDPA backend (flash, memory-efficient, cuDNN) accepts the shapes; the
+        # backward sums the expanded gradient back onto the shared head.
+        g = H // Hk
+        kt = kt[:, :, None].expand(B, Hk, g, S, D).reshape(B, H, S, D) if Hk > 1 else kt.expand(B, H, S, D)
+        vt = vt[:, :, None].expand(B, Hk, g, S, D).reshape(B, H, S, D) if Hk > 1 else vt.expand(B, H, S, D)
+    if q_offset == 0 and T == S:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    elif T == 1:   # one new token: every cached key is visible
+        o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+    else:
+        i = torch.arange(T, device=q.device)[:, None] + q_offset
+        mask = torch.arange(S, device=q.device)[None, :] <= i
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return o.transpose(1, 2)
+
+
+# =========================================================================== output side
+
+def _out_proj_aten(o, h, x, w_attn_out, w_ff_out):
+    y = torch.addmm(x, o, w_attn_out.t())
+    return y.addmm_(h, w_ff_out.t())
+
+
+def _out_proj_triton(o, h, x, w_attn_out, w_ff_out):
+    return _proj().out_proj(o, h, x, w_attn_out, w_ff_out)
+
+
+_OUT_IMPLS = {"cpu": _out_proj_aten, "cuda": _out_proj_triton}
+
+
+@torch.library.custom_op("palm_fast::block_out_proj", mutates_args=())
+def block_out_proj(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor, w_attn_out: torch.Tensor,
+                   w_ff_out: torch.Tensor) -> torch.Tensor:
+    """``x + o @ w_attn_out^T + h @ w_ff_out^T`` for 2-D o ``[M, H hd]``, h ``[M, F]``, x ``[M, d]``."""
+    return call_impl(_OUT_IMPLS, o, h, x, w_attn_out, w_ff_out)
+
+
+@block_out_proj.register_fake
+def _(o, h, x, w_attn_out, w_ff_out):
+    return x.new_empty(x.shape)
+
+
+def _out_proj_bwd_impl(g, o, h, w_attn_out, w_ff_out):
+    return torch.mm(g, w_attn_out), torch.mm(g, w_ff_out), torch.mm(g.t(), o), torch.mm(g.t(), h)
+
+
+@torch.library.custom_op("palm_fast::block_out_proj_bwd", mutates_args=())
+def block_out_proj_bwd(g: torch.Tensor, o: torch.Tensor, h: torch.Tensor, w_attn_out: torch.Tensor,
+                       w_ff_out: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _out_proj_bwd_impl(g, o, h, w_attn_out, w_ff_out)
+
+
+@block_out_proj_bwd.register_fake
+def _(g, o, h, w_attn_out, w_ff_out):
+    return (o.new_empty(o.shape), h.new_empty(h.shape), w_attn_out.new_empty(w_attn_out.shape),
+            w_ff_out.new_empty(w_ff_out.shape))
+
+
+def _out_setup(ctx, inputs, output):
+    o, h, _x, w_attn_out, w_ff_out = inputs
+    ctx.save_for_backward(o, h, w_attn_out, w_ff_out)
+
+
+def _out_backward(ctx, g):
+    o, h, w_attn_out, w_ff_out = ctx.saved_tensors
+    g = g.contiguous()
+    bwd = _out_proj_bwd_impl if eager_ctx(ctx) else block_out_proj_bwd
+    do, dh, dwo, dwf = bwd(g, o, h, w_attn_out, w_ff_out)
+    return do, dh, g, dwo, dwf
+
+
+block_out_proj.register_autograd(_out_backward, setup_context=_out_setup)
+_OutProjEager = eager_function("block_out_proj", _OUT_IMPLS, _out_setup, _out_backward)
+
+
+def _rows(name, t, M, n):
+    """``t`` as ``[M, n]`` rows with a unit column stride (a view when possible)."""
+    t2 = t.reshape(M, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def fused_output_projection(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
+                            w_attn_out: torch.Tensor, w_ff_out: torch.Tensor) -> torch.Tensor:
+    """``y = x + o @ w_attn_out^T + h @ w_ff_out^T`` as ONE GEMM over ``[o | h]``.
+
+    o ``[B, T, H, hd]`` (or ``[B, T, H hd]``), h ``[B, T, F]``, x ``[B, T, d]``;
+    w_attn_out ``[d, H hd]``, w_ff_out ``[d, F]``. Returns ``[B, T, d]`` with autograd.
+    """
+    check_tensor("x", x, ndim=3)
+    check_tensor("o", o, ndim=(3, 4))
+    check_tensor("h", h, ndim=3)
+    check_tensor("w_attn_out", w_attn_out, ndim=2)
+    check_tensor("w_ff_out", w_ff_out, ndim=2)
+    B, T, d = x.shape
+    M = B * T
+    hq = w_attn_out.shape[1]
+    F_ = w_ff_out.shape[1]
+    if w_attn_out.shape[0] != d or w_ff_out.shape[0] != d:
+        raise ValueError(f"w_attn_out, w_ff_out: expected {d} rows (x's last dim), got "
+                         f"{tuple(w_attn_out.shape)} and {tuple(w_ff_out.shape)}")
+    if o.shape[:2] != (B, T) or o[0, 0].numel() != hq:
+        raise ValueError(f"o: expected shape ({B}, {T}, {hq}) or ({B}, {T}, H, hd) with H hd = {hq}, "
+                         f"got {tuple(o.shape)}")
+    if tuple(h.shape) != (B, T, F_):
+        raise ValueError(f"h: expected shape ({B}, {T}, {F_}), got {tuple(h.shape)}")
+    for name, t in (("o", o), ("h", h), ("w_attn_out", w_attn_out), ("w_ff_out", w_ff_out)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (same as x), got {t.dtype}")
+    check_same_device(x=x, o=o, h=h, w_attn_out=w_attn_out, w_ff_out=w_ff_out)
+    args = (_rows("o", o, M, hq), _rows("h", h, M, F_), _rows("x", x, M, d), w_attn_out, w_ff_out)
+    op = block_out_proj if compiling() else _OutProjEager.apply
+    return op(*args).view(B, T, d)
+
+
+# =========================================================================== the block
+
+def parallel_block(x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch.Tensor,
+                   w_attn_out: torch.Tensor, w_ff_out: torch.Tensor, inv_freq: torch.Tensor, *,
+                   n_heads: int, n_kv_heads: int = 1, head_dim: int, d_ff: int, eps: float = 1e-5,
+                   interleaved: bool = False, positions: torch.Tensor | None = None, cache=None,
+                   packed=None, recompute_attention: bool = False) -> torch.Tensor:
+    """The PaLM parallel block ``x + attn_out(Attn(LN x)) + ff_out(SwiGLU(LN x))`` (see module doc).
+
+    Weights in the reference layout (``in_proj.weight``, ``attn_out.weight``,
+    ``ff_out.weight``, ``norm.weight``, ``rotary.inv_freq``). positions ``[B, T]`` default to
+    ``start + t`` (start = the cache length, or 0). ``cache``: a reference ``KVCache``
+    (``.length``, ``.append(k [B, T, Hk, hd], v)``): new keys/values are appended and the
+    queries attend to everything cached. ``recompute_attention``: checkpoint the attention
+    (its forward is recomputed in the backward instead of keeping its saved tensors).
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3)
+    B, T, _ = x.shape
+    start = int(cache.length) if cache is not None else 0
+    if positions is None:
+        positions = (start + torch.arange(T, device=x.device)).expand(B, T)
+    q, k, v, h = fused_input_projection(x, ln_weight, w_in, inv_freq, positions, n_heads=n_heads,
+                                        n_kv_heads=n_kv_heads, head_dim=head_dim, d_ff=d_ff,
+                                        eps=eps, interleaved=interleaved, packed=packed)
+    if cache is not None:
+        k, v = cache.append(k, v)
+        o = _sdpa(q, k, v, None, q_offset=start)
+    elif recompute_attention and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        o = checkpoint(causal_mqa_attention, q, k, v, use_reentrant=False)
+    else:
+        o = causal_mqa_attention(q, k, v)
+    return fused_output_projection(o, h, x, w_attn_out, w_ff_out)

@@ -1,0 +1,313 @@
+"""The fused parallel block: epilogue GEMM kernels (interpreter), the functional pieces, the
+block's forward/backward against the reference on the CPU (ATen + C++) path and on the
+Triton path (under the interpreter here, on the GPU when there is one), the KV-cache path,
+the weight re-layout cache, torch.compile, determinism and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA, TRITON_DEVICE, assert_close_by_rule, randn, requires_cuda
+
+import palm_fast.ops.block as ob
+from palm_fast.kernels import projection as kp
+from palm_fast.nn import ParallelBlock
+from palm_fast.ops import causal_mqa_attention, fused_output_projection
+from palm_fast.reference import KVCache, attention, functional
+from palm_fast.reference import ParallelBlock as RefBlock
+
+DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def _in_proj_reference(xn, w, pos, H, Hk, hd, F, inv_freq, interleaved):
+    """(q, k, v, h, ff) of the reference math in xn's dtype (pos [M])."""
+    M = xn.shape[0]
+    proj = xn @ w.t()
+    q, k, v, ff = proj.split([H * hd, Hk * hd, Hk * hd, 2 * F], dim=-1)
+    p = pos.view(1, M)
+    q = functional.apply_rope(q.reshape(1, M, H, hd), p, inv_freq, interleaved=interleaved)
+    k = functional.apply_rope(k.reshape(1, M, Hk, hd), p, inv_freq, interleaved=interleaved)
+    return q.reshape(M, -1), k.reshape(M, -1), v, functional.swiglu(ff), ff
+
+
+# (M, d, H, Hk, hd, F, rotary_dim, interleaved): M and F not multiples of any block,
+# partial rotary (pass-through pairs), GQA, a K tail.
+IN_SHAPES = [(37, 40, 3, 1, 16, 27, 16, False), (9, 24, 2, 2, 32, 40, 16, True)]
+
+
+@pytest.mark.parametrize("config", range(len(kp.IN_PROJ_CONFIGS)))
+@pytest.mark.parametrize("shape", IN_SHAPES, ids=lambda s: f"M{s[0]}-F{s[5]}-R{s[6]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT.get)
+def test_in_proj_kernel(config, shape, dtype):
+    """Every autotune config of the epilogue GEMM, with and without the stored pre-activation."""
+    M, d, H, Hk, hd, F, R, inter = shape
+    inv_freq = functional.rope_inv_freq(R)
+    xn = randn(M, d, dtype=dtype, device=TRITON_DEVICE)
+    w = randn(H * hd + 2 * Hk * hd + 2 * F, d, dtype=dtype, device=TRITON_DEVICE, scale=d ** -0.5)
+    pos = torch.randint(0, 300, (M,), device=TRITON_DEVICE)
+    packed = kp.pack_in_proj(w, inv_freq.to(TRITON_DEVICE), H, Hk, hd, F, inter)
+    cfg = kp.IN_PROJ_CONFIGS[config]
+    ref64 = _in_proj_reference(xn.double().cpu(), w.double().cpu(), pos.cpu(), H, Hk, hd, F, inv_freq, inter)
+    eager = _in_proj_reference(xn.cpu(), w.cpu(), pos.cpu(), H, Hk, hd, F, inv_freq, inter)
+    for store_ff in (True, False):
+        outs = kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=store_ff, config=cfg)
+        names = ("q", "k", "v", "h", "ff") if store_ff else ("q", "k", "v", "h")
+        for name, out, r, e in zip(names, outs, ref64, eager):
+            assert out.is_contiguous()
+            assert_close_by_rule(out.cpu(), r, e, name=name)
+        if not store_ff:
+            assert outs[4].numel() == 0
+
+
+@pytest.mark.parametrize("config", range(len(kp.OUT_PROJ_CONFIGS)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT.get)
+def test_out_proj_kernel(config, dtype):
+    """Every autotune config of the residual-epilogue GEMM; o and h strided views, K tails."""
+    M, N, K1, K2 = 37, 70, 48, 27
+    buf = randn(M, K1 + K2 + 5, dtype=dtype, device=TRITON_DEVICE)
+    o, h = buf[:, :K1], buf[:, K1 + 5:]          # row-strided views (no copy)
+    x = randn(M, N, dtype=dtype, device=TRITON_DEVICE)
+    wo = randn(N, K1, dtype=dtype, device=TRITON_DEVICE, scale=K1 ** -0.5)
+    wf = randn(N, K2, dtype=dtype, device=TRITON_DEVICE, scale=K2 ** -0.5)
+    y = kp.out_proj(o, h, x, wo, wf, config=kp.OUT_PROJ_CONFIGS[config])
+
+    def ref(o, h, x, wo, wf):
+        return x + o @ wo.t() + h @ wf.t()
+
+    args = [t.cpu() for t in (o, h, x, wo, wf)]
+    assert_close_by_rule(y.cpu(), ref(*[a.double() for a in args]), ref(*args), name="y")
+
+
+def test_pair_columns_cover_every_column_once():
+    """The re-layout is a permutation of the projection's columns (pairs a | b)."""
+    for inter in (False, True):
+        a, b, f = kp.pair_columns(4, 2, 32, 19, 8, inter)
+        cols = torch.cat((a, b)).sort().values
+        assert torch.equal(cols, torch.arange((4 + 4) * 32 + 38))
+        assert int((f >= 0).sum()) == (4 + 2) * 8
+
+
+# ----------------------------------------------------------------------------- block
+
+# (B, T, dim, H, Hk, hd, F, extra kwargs): F not a multiple of any block size, head dim 256,
+# T = 1, GQA, partial interleaved rotary.
+BLOCK_CONFIGS = [
+    (2, 7, 64, 4, 1, 16, 100, {}),
+    (1, 5, 48, 2, 1, 256, 72, {}),
+    (3, 1, 32, 4, 2, 8, 24, {}),
+    (2, 9, 40, 3, 1, 32, 50, {"rotary_dim": 16, "interleaved": True}),
+]
+
+
+def _blocks(cfg, dtype, device="cpu"):
+    B, T, d, H, Hk, hd, F, kw = cfg
+    ref = RefBlock(d, H, hd, F, Hk, **kw)
+    with torch.no_grad():   # non-trivial LayerNorm weight
+        ref.norm.weight.add_(0.1 * torch.randn(d))
+    fast = ParallelBlock(d, H, hd, F, Hk, **kw)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast.to(device=device, dtype=dtype)
+
+
+def _fwd_bwd(block, x, g, positions=None):
+    x = x.detach().clone().requires_grad_(True)
+    y = block(x, positions)
+    grads = torch.autograd.grad(y, [x, *block.parameters()], g)
+    return [y.detach(), *grads]
+
+
+NAMES = ["y", "dx", "d_norm.weight", "d_in_proj.weight", "d_attn_out.weight", "d_ff_out.weight"]
+
+
+def _check_block(cfg, dtype, device, positions=None):
+    B, T, d = cfg[:3]
+    ref, fast = _blocks(cfg, dtype, device)
+    x = randn(B, T, d, dtype=dtype, device=device)
+    g = randn(B, T, d, dtype=dtype, device=device)
+    pos = None if positions is None else positions.to(device)
+    outs = _fwd_bwd(fast, x, g, pos)
+    r64 = _fwd_bwd(ref.double(), x.double().cpu(), g.double().cpu(), positions)
+    eager = _fwd_bwd(ref.to(dtype), x.cpu(), g.cpu(), positions)
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    for name, o, r, e in zip(NAMES, outs, r64, eager):
+        assert_close_by_rule(o.cpu(), r, e, name=name)
+
+
+@pytest.mark.parametrize("dtype", list(DT), ids=DT.get)
+@pytest.mark.parametrize("cfg", BLOCK_CONFIGS, ids=lambda c: f"T{c[1]}-hd{c[5]}-Hk{c[4]}-F{c[6]}")
+def test_block_cpu(cfg, dtype):
+    """ATen GEMMs + C++ epilogues vs the reference block, forward and every gradient."""
+    _check_block(cfg, dtype, "cpu")
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Run the block's Triton functions on this machine's device: CUDA, or CPU tensors
+    under the interpreter (the "cpu" entries point at the Triton implementations)."""
+    if not HAS_CUDA:
+        monkeypatch.setitem(ob._IN_IMPLS, "cpu", ob._in_proj_triton)
+        monkeypatch.setitem(ob._OUT_IMPLS, "cpu", ob._out_proj_triton)
+    return TRITON_DEVICE
+
+
+@pytest.mark.parametrize("cfg", [BLOCK_CONFIGS[0], BLOCK_CONFIGS[3]], ids=["rotate-half", "interleaved"])
+def test_block_triton(cfg, triton_backend):
+    """The Triton epilogue GEMMs + Triton RoPE / SwiGLU backward inside the whole block."""
+    positions = torch.randint(0, 100, cfg[:2])
+    _check_block(cfg, torch.float32, triton_backend, positions)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(DT), ids=DT.get)
+@pytest.mark.parametrize("cfg", BLOCK_CONFIGS, ids=lambda c: f"T{c[1]}-hd{c[5]}-Hk{c[4]}-F{c[6]}")
+def test_block_cuda(cfg, dtype):
+    _check_block(cfg, dtype, "cuda")
+
+
+def test_packed_weight_cache(triton_backend):
+    """The re-layout is built once, reused, rebuilt after an in-place weight update, and never
+    appears in the state_dict."""
+    ref, fast = _blocks(BLOCK_CONFIGS[0], torch.float32, triton_backend)
+    x = randn(1, 3, 64, device=triton_backend)
+    with torch.no_grad():
+        fast(x)
+        first = fast._packed
+        fast(x)
+        assert fast._packed is first
+        fast.in_proj.weight.mul_(0.5)           # an optimizer-style in-place update
+        y = fast(x)
+        assert fast._packed is not first
+        ref.in_proj.weight.mul_(0.5)
+        torch.testing.assert_close(y.cpu(), ref(x.cpu()), rtol=1e-5, atol=1e-5)
+    assert set(fast.state_dict()) == set(ref.state_dict())
+
+
+def test_kv_cache_matches_reference():
+    """Prefill then decode steps with a reference KVCache; default and explicit positions."""
+    ref, fast = _blocks(BLOCK_CONFIGS[0], torch.float32)
+    B, _, d = BLOCK_CONFIGS[0][:3]
+    c_ref, c_fast = KVCache(B, 16, 1, 16), KVCache(B, 16, 1, 16)
+    with torch.no_grad():
+        for T in (5, 1, 3, 1):
+            x = randn(B, T, d)
+            torch.testing.assert_close(fast(x, cache=c_fast), ref(x, cache=c_ref), rtol=1e-5, atol=1e-5)
+        assert c_fast.length == c_ref.length == 10
+        torch.testing.assert_close(c_fast.k[:, :10], c_ref.k[:, :10])
+        pos = torch.tensor([[3, 9], [0, 1]])
+        x = randn(B, 2, d)
+        torch.testing.assert_close(fast(x, pos), ref(x, pos), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT.get)
+@pytest.mark.parametrize("Hk", [1, 2])
+def test_causal_mqa_attention(dtype, Hk):
+    B, T, H, hd = 2, 11, 4, 16
+    q = randn(B, T, H, hd, dtype=dtype)
+    k = randn(B, T, Hk, hd, dtype=dtype)
+    v = randn(B, T, Hk, hd, dtype=dtype)
+    g = randn(B, T, H, hd, dtype=dtype)
+
+    def run(fn, *ts):
+        ts = [t.detach().clone().requires_grad_(True) for t in ts]
+        o = fn(*ts)
+        return [o.detach(), *torch.autograd.grad(o, ts, g.to(o.dtype))]
+
+    kk, vv = (k[:, :, 0], v[:, :, 0]) if Hk == 1 else (k, v)
+    ours = run(causal_mqa_attention, q, kk, vv)
+    r64 = run(attention, q.double(), k.double(), v.double())
+    eager = run(attention, q, k, v)
+    for name, o, r, e in zip(("o", "dq", "dk", "dv"), ours, r64, eager):
+        assert_close_by_rule(o, r.reshape(o.shape), e.reshape(o.shape), name=name)
+    # an explicit scale
+    o2 = causal_mqa_attention(q, kk, vv, scale=0.5)
+    o2_ref = attention(q.double() * (0.5 * hd ** 0.5), k.double(), v.double())
+    assert_close_by_rule(o2, o2_ref, attention(q * (0.5 * hd ** 0.5), k, v).to(dtype), name="o(scale)")
+
+
+def test_determinism():
+    _, fast = _blocks(BLOCK_CONFIGS[0], torch.float32)
+    x, g = randn(2, 7, 64), randn(2, 7, 64)
+    a, b = _fwd_bwd(fast, x, g), _fwd_bwd(fast, x, g)
+    assert all(torch.equal(u, w) for u, w in zip(a, b))
+
+
+def test_torch_compile_block():
+    """fullgraph compile (the custom ops' fake kernels and autograd) matches eager bitwise-close."""
+    _, fast = _blocks(BLOCK_CONFIGS[0], torch.float32)
+    x, g = randn(2, 7, 64), randn(2, 7, 64)
+    eager = _fwd_bwd(fast, x, g)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    outs = _fwd_bwd(compiled, x, g)
+    for name, o, e in zip(NAMES, outs, eager):
+        torch.testing.assert_close(o, e, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_opcheck_custom_ops():
+    from torch.library import opcheck
+
+    B, T, d, H, Hk, hd, F = 1, 3, 16, 2, 1, 8, 12
+    M = B * T
+    x = randn(M, d).requires_grad_()
+    lnw = (1 + 0.1 * randn(d)).requires_grad_()
+    w = randn((H + 2 * Hk) * hd + 2 * F, d).requires_grad_()
+    e = torch.empty(0)
+    inv = functional.rope_inv_freq(hd)
+    pos = torch.arange(M)
+    opcheck(torch.ops.palm_fast.block_in_proj,
+            (x, lnw, w, e, e, e, e, e, inv, pos, H, Hk, hd, F, 1e-5, False, True))
+    o, h = randn(M, H * hd).requires_grad_(), randn(M, F).requires_grad_()
+    wo, wf = randn(d, H * hd).requires_grad_(), randn(d, F).requires_grad_()
+    opcheck(torch.ops.palm_fast.block_out_proj, (o, h, randn(M, d).requires_grad_(), wo, wf))
+
+
+def test_preactivation_written_only_for_autograd(triton_backend, monkeypatch):
+    """The epilogue GEMM writes the 2F pre-activation only when a backward will need it."""
+    calls = []
+    real = kp.in_proj
+
+    def spy(*args, store_ff, **kw):
+        calls.append(store_ff)
+        return real(*args, store_ff=store_ff, **kw)
+
+    monkeypatch.setattr(kp, "in_proj", spy)
+    _, fast = _blocks(BLOCK_CONFIGS[2], torch.float32, triton_backend)
+    x = randn(3, 1, 32, device=triton_backend)
+    with torch.no_grad():
+        fast(x)
+    fast(x).sum().backward()
+    fast.requires_grad_(False)
+    fast(x)                      # grad mode on, but nothing requires grad
+    assert calls == [False, True, False]
+
+
+def test_bad_input():
+    _, fast = _blocks(BLOCK_CONFIGS[0], torch.float32)
+    with pytest.raises(ValueError, match="x: expected 3 dims"):
+        fast(randn(7, 64))
+    with pytest.raises(ValueError, match=r"ln_weight: expected shape \(32,\)"):
+        fast(randn(1, 2, 32))
+    with pytest.raises(TypeError, match="w_in: expected dtype torch.float16"):
+        fast(randn(1, 2, 64, dtype=torch.float16))
+    with pytest.raises(TypeError, match="x: expected dtype in"):
+        fast(torch.ones(1, 2, 64, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"positions: expected shape \(1, 2\)"):
+        fast(randn(1, 2, 64), torch.zeros(1, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="positions: expected dtype in"):
+        fast(randn(1, 2, 64), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="recompute: expected one of"):
+        ParallelBlock(64, 4, 16, 100, recompute="some")
+    q = randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="k: expected shape"):
+        causal_mqa_attention(q, randn(1, 5, 8), randn(1, 5, 8))
+    with pytest.raises(ValueError, match="v: expected shape"):
+        causal_mqa_attention(q, randn(1, 4, 8), randn(1, 4, 1, 8)[:, :3])
+    with pytest.raises(TypeError, match="k: expected dtype torch.float32"):
+        causal_mqa_attention(q, randn(1, 4, 8, dtype=torch.bfloat16), randn(1, 4, 8))
+    with pytest.raises(ValueError, match="scale: expected a positive"):
+        causal_mqa_attention(q, randn(1, 4, 8), randn(1, 4, 8), scale=-1.0)
+    x = randn(1, 4, 16)
+    with pytest.raises(ValueError, match=r"h: expected shape \(1, 4, 12\)"):
+        fused_output_projection(randn(1, 4, 2, 8), randn(1, 4, 11), x, randn(16, 16), randn(16, 12))
+    with pytest.raises(ValueError, match="o: expected shape"):
+        fused_output_projection(randn(1, 4, 2, 4), randn(1, 4, 12), x, randn(16, 16), randn(16, 12))
