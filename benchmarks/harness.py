@@ -70,6 +70,7 @@ class Case:
     extra: dict = field(default_factory=dict)  # case-specific figures copied into every record
     impl_extra: dict[str, dict] = field(default_factory=dict)  # impl -> figures for its record only
                                                                 # (e.g. {"palm_fast": {"kernels": 1}})
+    tokens: float = 0.0             # tokens produced per call: records tokens_per_s (0: none)
     # For expensive cases (a whole training step): the number of timed calls after two
     # warm-up calls, on CPU and CUDA alike, instead of the harness's time budget.
     repeats: int | None = None
@@ -345,6 +346,8 @@ def make_record(case: Case, ctx: BenchContext, impl: str, t: Timing | None, peak
     rec.update({"bytes": case.bytes, "flops": case.flops, "bound": case.bound})
     rec.update(case.extra)
     rec.update(case.impl_extra.get(impl, {}))
+    if case.tokens:
+        rec["tokens_per_s"] = case.tokens / (t.ms * 1e-3)
     if case.derive is not None:
         rec.update(case.derive(rec, peaks))
     return rec

@@ -7,5 +7,6 @@ from .block import (  # noqa: F401
     parallel_block,
 )
 from .layer_norm import add_layer_norm, layer_norm  # noqa: F401
+from .mqa_decode import mqa_decode, rope_append  # noqa: F401
 from .rope import rope, rope_  # noqa: F401
 from .swiglu import swiglu  # noqa: F401

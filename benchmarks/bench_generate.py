@@ -1,0 +1,54 @@
+"""End-to-end generation benchmark: ``palm_fast.generate`` vs the reference model's
+``generate()`` (case ``generate.e2e``).
+
+One call generates ``new`` tokens after each of ``B`` prompts of ``T`` tokens (prefill
+included), greedy, no stop tokens: ``tokens_per_s = B * new / time``. CPU: the
+``palm-small`` preset in the run's dtype. GPU: ``palm-1b``, with the decode step captured
+in a CUDA graph (``palm_fast``) and without (``palm_fast_nograph``).
+
+Bytes: a decode step must read every weight once (the tied embedding as the output head)
+and the cached K/V of every layer, so one call moves at least
+``new * weight_bytes + sum over steps of 2 * L * B * (T + step) * hd * elem``;
+``pct_of_peak`` is that against the copy bandwidth measured in the run (the roofline of
+memory-bound decoding).
+"""
+from __future__ import annotations
+
+import torch
+
+import palm_fast
+from palm_fast import get_config
+from palm_fast.benchmarks.harness import BenchContext, Case, register
+from palm_fast.reference import PaLM
+
+
+def _shape(ctx: BenchContext) -> tuple[str, int, int, int]:
+    """(preset, batch, prompt length, new tokens)."""
+    if ctx.device == "cuda":
+        return ("palm-1b", 8, 128, 64) if ctx.quick else ("palm-1b", 8, 128, 256)
+    return ("palm-small", 4, 16, 16) if ctx.quick else ("palm-small", 4, 32, 48)
+
+
+@register("generate")
+def generate_cases(ctx: BenchContext):
+    preset, B, T, new = _shape(ctx)
+    cfg = get_config(ctx.config or preset)
+    torch.manual_seed(0)
+    model = PaLM(cfg).to(device=ctx.device, dtype=ctx.dtype).eval()
+    elem = torch.empty((), dtype=ctx.dtype).element_size()
+    weight_bytes = model.num_params() * elem
+    kv_bytes = sum(2 * cfg.n_layers * B * (T + s) * cfg.head_dim * elem for s in range(new - 1))
+
+    def setup():
+        return torch.randint(0, cfg.vocab_size, (B, T), device=ctx.device)
+
+    impls = {"palm_fast": lambda p: palm_fast.generate(model, p, new)}
+    if ctx.device == "cuda":
+        impls["palm_fast_nograph"] = lambda p: palm_fast.generate(model, p, new, cuda_graph=False)
+    impls["eager"] = lambda p: model.generate(p, new)
+    yield Case(
+        name="generate.e2e", shape={"config": cfg.name, "B": B, "T": T, "new": new},
+        dtype=ctx.dtype, bytes=new * weight_bytes + kv_bytes, setup=setup, impls=impls,
+        flops=2 * model.num_params() * B * (T + new), tokens=B * new,
+        impl_extra={"palm_fast": {"cuda_graph": ctx.device == "cuda"}},
+    )

@@ -1,0 +1,527 @@
+"""Fast batched generation for PaLM-style decoders: ``palm_fast.generate``.
+
+The model is taken apart once (:func:`decoder_parts`) into its embedding, its parallel
+blocks, the final norm and the tied output head; generation then runs its own loop over
+those weights with the multi-query KV cache (:class:`palm_fast.kv_cache.KVCache`):
+
+* **Prefill** (one batched forward over all prompts, right-padded): per block
+  ``h = LN(x)``; ``q | k | v | ff = h W_in``; RoPE on q and k at positions ``0..T-1``;
+  k, v appended to the cache (only each prompt's real tokens: ``n_new = prompt lengths``);
+  causal multi-query attention over the prompt (:func:`_prefill_attention`);
+  ``x = x + attn_out(o) + ff_out(swiglu(ff))``. Right padding is harmless: a real token
+  only attends to earlier positions, all real. The logits are taken at each prompt's
+  last real token.
+* **Decode step** (one token per sequence, :func:`_decode_step`): embed; per block LN,
+  ``W_in``, ``rope_append`` (RoPE of q and the new k at position ``lengths[b]``, k and v
+  written into the cache), ``mqa_decode`` over cache indices ``[0, lengths[b] + 1)``, the
+  two output projections and the residual; then the final norm, the tied head and the
+  logit scale. ``cache.advance(1)`` after every step. All positions and lengths live in
+  device tensors, so the step has no host synchronisation and on a GPU it is captured
+  once in a CUDA graph and replayed (:class:`_GraphedStep`).
+* **Sampling**: greedy (``temperature == 0``), or ``softmax(logits / temperature)``
+  restricted to the ``top_k`` largest logits and / or the smallest set of tokens whose
+  probability mass reaches ``top_p`` (nucleus); ``torch.multinomial`` with the caller's
+  generator, so a seeded generator gives the same tokens every run.
+* **Stopping**: each sequence ends at its first generated stop token (included) or after
+  ``max_new_tokens``. Finished sequences keep running in the batch (their extra tokens
+  are discarded); the loop ends early once every sequence has finished.
+
+Supported models (:func:`decoder_parts`): ``palm_fast.reference.PaLM`` and its subclasses
+(``palm_fast.nn.PaLM``). Other layouts are taught with :func:`register_decoder_parts`
+(the patch helper registers PaLM-pytorch's ``nn.Sequential`` this way).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .reference import functional as _ref_fn
+from .reference import layers as _ref
+from .reference import model as _ref_model
+
+__all__ = ["DecoderParts", "decoder_parts", "register_decoder_parts", "generate"]
+
+
+# --------------------------------------------------------------------------- model parts
+
+@dataclass
+class DecoderParts:
+    """A PaLM-style decoder taken apart for generation.
+
+    embed:        module mapping token ids ``[...]`` to ``[..., d]`` (an ``nn.Embedding``).
+    blocks:       the parallel blocks, in order; each exposes the reference
+                  ``ParallelBlock`` attributes ``norm, in_proj, split_sizes, rotary, act,
+                  attn_out, ff_out, n_heads, head_dim`` (one shared K/V head: split sizes
+                  ``(n_heads * head_dim, head_dim, head_dim, 2 * d_ff)``).
+    norm:         the final LayerNorm (module ``[..., d] -> [..., d]``).
+    head_weight:  the output head ``[V, d]`` (the tied embedding): ``logits = norm(h) @ W^T``.
+    logit_scale:  multiplies the logits (``d ** -0.5`` for PaLM's tied embedding), or None.
+    """
+
+    embed: nn.Module
+    blocks: Sequence[nn.Module]
+    norm: nn.Module
+    head_weight: torch.Tensor
+    logit_scale: float | None
+
+
+def _palm_parts(model: _ref_model.PaLM) -> DecoderParts:
+    c = model.config
+    if c.n_kv_heads != 1:
+        raise ValueError(f"model: generate needs multi-query attention (config.n_kv_heads == 1), "
+                         f"got n_kv_heads={c.n_kv_heads}")
+    return DecoderParts(embed=model.embed, blocks=list(model.blocks), norm=model.norm,
+                        head_weight=model.embed.weight,
+                        logit_scale=c.d_model ** -0.5 if c.scale_logits else None)
+
+
+# Model class -> function(model) -> DecoderParts. decoder_parts() uses the entry of the most
+# specific class in type(model).__mro__, so palm_fast.nn.PaLM (a subclass of the reference
+# PaLM with the same attributes) is covered by the reference entry.
+_PARTS_REGISTRY: dict[type, Callable[[Any], DecoderParts]] = {_ref_model.PaLM: _palm_parts}
+
+
+def register_decoder_parts(cls: type, fn: Callable[[Any], DecoderParts]) -> None:
+    """Teach :func:`decoder_parts` (and so :func:`generate`) a model class.
+
+    ``fn(model)`` returns a :class:`DecoderParts`, or raises ``ValueError`` saying why this
+    particular model cannot be taken apart (e.g. a ``nn.Sequential`` of another layout).
+    Registering a class again replaces its entry.
+    """
+    if not isinstance(cls, type):
+        raise TypeError(f"cls: expected a class, got {type(cls).__name__}")
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable model -> DecoderParts, got {type(fn).__name__}")
+    _PARTS_REGISTRY[cls] = fn
+
+
+def decoder_parts(model: nn.Module) -> DecoderParts:
+    """Take ``model`` apart for generation (see :class:`DecoderParts`).
+
+    Supported: ``palm_fast.reference.PaLM``, ``palm_fast.nn.PaLM`` and any class given to
+    :func:`register_decoder_parts`. Raises TypeError for an unsupported model class and
+    ValueError for a supported class with an unsupported layout (e.g. more than one K/V head).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a PaLM nn.Module, got {type(model).__name__}")
+    for cls in type(model).__mro__:
+        if cls in _PARTS_REGISTRY:
+            parts = _PARTS_REGISTRY[cls](model)
+            break
+    else:
+        known = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in _PARTS_REGISTRY)
+        raise TypeError(f"model: unsupported model class {type(model).__module__}."
+                        f"{type(model).__qualname__}; expected one of ({known}) or a class taught "
+                        f"with palm_fast.generation.register_decoder_parts (PaLM-pytorch models: "
+                        f"call palm_fast.patch(model) first)")
+    if not isinstance(parts, DecoderParts):
+        raise TypeError(f"model: the decoder_parts entry for {type(model).__qualname__} returned "
+                        f"{type(parts).__name__}, expected DecoderParts")
+    return parts
+
+
+# --------------------------------------------------------------------------- prepared layers
+
+@dataclass
+class _Layer:
+    """One block's weights and shapes, read once per generate() call."""
+
+    norm: Callable[[torch.Tensor], torch.Tensor]
+    w_in: torch.Tensor           # [P, d], P = H hd + 2 hd + 2F
+    splits: tuple[int, ...]      # (H hd, hd, hd, 2F)
+    n_heads: int
+    head_dim: int
+    rotary_dim: int
+    rope_base: float
+    interleaved: bool
+    act: Callable[[torch.Tensor], torch.Tensor]
+    w_attn_out: torch.Tensor     # [d, H hd]
+    w_ff_out: torch.Tensor       # [d, F]
+
+
+_LAYER_NORMS: tuple[type, ...] = (_ref.LayerNorm,)
+_SWIGLUS: tuple[type, ...] = (_ref.SwiGLU,)
+
+
+def _fast_norm(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``palm_fast.ops.layer_norm`` with the module's weight / bias / eps when it is one of
+    our LayerNorms; otherwise the module itself."""
+    from .nn import LayerNorm as FastLayerNorm
+
+    if isinstance(mod, (*_LAYER_NORMS, FastLayerNorm)):
+        w, b, eps = mod.weight, mod.bias, mod.eps
+        return lambda x: ops.layer_norm(x, w, b, eps)
+    return mod
+
+
+def _fast_act(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    from .nn import SwiGLU as FastSwiGLU
+
+    if isinstance(mod, (*_SWIGLUS, FastSwiGLU)):
+        return ops.swiglu
+    return mod
+
+
+def _linear_weight(block_name: str, name: str, mod) -> torch.Tensor:
+    if not isinstance(mod, nn.Linear) or mod.bias is not None:
+        raise ValueError(f"model: {block_name}.{name}: expected a bias-free nn.Linear, got {mod!r}")
+    return mod.weight
+
+
+def _prepare_layers(parts: DecoderParts) -> list[_Layer]:
+    """Check every block's layout and collect what the loops need."""
+    d = parts.head_weight.shape[1]
+    layers = []
+    for i, blk in enumerate(parts.blocks):
+        where = f"blocks[{i}]"
+        missing = [a for a in ("norm", "in_proj", "split_sizes", "rotary", "act", "attn_out", "ff_out",
+                               "n_heads", "head_dim") if not hasattr(blk, a)]
+        if missing:
+            raise ValueError(f"model: {where} ({type(blk).__qualname__}) lacks the ParallelBlock "
+                             f"attributes {missing}")
+        H, hd = int(blk.n_heads), int(blk.head_dim)
+        splits = tuple(int(s) for s in blk.split_sizes)
+        if len(splits) != 4 or splits[:3] != (H * hd, hd, hd):
+            raise ValueError(f"model: {where}.split_sizes: expected ({H * hd}, {hd}, {hd}, 2F) "
+                             f"(q | one shared k head | one v head | ff), got {splits}")
+        w_in = _linear_weight(where, "in_proj", blk.in_proj)
+        w_ao = _linear_weight(where, "attn_out", blk.attn_out)
+        w_ff = _linear_weight(where, "ff_out", blk.ff_out)
+        if tuple(w_in.shape) != (sum(splits), d):
+            raise ValueError(f"model: {where}.in_proj.weight: expected shape {(sum(splits), d)}, "
+                             f"got {tuple(w_in.shape)}")
+        rot = blk.rotary
+        rd = int(getattr(rot, "rotary_dim", hd))
+        base = float(getattr(rot, "base", 10000.0))
+        inv = getattr(rot, "inv_freq", None)
+        if inv is not None:
+            # rope_append computes inv_freq from (rotary_dim, base): the buffer must agree.
+            want = _ref_fn.rope_inv_freq(rd, base, device=inv.device)
+            if inv.shape != want.shape or not torch.allclose(inv.float(), want, rtol=1e-6, atol=0):
+                raise ValueError(f"model: {where}.rotary.inv_freq differs from 1 / base^(2i / "
+                                 f"rotary_dim) with rotary_dim={rd}, base={base}; generate's "
+                                 f"fused RoPE only supports that standard table")
+        layers.append(_Layer(
+            norm=_fast_norm(blk.norm), w_in=w_in, splits=splits, n_heads=H, head_dim=hd,
+            rotary_dim=rd, rope_base=base, interleaved=bool(getattr(rot, "interleaved", False)),
+            act=_fast_act(blk.act), w_attn_out=w_ao, w_ff_out=w_ff))
+    if not layers:
+        raise ValueError("model: expected at least one block, got none")
+    if len({(lay.head_dim) for lay in layers}) != 1:
+        raise ValueError("model: every block must have the same head_dim (one KV cache)")
+    return layers
+
+
+# --------------------------------------------------------------------------- the forward pieces
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal multi-query attention over the prompt: q ``[B, T, H, hd]``, k and v
+    ``[B, T, hd]`` (already rotated) -> o ``[B, T, H, hd]``, scale ``hd ** -0.5``."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, None], v[:, None], is_causal=True,
+                                       enable_gqa=True)
+    return o.transpose(1, 2)
+
+
+def _residual(x: torch.Tensor, lay: _Layer, o: torch.Tensor, ff: torch.Tensor) -> torch.Tensor:
+    """``x + o W_ao^T + swiglu(ff) W_ff^T`` on 2-D rows (two addmm, no separate adds)."""
+    y = torch.addmm(x, o, lay.w_attn_out.t())
+    return torch.addmm(y, lay.act(ff), lay.w_ff_out.t())
+
+
+def _logits(parts: DecoderParts, final_norm, h: torch.Tensor) -> torch.Tensor:
+    logits = final_norm(h) @ parts.head_weight.t()
+    if parts.logit_scale is not None:
+        logits = logits * parts.logit_scale
+    return logits
+
+
+def _prefill(parts: DecoderParts, layers: list[_Layer], final_norm, cache, tokens: torch.Tensor,
+             lengths: torch.Tensor) -> torch.Tensor:
+    """tokens ``[B, T]`` (right-padded), lengths ``[B]`` int32 -> logits ``[B, V]`` at each
+    prompt's last real token; the prompts' keys and values are written into ``cache``."""
+    B, T = tokens.shape
+    x = parts.embed(tokens)                                             # [B, T, d]
+    d = x.shape[-1]
+    for i, lay in enumerate(layers):
+        H, hd = lay.n_heads, lay.head_dim
+        proj = F.linear(lay.norm(x), lay.w_in)
+        q, k, v, ff = proj.split(lay.splits, dim=-1)
+        q, k = ops.rope(q.view(B, T, H, hd), k.view(B, T, 1, hd), rotary_dim=lay.rotary_dim,
+                        base=lay.rope_base, interleaved=lay.interleaved)
+        k = k.view(B, T, hd)
+        v = v.reshape(B, T, hd)
+        cache.append(i, k, v, n_new=lengths)
+        o = _prefill_attention(q, k, v)
+        x = _residual(x.view(B * T, d), lay, o.reshape(B * T, H * hd), ff.reshape(B * T, -1)).view(B, T, d)
+    cache.advance(lengths)
+    last = x[torch.arange(B, device=x.device), lengths.long() - 1]        # [B, d]
+    return _logits(parts, final_norm, last)
+
+
+def _decode_step(parts: DecoderParts, layers: list[_Layer], final_norm, cache,
+                 tokens: torch.Tensor) -> torch.Tensor:
+    """One token per sequence: tokens ``[B]`` -> logits ``[B, V]``.
+
+    The token of sequence b sits at position ``cache.lengths[b]``; its k and v are written
+    there and attention reads ``[0, lengths[b] + 1)``. Does not advance the cache (the
+    caller does, once all layers appended). Reads positions from the device tensor
+    ``cache.lengths`` only: no host synchronisation (CUDA-graph safe).
+    """
+    B = tokens.shape[0]
+    seq_lens = cache.lengths + 1
+    x = parts.embed(tokens)                                            # [B, d]
+    for i, lay in enumerate(layers):
+        H, hd = lay.n_heads, lay.head_dim
+        proj = F.linear(lay.norm(x), lay.w_in)
+        q, k, v, ff = proj.split(lay.splits, dim=-1)
+        # positions default to lengths[b] (read on the device by the kernel)
+        q = ops.rope_append(q.view(B, 1, H, hd), k.view(B, 1, hd), v.reshape(B, 1, hd), cache, i,
+                            rotary_dim=lay.rotary_dim, base=lay.rope_base, interleaved=lay.interleaved)
+        o = ops.mqa_decode(q.view(B, H, hd), cache, i, seq_lens)
+        x = _residual(x, lay, o.reshape(B, H * hd), ff)
+    return _logits(parts, final_norm, x)
+
+
+class _GraphedStep:
+    """The decode step captured once in a CUDA graph and replayed per token.
+
+    Static input ``tokens`` ``[B]``; static output ``logits`` ``[B, V]``. The step reads its
+    positions from ``cache.lengths`` (a device tensor advanced in place between replays), so
+    one capture serves every step. Warm-up and capture run the step for real: they write
+    k / v at the current positions, which the first replay overwrites with the same values.
+    """
+
+    def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor):
+        self.tokens = tokens.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):          # warm-up: lazy init, autotuning, allocator
+                step(self.tokens)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(self.tokens)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
+
+
+# --------------------------------------------------------------------------- sampling
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits ``[B, V]`` -> token ids ``[B]`` (int64).
+
+    temperature 0: argmax (top_k / top_p ignored). Otherwise sample from
+    ``softmax(logits / temperature)`` over the ``top_k`` largest logits (ties at the k-th
+    value kept) and, with ``top_p``, over the smallest prefix of tokens sorted by
+    probability whose mass reaches ``top_p`` (the most likely token is always kept).
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+# --------------------------------------------------------------------------- arguments
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _prompt_list(prompts, vocab: int, device: torch.device) -> list[torch.Tensor]:
+    """prompts (a [B, T] tensor or a sequence of 1-D tensors / int lists) -> 1-D int64
+    tensors on ``device``, checked."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompts: expected a [B, T] integer tensor or a list of 1-D prompts, "
+                             f"got a tensor of shape {tuple(prompts.shape)}")
+        rows = list(prompts.unbind(0))
+    elif isinstance(prompts, (list, tuple)):
+        rows = list(prompts)
+    else:
+        raise TypeError(f"prompts: expected a [B, T] integer tensor or a list of 1-D prompts "
+                        f"(tensors or int lists), got {type(prompts).__name__}")
+    if not rows:
+        raise ValueError("prompts: expected at least one prompt, got none")
+    out = []
+    for b, p in enumerate(rows):
+        name = f"prompts[{b}]"
+        if isinstance(p, torch.Tensor):
+            if p.dim() != 1:
+                raise ValueError(f"{name}: expected a 1-D tensor of token ids, got shape {tuple(p.shape)}")
+            if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
+                raise TypeError(f"{name}: expected an integer dtype, got {p.dtype}")
+        elif isinstance(p, (list, tuple)):
+            if not all(_is_int(t) for t in p):
+                bad = next(t for t in p if not _is_int(t))
+                raise TypeError(f"{name}: expected a list of int token ids, got an element {bad!r}")
+            p = torch.tensor(p, dtype=torch.int64)
+        else:
+            raise TypeError(f"{name}: expected a 1-D tensor or a list of ints, got {type(p).__name__}")
+        if p.numel() == 0:
+            raise ValueError(f"{name}: expected at least one token, got an empty prompt")
+        lo, hi = int(p.min()), int(p.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"{name}: token ids must lie in [0, {vocab}), got range [{lo}, {hi}]")
+        out.append(p.to(device=device, dtype=torch.int64))
+    return out
+
+
+def _check_options(max_new_tokens, temperature, top_k, top_p, stop_tokens, generator, page_size,
+                   cuda_graph, vocab: int, device: torch.device) -> tuple[float, set[int]]:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature: expected a finite float >= 0, got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= vocab):
+        raise ValueError(f"top_k: expected None or an int in [1, {vocab}], got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected None or a float in (0, 1], got {top_p!r}")
+    if stop_tokens is None:
+        stops: set[int] = set()
+    else:
+        items = [stop_tokens] if _is_int(stop_tokens) else stop_tokens
+        if isinstance(items, torch.Tensor):
+            items = items.flatten().tolist()
+        try:
+            items = list(items)
+        except TypeError:
+            raise TypeError(f"stop_tokens: expected None, an int or a sequence of ints, "
+                            f"got {type(stop_tokens).__name__}") from None
+        bad = [t for t in items if not _is_int(t) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_tokens: expected token ids in [0, {vocab}), got {bad}")
+        stops = set(items)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected None or a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator: expected a generator on the model's device type "
+                             f"{device.type!r}, got one on {generator.device}")
+    if page_size is not None and (not _is_int(page_size) or page_size < 1):
+        raise ValueError(f"page_size: expected None (contiguous cache) or a positive int, got {page_size!r}")
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph: expected None (auto), True or False, got {cuda_graph!r}")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph: True needs a model on a CUDA device, the model is on {device}")
+    return float(temperature), stops
+
+
+# --------------------------------------------------------------------------- generate
+
+@torch.inference_mode()
+def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, stop_tokens=None,
+             generator: torch.Generator | None = None, page_size: int | None = None,
+             cuda_graph: bool | None = None) -> list[torch.Tensor]:
+    """Generate up to ``max_new_tokens`` tokens after each prompt.
+
+    model:        ``palm_fast.reference.PaLM``, ``palm_fast.nn.PaLM``, or a model taught to
+                  :func:`decoder_parts` (a patched PaLM-pytorch model).
+    prompts:      a ``[B, T]`` integer tensor, or a list of 1-D integer tensors / int lists of
+                  any (different) lengths >= 1.
+    temperature:  0 = greedy; otherwise sample, restricted by ``top_k`` / ``top_p`` (see
+                  :func:`sample`) with ``generator`` (on the model's device type) when given.
+    stop_tokens:  an int or a collection of ints: a sequence ends at its first generated stop
+                  token (included in its output).
+    page_size:    None: contiguous KV cache; an int: paged cache with pages of that many tokens.
+    cuda_graph:   capture the decode step in a CUDA graph (None: when the model is on CUDA).
+
+    Returns one 1-D int64 tensor per prompt on the model's device: the prompt followed by its
+    new tokens. Raises TypeError / ValueError naming the argument for bad input.
+    """
+    from .kv_cache import KVCache
+
+    parts = decoder_parts(model)
+    layers = _prepare_layers(parts)
+    head = parts.head_weight
+    device, dtype = head.device, head.dtype
+    vocab = head.shape[0]
+    temperature, stops = _check_options(max_new_tokens, temperature, top_k, top_p, stop_tokens,
+                                        generator, page_size, cuda_graph, vocab, device)
+    rows = _prompt_list(prompts, vocab, device)
+    lens = [int(p.numel()) for p in rows]
+    B, T = len(rows), max(lens)
+    max_len = T + max_new_tokens
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_seq_len", None)
+    if limit is not None and max_len > limit:
+        raise ValueError(f"max_new_tokens: the longest prompt ({T} tokens) + {max_new_tokens} new "
+                         f"tokens exceeds the model's max_seq_len {limit}")
+    if max_new_tokens == 0:
+        return [p.clone() for p in rows]
+    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+
+    tokens = torch.zeros(B, T, dtype=torch.int64, device=device)
+    for b, p in enumerate(rows):
+        tokens[b, : lens[b]] = p
+    lengths = torch.tensor(lens, dtype=torch.int32, device=device)
+    cache = KVCache(len(layers), B, max_len, layers[0].head_dim, dtype=dtype, device=device,
+                    page_size=page_size)
+    final_norm = _fast_norm(parts.norm)
+
+    def step(tok: torch.Tensor) -> torch.Tensor:
+        return _decode_step(parts, layers, final_norm, cache, tok)
+
+    logits = _prefill(parts, layers, final_norm, cache, tokens, lengths)
+    # every page the decode steps will write, allocated now: no allocation inside a step
+    cache.reserve(max_new_tokens - 1)
+    new = torch.empty(B, max_new_tokens, dtype=torch.int64, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_ids = torch.tensor(sorted(stops), dtype=torch.int64, device=device) if stops else None
+    graphed = None
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        nxt = sample(logits, temperature, top_k, top_p, generator)
+        new[:, n - 1] = nxt
+        if stop_ids is not None:
+            done |= torch.isin(nxt, stop_ids)
+            # one host sync per step on CPU (free); every 8 steps on GPU
+            if (device.type == "cpu" or n % 8 == 0) and bool(done.all()):
+                break
+        if n == max_new_tokens:
+            break
+        if use_graph:
+            if graphed is None:
+                graphed = _GraphedStep(step, nxt)
+            logits = graphed(nxt)
+        else:
+            logits = step(nxt)
+        cache.advance(1)
+    return _assemble(rows, new[:, :n].cpu(), stops)
+
+
+def _assemble(rows: list[torch.Tensor], new: torch.Tensor, stops: set[int]) -> list[torch.Tensor]:
+    """prompt + new tokens per sequence, each cut after its first stop token."""
+    out = []
+    for b, p in enumerate(rows):
+        gen = new[b]
+        if stops:
+            hits = torch.isin(gen, torch.tensor(sorted(stops), dtype=gen.dtype)).nonzero()
+            if hits.numel():
+                gen = gen[: int(hits[0, 0]) + 1]
+        out.append(torch.cat((p, gen.to(p.device))))
+    return out

@@ -1,0 +1,412 @@
+"""The multi-query KV cache of fast decoding (one K and one V head per layer).
+
+Two storages, chosen by ``page_size``:
+
+* **contiguous** (``page_size=None``): ``k``, ``v`` ``[n_layers, batch, max_len, head_dim]``;
+  token ``i`` of sequence ``b`` lives at ``k[layer, b, i]``.
+* **paged** (``page_size`` given): pools ``k``, ``v`` ``[n_layers, num_pages, page_size,
+  head_dim]`` and an int32 ``page_table`` ``[batch, ceil(max_len / page_size)]``; token ``i``
+  of sequence ``b`` lives at ``k[layer, page_table[b, i // page_size], i % page_size]``.
+  Pages are taken from a free list when an ``append`` / ``advance`` / ``reserve`` first
+  needs them (unused table entries are -1) and given back by ``reset``. Every layer uses
+  the same page table (the pools have one slice per layer).
+
+``lengths`` (int32 ``[batch]`` on the cache's device) counts the tokens cached per sequence.
+A host copy of it (and of the page table) is kept in step by this class, so that checks
+never read the device; change the cache only through its methods.
+
+**Shared prefixes** (paged only): ``fork(src, dst, n_tokens)`` makes the sequences ``dst``
+start with the first ``n_tokens`` tokens of ``src`` *without copying them*: the full pages
+of that prefix are shared (reference counted; a partly filled last page is copied, since
+the sequences write their own tokens into it). The sequences sharing pages form a *prefix
+group*; ``palm_fast.ops.mqa_decode`` reads a group's shared pages once for all its members
+(``prefix_groups()`` lists them). Pages a group shares are never written again: every
+sequence appends at its own length, which is past the shared pages.
+
+Every method validates all of its arguments before it changes anything: a rejected call
+(``ValueError`` / ``TypeError`` naming the argument, expected and received) leaves the
+cache bitwise unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["KVCache", "PrefixGroup"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_pos_int(name: str, value, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected an int {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class PrefixGroup:
+    """Sequences ``members`` (sorted) share the pages holding tokens ``[0, n_tokens)``
+    (``n_tokens`` is a multiple of the page size); ``pages`` are those pages, in order."""
+
+    members: tuple[int, ...]
+    n_tokens: int
+    pages: tuple[int, ...]
+
+
+class KVCache:
+    """Preallocated MQA key/value cache; see the module docstring.
+
+    ``KVCache(n_layers, batch, max_len, head_dim, *, dtype=torch.float32, device="cpu",
+    page_size=None, num_pages=None)``; ``num_pages`` defaults to enough pages for every
+    sequence to reach ``max_len`` (``batch * ceil(max_len / page_size)``).
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device="cpu", page_size: int | None = None,
+                 num_pages: int | None = None):
+        self.n_layers = _check_pos_int("n_layers", n_layers)
+        self.batch = _check_pos_int("batch", batch)
+        self.max_len = _check_pos_int("max_len", max_len)
+        self.head_dim = _check_pos_int("head_dim", head_dim)
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected one of {_FLOAT_DTYPES}, got {dtype}")
+        device = torch.device(device)
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected a cpu or cuda device, got {device}")
+        self.dtype, self.device = dtype, device
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self._host_lengths = [0] * batch
+        if page_size is None:
+            if num_pages is not None:
+                raise ValueError(f"num_pages: only meaningful with page_size, got num_pages={num_pages} "
+                                 "and page_size=None")
+            self.page_size = None
+            self.num_pages = None
+            shape = (n_layers, batch, max_len, head_dim)
+            self.page_table = None
+        else:
+            self.page_size = _check_pos_int("page_size", page_size)
+            self.blocks_per_seq = math.ceil(max_len / page_size)
+            if num_pages is None:
+                num_pages = batch * self.blocks_per_seq
+            self.num_pages = _check_pos_int("num_pages", num_pages)
+            shape = (n_layers, num_pages, page_size, head_dim)
+            self.page_table = torch.full((batch, self.blocks_per_seq), -1, dtype=torch.int32,
+                                         device=device)
+            self._host_table = [[-1] * self.blocks_per_seq for _ in range(batch)]
+            self._refcount = [0] * num_pages
+            self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
+            self._groups: list[PrefixGroup] = []
+        # Zero-filled (not empty): unused slots hold finite values, so a bug that reads
+        # past a length shows as a wrong result rather than as NaN noise.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._full_n_new: dict[int, torch.Tensor] = {}
+        self._decode_meta = None  # shared-prefix index tensors, rebuilt when groups change
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def paged(self) -> bool:
+        return self.page_size is not None
+
+    def host_lengths(self) -> list[int]:
+        """The cached token counts as a Python list (no device read)."""
+        return list(self._host_lengths)
+
+    def free_pages(self) -> int:
+        """Pages not referenced by any sequence (paged caches)."""
+        self._require_paged("free_pages")
+        return len(self._free)
+
+    def prefix_groups(self) -> list[PrefixGroup]:
+        """The current shared-prefix groups (paged caches; empty when nothing is shared)."""
+        return list(self._groups) if self.paged else []
+
+    def __repr__(self) -> str:
+        kind = (f"paged(page_size={self.page_size}, num_pages={self.num_pages})" if self.paged
+                else "contiguous")
+        return (f"KVCache(n_layers={self.n_layers}, batch={self.batch}, max_len={self.max_len}, "
+                f"head_dim={self.head_dim}, dtype={self.dtype}, device={self.device}, {kind})")
+
+    # ------------------------------------------------------------------ validation helpers
+    def _require_paged(self, what: str) -> None:
+        if not self.paged:
+            raise ValueError(f"{what}: needs a paged cache (page_size given), this cache is contiguous")
+
+    def check_layer(self, layer) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer: expected 0 <= layer < {self.n_layers}, got {layer}")
+        return layer
+
+    def _check_seq(self, name: str, b) -> int:
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise TypeError(f"{name}: expected an int sequence index, got {type(b).__name__}")
+        if not 0 <= b < self.batch:
+            raise ValueError(f"{name}: expected a sequence index in [0, {self.batch}), got {b}")
+        return b
+
+    def counts(self, name: str, n, upper: int | None = None) -> list[int]:
+        """``n`` (an int or an int tensor ``[batch]``) as a list of per-sequence counts, each
+        in ``[0, upper]``; raises naming ``name``. Reads a device tensor (a host sync)."""
+        if isinstance(n, bool):
+            raise TypeError(f"{name}: expected an int or an int tensor [{self.batch}], got bool")
+        if isinstance(n, int):
+            vals = [n] * self.batch
+        elif isinstance(n, torch.Tensor):
+            if n.dtype not in _INT_DTYPES:
+                raise TypeError(f"{name}: expected an int32/int64 tensor, got dtype {n.dtype}")
+            if tuple(n.shape) != (self.batch,):
+                raise ValueError(f"{name}: expected shape ({self.batch},), got {tuple(n.shape)}")
+            vals = [int(x) for x in n.tolist()]
+        else:
+            raise TypeError(f"{name}: expected an int or an int tensor [{self.batch}], got "
+                            f"{type(n).__name__}")
+        for b, x in enumerate(vals):
+            if x < 0 or (upper is not None and x > upper):
+                hi = "" if upper is None else f", {upper}"
+                raise ValueError(f"{name}: expected values in [0{hi}], got {x} for sequence {b}")
+        return vals
+
+    def check_room(self, n_new: list[int], what: str = "n_new") -> None:
+        """Raise (changing nothing) unless every sequence can take ``n_new[b]`` more tokens
+        (``max_len`` and, for a paged cache, free pages)."""
+        for b, n in enumerate(n_new):
+            if self._host_lengths[b] + n > self.max_len:
+                raise ValueError(f"{what}: cache overflow for sequence {b}: {self._host_lengths[b]} cached "
+                                 f"+ {n} new tokens exceeds max_len {self.max_len}")
+        if self.paged:
+            need = self._pages_needed([self._host_lengths[b] + n for b, n in enumerate(n_new)])
+            if need > len(self._free):
+                raise ValueError(f"{what}: out of pages: the new tokens need {need} more pages of "
+                                 f"{self.page_size}, {len(self._free)} of {self.num_pages} are free")
+
+    def _pages_needed(self, ends: list[int]) -> int:
+        need = 0
+        for b, end in enumerate(ends):
+            row = self._host_table[b]
+            need += sum(1 for j in range(math.ceil(end / self.page_size)) if row[j] < 0)
+        return need
+
+    # ------------------------------------------------------------------ page allocation
+    def _ensure_pages(self, ends: list[int]) -> None:
+        """Give each sequence pages for tokens ``[0, ends[b])`` (room already checked)."""
+        changed = False
+        for b, end in enumerate(ends):
+            row = self._host_table[b]
+            for j in range(math.ceil(end / self.page_size)):
+                if row[j] < 0:
+                    p = self._free.pop()
+                    self._refcount[p] = 1
+                    row[j] = p
+                    changed = True
+        if changed:
+            self._sync_table()
+
+    def _sync_table(self) -> None:
+        self.page_table.copy_(torch.tensor(self._host_table, dtype=torch.int32))
+
+    def reserve(self, n_tokens) -> None:
+        """Allocate pages now for ``n_tokens`` (int or ``[batch]`` tensor) more tokens per
+        sequence, so that later appends need no allocation (e.g. before capturing a decode
+        step in a CUDA graph). A no-op for a contiguous cache apart from the overflow check."""
+        n = self.counts("n_tokens", n_tokens)
+        self.check_room(n, "n_tokens")
+        if self.paged:
+            self._ensure_pages([self._host_lengths[b] + x for b, x in enumerate(n)])
+
+    # ------------------------------------------------------------------ writing
+    def full_n_new(self, T: int) -> torch.Tensor:
+        """A cached int32 tensor ``[batch]`` of ``T`` (the default ``n_new``); never written."""
+        t = self._full_n_new.get(T)
+        if t is None:
+            t = torch.full((self.batch,), T, dtype=torch.int32, device=self.device)
+            self._full_n_new[T] = t
+        return t
+
+    def prepare_write(self, layer, k, v, n_new) -> tuple[torch.Tensor, list[int]]:
+        """Check an append of ``k``, ``v`` ``[batch, T, head_dim]`` to ``layer`` and allocate its
+        pages. Returns (``n_new`` as an int32 device tensor, as a list). Shared by ``append`` and
+        ``palm_fast.ops.rope_append``; nothing is changed when it raises."""
+        self.check_layer(layer)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != self.dtype:
+                raise TypeError(f"{name}: expected dtype {self.dtype} (the cache's), got {t.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name}: expected device {self.device} (the cache's), got {t.device}")
+            if t.dim() != 3 or t.shape[0] != self.batch or t.shape[2] != self.head_dim:
+                raise ValueError(f"{name}: expected shape [{self.batch}, T, {self.head_dim}], got "
+                                 f"{list(t.shape)}")
+            if t.shape[2] > 1 and t.stride(2) != 1:
+                raise ValueError(f"{name}: expected a unit stride in the last dim, got strides "
+                                 f"{tuple(t.stride())}; call .contiguous() first")
+        if k.shape != v.shape:
+            raise ValueError(f"v: expected shape {list(k.shape)} (same as k), got {list(v.shape)}")
+        T = k.shape[1]
+        if n_new is None:
+            n_list = [T] * self.batch
+            n_dev = self.full_n_new(T)
+        else:
+            n_list = self.counts("n_new", n_new, upper=T)
+            if isinstance(n_new, int):
+                n_dev = self.full_n_new(n_new)
+            else:
+                if n_new.device != self.device:
+                    raise ValueError(f"n_new: expected device {self.device} (the cache's), "
+                                     f"got {n_new.device}")
+                n_dev = n_new.to(torch.int32)
+        self.check_room(n_list)
+        if self.paged:
+            self._ensure_pages([self._host_lengths[b] + n for b, n in enumerate(n_list)])
+        return n_dev, n_list
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, n_new=None) -> None:
+        """Write ``k``, ``v`` ``[batch, T, head_dim]`` into ``layer``: token ``t`` of sequence
+        ``b`` goes to index ``lengths[b] + t`` for ``t < n_new[b]`` (``n_new``: int or int
+        tensor ``[batch]``, default ``T``). Does not change ``lengths`` (see ``advance``)."""
+        from palm_fast.ops.mqa_decode import append_kv
+
+        append_kv(self, layer, k, v, n_new)
+
+    def advance(self, n_new) -> None:
+        """``lengths += n_new`` (int or int tensor ``[batch]``); call once per step after every
+        layer has appended."""
+        n = self.counts("n_new", n_new)
+        self.check_room(n)
+        if self.paged:
+            self._ensure_pages([self._host_lengths[b] + x for b, x in enumerate(n)])
+        self._host_lengths = [x + y for x, y in zip(self._host_lengths, n)]
+        if isinstance(n_new, torch.Tensor) and n_new.device == self.device:
+            self.lengths += n_new.to(torch.int32)
+        else:
+            self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32))
+
+    def reset(self, seqs=None) -> None:
+        """Empty the sequences ``seqs`` (an int or a list of ints; default all): their lengths
+        become 0 and their pages (paged) go back to the free list once no other sequence
+        shares them. The cached values themselves are left in place."""
+        if seqs is None:
+            seqs = list(range(self.batch))
+        elif isinstance(seqs, int) and not isinstance(seqs, bool):
+            seqs = [seqs]
+        seqs = [self._check_seq("seqs", b) for b in seqs]
+        for b in set(seqs):
+            self._host_lengths[b] = 0
+            if self.paged:
+                row = self._host_table[b]
+                for j, p in enumerate(row):
+                    if p >= 0:
+                        self._refcount[p] -= 1
+                        if self._refcount[p] == 0:
+                            self._free.append(p)
+                        row[j] = -1
+        self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32))
+        if self.paged:
+            self._sync_table()
+            self._drop_from_groups(set(seqs))
+
+    # ------------------------------------------------------------------ shared prefixes
+    def fork(self, src: int, dst, n_tokens: int | None = None) -> None:
+        """Let the empty sequences ``dst`` (an int or a list) start with the first ``n_tokens``
+        tokens of ``src`` (default: all of src's) in every layer, without copying the full
+        pages: they are shared (a partly filled last page is copied). Afterwards
+        ``lengths[d] = n_tokens``. ``src`` and the ``dst`` become one prefix group (sharing
+        the page-aligned part of the prefix), which ``mqa_decode`` reads once for all."""
+        self._require_paged("fork")
+        src = self._check_seq("src", src)
+        dsts = [dst] if isinstance(dst, int) and not isinstance(dst, bool) else list(dst)
+        dsts = [self._check_seq("dst", d) for d in dsts]
+        if not dsts:
+            raise ValueError("dst: expected at least one sequence index, got none")
+        if len(set(dsts)) != len(dsts) or src in dsts:
+            raise ValueError(f"dst: expected distinct sequence indices other than src={src}, got {dsts}")
+        if n_tokens is None:
+            n_tokens = self._host_lengths[src]
+        n_tokens = _check_pos_int("n_tokens", n_tokens)
+        if n_tokens > self._host_lengths[src]:
+            raise ValueError(f"n_tokens: expected <= the {self._host_lengths[src]} tokens cached for "
+                             f"src={src}, got {n_tokens}")
+        for d in dsts:
+            if self._host_lengths[d] != 0 or any(p >= 0 for p in self._host_table[d]):
+                raise ValueError(f"dst: sequence {d} is not empty (length {self._host_lengths[d]}); "
+                                 "reset it first")
+        n_full, rem = divmod(n_tokens, self.page_size)
+        if rem and len(self._free) < len(dsts):
+            raise ValueError(f"dst: out of pages: copying the partly filled last page for {len(dsts)} "
+                             f"sequences needs {len(dsts)} pages, {len(self._free)} are free")
+        src_row = self._host_table[src]
+        shared = src_row[:n_full]
+        for d in dsts:
+            row = self._host_table[d]
+            for j, p in enumerate(shared):
+                row[j] = p
+                self._refcount[p] += 1
+            if rem:
+                p_new = self._free.pop()
+                self._refcount[p_new] = 1
+                row[n_full] = p_new
+                self.k[:, p_new, :rem] = self.k[:, src_row[n_full], :rem]
+                self.v[:, p_new, :rem] = self.v[:, src_row[n_full], :rem]
+            self._host_lengths[d] = n_tokens
+        self._sync_table()
+        self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32))
+        if n_full:
+            self._add_group(src, dsts, n_full)
+
+    def _add_group(self, src: int, dsts: list[int], n_full: int) -> None:
+        n_tok = n_full * self.page_size
+        members = {src, *dsts}
+        for g in self._groups:  # forking a member again with the same prefix: one group
+            if src in g.members and g.n_tokens == n_tok:
+                members |= set(g.members)
+        # A sequence belongs to at most one group (its other sharing is then read per
+        # sequence, which gives the same result).
+        groups = [PrefixGroup(tuple(m for m in g.members if m not in members), g.n_tokens, g.pages)
+                  for g in self._groups]
+        groups = [g for g in groups if len(g.members) >= 2]
+        pages = tuple(self._host_table[src][:n_full])
+        groups.append(PrefixGroup(tuple(sorted(members)), n_tok, pages))
+        self._groups = groups
+        self._decode_meta = None
+
+    def _drop_from_groups(self, seqs: set[int]) -> None:
+        groups = [PrefixGroup(tuple(m for m in g.members if m not in seqs), g.n_tokens, g.pages)
+                  for g in self._groups]
+        self._groups = [g for g in groups if len(g.members) >= 2]
+        self._decode_meta = None
+
+    def decode_meta(self):
+        """Index tensors of the shared-prefix decode, built once per group change (None
+        without groups), all int32 on the cache's device: ``group_seq [G]`` (a member, whose
+        page-table row holds the shared pages), ``group_len [G]`` (shared tokens),
+        ``rows [G, M]`` (the members, padded with -1), ``starts [batch]`` (first unshared
+        token of each sequence, 0 outside groups), ``slot [batch]`` (``g * M + j`` for the
+        j-th member of group g, -1 outside groups)."""
+        if not self.paged or not self._groups:
+            return None
+        if self._decode_meta is None:
+            G = len(self._groups)
+            M = max(len(g.members) for g in self._groups)
+            rows = [[-1] * M for _ in range(G)]
+            starts = [0] * self.batch
+            slot = [-1] * self.batch
+            for i, g in enumerate(self._groups):
+                for j, m in enumerate(g.members):
+                    rows[i][j] = m
+                    starts[m] = g.n_tokens
+                    slot[m] = i * M + j
+
+            def dev(x):
+                return torch.tensor(x, dtype=torch.int32, device=self.device)
+
+            self._decode_meta = (dev([g.members[0] for g in self._groups]),
+                                 dev([g.n_tokens for g in self._groups]), dev(rows), dev(starts), dev(slot))
+        return self._decode_meta

@@ -1,0 +1,363 @@
+"""Multi-query decoding against a ``palm_fast.kv_cache.KVCache``: ``rope_append`` (RoPE on
+the new q and k, k and v written into the cache) and ``mqa_decode`` (one new query token
+per sequence attending over its cached keys).
+
+Math (reference: ``palm_fast.reference.layers.attention`` / ``RotaryEmbedding``). For
+sequence b with keys ``K_b[j]``, values ``V_b[j]``, ``j in [start_b, end_b)``, and each of
+the R query rows ``q[b, r]``::
+
+    s_j = scale * q[b, r] . K_b[j];   lse = log sum_j exp(s_j);   o = sum_j exp(s_j - lse) V_b[j]
+
+Custom ops (CPU -> C++ ``palm_fast._C``, CUDA -> Triton ``palm_fast.kernels.mqa_decode``):
+
+* ``palm_fast::rope_append(q, k, v, k_cache!, v_cache!, page_table?, lengths, n_new,
+  positions?, inv_freq, layer, interleaved) -> q_rot``: rotates q ``[B, T, H, hd]`` and
+  k ``[B, T, hd]`` at positions ``positions[b, t]`` (default ``lengths[b] + t``) and writes
+  rotated k and v at cache index ``lengths[b] + t`` for ``t < n_new[b]``. An empty
+  ``inv_freq`` (and q with 0 heads) is a plain append (``KVCache.append``).
+* ``palm_fast::mqa_decode(q, k_cache, v_cache, page_table?, starts?, ends, layer, scale,
+  fp32_out) -> (o, lse)``: q ``[B, R, hd]`` (R query rows, e.g. the H heads) over the keys
+  ``[starts[b], ends[b])`` of ``layer``; o ``[B, R, hd]`` (fp32 or q's dtype), lse
+  ``[B, R]`` fp32 (``-inf`` with o = 0 for an empty range).
+
+Shared prefixes (``KVCache.fork``): the decode of a prefix group runs the same op once over
+the group's shared pages with all members' query rows stacked (``n_members * H`` rows),
+then per sequence over the rest, and merges the two by log-sum-exp.
+
+Inference only: no autograd; the public functions raise when grad is required.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from palm_fast.kv_cache import KVCache
+from palm_fast.reference.functional import rope_inv_freq
+
+from ._dispatch import compiling
+
+__all__ = ["rope_append", "mqa_decode", "append_kv"]
+
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _triton():
+    from palm_fast.kernels import mqa_decode as kernels
+
+    return kernels
+
+
+# ---------------------------------------------------------------- plain PyTorch (temporary CPU path)
+def _token_rows(k_cache, page_table, layer, b, idx):
+    """Cache rows of tokens ``idx`` (a LongTensor) of sequence b in ``layer``."""
+    if page_table is None:
+        return k_cache[layer, b, idx]
+    ps = k_cache.shape[2]
+    pages = page_table[b].long()[idx // ps]
+    return k_cache[layer, pages, idx % ps]
+
+
+def _torch_rope_append(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions, inv_freq,
+                       layer, interleaved):
+    from palm_fast.reference.functional import apply_rope
+
+    B, T = k.shape[:2]
+    lens = lengths.tolist()
+    nn_ = n_new.tolist()
+    t = torch.arange(T, device=k.device)
+    pos = positions if positions is not None else lengths.long()[:, None] + t
+    if inv_freq.numel():
+        q_out = apply_rope(q, pos, inv_freq, interleaved=interleaved)
+        k = apply_rope(k[:, :, None], pos, inv_freq, interleaved=interleaved)[:, :, 0]
+    else:
+        q_out = q.clone()
+    for b in range(B):
+        n = nn_[b]
+        if n:
+            idx = lens[b] + torch.arange(n, device=k.device)
+            if page_table is None:
+                k_cache[layer, b, idx] = k[b, :n]
+                v_cache[layer, b, idx] = v[b, :n]
+            else:
+                ps = k_cache.shape[2]
+                pages = page_table[b].long()[idx // ps]
+                k_cache[layer, pages, idx % ps] = k[b, :n]
+                v_cache[layer, pages, idx % ps] = v[b, :n]
+    return q_out.contiguous()
+
+
+def _torch_mqa_decode(q, k_cache, v_cache, page_table, starts, ends, layer, scale, fp32_out):
+    B, R, hd = q.shape
+    o = torch.zeros(B, R, hd, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, R), float("-inf"), dtype=torch.float32, device=q.device)
+    st = starts.tolist() if starts is not None else [0] * B
+    en = ends.tolist()
+    for b in range(B):
+        if en[b] <= st[b]:
+            continue
+        idx = torch.arange(st[b], en[b], device=q.device)
+        kb = _token_rows(k_cache, page_table, layer, b, idx).float()
+        vb = _token_rows(v_cache, page_table, layer, b, idx).float()
+        s = (q[b].float() @ kb.T) * scale
+        lse[b] = torch.logsumexp(s, dim=-1)
+        o[b] = torch.softmax(s, dim=-1) @ vb
+    return (o if fp32_out else o.to(q.dtype)), lse
+
+
+# ---------------------------------------------------------------- custom ops
+@torch.library.custom_op("palm_fast::rope_append", mutates_args=("k_cache", "v_cache"))
+def rope_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, page_table: torch.Tensor | None, lengths: torch.Tensor,
+                   n_new: torch.Tensor, positions: torch.Tensor | None, inv_freq: torch.Tensor,
+                   layer: int, interleaved: bool) -> torch.Tensor:
+    raise NotImplementedError(f"palm_fast::rope_append: no kernel for device {q.device} (cpu or cuda)")
+
+
+@rope_append_op.register_kernel("cpu")
+def _rope_append_cpu(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions, inv_freq,
+                     layer, interleaved):
+    return _torch_rope_append(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions,
+                              inv_freq, layer, interleaved)
+
+
+@rope_append_op.register_kernel("cuda")
+def _rope_append_cuda(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions, inv_freq,
+                      layer, interleaved):
+    return _triton().rope_append(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions,
+                                 inv_freq, layer, interleaved)
+
+
+@rope_append_op.register_fake
+def _(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions, inv_freq, layer, interleaved):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("palm_fast::mqa_decode", mutates_args=())
+def mqa_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  page_table: torch.Tensor | None, starts: torch.Tensor | None, ends: torch.Tensor,
+                  layer: int, scale: float, fp32_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    raise NotImplementedError(f"palm_fast::mqa_decode: no kernel for device {q.device} (cpu or cuda)")
+
+
+@mqa_decode_op.register_kernel("cpu")
+def _mqa_decode_cpu(q, k_cache, v_cache, page_table, starts, ends, layer, scale, fp32_out):
+    return _torch_mqa_decode(q, k_cache, v_cache, page_table, starts, ends, layer, scale, fp32_out)
+
+
+@mqa_decode_op.register_kernel("cuda")
+def _mqa_decode_cuda(q, k_cache, v_cache, page_table, starts, ends, layer, scale, fp32_out):
+    return _triton().mqa_decode(q, k_cache, v_cache, page_table, starts, ends, layer, scale, fp32_out)
+
+
+@mqa_decode_op.register_fake
+def _(q, k_cache, v_cache, page_table, starts, ends, layer, scale, fp32_out):
+    o = q.new_empty(q.shape, dtype=torch.float32 if fp32_out else q.dtype)
+    return o, q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+_ROPE_APPEND = {"cpu": _rope_append_cpu, "cuda": _rope_append_cuda}
+_DECODE = {"cpu": _mqa_decode_cpu, "cuda": _mqa_decode_cuda}
+
+
+# ---------------------------------------------------------------- checks
+def _no_grad_check(name: str, **tensors) -> None:
+    if torch.is_grad_enabled():
+        for arg, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise RuntimeError(f"{name}: inference only (no autograd), but {arg} requires grad; "
+                                   "run under torch.no_grad() / torch.inference_mode() or detach it")
+
+
+def _can_read_device() -> bool:
+    """Value checks read tensors on the host: skipped while torch.compile traces or while a
+    CUDA graph is being captured (the eager call before capture does them)."""
+    if compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_cache(cache) -> None:
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache: expected a palm_fast.kv_cache.KVCache, got {type(cache).__name__}")
+
+
+def _check_like_cache(name: str, t, cache: KVCache, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != cache.dtype:
+        raise TypeError(f"{name}: expected dtype {cache.dtype} (the cache's), got {t.dtype}")
+    if t.device != cache.device:
+        raise ValueError(f"{name}: expected device {cache.device} (the cache's), got {t.device}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got shape {list(t.shape)}")
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_inv_freq(rotary_dim: int, base: float, device: torch.device) -> torch.Tensor:
+    return rope_inv_freq(rotary_dim, base).to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _empty_f32(device: torch.device) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.float32, device=device)
+
+
+# ---------------------------------------------------------------- public functions
+def append_kv(cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, n_new=None) -> None:
+    """``KVCache.append``: k, v ``[B, T, hd]`` written at ``lengths[b] + t`` for ``t < n_new[b]``."""
+    _check_cache(cache)
+    _no_grad_check("append", k=k, v=v)
+    n_dev, _ = cache.prepare_write(layer, k, v, n_new)
+    B, T, hd = k.shape
+    q = k.new_empty((B, T, 0, hd))
+    args = (q, k, v, cache.k, cache.v, cache.page_table, cache.lengths, n_dev, None,
+            _empty_f32(k.device), layer, False)
+    if compiling():
+        rope_append_op(*args)
+    else:
+        _ROPE_APPEND[k.device.type](*args)
+
+
+def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
+                positions: torch.Tensor | None = None, *, rotary_dim: int | None = None,
+                base: float = 10000.0, interleaved: bool = False, n_new=None) -> torch.Tensor:
+    """RoPE of the new q ``[B, T, H, hd]`` and k ``[B, T, hd]`` and their append to the cache.
+
+    Rotates the first ``rotary_dim`` (default hd) features of q and k at ``positions``
+    ``[B, T]`` (int; default ``cache.lengths[b] + t``), writes rotated k and v ``[B, T, hd]``
+    into ``layer`` at index ``lengths[b] + t`` for ``t < n_new[b]`` (int or int tensor
+    ``[B]``, default T), like ``KVCache.append`` (``lengths`` unchanged; call
+    ``cache.advance``). Returns the rotated q ``[B, T, H, hd]`` (contiguous, all T tokens).
+    q, k, v may be strided views (unit last stride). Inference only.
+    Raises TypeError/ValueError naming the argument; a rejected call changes nothing.
+    """
+    _check_cache(cache)
+    _no_grad_check("rope_append", q=q, k=k, v=v)
+    _check_like_cache("q", q, cache, 4)
+    B, T, H, hd = q.shape
+    if B != cache.batch or hd != cache.head_dim or H == 0:
+        raise ValueError(f"q: expected shape [{cache.batch}, T, H >= 1, {cache.head_dim}] (the cache's "
+                         f"batch and head_dim), got {list(q.shape)}")
+    if hd > 1 and q.stride(3) != 1:
+        raise ValueError(f"q: expected a unit stride in the last dim, got strides {tuple(q.stride())}")
+    if isinstance(k, torch.Tensor) and k.dim() == 3 and k.shape[1] != T:
+        raise ValueError(f"k: expected {T} tokens (q's T), got shape {list(k.shape)}")
+    rdim = hd if rotary_dim is None else rotary_dim
+    if isinstance(rdim, bool) or not isinstance(rdim, int):
+        raise TypeError(f"rotary_dim: expected an int, got {type(rdim).__name__}")
+    if rdim <= 0 or rdim % 2 or rdim > hd:
+        raise ValueError(f"rotary_dim: expected a positive even integer <= head dim {hd}, got {rdim}")
+    if positions is not None:
+        if not isinstance(positions, torch.Tensor):
+            raise TypeError(f"positions: expected an int tensor [{B}, {T}], got {type(positions).__name__}")
+        if positions.dtype not in _INT_DTYPES:
+            raise TypeError(f"positions: expected dtype int32 or int64, got {positions.dtype}")
+        if tuple(positions.shape) != (B, T):
+            raise ValueError(f"positions: expected shape ({B}, {T}), got {tuple(positions.shape)}")
+        if positions.device != cache.device:
+            raise ValueError(f"positions: expected device {cache.device}, got {positions.device}")
+        if _can_read_device() and positions.numel() and int(positions.min()) < 0:
+            raise ValueError(f"positions: expected values >= 0, got {int(positions.min())}")
+    inv_freq = (rope_inv_freq(rdim, base).to(q.device) if compiling()
+                else _cached_inv_freq(rdim, float(base), q.device))
+    n_dev, _ = cache.prepare_write(layer, k, v, n_new)  # last: it may allocate pages
+    args = (q, k, v, cache.k, cache.v, cache.page_table, cache.lengths, n_dev, positions, inv_freq,
+            layer, bool(interleaved))
+    if compiling():
+        return rope_append_op(*args)
+    return _ROPE_APPEND[q.device.type](*args)
+
+
+def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None) -> None:
+    if not isinstance(seq_lens, torch.Tensor):
+        raise TypeError(f"seq_lens: expected an int32 tensor [{cache.batch}], got {type(seq_lens).__name__}")
+    if seq_lens.dtype != torch.int32:
+        raise TypeError(f"seq_lens: expected dtype torch.int32, got {seq_lens.dtype}")
+    if tuple(seq_lens.shape) != (cache.batch,):
+        raise ValueError(f"seq_lens: expected shape ({cache.batch},), got {tuple(seq_lens.shape)}")
+    if seq_lens.device != cache.device:
+        raise ValueError(f"seq_lens: expected device {cache.device} (the cache's), got {seq_lens.device}")
+    if not seq_lens.is_contiguous():
+        raise ValueError(f"seq_lens: expected a contiguous tensor, got strides {tuple(seq_lens.stride())}")
+    if not _can_read_device():
+        return
+    lens = seq_lens.tolist()
+    for b, n in enumerate(lens):
+        if not 1 <= n <= cache.max_len:
+            raise ValueError(f"seq_lens: expected values in [1, {cache.max_len}] (max_len), got {n} for "
+                             f"sequence {b}")
+        if starts_host is not None and n < starts_host[b]:
+            raise ValueError(f"seq_lens: sequence {b} shares a {starts_host[b]}-token prefix, got "
+                             f"seq_lens {n} < {starts_host[b]}")
+    if cache.paged:
+        table = cache.page_table
+        if (not isinstance(table, torch.Tensor) or table.dtype != torch.int32
+                or tuple(table.shape) != (cache.batch, cache.blocks_per_seq) or not table.is_contiguous()):
+            raise ValueError(f"cache.page_table: expected a contiguous int32 tensor "
+                             f"[{cache.batch}, {cache.blocks_per_seq}], got "
+                             f"{getattr(table, 'dtype', None)} {list(getattr(table, 'shape', []))}")
+        rows = table.tolist()
+        for b, n in enumerate(lens):
+            used = rows[b][:math.ceil(n / cache.page_size)]
+            bad = [p for p in used if not 0 <= p < cache.num_pages]
+            if bad:
+                raise ValueError(f"cache.page_table: sequence {b} reads {n} tokens, but its pages {used} "
+                                 f"include {bad[0]}, not in [0, {cache.num_pages})")
+
+
+def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tensor, *,
+               scale: float | None = None, shared_prefix: bool | None = None) -> torch.Tensor:
+    """One decode step of multi-query attention over the cache.
+
+    q ``[B, H, hd]`` (one new, already rotated query token per sequence; contiguous) attends
+    over cache indices ``[0, seq_lens[b])`` of ``layer`` (seq_lens: int32 ``[B]`` on the
+    cache's device) with ``scale`` (default ``hd ** -0.5``). Returns o ``[B, H, hd]`` in q's
+    dtype. The kernels' launch grid does not depend on the lengths (CUDA-graph safe).
+    ``shared_prefix``: None/True read each prefix group's shared pages once for all its
+    members (paged caches with ``fork``); False reads them per sequence (same result).
+    Inference only. Raises TypeError/ValueError naming the argument.
+    """
+    _check_cache(cache)
+    _no_grad_check("mqa_decode", q=q)
+    _check_like_cache("q", q, cache, 3)
+    B, H, hd = q.shape
+    if B != cache.batch or hd != cache.head_dim or H == 0:
+        raise ValueError(f"q: expected shape [{cache.batch}, H >= 1, {cache.head_dim}] (the cache's batch "
+                         f"and head_dim), got {list(q.shape)}")
+    if not q.is_contiguous():
+        raise ValueError(f"q: expected a contiguous tensor, got strides {tuple(q.stride())}")
+    cache.check_layer(layer)
+    if scale is None:
+        scale = hd ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite float, got {scale!r}")
+    meta = cache.decode_meta() if shared_prefix in (None, True) else None
+    starts_host = None
+    if meta is not None:
+        starts_host = [0] * cache.batch
+        for g in cache.prefix_groups():
+            for m in g.members:
+                starts_host[m] = g.n_tokens
+    _check_seq_lens(cache, seq_lens, starts_host)
+    run = mqa_decode_op if compiling() else _DECODE[q.device.type]
+    if meta is None:
+        o, _ = run(q, cache.k, cache.v, cache.page_table, None, seq_lens, layer, float(scale), False)
+        return o
+    group_seq, group_len, rows, starts, slot = meta
+    G, M = rows.shape
+    # Prefix: all members' query rows of a group (M * H rows) over its shared pages, once.
+    q_pre = q[rows.clamp(min=0).long()].reshape(G, M * H, hd)
+    o_pre, lse_pre = run(q_pre, cache.k, cache.v, cache.page_table[group_seq.long()], None, group_len,
+                         layer, float(scale), True)
+    # Suffix: each sequence over its own tokens.
+    o_suf, lse_suf = run(q, cache.k, cache.v, cache.page_table, starts, seq_lens, layer, float(scale), True)
+    member = (slot >= 0)[:, None]
+    idx = slot.clamp(min=0).long()
+    o_p = o_pre.view(G * M, H, hd)[idx]
+    lse_p = torch.where(member, lse_pre.view(G * M, H)[idx], float("-inf"))
+    m = torch.maximum(lse_p, lse_suf)
+    w_p, w_s = torch.exp(lse_p - m), torch.exp(lse_suf - m)
+    o = (o_p * w_p[..., None] + o_suf * w_s[..., None]) / (w_p + w_s)[..., None]
+    return o.to(q.dtype)

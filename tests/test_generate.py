@@ -1,0 +1,349 @@
+"""palm_fast.generate: parity with the reference model's generate(), sampling, stopping,
+caches, CUDA graphs and argument checks (palm_fast/generation.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA, requires_cuda
+from torch import nn
+
+import palm_fast
+from palm_fast import PaLMConfig, get_config
+from palm_fast.generation import DecoderParts, decoder_parts, register_decoder_parts, sample
+from palm_fast.reference import PaLM
+
+CONFIGS = {
+    "tiny": get_config("palm-tiny"),                           # hd 16, 2 layers, 4 heads
+    "hd64": PaLMConfig(vocab_size=384, d_model=96, n_layers=3, n_heads=3, head_dim=64, d_ff=192,
+                       max_seq_len=128, name="hd64"),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is as fast, and far faster on a loaded
+    machine (idle worker threads of tiny ops spin and get descheduled)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def lively(config: PaLMConfig, seed: int = 0, cls=PaLM) -> PaLM:
+    """A randomly initialised model whose greedy continuations vary. At the standard init the
+    tied embedding dominates and greedy decoding repeats the last token; larger output
+    projections make the blocks (so attention over the cache) decide the next token."""
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn_out.weight.mul_(8.0)
+            blk.ff_out.weight.mul_(8.0)
+    return model
+
+
+def varied(seqs, n_new: int) -> None:
+    """The test compares something: continuations are not one repeated token."""
+    assert max(len(set(s[-n_new:].tolist())) for s in seqs) >= 4
+
+
+def ragged_prompts(vocab: int, lengths, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+
+
+# --------------------------------------------------------------------------- greedy parity
+
+@pytest.mark.parametrize("page_size", [None, 16])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_batch_matches_reference(name, page_size):
+    cfg = CONFIGS[name]
+    model = lively(cfg)
+    prompts = torch.randint(0, cfg.vocab_size, (3, 11), generator=torch.Generator().manual_seed(2))
+    n_new = 20
+    ref = model.generate(prompts, n_new)
+    out = palm_fast.generate(model, prompts, n_new, page_size=page_size)
+    varied(ref, n_new)
+    assert len(out) == 3
+    for b in range(3):
+        assert out[b].dtype == torch.int64 and out[b].shape == (11 + n_new,)
+        assert torch.equal(out[b], ref[b]), f"sequence {b}"
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_ragged_matches_reference_alone(name, page_size):
+    cfg = CONFIGS[name]
+    model = lively(cfg, seed=3)
+    lengths = (7, 1, 23, 16, 17)              # a single token; page boundaries 16 / 17
+    prompts = ragged_prompts(cfg.vocab_size, lengths)
+    n_new = 18
+    out = palm_fast.generate(model, [p.tolist() if i == 1 else p for i, p in enumerate(prompts)],
+                             n_new, page_size=page_size)
+    refs = [model.generate(p[None], n_new)[0] for p in prompts]
+    varied(refs, n_new)
+    for b, (o, r) in enumerate(zip(out, refs)):
+        assert torch.equal(o, r), f"sequence {b} (prompt length {lengths[b]})"
+
+
+def test_contiguous_and_paged_caches_agree_across_page_sizes():
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg, seed=4)
+    prompts = ragged_prompts(cfg.vocab_size, (5, 40, 12), seed=5)
+    base = palm_fast.generate(model, prompts, 24)
+    for page_size in (16, 32, 64):
+        out = palm_fast.generate(model, prompts, 24, page_size=page_size)
+        assert all(torch.equal(a, b) for a, b in zip(out, base)), f"page_size={page_size}"
+
+
+def test_max_new_tokens_zero_and_one():
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg)
+    prompts = ragged_prompts(cfg.vocab_size, (3, 6))
+    out = palm_fast.generate(model, prompts, 0)
+    assert all(torch.equal(o, p) for o, p in zip(out, prompts))
+    out = palm_fast.generate(model, prompts, 1)
+    for o, p in zip(out, prompts):
+        assert torch.equal(o, model.generate(p[None], 1)[0])
+
+
+def test_output_in_fp32_model_dtype_and_bf16_model_runs():
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg).to(torch.bfloat16)
+    out = palm_fast.generate(model, ragged_prompts(cfg.vocab_size, (4, 9)), 6)
+    assert [o.shape[0] for o in out] == [10, 15]
+    assert all(o.dtype == torch.int64 and int(o.max()) < cfg.vocab_size for o in out)
+
+
+# --------------------------------------------------------------------------- stop tokens
+
+def test_stop_tokens_end_each_sequence_at_its_first_stop():
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg, seed=6)
+    prompts = ragged_prompts(cfg.vocab_size, (6, 10, 3), seed=7)
+    n_new = 16
+    refs = [model.generate(p[None], n_new)[0] for p in prompts]
+    varied(refs, n_new)
+    # a stop token that sequence 0 generates at its 4th new token (and maybe elsewhere)
+    stop = int(refs[0][len(prompts[0]) + 3])
+    out = palm_fast.generate(model, prompts, n_new, stop_tokens=[stop, cfg.vocab_size - 1])
+    for p, r, o in zip(prompts, refs, out):
+        gen = r[len(p):].tolist()
+        cut = next((i + 1 for i, t in enumerate(gen) if t in (stop, cfg.vocab_size - 1)), len(gen))
+        assert o.tolist() == p.tolist() + gen[:cut]
+    assert out[0].shape[0] <= len(prompts[0]) + 4
+    # a stop token inside the prompt does not stop anything
+    out = palm_fast.generate(model, [prompts[0]], 5, stop_tokens=int(prompts[0][0]))
+    gen = out[0][len(prompts[0]):].tolist()
+    assert len(gen) == 5 or gen[-1] == int(prompts[0][0])
+
+
+def test_all_sequences_stopped_ends_early():
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg, seed=6)
+    prompts = ragged_prompts(cfg.vocab_size, (6, 10), seed=7)
+    firsts = [int(model.generate(p[None], 1)[0, -1]) for p in prompts]
+    out = palm_fast.generate(model, prompts, 50, stop_tokens=set(firsts))
+    assert [o.tolist() for o in out] == [p.tolist() + [f] for p, f in zip(prompts, firsts)]
+
+
+# --------------------------------------------------------------------------- sampling
+
+def _next_token_logits(model, seqs, n_prompt):
+    """For each sequence, the logits that chose each of its generated tokens."""
+    out = []
+    for s, n in zip(seqs, n_prompt):
+        with torch.no_grad():
+            logits = model(s[None, :-1])[0, n - 1:].float()      # predicts s[n:]
+        out.append((logits, s[n:]))
+    return out
+
+
+def test_top_k_never_samples_outside_the_top_k():
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg, seed=8)
+    prompts = ragged_prompts(cfg.vocab_size, (5, 12, 8, 2), seed=9)
+    k = 3
+    out = palm_fast.generate(model, prompts, 12, temperature=1.5, top_k=k,
+                             generator=torch.Generator().manual_seed(0))
+    picked_non_argmax = 0
+    for logits, toks in _next_token_logits(model, out, [len(p) for p in prompts]):
+        top = logits.topk(k, dim=-1).indices
+        assert (top == toks[:, None]).any(dim=-1).all()
+        picked_non_argmax += int((top[:, 0] != toks).sum())
+    assert picked_non_argmax > 0            # the sampling did sample
+
+
+def test_top_p_samples_inside_the_nucleus_and_tiny_top_p_is_greedy():
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg, seed=10)
+    prompts = ragged_prompts(cfg.vocab_size, (5, 9, 14), seed=11)
+    greedy = palm_fast.generate(model, prompts, 10)
+    tiny = palm_fast.generate(model, prompts, 10, temperature=1.0, top_p=1e-6,
+                              generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(greedy, tiny))
+    p = 0.6
+    out = palm_fast.generate(model, prompts, 10, temperature=2.0, top_p=p,
+                             generator=torch.Generator().manual_seed(2))
+    for logits, toks in _next_token_logits(model, out, [len(q) for q in prompts]):
+        probs = (logits / 2.0).softmax(dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        rank = (order == toks[:, None]).float().argmax(dim=-1)
+        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+        # the token's rank is inside the nucleus: the mass of the tokens above it is < p
+        assert (mass_before.gather(1, rank[:, None])[:, 0] < p + 1e-6).all()
+
+
+def test_sample_function_properties():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=g)
+    assert torch.equal(sample(logits), logits.argmax(-1))
+    assert torch.equal(sample(logits, 1.0, top_k=1, generator=g), logits.argmax(-1))
+    assert torch.equal(sample(logits, 1.0, top_p=1e-9, generator=g), logits.argmax(-1))
+    toks = sample(logits, 1.0, top_k=5, top_p=0.9, generator=g)
+    assert (logits.topk(5, -1).indices == toks[:, None]).any(-1).all()
+    # one dominant token: a nucleus of 0.5 holds only it
+    peaked = logits.clone()
+    peaked[:, 7] = 100.0
+    assert (sample(peaked, 1.0, top_p=0.5, generator=g) == 7).all()
+
+
+def test_seeded_sampling_is_deterministic():
+    cfg = CONFIGS["hd64"]
+    model = lively(cfg, seed=12)
+    prompts = ragged_prompts(cfg.vocab_size, (4, 13), seed=13)
+
+    def run(seed, **kw):
+        return palm_fast.generate(model, prompts, 12, temperature=1.0, top_k=20, top_p=0.95,
+                                  generator=torch.Generator().manual_seed(seed), **kw)
+
+    a, b = run(5), run(5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    c = run(5, page_size=16)
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+    assert any(not torch.equal(x, y) for x, y in zip(a, run(6)))
+
+
+# --------------------------------------------------------------------------- models
+
+def test_decoder_parts_of_the_reference_model():
+    cfg = CONFIGS["tiny"]
+    model = PaLM(cfg)
+    parts = decoder_parts(model)
+    assert parts.embed is model.embed and parts.norm is model.norm
+    assert list(parts.blocks) == list(model.blocks)
+    assert parts.head_weight is model.embed.weight
+    assert parts.logit_scale == pytest.approx(cfg.d_model ** -0.5)
+    assert decoder_parts(PaLM(cfg.replace(scale_logits=False))).logit_scale is None
+
+
+def test_unsupported_models_are_rejected():
+    with pytest.raises(TypeError, match="model: unsupported model class"):
+        decoder_parts(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="model: expected a PaLM nn.Module"):
+        decoder_parts("palm")
+    gqa = PaLM(CONFIGS["tiny"].replace(n_kv_heads=2))
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        palm_fast.generate(gqa, [[1, 2]], 2)
+    odd = PaLM(CONFIGS["tiny"])
+    odd.blocks[1].rotary.inv_freq.mul_(2.0)
+    with pytest.raises(ValueError, match=r"blocks\[1\].rotary.inv_freq"):
+        palm_fast.generate(odd, [[1, 2]], 2)
+
+
+def test_register_decoder_parts_for_a_custom_layout():
+    cfg = CONFIGS["tiny"]
+    inner = lively(cfg, seed=14)
+
+    class Wrapper(nn.Module):         # a user model holding a PaLM's pieces elsewhere
+        def __init__(self, m):
+            super().__init__()
+            self.tok, self.layers, self.final = m.embed, m.blocks, m.norm
+
+    register_decoder_parts(Wrapper, lambda m: DecoderParts(m.tok, list(m.layers), m.final,
+                                                           m.tok.weight, cfg.d_model ** -0.5))
+    prompts = ragged_prompts(cfg.vocab_size, (5, 8))
+    out = palm_fast.generate(Wrapper(inner), prompts, 8)
+    assert all(torch.equal(o, inner.generate(p[None], 8)[0]) for o, p in zip(out, prompts))
+    with pytest.raises(TypeError, match="cls"):
+        register_decoder_parts("Wrapper", lambda m: None)
+
+
+def test_fast_palm_generates_like_the_reference():
+    fast_cls = getattr(palm_fast.nn, "PaLM", None)
+    if fast_cls is None:
+        pytest.skip("palm_fast.nn.PaLM is not in this build yet (branch block)")
+    cfg = CONFIGS["hd64"]
+    ref = lively(cfg, seed=15)
+    fast = fast_cls(cfg).eval()
+    fast.load_state_dict(ref.state_dict())
+    prompts = ragged_prompts(cfg.vocab_size, (3, 10, 6), seed=16)
+    out = palm_fast.generate(fast, prompts, 12, page_size=16)
+    for o, p in zip(out, prompts):
+        assert torch.equal(o, ref.generate(p[None], 12)[0])
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+@requires_cuda
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_cuda_graph_matches_eager_and_reference(page_size):
+    cfg = CONFIGS["hd64"]
+    model = lively(cfg, seed=17).cuda()
+    prompts = [p.cuda() for p in ragged_prompts(cfg.vocab_size, (4, 19, 9), seed=18)]
+    eager = palm_fast.generate(model, prompts, 16, cuda_graph=False, page_size=page_size)
+    graphed = palm_fast.generate(model, prompts, 16, cuda_graph=True, page_size=page_size)
+    assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
+    for o, p in zip(graphed, prompts):
+        assert torch.equal(o, model.generate(p[None], 16)[0])
+    g = lambda: torch.Generator("cuda").manual_seed(3)  # noqa: E731
+    a = palm_fast.generate(model, prompts, 16, temperature=1.0, top_k=10, generator=g())
+    b = palm_fast.generate(model, prompts, 16, temperature=1.0, top_k=10, generator=g(),
+                           cuda_graph=False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return PaLM(CONFIGS["tiny"]).eval()
+
+
+@pytest.mark.parametrize("prompts, kwargs, exc, match", [
+    ("hello", {}, TypeError, "prompts: expected a .B, T. integer tensor"),
+    ([], {}, ValueError, "prompts: expected at least one prompt"),
+    (torch.zeros(4, dtype=torch.int64), {}, ValueError, r"prompts: .*got a tensor of shape \(4,\)"),
+    ([torch.zeros(2, 2, dtype=torch.int64)], {}, ValueError, r"prompts\[0\]: expected a 1-D tensor"),
+    ([[1, 2], torch.ones(3)], {}, TypeError, r"prompts\[1\]: expected an integer dtype"),
+    ([[1, 2.5]], {}, TypeError, r"prompts\[0\]: expected a list of int token ids"),
+    ([[1], []], {}, ValueError, r"prompts\[1\]: expected at least one token"),
+    ([[1, 256]], {}, ValueError, r"prompts\[0\]: token ids must lie in \[0, 256\)"),
+    ([[1, -1]], {}, ValueError, r"prompts\[0\]: token ids must lie"),
+    ([[1]], {"max_new_tokens": -1}, ValueError, "max_new_tokens: expected an int >= 0, got -1"),
+    ([[1]], {"max_new_tokens": 2.0}, ValueError, "max_new_tokens: expected an int"),
+    ([[1] * 100], {"max_new_tokens": 29}, ValueError, "max_new_tokens: .* exceeds the model's max_seq_len"),
+    ([[1]], {"temperature": -0.5}, ValueError, "temperature: expected a finite float >= 0"),
+    ([[1]], {"temperature": float("nan")}, ValueError, "temperature"),
+    ([[1]], {"top_k": 0}, ValueError, r"top_k: expected None or an int in \[1, 256\], got 0"),
+    ([[1]], {"top_k": 257}, ValueError, "top_k"),
+    ([[1]], {"top_p": 0.0}, ValueError, r"top_p: expected None or a float in \(0, 1\], got 0.0"),
+    ([[1]], {"top_p": 1.5}, ValueError, "top_p"),
+    ([[1]], {"stop_tokens": [3, 999]}, ValueError, r"stop_tokens: expected token ids in \[0, 256\)"),
+    ([[1]], {"stop_tokens": 2.5}, TypeError, "stop_tokens: expected None, an int or a sequence"),
+    ([[1]], {"generator": 3}, TypeError, "generator: expected None or a torch.Generator"),
+    ([[1]], {"page_size": 0}, ValueError, "page_size: expected None .* or a positive int, got 0"),
+    ([[1]], {"cuda_graph": "yes"}, TypeError, "cuda_graph: expected None"),
+])
+def test_bad_input(tiny_model, prompts, kwargs, exc, match):
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    n = kwargs.pop("max_new_tokens")
+    with pytest.raises(exc, match=match):
+        palm_fast.generate(tiny_model, prompts, n, **kwargs)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without CUDA")
+def test_cuda_graph_on_cpu_is_an_error(tiny_model):
+    with pytest.raises(ValueError, match="cuda_graph: True needs a model on a CUDA device"):
+        palm_fast.generate(tiny_model, [[1, 2]], 2, cuda_graph=True)

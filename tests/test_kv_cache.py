@@ -1,0 +1,171 @@
+"""palm_fast.kv_cache.KVCache: contiguous and paged storage, append / advance / reset,
+fork (shared prefixes), and validation that leaves the cache bitwise unchanged."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randn
+
+from palm_fast.kv_cache import KVCache
+
+
+def snapshot(cache: KVCache):
+    """Everything a rejected call must leave as it was (bitwise)."""
+    state = [cache.k.clone(), cache.v.clone(), cache.lengths.clone(), list(cache._host_lengths)]
+    if cache.paged:
+        state += [cache.page_table.clone(), [list(r) for r in cache._host_table],
+                  list(cache._refcount), list(cache._free), list(cache._groups)]
+    return state
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert torch.equal(x.flatten().view(torch.uint8), y.flatten().view(torch.uint8))  # bitwise
+        else:
+            assert x == y
+
+
+def cache_tokens(cache: KVCache, layer: int, b: int, which: str = "k") -> torch.Tensor:
+    """The cached rows [length, hd] of sequence b, read through the storage layout."""
+    store = cache.k if which == "k" else cache.v
+    n = cache.host_lengths()[b]
+    if not cache.paged:
+        return store[layer, b, :n]
+    idx = torch.arange(n)
+    pages = cache.page_table[b].long()[idx // cache.page_size]
+    return store[layer, pages, idx % cache.page_size]
+
+
+@pytest.mark.parametrize("page_size", [None, 1, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_append_advance_ragged(page_size, dtype):
+    L, B, T_max, hd = 2, 3, 37, 8
+    cache = KVCache(L, B, T_max, hd, dtype=dtype, page_size=page_size)
+    ref = {(layer, b): ([], []) for layer in range(L) for b in range(B)}
+    steps = [(5, None), (3, torch.tensor([3, 0, 1])), (1, 1), (7, torch.tensor([2, 7, 0], dtype=torch.int32))]
+    for T, n_new in steps:
+        counts = [T] * B if n_new is None else ([n_new] * B if isinstance(n_new, int) else n_new.tolist())
+        for layer in range(L):
+            k, v = randn(B, T, hd, dtype=dtype), randn(B, T, hd, dtype=dtype)
+            cache.append(layer, k, v, n_new)
+            for b in range(B):
+                ref[layer, b][0].append(k[b, :counts[b]])
+                ref[layer, b][1].append(v[b, :counts[b]])
+        cache.advance(n_new if n_new is not None else T)
+    for layer in range(L):
+        for b in range(B):
+            k_ref = torch.cat(ref[layer, b][0])
+            assert cache.lengths[b].item() == k_ref.shape[0] == cache.host_lengths()[b]
+            assert torch.equal(cache_tokens(cache, layer, b, "k"), k_ref)
+            assert torch.equal(cache_tokens(cache, layer, b, "v"), torch.cat(ref[layer, b][1]))
+    assert cache.lengths.dtype == torch.int32
+
+
+def test_paged_allocation_and_reset():
+    cache = KVCache(1, 2, 40, 4, page_size=8, num_pages=6)
+    cache.append(0, randn(2, 9, 4), randn(2, 9, 4))
+    cache.advance(9)
+    assert cache.free_pages() == 2
+    assert (cache.page_table[:, :2] >= 0).all() and (cache.page_table[:, 2:] == -1).all()
+    with pytest.raises(ValueError, match="out of pages"):
+        cache.reserve(16)  # needs 2 more pages per sequence
+    cache.reset(0)
+    assert cache.free_pages() == 4 and cache.host_lengths() == [0, 9]
+    assert (cache.page_table[0] == -1).all()
+    cache.reset()
+    assert cache.free_pages() == 6 and cache.lengths.tolist() == [0, 0]
+
+
+def test_fork_shares_pages():
+    cache = KVCache(2, 4, 64, 4, page_size=8)
+    k, v = randn(4, 21, 4), randn(4, 21, 4)
+    n0 = torch.tensor([21, 0, 0, 0])
+    for layer in range(2):
+        cache.append(layer, k, v, n0)
+    cache.advance(n0)
+    free = cache.free_pages()
+    cache.fork(0, [1, 2], 20)  # 2 full pages shared, the partial third copied
+    assert cache.free_pages() == free - 2
+    assert cache.host_lengths() == [21, 20, 20, 0]
+    assert torch.equal(cache.page_table[1, :2], cache.page_table[0, :2])
+    assert cache.page_table[1, 2] != cache.page_table[0, 2]
+    for layer in range(2):
+        for b in (1, 2):
+            assert torch.equal(cache_tokens(cache, layer, b), k[0, :20])
+    (g,) = cache.prefix_groups()
+    assert g.members == (0, 1, 2) and g.n_tokens == 16
+    # Appending to a forked sequence never touches the shared pages.
+    before = cache.k[:, cache.page_table[0, :2].long()].clone()
+    cache.append(0, randn(4, 3, 4), randn(4, 3, 4), torch.tensor([0, 3, 3, 0]))
+    cache.advance(torch.tensor([0, 3, 3, 0]))
+    assert torch.equal(cache.k[:, cache.page_table[0, :2].long()], before)
+    # Releasing members: pages come back only when no one shares them.
+    cache.reset([1, 2])
+    assert cache.free_pages() == free and len(cache.prefix_groups()) == 0
+    cache.reset(0)
+    assert cache.free_pages() == cache.num_pages
+
+
+def _bad_calls(cache: KVCache):
+    B, hd = cache.batch, cache.head_dim
+    f16 = torch.float16
+    k, v = randn(B, 2, hd), randn(B, 2, hd)
+    yield lambda: cache.append(0, k, v), ValueError, "overflow"
+    yield lambda: cache.append(3, randn(B, 1, hd), randn(B, 1, hd)), ValueError, "layer"
+    yield lambda: cache.append(0, randn(B + 1, 1, hd), randn(B + 1, 1, hd)), ValueError, "k: expected shape"
+    yield lambda: cache.append(0, randn(B, 1, hd + 1), randn(B, 1, hd + 1)), ValueError, "k: expected shape"
+    yield lambda: cache.append(0, randn(B, 1, hd), randn(B, 2, hd)), ValueError, "v: expected shape"
+    yield lambda: cache.append(0, randn(B, 1, hd, dtype=f16), randn(B, 1, hd)), TypeError, "k: expected dtype"
+    yield lambda: cache.append(0, randn(B, 1, 2 * hd)[..., ::2], v[:, :1]), ValueError, "unit stride"
+    yield lambda: cache.append(0, k[:, :1], v[:, :1], torch.tensor([2] * B)), ValueError, "n_new"
+    yield lambda: cache.append(0, k[:, :1], v[:, :1], torch.tensor([1.0] * B)), TypeError, "n_new"
+    yield lambda: cache.append(0, k[:, :1], v[:, :1], torch.tensor([-1] * B)), ValueError, "n_new"
+    yield lambda: cache.advance(2), ValueError, "overflow"
+    yield lambda: cache.advance(torch.tensor([0] * (B + 1))), ValueError, "n_new"
+    yield lambda: cache.reset(B), ValueError, "seqs"
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_rejected_calls_leave_cache_unchanged(page_size):
+    cache = KVCache(2, 3, 9, 8, page_size=page_size)
+    cache.append(0, randn(3, 8, 8), randn(3, 8, 8))
+    cache.append(1, randn(3, 8, 8), randn(3, 8, 8))
+    cache.advance(8)  # one slot left
+    before = snapshot(cache)
+    for call, err, match in _bad_calls(cache):
+        with pytest.raises(err, match=match):
+            call()
+        assert_same(snapshot(cache), before)
+
+
+def test_paged_rejections_unchanged():
+    cache = KVCache(1, 3, 32, 4, page_size=4, num_pages=6)
+    cache.append(0, randn(3, 5, 4), randn(3, 5, 4), torch.tensor([5, 1, 0]))
+    cache.advance(torch.tensor([5, 1, 0]))
+    before = snapshot(cache)
+    bad = [
+        (lambda: cache.append(0, randn(3, 9, 4), randn(3, 9, 4)), ValueError, "out of pages"),
+        (lambda: cache.fork(0, [1], 4), ValueError, "not empty"),
+        (lambda: cache.fork(0, [0], 4), ValueError, "distinct"),
+        (lambda: cache.fork(0, [2], 6), ValueError, "n_tokens"),
+        (lambda: cache.fork(0, [], 4), ValueError, "at least one"),
+        (lambda: cache.fork(5, [2], 4), ValueError, "src"),
+    ]
+    for call, err, match in bad:
+        with pytest.raises(err, match=match):
+            call()
+        assert_same(snapshot(cache), before)
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="batch"):
+        KVCache(1, 0, 8, 4)
+    with pytest.raises(TypeError, match="dtype"):
+        KVCache(1, 1, 8, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="num_pages"):
+        KVCache(1, 1, 8, 4, num_pages=3)
+    with pytest.raises(TypeError, match="page_size"):
+        KVCache(1, 1, 8, 4, page_size=4.0)
