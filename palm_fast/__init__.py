@@ -12,3 +12,5 @@ from .config import PRESETS, PaLMConfig, get_config  # noqa: F401
 from .generation import generate  # noqa: F401
 
 __version__ = "0.1.0"
+from . import patching  # noqa: F401,E402
+from .patching import PatchReport, patch, register, unpatch  # noqa: F401,E402

@@ -1,0 +1,329 @@
+"""``palm_fast.patch`` for the public PaLM-pytorch package (``palm-pytorch`` 0.2.2).
+
+Its ``PaLM(dim=, num_tokens=, depth=, dim_head=64, heads=8, ff_mult=4)`` (keyword-only) returns
+``nn.Sequential(Embedding, depth x Residual(ParallelTransformerBlock), LayerNorm, Linear)`` with
+the Linear's weight tied to the embedding. Checked against the installed 0.2.2 source:
+
+* ``LayerNorm``: parameter ``gamma`` (ones), persistent buffer ``beta`` (zeros),
+  ``F.layer_norm(x, x.shape[-1:], gamma, beta)`` (eps 1e-5).
+* ``ParallelTransformerBlock``: ``norm`` (that LayerNorm); ``fused_attn_ff_proj`` (Linear, no
+  bias) split as ``q | k | v | ff`` with ``fused_dims = (heads*dim_head, dim_head, dim_head,
+  2*ff_mult*dim)``; ``rotary_emb`` (persistent buffer ``inv_freq = 1/10000^(arange(0,d,2)/d)``,
+  angles ``position * inv_freq`` concatenated twice: rotate-half RoPE over the whole head) on q
+  and on the single k head; then q scaled by ``scale = dim_head^-0.5``; causal softmax attention
+  with one shared k/v head (masked with ``-finfo.max``); ``attn_out`` (Linear) on the merged
+  heads; ``ff_out = Sequential(SwiGLU, Linear)`` where SwiGLU is ``x, gate = chunk(2);
+  silu(gate) * x`` (value | gate); output ``attn_out(o) + ff_out(ff)``. Non-persistent cache
+  buffers ``mask`` and ``pos_emb`` (None until the first forward).
+* ``Residual(fn)``: ``fn(x) + x`` (left as it is: it holds the block).
+
+Replacements (same attribute names, the same Parameter / buffer objects, same state_dict):
+
+* ``LayerNorm`` -> :class:`LayerNorm` on ``palm_fast.ops.layer_norm`` with ``beta`` as the bias
+  (applied whatever its value, so a loaded non-zero beta stays exact).
+* ``SwiGLU`` -> ``palm_fast.nn.SwiGLU`` (the same value | gate layout).
+* ``ParallelTransformerBlock`` -> :class:`ParallelTransformerBlock`: fast LayerNorm, fused RoPE
+  kernel (``palm_fast.ops.rope``) on q and k read in place from the projection, causal
+  multi-query attention through SDPA with the scale folded in, fast SwiGLU; it also exposes the
+  attribute names of ``palm_fast.reference.ParallelBlock`` (``in_proj``, ``split_sizes``,
+  ``rotary``, ...) as read-only aliases, for ``palm_fast.generate``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import nn as fast
+from ..ops.block import causal_mqa_attention
+from ..ops.layer_norm import layer_norm
+from ..ops.rope import rope
+from ..patching import PatchOptions, Unsupported, check_dtype, register
+from ..reference import functional as Fn
+
+__all__ = ["LayerNorm", "ParallelTransformerBlock", "register_all", "EPS", "ROPE_BASE"]
+
+EPS = 1e-5            # F.layer_norm's default, used by PaLM-pytorch
+ROPE_BASE = 10000.0
+
+
+def _pp():
+    from palm_pytorch import palm_pytorch as pp
+
+    return pp
+
+
+class LayerNorm(nn.Module):
+    """PaLM-pytorch's LayerNorm on the fast op: ``y = LN(x) * gamma + beta`` (eps 1e-5),
+    parameter ``gamma`` and persistent buffer ``beta`` as the original."""
+
+    def __init__(self, dim: int, *, device=None, dtype=None):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.register_buffer("beta", torch.zeros(dim, device=device, dtype=dtype))
+
+    @classmethod
+    def wrap(cls, m: nn.Module) -> LayerNorm:
+        """A fast LayerNorm sharing ``m``'s ``gamma`` Parameter and ``beta`` buffer."""
+        new = cls(m.gamma.shape[0], device="meta")
+        new.gamma = m.gamma
+        new.beta = m.beta
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.gamma, self.beta, EPS)
+
+    def extra_repr(self) -> str:
+        return f"{self.gamma.shape[0]}, eps={EPS}"
+
+
+class _RotaryView:
+    """``block.rotary`` for ``palm_fast.generate``: the reference RotaryEmbedding's attributes
+    (``rotary_dim``, ``base``, ``interleaved``, fp32 ``inv_freq``) read from the block."""
+
+    def __init__(self, rotary_emb: nn.Module):
+        self._m = rotary_emb
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self._m.inv_freq.float()
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self._m.inv_freq.numel()
+
+    base = ROPE_BASE
+    interleaved = False
+
+
+def _causal_mqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q ``[B, T, H, D]``, k and v ``[B, T, 1, D]`` -> ``softmax(q k^T * scale + causal) v``
+    ``[B, T, H, D]`` (``palm_fast.ops.causal_mqa_attention``: SDPA, k/v never copied per head)."""
+    return causal_mqa_attention(q, k, v, scale=scale)
+
+
+def _attention_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The original's attention math (einsum, ``-finfo.max`` causal mask, softmax)."""
+    T = q.shape[1]
+    sim = torch.einsum("bihd,bjd->bhij", q * scale, k[:, :, 0])
+    mask = torch.ones((T, T), device=q.device, dtype=torch.bool).triu(1)
+    sim = sim.masked_fill(mask, -torch.finfo(sim.dtype).max)
+    return torch.einsum("bhij,bjd->bihd", sim.softmax(dim=-1), v[:, :, 0])
+
+
+class ParallelTransformerBlock(nn.Module):
+    """PaLM-pytorch's ParallelTransformerBlock on palm_fast's kernels (see the module docstring).
+
+    Built by :meth:`wrap` from an original block, sharing its ``fused_attn_ff_proj``,
+    ``attn_out``, ``rotary_emb`` and ``ff_out``'s Linear; ``x [B, T, dim] -> attn_out(o) +
+    ff_out(ff)`` (the Residual around it adds x). Flags ``use_rope`` / ``use_attention`` choose
+    the fused RoPE kernel / SDPA or the plain PyTorch math for those two inline pieces.
+    """
+
+    def __init__(self):
+        super().__init__()
+        # set by wrap(); plain attributes, not state
+        self.heads = self.dim_head = 0
+        self.scale = 0.0
+        self.fused_dims: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self.use_rope = self.use_attention = True
+
+    @classmethod
+    def wrap(cls, m: nn.Module, opts: PatchOptions) -> ParallelTransformerBlock:
+        pp = _pp()
+        check_dtype(m)
+        H = int(m.heads)
+        fused = tuple(int(s) for s in m.fused_dims)
+        if len(fused) != 4:
+            raise Unsupported(f"fused_dims {fused}: expected 4 sizes (q, k, v, ff)")
+        qd, kd, vd, ffd = fused
+        if qd % H:
+            raise Unsupported(f"fused_dims: q size {qd} is not a multiple of heads={H}")
+        D = qd // H
+        if (kd, vd) != (D, D):
+            raise Unsupported(f"fused_dims: k, v sizes {(kd, vd)} != one head of dim_head={D} "
+                              "(only multi-query attention with one k/v head is supported)")
+        proj, out, rot = m.fused_attn_ff_proj, m.attn_out, m.rotary_emb
+        if type(proj) is not nn.Linear or proj.bias is not None or proj.out_features != sum(fused):
+            raise Unsupported("fused_attn_ff_proj: expected a bias-free nn.Linear with "
+                              f"{sum(fused)} outputs")
+        if type(out) is not nn.Linear or out.bias is not None or out.in_features != qd:
+            raise Unsupported(f"attn_out: expected a bias-free nn.Linear with {qd} inputs")
+        if type(rot) is not pp.RotaryEmbedding or 2 * rot.inv_freq.numel() != D:
+            raise Unsupported(f"rotary_emb: expected palm_pytorch's RotaryEmbedding over the whole "
+                              f"head (dim {D})")
+        ff = m.ff_out
+        if not (type(ff) is nn.Sequential and len(ff) == 2 and type(ff[0]) in (pp.SwiGLU, fast.SwiGLU)
+                and type(ff[1]) is nn.Linear and ff[1].bias is None and 2 * ff[1].in_features == ffd):
+            raise Unsupported("ff_out: expected Sequential(SwiGLU, bias-free Linear with "
+                              f"{ffd // 2} inputs)")
+        if type(m.norm) not in (pp.LayerNorm, LayerNorm):
+            raise Unsupported(f"norm: expected palm_pytorch's LayerNorm, got {type(m.norm).__qualname__}")
+        if m.norm.gamma.dtype != m.norm.beta.dtype:
+            raise Unsupported(f"norm: gamma ({m.norm.gamma.dtype}) and beta ({m.norm.beta.dtype}) "
+                              "dtypes differ")
+        new = cls()
+        new.heads, new.dim_head, new.scale, new.fused_dims = H, D, float(m.scale), fused
+        new.use_rope, new.use_attention = bool(opts.rope), bool(opts.attention)
+        new.norm = LayerNorm.wrap(m.norm) if opts.layer_norm and type(m.norm) is pp.LayerNorm else m.norm
+        new.rotary_emb = rot
+        new.fused_attn_ff_proj = proj
+        new.attn_out = out
+        act = fast.SwiGLU() if opts.swiglu and type(ff[0]) is pp.SwiGLU else ff[0]
+        new.ff_out = nn.Sequential(act, ff[1])
+        return new
+
+    # ------------------------------------------- palm_fast.reference.ParallelBlock's names
+    # (read-only aliases: properties are not state, so the state_dict keeps its keys)
+    @property
+    def in_proj(self) -> nn.Linear:
+        return self.fused_attn_ff_proj
+
+    @property
+    def split_sizes(self) -> tuple[int, int, int, int]:
+        return self.fused_dims
+
+    @property
+    def rotary(self) -> _RotaryView:
+        return _RotaryView(self.rotary_emb)
+
+    @property
+    def act(self) -> nn.Module:
+        return self.ff_out[0]
+
+    @property
+    def ff_linear(self) -> nn.Linear:
+        return self.ff_out[1]
+
+    @property
+    def n_heads(self) -> int:
+        return self.heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim_head
+
+    n_kv_heads = 1
+
+    # ------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, D = self.heads, self.dim_head
+        q, k, v, ff = self.fused_attn_ff_proj(self.norm(x)).split(self.fused_dims, dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, 1, D), v.view(B, T, 1, D)
+        inv_freq = self.rotary_emb.inv_freq.float()
+        if self.use_rope:
+            q, k = rope(q, k, inv_freq=inv_freq)   # positions 0..T-1; q, k read in place
+        else:
+            pos = torch.arange(T, device=x.device).expand(B, T)
+            q = Fn.apply_rope(q, pos, inv_freq)
+            k = Fn.apply_rope(k, pos, inv_freq)
+        attend = _causal_mqa if self.use_attention else _attention_plain
+        o = attend(q, k, v, self.scale)
+        return self.attn_out(o.reshape(B, T, H * D)) + self.ff_out(ff)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.heads}, dim_head={self.dim_head}, fused_dims={self.fused_dims}, "
+                f"rope={'fast' if self.use_rope else 'plain'}, "
+                f"attention={'sdpa' if self.use_attention else 'plain'}")
+
+
+# ----------------------------------------------------------------------- factories
+def _layer_norm(m: nn.Module, opts: PatchOptions) -> nn.Module:
+    check_dtype(m)
+    if m.gamma.dtype != m.beta.dtype:
+        raise Unsupported(f"gamma ({m.gamma.dtype}) and beta ({m.beta.dtype}) dtypes differ")
+    return LayerNorm.wrap(m)
+
+
+def _swiglu(m: nn.Module, opts: PatchOptions) -> nn.Module:
+    return fast.SwiGLU()
+
+
+def _block(m: nn.Module, opts: PatchOptions) -> nn.Module:
+    return ParallelTransformerBlock.wrap(m, opts)
+
+
+def _restore_block(orig: nn.Module, new: nn.Module) -> None:
+    # Drop the original's causal-mask and rotary caches: they may be on another device or
+    # dtype than the model now is; the original rebuilds them on its next forward.
+    orig.mask = None
+    orig.pos_emb = None
+
+
+# ------------------------------------------------------------- palm_fast.generate support
+class _BlockView:
+    """A PaLM-pytorch block (patched or not) seen through ``palm_fast.reference.ParallelBlock``'s
+    attribute names, as ``palm_fast.generate`` reads them (``ff_out`` is the output Linear;
+    the SwiGLU is ``act``)."""
+
+    def __init__(self, blk: nn.Module, rotary):
+        self.norm = blk.norm
+        self.in_proj = blk.fused_attn_ff_proj
+        self.split_sizes = tuple(int(s) for s in blk.fused_dims)
+        self.n_heads = int(blk.heads)
+        self.head_dim = self.split_sizes[0] // self.n_heads
+        self.rotary = rotary
+        self.act = blk.ff_out[0]
+        self.attn_out = blk.attn_out
+        self.ff_out = blk.ff_out[1]
+
+
+class _StandardRotary:
+    """The rotary table ``generate``'s fused RoPE computes: ``1 / 10000^(2i / rotary_dim)``."""
+
+    base = ROPE_BASE
+    interleaved = False
+
+    def __init__(self, rotary_dim: int):
+        self.rotary_dim = rotary_dim
+
+
+def decoder_parts(model: nn.Module):
+    """``palm_fast.generation.decoder_parts`` for PaLM-pytorch's ``nn.Sequential`` (patched or
+    not): ``Embedding, Residual(block) x depth, LayerNorm, Linear``; no logit scale. Raises
+    ValueError for another layout (generate then says why)."""
+    from ..generation import DecoderParts
+
+    pp = _pp()
+    blocks_ok = (pp.ParallelTransformerBlock, ParallelTransformerBlock)
+    norms_ok = (pp.LayerNorm, LayerNorm)
+    n = len(model)
+    if n < 4 or type(model[0]) is not nn.Embedding or type(model[-1]) is not nn.Linear \
+            or type(model[-2]) not in norms_ok:
+        raise ValueError("model: an nn.Sequential that is not laid out like PaLM-pytorch's PaLM "
+                         "(Embedding, Residual(ParallelTransformerBlock)..., LayerNorm, Linear)")
+    head = model[-1]
+    if head.bias is not None or head.weight.shape != model[0].weight.shape:
+        raise ValueError(f"model[{n - 1}]: expected a bias-free Linear {tuple(model[0].weight.shape)} "
+                         f"(the tied output head), got {head}")
+    views = []
+    for i in range(1, n - 2):
+        res = model[i]
+        blk = getattr(res, "fn", None)
+        if type(res) is not pp.Residual or type(blk) not in blocks_ok:
+            raise ValueError(f"model[{i}]: expected Residual(ParallelTransformerBlock), got "
+                             f"{type(res).__qualname__}({type(blk).__qualname__})")
+        D = int(blk.fused_dims[0]) // int(blk.heads)
+        if float(blk.scale) != D ** -0.5:
+            raise ValueError(f"model[{i}].fn.scale = {blk.scale}: generate uses dim_head^-0.5")
+        inv = blk.rotary_emb.inv_freq
+        want = Fn.rope_inv_freq(2 * inv.numel(), ROPE_BASE, device=inv.device)
+        # A half-precision model holds the standard table rounded to its dtype: accept that
+        # (generate's RoPE then uses the fp32 table, as the model had before .to(dtype)).
+        if not torch.equal(inv, want.to(inv.dtype)):
+            raise ValueError(f"model[{i}].fn.rotary_emb.inv_freq is not the standard table "
+                             f"1 / 10000^(2i / {2 * inv.numel()}) generate's fused RoPE computes")
+        views.append(_BlockView(blk, _StandardRotary(2 * inv.numel())))
+    return DecoderParts(embed=model[0], blocks=views, norm=model[-2], head_weight=head.weight,
+                        logit_scale=None)
+
+
+def register_all() -> None:
+    from ..generation import register_decoder_parts
+
+    register_decoder_parts(nn.Sequential, decoder_parts)
+    pp = _pp()
+    register(pp.LayerNorm, _layer_norm, kind="layer_norm", replace=True)
+    register(pp.SwiGLU, _swiglu, kind="swiglu", replace=True)
+    register(pp.ParallelTransformerBlock, _block, kind="block", restore=_restore_block,
+             inline=("rope", "attention"), replace=True)

@@ -1,0 +1,375 @@
+"""``palm_fast.patch`` / ``palm_fast.unpatch``: swap palm_fast's fast modules into an existing
+PaLM-style model, in place, by a plain recursive module walk.
+
+* A **registry** maps a module class to a replacement *factory*. Built in: palm_fast's reference
+  modules (``palm_fast.reference``) and the public PaLM-pytorch 0.2.2 package
+  (``palm_fast.integrations.palm_pytorch``). Users add their own classes with :func:`register`.
+* ``patch`` walks the module tree top-down. For a module whose exact class is registered (and
+  whose kind is enabled), it calls the factory; the replacement takes the original's place in its
+  parent and the walk does not enter it (it is already built of fast parts). Otherwise the walk
+  goes on into the module's children.
+* The replacement must keep the original's state: ``patch`` checks that its ``state_dict`` has
+  the same keys holding the *same tensor objects* (parameters are shared, never copied), so
+  ``state_dict``, ``load_state_dict`` and optimizers built before patching keep working.
+  A factory that breaks this is refused (the module stays as it was and the report says why).
+* A factory raises :class:`Unsupported` for a layout or option it cannot reproduce exactly; the
+  module is then left as it was (its children are still visited) and the skip, with its reason,
+  goes into the report and a :class:`PatchWarning`. Never a silent half-patch.
+* The report: ``patch`` returns the model (the same object, unless the root module itself was
+  replaced) and attaches a :class:`PatchReport` as ``model.palm_fast_report``.
+* ``unpatch`` puts every original back, first handing it the replacement's current parameters
+  and buffers (e.g. after ``model.to(device)``) and training flag.
+
+Replacing a module drops forward hooks registered on it, so a module with hooks is skipped
+(reported). To change options, ``unpatch`` and ``patch`` again: ``patch`` does not re-enter
+modules it already replaced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["patch", "unpatch", "register", "unregister", "registered", "PatchOptions",
+           "PatchReport", "PatchRecord", "PatchWarning", "Unsupported", "is_patched"]
+
+KINDS = ("rope", "swiglu", "layer_norm", "block", "attention")
+
+# The attribute on a replacement module that holds the module it replaced. Set with
+# object.__setattr__ so the original is not registered as a child (no extra state_dict keys).
+_ORIGINAL = "_palm_fast_original"
+_REPORT = "palm_fast_report"
+
+
+class Unsupported(Exception):
+    """Raised by a factory: this module cannot be replaced exactly; the message says why."""
+
+
+class PatchWarning(UserWarning):
+    """Issued by ``patch`` when it skipped a part of the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchOptions:
+    """Which kinds of fast module ``patch`` may use (the keyword flags of :func:`patch`)."""
+
+    rope: bool = True
+    swiglu: bool = True
+    layer_norm: bool = True
+    block: bool = True
+    attention: bool = True
+
+    def enabled(self, kind: str) -> bool:
+        return bool(getattr(self, kind))
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchRecord:
+    """One module ``patch`` replaced (``replacement`` set) or skipped (``reason`` set)."""
+
+    path: str              # dotted module path ("" for the root)
+    original: str          # class of the original module
+    replacement: str | None = None
+    reason: str | None = None
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What ``patch`` did: ``patched`` and ``skipped`` records, in walk order."""
+
+    patched: list[PatchRecord] = dataclasses.field(default_factory=list)
+    skipped: list[PatchRecord] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was skipped."""
+        return not self.skipped
+
+    def __str__(self) -> str:
+        lines = [f"palm_fast.patch: {len(self.patched)} module(s) replaced, {len(self.skipped)} skipped"]
+        lines += [f"  replaced {r.path or '<root>'}: {r.original} -> {r.replacement}" for r in self.patched]
+        lines += [f"  skipped  {r.path or '<root>'} ({r.original}): {r.reason}" for r in self.skipped]
+        return "\n".join(lines)
+
+
+Factory = Callable[[nn.Module, PatchOptions], nn.Module]
+Restore = Callable[[nn.Module, nn.Module], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    kind: str
+    factory: Factory
+    restore: Restore | None
+    inline: tuple[str, ...]
+
+
+_REGISTRY: dict[type, _Entry] = {}
+_BUILTINS_LOADED: set[str] = set()
+
+
+def register(cls: type, factory: Factory, *, kind: str = "block", restore: Restore | None = None,
+             inline: tuple[str, ...] = (), replace: bool = False) -> None:
+    """Teach ``patch`` a module class.
+
+    ``factory(module, options) -> replacement`` builds the fast module from an instance of
+    ``cls`` (exact class; subclasses are not matched). The replacement must keep the original's
+    state_dict keys, sharing the very same Parameter / buffer objects (assign them, do not copy);
+    raise :class:`Unsupported` (with the reason) for an instance it cannot reproduce exactly.
+    ``options`` is the :class:`PatchOptions` of the ``patch`` call (a block factory may use it to
+    choose its fast pieces). ``kind`` is the ``patch`` flag that enables this entry (one of
+    ``rope``, ``swiglu``, ``layer_norm``, ``block``, ``attention``). ``restore(original,
+    replacement)``, optional, runs in ``unpatch`` after the state was handed back (e.g. to drop
+    caches). ``inline``: kinds that are inline code of ``cls.forward`` (not submodules), so
+    they are patched only with the class itself: when ``kind`` is disabled but one of these is
+    enabled, the report says so. Registering a class twice raises ValueError unless
+    ``replace=True``.
+    """
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"cls: expected an nn.Module subclass, got {cls!r}")
+    if not callable(factory):
+        raise TypeError(f"factory: expected a callable, got {type(factory).__name__}")
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if restore is not None and not callable(restore):
+        raise TypeError(f"restore: expected a callable or None, got {type(restore).__name__}")
+    inline = tuple(inline)
+    bad = [k for k in inline if k not in KINDS]
+    if bad:
+        raise ValueError(f"inline: expected kinds among {KINDS}, got {bad}")
+    if cls in _REGISTRY and not replace:
+        raise ValueError(f"cls: {_qualname(cls)} is already registered (pass replace=True)")
+    _REGISTRY[cls] = _Entry(kind, factory, restore, inline)
+
+
+def unregister(cls: type) -> None:
+    """Forget ``cls`` (KeyError if it is not registered)."""
+    del _REGISTRY[cls]
+
+
+def registered() -> dict[type, str]:
+    """The registered classes and their kinds (built-ins included once loaded)."""
+    _load_builtins()
+    return {cls: e.kind for cls, e in _REGISTRY.items()}
+
+
+def _load_builtins() -> None:
+    """Register palm_fast's reference modules, and PaLM-pytorch's once it has been imported
+    (a model built from it implies it is; palm_fast never imports it by itself)."""
+    if "reference" not in _BUILTINS_LOADED:
+        _BUILTINS_LOADED.add("reference")
+        from .integrations import reference as _ref
+
+        _ref.register_all()
+    if "palm_pytorch" not in _BUILTINS_LOADED and "palm_pytorch.palm_pytorch" in sys.modules:
+        _BUILTINS_LOADED.add("palm_pytorch")
+        from .integrations import palm_pytorch as _pp
+
+        _pp.register_all()
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, name, None) for name in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+        "_state_dict_hooks", "_load_state_dict_pre_hooks"))
+
+
+def _state_mismatch(orig: nn.Module, new: nn.Module) -> str | None:
+    """Why ``new`` does not keep ``orig``'s state (None when it does)."""
+    a, b = orig.state_dict(keep_vars=True), new.state_dict(keep_vars=True)
+    if a.keys() != b.keys():
+        missing, extra = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+        return f"the replacement changes the state_dict keys (missing {missing}, extra {extra})"
+    copied = [k for k in a if a[k] is not b[k]]
+    if copied:
+        return f"the replacement does not share the original tensors (copied: {copied})"
+    pa = {id(p) for p in orig.parameters()}
+    pb = {id(p) for p in new.parameters()}
+    if pa != pb:
+        return "the replacement's parameters are not the original Parameter objects"
+    return None
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True when ``model`` or a module inside it is a palm_fast replacement."""
+    return any(_ORIGINAL in m.__dict__ for m in model.modules())
+
+
+def _replace(module: nn.Module, path: str, opts: PatchOptions, report: PatchReport) -> nn.Module | None:
+    """The replacement of ``module`` (recording it), or None to keep it and visit its children."""
+    cls = type(module)
+    entry = _REGISTRY.get(cls)
+    if entry is None:
+        parent = next((c for c in cls.__mro__[1:] if c in _REGISTRY), None)
+        if parent is not None and opts.enabled(_REGISTRY[parent].kind):
+            report.skipped.append(PatchRecord(path, _qualname(cls), reason=(
+                f"subclass of the registered {_qualname(parent)}: its forward may differ; "
+                "register it explicitly with palm_fast.register")))
+        return None
+    if not opts.enabled(entry.kind):
+        wanted = [k for k in entry.inline if opts.enabled(k)]
+        if wanted:
+            report.skipped.append(PatchRecord(path, _qualname(cls), reason=(
+                f"{' and '.join(wanted)} {'is' if len(wanted) == 1 else 'are'} inline code of "
+                f"{cls.__qualname__}.forward: patched only with {entry.kind}=True")))
+        return None
+    if _has_hooks(module):
+        report.skipped.append(PatchRecord(path, _qualname(cls), reason=(
+            "the module has hooks registered, which a replacement would drop")))
+        return None
+    try:
+        new = entry.factory(module, opts)
+    except Unsupported as e:
+        report.skipped.append(PatchRecord(path, _qualname(cls), reason=str(e)))
+        return None
+    if new is None or new is module:
+        return None
+    if not isinstance(new, nn.Module):
+        raise TypeError(f"palm_fast.patch: the factory for {_qualname(cls)} returned "
+                        f"{type(new).__name__}, expected an nn.Module")
+    why = _state_mismatch(module, new)
+    if why is not None:
+        report.skipped.append(PatchRecord(path, _qualname(cls), reason=why))
+        return None
+    new.train(module.training)
+    object.__setattr__(new, _ORIGINAL, module)
+    report.patched.append(PatchRecord(path, _qualname(cls), replacement=_qualname(type(new))))
+    return new
+
+
+def _walk(module: nn.Module, prefix: str, opts: PatchOptions, report: PatchReport) -> None:
+    for name, child in list(module.named_children()):
+        path = f"{prefix}.{name}" if prefix else name
+        if _ORIGINAL in child.__dict__:   # already a replacement
+            continue
+        new = _replace(child, path, opts, report)
+        if new is not None:
+            setattr(module, name, new)
+        else:
+            _walk(child, path, opts, report)
+
+
+def patch(model: nn.Module, *, rope: bool = True, swiglu: bool = True, layer_norm: bool = True,
+          block: bool = True, attention: bool = True) -> nn.Module:
+    """Swap palm_fast's fast modules into ``model`` in place; returns the model.
+
+    Flags enable each kind of replacement: ``layer_norm`` (LayerNorm modules), ``swiglu``
+    (SwiGLU activations), ``rope`` (rotary embedding modules, and RoPE inside a replaced block),
+    ``attention`` (causal attention inside a replaced block), ``block`` (whole transformer
+    blocks: for PaLM-pytorch, rotary embedding and attention are inline code of the block, so
+    they need ``block=True``). Parameters stay the same objects; the state_dict is unchanged.
+
+    The :class:`PatchReport` of this call is attached as ``model.palm_fast_report`` (print it);
+    every skipped part is also announced with a :class:`PatchWarning`. The returned model is
+    ``model`` itself unless ``model``'s own class was replaced (then use the return value).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    opts = PatchOptions(rope=rope, swiglu=swiglu, layer_norm=layer_norm, block=block,
+                        attention=attention)
+    _load_builtins()
+    report = PatchReport()
+    root = model
+    unsupported = _unsupported_dtypes(model)
+    if unsupported:
+        # Parameter-free modules (SwiGLU) cannot see the dtype they will get: refuse the model.
+        report.skipped.append(PatchRecord("", _qualname(type(model)), reason=(
+            f"the model holds {', '.join(unsupported)} tensors; palm_fast kernels take float32, "
+            "float16 or bfloat16 (nothing was patched)")))
+    elif _ORIGINAL not in model.__dict__:
+        new = _replace(model, "", opts, report)
+        if new is not None:
+            root = new
+        else:
+            _walk(model, "", opts, report)
+    object.__setattr__(root, _REPORT, report)
+    if report.skipped:
+        warnings.warn(str(report), PatchWarning, stacklevel=2)
+    return root
+
+
+def _hand_back_state(orig: nn.Module, new: nn.Module) -> None:
+    """Give ``orig`` the replacement's current parameters and buffers (same names) and mode."""
+    for kind in ("_parameters", "_buffers"):
+        named = new.named_parameters if kind == "_parameters" else new.named_buffers
+        for name, t in named(remove_duplicate=False):
+            mod_path, _, leaf = name.rpartition(".")
+            try:
+                owner = orig.get_submodule(mod_path)
+            except AttributeError:
+                continue
+            slots = getattr(owner, kind)
+            if leaf in slots and slots[leaf] is not t:
+                slots[leaf] = t
+    orig.train(new.training)
+
+
+def _restore(module: nn.Module) -> nn.Module:
+    orig = module.__dict__[_ORIGINAL]
+    _hand_back_state(orig, module)
+    entry = _REGISTRY.get(type(orig))
+    if entry is not None and entry.restore is not None:
+        entry.restore(orig, module)
+    return orig
+
+
+def _unwalk(module: nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        if _ORIGINAL in child.__dict__:
+            child = _restore(child)
+            setattr(module, name, child)
+        _unwalk(child)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put back every original module ``patch`` replaced; returns the (root) model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    root = _restore(model) if _ORIGINAL in model.__dict__ else model
+    _unwalk(root)
+    model.__dict__.pop(_REPORT, None)
+    root.__dict__.pop(_REPORT, None)
+    return root
+
+
+def _share(new: nn.Module, orig: nn.Module, names: list[str]) -> nn.Module:
+    """Point ``new``'s parameters / buffers called ``names`` at ``orig``'s objects."""
+    for n in names:
+        if n in orig._parameters:
+            new._parameters[n] = orig._parameters[n]
+            new._buffers.pop(n, None)
+        elif n in orig._buffers:
+            new._buffers[n] = orig._buffers[n]
+            new._parameters.pop(n, None)
+            if n in orig._non_persistent_buffers_set:
+                new._non_persistent_buffers_set.add(n)
+            else:
+                new._non_persistent_buffers_set.discard(n)
+        else:
+            raise AttributeError(f"{type(orig).__name__} has no parameter or buffer {n!r}")
+    return new
+
+
+def _unsupported_dtypes(model: nn.Module) -> list[str]:
+    found = {str(t.dtype) for t in list(model.parameters()) + list(model.buffers())
+             if t is not None and t.is_floating_point()
+             and t.dtype not in (torch.float32, torch.float16, torch.bfloat16)}
+    return sorted(found)
+
+
+def check_dtype(module: nn.Module) -> None:
+    """Raise Unsupported for parameters or buffers the fast kernels do not take (fp64...)."""
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t is not None and t.is_floating_point() and t.dtype not in (
+                torch.float32, torch.float16, torch.bfloat16):
+            raise Unsupported(f"{name} is {t.dtype}; palm_fast kernels take float32, float16 or bfloat16")
+        if t is not None and t.device.type not in ("cpu", "cuda", "meta"):
+            raise Unsupported(f"{name} is on {t.device}; palm_fast kernels run on cpu or cuda")

@@ -1,0 +1,515 @@
+"""palm_fast.patch / unpatch / register: our reference model and PaLM-pytorch 0.2.2.
+
+The PaLM-pytorch tests need the test extra (``pip install -e .[test]`` installs
+``palm-pytorch==0.2.2`` and ``einops``); they skip with that reason when it is missing.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_by_rule, max_err
+from torch import nn
+
+import palm_fast
+from palm_fast import patching
+from palm_fast.integrations import palm_pytorch as pp_fast
+from palm_fast.reference import PaLM as RefPaLM
+
+try:
+    from palm_pytorch import PaLM as PPaLM
+    from palm_pytorch import palm_pytorch as pp
+except ImportError:  # pragma: no cover - CI installs the test extra
+    PPaLM = pp = None
+
+needs_pp = pytest.mark.skipif(pp is None, reason="palm-pytorch 0.2.2 is not installed "
+                              "(pip install -e .[test] installs it)")
+
+V = 97  # vocabulary of the tiny test models
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def pp_model(seed: int = 0, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    args = dict(dim=64, num_tokens=V, depth=2, dim_head=16, heads=4, ff_mult=2)
+    args.update(kw)
+    return PPaLM(**args)
+
+
+def ref_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = palm_fast.get_config("palm-tiny").replace(vocab_size=V)
+    return RefPaLM(cfg)
+
+
+def quiet_patch(model, **kw):
+    """patch() with its PatchWarning captured (tests that expect skips check the report)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", patching.PatchWarning)
+        return palm_fast.patch(model, **kw)
+
+
+def tokens(B=2, T=37, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, T), generator=g)
+
+
+def lm_loss(model, x):
+    logits = model(x[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+
+
+def tensors_of(model):
+    return model.state_dict(keep_vars=True)
+
+
+# ------------------------------------------------------------------ PaLM-pytorch's structure
+@needs_pp
+def test_palm_pytorch_structure_facts():
+    """The facts the adapter relies on (../shared/PALM.md), read off the installed 0.2.2."""
+    m = pp_model()
+    assert isinstance(m, nn.Sequential) and len(m) == 5  # emb, 2 blocks, LN, Linear
+    assert m[-1].weight is m[0].weight                                   # tied output
+    blk = m[1].fn
+    assert type(m[1]) is pp.Residual and type(blk) is pp.ParallelTransformerBlock
+    assert blk.fused_dims == (4 * 16, 16, 16, 2 * 2 * 64)                # q | k | v | ff
+    assert blk.scale == 16 ** -0.5
+    sd = m.state_dict()
+    assert "1.fn.norm.gamma" in sd and "1.fn.norm.beta" in sd            # beta: persistent buffer
+    assert "1.fn.rotary_emb.inv_freq" in sd and "1.fn.ff_out.1.weight" in sd
+    assert "1.fn.mask" not in sd and "1.fn.pos_emb" not in sd            # caches: non-persistent
+    assert [n for n, _ in blk.norm.named_parameters()] == ["gamma"]
+    assert torch.equal(blk.norm.beta, torch.zeros(64))
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    assert torch.equal(blk.rotary_emb.inv_freq, inv)
+    with pytest.raises(TypeError):                                       # keyword-only
+        PPaLM(64, V, 2)
+
+
+# ------------------------------------------------------------------ logits parity
+@needs_pp
+def test_palm_pytorch_logits_fp32():
+    m = pp_model()
+    ref = copy.deepcopy(m)
+    x = tokens()
+    sd_before = tensors_of(m)
+    out = palm_fast.patch(m)
+    assert out is m and m.palm_fast_report.ok
+    assert len(m.palm_fast_report.patched) == 3                          # 2 blocks + final norm
+    assert type(m[1].fn) is pp_fast.ParallelTransformerBlock and type(m[3]) is pp_fast.LayerNorm
+    sd_after = tensors_of(m)
+    assert sd_after.keys() == sd_before.keys()
+    assert all(sd_after[k] is sd_before[k] for k in sd_before)          # the same objects
+    with torch.no_grad():
+        want, got = ref(x), m(x)
+    assert max_err(got, want) <= 2e-5 * max(1.0, want.abs().max().item())
+
+
+@needs_pp
+def test_palm_pytorch_logits_bf16_by_rule():
+    base = pp_model()
+    x = tokens(T=70)
+    ref64 = copy.deepcopy(base).double()
+    eager = copy.deepcopy(base).to(torch.bfloat16)
+    fast = palm_fast.patch(copy.deepcopy(base).to(torch.bfloat16))
+    assert fast.palm_fast_report.ok
+    with torch.no_grad():
+        assert_close_by_rule(fast(x), ref64(x), eager(x), name="logits")
+
+
+@needs_pp
+@pytest.mark.parametrize("flags", [dict(rope=False), dict(attention=False), dict(swiglu=False),
+                                   dict(layer_norm=False)])
+def test_palm_pytorch_flags_keep_parity(flags):
+    m = pp_model()
+    ref = copy.deepcopy(m)
+    palm_fast.patch(m, **flags)
+    blk = m[1].fn
+    assert type(blk) is pp_fast.ParallelTransformerBlock
+    if not flags.get("swiglu", True):
+        assert type(blk.ff_out[0]) is pp.SwiGLU
+    if not flags.get("layer_norm", True):
+        assert type(blk.norm) is pp.LayerNorm and type(m[3]) is pp.LayerNorm
+    x = tokens()
+    with torch.no_grad():
+        assert max_err(m(x), ref(x)) <= 2e-5 * max(1.0, ref(x).abs().max().item())
+
+
+@needs_pp
+def test_palm_pytorch_nonzero_beta_is_exact():
+    """beta is a buffer a state_dict may set non-zero: the fast LayerNorm applies it."""
+    m = pp_model()
+    with torch.no_grad():
+        for mod in m.modules():
+            if type(mod) is pp.LayerNorm:
+                mod.beta.normal_()
+    ref = copy.deepcopy(m)
+    palm_fast.patch(m)
+    x = tokens()
+    with torch.no_grad():
+        assert max_err(m(x), ref(x)) <= 2e-5 * max(1.0, ref(x).abs().max().item())
+
+
+def test_reference_palm_logits_and_grads():
+    m = ref_model()
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    rep = m.palm_fast_report
+    assert rep.ok and [r.path for r in rep.patched] == ["blocks.0", "blocks.1", "norm"]
+    assert all(type(b) is palm_fast.nn.ParallelBlock for b in m.blocks)
+    x = tokens(T=33)
+    want, got = ref(x), m(x)
+    assert max_err(got, want) <= 2e-5 * max(1.0, want.abs().max().item())
+    lm_loss(ref, x).backward()
+    lm_loss(m, x).backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), m.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_reference_palm_bf16_by_rule():
+    base = ref_model()
+    x = tokens(T=40)
+    ref64 = copy.deepcopy(base).double()
+    eager = copy.deepcopy(base).to(torch.bfloat16)
+    fast = quiet_patch(copy.deepcopy(base).to(torch.bfloat16))
+    with torch.no_grad():
+        assert_close_by_rule(fast(x), ref64(x), eager(x), name="logits")
+
+
+# ------------------------------------------------------------------ gradients and training
+@needs_pp
+def test_palm_pytorch_grad_parity_every_parameter():
+    m = pp_model()
+    ref = copy.deepcopy(m)
+    palm_fast.patch(m)
+    x = tokens(T=41)
+    lm_loss(ref, x).backward()
+    lm_loss(m, x).backward()
+    names = [n for n, _ in ref.named_parameters()]
+    assert len(names) == len(list(m.named_parameters())) > 0
+    for (n, p), (n2, q) in zip(ref.named_parameters(), m.named_parameters()):
+        assert n == n2
+        assert q.grad is not None, n
+        scale = max(1.0, p.grad.abs().max().item())
+        assert max_err(q.grad, p.grad) <= 1e-5 * scale, n
+
+
+@needs_pp
+def test_palm_pytorch_training_20_steps_with_an_optimizer_built_before_patching():
+    torch.manual_seed(0)
+    a = pp_model(seed=3)
+    b = copy.deepcopy(a)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=3e-3)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=3e-3)
+    palm_fast.patch(a)                     # after the optimizer was built
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, V, (2, 25), generator=g) for _ in range(2)]
+    for step in range(20):
+        x = batches[step % 2]
+        losses = []
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            loss = lm_loss(model, x)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-4 * abs(losses[1]), (step, losses)
+    assert losses[1] < 4.0                 # it learned the two batches (ln 97 = 4.57)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=n)
+
+
+# ------------------------------------------------------------------ state and round trips
+@needs_pp
+def test_state_dict_round_trip():
+    m = pp_model()
+    other = pp_model(seed=5)
+    palm_fast.patch(m)
+    m.load_state_dict(other.state_dict())                 # unpatched -> patched
+    x = tokens()
+    with torch.no_grad():
+        assert max_err(m(x), other(x)) <= 2e-5 * max(1.0, other(x).abs().max().item())
+    fresh = pp_model(seed=9)
+    fresh.load_state_dict(m.state_dict())                 # patched -> unpatched
+    for k, v in other.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    assert m[-1].weight is m[0].weight                    # still tied
+
+
+@needs_pp
+def test_patch_unpatch_patch():
+    m = pp_model()
+    x = tokens()
+    with torch.no_grad():
+        want = m(x)
+    orig_block, orig_norm = m[1].fn, m[3]
+    params = {n: p for n, p in m.named_parameters()}
+    palm_fast.patch(m)
+    assert palm_fast.patching.is_patched(m)
+    back = palm_fast.unpatch(m)
+    assert back is m and not palm_fast.patching.is_patched(m)
+    assert m[1].fn is orig_block and m[3] is orig_norm
+    assert not hasattr(m, "palm_fast_report")
+    assert all(p is params[n] for n, p in m.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(m(x), want)                    # the original code again
+    palm_fast.patch(m)
+    assert type(m[1].fn) is pp_fast.ParallelTransformerBlock and m.palm_fast_report.ok
+    palm_fast.patch(m)                                    # idempotent: nothing left to do
+    assert m.palm_fast_report.patched == [] and type(m[1].fn) is pp_fast.ParallelTransformerBlock
+
+
+@needs_pp
+def test_unpatch_hands_back_converted_state():
+    """A dtype change made while patched reaches the originals (buffers included)."""
+    m = pp_model()
+    want = copy.deepcopy(m).to(torch.bfloat16)
+    palm_fast.patch(m)
+    m.to(torch.bfloat16)
+    palm_fast.unpatch(m)
+    for k, v in want.state_dict().items():
+        got = m.state_dict()[k]
+        assert got.dtype == v.dtype and torch.equal(got, v), k
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(m(x), want(x))
+
+
+@needs_pp
+def test_torch_compile_patched_palm_pytorch():
+    m = pp_model()
+    ref = copy.deepcopy(m)
+    palm_fast.patch(m)
+    x = tokens(T=21)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    loss = lm_loss(compiled, x)
+    loss_ref = lm_loss(ref, x)
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    loss.backward()
+    loss_ref.backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), m.named_parameters()):
+        assert max_err(q.grad, p.grad) <= 1e-5 * max(1.0, p.grad.abs().max().item()), n
+
+
+# ------------------------------------------------------------------ registry
+class MyNorm(nn.Module):
+    """A user's PaLM-style LayerNorm: parameter ``scale``, no bias, eps 1e-6."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], self.scale, None, 1e-6)
+
+
+class FastMyNorm(nn.Module):
+    def __init__(self, orig):
+        super().__init__()
+        self.scale = orig.scale                  # the same Parameter object
+
+    def forward(self, x):
+        return palm_fast.ops.layer_norm(x, self.scale, None, 1e-6)
+
+
+class MyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = MyNorm(32)
+        self.proj = nn.Linear(32, 64, bias=False)
+        self.act = palm_fast.reference.SwiGLU()
+
+    def forward(self, x):
+        return self.act(self.proj(self.norm(x)))
+
+
+@pytest.fixture
+def registry_guard():
+    saved = dict(patching._REGISTRY)
+    yield
+    patching._REGISTRY.clear()
+    patching._REGISTRY.update(saved)
+
+
+def test_custom_registered_class(registry_guard):
+    palm_fast.register(MyNorm, lambda m, opts: FastMyNorm(m), kind="layer_norm")
+    m = MyModel()
+    with torch.no_grad():
+        m.norm.scale.normal_()
+    ref = copy.deepcopy(m)
+    palm_fast.patch(m)
+    assert type(m.norm) is FastMyNorm and type(m.act) is palm_fast.nn.SwiGLU
+    assert m.palm_fast_report.ok and len(m.palm_fast_report.patched) == 2
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    out, want = m(x), ref(x2)
+    assert max_err(out, want) <= 1e-5
+    out.square().sum().backward()
+    want.square().sum().backward()
+    assert max_err(m.norm.scale.grad, ref.norm.scale.grad) <= 1e-4
+    assert max_err(x.grad, x2.grad) <= 1e-5
+    palm_fast.unpatch(m)
+    assert type(m.norm) is MyNorm and type(m.act) is palm_fast.reference.SwiGLU
+    palm_fast.patch(m, layer_norm=False)                  # the kind flag gates the entry
+    assert type(m.norm) is MyNorm
+
+
+def test_factory_that_copies_is_refused(registry_guard):
+    class CopyingFast(FastMyNorm):
+        def __init__(self, orig):
+            nn.Module.__init__(self)
+            self.scale = nn.Parameter(orig.scale.detach().clone())
+
+    palm_fast.register(MyNorm, lambda m, opts: CopyingFast(m), kind="layer_norm")
+    m = MyModel()
+    with pytest.warns(patching.PatchWarning, match="does not share"):
+        palm_fast.patch(m)
+    assert type(m.norm) is MyNorm
+    (rec,) = m.palm_fast_report.skipped
+    assert rec.path == "norm" and "copied: ['scale']" in rec.reason
+
+
+def test_register_rejects_bad_arguments(registry_guard):
+    with pytest.raises(TypeError, match="cls"):
+        palm_fast.register(object, lambda m, o: m)
+    with pytest.raises(ValueError, match="kind"):
+        palm_fast.register(MyNorm, lambda m, o: m, kind="mlp")
+    with pytest.raises(TypeError, match="factory"):
+        palm_fast.register(MyNorm, None)
+    palm_fast.register(MyNorm, lambda m, o: FastMyNorm(m), kind="layer_norm")
+    with pytest.raises(ValueError, match="already registered"):
+        palm_fast.register(MyNorm, lambda m, o: FastMyNorm(m), kind="layer_norm")
+    with pytest.raises(TypeError, match="model"):
+        palm_fast.patch("not a module")
+
+
+# ------------------------------------------------------------------ what cannot be patched
+@needs_pp
+def test_report_for_unsupported_variants():
+    m = pp_model(depth=4)
+    m[1].fn.register_forward_hook(lambda mod, inp, out: None)   # a replacement would drop it
+
+    class MyBlock(pp.ParallelTransformerBlock):                   # a subclass: forward may differ
+        pass
+
+    sub = MyBlock(dim=64, dim_head=16, heads=4, ff_mult=2)
+    sub.load_state_dict(m[2].fn.state_dict())
+    m[2].fn = sub
+
+    class OtherRotary(pp.RotaryEmbedding):                        # an unknown rotary layout
+        pass
+
+    rot = OtherRotary(16)
+    m[3].fn.rotary_emb = rot
+    ref = copy.deepcopy(m)
+    with pytest.warns(patching.PatchWarning) as rec:
+        palm_fast.patch(m)
+    text = str(rec[0].message)
+    rep = m.palm_fast_report
+    assert not rep.ok
+    skipped = {r.path: r.reason for r in rep.skipped}
+    assert "hooks" in skipped["1.fn"]
+    assert "subclass" in skipped["2.fn"]
+    assert "rotary_emb" in skipped["3.fn"]
+    assert all(p in text for p in ("1.fn", "2.fn", "3.fn"))
+    # those blocks stay as they were; their LayerNorm / SwiGLU children are still swapped;
+    # block 4 and the final norm are patched whole.
+    assert type(m[1].fn) is pp.ParallelTransformerBlock and type(m[1].fn.norm) is pp_fast.LayerNorm
+    assert type(m[3].fn) is pp.ParallelTransformerBlock
+    assert type(m[4].fn) is pp_fast.ParallelTransformerBlock
+    x = tokens()
+    with torch.no_grad():
+        assert max_err(m(x), ref(x)) <= 2e-5 * max(1.0, ref(x).abs().max().item())
+
+
+@needs_pp
+def test_report_inline_parts_need_block_and_fp64_is_skipped():
+    m = pp_model()
+    with pytest.warns(patching.PatchWarning, match="inline code"):
+        palm_fast.patch(m, block=False)
+    assert type(m[1].fn) is pp.ParallelTransformerBlock
+    assert type(m[1].fn.norm) is pp_fast.LayerNorm and type(m[1].fn.ff_out[0]) is palm_fast.nn.SwiGLU
+    assert {r.path for r in m.palm_fast_report.skipped} == {"1.fn", "2.fn"}
+    palm_fast.unpatch(m)
+    assert type(m[1].fn.norm) is pp.LayerNorm and type(m[1].fn.ff_out[0]) is pp.SwiGLU
+
+    m64 = pp_model().double()
+    with pytest.warns(patching.PatchWarning, match="float64"):
+        palm_fast.patch(m64)
+    assert not m64.palm_fast_report.patched and not patching.is_patched(m64)
+
+
+def test_reference_block_flags_fall_back_to_parts():
+    m = ref_model()
+    ref = copy.deepcopy(m)
+    with pytest.warns(patching.PatchWarning, match="rope=False"):
+        palm_fast.patch(m, rope=False)
+    blk = m.blocks[0]
+    assert type(blk) is palm_fast.reference.ParallelBlock
+    assert type(blk.norm) is palm_fast.nn.LayerNorm and type(blk.act) is palm_fast.nn.SwiGLU
+    assert type(blk.rotary) is palm_fast.reference.RotaryEmbedding
+    x = tokens(T=20)
+    with torch.no_grad():
+        assert max_err(m(x), ref(x)) <= 2e-5 * max(1.0, ref(x).abs().max().item())
+
+
+# ------------------------------------------------------------------ generation
+def lively_pp(seed: int = 0) -> nn.Module:
+    """A PaLM-pytorch model whose greedy continuations vary: larger block output projections
+    let the blocks (so attention over the cache) decide the next token rather than the
+    current token's own tied embedding."""
+    m = pp_model(seed=seed, depth=3)
+    with torch.no_grad():
+        for mod in m.modules():
+            if type(mod) is pp.ParallelTransformerBlock:
+                mod.attn_out.weight.mul_(4.0)
+                mod.ff_out[1].weight.mul_(4.0)
+    return m.eval()
+
+
+def plain_greedy(model, prompt: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy decoding as a simple loop: the whole sequence re-run for every token."""
+    out = prompt
+    with torch.no_grad():
+        for _ in range(new):
+            out = torch.cat((out, model(out)[:, -1].argmax(dim=-1, keepdim=True)), dim=1)
+    return out
+
+
+@needs_pp
+def test_generate_on_patched_palm_pytorch_matches_its_own_greedy_loop():
+    m = lively_pp()
+    prompts = tokens(B=3, T=7, seed=4)
+    want = plain_greedy(m, prompts, 14)                   # unpatched, no cache
+    assert len(set(want[0, 7:].tolist())) > 3             # a continuation that varies
+    palm_fast.patch(m)
+    got = palm_fast.generate(m, list(prompts), 14)        # patched, MQA KV cache
+    for b in range(3):
+        assert torch.equal(got[b], want[b]), b
+    # ragged prompts: each sequence on its own
+    ragged = [prompts[0, :3], prompts[1], prompts[2, :5]]
+    got = palm_fast.generate(m, ragged, 6)
+    for p, g in zip(ragged, got):
+        assert torch.equal(g, plain_greedy(m, p[None], 6)[0])
+
+
+@needs_pp
+def test_generate_refuses_a_palm_pytorch_layout_it_cannot_run():
+    m = pp_model()
+    palm_fast.patch(m)
+    m[1].fn.scale = 0.5
+    with pytest.raises(ValueError, match="scale"):
+        palm_fast.generate(m, [tokens(B=1, T=4)[0]], 2)
+    with pytest.raises(ValueError, match="laid out like PaLM-pytorch"):
+        palm_fast.generate(nn.Sequential(nn.Linear(4, 4)), [tokens(B=1, T=4)[0]], 2)
