@@ -85,7 +85,7 @@ def gpu_batch(cfg: PaLMConfig, seq_len: int, dtype: torch.dtype, device_bytes: f
 def sizes(ctx: BenchContext) -> tuple[PaLMConfig, int, int]:
     """(config, batch, seq_len) for this run."""
     if ctx.smoke:
-        cfg = get_config(ctx.config or "palm-tiny")
+        cfg = get_config(ctx.config or "palm-tiny")  # smoke contexts default to palm-tiny
         return cfg, 2, min(32, cfg.max_seq_len)
     if ctx.device == "cuda":
         cfg = get_config(ctx.config or "palm-1b")

@@ -41,17 +41,22 @@ class BenchContext:
     dtype: torch.dtype
     quick: bool = False    # smaller shapes / fewer repeats
     config: str | None = None  # model preset for block / model cases
-    # Smoke mode (the CI test of every registered case): implies ``quick``; families may
-    # shrink further (tiny model presets); run_case calls each implementation once to warm
-    # up and times one more call, skips the implementations in SMOKE_SKIP_IMPLS and does
-    # not rotate inputs. A new family gets smoke coverage without doing anything.
+    # Smoke mode (the CI test of every registered case): implies ``quick`` and, unless a
+    # config is named, the tiny model preset (SMOKE_CONFIG) for families that take
+    # ``config``; families may shrink further on ``smoke``. run_case calls each
+    # implementation once to warm up and times one more call, skips the implementations
+    # in SMOKE_SKIP_IMPLS and does not rotate inputs. A new family gets smoke coverage
+    # without doing anything.
     smoke: bool = False
 
     def __post_init__(self):
         if self.smoke:
             self.quick = True
+            if self.config is None:
+                self.config = SMOKE_CONFIG
 
 
+SMOKE_CONFIG = "palm-tiny"
 # Implementations a smoke run leaves out: compilation costs seconds to a minute per case
 # on a CPU, and torch.compile itself is tested by the op tests (fullgraph=True).
 SMOKE_SKIP_IMPLS = frozenset({"compile"})

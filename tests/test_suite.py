@@ -54,9 +54,9 @@ def test_every_registered_case_smoke(dtype, peaks):
     assert ctx.quick
     cases = harness.collect_cases(ctx)
     families = {c.name.split(".")[0] for c in cases}
-    assert {"rope", "swiglu", "layer_norm", "model"} <= families
+    assert {"rope", "swiglu", "layer_norm", "block", "generate", "model"} <= families
     for case in cases:
-        assert "eager" in case.impls and len(case.impls) >= 2, case.name
+        assert len(case.impls) >= 2, f"{case.name}: nothing to compare with"
         assert case.bound in ("memory", "compute")
         assert case.bytes > 0 or case.flops > 0, f"{case.name} declares neither bytes nor FLOPs"
         recs = harness.run_case(case, ctx, run_peaks)
@@ -77,7 +77,8 @@ def test_every_registered_case_smoke(dtype, peaks):
             peak = run_peaks["matmul_tflops"] if case.bound == "compute" else run_peaks["copy_gbps"]
             figure = r["tflops"] if case.bound == "compute" else r["gbps"]
             assert pct == pytest.approx(100 * figure / peak), where
-            assert r["speedup_vs_eager"] > 0, where
+            if "eager" in case.impls:
+                assert r["speedup_vs_eager"] > 0, where
         json.dumps(recs)  # the records are JSON as they are
 
 
