@@ -64,9 +64,35 @@ def _print_table(records: list[dict], meta: dict) -> None:
     if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
         console = Console(width=200)
     console.print(table)
+    _print_throughput_table(records, console)
     errors = [r for r in records if r.get("error")]
     for r in errors:
         Console(stderr=True).print(f"[red]{r['name']} / {r['impl']}: {r['error']}[/red]")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _print_throughput_table(records: list[dict], console) -> None:
+    """Tokens/s, and MFU / HFU (PaLM Appendix B) where a case reports them."""
+    from rich.table import Table
+
+    rows = [r for r in records if r.get("tokens_per_s") is not None]
+    if not rows:
+        return
+    table = Table(title="throughput; MFU / HFU per PaLM Appendix B (vs datasheet peak | vs matmul "
+                        "peak measured in this run)", title_justify="left")
+    for col in ("case", "dtype", "impl", "recompute", "tokens/s", "MFU", "HFU", "MFU meas.",
+                "HFU meas.", "vs eager"):
+        table.add_column(col, justify="left" if col in ("case", "dtype", "impl", "recompute") else "right")
+    for r in rows:
+        speed = r.get("speedup_vs_eager")
+        table.add_row(r["name"], r["dtype"], r["impl"], r.get("recompute") or "-",
+                      f"{r['tokens_per_s']:,.0f}", _pct(r.get("mfu")), _pct(r.get("hfu")),
+                      _pct(r.get("mfu_measured_peak")), _pct(r.get("hfu_measured_peak")),
+                      "-" if speed is None else f"{speed:.2f}x")
+    console.print(table)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
