@@ -194,8 +194,14 @@ def time_fn(fn: Callable[[], Any], device: str, *, quick: bool = False, repeats:
     # Seconds per measurement series: the whole default suite must finish in about two
     # minutes on a 2-core CPU, so a series is short; the median of >= 5 calls still holds.
     budget = 0.2 if quick else 0.5
-    n = int(min(200, max(5, budget / once)))
-    for _ in range(min(3, n)):
+    if once >= 0.1:
+        # A slow call (a whole generation, a training step): the two calls above warmed it
+        # up; three timed calls bound the series at about five calls in all.
+        n, warmup = max(3, int(budget / once)), 0
+    else:
+        n = int(min(200, max(5, budget / once)))
+        warmup = min(3, n)
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(n):
