@@ -13,6 +13,16 @@ from palm_fast.reference import PaLM as RefPaLM
 CFG = palm_fast.get_config("palm-tiny")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread. On a shared 2-core machine every parallel region of
+    a second thread waits for a time slice, which made these tests ~50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _pair(seed=0, **kw):
     torch.manual_seed(seed)
     ref = RefPaLM(CFG)
@@ -29,6 +39,12 @@ def test_same_init_and_state_dict():
     assert all(isinstance(b, ParallelBlock) for b in fast.blocks)
     assert isinstance(fast.norm, palm_fast.nn.LayerNorm)
     assert fast.embed.weight is not None and fast.num_params() == ref.num_params() == CFG.param_count()
+    with torch.no_grad():
+        fast.norm.weight.mul_(3.0)
+        fast.blocks[0].norm.weight.mul_(3.0)
+    fast.reset_parameters()                     # re-init restores the fast norms too
+    assert torch.equal(fast.norm.weight, torch.ones(CFG.d_model))
+    assert torch.equal(fast.blocks[0].norm.weight, torch.ones(CFG.d_model))
     # round trip through a fresh model of the other kind
     other = RefPaLM(CFG)
     other.load_state_dict(fast.state_dict())

@@ -3,6 +3,7 @@ final LayerNorm. Same parameters, state_dict, initialisation (for the same seed)
 embeddings, z-loss ``loss()`` and ``generate()``."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from palm_fast.config import PaLMConfig
@@ -31,6 +32,15 @@ class PaLM(_reference.PaLM):
         norm = LayerNorm(config.d_model, config.eps, device="meta")
         norm.weight = self.norm.weight
         self.norm = norm
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The reference init (embedding N(0, 1), dense N(0, n_in^-0.5)); LayerNorm weights 1,
+        the fast LayerNorms included."""
+        super().reset_parameters()
+        for m in self.modules():
+            if isinstance(m, LayerNorm):
+                m.weight.fill_(1.0)
 
     @property
     def recompute(self) -> str:
