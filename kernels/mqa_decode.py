@@ -24,7 +24,7 @@ Paged caches: the page of every key is looked up in the page table per block
 
 Split heuristic: enough programs to fill the GPU at batch 1: ``n_splits`` is chosen so
 that ``B * row_blocks * n_splits`` is about twice the SM count (a fixed default under the
-interpreter), at most one split per ``BLOCK_N`` keys of capacity.
+interpreter), splits of at least 128 keys.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) every load is upcast to fp32 (the interpreter
 keeps bf16 as raw bits); on the GPU the ``tl.dot`` operands stay fp16/bf16 (fp32 caches
@@ -46,6 +46,7 @@ import triton.language as tl
 from ._common import check_launch_device, interpreting
 
 _INTERPRETER_SMS = 4  # the "SM count" used for the split heuristic under the interpreter
+_MIN_SPLIT = 128      # fewest keys per split
 
 
 @triton.jit
@@ -185,10 +186,14 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int) -> dict:
     """Tile sizes and the split count (a function of shapes and the cache capacity only,
     never of the lengths: the grid stays fixed for CUDA graphs)."""
     block_d = triton.next_power_of_2(hd)
-    block_r = min(max(16, triton.next_power_of_2(R)), 64 if block_d <= 128 else 32)
+    # All H <= 64 heads of a sequence in one M tile (PaLM: 48 heads -> 64 rows), so each K/V
+    # tile is loaded once per split; more rows (shared-prefix groups) take several tiles.
+    block_r = min(max(16, triton.next_power_of_2(R)), 64)
     block_n = 64 if block_d <= 128 else 32
     row_blocks = triton.cdiv(R, block_r)
-    max_splits = max(1, triton.cdiv(capacity, block_n))
+    # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
+    # must stay small next to the K/V bytes it reads.
+    max_splits = max(1, triton.cdiv(capacity, max(_MIN_SPLIT, block_n)))
     n_splits = min(max_splits, max(1, triton.cdiv(2 * n_sms, B * row_blocks)))
     split_len = triton.cdiv(triton.cdiv(capacity, n_splits), block_n) * block_n
     n_splits = triton.cdiv(capacity, split_len)

@@ -276,7 +276,8 @@ def test_triton_grid_independent_of_lengths():
 
     a = tk.decode_config(1, 48, 256, 32768, 132)
     assert a == tk.decode_config(1, 48, 256, 32768, 132)  # lengths are not an input at all
-    assert a["BLOCK_R"] >= 16 and a["row_blocks"] * a["n_splits"] >= 2 * 132 // 2
+    assert a["BLOCK_R"] == 64 and a["row_blocks"] == 1  # all 48 heads in one M tile
+    assert a["n_splits"] * a["row_blocks"] >= 132  # batch 1 still fills the GPU
     b = tk.decode_config(64, 16, 128, 4096, 132)
     assert b["n_splits"] >= 1 and b["BLOCK_R"] == 16
 
@@ -397,13 +398,13 @@ def test_cuda_graph_step():
     """A captured decode step replays correctly for other lengths (grid independent of them)."""
     B, H, hd = 2, 8, 64
     cache, _, _ = fill_cache(B, [100, 7], hd, torch.bfloat16, 16, device="cuda")
-    cache.reserve(10)
+    cache.reserve(3)
     q = randn(B, H, hd, dtype=torch.bfloat16, device="cuda")
     lens = cache.lengths.clone()
     ops.mqa_decode(q, cache, 0, lens)  # warm-up, checks
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = ops.mqa_decode(q, cache, 0, lens)
-    lens.copy_(torch.tensor([105, 17], dtype=torch.int32))
+    lens.copy_(torch.tensor([103, 10], dtype=torch.int32))
     g.replay()
     assert torch.allclose(out.float(), ops.mqa_decode(q, cache, 0, lens).float(), atol=1e-2)
