@@ -4,7 +4,8 @@
 One call generates ``new`` tokens after each of ``B`` prompts of ``T`` tokens (prefill
 included), greedy, no stop tokens: ``tokens_per_s = B * new / time``. CPU: the
 ``palm-small`` preset in the run's dtype. GPU: ``palm-1b``, with the decode step captured
-in a CUDA graph (``palm_fast``) and without (``palm_fast_nograph``).
+in a CUDA graph (``palm_fast``) and without (``palm_fast_nograph``). ``palm_fast`` runs
+``palm_fast.nn.PaLM`` loaded with the reference model's weights.
 
 Bytes: a decode step must read every weight once (the tied embedding as the output head)
 and the cached K/V of every layer, so one call moves at least
@@ -42,9 +43,12 @@ def generate_cases(ctx: BenchContext):
     def setup():
         return torch.randint(0, cfg.vocab_size, (B, T), device=ctx.device)
 
-    impls = {"palm_fast": lambda p: palm_fast.generate(model, p, new)}
+    # palm_fast.generate runs the fast model (same weights): its prefill uses the fused block
+    fast = palm_fast.nn.PaLM(cfg).to(device=ctx.device, dtype=ctx.dtype).eval()
+    fast.load_state_dict(model.state_dict())
+    impls = {"palm_fast": lambda p: palm_fast.generate(fast, p, new)}
     if ctx.device == "cuda":
-        impls["palm_fast_nograph"] = lambda p: palm_fast.generate(model, p, new, cuda_graph=False)
+        impls["palm_fast_nograph"] = lambda p: palm_fast.generate(fast, p, new, cuda_graph=False)
     impls["eager"] = lambda p: model.generate(p, new)
     yield Case(
         name="generate.e2e", shape={"config": cfg.name, "B": B, "T": T, "new": new},

@@ -10,7 +10,9 @@ those weights with the multi-query KV cache (:class:`palm_fast.kv_cache.KVCache`
   causal multi-query attention over the prompt (:func:`_prefill_attention`);
   ``x = x + attn_out(o) + ff_out(swiglu(ff))``. Right padding is harmless: a real token
   only attends to earlier positions, all real. The logits are taken at each prompt's
-  last real token.
+  last real token. Fast blocks (``palm_fast.nn.ParallelBlock``) run their fused functional
+  path instead (``palm_fast.ops.block``: LayerNorm + input GEMM + RoPE/SwiGLU epilogue,
+  ``causal_mqa_attention``, output GEMM + residual).
 * **Decode step** (one token per sequence, :func:`_decode_step`): embed; per block LN,
   ``W_in``, ``rope_append`` (RoPE of q and the new k at position ``lengths[b]``, k and v
   written into the cache), ``mqa_decode`` over cache indices ``[0, lengths[b] + 1)``, the
@@ -59,7 +61,11 @@ class DecoderParts:
     blocks:       the parallel blocks, in order; each exposes the reference
                   ``ParallelBlock`` attributes ``norm, in_proj, split_sizes, rotary, act,
                   attn_out, ff_out, n_heads, head_dim`` (one shared K/V head: split sizes
-                  ``(n_heads * head_dim, head_dim, head_dim, 2 * d_ff)``).
+                  ``(n_heads * head_dim, head_dim, head_dim, 2 * d_ff)``) and means the
+                  reference block's function, residual included:
+                  ``x + attn_out(Attn(norm x)) + ff_out(act(ff))``. Only these attributes
+                  are read (never ``forward``); ``norm`` / ``act`` may be any callables
+                  (ours run the fast ops directly).
     norm:         the final LayerNorm (module ``[..., d] -> [..., d]``).
     head_weight:  the output head ``[V, d]`` (the tied embedding): ``logits = norm(h) @ W^T``.
     logit_scale:  multiplies the logits (``d ** -0.5`` for PaLM's tied embedding), or None.
@@ -144,6 +150,7 @@ class _Layer:
     act: Callable[[torch.Tensor], torch.Tensor]
     w_attn_out: torch.Tensor     # [d, H hd]
     w_ff_out: torch.Tensor       # [d, F]
+    fused: nn.Module | None = None  # a palm_fast.nn.ParallelBlock: prefill on its fused path
 
 
 _LAYER_NORMS: tuple[type, ...] = (_ref.LayerNorm,)
@@ -167,6 +174,16 @@ def _fast_act(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(mod, (*_SWIGLUS, FastSwiGLU)):
         return ops.swiglu
     return mod
+
+
+def _fused_block(blk: nn.Module) -> nn.Module | None:
+    """``blk`` when it is a fast ``palm_fast.nn.ParallelBlock`` whose fused functional path
+    (LayerNorm + input GEMM + RoPE/SwiGLU epilogue; output GEMM + residual) applies."""
+    from .nn import ParallelBlock as FastBlock
+
+    if type(blk) is FastBlock and blk.n_kv_heads == 1 and getattr(blk.norm, "bias", None) is None:
+        return blk
+    return None
 
 
 def _linear_weight(block_name: str, name: str, mod) -> torch.Tensor:
@@ -211,7 +228,7 @@ def _prepare_layers(parts: DecoderParts) -> list[_Layer]:
         layers.append(_Layer(
             norm=_fast_norm(blk.norm), w_in=w_in, splits=splits, n_heads=H, head_dim=hd,
             rotary_dim=rd, rope_base=base, interleaved=bool(getattr(rot, "interleaved", False)),
-            act=_fast_act(blk.act), w_attn_out=w_ao, w_ff_out=w_ff))
+            act=_fast_act(blk.act), w_attn_out=w_ao, w_ff_out=w_ff, fused=_fused_block(blk)))
     if not layers:
         raise ValueError("model: expected at least one block, got none")
     if len({(lay.head_dim) for lay in layers}) != 1:
@@ -224,9 +241,24 @@ def _prepare_layers(parts: DecoderParts) -> list[_Layer]:
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal multi-query attention over the prompt: q ``[B, T, H, hd]``, k and v
     ``[B, T, hd]`` (already rotated) -> o ``[B, T, H, hd]``, scale ``hd ** -0.5``."""
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, None], v[:, None], is_causal=True,
-                                       enable_gqa=True)
-    return o.transpose(1, 2)
+    return ops.causal_mqa_attention(q, k, v)
+
+
+def _prefill_fused(lay: _Layer, x: torch.Tensor, positions: torch.Tensor, cache, i: int,
+                   lengths: torch.Tensor) -> torch.Tensor:
+    """One fast block over the prompt on its fused functional path (``palm_fast.ops.block``)."""
+    from .ops.block import fused_input_projection, fused_output_projection
+
+    blk = lay.fused
+    B, T, _ = x.shape
+    q, k, v, h = fused_input_projection(
+        x, blk.norm.weight, lay.w_in, blk.rotary.inv_freq, positions, n_heads=lay.n_heads,
+        n_kv_heads=1, head_dim=lay.head_dim, d_ff=lay.splits[3] // 2, eps=blk.norm.eps,
+        interleaved=lay.interleaved, packed=blk._packed_in_proj())   # the block's cached re-layout
+    k, v = k.view(B, T, lay.head_dim), v.view(B, T, lay.head_dim)
+    cache.append(i, k, v, n_new=lengths)
+    o = _prefill_attention(q, k, v)
+    return fused_output_projection(o, h, x, lay.w_attn_out, lay.w_ff_out)
 
 
 def _residual(x: torch.Tensor, lay: _Layer, o: torch.Tensor, ff: torch.Tensor) -> torch.Tensor:
@@ -249,7 +281,11 @@ def _prefill(parts: DecoderParts, layers: list[_Layer], final_norm, cache, token
     B, T = tokens.shape
     x = parts.embed(tokens)                                             # [B, T, d]
     d = x.shape[-1]
+    positions = torch.arange(T, device=x.device).expand(B, T)
     for i, lay in enumerate(layers):
+        if lay.fused is not None:
+            x = _prefill_fused(lay, x, positions, cache, i, lengths)
+            continue
         H, hd = lay.n_heads, lay.head_dim
         proj = F.linear(lay.norm(x), lay.w_in)
         q, k, v, ff = proj.split(lay.splits, dim=-1)

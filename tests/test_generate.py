@@ -9,7 +9,13 @@ from torch import nn
 
 import palm_fast
 from palm_fast import PaLMConfig, get_config
-from palm_fast.generation import DecoderParts, decoder_parts, register_decoder_parts, sample
+from palm_fast.generation import (
+    DecoderParts,
+    _prepare_layers,
+    decoder_parts,
+    register_decoder_parts,
+    sample,
+)
 from palm_fast.reference import PaLM
 
 CONFIGS = {
@@ -277,10 +283,13 @@ def test_fast_palm_generates_like_the_reference():
     ref = lively(cfg, seed=15)
     fast = fast_cls(cfg).eval()
     fast.load_state_dict(ref.state_dict())
+    # the fast blocks' prefill runs their fused functional path
+    assert all(lay.fused is blk for lay, blk in zip(_prepare_layers(decoder_parts(fast)), fast.blocks))
     prompts = ragged_prompts(cfg.vocab_size, (3, 10, 6), seed=16)
-    out = palm_fast.generate(fast, prompts, 12, page_size=16)
-    for o, p in zip(out, prompts):
-        assert torch.equal(o, ref.generate(p[None], 12)[0])
+    for page_size in (None, 16):
+        out = palm_fast.generate(fast, prompts, 12, page_size=page_size)
+        for o, p in zip(out, prompts):
+            assert torch.equal(o, ref.generate(p[None], 12)[0])
 
 
 # --------------------------------------------------------------------------- CUDA graphs
