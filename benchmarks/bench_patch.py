@@ -9,6 +9,10 @@ Cases (skipped when palm_pytorch is not installed):
   for every token, it has no KV cache). Patched: ``palm_fast.generate`` (multi-query KV cache)
   when this build has it, else the same loop on the patched model.
 
+The CPU harness times the implementations one after the other: on a loaded machine compare
+ratios from one run only (and prefer ``OMP_NUM_THREADS=1`` there: with busy cores, OpenMP worker
+threads of these small ops spin and get descheduled).
+
 Shapes: CUDA dim 2048, depth 8, heads 16, dim_head 128, seq 2048 (bf16 by default); CPU a small
 model (dim 128, depth 2, heads 8, dim_head 16, seq 256; seq 128 in bf16 or --quick) so the
 family stays within ~15 s.

@@ -170,6 +170,11 @@ def _load_builtins() -> None:
         from .integrations import palm_pytorch as _pp
 
         _pp.register_all()
+    if "palm_lite" not in _BUILTINS_LOADED and "palm_pytorch.palm_lite" in sys.modules:
+        _BUILTINS_LOADED.add("palm_lite")
+        from .integrations import palm_pytorch as _pp
+
+        _pp.register_palm_lite()
 
 
 def _qualname(cls: type) -> str:

@@ -34,7 +34,13 @@ import torch
 from torch import nn
 
 from .. import nn as fast
-from ..ops.block import causal_mqa_attention
+from ..ops.block import (
+    causal_mqa_attention,
+    fused_input_projection,
+    fused_output_projection,
+    pack_in_proj,
+    uses_triton,
+)
 from ..ops.layer_norm import layer_norm
 from ..ops.rope import rope
 from ..patching import PatchOptions, Unsupported, check_dtype, register
@@ -126,6 +132,9 @@ class ParallelTransformerBlock(nn.Module):
         self.scale = 0.0
         self.fused_dims: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.use_rope = self.use_attention = True
+        self._beta_key = self._packed_key = None
+        self._beta_zero = False
+        self._packed = None
 
     @classmethod
     def wrap(cls, m: nn.Module, opts: PatchOptions) -> ParallelTransformerBlock:
@@ -206,6 +215,7 @@ class ParallelTransformerBlock(nn.Module):
 
     # ------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``attn_out(o) + ff_out(ff)`` (PaLM-pytorch's block output; its Residual adds x)."""
         B, T, _ = x.shape
         H, D = self.heads, self.dim_head
         q, k, v, ff = self.fused_attn_ff_proj(self.norm(x)).split(self.fused_dims, dim=-1)
@@ -221,10 +231,75 @@ class ParallelTransformerBlock(nn.Module):
         o = attend(q, k, v, self.scale)
         return self.attn_out(o.reshape(B, T, H * D)) + self.ff_out(ff)
 
+    def forward_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + forward(x)`` (what ``Residual(block)`` computes), through palm_fast's fused
+        block pieces when every fast part is on and ``beta`` is zero (the fused input
+        projection has no LayerNorm bias): LayerNorm + ONE input GEMM with the RoPE / SwiGLU
+        epilogue, multi-query attention, ONE output GEMM with the residual in its epilogue.
+        Otherwise, and while torch.compile traces, ``x + forward(x)``."""
+        if not self._fused_ok(x):
+            return x + self.forward(x)
+        B, T, _ = x.shape
+        H, D = self.heads, self.dim_head
+        inv_freq = self.rotary_emb.inv_freq.float()
+        positions = torch.arange(T, device=x.device).expand(B, T)
+        q, k, v, h = fused_input_projection(
+            x, self.norm.gamma, self.fused_attn_ff_proj.weight, inv_freq, positions, n_heads=H,
+            n_kv_heads=1, head_dim=D, d_ff=self.fused_dims[3] // 2, eps=EPS,
+            packed=self._packed_in_proj(inv_freq))
+        o = causal_mqa_attention(q, k, v, scale=self.scale)
+        return fused_output_projection(o, h, x, self.attn_out.weight, self.ff_out[1].weight)
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        if not (self.use_rope and self.use_attention and type(self.norm) is LayerNorm
+                and type(self.ff_out[0]) is fast.SwiGLU):
+            return False
+        g, w = self.norm.gamma, self.fused_attn_ff_proj.weight
+        if x.dim() != 3 or w.dtype != x.dtype or g.dtype not in (x.dtype, torch.float32):
+            return False
+        beta = self.norm.beta
+        key = (beta.data_ptr(), beta._version, beta.device, beta.dtype)
+        if key != self._beta_key:   # one host read per change of beta, not per call
+            self._beta_zero = not bool(beta.any())
+            self._beta_key = key
+        return self._beta_zero
+
+    def _packed_in_proj(self, inv_freq: torch.Tensor):
+        """The CUDA input GEMM's re-layout of the projection weight, cached while the weight
+        and the rotary buffer are unchanged (None on CPU)."""
+        w, buf = self.fused_attn_ff_proj.weight, self.rotary_emb.inv_freq
+        if not uses_triton(w.device.type):
+            return None
+        key = (w.data_ptr(), w._version, w.dtype, w.device, buf.data_ptr(), buf._version, buf.dtype)
+        if self._packed is None or self._packed_key != key:
+            self._packed = pack_in_proj(w, inv_freq, self.heads, 1, self.dim_head,
+                                        self.fused_dims[3] // 2, False)
+            self._packed_key = key
+        return self._packed
+
+    def _apply(self, fn, recurse=True):
+        self._packed = self._packed_key = self._beta_key = None   # .to(): recheck lazily
+        return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, dim_head={self.dim_head}, fused_dims={self.fused_dims}, "
                 f"rope={'fast' if self.use_rope else 'plain'}, "
                 f"attention={'sdpa' if self.use_attention else 'plain'}")
+
+
+class Residual(nn.Module):
+    """PaLM-pytorch's ``Residual(block)`` around a fast block: ``block.forward_residual(x)``
+    (= ``block(x) + x``, the residual folded into the block's output GEMM). Child ``fn`` as
+    the original, so the state_dict keys are unchanged."""
+
+    def __init__(self, fn: ParallelTransformerBlock):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn.forward_residual(x)
 
 
 # ----------------------------------------------------------------------- factories
@@ -241,6 +316,24 @@ def _swiglu(m: nn.Module, opts: PatchOptions) -> nn.Module:
 
 def _block(m: nn.Module, opts: PatchOptions) -> nn.Module:
     return ParallelTransformerBlock.wrap(m, opts)
+
+
+def _residual(m: nn.Module, opts: PatchOptions) -> nn.Module | None:
+    """Residual(ParallelTransformerBlock) -> Residual(fast block). None (keep it and visit its
+    child, which then reports why it was not patched) when the block cannot be replaced."""
+    from ..patching import _has_hooks
+
+    blk = m.fn
+    if type(blk) is not _pp().ParallelTransformerBlock or _has_hooks(blk):
+        return None
+    try:
+        return Residual(ParallelTransformerBlock.wrap(blk, opts))
+    except Unsupported:
+        return None
+
+
+def _restore_residual(orig: nn.Module, new: nn.Module) -> None:
+    _restore_block(orig.fn, new.fn)
 
 
 def _restore_block(orig: nn.Module, new: nn.Module) -> None:
@@ -300,7 +393,7 @@ def decoder_parts(model: nn.Module):
     for i in range(1, n - 2):
         res = model[i]
         blk = getattr(res, "fn", None)
-        if type(res) is not pp.Residual or type(blk) not in blocks_ok:
+        if type(res) not in (pp.Residual, Residual) or type(blk) not in blocks_ok:
             raise ValueError(f"model[{i}]: expected Residual(ParallelTransformerBlock), got "
                              f"{type(res).__qualname__}({type(blk).__qualname__})")
         D = int(blk.fused_dims[0]) // int(blk.heads)
@@ -318,6 +411,23 @@ def decoder_parts(model: nn.Module):
                         logit_scale=None)
 
 
+def _palm_lite_block(m: nn.Module, opts: PatchOptions) -> nn.Module:
+    raise Unsupported("palm_pytorch.palm_lite block: RMSNorm and ALiBi attention with one k = v "
+                      "head, not PaLM's LayerNorm / RoPE / separate k, v; no palm_fast replacement "
+                      "(its SwiGLU is still swapped)")
+
+
+def register_palm_lite() -> None:
+    """The ``palm_lite`` variant shipped in the same package (only once it is imported)."""
+    import sys
+
+    lite = sys.modules.get("palm_pytorch.palm_lite")
+    if lite is None:
+        return
+    register(lite.SwiGLU, _swiglu, kind="swiglu", replace=True)
+    register(lite.ParallelTransformerBlock, _palm_lite_block, kind="block", replace=True)
+
+
 def register_all() -> None:
     from ..generation import register_decoder_parts
 
@@ -327,3 +437,4 @@ def register_all() -> None:
     register(pp.SwiGLU, _swiglu, kind="swiglu", replace=True)
     register(pp.ParallelTransformerBlock, _block, kind="block", restore=_restore_block,
              inline=("rope", "attention"), replace=True)
+    register(pp.Residual, _residual, kind="block", restore=_restore_residual, replace=True)
