@@ -54,9 +54,9 @@ def test_every_registered_case_smoke(dtype, peaks):
     assert ctx.quick
     cases = harness.collect_cases(ctx)
     families = {c.name.split(".")[0] for c in cases}
-    assert {"rope", "swiglu", "layer_norm", "block", "generate", "model"} <= families
+    assert {"rope", "swiglu", "layer_norm", "block", "decode", "generate", "model"} <= families
     for case in cases:
-        assert len(case.impls) >= 2, f"{case.name}: nothing to compare with"
+        assert case.impls, f"{case.name}: no implementation"
         assert case.bound in ("memory", "compute")
         assert case.bytes > 0 or case.flops > 0, f"{case.name} declares neither bytes nor FLOPs"
         recs = harness.run_case(case, ctx, run_peaks)
