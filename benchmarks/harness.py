@@ -192,8 +192,8 @@ def time_fn(fn: Callable[[], Any], device: str, *, quick: bool = False, repeats:
     fn()
     once = max(time.perf_counter() - t0, 1e-6)
     # Seconds per measurement series: the whole default suite must finish in about two
-    # minutes on a 2-core CPU, so a series is short; the median of >= 5 calls still holds.
-    budget = 0.2 if quick else 0.5
+    # minutes on a 2-core CPU, so a series is short (0.3 s); the median of >= 5 calls holds.
+    budget = 0.15 if quick else 0.3
     if once >= 0.1:
         # A slow call (a whole generation, a training step): the two calls above warmed it
         # up; three timed calls bound the series at about five calls in all.
