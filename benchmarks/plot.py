@@ -60,20 +60,23 @@ def plot(doc: dict, path: str) -> str:
         colours[impl] = _COLOURS.get(impl) or next(extra)
 
     n = len(cases)
-    fig, (ax_s, ax_p) = plt.subplots(
-        1, 2, figsize=(15, 2.2 + 0.38 * n * max(1, len(impls) / 3)), sharey=True)
-    height = 0.8 / len(impls)
-    for j, impl in enumerate(impls):
-        ys, speed, pct = [], [], []
-        for i, c in enumerate(cases):
-            r = by_case[c].get(impl)
-            if r is None:
-                continue
-            ys.append(i - 0.4 + (j + 0.5) * height)
-            speed.append(r.get("speedup_vs_eager") or float("nan"))
-            pct.append(r.get("pct_of_peak") if r.get("pct_of_peak") is not None else float("nan"))
-        ax_s.barh(ys, speed, height=height, color=colours[impl], label=impl)
-        ax_p.barh(ys, pct, height=height, color=colours[impl], label=impl)
+    n_bars = sum(len(by_case[c]) for c in cases)
+    fig, (ax_s, ax_p) = plt.subplots(1, 2, figsize=(15, 1.5 + 0.16 * n_bars + 0.1 * n), sharey=True)
+    drawn: set[str] = set()
+    for i, c in enumerate(cases):
+        present = [impl for impl in impls if impl in by_case[c]]  # each case's bars fill its row
+        height = 0.8 / len(present)
+        for j, impl in enumerate(present):
+            r = by_case[c][impl]
+            y = i - 0.4 + (j + 0.5) * height
+            label = impl if impl not in drawn else None
+            drawn.add(impl)
+            speed = r.get("speedup_vs_eager")
+            pct = r.get("pct_of_peak")
+            if speed:
+                ax_s.barh(y, speed, height=height, color=colours[impl], label=label)
+            if pct is not None:
+                ax_p.barh(y, pct, height=height, color=colours[impl], label=label)
     ax_s.set_xscale("log")
     from matplotlib.ticker import FuncFormatter
 
@@ -86,7 +89,9 @@ def plot(doc: dict, path: str) -> str:
     ax_s.invert_yaxis()
     for ax in (ax_s, ax_p):
         ax.grid(axis="x", alpha=0.3)
-    ax_p.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="implementation")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[i]) for i in impls]
+    ax_p.legend(handles, impls, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+                title="implementation")
     m = doc.get("meta", {})
     peaks = m.get("peaks", {})
     commit = (m.get("git_commit") or "")[:10]
