@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 
 import pytest
 import torch
@@ -263,3 +264,26 @@ def test_plot_without_matplotlib_says_how_to_get_it(toy_registry, tmp_path, monk
 def test_bench_rejects_unknown_config(toy_registry):
     with pytest.raises(SystemExit, match="--config"):
         cli.main(["bench", "--only", "_toy", "--device", "cpu", "--config", "palm-7"])
+
+
+def test_timer_call_counts():
+    """Smoke: one warm-up and one timed call; ``repeats``: two warm-ups and that many timed;
+    a slow CPU call (>= 0.1 s): five calls in all, three of them timed."""
+    calls = []
+
+    def fn():
+        calls.append(1)
+
+    t = harness.time_fn(fn, "cpu", smoke=True)
+    assert (len(calls), t.n) == (2, 1)
+    calls.clear()
+    t = harness.time_fn(fn, "cpu", repeats=4)
+    assert (len(calls), t.n) == (6, 4) and 0 < t.ms_min <= t.ms <= t.ms_max
+    calls.clear()
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.1)
+
+    t = harness.time_fn(slow, "cpu")
+    assert (len(calls), t.n) == (5, 3) and t.ms_min >= 100
