@@ -111,14 +111,17 @@ class _Trainer:
         from palm_fast.reference import PaLM as RefPaLM
 
         torch.manual_seed(0)  # every implementation starts from the same weights
-        if impl.startswith("palm_fast"):
-            cls = fast_model_class()
-            if cls is None:
-                raise RuntimeError("palm_fast.nn.PaLM is not in this checkout (it comes with the fast "
-                                   "block, issue 4); the fast-model rows need it")
-            model = cls(cfg, recompute=recompute)
-        else:
-            model = RefPaLM(cfg)
+        # Built (and initialised) on the device: a 1B model initialised on the host first
+        # would cost seconds per implementation.
+        with torch.device(device):
+            if impl.startswith("palm_fast"):
+                cls = fast_model_class()
+                if cls is None:
+                    raise RuntimeError("palm_fast.nn.PaLM is not in this checkout (it comes with the "
+                                       "fast block, issue 4); the fast-model rows need it")
+                model = cls(cfg, recompute=recompute)
+            else:
+                model = RefPaLM(cfg)
         self.model = model.to(device=device, dtype=dtype)
         self.opt = _adamw(self.model.parameters(), device)
         self.loss_fn = torch.compile(self.model.loss) if impl == "compile" else self.model.loss
