@@ -42,9 +42,12 @@ class Row:
 
     @property
     def label(self) -> str:
-        name, impl, _device, dtype, shape = self.key
-        shape = ",".join(f"{k}={v}" for k, v in json.loads(shape).items())
-        return f"{name} {dtype} {shape} [{impl}]"
+        name, impl, _device, dtype, _shape = self.key
+        return f"{name} {dtype} [{impl}] {self.shape}"
+
+    @property
+    def shape(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in json.loads(self.key[4]).items())
 
 
 def compare(old: dict, new: dict, threshold: float = DEFAULT_THRESHOLD) -> list[Row]:
@@ -99,13 +102,15 @@ def print_comparison(rows: list[Row], old: dict, new: dict, console=None) -> Non
     table = Table(title=(f"old: {old.get('meta', {}).get('date')} {old.get('meta', {}).get('git_commit')}"
                          f"  ->  new: {new.get('meta', {}).get('date')} "
                          f"{new.get('meta', {}).get('git_commit')}"), title_justify="left")
-    for col, justify in [("case", "left"), ("old ms", "right"), ("new ms", "right"),
-                         ("old/new", "right"), ("noise tol", "right"), ("status", "left")]:
+    for col, justify in [("case", "left"), ("dtype", "left"), ("impl", "left"), ("shape", "left"),
+                         ("old ms", "right"), ("new ms", "right"), ("old/new", "right"),
+                         ("noise tol", "right"), ("status", "left")]:
         table.add_column(col, justify=justify)
     for row in rows:
         fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
         st = row.status
-        table.add_row(row.label, fmt(row.old_ms, ".4f"), fmt(row.new_ms, ".4f"),
+        name, impl, _device, dtype, _shape = row.key
+        table.add_row(name, dtype, impl, row.shape, fmt(row.old_ms, ".4f"), fmt(row.new_ms, ".4f"),
                       "-" if row.ratio is None else f"{row.ratio:.2f}x",
                       "-" if row.tolerance is None else f"{100 * row.tolerance:.0f}%",
                       f"[{style[st]}]{st}[/{style[st]}]" if st in style else st)
