@@ -41,6 +41,25 @@ class BenchContext:
     dtype: torch.dtype
     quick: bool = False    # smaller shapes / fewer repeats
     config: str | None = None  # model preset for block / model cases
+    # Smoke mode (the CI test of every registered case): implies ``quick`` and, unless a
+    # config is named, the tiny model preset (SMOKE_CONFIG) for families that take
+    # ``config``; families may shrink further on ``smoke``. run_case calls each
+    # implementation once to warm up and times one more call, skips the implementations
+    # in SMOKE_SKIP_IMPLS and does not rotate inputs. A new family gets smoke coverage
+    # without doing anything.
+    smoke: bool = False
+
+    def __post_init__(self):
+        if self.smoke:
+            self.quick = True
+            if self.config is None:
+                self.config = SMOKE_CONFIG
+
+
+SMOKE_CONFIG = "palm-tiny"
+# Implementations a smoke run leaves out: compilation costs seconds to a minute per case
+# on a CPU, and torch.compile itself is tested by the op tests (fullgraph=True).
+SMOKE_SKIP_IMPLS = frozenset({"compile"})
 
 
 @dataclass
@@ -57,18 +76,37 @@ class Case:
     impl_extra: dict[str, dict] = field(default_factory=dict)  # impl -> figures for its record only
                                                                 # (e.g. {"palm_fast": {"kernels": 1}})
     tokens: float = 0.0             # tokens produced per call: records tokens_per_s (0: none)
+    # For expensive cases (a whole training step): the number of timed calls after two
+    # warm-up calls, on CPU and CUDA alike, instead of the harness's time budget.
+    repeats: int | None = None
+    rotate: bool = True             # False: one input set (e.g. inputs that hold a model)
+    # (record, peaks) -> more figures for that record, computed after timing
+    # (e.g. tokens/s and MFU of a training step).
+    derive: Callable[[dict, dict], dict] | None = None
+    teardown: Callable[[], None] | None = None  # called once all implementations ran (free memory)
 
 
 CaseGenerator = Callable[[BenchContext], Iterable[Case]]
 REGISTRY: dict[str, CaseGenerator] = {}
+# family -> {device: dtypes} it runs in when the user names no --dtype (default: every
+# default dtype of the device). The whole-model step in bf16 on a CPU without bf16
+# matmul units takes seconds, so the model family runs fp32 there unless asked.
+DEFAULT_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {}
 
 
-def register(family: str) -> Callable[[CaseGenerator], CaseGenerator]:
-    """Register a case generator under an op family name (used by ``--only``)."""
+def register(family: str, default_dtypes: dict[str, tuple[torch.dtype, ...]] | None = None
+             ) -> Callable[[CaseGenerator], CaseGenerator]:
+    """Register a case generator under an op family name (used by ``--only``).
+
+    ``default_dtypes`` optionally narrows, per device, the dtypes the family runs in
+    when no ``--dtype`` is given (an explicit ``--dtype`` always runs).
+    """
     def deco(fn: CaseGenerator) -> CaseGenerator:
         if family in REGISTRY and REGISTRY[family] is not fn:
             raise ValueError(f"benchmark family {family!r} registered twice")
         REGISTRY[family] = fn
+        if default_dtypes is not None:
+            DEFAULT_DTYPES[family] = dict(default_dtypes)
         return fn
     return deco
 
@@ -119,12 +157,28 @@ class Timing:
     n: int
 
 
-def time_fn(fn: Callable[[], Any], device: str, *, quick: bool = False) -> Timing:
+def time_fn(fn: Callable[[], Any], device: str, *, quick: bool = False, repeats: int | None = None,
+            smoke: bool = False) -> Timing:
     """Median time of ``fn()`` in milliseconds.
 
     CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls).
     CPU: warm-up, then repeated ``perf_counter`` measurements, median.
+    ``repeats`` (expensive calls such as a training step): two warm-up calls, then that
+    many timed calls, each synchronised (CUDA) on both devices. ``smoke``: one warm-up
+    call and one timed call.
     """
+    if smoke or repeats is not None:
+        n = 1 if smoke else max(1, int(repeats))
+        for _ in range(1 if smoke else 2):
+            fn()
+        _sync(device)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return Timing(statistics.median(times), min(times), max(times), len(times))
     if device == "cuda":
         import triton.testing
 
@@ -137,9 +191,17 @@ def time_fn(fn: Callable[[], Any], device: str, *, quick: bool = False) -> Timin
     t0 = time.perf_counter()
     fn()
     once = max(time.perf_counter() - t0, 1e-6)
-    budget = 0.25 if quick else 1.0  # seconds per measurement series
-    n = int(min(200, max(5, budget / once)))
-    for _ in range(min(3, n)):
+    # Seconds per measurement series: the whole default suite must finish in about two
+    # minutes on a 2-core CPU, so a series is short (0.3 s); the median of >= 5 calls holds.
+    budget = 0.15 if quick else 0.3
+    if once >= 0.1:
+        # A slow call (a whole generation, a training step): the two calls above warmed it
+        # up; three timed calls bound the series at about five calls in all.
+        n, warmup = max(3, int(budget / once)), 0
+    else:
+        n = int(min(200, max(5, budget / once)))
+        warmup = min(3, n)
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(n):
@@ -238,55 +300,99 @@ def dtype_name(dtype: torch.dtype) -> str:
 def run_case(case: Case, ctx: BenchContext, peaks: dict,
              on_impl: Callable[[str], None] | None = None) -> list[dict]:
     """Time every implementation of ``case`` on the same rotated inputs."""
-    sets = [case.setup()]
-    n = n_rotations(case.bytes, ctx.device)
-    sets += [case.setup() for _ in range(n - 1)]
+    try:
+        return _run_case(case, ctx, peaks, on_impl)
+    finally:
+        if case.teardown is not None:
+            case.teardown()
+
+
+def figures(case: Case, ms: float, peaks: dict) -> dict:
+    """GB/s, TFLOP/s and % of the run's measured peak (the case's bound) for a time."""
+    sec = ms * 1e-3
+    gbps = case.bytes / sec / 1e9 if case.bytes else None
+    tflops = case.flops / sec / 1e12 if case.flops else None
+    if case.bound == "compute" and tflops is not None:
+        pct = 100.0 * tflops / peaks["matmul_tflops"]
+    elif gbps is not None:
+        pct = 100.0 * gbps / peaks["copy_gbps"]
+    else:
+        pct = None
+    return {"gbps": gbps, "tflops": tflops, "pct_of_peak": pct}
+
+
+def input_sets(case: Case, ctx: BenchContext) -> list:
+    """The input sets an implementation cycles through: enough to exceed the cache when
+    they are small, one in smoke mode or for a case that asks not to rotate."""
+    n = 1 if (ctx.smoke or not case.rotate) else n_rotations(case.bytes, ctx.device)
+    return [case.setup() for _ in range(n)]
+
+
+def cycling(fn: Callable[[Any], Any], sets: list) -> Callable[[], Any]:
+    """``fn`` as a zero-argument call that takes the next input set each time."""
+    counter = [0]
+
+    def call():
+        inputs = sets[counter[0] % len(sets)]
+        counter[0] += 1
+        return fn(inputs)
+
+    return call
+
+
+def make_record(case: Case, ctx: BenchContext, impl: str, t: Timing | None, peaks: dict,
+                error: str | None = None) -> dict:
+    """The record of one (case, implementation) per DESIGN.md, from its timing (None and
+    ``error`` for an implementation that failed)."""
+    rec = {
+        "name": case.name, "impl": impl, "device": ctx.device,
+        "dtype": dtype_name(case.dtype), "shape": dict(case.shape),
+    }
+    if t is None:
+        rec.update({"ms": None, "ms_min": None, "ms_max": None, "gbps": None, "tflops": None,
+                    "pct_of_peak": None, "error": error})
+        return rec
+    rec.update({"ms": t.ms, "ms_min": t.ms_min, "ms_max": t.ms_max, "n_timed": t.n})
+    rec.update(figures(case, t.ms, peaks))
+    rec.update({"bytes": case.bytes, "flops": case.flops, "bound": case.bound})
+    rec.update(case.extra)
+    rec.update(case.impl_extra.get(impl, {}))
+    if case.tokens:
+        rec["tokens_per_s"] = case.tokens / (t.ms * 1e-3)
+    if case.derive is not None:
+        rec.update(case.derive(rec, peaks))
+    return rec
+
+
+def _run_case(case: Case, ctx: BenchContext, peaks: dict,
+              on_impl: Callable[[str], None] | None) -> list[dict]:
+    sets = input_sets(case, ctx)
     records = []
     for impl, fn in case.impls.items():
+        if ctx.smoke and impl in SMOKE_SKIP_IMPLS:
+            continue
         if on_impl is not None:
             on_impl(impl)
-        counter = [0]
-
-        def call(fn=fn, counter=counter):
-            inputs = sets[counter[0] % len(sets)]
-            counter[0] += 1
-            return fn(inputs)
-
-        rec = {
-            "name": case.name, "impl": impl, "device": ctx.device,
-            "dtype": dtype_name(case.dtype), "shape": dict(case.shape),
-        }
         try:
-            t = time_fn(call, ctx.device, quick=ctx.quick)
+            t = time_fn(cycling(fn, sets), ctx.device, quick=ctx.quick, repeats=case.repeats,
+                        smoke=ctx.smoke)
         except Exception as e:  # an implementation that fails is reported, not hidden
-            rec.update({"ms": None, "ms_min": None, "ms_max": None, "gbps": None, "tflops": None,
-                        "pct_of_peak": None, "error": f"{type(e).__name__}: {e}"[:500]})
-            records.append(rec)
+            records.append(make_record(case, ctx, impl, None, peaks, f"{type(e).__name__}: {e}"[:500]))
             continue
-        sec = t.ms * 1e-3
-        gbps = case.bytes / sec / 1e9 if case.bytes else None
-        tflops = case.flops / sec / 1e12 if case.flops else None
-        if case.bound == "compute" and tflops is not None:
-            pct = 100.0 * tflops / peaks["matmul_tflops"]
-        elif gbps is not None:
-            pct = 100.0 * gbps / peaks["copy_gbps"]
-        else:
-            pct = None
-        rec.update({"ms": t.ms, "ms_min": t.ms_min, "ms_max": t.ms_max, "n_timed": t.n,
-                    "gbps": gbps, "tflops": tflops, "pct_of_peak": pct,
-                    "bytes": case.bytes, "flops": case.flops, "bound": case.bound})
-        rec.update(case.extra)
-        rec.update(case.impl_extra.get(impl, {}))
-        if case.tokens:
-            rec["tokens_per_s"] = case.tokens / sec
-        records.append(rec)
+        records.append(make_record(case, ctx, impl, t, peaks))
     eager = next((r for r in records if r["impl"] == "eager" and r.get("ms")), None)
     for r in records:
         r["speedup_vs_eager"] = (eager["ms"] / r["ms"]) if (eager and r.get("ms")) else None
     return records
 
 
-def collect_cases(ctx: BenchContext, only: list[str] | None = None) -> list[Case]:
+def collect_cases(ctx: BenchContext, only: list[str] | None = None,
+                  default_dtypes: bool = False) -> list[Case]:
+    """Every case of every registered family (or of the families in ``only``).
+
+    ``default_dtypes``: the user named no dtype, so skip families whose
+    ``DEFAULT_DTYPES`` for this device leave ``ctx.dtype`` out.
+    """
     reg = load_all()
     unknown = [o for o in (only or []) if o not in reg]
     if unknown:
@@ -294,6 +400,9 @@ def collect_cases(ctx: BenchContext, only: list[str] | None = None) -> list[Case
     cases = []
     for family, gen in sorted(reg.items()):
         if only and family not in only:
+            continue
+        wanted = DEFAULT_DTYPES.get(family, {}).get(ctx.device)
+        if default_dtypes and wanted is not None and ctx.dtype not in wanted:
             continue
         cases.extend(gen(ctx))
     return cases

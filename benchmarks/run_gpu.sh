@@ -12,4 +12,8 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   python3 -m pytest -q tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
 fi
-python3 -m palm_fast.cli bench --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
+# The PNG where matplotlib is installed; otherwise draw it later from the JSON:
+#   palm-fast plot bench.json --out bench.png
+PLOT=()
+python3 -c "import matplotlib" 2>/dev/null && PLOT=(--plot "$OUT/bench.png")
+python3 -m palm_fast.cli bench --json "$OUT/bench.json" "${PLOT[@]}" "$@" 2>&1 | tee "$OUT/bench.log"

@@ -6,4 +6,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   palm_fast::bind_rope(m);
   palm_fast::bind_swiglu(m);
   palm_fast::bind_layer_norm(m);
+  palm_fast::bind_mqa_decode(m);
 }

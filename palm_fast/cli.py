@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 
@@ -63,9 +64,35 @@ def _print_table(records: list[dict], meta: dict) -> None:
     if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
         console = Console(width=200)
     console.print(table)
+    _print_throughput_table(records, console)
     errors = [r for r in records if r.get("error")]
     for r in errors:
         Console(stderr=True).print(f"[red]{r['name']} / {r['impl']}: {r['error']}[/red]")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _print_throughput_table(records: list[dict], console) -> None:
+    """Tokens/s, and MFU / HFU (PaLM Appendix B) where a case reports them."""
+    from rich.table import Table
+
+    rows = [r for r in records if r.get("tokens_per_s") is not None]
+    if not rows:
+        return
+    table = Table(title="throughput; MFU / HFU per PaLM Appendix B (vs datasheet peak | vs matmul "
+                        "peak measured in this run)", title_justify="left")
+    for col in ("case", "dtype", "impl", "recompute", "tokens/s", "MFU", "HFU", "MFU meas.",
+                "HFU meas.", "vs eager"):
+        table.add_column(col, justify="left" if col in ("case", "dtype", "impl", "recompute") else "right")
+    for r in rows:
+        speed = r.get("speedup_vs_eager")
+        table.add_row(r["name"], r["dtype"], r["impl"], r.get("recompute") or "-",
+                      f"{r['tokens_per_s']:,.0f}", _pct(r.get("mfu")), _pct(r.get("hfu")),
+                      _pct(r.get("mfu_measured_peak")), _pct(r.get("hfu_measured_peak")),
+                      "-" if speed is None else f"{speed:.2f}x")
+    console.print(table)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -84,32 +111,91 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtypes = _parse_dtypes(args.dtype, device)
     only = [s.strip() for s in args.only.split(",")] if args.only else None
 
+    if args.config:
+        from palm_fast.config import get_config
+
+        try:
+            get_config(args.config)
+        except ValueError as e:
+            raise SystemExit(f"--config: {e}") from None
+    if args.compare:  # read it before spending minutes measuring
+        from palm_fast.benchmarks import compare as cmp
+
+        old_doc = cmp.load(args.compare)
+    if args.plot:
+        from palm_fast.benchmarks import plot as plot_mod
+
+        plot_mod._require_matplotlib()
+
     contexts = [harness.BenchContext(device=device, dtype=dt, quick=args.quick, config=args.config)
                 for dt in dtypes]
-    plan = [(ctx, case) for ctx in contexts for case in harness.collect_cases(ctx, only)]
+    plan = [(ctx, case) for ctx in contexts
+            for case in harness.collect_cases(ctx, only, default_dtypes=not args.dtype)]
     if not plan:
         raise SystemExit("no benchmark cases selected")
     records: list[dict] = []
+    t_start = time.perf_counter()
+    case_wall: dict[str, float] = {}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   transient=True) as progress:
         task = progress.add_task("measuring peaks", total=len(plan) + 1)
         peaks = harness.measure_peaks(device, quick=args.quick)
         progress.advance(task)
-        for ctx, case in plan:
+        while plan:
+            ctx, case = plan.pop(0)  # dropped once run: its inputs and models can be freed
             label = f"{case.name} {harness.dtype_name(case.dtype)}"
             progress.update(task, description=label)
+            t0 = time.perf_counter()
             records += harness.run_case(
                 case, ctx, peaks,
                 on_impl=lambda impl, label=label: progress.update(task, description=f"{label} [{impl}]"))
+            case_wall[label] = case_wall.get(label, 0.0) + time.perf_counter() - t0
             progress.advance(task)
     meta = harness.meta(device, peaks, argv=["palm-fast"] + list(args.argv))
+    meta["wall_s"] = time.perf_counter() - t_start
+    meta["case_wall_s"] = case_wall
     _print_table(records, meta)
+    print(f"{len(records)} records in {meta['wall_s']:.0f} s")
+    doc = harness.result_doc(meta, records)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(harness.result_doc(meta, records), f, indent=1, default=harness.as_jsonable)
+            json.dump(doc, f, indent=1, default=harness.as_jsonable)
         print(f"wrote {args.json}")
-    return 1 if any(r.get("error") for r in records) else 0
+    if args.plot:
+        print(f"wrote {plot_mod.plot(json.loads(json.dumps(doc, default=harness.as_jsonable)), args.plot)}")
+    rc = 1 if any(r.get("error") for r in records) else 0
+    if args.compare:
+        rows = cmp.compare(old_doc, doc, threshold=args.threshold)
+        cmp.print_comparison(rows, old_doc, doc)
+        if args.fail_on_regression and any(r.status == "regression" for r in rows):
+            rc = rc or 2
+    return rc
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from palm_fast.benchmarks import compare as cmp
+
+    old, new = cmp.load(args.old), cmp.load(args.new)
+    rows = cmp.compare(old, new, threshold=args.threshold)
+    cmp.print_comparison(rows, old, new)
+    return 2 if args.fail_on_regression and any(r.status == "regression" for r in rows) else 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from palm_fast.benchmarks import compare as cmp
+    from palm_fast.benchmarks import plot as plot_mod
+
+    print(f"wrote {plot_mod.plot(cmp.load(args.results), args.out)}")
+    return 0
+
+
+def _add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", type=float, default=0.10,
+                   help="smallest relative change flagged (default 0.10); the noise of both "
+                        "runs widens it per case")
+    p.add_argument("--fail-on-regression", action="store_true",
+                   help="exit with status 2 when a case regressed beyond noise")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", help="model preset for block/model cases (e.g. palm-small)")
     b.add_argument("--json", metavar="PATH", help="write {meta, records} JSON here")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--plot", metavar="PATH", help="write a PNG figure (speedup over eager and "
+                                                   "%% of peak per case; needs matplotlib)")
+    b.add_argument("--compare", metavar="OLD_JSON",
+                   help="print per-case ratios against an earlier results file and flag "
+                        "regressions beyond noise")
+    _add_compare_args(b)
     b.set_defaults(func=cmd_bench)
+    c = sub.add_parser("compare", help="compare two results files (old, new) case by case")
+    c.add_argument("old")
+    c.add_argument("new")
+    _add_compare_args(c)
+    c.set_defaults(func=cmd_compare)
+    pl = sub.add_parser("plot", help="draw the PNG figure of a results file")
+    pl.add_argument("results")
+    pl.add_argument("--out", required=True, metavar="PATH")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

@@ -2,11 +2,14 @@
 launchers (interpreter on CPU, CUDA when present), shared prefixes, bad input."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
-from conftest import DTYPES, assert_close_by_rule, randn
+from conftest import DTYPES, HAS_CUDA, TRITON_DEVICE, assert_close_by_rule, randn, requires_cuda
 
 import palm_fast.ops as ops
+from palm_fast._ext import cpp
 from palm_fast.kv_cache import KVCache
 from palm_fast.reference.layers import RotaryEmbedding, attention
 
@@ -15,7 +18,13 @@ DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 def fill_cache(B, lens, hd, dtype, page_size=None, n_layers=1, layer=0, device="cpu", num_pages=None):
     """A cache whose ``layer`` holds random K/V of ``lens[b]`` tokens per sequence, written in
-    two ragged appends; returns (cache, [K_b], [V_b]) with the per-sequence truth."""
+    two ragged appends; returns (cache, [K_b], [V_b]) with the per-sequence truth. On the CPU
+    the appends use the C++ kernel even in Triton tests (the interpreter is slow)."""
+    with monkeypatch_cpu_cpp():
+        return _fill_cache(B, lens, hd, dtype, page_size, n_layers, layer, device, num_pages)
+
+
+def _fill_cache(B, lens, hd, dtype, page_size, n_layers, layer, device, num_pages):
     max_len = max(lens) + 3
     cache = KVCache(n_layers, B, max_len, hd, dtype=dtype, page_size=page_size, device=device,
                     num_pages=num_pages)
@@ -206,3 +215,196 @@ def test_rope_append_rejections_leave_cache_unchanged(page_size):
         with pytest.raises(err, match=match):
             call()
         assert_same(snapshot(cache), before)
+
+
+# ------------------------------------------------------------------ Triton launchers
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Route the public ops to the Triton launchers: CUDA tensors when there is a GPU, else
+    CPU tensors under the interpreter (the CPU entries of the dispatch tables swapped)."""
+    mod = importlib.import_module("palm_fast.ops.mqa_decode")
+
+    if not HAS_CUDA:
+        monkeypatch.setitem(mod._DECODE, "cpu", mod._mqa_decode_cuda)
+        monkeypatch.setitem(mod._ROPE_APPEND, "cpu", mod._rope_append_cuda)
+    return TRITON_DEVICE
+
+
+# Small enough for the interpreter; the full grid runs on CUDA.
+TRITON_CASES = [  # (B, H, hd, lens, page_size)
+    (2, 8, 64, [17, 1], None),
+    (1, 16, 128, [1000], 256),
+    (1, 8, 32, [4097], 64),
+    (2, 48, 64, [5, 17], 16),
+    (1, 12, 256, [33], 16),
+    (3, 10, 40, [1, 70, 9], 5),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("case", CASES if HAS_CUDA else TRITON_CASES,
+                         ids=lambda c: f"B{c[0]}H{c[1]}d{c[2]}T{max(c[3])}p{c[4]}")
+def test_triton_decode_parity(case, dtype, triton_backend):
+    B, H, hd, lens, page_size = case
+    cache, Ks, Vs = fill_cache(B, lens, hd, dtype, page_size, device=triton_backend)
+    q = randn(B, H, hd, dtype=dtype, device=triton_backend)
+    o = ops.mqa_decode(q, cache, 0, cache.lengths)
+    assert o.dtype == dtype and o.shape == (B, H, hd)
+    check_decode(o, q, Ks, Vs)
+
+
+@pytest.mark.parametrize("n_splits", [1, 3, 64])
+def test_triton_splits_and_empty_ranges(n_splits):
+    """Forced split counts (many splits past the end: neutral partials), empty ranges
+    (start == end gives o = 0, lse = -inf), starts > 0; vs the C++ kernel."""
+    from palm_fast.kernels import mqa_decode as tk
+
+    cache, _, _ = fill_cache(3, [40, 3, 20], 32, torch.float32, 8, device=TRITON_DEVICE)
+    q = randn(3, 6, 32, device=TRITON_DEVICE)
+    starts = torch.tensor([5, 3, 0], dtype=torch.int32, device=TRITON_DEVICE)
+    o, lse = tk.mqa_decode(q, cache.k, cache.v, cache.page_table, starts, cache.lengths, 0, 0.3, True,
+                           n_splits=n_splits)
+    o_ref, lse_ref = cpp().mqa_decode_cpu(q.cpu(), cache.k.cpu(), cache.v.cpu(), cache.page_table.cpu(),
+                                          starts.cpu(), cache.lengths.cpu(), 0, 0.3, True)
+    assert torch.allclose(o.cpu(), o_ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(lse.cpu(), lse_ref, atol=1e-5, rtol=1e-5)
+    assert (o[1] == 0).all() and torch.isinf(lse[1]).all() and (lse[1] < 0).all()
+
+
+def test_triton_grid_independent_of_lengths():
+    from palm_fast.kernels import mqa_decode as tk
+
+    a = tk.decode_config(1, 48, 256, 32768, 132)
+    assert a == tk.decode_config(1, 48, 256, 32768, 132)  # lengths are not an input at all
+    assert a["BLOCK_R"] == 64 and a["row_blocks"] == 1  # all 48 heads in one M tile
+    assert a["n_splits"] * a["row_blocks"] >= 132  # batch 1 still fills the GPU
+    b = tk.decode_config(64, 16, 128, 4096, 132)
+    assert b["n_splits"] >= 1 and b["BLOCK_R"] == 16
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_triton_rope_append(page_size, dtype, triton_backend):
+    B, T, H, hd = 2, 3, 4, 16
+    dev = triton_backend
+    for interleaved in (False, True):
+        c_ref = KVCache(1, B, 12, hd, dtype=dtype, page_size=page_size)
+        c_tri = KVCache(1, B, 12, hd, dtype=dtype, page_size=page_size, device=dev)
+        for c in (c_ref, c_tri):
+            c.advance(torch.tensor([1, 4]))
+        q, k, v = randn(B, T, H, hd, dtype=dtype), randn(B, T, hd, dtype=dtype), randn(B, T, hd, dtype=dtype)
+        n_new = torch.tensor([3, 1])
+        with monkeypatch_cpu_cpp():
+            q_ref = ops.rope_append(q, k, v, c_ref, 0, rotary_dim=12, interleaved=interleaved, n_new=n_new)
+        q_tri = ops.rope_append(q.to(dev), k.to(dev), v.to(dev), c_tri, 0, rotary_dim=12,
+                                interleaved=interleaved, n_new=n_new.to(dev))
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+        assert torch.allclose(q_tri.cpu().float(), q_ref.float(), **tol)
+        assert torch.allclose(c_tri.k.cpu().float(), c_ref.k.float(), **tol)
+        assert torch.equal(c_tri.v.cpu(), c_ref.v)
+        # plain append: exact copies
+        c_tri.append(0, k.to(dev), v.to(dev), n_new.to(dev))
+        with monkeypatch_cpu_cpp():
+            c_ref.append(0, k, v, n_new)
+        assert torch.equal(c_tri.k.cpu(), c_ref.k) and torch.equal(c_tri.v.cpu(), c_ref.v)
+
+
+def monkeypatch_cpu_cpp():
+    """A context that restores the C++ CPU kernels inside a test that swapped in Triton."""
+    import contextlib
+
+    mod = importlib.import_module("palm_fast.ops.mqa_decode")
+
+    @contextlib.contextmanager
+    def ctx():
+        saved = dict(mod._DECODE), dict(mod._ROPE_APPEND)
+        mod._DECODE["cpu"], mod._ROPE_APPEND["cpu"] = mod._mqa_decode_cpu, mod._rope_append_cpu
+        try:
+            yield
+        finally:
+            mod._DECODE.update(saved[0])
+            mod._ROPE_APPEND.update(saved[1])
+
+    return ctx()
+
+
+@pytest.mark.parametrize("page_size", [16, 5])
+def test_triton_shared_prefix(page_size, triton_backend):
+    dev = triton_backend
+    B, H, hd, prefix = 3, 8, 32, 40
+    cache = KVCache(1, B, 64, hd, page_size=page_size, device=dev)
+    k, v = randn(B, prefix, hd, device=dev), randn(B, prefix, hd, device=dev)
+    n0 = torch.tensor([prefix, 0, 0], device=dev)
+    cache.append(0, k, v, n0)
+    cache.advance(n0)
+    cache.fork(0, [1, 2])
+    suffix = torch.tensor([3, 0, 7], device=dev)
+    cache.append(0, randn(B, 7, hd, device=dev), randn(B, 7, hd, device=dev), suffix)
+    cache.advance(suffix)
+    q = randn(B, H, hd, device=dev)
+    shared = ops.mqa_decode(q, cache, 0, cache.lengths)
+    unshared = ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=False)
+    assert torch.allclose(shared, unshared, atol=1e-5, rtol=1e-5)
+    a = ops.mqa_decode(q, cache, 0, cache.lengths)
+    assert torch.equal(a, shared)  # deterministic
+
+
+# ------------------------------------------------------------------ custom ops, compile
+def _op_args(page_size):
+    cache, _, _ = fill_cache(2, [9, 30], 16, torch.float32, page_size)
+    q = randn(2, 4, 16)
+    return cache, q
+
+
+@pytest.mark.parametrize("page_size", [None, 8])
+def test_opcheck(page_size):
+    cache, q = _op_args(page_size)
+    starts = torch.tensor([0, 3], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.palm_fast.mqa_decode.default,
+                          (q, cache.k, cache.v, cache.page_table, starts, cache.lengths, 0, 0.25, True))
+    torch.library.opcheck(torch.ops.palm_fast.mqa_decode.default,
+                          (q, cache.k, cache.v, cache.page_table, None, cache.lengths, 0, 0.25, False))
+    B, T, H, hd = 2, 2, 4, 16
+    inv = torch.rand(4)
+    torch.library.opcheck(torch.ops.palm_fast.rope_append.default,
+                          (randn(B, T, H, hd), randn(B, T, hd), randn(B, T, hd), cache.k.clone(),
+                           cache.v.clone(), cache.page_table, cache.lengths,
+                           torch.tensor([2, 1], dtype=torch.int32), None, inv, 0, False))
+
+
+def test_torch_compile_decode_step():
+    """A decode step (rope_append + mqa_decode) under torch.compile(fullgraph=True) on CPU
+    gives the eager result."""
+    B, H, hd = 2, 4, 16
+    caches = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        c, _, _ = fill_cache(B, [5, 9], hd, torch.float32, None)
+        caches.append(c)
+
+    def step(q, k, v, cache):
+        q_rot = ops.rope_append(q, k, v, cache, 0)
+        return ops.mqa_decode(q_rot[:, 0].contiguous(), cache, 0, cache.lengths + 1)
+
+    q, k, v = randn(B, 1, H, hd), randn(B, 1, hd), randn(B, 1, hd)
+    eager = step(q, k, v, caches[0])
+    compiled = torch.compile(step, fullgraph=True)(q, k, v, caches[1])
+    assert torch.allclose(compiled, eager, atol=1e-6, rtol=1e-6)
+    assert torch.equal(caches[0].k, caches[1].k)
+
+
+@requires_cuda
+def test_cuda_graph_step():
+    """A captured decode step replays correctly for other lengths (grid independent of them)."""
+    B, H, hd = 2, 8, 64
+    cache, _, _ = fill_cache(B, [100, 7], hd, torch.bfloat16, 16, device="cuda")
+    cache.reserve(3)
+    q = randn(B, H, hd, dtype=torch.bfloat16, device="cuda")
+    lens = cache.lengths.clone()
+    ops.mqa_decode(q, cache, 0, lens)  # warm-up, checks
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ops.mqa_decode(q, cache, 0, lens)
+    lens.copy_(torch.tensor([103, 10], dtype=torch.int32))
+    g.replay()
+    assert torch.allclose(out.float(), ops.mqa_decode(q, cache, 0, lens).float(), atol=1e-2)

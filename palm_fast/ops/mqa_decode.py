@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from palm_fast._ext import cpp
 from palm_fast.kv_cache import KVCache
 from palm_fast.reference.functional import rope_inv_freq
 
@@ -49,63 +50,6 @@ def _triton():
     return kernels
 
 
-# ---------------------------------------------------------------- plain PyTorch (temporary CPU path)
-def _token_rows(k_cache, page_table, layer, b, idx):
-    """Cache rows of tokens ``idx`` (a LongTensor) of sequence b in ``layer``."""
-    if page_table is None:
-        return k_cache[layer, b, idx]
-    ps = k_cache.shape[2]
-    pages = page_table[b].long()[idx // ps]
-    return k_cache[layer, pages, idx % ps]
-
-
-def _torch_rope_append(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions, inv_freq,
-                       layer, interleaved):
-    from palm_fast.reference.functional import apply_rope
-
-    B, T = k.shape[:2]
-    lens = lengths.tolist()
-    nn_ = n_new.tolist()
-    t = torch.arange(T, device=k.device)
-    pos = positions if positions is not None else lengths.long()[:, None] + t
-    if inv_freq.numel():
-        q_out = apply_rope(q, pos, inv_freq, interleaved=interleaved)
-        k = apply_rope(k[:, :, None], pos, inv_freq, interleaved=interleaved)[:, :, 0]
-    else:
-        q_out = q.clone()
-    for b in range(B):
-        n = nn_[b]
-        if n:
-            idx = lens[b] + torch.arange(n, device=k.device)
-            if page_table is None:
-                k_cache[layer, b, idx] = k[b, :n]
-                v_cache[layer, b, idx] = v[b, :n]
-            else:
-                ps = k_cache.shape[2]
-                pages = page_table[b].long()[idx // ps]
-                k_cache[layer, pages, idx % ps] = k[b, :n]
-                v_cache[layer, pages, idx % ps] = v[b, :n]
-    return q_out.contiguous()
-
-
-def _torch_mqa_decode(q, k_cache, v_cache, page_table, starts, ends, layer, scale, fp32_out):
-    B, R, hd = q.shape
-    o = torch.zeros(B, R, hd, dtype=torch.float32, device=q.device)
-    lse = torch.full((B, R), float("-inf"), dtype=torch.float32, device=q.device)
-    st = starts.tolist() if starts is not None else [0] * B
-    en = ends.tolist()
-    for b in range(B):
-        if en[b] <= st[b]:
-            continue
-        idx = torch.arange(st[b], en[b], device=q.device)
-        kb = _token_rows(k_cache, page_table, layer, b, idx).float()
-        vb = _token_rows(v_cache, page_table, layer, b, idx).float()
-        s = (q[b].float() @ kb.T) * scale
-        lse[b] = torch.logsumexp(s, dim=-1)
-        o[b] = torch.softmax(s, dim=-1) @ vb
-    return (o if fp32_out else o.to(q.dtype)), lse
-
-
 # ---------------------------------------------------------------- custom ops
 @torch.library.custom_op("palm_fast::rope_append", mutates_args=("k_cache", "v_cache"))
 def rope_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -118,8 +62,12 @@ def rope_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
 @rope_append_op.register_kernel("cpu")
 def _rope_append_cpu(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions, inv_freq,
                      layer, interleaved):
-    return _torch_rope_append(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions,
-                              inv_freq, layer, interleaved)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if positions is not None:
+        positions = positions.contiguous()
+    cpp().rope_append_cpu(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions,
+                          inv_freq, q_out, layer, interleaved)
+    return q_out
 
 
 @rope_append_op.register_kernel("cuda")
@@ -143,7 +91,8 @@ def mqa_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 @mqa_decode_op.register_kernel("cpu")
 def _mqa_decode_cpu(q, k_cache, v_cache, page_table, starts, ends, layer, scale, fp32_out):
-    return _torch_mqa_decode(q, k_cache, v_cache, page_table, starts, ends, layer, scale, fp32_out)
+    o, lse = cpp().mqa_decode_cpu(q, k_cache, v_cache, page_table, starts, ends, layer, scale, fp32_out)
+    return o, lse
 
 
 @mqa_decode_op.register_kernel("cuda")

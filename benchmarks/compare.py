@@ -1,0 +1,130 @@
+"""Compare two benchmark result files (``{"meta", "records"}``) case by case.
+
+Records match on (name, impl, device, dtype, shape). For each pair the ratio is
+``old ms / new ms`` (above 1: the new run is faster). A pair is flagged only when the
+change exceeds the noise of both runs:
+
+    tolerance = max(threshold, spread(old) + spread(new)),  spread(r) = (ms - ms_min) / ms
+
+(how far the median sits above the fastest call: the jitter of that series, robust to one
+slow outlier, which ``ms_max`` is not). ``regression``: new ms > old ms x (1 + tolerance);
+``improvement``: old ms > new ms x (1 + tolerance); otherwise ``same``. Records found in
+one file only are ``new`` / ``missing``; a failed implementation is ``error``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+DEFAULT_THRESHOLD = 0.10
+
+
+def record_key(r: dict) -> tuple:
+    return (r["name"], r["impl"], r.get("device"), r.get("dtype"),
+            json.dumps(r.get("shape", {}), sort_keys=True))
+
+
+def _spread(r: dict) -> float:
+    ms, lo = r.get("ms"), r.get("ms_min")
+    if not ms or lo is None:
+        return 0.0
+    return max(0.0, (ms - lo) / ms)
+
+
+@dataclass
+class Row:
+    key: tuple
+    old_ms: float | None
+    new_ms: float | None
+    ratio: float | None        # old ms / new ms (> 1: faster now)
+    tolerance: float | None    # the relative change that counts as beyond noise
+    status: str                # regression | improvement | same | new | missing | error
+
+    @property
+    def label(self) -> str:
+        name, impl, _device, dtype, _shape = self.key
+        return f"{name} {dtype} [{impl}] {self.shape}"
+
+    @property
+    def shape(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in json.loads(self.key[4]).items())
+
+
+def compare(old: dict, new: dict, threshold: float = DEFAULT_THRESHOLD) -> list[Row]:
+    """One Row per record of either document, in the new document's order."""
+    if threshold < 0:
+        raise ValueError(f"threshold: expected a non-negative fraction, got {threshold}")
+    old_recs = {record_key(r): r for r in old["records"]}
+    rows, seen = [], set()
+    for r in new["records"]:
+        key = record_key(r)
+        seen.add(key)
+        o = old_recs.get(key)
+        if o is None:
+            rows.append(Row(key, None, r.get("ms"), None, None, "new"))
+            continue
+        if not o.get("ms") or not r.get("ms"):
+            rows.append(Row(key, o.get("ms"), r.get("ms"), None, None, "error"))
+            continue
+        tol = max(threshold, _spread(o) + _spread(r))
+        if r["ms"] > o["ms"] * (1 + tol):
+            status = "regression"
+        elif o["ms"] > r["ms"] * (1 + tol):
+            status = "improvement"
+        else:
+            status = "same"
+        rows.append(Row(key, o["ms"], r["ms"], o["ms"] / r["ms"], tol, status))
+    for key, o in old_recs.items():
+        if key not in seen:
+            rows.append(Row(key, o.get("ms"), None, None, None, "missing"))
+    return rows
+
+
+def warnings_for(old: dict, new: dict) -> list[str]:
+    """Differences in the runs' setting that make the ratios less meaningful."""
+    out = []
+    om, nm = old.get("meta", {}), new.get("meta", {})
+    for field in ("device_name", "torch", "triton"):
+        if om.get(field) != nm.get(field):
+            out.append(f"{field} differs: {om.get(field)!r} (old) vs {nm.get(field)!r} (new)")
+    return out
+
+
+def print_comparison(rows: list[Row], old: dict, new: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)
+    style = {"regression": "red", "improvement": "green", "error": "yellow"}
+    table = Table(title=(f"old: {old.get('meta', {}).get('date')} {old.get('meta', {}).get('git_commit')}"
+                         f"  ->  new: {new.get('meta', {}).get('date')} "
+                         f"{new.get('meta', {}).get('git_commit')}"), title_justify="left")
+    for col, justify in [("case", "left"), ("dtype", "left"), ("impl", "left"), ("shape", "left"),
+                         ("old ms", "right"), ("new ms", "right"), ("old/new", "right"),
+                         ("noise tol", "right"), ("status", "left")]:
+        table.add_column(col, justify=justify)
+    for row in rows:
+        fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+        st = row.status
+        name, impl, _device, dtype, _shape = row.key
+        table.add_row(name, dtype, impl, row.shape, fmt(row.old_ms, ".4f"), fmt(row.new_ms, ".4f"),
+                      "-" if row.ratio is None else f"{row.ratio:.2f}x",
+                      "-" if row.tolerance is None else f"{100 * row.tolerance:.0f}%",
+                      f"[{style[st]}]{st}[/{style[st]}]" if st in style else st)
+    console.print(table)
+    for w in warnings_for(old, new):
+        console.print(f"[yellow]warning: {w}[/yellow]")
+    counts = {s: sum(r.status == s for r in rows) for s in
+              ("regression", "improvement", "same", "new", "missing", "error")}
+    console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n))
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict) or "records" not in doc:
+        raise ValueError(f"{path}: expected a palm-fast bench JSON file ({{'meta', 'records'}})")
+    return doc

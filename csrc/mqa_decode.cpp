@@ -1,0 +1,528 @@
+// Multi-query decode attention and the fused RoPE + KV-cache append, on the CPU
+// (the CPU backends of palm_fast::mqa_decode and palm_fast::rope_append).
+//
+// mqa_decode: q [B, R, hd] (R query rows per sequence: its H heads, or the heads of every
+// member of a shared-prefix group) attends over the cached keys [start_b, end_b) of one
+// layer; one K and one V head (MQA). For every row r:
+//   s_j = scale * q[b, r] . K_b[j];  lse = log sum_j exp(s_j);  o = sum_j exp(s_j - lse) V_b[j]
+// The cache is [L, N, P, hd] (contiguous: N = batch, P = max_len; paged: N = pages,
+// P = page_size); token j of sequence b is row (page_table ? page_table[b, j / P] : b,
+// j % P).
+//
+// Work split: the keys of each sequence are cut into fixed chunks of kChunk keys, one
+// at::parallel_for task per (sequence, chunk). A task reads each K/V row of its chunk
+// ONCE for all R rows: blocks of kBlock keys are converted to fp32 (Half/BFloat16) into a
+// per-task scratch, then
+//   scores  S[r, j] = q[r] . K[j]    2 rows x 4 keys per register block (Vectorized FMAs)
+//   softmax online, per row: running max m, sum l, rescale of the accumulator
+//   values  acc[r] += sum_j P[r, j] V[j]  (32-float column strips of acc in registers)
+// Each task writes fp32 partials (acc, m, l); a second parallel pass combines the chunks
+// of a sequence in chunk order. Chunking depends only on the lengths, never on the
+// thread count, so results are bitwise identical for any number of threads.
+//
+// rope_append: for token t of sequence b, position p = positions[b, t] (or
+// lengths[b] + t); q[b, t, h] and k[b, t] are rotated by theta_i = p * inv_freq[i] (the
+// reference apply_rope: rotate-half or interleaved pairs, features >= R pass through);
+// rotated q goes to q_out (all T tokens), rotated k and v go to cache index lengths[b] + t
+// for t < n_new[b]. An empty inv_freq is a plain append. Math in fp32.
+// SIMD Vectorized (AVX2) for this extension: see cpu_capability.h.
+#include "cpu_capability.h"  // must precede every ATen include
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "palm_fast.h"
+
+namespace palm_fast {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+
+// Keys per parallel task (the split of a sequence) and per inner block.
+constexpr int64_t kChunk = 512;
+constexpr int64_t kBlock = 32;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Sum of the lanes of v.
+inline float hsum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+#else
+  alignas(64) float t[kW];
+  v.store(t);
+  float s = 0.f;
+  for (int64_t i = 0; i < kW; ++i) s += t[i];
+  return s;
+#endif
+}
+
+// n elements of src as fp32 into dst (n a multiple of kW, or any n via the tail).
+template <typename scalar_t>
+inline void to_float(const scalar_t* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+    using VecS = at::vec::Vectorized<scalar_t>;
+    int64_t i = 0;
+    for (; i + VecS::size() <= n; i += VecS::size()) {
+      auto [a, b] = at::vec::convert_to_float<scalar_t>(VecS::loadu(src + i));
+      a.store(dst + i);
+      b.store(dst + i + kW);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  } else {  // double: only reachable through the dispatch macro, never called (fp32/16/bf16 only)
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+// Dot products of one fp32 row a with 4 rows b0..b3 (length hd) -> out[0..3]; and of 2
+// rows with 4: the register block of the score computation.
+inline void dot_2x4(const float* a0, const float* a1, const float* const* b, int64_t hd,
+                    float* out0, float* out1) {
+  Vec c00(0.f), c01(0.f), c02(0.f), c03(0.f), c10(0.f), c11(0.f), c12(0.f), c13(0.f);
+  int64_t d = 0;
+  for (; d + kW <= hd; d += kW) {
+    const Vec x0 = Vec::loadu(a0 + d), x1 = Vec::loadu(a1 + d);
+    const Vec k0 = Vec::loadu(b[0] + d), k1 = Vec::loadu(b[1] + d);
+    const Vec k2 = Vec::loadu(b[2] + d), k3 = Vec::loadu(b[3] + d);
+    c00 = at::vec::fmadd(x0, k0, c00); c01 = at::vec::fmadd(x0, k1, c01);
+    c02 = at::vec::fmadd(x0, k2, c02); c03 = at::vec::fmadd(x0, k3, c03);
+    c10 = at::vec::fmadd(x1, k0, c10); c11 = at::vec::fmadd(x1, k1, c11);
+    c12 = at::vec::fmadd(x1, k2, c12); c13 = at::vec::fmadd(x1, k3, c13);
+  }
+  float r0[4] = {hsum(c00), hsum(c01), hsum(c02), hsum(c03)};
+  float r1[4] = {hsum(c10), hsum(c11), hsum(c12), hsum(c13)};
+  for (; d < hd; ++d) {  // hd not a multiple of the vector width
+    for (int j = 0; j < 4; ++j) {
+      r0[j] += a0[d] * b[j][d];
+      r1[j] += a1[d] * b[j][d];
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    out0[j] = r0[j];
+    out1[j] = r1[j];
+  }
+}
+
+// acc[i] = corr[i] * acc[i] + sum_j p[i * kBlock + j] V[j] for NR (1 or 2) rows of length hd:
+// column strips of 4 vectors per row stay in registers while the n value rows stream by.
+template <int NR>
+inline void accumulate_pv(float* acc, int64_t hd, const float* p, const float* corr,
+                          const float* const* vrow, int64_t n) {
+  int64_t d = 0;
+  for (; d + 4 * kW <= hd; d += 4 * kW) {
+    Vec a[NR][4];
+    for (int i = 0; i < NR; ++i) {
+      const Vec c(corr[i]);
+      for (int u = 0; u < 4; ++u) a[i][u] = Vec::loadu(acc + i * hd + d + u * kW) * c;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vr = vrow[j] + d;
+      const Vec v0 = Vec::loadu(vr), v1 = Vec::loadu(vr + kW);
+      const Vec v2 = Vec::loadu(vr + 2 * kW), v3 = Vec::loadu(vr + 3 * kW);
+      for (int i = 0; i < NR; ++i) {
+        const Vec pj(p[i * kBlock + j]);
+        a[i][0] = at::vec::fmadd(pj, v0, a[i][0]);
+        a[i][1] = at::vec::fmadd(pj, v1, a[i][1]);
+        a[i][2] = at::vec::fmadd(pj, v2, a[i][2]);
+        a[i][3] = at::vec::fmadd(pj, v3, a[i][3]);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      for (int u = 0; u < 4; ++u) a[i][u].store(acc + i * hd + d + u * kW);
+    }
+  }
+  for (; d + kW <= hd; d += kW) {
+    for (int i = 0; i < NR; ++i) {
+      Vec a0 = Vec::loadu(acc + i * hd + d) * Vec(corr[i]);
+      for (int64_t j = 0; j < n; ++j) a0 = at::vec::fmadd(Vec(p[i * kBlock + j]), Vec::loadu(vrow[j] + d), a0);
+      a0.store(acc + i * hd + d);
+    }
+  }
+  for (; d < hd; ++d) {
+    for (int i = 0; i < NR; ++i) {
+      float x = acc[i * hd + d] * corr[i];
+      for (int64_t j = 0; j < n; ++j) x += p[i * kBlock + j] * vrow[j][d];
+      acc[i * hd + d] = x;
+    }
+  }
+}
+
+// Per-task scratch: fp32 q rows (scaled), one block of K and V rows, scores.
+struct Scratch {
+  std::vector<float> q, k, v, s, corr;
+  std::vector<const float*> krow, vrow;
+  Scratch(int64_t R, int64_t hd)
+      : q(R * hd), k(kBlock * hd), v(kBlock * hd), s((R + 1) * kBlock), corr(R), krow(kBlock + 3), vrow(kBlock) {}
+};
+
+// Attention of rows q[0..R) over keys [j0, j1) of one sequence; writes the fp32 partial
+// numerator acc [R, hd] (normalised by l at the end by the combine), row max m, row sum l.
+template <typename scalar_t>
+void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const scalar_t* kbase,
+                  const scalar_t* vbase, const int32_t* table_row, int64_t seq_page, int64_t P,
+                  int64_t j0, int64_t j1, float* acc, float* m, float* l, Scratch& sc) {
+  for (int64_t r = 0; r < R; ++r) {
+    to_float(qb + r * hd, sc.q.data() + r * hd, hd);
+    for (int64_t d = 0; d < hd; ++d) sc.q[r * hd + d] *= scale;
+    m[r] = kNegInf;
+    l[r] = 0.f;
+  }
+  std::fill(acc, acc + R * hd, 0.f);
+  for (int64_t jb = j0; jb < j1; jb += kBlock) {
+    const int64_t n = std::min(kBlock, j1 - jb);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t tok = jb + j;
+      const int64_t page = table_row ? table_row[tok / P] : seq_page;
+      const int64_t off = (page * P + tok % P) * hd;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        sc.krow[j] = kbase + off;
+        sc.vrow[j] = vbase + off;
+      } else {
+        to_float(kbase + off, sc.k.data() + j * hd, hd);
+        to_float(vbase + off, sc.v.data() + j * hd, hd);
+        sc.krow[j] = sc.k.data() + j * hd;
+        sc.vrow[j] = sc.v.data() + j * hd;
+      }
+    }
+    for (int64_t j = n; j < n + 3; ++j) sc.krow[j] = sc.krow[0];  // pad the 4-key groups
+    // Scores S[r, 0..n): rows in pairs (the last odd row pairs with itself).
+    float* S = sc.s.data();
+    for (int64_t r = 0; r < R; r += 2) {
+      const int64_t r1 = std::min(r + 1, R - 1);
+      float* s0 = S + r * kBlock;
+      float* s1 = S + (r + 1) * kBlock;  // row R exists in the scratch for odd R
+      for (int64_t j = 0; j < n; j += 4) {
+        dot_2x4(sc.q.data() + r * hd, sc.q.data() + r1 * hd, sc.krow.data() + j, hd, s0 + j, s1 + j);
+      }
+    }
+    // Online softmax per row; P overwrites S, corr[r] rescales the old accumulator.
+    float* corr = sc.corr.data();
+    for (int64_t r = 0; r < R; ++r) {
+      float* s = S + r * kBlock;
+      float mx = m[r];
+      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+      corr[r] = std::exp(m[r] - mx);  // exp(-inf) = 0 on the first block
+      int64_t j = 0;
+      Vec vsum(0.f);
+      const Vec vmx(mx);
+      for (; j + kW <= n; j += kW) {
+        const Vec p = (Vec::loadu(s + j) - vmx).exp_u20();
+        p.store(s + j);
+        vsum = vsum + p;
+      }
+      float sum = hsum(vsum);
+      for (; j < n; ++j) {
+        s[j] = std::exp(s[j] - mx);
+        sum += s[j];
+      }
+      l[r] = l[r] * corr[r] + sum;
+      m[r] = mx;
+    }
+    // acc[r] = corr[r] * acc[r] + sum_j P[r, j] V[j]: two rows at a time share each V load.
+    int64_t r = 0;
+    for (; r + 2 <= R; r += 2) accumulate_pv<2>(acc + r * hd, hd, S + r * kBlock, corr + r, sc.vrow.data(), n);
+    if (r < R) accumulate_pv<1>(acc + r * hd, hd, S + r * kBlock, corr + r, sc.vrow.data(), n);
+  }
+}
+
+template <typename scalar_t>
+void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const int32_t* table, int64_t n_blocks, const int32_t* starts, const int32_t* ends,
+                   int64_t layer, float scale, at::Tensor& o, at::Tensor& lse) {
+  const int64_t B = q.size(0), R = q.size(1), hd = q.size(2);
+  const int64_t N = k_cache.size(1), P = k_cache.size(2);
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kbase = k_cache.const_data_ptr<scalar_t>() + layer * N * P * hd;
+  const scalar_t* vbase = v_cache.const_data_ptr<scalar_t>() + layer * N * P * hd;
+  // Tasks: (sequence, chunk), in order; task_first[b] = first task of sequence b.
+  std::vector<int64_t> task_first(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t s0 = starts ? starts[b] : 0, len = std::max<int64_t>(0, ends[b] - s0);
+    task_first[b + 1] = task_first[b] + (len + kChunk - 1) / kChunk;
+  }
+  const int64_t n_tasks = task_first[B];
+  std::vector<float> part_acc(n_tasks * R * hd), part_m(n_tasks * R), part_l(n_tasks * R);
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch sc(R, hd);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = std::upper_bound(task_first.begin(), task_first.end(), t) - task_first.begin() - 1;
+      const int64_t s0 = starts ? starts[b] : 0;
+      const int64_t j0 = s0 + (t - task_first[b]) * kChunk;
+      const int64_t j1 = std::min<int64_t>(ends[b], j0 + kChunk);
+      attend_chunk<scalar_t>(qp + b * R * hd, R, hd, scale, kbase, vbase,
+                             table ? table + b * n_blocks : nullptr, b, P, j0, j1,
+                             part_acc.data() + t * R * hd, part_m.data() + t * R,
+                             part_l.data() + t * R, sc);
+    }
+  });
+  // Combine the chunks of each sequence (fixed order), per (sequence, row).
+  float* lp = lse.mutable_data_ptr<float>();
+  at::parallel_for(0, B * R, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<float> row(hd);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / R, r = i % R;
+      float mx = kNegInf;
+      for (int64_t t = task_first[b]; t < task_first[b + 1]; ++t) mx = std::max(mx, part_m[t * R + r]);
+      std::fill(row.begin(), row.end(), 0.f);
+      float den = 0.f;
+      if (mx != kNegInf) {
+        for (int64_t t = task_first[b]; t < task_first[b + 1]; ++t) {
+          const float w = std::exp(part_m[t * R + r] - mx);
+          den += w * part_l[t * R + r];
+          const float* a = part_acc.data() + (t * R + r) * hd;
+          const Vec vw(w);
+          int64_t d = 0;
+          for (; d + kW <= hd; d += kW) at::vec::fmadd(vw, Vec::loadu(a + d), Vec::loadu(row.data() + d)).store(row.data() + d);
+          for (; d < hd; ++d) row[d] += w * a[d];
+        }
+      }
+      const float inv = den > 0.f ? 1.f / den : 0.f;
+      lp[i] = den > 0.f ? mx + std::log(den) : kNegInf;
+      if (o.scalar_type() == at::kFloat) {
+        float* op = o.mutable_data_ptr<float>() + i * hd;
+        for (int64_t d = 0; d < hd; ++d) op[d] = row[d] * inv;
+      } else {
+        scalar_t* op = o.mutable_data_ptr<scalar_t>() + i * hd;
+        for (int64_t d = 0; d < hd; ++d) op[d] = static_cast<scalar_t>(row[d] * inv);
+      }
+    }
+  });
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+}
+
+std::vector<at::Tensor> mqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache, const c10::optional<at::Tensor>& page_table,
+                                       const c10::optional<at::Tensor>& starts, const at::Tensor& ends,
+                                       int64_t layer, double scale, bool fp32_out) {
+  // Memory-safety guards only; argument checking with good messages is in palm_fast/ops.
+  check_cpu(q, "q");
+  check_cpu(k_cache, "k_cache");
+  check_cpu(v_cache, "v_cache");
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: expected a contiguous [B, R, hd] tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous(), "k_cache, v_cache: expected contiguous [L, N, P, hd] tensors");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "k_cache, v_cache: expected q's dtype");
+  const int64_t B = q.size(0), R = q.size(1), hd = q.size(2);
+  TORCH_CHECK(k_cache.size(3) == hd, "k_cache: head dim differs from q's");
+  TORCH_CHECK(0 <= layer && layer < k_cache.size(0), "layer out of range");
+  TORCH_CHECK(ends.scalar_type() == at::kInt && ends.is_contiguous() && ends.numel() == B,
+              "ends: expected a contiguous int32 [B] tensor");
+  const int64_t N = k_cache.size(1), P = k_cache.size(2);
+  const int32_t* tp = nullptr;
+  int64_t n_blocks = 0;
+  if (page_table.has_value()) {
+    const at::Tensor& t = *page_table;
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous() && t.dim() == 2 && t.size(0) == B,
+                "page_table: expected a contiguous int32 [B, blocks] tensor");
+    tp = t.const_data_ptr<int32_t>();
+    n_blocks = t.size(1);
+  } else {
+    TORCH_CHECK(N >= B, "k_cache: contiguous cache has fewer sequences than q");
+  }
+  const int32_t* sp = nullptr;
+  if (starts.has_value()) {
+    TORCH_CHECK(starts->scalar_type() == at::kInt && starts->is_contiguous() && starts->numel() == B,
+                "starts: expected a contiguous int32 [B] tensor");
+    sp = starts->const_data_ptr<int32_t>();
+  }
+  const int32_t* ep = ends.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {  // every row read must exist
+    const int64_t s0 = sp ? sp[b] : 0;
+    TORCH_CHECK(s0 >= 0 && ep[b] <= (tp ? n_blocks * P : P), "starts/ends out of range for sequence ", b);
+    if (tp) {
+      for (int64_t blk = s0 / P; blk * P < ep[b]; ++blk) {
+        TORCH_CHECK(tp[b * n_blocks + blk] >= 0 && tp[b * n_blocks + blk] < N, "page_table: invalid page ",
+                    tp[b * n_blocks + blk], " for sequence ", b);
+      }
+    }
+  }
+  at::Tensor o = at::empty({B, R, hd}, q.options().dtype(fp32_out ? at::kFloat : q.scalar_type()));
+  at::Tensor lse = at::empty({B, R}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mqa_decode_cpu", [&] {
+    decode_kernel<scalar_t>(q, k_cache, v_cache, tp, n_blocks, sp, ep, layer, static_cast<float>(scale), o, lse);
+  });
+  return {o, lse};
+}
+
+// ------------------------------------------------------------------ rope_append
+// Rotate the first 2*half features of fp32 row x into y (may alias); c, s: cos / sin.
+inline void rotate(float* x, const float* c, const float* s, int64_t half, bool interleaved) {
+  if (!interleaved) {
+    int64_t i = 0;
+    for (; i + kW <= half; i += kW) {
+      const Vec x1 = Vec::loadu(x + i), x2 = Vec::loadu(x + half + i);
+      const Vec vc = Vec::loadu(c + i), vs = Vec::loadu(s + i);
+      (x1 * vc - x2 * vs).store(x + i);
+      (x2 * vc + x1 * vs).store(x + half + i);
+    }
+    for (; i < half; ++i) {
+      const float x1 = x[i], x2 = x[half + i];
+      x[i] = x1 * c[i] - x2 * s[i];
+      x[half + i] = x2 * c[i] + x1 * s[i];
+    }
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = x[2 * i], x2 = x[2 * i + 1];
+      x[2 * i] = x1 * c[i] - x2 * s[i];
+      x[2 * i + 1] = x2 * c[i] + x1 * s[i];
+    }
+  }
+}
+
+template <typename scalar_t>
+inline void from_float(const float* src, scalar_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+template <typename scalar_t, typename pos_t>
+void rope_append_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                        at::Tensor& v_cache, const int32_t* table, int64_t n_blocks, const int32_t* lengths,
+                        const int32_t* n_new, const pos_t* pos, const float* inv_freq, int64_t half,
+                        at::Tensor& q_out, int64_t layer, bool interleaved) {
+  const int64_t B = k.size(0), T = k.size(1), hd = k.size(2), H = q.size(2);
+  const int64_t N = k_cache.size(1), P = k_cache.size(2);
+  scalar_t* kc = k_cache.mutable_data_ptr<scalar_t>() + layer * N * P * hd;
+  scalar_t* vc = v_cache.mutable_data_ptr<scalar_t>() + layer * N * P * hd;
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  scalar_t* qo = q_out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, B * T, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> row(hd), c(half), s(half);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / T, t = i % T;
+      const int64_t p = pos ? static_cast<int64_t>(pos[b * T + t]) : int64_t(lengths[b]) + t;
+      for (int64_t f = 0; f < half; ++f) {
+        const float theta = static_cast<float>(p) * inv_freq[f];
+        c[f] = std::cos(theta);
+        s[f] = std::sin(theta);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        to_float(qp + b * q.stride(0) + t * q.stride(1) + h * q.stride(2), row.data(), hd);
+        rotate(row.data(), c.data(), s.data(), half, interleaved);
+        from_float(row.data(), qo + ((b * T + t) * H + h) * hd, hd);
+      }
+      if (t >= n_new[b]) continue;
+      const int64_t tok = int64_t(lengths[b]) + t;
+      const int64_t page = table ? table[b * n_blocks + tok / P] : b;
+      const int64_t off = (page * P + tok % P) * hd;
+      const scalar_t* krow = kp + b * k.stride(0) + t * k.stride(1);
+      if (half) {
+        to_float(krow, row.data(), hd);
+        rotate(row.data(), c.data(), s.data(), half, interleaved);
+        from_float(row.data(), kc + off, hd);
+      } else {
+        std::memcpy(kc + off, krow, hd * sizeof(scalar_t));
+      }
+      std::memcpy(vc + off, vp + b * v.stride(0) + t * v.stride(1), hd * sizeof(scalar_t));
+    }
+  });
+}
+
+void rope_append_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                     at::Tensor& v_cache, const c10::optional<at::Tensor>& page_table, const at::Tensor& lengths,
+                     const at::Tensor& n_new, const c10::optional<at::Tensor>& positions,
+                     const at::Tensor& inv_freq, at::Tensor& q_out, int64_t layer, bool interleaved) {
+  // Memory-safety guards only; argument checking with good messages is in palm_fast/ops.
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &k_cache, &v_cache, &q_out}) {
+    check_cpu(*t, "tensor");
+  }
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && q.dim() == 4 && q.size(0) == k.size(0) &&
+                  q.size(1) == k.size(1) && q.size(3) == k.size(2), "q, k, v: shapes do not match");
+  TORCH_CHECK(q.stride(3) == 1 || q.size(3) <= 1, "q: expected a unit last stride");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k, v: expected a unit last stride");
+  TORCH_CHECK(q_out.is_contiguous() && q_out.sizes() == q.sizes(), "q_out: expected contiguous, q's shape");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && k_cache.size(3) == k.size(2),
+              "k_cache, v_cache: expected contiguous [L, N, P, hd] tensors");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &v, &k_cache, &v_cache, &q_out}) {
+    TORCH_CHECK(t->scalar_type() == k.scalar_type(), "q, k, v and the cache: expected one dtype");
+  }
+  TORCH_CHECK(0 <= layer && layer < k_cache.size(0), "layer out of range");
+  const int64_t B = k.size(0), T = k.size(1), N = k_cache.size(1), P = k_cache.size(2);
+  TORCH_CHECK(lengths.scalar_type() == at::kInt && lengths.is_contiguous() && lengths.numel() == B &&
+                  n_new.scalar_type() == at::kInt && n_new.is_contiguous() && n_new.numel() == B,
+              "lengths, n_new: expected contiguous int32 [B] tensors");
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() && 2 * inv_freq.numel() <= k.size(2),
+              "inv_freq: expected a contiguous fp32 tensor of at most hd / 2 entries");
+  const int32_t* lp = lengths.const_data_ptr<int32_t>();
+  const int32_t* np = n_new.const_data_ptr<int32_t>();
+  const int32_t* tp = nullptr;
+  int64_t n_blocks = 0;
+  if (page_table.has_value()) {
+    TORCH_CHECK(page_table->scalar_type() == at::kInt && page_table->is_contiguous() && page_table->dim() == 2 &&
+                    page_table->size(0) == B, "page_table: expected a contiguous int32 [B, blocks] tensor");
+    tp = page_table->const_data_ptr<int32_t>();
+    n_blocks = page_table->size(1);
+  } else {
+    TORCH_CHECK(N >= B, "k_cache: contiguous cache has fewer sequences than k");
+  }
+  for (int64_t b = 0; b < B; ++b) {  // every row written must exist
+    TORCH_CHECK(lp[b] >= 0 && np[b] >= 0 && np[b] <= T, "lengths / n_new out of range for sequence ", b);
+    const int64_t end = int64_t(lp[b]) + np[b];
+    TORCH_CHECK(end <= (tp ? n_blocks * P : P), "cache overflow for sequence ", b);
+    if (tp) {
+      for (int64_t blk = lp[b] / P; blk * P < end; ++blk) {
+        TORCH_CHECK(tp[b * n_blocks + blk] >= 0 && tp[b * n_blocks + blk] < N, "page_table: invalid page");
+      }
+    }
+  }
+  const int64_t half = inv_freq.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "rope_append_cpu", [&] {
+    if (positions.has_value()) {
+      const at::Tensor& pt = *positions;
+      TORCH_CHECK(pt.is_contiguous() && pt.dim() == 2 && pt.size(0) == B && pt.size(1) == T,
+                  "positions: expected a contiguous [B, T] tensor");
+      if (pt.scalar_type() == at::kInt) {
+        rope_append_kernel<scalar_t, int32_t>(q, k, v, k_cache, v_cache, tp, n_blocks, lp, np,
+                                              pt.const_data_ptr<int32_t>(), inv_freq.const_data_ptr<float>(),
+                                              half, q_out, layer, interleaved);
+      } else {
+        TORCH_CHECK(pt.scalar_type() == at::kLong, "positions: expected int32 or int64");
+        rope_append_kernel<scalar_t, int64_t>(q, k, v, k_cache, v_cache, tp, n_blocks, lp, np,
+                                              pt.const_data_ptr<int64_t>(), inv_freq.const_data_ptr<float>(),
+                                              half, q_out, layer, interleaved);
+      }
+    } else {
+      rope_append_kernel<scalar_t, int64_t>(q, k, v, k_cache, v_cache, tp, n_blocks, lp, np, nullptr,
+                                            inv_freq.const_data_ptr<float>(), half, q_out, layer, interleaved);
+    }
+  });
+}
+
+}  // namespace
+
+void bind_mqa_decode(pybind11::module_& m) {
+  m.def("mqa_decode_cpu", &mqa_decode_cpu, pybind11::arg("q"), pybind11::arg("k_cache"),
+        pybind11::arg("v_cache"), pybind11::arg("page_table"), pybind11::arg("starts"), pybind11::arg("ends"),
+        pybind11::arg("layer"), pybind11::arg("scale"), pybind11::arg("fp32_out"),
+        "MQA decode on CPU: q [B, R, hd] over cache keys [starts[b], ends[b]) of layer -> [o, lse]");
+  m.def("rope_append_cpu", &rope_append_cpu, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+        pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("page_table"),
+        pybind11::arg("lengths"), pybind11::arg("n_new"), pybind11::arg("positions"),
+        pybind11::arg("inv_freq"), pybind11::arg("q_out"), pybind11::arg("layer"),
+        pybind11::arg("interleaved"),
+        "RoPE of q and k at their positions, rotated k and v written into the cache (CPU)");
+}
+
+}  // namespace palm_fast

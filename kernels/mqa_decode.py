@@ -1,0 +1,354 @@
+"""Multi-query decode attention and the fused RoPE + KV-cache append: Triton kernels (the
+CUDA backends of ``palm_fast::mqa_decode`` and ``palm_fast::rope_append``).
+
+Decode math: sequence b has R query rows ``q[b, r]`` (its H heads, or the heads of all
+members of a shared-prefix group) and ONE key/value head (MQA), keys ``[start_b, end_b)``::
+
+    s_j = scale * q[b, r] . K_b[j];   lse = log sum_j exp(s_j);   o = sum_j exp(s_j - lse) V_b[j]
+
+Tiling of ``_mqa_decode_split`` (grid ``(row blocks, splits, B)``): the R rows of a
+sequence are packed into the M dimension of ``tl.dot`` (``BLOCK_R`` >= 16, so the H heads
+of a step are one MMA tile: every K/V tile is loaded ONCE for all heads), the keys of a
+sequence are cut into ``n_splits`` contiguous splits of ``split_len`` keys (split-KV), and
+each program runs an online softmax over its split in blocks of ``BLOCK_N`` keys, writing
+an fp32 partial output and its log-sum-exp. ``_mqa_decode_combine`` (one program per
+(sequence, row)) merges the splits by log-sum-exp. Both kernels are deterministic (no
+atomics, a fixed merge order).
+
+CUDA graphs: the grid depends on B, R and the cache capacity (``max_len``), never on the
+lengths, which are read on the device; a program whose split lies past its sequence's end
+writes a neutral partial (o = 0, lse = -inf) and exits.
+
+Paged caches: the page of every key is looked up in the page table per block
+(``page_table[b, j // P]``, a vector gather), so any page size works (16..256 and more).
+
+Split heuristic: enough programs to fill the GPU at batch 1: ``n_splits`` is chosen so
+that ``B * row_blocks * n_splits`` is about twice the SM count (a fixed default under the
+interpreter), splits of at least 128 keys.
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors) every load is upcast to fp32 (the interpreter
+keeps bf16 as raw bits); on the GPU the ``tl.dot`` operands stay fp16/bf16 (fp32 caches
+use IEEE fp32 dots) with fp32 accumulation.
+
+``_rope_append`` (grid ``(B * T,)``): rotates the H heads of q and the k row of one token
+by ``theta_i = position * inv_freq[i]`` (rotate-half or interleaved pairs; features past
+the rotary dim pass through), writes rotated q to ``q_out`` and, for ``t < n_new[b]``,
+rotated k and v to cache index ``lengths[b] + t``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_launch_device, interpreting
+
+_INTERPRETER_SMS = 4  # the "SM count" used for the split heuristic under the interpreter
+_MIN_SPLIT = 128      # fewest keys per split
+
+
+@triton.jit
+def _mqa_decode_split(
+    q_ptr,          # [B, R, hd] contiguous query rows (already rotated)
+    k_ptr,          # key cache [L, N, P, hd] contiguous (contiguous: N = batch; paged: N = pages)
+    v_ptr,          # value cache, same layout as k
+    table_ptr,      # [B, n_blocks] int32 page table (PAGED), else unused
+    starts_ptr,     # [B] int32 first key per sequence (HAS_STARTS), else 0
+    ends_ptr,       # [B] int32 one past the last key per sequence
+    o_part_ptr,     # out: [B, n_splits, R, hd] fp32 normalised partial outputs
+    lse_part_ptr,   # out: [B, n_splits, R] fp32 partial log-sum-exp (-inf for an empty split)
+    R,              # query rows per sequence
+    hd,             # head dim
+    layer_off,      # element offset of the layer in k / v (layer * N * P * hd)
+    P,              # tokens per page (contiguous: max_len)
+    n_blocks,       # page-table columns
+    n_splits,       # splits per sequence (grid axis 1)
+    split_len,      # keys per split (a multiple of BLOCK_N)
+    qk_scale,       # scale * log2(e): scores are kept in base 2
+    BLOCK_R: tl.constexpr,  # query rows per program (>= 16: the M of tl.dot)
+    BLOCK_N: tl.constexpr,  # keys per inner block (the N of the first dot)
+    BLOCK_D: tl.constexpr,  # head dim, padded to a power of two
+    PAGED: tl.constexpr,    # look keys up through the page table
+    HAS_STARTS: tl.constexpr,  # per-sequence start offsets given
+    UPCAST: tl.constexpr,   # interpreter: compute in fp32 after every load
+    IEEE_FP32: tl.constexpr,  # fp32 cache on GPU: exact fp32 dots (no tf32)
+):
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2)
+    start = 0
+    if HAS_STARTS:
+        start = tl.load(starts_ptr + b)
+    end = tl.load(ends_ptr + b)
+    j0 = start + pid_s * split_len
+    j1 = tl.minimum(end, j0 + split_len)
+
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    row_mask = rows < R
+    d_mask = d < hd
+    b64 = b.to(tl.int64)
+    q = tl.load(q_ptr + (b64 * R + rows[:, None]) * hd + d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for jb in range(j0, j1, BLOCK_N):
+        toks = jb + tl.arange(0, BLOCK_N)
+        t_mask = toks < j1
+        if PAGED:
+            page = tl.load(table_ptr + b64 * n_blocks + toks // P, mask=t_mask, other=0)
+            kv_row = page.to(tl.int64) * P + toks % P
+        else:
+            kv_row = b64 * P + toks
+        kv_off = layer_off + kv_row[:, None] * hd + d[None, :]
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE_FP32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(t_mask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    o = tl.where(nonempty[:, None], acc / tl.where(nonempty, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    part = (b64 * n_splits + pid_s) * R + rows
+    tl.store(o_part_ptr + part[:, None] * hd + d[None, :], o, mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(lse_part_ptr + part, lse, mask=row_mask)
+
+
+@triton.jit
+def _mqa_decode_combine(
+    o_part_ptr,     # [B, n_splits, R, hd] fp32 partial outputs
+    lse_part_ptr,   # [B, n_splits, R] fp32 partial log-sum-exp
+    o_ptr,          # out: [B, R, hd] (fp32 or the query dtype)
+    lse_ptr,        # out: [B, R] fp32 log-sum-exp over all splits
+    R,              # query rows per sequence
+    hd,             # head dim
+    n_splits,       # splits per sequence
+    BLOCK_S: tl.constexpr,  # n_splits padded to a power of two
+    BLOCK_D: tl.constexpr,  # head dim padded to a power of two
+):
+    row = tl.program_id(0).to(tl.int64)  # b * R + r
+    b = row // R
+    r = row % R
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = sp < n_splits
+    part = (b * n_splits + sp) * R + r
+    lse = tl.load(lse_part_ptr + part, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)  # 0 for empty splits
+    den = tl.sum(w, axis=0)
+    o = tl.load(o_part_ptr + part[:, None] * hd + d[None, :], mask=s_mask[:, None] & (d < hd)[None, :],
+                other=0.0)
+    num = tl.sum(o * w[:, None], axis=0)
+    out = tl.where(den > 0.0, num / tl.where(den > 0.0, den, 1.0), 0.0)
+    tl.store(o_ptr + row * hd + d, out.to(o_ptr.dtype.element_ty), mask=d < hd)
+    tl.store(lse_ptr + row, tl.where(den > 0.0, m_safe + tl.log(tl.where(den > 0.0, den, 1.0)),
+                                     float("-inf")))
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; a fixed default under the interpreter."""
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int) -> dict:
+    """Tile sizes and the split count (a function of shapes and the cache capacity only,
+    never of the lengths: the grid stays fixed for CUDA graphs)."""
+    block_d = triton.next_power_of_2(hd)
+    # All H <= 64 heads of a sequence in one M tile (PaLM: 48 heads -> 64 rows), so each K/V
+    # tile is loaded once per split; more rows (shared-prefix groups) take several tiles.
+    block_r = min(max(16, triton.next_power_of_2(R)), 64)
+    block_n = 64 if block_d <= 128 else 32
+    row_blocks = triton.cdiv(R, block_r)
+    # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
+    # must stay small next to the K/V bytes it reads.
+    max_splits = max(1, triton.cdiv(capacity, max(_MIN_SPLIT, block_n)))
+    n_splits = min(max_splits, max(1, triton.cdiv(2 * n_sms, B * row_blocks)))
+    split_len = triton.cdiv(triton.cdiv(capacity, n_splits), block_n) * block_n
+    n_splits = triton.cdiv(capacity, split_len)
+    num_warps = 8 if block_r * block_d >= 64 * 128 else 4
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, row_blocks=row_blocks,
+                n_splits=n_splits, split_len=split_len, num_warps=num_warps)
+
+
+def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               page_table: torch.Tensor | None, starts: torch.Tensor | None, ends: torch.Tensor,
+               layer: int, scale: float, fp32_out: bool, *, n_splits: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q ``[B, R, hd]`` over keys ``[starts[b], ends[b])`` of ``layer`` of the cache ``[L, N, P,
+    hd]`` -> (o ``[B, R, hd]`` fp32 or q's dtype, lse ``[B, R]`` fp32). ``n_splits`` overrides
+    the heuristic (tests)."""
+    check_launch_device(q)
+    B, R, hd = q.shape
+    L, N, P, _ = k_cache.shape
+    if not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("q, k_cache, v_cache: expected contiguous tensors")
+    paged = page_table is not None
+    capacity = page_table.shape[1] * P if paged else P
+    cfg = decode_config(B, R, hd, capacity, sm_count(q.device))
+    if n_splits is not None:
+        split_len = triton.cdiv(triton.cdiv(capacity, n_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+        cfg.update(n_splits=triton.cdiv(capacity, split_len), split_len=split_len)
+    S = cfg["n_splits"]
+    o_part = torch.empty(B, S, R, hd, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, S, R, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, R, hd, dtype=torch.float32 if fp32_out else q.dtype, device=q.device)
+    lse = torch.empty(B, R, dtype=torch.float32, device=q.device)
+    if B == 0 or R == 0:
+        return o, lse
+    LOG2E = 1.4426950408889634
+    upcast = interpreting()
+    _mqa_decode_split[(cfg["row_blocks"], S, B)](
+        q, k_cache, v_cache, page_table if paged else ends, starts if starts is not None else ends, ends,
+        o_part, lse_part, R, hd, layer * N * P * hd, P, page_table.shape[1] if paged else 0, S,
+        cfg["split_len"], scale * LOG2E,
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PAGED=paged,
+        HAS_STARTS=starts is not None, UPCAST=upcast,
+        IEEE_FP32=(q.dtype == torch.float32 and not upcast), num_warps=cfg["num_warps"])
+    _mqa_decode_combine[(B * R,)](o_part, lse_part, o, lse, R, hd, S,
+                                  BLOCK_S=triton.next_power_of_2(S), BLOCK_D=cfg["BLOCK_D"],
+                                  num_warps=4 if cfg["BLOCK_D"] <= 128 else 8)
+    return o, lse
+
+
+# ------------------------------------------------------------------ rope + append
+@triton.jit
+def _rope_rotate(x_ptr, out_ptr, idx1, idx2, mask, c, s):
+    """Rotate the pairs (x[idx1], x[idx2]) by (c, s) from x_ptr into out_ptr (fp32 math)."""
+    x1 = tl.load(x_ptr + idx1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + idx2, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + idx1, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + idx2, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_append(
+    q_ptr,          # [B, T, H, hd] new queries (strides below; unit last stride)
+    k_ptr,          # [B, T, hd] new keys (unit last stride)
+    v_ptr,          # [B, T, hd] new values (unit last stride)
+    q_out_ptr,      # out: [B, T, H, hd] contiguous rotated queries
+    k_cache_ptr,    # key cache [L, N, P, hd] contiguous (written)
+    v_cache_ptr,    # value cache, same layout (written)
+    table_ptr,      # [B, n_blocks] int32 page table (PAGED)
+    lengths_ptr,    # [B] int32 tokens cached: token t is written at lengths[b] + t
+    n_new_ptr,      # [B] int32: tokens t < n_new[b] are written
+    pos_ptr,        # [B, T] int32/int64 positions (HAS_POS), else lengths[b] + t
+    inv_freq_ptr,   # [half] fp32 inverse frequencies (half = rotary dim / 2; 0: plain append)
+    T, H, hd, half,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_vb, stride_vt,
+    layer_off,      # element offset of the layer in the caches
+    P,              # tokens per page (contiguous: max_len)
+    n_blocks,       # page-table columns
+    BLOCK_H: tl.constexpr,     # heads, padded to a power of two
+    BLOCK_HALF: tl.constexpr,  # half, padded to a power of two (>= 1)
+    BLOCK_D: tl.constexpr,     # head dim, padded to a power of two
+    PAGED: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    INTERLEAVED: tl.constexpr,  # pairs (2i, 2i+1) instead of (i, i + half)
+):
+    tok = tl.program_id(0)
+    b = tok // T
+    t = tok % T
+    length = tl.load(lengths_ptr + b)
+    if HAS_POS:
+        pos = tl.load(pos_ptr + tok).to(tl.float32)
+    else:
+        pos = (length + t).to(tl.float32)
+    f = tl.arange(0, BLOCK_HALF)
+    f_mask = f < half
+    theta = pos * tl.load(inv_freq_ptr + f, mask=f_mask, other=0.0)
+    c = tl.cos(theta)
+    s = tl.sin(theta)
+    if INTERLEAVED:
+        i1 = 2 * f
+        i2 = 2 * f + 1
+    else:
+        i1 = f
+        i2 = f + half
+    d = tl.arange(0, BLOCK_D)
+    rest = (d >= 2 * half) & (d < hd)  # features past the rotary dim pass through
+    b64 = b.to(tl.int64)
+    t64 = t.to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    h_mask = h < H
+    q_row = q_ptr + b64 * stride_qb + t64 * stride_qt + h[:, None].to(tl.int64) * stride_qh
+    qo_row = q_out_ptr + ((b64 * T + t64) * H + h[:, None]) * hd
+    qm = h_mask[:, None] & f_mask[None, :]
+    _rope_rotate(q_row, qo_row, i1[None, :], i2[None, :], qm, c[None, :], s[None, :])
+    qr = tl.load(q_row + d[None, :], mask=h_mask[:, None] & rest[None, :], other=0.0)
+    tl.store(qo_row + d[None, :], qr, mask=h_mask[:, None] & rest[None, :])
+
+    if t < tl.load(n_new_ptr + b):
+        idx = length + t
+        if PAGED:
+            page = tl.load(table_ptr + b64 * n_blocks + idx // P).to(tl.int64)
+            row = page * P + idx % P
+        else:
+            row = b64 * P + idx
+        dst = layer_off + row * hd
+        k_row = k_ptr + b64 * stride_kb + t64 * stride_kt
+        _rope_rotate(k_row, k_cache_ptr + dst, i1, i2, f_mask, c, s)
+        kr = tl.load(k_row + d, mask=rest, other=0.0)
+        tl.store(k_cache_ptr + dst + d, kr, mask=rest)
+        vr = tl.load(v_ptr + b64 * stride_vb + t64 * stride_vt + d, mask=d < hd, other=0.0)
+        tl.store(v_cache_ptr + dst + d, vr, mask=d < hd)
+
+
+def rope_append(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions, inv_freq, layer,
+                interleaved) -> torch.Tensor:
+    """Rotated q ``[B, T, H, hd]`` (contiguous); rotated k and v written into the cache at
+    ``lengths[b] + t`` for ``t < n_new[b]`` (see the module docstring)."""
+    check_launch_device(k)
+    B, T, H, hd = q.shape
+    L, N, P, _ = k_cache.shape
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if B * T == 0:
+        return q_out
+    half = inv_freq.numel()
+    paged = page_table is not None
+    if positions is not None:
+        positions = positions.contiguous()
+    # Zero-size tensors (a plain append: no q heads, no frequencies) may have no storage:
+    # pass a real tensor in their place (never read: every access is masked off).
+    q_arg, qo_arg = (q, q_out) if H else (k, k)
+    _rope_append[(B * T,)](
+        q_arg, k, v, qo_arg, k_cache, v_cache, page_table if paged else lengths, lengths, n_new,
+        positions if positions is not None else lengths, inv_freq if half else lengths, T, H, hd, half,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        layer * N * P * hd, P, page_table.shape[1] if paged else 0,
+        BLOCK_H=triton.next_power_of_2(max(H, 1)), BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
+        BLOCK_D=triton.next_power_of_2(hd), PAGED=paged, HAS_POS=positions is not None,
+        INTERLEAVED=bool(interleaved), num_warps=4)
+    return q_out
