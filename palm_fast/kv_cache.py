@@ -99,6 +99,7 @@ class KVCache:
             self.page_table = torch.full((batch, self.blocks_per_seq), -1, dtype=torch.int32,
                                          device=device)
             self._host_table = [[-1] * self.blocks_per_seq for _ in range(batch)]
+            self._n_alloc = [0] * batch  # table entries [0, n) of each row hold pages
             self._refcount = [0] * num_pages
             self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
             self._groups: list[PrefixGroup] = []
@@ -188,11 +189,10 @@ class KVCache:
                                  f"{self.page_size}, {len(self._free)} of {self.num_pages} are free")
 
     def _pages_needed(self, ends: list[int]) -> int:
-        need = 0
-        for b, end in enumerate(ends):
-            row = self._host_table[b]
-            need += sum(1 for j in range(math.ceil(end / self.page_size)) if row[j] < 0)
-        return need
+        # A sequence's pages always fill a leading run of its table row: O(batch), not
+        # O(batch * blocks), per call (this runs for every append of every layer).
+        ps = self.page_size
+        return sum(max(0, -(-end // ps) - n) for end, n in zip(ends, self._n_alloc))
 
     # ------------------------------------------------------------------ page allocation
     def _ensure_pages(self, ends: list[int]) -> None:
@@ -200,12 +200,12 @@ class KVCache:
         changed = False
         for b, end in enumerate(ends):
             row = self._host_table[b]
-            for j in range(math.ceil(end / self.page_size)):
-                if row[j] < 0:
-                    p = self._free.pop()
-                    self._refcount[p] = 1
-                    row[j] = p
-                    changed = True
+            for j in range(self._n_alloc[b], -(-end // self.page_size)):
+                p = self._free.pop()
+                self._refcount[p] = 1
+                row[j] = p
+                self._n_alloc[b] = j + 1
+                changed = True
         if changed:
             self._sync_table()
 
@@ -308,6 +308,7 @@ class KVCache:
                         if self._refcount[p] == 0:
                             self._free.append(p)
                         row[j] = -1
+                self._n_alloc[b] = 0
         self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32))
         if self.paged:
             self._sync_table()
@@ -349,10 +350,12 @@ class KVCache:
             for j, p in enumerate(shared):
                 row[j] = p
                 self._refcount[p] += 1
+            self._n_alloc[d] = n_full
             if rem:
                 p_new = self._free.pop()
                 self._refcount[p_new] = 1
                 row[n_full] = p_new
+                self._n_alloc[d] = n_full + 1
                 self.k[:, p_new, :rem] = self.k[:, src_row[n_full], :rem]
                 self.v[:, p_new, :rem] = self.v[:, src_row[n_full], :rem]
             self._host_lengths[d] = n_tokens

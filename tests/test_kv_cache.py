@@ -14,7 +14,7 @@ def snapshot(cache: KVCache):
     state = [cache.k.clone(), cache.v.clone(), cache.lengths.clone(), list(cache._host_lengths)]
     if cache.paged:
         state += [cache.page_table.clone(), [list(r) for r in cache._host_table],
-                  list(cache._refcount), list(cache._free), list(cache._groups)]
+                  list(cache._refcount), list(cache._free), list(cache._groups), list(cache._n_alloc)]
     return state
 
 

@@ -150,12 +150,18 @@ def test_shared_prefix_matches_unshared(page_size, dtype):
     check_decode(shared, q, Ks, Vs)
 
 
-def test_deterministic():
-    cache, _, _ = fill_cache(2, [1000, 513], 64, torch.float32, 32)
-    q = randn(2, 8, 64)
+def test_deterministic_any_thread_count():
+    cache, _, _ = fill_cache(2, [1000, 513], 64, torch.bfloat16, 32)
+    q = randn(2, 8, 64, dtype=torch.bfloat16)
     a = ops.mqa_decode(q, cache, 0, cache.lengths)
     b = ops.mqa_decode(q, cache, 0, cache.lengths)
-    assert torch.equal(a, b)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c = ops.mqa_decode(q, cache, 0, cache.lengths)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(a, b) and torch.equal(a, c)
 
 
 # ------------------------------------------------------------------ bad input
@@ -238,6 +244,7 @@ TRITON_CASES = [  # (B, H, hd, lens, page_size)
     (2, 48, 64, [5, 17], 16),
     (1, 12, 256, [33], 16),
     (3, 10, 40, [1, 70, 9], 5),
+    (2, 4, 8, [20, 3], None),  # hd < 16: padded to the tl.dot minimum
 ]
 
 
@@ -253,14 +260,14 @@ def test_triton_decode_parity(case, dtype, triton_backend):
     check_decode(o, q, Ks, Vs)
 
 
-@pytest.mark.parametrize("n_splits", [1, 3, 64])
+@pytest.mark.parametrize("n_splits", [1, 3, 30])
 def test_triton_splits_and_empty_ranges(n_splits):
     """Forced split counts (many splits past the end: neutral partials), empty ranges
     (start == end gives o = 0, lse = -inf), starts > 0; vs the C++ kernel."""
     from palm_fast.kernels import mqa_decode as tk
 
-    cache, _, _ = fill_cache(3, [40, 3, 20], 32, torch.float32, 8, device=TRITON_DEVICE)
-    q = randn(3, 6, 32, device=TRITON_DEVICE)
+    cache, _, _ = fill_cache(3, [1500, 3, 20], 16, torch.float32, 8, device=TRITON_DEVICE)
+    q = randn(3, 6, 16, device=TRITON_DEVICE)
     starts = torch.tensor([5, 3, 0], dtype=torch.int32, device=TRITON_DEVICE)
     o, lse = tk.mqa_decode(q, cache.k, cache.v, cache.page_table, starts, cache.lengths, 0, 0.3, True,
                            n_splits=n_splits)
