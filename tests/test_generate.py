@@ -76,6 +76,17 @@ def test_greedy_batch_matches_reference(name, page_size):
         assert torch.equal(out[b], ref[b]), f"sequence {b}"
 
 
+def test_greedy_wide_batch_matches_reference():
+    # more rows than the CPU small-GEMM path takes (generation._SMALL_ROWS): plain x W^T GEMMs
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg, seed=19)
+    prompts = torch.randint(0, cfg.vocab_size, (20, 5), generator=torch.Generator().manual_seed(20))
+    ref = model.generate(prompts, 8)
+    out = palm_fast.generate(model, prompts, 8)
+    varied(ref, 8)
+    assert all(torch.equal(o, r) for o, r in zip(out, ref))
+
+
 @pytest.mark.parametrize("page_size", [None, 16])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_ragged_matches_reference_alone(name, page_size):
