@@ -441,7 +441,9 @@ def _prompt_list(prompts, vocab: int, device: torch.device) -> list[torch.Tensor
                 raise TypeError(f"{name}: expected a list of int token ids, got an element {bad!r}")
             p = torch.tensor(p, dtype=torch.int64)
         else:
-            raise TypeError(f"{name}: expected a 1-D tensor or a list of ints, got {type(p).__name__}")
+            hint = " (one prompt as a list of ints: pass [[...]])" if _is_int(p) else ""
+            raise TypeError(f"{name}: expected a 1-D tensor or a list of ints, got "
+                            f"{type(p).__name__}{hint}")
         if p.numel() == 0:
             raise ValueError(f"{name}: expected at least one token, got an empty prompt")
         lo, hi = int(p.min()), int(p.max())

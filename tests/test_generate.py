@@ -338,6 +338,7 @@ def tiny_model():
     ([torch.zeros(2, 2, dtype=torch.int64)], {}, ValueError, r"prompts\[0\]: expected a 1-D tensor"),
     ([[1, 2], torch.ones(3)], {}, TypeError, r"prompts\[1\]: expected an integer dtype"),
     ([[1, 2.5]], {}, TypeError, r"prompts\[0\]: expected a list of int token ids"),
+    ([1, 2, 3], {}, TypeError, r"prompts\[0\]: expected a 1-D tensor or a list of ints, got int \(one"),
     ([[1], []], {}, ValueError, r"prompts\[1\]: expected at least one token"),
     ([[1, 256]], {}, ValueError, r"prompts\[0\]: token ids must lie in \[0, 256\)"),
     ([[1, -1]], {}, ValueError, r"prompts\[0\]: token ids must lie"),
