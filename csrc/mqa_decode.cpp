@@ -119,12 +119,56 @@ inline void dot_2x4(const float* a0, const float* a1, const float* const* b, int
   }
 }
 
+// acc[i] = corr[i] * acc[i] + sum_j p[i * kBlock + j] V[j] for NR (1 or 2) rows of length hd:
+// column strips of 4 vectors per row stay in registers while the n value rows stream by.
+template <int NR>
+inline void accumulate_pv(float* acc, int64_t hd, const float* p, const float* corr,
+                          const float* const* vrow, int64_t n) {
+  int64_t d = 0;
+  for (; d + 4 * kW <= hd; d += 4 * kW) {
+    Vec a[NR][4];
+    for (int i = 0; i < NR; ++i) {
+      const Vec c(corr[i]);
+      for (int u = 0; u < 4; ++u) a[i][u] = Vec::loadu(acc + i * hd + d + u * kW) * c;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vr = vrow[j] + d;
+      const Vec v0 = Vec::loadu(vr), v1 = Vec::loadu(vr + kW);
+      const Vec v2 = Vec::loadu(vr + 2 * kW), v3 = Vec::loadu(vr + 3 * kW);
+      for (int i = 0; i < NR; ++i) {
+        const Vec pj(p[i * kBlock + j]);
+        a[i][0] = at::vec::fmadd(pj, v0, a[i][0]);
+        a[i][1] = at::vec::fmadd(pj, v1, a[i][1]);
+        a[i][2] = at::vec::fmadd(pj, v2, a[i][2]);
+        a[i][3] = at::vec::fmadd(pj, v3, a[i][3]);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      for (int u = 0; u < 4; ++u) a[i][u].store(acc + i * hd + d + u * kW);
+    }
+  }
+  for (; d + kW <= hd; d += kW) {
+    for (int i = 0; i < NR; ++i) {
+      Vec a0 = Vec::loadu(acc + i * hd + d) * Vec(corr[i]);
+      for (int64_t j = 0; j < n; ++j) a0 = at::vec::fmadd(Vec(p[i * kBlock + j]), Vec::loadu(vrow[j] + d), a0);
+      a0.store(acc + i * hd + d);
+    }
+  }
+  for (; d < hd; ++d) {
+    for (int i = 0; i < NR; ++i) {
+      float x = acc[i * hd + d] * corr[i];
+      for (int64_t j = 0; j < n; ++j) x += p[i * kBlock + j] * vrow[j][d];
+      acc[i * hd + d] = x;
+    }
+  }
+}
+
 // Per-task scratch: fp32 q rows (scaled), one block of K and V rows, scores.
 struct Scratch {
-  std::vector<float> q, k, v, s;
+  std::vector<float> q, k, v, s, corr;
   std::vector<const float*> krow, vrow;
   Scratch(int64_t R, int64_t hd)
-      : q(R * hd), k(kBlock * hd), v(kBlock * hd), s((R + 1) * kBlock), krow(kBlock + 3), vrow(kBlock) {}
+      : q(R * hd), k(kBlock * hd), v(kBlock * hd), s((R + 1) * kBlock), corr(R), krow(kBlock + 3), vrow(kBlock) {}
 };
 
 // Attention of rows q[0..R) over keys [j0, j1) of one sequence; writes the fp32 partial
@@ -167,12 +211,13 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
         dot_2x4(sc.q.data() + r * hd, sc.q.data() + r1 * hd, sc.krow.data() + j, hd, s0 + j, s1 + j);
       }
     }
-    // Online softmax per row; P overwrites S.
+    // Online softmax per row; P overwrites S, corr[r] rescales the old accumulator.
+    float* corr = sc.corr.data();
     for (int64_t r = 0; r < R; ++r) {
       float* s = S + r * kBlock;
       float mx = m[r];
       for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-      const float corr = std::exp(m[r] - mx);  // exp(-inf) = 0 on the first block
+      corr[r] = std::exp(m[r] - mx);  // exp(-inf) = 0 on the first block
       int64_t j = 0;
       Vec vsum(0.f);
       const Vec vmx(mx);
@@ -186,36 +231,13 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
         s[j] = std::exp(s[j] - mx);
         sum += s[j];
       }
-      l[r] = l[r] * corr + sum;
+      l[r] = l[r] * corr[r] + sum;
       m[r] = mx;
-      // acc[r] = corr * acc[r] + sum_j p_j V[j], in strips of 4 vectors.
-      float* a = acc + r * hd;
-      const Vec vc(corr);
-      int64_t d = 0;
-      for (; d + 4 * kW <= hd; d += 4 * kW) {
-        Vec a0 = Vec::loadu(a + d) * vc, a1 = Vec::loadu(a + d + kW) * vc;
-        Vec a2 = Vec::loadu(a + d + 2 * kW) * vc, a3 = Vec::loadu(a + d + 3 * kW) * vc;
-        for (int64_t jj = 0; jj < n; ++jj) {
-          const Vec p(s[jj]);
-          const float* vr = sc.vrow[jj] + d;
-          a0 = at::vec::fmadd(p, Vec::loadu(vr), a0);
-          a1 = at::vec::fmadd(p, Vec::loadu(vr + kW), a1);
-          a2 = at::vec::fmadd(p, Vec::loadu(vr + 2 * kW), a2);
-          a3 = at::vec::fmadd(p, Vec::loadu(vr + 3 * kW), a3);
-        }
-        a0.store(a + d); a1.store(a + d + kW); a2.store(a + d + 2 * kW); a3.store(a + d + 3 * kW);
-      }
-      for (; d + kW <= hd; d += kW) {
-        Vec a0 = Vec::loadu(a + d) * vc;
-        for (int64_t jj = 0; jj < n; ++jj) a0 = at::vec::fmadd(Vec(s[jj]), Vec::loadu(sc.vrow[jj] + d), a0);
-        a0.store(a + d);
-      }
-      for (; d < hd; ++d) {
-        float x = a[d] * corr;
-        for (int64_t jj = 0; jj < n; ++jj) x += s[jj] * sc.vrow[jj][d];
-        a[d] = x;
-      }
     }
+    // acc[r] = corr[r] * acc[r] + sum_j P[r, j] V[j]: two rows at a time share each V load.
+    int64_t r = 0;
+    for (; r + 2 <= R; r += 2) accumulate_pv<2>(acc + r * hd, hd, S + r * kBlock, corr + r, sc.vrow.data(), n);
+    if (r < R) accumulate_pv<1>(acc + r * hd, hd, S + r * kBlock, corr + r, sc.vrow.data(), n);
   }
 }
 
@@ -249,11 +271,13 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                              part_l.data() + t * R, sc);
     }
   });
-  // Combine the chunks of each sequence (fixed order), per (sequence, row).
+  // Combine the chunks of each sequence (fixed order), per (sequence, row). Serial: it
+  // touches n_tasks * R * hd floats (microseconds), less than waking the thread pool
+  // again, which on a busy machine can cost a scheduler time slice.
   float* lp = lse.mutable_data_ptr<float>();
-  at::parallel_for(0, B * R, 16, [&](int64_t i0, int64_t i1) {
+  {
     std::vector<float> row(hd);
-    for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t i = 0; i < B * R; ++i) {
       const int64_t b = i / R, r = i % R;
       float mx = kNegInf;
       for (int64_t t = task_first[b]; t < task_first[b + 1]; ++t) mx = std::max(mx, part_m[t * R + r]);
@@ -280,7 +304,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         for (int64_t d = 0; d < hd; ++d) op[d] = static_cast<scalar_t>(row[d] * inv);
       }
     }
-  });
+  }
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {

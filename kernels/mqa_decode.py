@@ -24,7 +24,7 @@ Paged caches: the page of every key is looked up in the page table per block
 
 Split heuristic: enough programs to fill the GPU at batch 1: ``n_splits`` is chosen so
 that ``B * row_blocks * n_splits`` is about twice the SM count (a fixed default under the
-interpreter), at most one split per ``BLOCK_N`` keys of capacity.
+interpreter), splits of at least 128 keys.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) every load is upcast to fp32 (the interpreter
 keeps bf16 as raw bits); on the GPU the ``tl.dot`` operands stay fp16/bf16 (fp32 caches
@@ -46,6 +46,7 @@ import triton.language as tl
 from ._common import check_launch_device, interpreting
 
 _INTERPRETER_SMS = 4  # the "SM count" used for the split heuristic under the interpreter
+_MIN_SPLIT = 128      # fewest keys per split
 
 
 @triton.jit
@@ -145,25 +146,28 @@ def _mqa_decode_combine(
     R,              # query rows per sequence
     hd,             # head dim
     n_splits,       # splits per sequence
-    BLOCK_S: tl.constexpr,  # n_splits padded to a power of two
+    BLOCK_S: tl.constexpr,  # n_splits padded to a power of two (the lse vector)
+    CHUNK_S: tl.constexpr,  # splits whose partial outputs are merged per step
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two
 ):
     row = tl.program_id(0).to(tl.int64)  # b * R + r
     b = row // R
     r = row % R
     sp = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_mask = sp < n_splits
-    part = (b * n_splits + sp) * R + r
-    lse = tl.load(lse_part_ptr + part, mask=s_mask, other=float("-inf"))
+    lse = tl.load(lse_part_ptr + (b * n_splits + sp) * R + r, mask=sp < n_splits, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_safe)  # 0 for empty splits
-    den = tl.sum(w, axis=0)
-    o = tl.load(o_part_ptr + part[:, None] * hd + d[None, :], mask=s_mask[:, None] & (d < hd)[None, :],
-                other=0.0)
-    num = tl.sum(o * w[:, None], axis=0)
-    out = tl.where(den > 0.0, num / tl.where(den > 0.0, den, 1.0), 0.0)
+    den = tl.sum(tl.exp(lse - m_safe), axis=0)  # empty splits weigh 0
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, n_splits, CHUNK_S):  # a fixed order: deterministic
+        sc = s0 + tl.arange(0, CHUNK_S)
+        part = (b * n_splits + sc) * R + r
+        w = tl.exp(tl.load(lse_part_ptr + part, mask=sc < n_splits, other=float("-inf")) - m_safe)
+        o = tl.load(o_part_ptr + part[:, None] * hd + d[None, :],
+                    mask=(sc < n_splits)[:, None] & (d < hd)[None, :], other=0.0)
+        acc += tl.sum(o * w[:, None], axis=0)
+    out = tl.where(den > 0.0, acc / tl.where(den > 0.0, den, 1.0), 0.0)
     tl.store(o_ptr + row * hd + d, out.to(o_ptr.dtype.element_ty), mask=d < hd)
     tl.store(lse_ptr + row, tl.where(den > 0.0, m_safe + tl.log(tl.where(den > 0.0, den, 1.0)),
                                      float("-inf")))
@@ -184,11 +188,15 @@ def sm_count(device: torch.device) -> int:
 def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int) -> dict:
     """Tile sizes and the split count (a function of shapes and the cache capacity only,
     never of the lengths: the grid stays fixed for CUDA graphs)."""
-    block_d = triton.next_power_of_2(hd)
-    block_r = min(max(16, triton.next_power_of_2(R)), 64 if block_d <= 128 else 32)
+    block_d = max(16, triton.next_power_of_2(hd))  # tl.dot needs K >= 16
+    # All H <= 64 heads of a sequence in one M tile (PaLM: 48 heads -> 64 rows), so each K/V
+    # tile is loaded once per split; more rows (shared-prefix groups) take several tiles.
+    block_r = min(max(16, triton.next_power_of_2(R)), 64)
     block_n = 64 if block_d <= 128 else 32
     row_blocks = triton.cdiv(R, block_r)
-    max_splits = max(1, triton.cdiv(capacity, block_n))
+    # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
+    # must stay small next to the K/V bytes it reads.
+    max_splits = max(1, triton.cdiv(capacity, max(_MIN_SPLIT, block_n)))
     n_splits = min(max_splits, max(1, triton.cdiv(2 * n_sms, B * row_blocks)))
     split_len = triton.cdiv(triton.cdiv(capacity, n_splits), block_n) * block_n
     n_splits = triton.cdiv(capacity, split_len)
@@ -232,7 +240,8 @@ def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         HAS_STARTS=starts is not None, UPCAST=upcast,
         IEEE_FP32=(q.dtype == torch.float32 and not upcast), num_warps=cfg["num_warps"])
     _mqa_decode_combine[(B * R,)](o_part, lse_part, o, lse, R, hd, S,
-                                  BLOCK_S=triton.next_power_of_2(S), BLOCK_D=cfg["BLOCK_D"],
+                                  BLOCK_S=triton.next_power_of_2(S), CHUNK_S=min(16, triton.next_power_of_2(S)),
+                                  BLOCK_D=cfg["BLOCK_D"],
                                   num_warps=4 if cfg["BLOCK_D"] <= 128 else 8)
     return o, lse
 

@@ -150,12 +150,18 @@ def test_shared_prefix_matches_unshared(page_size, dtype):
     check_decode(shared, q, Ks, Vs)
 
 
-def test_deterministic():
-    cache, _, _ = fill_cache(2, [1000, 513], 64, torch.float32, 32)
-    q = randn(2, 8, 64)
+def test_deterministic_any_thread_count():
+    cache, _, _ = fill_cache(2, [1000, 513], 64, torch.bfloat16, 32)
+    q = randn(2, 8, 64, dtype=torch.bfloat16)
     a = ops.mqa_decode(q, cache, 0, cache.lengths)
     b = ops.mqa_decode(q, cache, 0, cache.lengths)
-    assert torch.equal(a, b)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c = ops.mqa_decode(q, cache, 0, cache.lengths)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(a, b) and torch.equal(a, c)
 
 
 # ------------------------------------------------------------------ bad input
@@ -238,6 +244,7 @@ TRITON_CASES = [  # (B, H, hd, lens, page_size)
     (2, 48, 64, [5, 17], 16),
     (1, 12, 256, [33], 16),
     (3, 10, 40, [1, 70, 9], 5),
+    (2, 4, 8, [20, 3], None),  # hd < 16: padded to the tl.dot minimum
 ]
 
 
@@ -253,14 +260,14 @@ def test_triton_decode_parity(case, dtype, triton_backend):
     check_decode(o, q, Ks, Vs)
 
 
-@pytest.mark.parametrize("n_splits", [1, 3, 64])
+@pytest.mark.parametrize("n_splits", [1, 3, 30])
 def test_triton_splits_and_empty_ranges(n_splits):
     """Forced split counts (many splits past the end: neutral partials), empty ranges
     (start == end gives o = 0, lse = -inf), starts > 0; vs the C++ kernel."""
     from palm_fast.kernels import mqa_decode as tk
 
-    cache, _, _ = fill_cache(3, [40, 3, 20], 32, torch.float32, 8, device=TRITON_DEVICE)
-    q = randn(3, 6, 32, device=TRITON_DEVICE)
+    cache, _, _ = fill_cache(3, [1500, 3, 20], 16, torch.float32, 8, device=TRITON_DEVICE)
+    q = randn(3, 6, 16, device=TRITON_DEVICE)
     starts = torch.tensor([5, 3, 0], dtype=torch.int32, device=TRITON_DEVICE)
     o, lse = tk.mqa_decode(q, cache.k, cache.v, cache.page_table, starts, cache.lengths, 0, 0.3, True,
                            n_splits=n_splits)
@@ -276,7 +283,8 @@ def test_triton_grid_independent_of_lengths():
 
     a = tk.decode_config(1, 48, 256, 32768, 132)
     assert a == tk.decode_config(1, 48, 256, 32768, 132)  # lengths are not an input at all
-    assert a["BLOCK_R"] >= 16 and a["row_blocks"] * a["n_splits"] >= 2 * 132 // 2
+    assert a["BLOCK_R"] == 64 and a["row_blocks"] == 1  # all 48 heads in one M tile
+    assert a["n_splits"] * a["row_blocks"] >= 132  # batch 1 still fills the GPU
     b = tk.decode_config(64, 16, 128, 4096, 132)
     assert b["n_splits"] >= 1 and b["BLOCK_R"] == 16
 
@@ -397,13 +405,13 @@ def test_cuda_graph_step():
     """A captured decode step replays correctly for other lengths (grid independent of them)."""
     B, H, hd = 2, 8, 64
     cache, _, _ = fill_cache(B, [100, 7], hd, torch.bfloat16, 16, device="cuda")
-    cache.reserve(10)
+    cache.reserve(3)
     q = randn(B, H, hd, dtype=torch.bfloat16, device="cuda")
     lens = cache.lengths.clone()
     ops.mqa_decode(q, cache, 0, lens)  # warm-up, checks
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = ops.mqa_decode(q, cache, 0, lens)
-    lens.copy_(torch.tensor([105, 17], dtype=torch.int32))
+    lens.copy_(torch.tensor([103, 10], dtype=torch.int32))
     g.replay()
     assert torch.allclose(out.float(), ops.mqa_decode(q, cache, 0, lens).float(), atol=1e-2)
