@@ -7,9 +7,12 @@ Cases:
   every weight). Implementations ``palm_fast`` (``palm_fast.nn.ParallelBlock``), ``eager``
   (``palm_fast.reference.ParallelBlock``), ``serial`` (``SerialBlock.from_parallel``, same
   weights: PaLM's ~15% parallel-vs-serial claim), ``compile`` (``torch.compile`` of the
-  reference; left out on CPU by default because compiling it there costs tens of seconds,
-  ``--quick`` keeps it). On CPU the default run times fwdbwd in fp32 only (half-precision
-  GEMMs without matrix units take seconds per call there).
+  reference; CUDA only: compiling it on our 2-core CPU costs about a minute). On CPU the
+  default run times fwdbwd in fp32 only (the reference's half-precision GEMMs without CPU
+  matrix units take seconds per call there).
+* ``block.out_proj``: the output GEMM over ``[o | h]`` with the residual epilogue
+  (``palm_fast``) against two accumulating ``addmm`` (cuBLAS on CUDA: the alternative backend)
+  and the plain ``matmul`` of the concatenated shape.
 * ``block.in_proj``: the input GEMM with its RoPE + SwiGLU epilogue (``palm_fast``; CUDA:
   the Triton kernel, CPU: ATen GEMM + C++ epilogues) against the plain ``matmul`` of the same
   shape (``xn @ W_in^T``, no epilogue).
@@ -19,7 +22,7 @@ forward (the full T x T score matrix), three times that for forward + backward. 
 reported against the matmul peak measured in the same run (``pct_of_peak``).
 
 Shapes: CUDA d=2048, H=16, hd=128, F=8192, B=8 x T=2048 (16384 tokens); CPU the palm-small
-block (d=256, H=4, hd=64, F=1024) on 1 x 128 tokens (64 with ``--quick``).
+block (d=256, H=4, hd=64, F=1024) on 1 x 64 tokens (32 with ``--quick``).
 """
 from __future__ import annotations
 
@@ -31,14 +34,23 @@ from palm_fast.benchmarks.harness import BenchContext, Case, register
 def _shape(ctx: BenchContext) -> dict:
     if ctx.device == "cuda":
         B, T = (2, 2048) if ctx.quick else (8, 2048)
-        return dict(B=B, T=T, d=2048, H=16, hd=128, F=8192)
-    return dict(B=1, T=64 if ctx.quick else 128, d=256, H=4, hd=64, F=1024)
+        s = dict(B=B, T=T, d=2048, H=16, Hk=1, hd=128, F=8192)
+    else:
+        s = dict(B=1, T=32 if ctx.quick else 64, d=256, H=4, Hk=1, hd=64, F=1024)
+    if ctx.config:   # --config PRESET: that model's block, at the default token count
+        from palm_fast import get_config
+
+        c = get_config(ctx.config)
+        T = min(s["T"], c.max_seq_len)
+        s = dict(B=s["B"] * s["T"] // T, T=T, d=c.d_model, H=c.n_heads, Hk=c.n_kv_heads,
+                 hd=c.head_dim, F=c.d_ff)
+    return s
 
 
 def _block_flops(s: dict) -> float:
     """Forward model FLOPs of one block (PaLM Appendix B, attention over the full T x T)."""
-    d, H, hd, F = s["d"], s["H"], s["hd"], s["F"]
-    n_block = d * (H * hd + 2 * hd) + H * hd * d + 3 * d * F
+    d, H, Hk, hd, F = s["d"], s["H"], s["Hk"], s["hd"], s["F"]
+    n_block = d * (H * hd + 2 * Hk * hd) + H * hd * d + 3 * d * F
     tokens = s["B"] * s["T"]
     return tokens * (2 * n_block + 4 * H * hd * s["T"])
 
@@ -50,15 +62,15 @@ def block_cases(ctx: BenchContext):
     from palm_fast.reference import SerialBlock
 
     s = _shape(ctx)
-    B, T, d, H, hd, F = (s[k] for k in ("B", "T", "d", "H", "hd", "F"))
+    B, T, d, H, Hk, hd, F = (s[k] for k in ("B", "T", "d", "H", "Hk", "hd", "F"))
     dev, dt = ctx.device, ctx.dtype
     torch.manual_seed(0)
-    ref = RefBlock(d, H, hd, F).to(device=dev, dtype=dt)
-    fast = ParallelBlock(d, H, hd, F).to(device=dev, dtype=dt)
+    ref = RefBlock(d, H, hd, F, Hk).to(device=dev, dtype=dt)
+    fast = ParallelBlock(d, H, hd, F, Hk).to(device=dev, dtype=dt)
     fast.load_state_dict(ref.state_dict())
     serial = SerialBlock.from_parallel(ref)
     blocks = {"palm_fast": fast, "eager": ref, "serial": serial}
-    if dev == "cuda" or ctx.quick:
+    if dev == "cuda":   # compiling the block on a 2-core CPU takes about a minute
         blocks["compile"] = torch.compile(ref)
     elem = torch.empty((), dtype=dt).element_size()
     flops = _block_flops(s)
@@ -90,15 +102,17 @@ def block_cases(ctx: BenchContext):
         return run
 
     if dev == "cpu" and dt != torch.float32 and not ctx.quick:
-        # Half-precision GEMMs on a CPU without bf16/fp16 matrix units take seconds per block
-        # backward here (ATen's fallback): too slow for the default suite (--quick keeps it).
+        # The eager reference's half-precision GEMMs on a CPU without bf16/fp16 matrix units
+        # take seconds per block backward (ATen's fallback): too slow for the default suite.
         yield from _in_proj_case(ctx, s, fast)
+        yield from _out_proj_case(ctx, s, fast)
         return
     yield Case(name="block.fwdbwd", shape=s, dtype=dt, bytes=(4 * B * T * d + 3 * params) * elem,
                flops=3 * flops, bound="compute", setup=setup_fwdbwd,
                impls={name: fwdbwd(b) for name, b in blocks.items()})
 
     yield from _in_proj_case(ctx, s, fast)
+    yield from _out_proj_case(ctx, s, fast)
 
 
 def _in_proj_case(ctx: BenchContext, s: dict, fast):
@@ -106,7 +120,7 @@ def _in_proj_case(ctx: BenchContext, s: dict, fast):
     from palm_fast.kernels import projection as kp
     from palm_fast.ops import block as ob
 
-    B, T, d, H, hd, F = (s[k] for k in ("B", "T", "d", "H", "hd", "F"))
+    B, T, d, H, Hk, hd, F = (s[k] for k in ("B", "T", "d", "H", "Hk", "hd", "F"))
     dev, dt = ctx.device, ctx.dtype
     elem = torch.empty((), dtype=dt).element_size()
     M = B * T
@@ -123,16 +137,51 @@ def _in_proj_case(ctx: BenchContext, s: dict, fast):
 
         def epilogue(inputs):
             xn, pos = inputs
-            return kp.in_proj(xn, packed, pos, H, 1, hd, F, store_ff=False)
+            return kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=False)
     else:
         def epilogue(inputs):
             xn, pos = inputs
-            return ob.in_proj_epilogue_aten(xn, w_in, inv_freq, pos, H, 1, hd, F, False)
+            return ob.in_proj_epilogue_aten(xn, w_in, inv_freq, pos, H, Hk, hd, F, False)
 
     def matmul(inputs):
         return torch.mm(inputs[0], w_in.t())
 
     yield Case(name="block.in_proj", shape=dict(M=M, K=d, N=n_in), dtype=dt,
-               bytes=(M * d + n_in * d + M * (H * hd + 2 * hd + F)) * elem,
+               bytes=(M * d + n_in * d + M * (H * hd + 2 * Hk * hd + F)) * elem,
                flops=2 * M * d * n_in, bound="compute", setup=setup_in,
                impls={"palm_fast": epilogue, "matmul": matmul})
+
+
+def _out_proj_case(ctx: BenchContext, s: dict, fast):
+    """The output GEMM with its residual epilogue (``palm_fast``: Triton on CUDA, two
+    accumulating ATen addmm on CPU) vs ``addmm`` (two cuBLAS/ATen addmm into the residual:
+    the alternative backend) vs the plain ``matmul`` of the concatenated shape."""
+    from palm_fast.ops import block as ob
+
+    B, T, d, H, hd, F = (s[k] for k in ("B", "T", "d", "H", "hd", "F"))
+    dev, dt = ctx.device, ctx.dtype
+    elem = torch.empty((), dtype=dt).element_size()
+    M, K = B * T, H * hd + F
+    wo, wf = fast.attn_out.weight.detach(), fast.ff_out.weight.detach()
+    w_cat = torch.cat((wo, wf), dim=1)
+
+    def setup():
+        oh = torch.randn(M, K, device=dev, dtype=dt)
+        return oh, torch.randn(M, d, device=dev, dtype=dt)
+
+    impl = ob._OUT_IMPLS[dev]
+
+    def ours(inputs):
+        oh, x = inputs
+        return impl(oh[:, :H * hd], oh[:, H * hd:], x, wo, wf)
+
+    def addmm(inputs):
+        oh, x = inputs
+        return torch.addmm(x, oh[:, :H * hd], wo.t()).addmm_(oh[:, H * hd:], wf.t())
+
+    def matmul(inputs):
+        return torch.mm(inputs[0], w_cat.t())
+
+    yield Case(name="block.out_proj", shape=dict(M=M, K=K, N=d), dtype=dt,
+               bytes=(M * K + d * K + 2 * M * d) * elem, flops=2 * M * K * d, bound="compute",
+               setup=setup, impls={"palm_fast": ours, "addmm": addmm, "matmul": matmul})

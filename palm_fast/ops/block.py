@@ -28,8 +28,17 @@ Three autograd pieces, each a ``palm_fast::`` custom op with a fake kernel (for
 
 The backward GEMMs use cuBLAS through ATen: we could not time Triton against cuBLAS on a
 GPU when this was written, and cuBLAS is the safe default for plain GEMMs.
+
+CPU GEMMs in bf16 / fp16 on a CPU without native half-precision matrix instructions
+(no AVX512-BF16 / AMX) run as fp32 GEMMs on upcast operands (``_mm``): the products of
+half-precision values are exact in fp32 and the sum accumulates in fp32, as ATen's own
+half GEMM does, but ATen's fallback for them is several times slower (6x on our AVX2 CI
+VM for the block's input GEMM).
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +71,29 @@ def pack_in_proj(w_in, inv_freq, n_heads, n_kv_heads, head_dim, d_ff, interleave
     return _proj().pack_in_proj(w_in, inv_freq, n_heads, n_kv_heads, head_dim, d_ff, interleaved)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _native_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU has matrix instructions for ``dtype`` (else ATen's half GEMM is slow)."""
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.cpu._is_amx_fp16_supported()
+
+
+def _upcast_gemm(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in _HALF and not _native_half_gemm(t.dtype)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in a's dtype; half-precision CPU operands without native support go through
+    an fp32 GEMM (exact products, fp32 accumulation, one rounding)."""
+    if _upcast_gemm(a):
+        return torch.mm(a.float(), b.float()).to(a.dtype)
+    return torch.mm(a, b)
+
+
 # =========================================================================== input side
 
 def _sizes(n_heads, n_kv_heads, head_dim, d_ff):
@@ -75,7 +107,7 @@ def in_proj_epilogue_aten(xn, w_in, inv_freq, pos, n_heads, n_kv_heads, head_dim
     (q, k, v, h, proj) with proj ``[M, Nin]`` (its last 2F columns: the pre-activation)."""
     hq, hkv, nqkv, _ = _sizes(n_heads, n_kv_heads, head_dim, d_ff)
     M = xn.shape[0]
-    proj = torch.mm(xn, w_in.t())
+    proj = _mm(xn, w_in.t())
     q = torch.empty(M, hq, dtype=xn.dtype)
     k = torch.empty(M, hkv, dtype=xn.dtype)
     cpp().rope_cpu(proj[:, :hq].view(1, M, n_heads, head_dim),
@@ -171,8 +203,8 @@ def _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, in
         dproj[:, nqkv:].copy_(cpp().swiglu_bwd(dh.contiguous(), pre))
         ln_bwd = _layer_norm_bwd_cpu
     dproj[:, hq + hkv:nqkv].copy_(dv.reshape(M, hkv))
-    dxn = torch.mm(dproj, w_in)
-    dw_in = torch.mm(dproj.t(), xn)
+    dxn = _mm(dproj, w_in)
+    dw_in = _mm(dproj.t(), xn)
     dx, dlnw, _ = ln_bwd(dxn, x, ln_weight, mean, rstd, False)
     return dx, dlnw, dw_in
 
@@ -365,6 +397,9 @@ def _sdpa(q, k, v, scale, q_offset: int):
 # =========================================================================== output side
 
 def _out_proj_aten(o, h, x, w_attn_out, w_ff_out):
+    if _upcast_gemm(x):   # fp32 GEMMs, one rounding of the sum (see the module doc)
+        y = torch.addmm(x.float(), o.float(), w_attn_out.float().t())
+        return y.addmm_(h.float(), w_ff_out.float().t()).to(x.dtype)
     y = torch.addmm(x, o, w_attn_out.t())
     return y.addmm_(h, w_ff_out.t())
 
@@ -389,7 +424,7 @@ def _(o, h, x, w_attn_out, w_ff_out):
 
 
 def _out_proj_bwd_impl(g, o, h, w_attn_out, w_ff_out):
-    return torch.mm(g, w_attn_out), torch.mm(g, w_ff_out), torch.mm(g.t(), o), torch.mm(g.t(), h)
+    return _mm(g, w_attn_out), _mm(g, w_ff_out), _mm(g.t(), o), _mm(g.t(), h)
 
 
 @torch.library.custom_op("palm_fast::block_out_proj_bwd", mutates_args=())
@@ -447,7 +482,7 @@ def fused_output_projection(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
     if w_attn_out.shape[0] != d or w_ff_out.shape[0] != d:
         raise ValueError(f"w_attn_out, w_ff_out: expected {d} rows (x's last dim), got "
                          f"{tuple(w_attn_out.shape)} and {tuple(w_ff_out.shape)}")
-    if o.shape[:2] != (B, T) or o[0, 0].numel() != hq:
+    if o.shape[:2] != (B, T) or math.prod(o.shape[2:]) != hq:
         raise ValueError(f"o: expected shape ({B}, {T}, {hq}) or ({B}, {T}, H, hd) with H hd = {hq}, "
                          f"got {tuple(o.shape)}")
     if tuple(h.shape) != (B, T, F_):
