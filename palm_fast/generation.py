@@ -261,14 +261,40 @@ def _prefill_fused(lay: _Layer, x: torch.Tensor, positions: torch.Tensor, cache,
     return fused_output_projection(o, h, x, lay.w_attn_out, lay.w_ff_out)
 
 
+# CPU GEMMs with few rows (decode steps): BLAS streams a weight [N, K] faster as the left
+# operand, so ``x W^T`` is computed as ``(W x^T)^T`` -- the same sums; measured 1.2-2.3x
+# faster per GEMM at 4 rows (palm-small shapes, one thread) on our CPU, ~1x at 1 row.
+_SMALL_ROWS = 16
+
+
+def _small_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.shape[0] <= _SMALL_ROWS
+
+
+def _mm_wt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` for 2-D x ``[M, K]``, w ``[N, K]`` -> contiguous ``[M, N]``."""
+    if _small_cpu(x):
+        return torch.mm(w, x.t()).t().contiguous()
+    return F.linear(x, w)
+
+
 def _residual(x: torch.Tensor, lay: _Layer, o: torch.Tensor, ff: torch.Tensor) -> torch.Tensor:
     """``x + o W_ao^T + swiglu(ff) W_ff^T`` on 2-D rows (two addmm, no separate adds)."""
+    if _small_cpu(x):   # transposed, as in _mm_wt
+        y = torch.addmm(x.t(), lay.w_attn_out, o.t())
+        return torch.addmm(y, lay.w_ff_out, lay.act(ff).t()).t()
     y = torch.addmm(x, o, lay.w_attn_out.t())
     return torch.addmm(y, lay.act(ff), lay.w_ff_out.t())
 
 
 def _logits(parts: DecoderParts, final_norm, h: torch.Tensor) -> torch.Tensor:
-    logits = final_norm(h) @ parts.head_weight.t()
+    """h ``[B, d]`` -> ``norm(h) W^T (* scale)`` ``[B, V]`` (``W^T`` left of the product on
+    CPU with few rows, as in :func:`_mm_wt`; the result may be a transposed view)."""
+    hn = final_norm(h)
+    if _small_cpu(hn):
+        logits = torch.mm(parts.head_weight, hn.t()).t()
+    else:
+        logits = hn @ parts.head_weight.t()
     if parts.logit_scale is not None:
         logits = logits * parts.logit_scale
     return logits
@@ -295,7 +321,8 @@ def _prefill(parts: DecoderParts, layers: list[_Layer], final_norm, cache, token
         v = v.reshape(B, T, hd)
         cache.append(i, k, v, n_new=lengths)
         o = _prefill_attention(q, k, v)
-        x = _residual(x.view(B * T, d), lay, o.reshape(B * T, H * hd), ff.reshape(B * T, -1)).view(B, T, d)
+        x = _residual(x.reshape(B * T, d), lay, o.reshape(B * T, H * hd),
+                      ff.reshape(B * T, -1)).reshape(B, T, d)
     cache.advance(lengths)
     last = x[torch.arange(B, device=x.device), lengths.long() - 1]        # [B, d]
     return _logits(parts, final_norm, last)
@@ -315,7 +342,7 @@ def _decode_step(parts: DecoderParts, layers: list[_Layer], final_norm, cache,
     x = parts.embed(tokens)                                            # [B, d]
     for i, lay in enumerate(layers):
         H, hd = lay.n_heads, lay.head_dim
-        proj = F.linear(lay.norm(x), lay.w_in)
+        proj = _mm_wt(lay.norm(x), lay.w_in)
         q, k, v, ff = proj.split(lay.splits, dim=-1)
         # positions default to lengths[b] (read on the device by the kernel)
         q = ops.rope_append(q.view(B, 1, H, hd), k.view(B, 1, hd), v.reshape(B, 1, hd), cache, i,
@@ -414,7 +441,9 @@ def _prompt_list(prompts, vocab: int, device: torch.device) -> list[torch.Tensor
                 raise TypeError(f"{name}: expected a list of int token ids, got an element {bad!r}")
             p = torch.tensor(p, dtype=torch.int64)
         else:
-            raise TypeError(f"{name}: expected a 1-D tensor or a list of ints, got {type(p).__name__}")
+            hint = " (one prompt as a list of ints: pass [[...]])" if _is_int(p) else ""
+            raise TypeError(f"{name}: expected a 1-D tensor or a list of ints, got "
+                            f"{type(p).__name__}{hint}")
         if p.numel() == 0:
             raise ValueError(f"{name}: expected at least one token, got an empty prompt")
         lo, hi = int(p.min()), int(p.max())

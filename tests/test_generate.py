@@ -76,6 +76,17 @@ def test_greedy_batch_matches_reference(name, page_size):
         assert torch.equal(out[b], ref[b]), f"sequence {b}"
 
 
+def test_greedy_wide_batch_matches_reference():
+    # more rows than the CPU small-GEMM path takes (generation._SMALL_ROWS): plain x W^T GEMMs
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg, seed=19)
+    prompts = torch.randint(0, cfg.vocab_size, (20, 5), generator=torch.Generator().manual_seed(20))
+    ref = model.generate(prompts, 8)
+    out = palm_fast.generate(model, prompts, 8)
+    varied(ref, 8)
+    assert all(torch.equal(o, r) for o, r in zip(out, ref))
+
+
 @pytest.mark.parametrize("page_size", [None, 16])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_ragged_matches_reference_alone(name, page_size):
@@ -327,6 +338,7 @@ def tiny_model():
     ([torch.zeros(2, 2, dtype=torch.int64)], {}, ValueError, r"prompts\[0\]: expected a 1-D tensor"),
     ([[1, 2], torch.ones(3)], {}, TypeError, r"prompts\[1\]: expected an integer dtype"),
     ([[1, 2.5]], {}, TypeError, r"prompts\[0\]: expected a list of int token ids"),
+    ([1, 2, 3], {}, TypeError, r"prompts\[0\]: expected a 1-D tensor or a list of ints, got int \(one"),
     ([[1], []], {}, ValueError, r"prompts\[1\]: expected at least one token"),
     ([[1, 256]], {}, ValueError, r"prompts\[0\]: token ids must lie in \[0, 256\)"),
     ([[1, -1]], {}, ValueError, r"prompts\[0\]: token ids must lie"),
