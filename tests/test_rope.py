@@ -3,6 +3,7 @@ launcher (interpreter on CPU, CUDA when present), the custom ops, the public fun
 and the fast RotaryEmbedding module. The reference is functional.apply_rope in fp64."""
 from __future__ import annotations
 
+import importlib
 import pytest
 import torch
 from conftest import (
@@ -223,6 +224,21 @@ def test_expanded_grad():
     inv = rope_inv_freq(64)
     expect = apply_rope(torch.ones(1, 4, 3, 64, dtype=torch.float64), pos, inv, inverse=True)
     torch.testing.assert_close(q.grad.double(), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_grad_after_inference_mode_call():
+    """The first call may come from inference mode (generate): cached defaults it creates
+    must still work in a later training step (inference tensors cannot be saved for backward)."""
+    rope_mod = importlib.import_module("palm_fast.ops.rope")
+    rope_mod._cached_zero.cache_clear()
+    rope_mod._cached_inv_freq.cache_clear()
+    with torch.inference_mode():
+        rope(randn(1, 4, 3, 48), randn(1, 4, 1, 48))
+    q = randn(1, 4, 3, 48).requires_grad_()
+    k = randn(1, 4, 1, 48).requires_grad_()
+    qo, ko = rope(q, k)
+    (qo.square().sum() + ko.sum()).backward()
+    assert q.grad is not None and k.grad is not None
 
 
 @pytest.mark.parametrize("op_name", ["rope", "rope_"])

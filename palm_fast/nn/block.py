@@ -80,7 +80,8 @@ class ParallelBlock(_reference.ParallelBlock):
             return pack_in_proj(*args)
         key = (w.data_ptr(), w._version, w.dtype, w.device, inv.data_ptr(), inv._version)
         if self._packed is None or self._packed_key != key:
-            self._packed = pack_in_proj(*args)
+            with torch.inference_mode(False):   # a cached inference tensor breaks later training
+                self._packed = pack_in_proj(*args)
             self._packed_key = key
         return self._packed
 

@@ -145,12 +145,14 @@ def _check_like_cache(name: str, t, cache: KVCache, ndim: int) -> None:
 
 @functools.lru_cache(maxsize=32)
 def _cached_inv_freq(rotary_dim: int, base: float, device: torch.device) -> torch.Tensor:
-    return rope_inv_freq(rotary_dim, base).to(device)
+    with torch.inference_mode(False):     # cached: must not be an inference tensor
+        return rope_inv_freq(rotary_dim, base).to(device)
 
 
 @functools.lru_cache(maxsize=8)
 def _empty_f32(device: torch.device) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.float32, device=device)
+    with torch.inference_mode(False):
+        return torch.empty(0, dtype=torch.float32, device=device)
 
 
 # ---------------------------------------------------------------- public functions
