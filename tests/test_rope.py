@@ -4,6 +4,7 @@ and the fast RotaryEmbedding module. The reference is functional.apply_rope in f
 from __future__ import annotations
 
 import importlib
+
 import pytest
 import torch
 from conftest import (
