@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "palm_fast.h"
+#include "rope_math.h"
 
 namespace palm_fast {
 namespace {
@@ -367,30 +368,6 @@ std::vector<at::Tensor> mqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_
 }
 
 // ------------------------------------------------------------------ rope_append
-// Rotate the first 2*half features of fp32 row x into y (may alias); c, s: cos / sin.
-inline void rotate(float* x, const float* c, const float* s, int64_t half, bool interleaved) {
-  if (!interleaved) {
-    int64_t i = 0;
-    for (; i + kW <= half; i += kW) {
-      const Vec x1 = Vec::loadu(x + i), x2 = Vec::loadu(x + half + i);
-      const Vec vc = Vec::loadu(c + i), vs = Vec::loadu(s + i);
-      (x1 * vc - x2 * vs).store(x + i);
-      (x2 * vc + x1 * vs).store(x + half + i);
-    }
-    for (; i < half; ++i) {
-      const float x1 = x[i], x2 = x[half + i];
-      x[i] = x1 * c[i] - x2 * s[i];
-      x[half + i] = x2 * c[i] + x1 * s[i];
-    }
-  } else {
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = x[2 * i], x2 = x[2 * i + 1];
-      x[2 * i] = x1 * c[i] - x2 * s[i];
-      x[2 * i + 1] = x2 * c[i] + x1 * s[i];
-    }
-  }
-}
-
 template <typename scalar_t>
 inline void from_float(const float* src, scalar_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
@@ -414,14 +391,10 @@ void rope_append_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / T, t = i % T;
       const int64_t p = pos ? static_cast<int64_t>(pos[b * T + t]) : int64_t(lengths[b]) + t;
-      for (int64_t f = 0; f < half; ++f) {
-        const float theta = static_cast<float>(p) * inv_freq[f];
-        c[f] = std::cos(theta);
-        s[f] = std::sin(theta);
-      }
+      rope_math::token_cos_sin(static_cast<float>(p), inv_freq, half, /*inverse=*/false, c.data(), s.data());
       for (int64_t h = 0; h < H; ++h) {
         to_float(qp + b * q.stride(0) + t * q.stride(1) + h * q.stride(2), row.data(), hd);
-        rotate(row.data(), c.data(), s.data(), half, interleaved);
+        rope_math::rotate_row(row.data(), row.data(), c.data(), s.data(), half, interleaved);
         from_float(row.data(), qo + ((b * T + t) * H + h) * hd, hd);
       }
       if (t >= n_new[b]) continue;
@@ -431,7 +404,7 @@ void rope_append_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
       const scalar_t* krow = kp + b * k.stride(0) + t * k.stride(1);
       if (half) {
         to_float(krow, row.data(), hd);
-        rotate(row.data(), c.data(), s.data(), half, interleaved);
+        rope_math::rotate_row(row.data(), row.data(), c.data(), s.data(), half, interleaved);
         from_float(row.data(), kc + off, hd);
       } else {
         std::memcpy(kc + off, krow, hd * sizeof(scalar_t));

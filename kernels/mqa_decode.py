@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_launch_device, interpreting
+from .rope import precise_trig, rope_cos_sin
 
 _INTERPRETER_SMS = 4  # the "SM count" used for the split heuristic under the interpreter
 _MIN_SPLIT = 128      # fewest keys per split
@@ -281,6 +282,7 @@ def _rope_append(
     PAGED: tl.constexpr,
     HAS_POS: tl.constexpr,
     INTERLEAVED: tl.constexpr,  # pairs (2i, 2i+1) instead of (i, i + half)
+    PRECISE_TRIG: tl.constexpr,  # libdevice cos/sin (GPU), as kernels/rope.py
 ):
     tok = tl.program_id(0)
     b = tok // T
@@ -293,8 +295,7 @@ def _rope_append(
     f = tl.arange(0, BLOCK_HALF)
     f_mask = f < half
     theta = pos * tl.load(inv_freq_ptr + f, mask=f_mask, other=0.0)
-    c = tl.cos(theta)
-    s = tl.sin(theta)
+    c, s = rope_cos_sin(theta, PRECISE_TRIG)
     if INTERLEAVED:
         i1 = 2 * f
         i2 = 2 * f + 1
@@ -354,5 +355,5 @@ def rope_append(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions
         layer * N * P * hd, P, page_table.shape[1] if paged else 0,
         BLOCK_H=triton.next_power_of_2(max(H, 1)), BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
         BLOCK_D=triton.next_power_of_2(hd), PAGED=paged, HAS_POS=positions is not None,
-        INTERLEAVED=bool(interleaved), num_warps=4)
+        INTERLEAVED=bool(interleaved), PRECISE_TRIG=precise_trig(q.device), num_warps=4)
     return q_out

@@ -54,11 +54,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_launch_device, interpreting
-
-try:  # precise cos/sin on the GPU (as kernels/rope.py)
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - old triton
-    libdevice = None
+from .rope import precise_trig, rope_cos_sin
 
 
 def _cfg(bm, bn, bk, group, warps, stages):
@@ -165,12 +161,7 @@ def _in_proj_fwd(
         freq = tl.load(freq_ptr + pairs_ld)
         pos = tl.load(pos_ptr + rows_ld).to(tl.float32)
         theta = pos[:, None] * freq[None, :]
-        if PRECISE_TRIG:
-            cos = libdevice.cos(theta)
-            sin = libdevice.sin(theta)
-        else:
-            cos = tl.cos(theta)
-            sin = tl.sin(theta)
+        cos, sin = rope_cos_sin(theta, PRECISE_TRIG)
         out_a = acc_a * cos - acc_b * sin
         out_b = acc_b * cos + acc_a * sin
         qkv_ok = row_ok[:, None] & (pair_ok & (pairs < P_QKV))[None, :]
@@ -351,7 +342,7 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
     args = (xn, packed.w_a, packed.w_b, packed.dst_a, packed.dst_b, packed.freq, pos,
             q, k, v, h, ff if store_ff else h, M, K, P, packed.p_qkv, HQ, HKV, F, xn.stride(0))
     flags = dict(STORE_FF=bool(store_ff), UPCAST=interpreting(),
-                 PRECISE_TRIG=(libdevice is not None and not interpreting()))
+                 PRECISE_TRIG=precise_trig(xn.device))
     meta = _meta(config)
     if meta is None:
         grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(P, m["BLOCK_N"]),)  # noqa: E731

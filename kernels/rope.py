@@ -43,6 +43,22 @@ except ImportError:  # pragma: no cover - old triton
     libdevice = None
 
 
+def precise_trig(device: torch.device) -> bool:
+    """Whether kernels on ``device`` take libdevice's cos/sin (CUDA; not the interpreter)."""
+    return libdevice is not None and not interpreting() and device.type == "cuda"
+
+
+@triton.jit
+def rope_cos_sin(theta, PRECISE_TRIG: tl.constexpr):
+    """cos and sin of fp32 rotary angles, shared by every kernel that rotates (rope,
+    the fused input projection, rope + cache append): libdevice's accurate versions on the
+    GPU (angles reach the largest position in radians), tl.cos / tl.sin otherwise."""
+    if PRECISE_TRIG:
+        return libdevice.cos(theta), libdevice.sin(theta)
+    else:
+        return tl.cos(theta), tl.sin(theta)
+
+
 @triton.jit
 def _rope_rotate_heads(
     x_row,            # pointer to head 0, feature 0 of this token's input rows
@@ -132,12 +148,7 @@ def _rope_kernel(
     offs_i = tl.arange(0, BLOCK_HALF)
     inv_freq = tl.load(inv_freq_ptr + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)
     theta = pos.to(tl.float32) * inv_freq
-    if PRECISE_TRIG:
-        cos = libdevice.cos(theta)
-        sin = libdevice.sin(theta)
-    else:
-        cos = tl.cos(theta)
-        sin = tl.sin(theta)
+    cos, sin = rope_cos_sin(theta, PRECISE_TRIG)
     if INVERSE:
         sin = -sin
     _rope_rotate_heads(q_ptr + b * stride_qb + t * stride_qt, qo_ptr + b * stride_qob + t * stride_qot,
@@ -210,7 +221,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Te
         POS_IS_OFFSET=bool(pos_is_offset), INTERLEAVED=bool(interleaved), INVERSE=bool(inverse),
         COPY_PASS_Q=(2 * half < D) and q_out.data_ptr() != q.data_ptr(),
         COPY_PASS_K=(2 * half < D) and k_out.data_ptr() != k.data_ptr(),
-        PRECISE_TRIG=(libdevice is not None and not interpreting() and q.device.type == "cuda"),
+        PRECISE_TRIG=precise_trig(q.device),
         num_warps=_NUM_WARPS,
         **cfg,
     )

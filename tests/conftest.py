@@ -68,3 +68,14 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one intra-op thread: for tiny models and shapes one thread is as fast,
+    and on a loaded 2-core machine every parallel region of a second thread waits for a time
+    slice (measured: tests ~50x slower). Use with ``pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,14 +18,7 @@ from palm_fast.reference import ParallelBlock as RefBlock
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread. On a shared 2-core machine every parallel region of
-    a second thread waits for a time slice, which made these tests ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes (see conftest)
 
 
 # ----------------------------------------------------------------------------- kernels

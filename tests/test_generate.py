@@ -25,14 +25,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and far faster on a loaded
-    machine (idle worker threads of tiny ops spin and get descheduled)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes (see conftest)
 
 
 def lively(config: PaLMConfig, seed: int = 0, cls=PaLM) -> PaLM:

@@ -31,13 +31,7 @@ needs_pp = pytest.mark.skipif(pp is None, reason="palm-pytorch 0.2.2 is not inst
 V = 97  # vocabulary of the tiny test models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes (see conftest)
 
 
 def pp_model(seed: int = 0, **kw) -> nn.Module:
