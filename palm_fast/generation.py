@@ -497,7 +497,8 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, stop_tokens, gener
 
 # --------------------------------------------------------------------------- generate
 
-@torch.inference_mode()
+@torch.no_grad()   # not inference_mode: cache tensors keep version counters (mqa_decode
+                   # then validates seq_lens once per step instead of once per layer)
 def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens=None,
              generator: torch.Generator | None = None, page_size: int | None = None,

@@ -81,6 +81,7 @@ class KVCache:
         self.dtype, self.device = dtype, device
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
         self._host_lengths = [0] * batch
+        self._checked_values = None   # ops.mqa_decode: the last seq_lens / page table it validated
         if page_size is None:
             if num_pages is not None:
                 raise ValueError(f"num_pages: only meaningful with page_size, got num_pages={num_pages} "

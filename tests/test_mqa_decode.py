@@ -194,6 +194,32 @@ def test_decode_bad_input():
         ops.mqa_decode(q.detach(), cache, 0, good)
 
 
+def test_value_checks_once_per_step_and_after_in_place_changes(monkeypatch):
+    """The same seq_lens passed to every layer of a step is validated once (one host read per
+    step, not per layer); a new tensor, or an in-place change to seq_lens or to the page
+    table, is validated again."""
+    md = importlib.import_module("palm_fast.ops.mqa_decode")
+    calls = []
+    orig = md._values_bad
+    monkeypatch.setattr(md, "_values_bad", lambda *a: calls.append(1) or orig(*a))
+    cache, _, _ = fill_cache(2, [10, 5], 16, torch.float32, 4, n_layers=2)
+    q = randn(2, 4, 16)
+    seq_lens = cache.lengths.clone()
+    for layer in (0, 1):
+        ops.mqa_decode(q, cache, layer, seq_lens)
+    assert len(calls) == 1
+    ops.mqa_decode(q, cache, 0, seq_lens.clone())
+    assert len(calls) == 2
+    seq_lens[0] = cache.max_len + 1
+    with pytest.raises(ValueError, match="seq_lens"):
+        ops.mqa_decode(q, cache, 1, seq_lens)
+    seq_lens[0] = 10
+    ops.mqa_decode(q, cache, 0, seq_lens)
+    cache.page_table[0, 0] = -1
+    with pytest.raises(ValueError, match="page_table"):
+        ops.mqa_decode(q, cache, 1, seq_lens)
+
+
 @pytest.mark.parametrize("page_size", [None, 4])
 def test_rope_append_rejections_leave_cache_unchanged(page_size):
     from test_kv_cache import assert_same, snapshot

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 
@@ -221,6 +222,42 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCach
     return _ROPE_APPEND[q.device.type](*args)
 
 
+def _values_key(seq_lens: torch.Tensor, table, starts_host) -> tuple:
+    """Identity of the values one check covered: the tensor objects (weak references, so a
+    new tensor at a recycled address never matches), their in-place version counters, and
+    the cache's prefix layout. A decode step passes the same seq_lens to every layer: with
+    this it is checked (and the device synchronised) once per step, not once per layer."""
+    return (weakref.ref(seq_lens), seq_lens._version,
+            None if table is None else weakref.ref(table), None if table is None else table._version,
+            None if starts_host is None else tuple(starts_host))
+
+
+def _same_values(old: tuple | None, new: tuple) -> bool:
+    # Tensors compared by identity (weakref == would compare the tensors elementwise).
+    if old is None:
+        return False
+    same_obj = all((a is None and b is None) or (a is not None and b is not None and a() is b())
+                   for a, b in ((old[0], new[0]), (old[2], new[2])))
+    return same_obj and old[1] == new[1] and old[3] == new[3] and old[4] == new[4]
+
+
+def _values_bad(cache: KVCache, seq_lens: torch.Tensor, table, starts_host) -> bool:
+    """Whether any seq_lens value or any page-table entry it reads is out of range, computed
+    on the tensors' device with one host read."""
+    lens = seq_lens.long()
+    bad = ((lens < 1) | (lens > cache.max_len)).any()
+    if starts_host is not None:
+        bad = bad | (lens < torch.tensor(starts_host, device=lens.device)).any()
+    if table is not None:
+        if (not isinstance(table, torch.Tensor) or table.dtype != torch.int32
+                or tuple(table.shape) != (cache.batch, cache.blocks_per_seq) or not table.is_contiguous()):
+            return True
+        cols = torch.arange(table.shape[1], device=table.device)
+        used = cols[None, :] < ((lens + cache.page_size - 1) // cache.page_size)[:, None]
+        bad = bad | (used & ((table < 0) | (table >= cache.num_pages))).any()
+    return bool(bad)
+
+
 def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None) -> None:
     if not isinstance(seq_lens, torch.Tensor):
         raise TypeError(f"seq_lens: expected an int32 tensor [{cache.batch}], got {type(seq_lens).__name__}")
@@ -234,6 +271,16 @@ def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None) -> 
         raise ValueError(f"seq_lens: expected a contiguous tensor, got strides {tuple(seq_lens.stride())}")
     if not _can_read_device():
         return
+    table = cache.page_table if cache.paged else None
+    # Inference tensors have no version counter: those are checked on every call.
+    versioned = not seq_lens.is_inference() and (table is None or not table.is_inference())
+    key = _values_key(seq_lens, table, starts_host) if versioned else None
+    if key is not None and _same_values(cache._checked_values, key):
+        return   # these exact tensors (same objects, unmodified) passed for an earlier layer
+    if not _values_bad(cache, seq_lens, table, starts_host):
+        cache._checked_values = key
+        return
+    # Something is out of range: find it on the host and say what.
     lens = seq_lens.tolist()
     for b, n in enumerate(lens):
         if not 1 <= n <= cache.max_len:
