@@ -157,7 +157,7 @@ def _shared_prefix_cases(ctx: BenchContext, elem: int):
         shape={"n_seq": n_seq, "H": H, "hd": hd, "prefix": prefix, "suffix": suffix, "page_size": page},
         dtype=dtype, bytes=2 * (prefix + n_seq * suffix) * hd * elem + 2 * n_seq * H * hd * elem,
         flops=4 * n_seq * H * (prefix + suffix) * hd, setup=setup,
-        impls={"palm_fast": lambda x: mqa_decode(x[0], x[1], 0, x[1].lengths),
+        impls={"palm_fast": lambda x: mqa_decode(x[0], x[1], 0, x[1].lengths, shared_prefix=True),
                "palm_fast_unshared": lambda x: mqa_decode(x[0], x[1], 0, x[1].lengths,
                                                           shared_prefix=False),
                "eager": lambda x: attention(x[0][:, None], x[2], x[3], causal=False)[:, 0]},

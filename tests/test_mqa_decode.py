@@ -142,12 +142,16 @@ def test_shared_prefix_matches_unshared(page_size, dtype):
     cache.advance(suffix)
     assert len(cache.prefix_groups()) == 1
     q = randn(B, H, hd, dtype=dtype)
-    shared = ops.mqa_decode(q, cache, 0, cache.lengths)
+    shared = ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=True)
     unshared = ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=False)
     Ks = [torch.cat([k[0], ks[b, :int(suffix[b])]]) if b != 2 else ks[2, :40] for b in range(B)]
     Vs = [torch.cat([v[0], vs[b, :int(suffix[b])]]) if b != 2 else vs[2, :40] for b in range(B)]
     check_decode(unshared, q, Ks, Vs)
     check_decode(shared, q, Ks, Vs)
+    auto = ops.mqa_decode(q, cache, 0, cache.lengths)   # None: unshared on the CPU
+    assert torch.equal(auto, unshared)
+    with pytest.raises(TypeError, match="shared_prefix"):
+        ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix="yes")
 
 
 def test_deterministic_any_thread_count():
@@ -375,10 +379,10 @@ def test_triton_shared_prefix(page_size, triton_backend):
     cache.append(0, randn(B, 7, hd, device=dev), randn(B, 7, hd, device=dev), suffix)
     cache.advance(suffix)
     q = randn(B, H, hd, device=dev)
-    shared = ops.mqa_decode(q, cache, 0, cache.lengths)
+    shared = ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=True)
     unshared = ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=False)
     assert torch.allclose(shared, unshared, atol=1e-5, rtol=1e-5)
-    a = ops.mqa_decode(q, cache, 0, cache.lengths)
+    a = ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=True)
     assert torch.equal(a, shared)  # deterministic
 
 
