@@ -231,19 +231,25 @@ class KVCache:
             self._full_n_new[T] = t
         return t
 
+    def check_like(self, name: str, t, ndim: int) -> None:
+        """``t`` must be a tensor of the cache's dtype and device with ``ndim`` dims."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != self.dtype:
+            raise TypeError(f"{name}: expected dtype {self.dtype} (the cache's), got {t.dtype}")
+        if t.device != self.device:
+            raise ValueError(f"{name}: expected device {self.device} (the cache's), got {t.device}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name}: expected {ndim} dims, got shape {list(t.shape)}")
+
     def prepare_write(self, layer, k, v, n_new) -> tuple[torch.Tensor, list[int]]:
         """Check an append of ``k``, ``v`` ``[batch, T, head_dim]`` to ``layer`` and allocate its
         pages. Returns (``n_new`` as an int32 device tensor, as a list). Shared by ``append`` and
         ``palm_fast.ops.rope_append``; nothing is changed when it raises."""
         self.check_layer(layer)
         for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-            if t.dtype != self.dtype:
-                raise TypeError(f"{name}: expected dtype {self.dtype} (the cache's), got {t.dtype}")
-            if t.device != self.device:
-                raise ValueError(f"{name}: expected device {self.device} (the cache's), got {t.device}")
-            if t.dim() != 3 or t.shape[0] != self.batch or t.shape[2] != self.head_dim:
+            self.check_like(name, t, 3)
+            if t.shape[0] != self.batch or t.shape[2] != self.head_dim:
                 raise ValueError(f"{name}: expected shape [{self.batch}, T, {self.head_dim}], got "
                                  f"{list(t.shape)}")
             if t.shape[2] > 1 and t.stride(2) != 1:

@@ -39,6 +39,7 @@ from palm_fast.kv_cache import KVCache
 from palm_fast.reference.functional import rope_inv_freq
 
 from ._dispatch import compiling
+from .rope import _cached_inv_freq
 
 __all__ = ["rope_append", "mqa_decode", "append_kv"]
 
@@ -133,23 +134,6 @@ def _check_cache(cache) -> None:
         raise TypeError(f"cache: expected a palm_fast.kv_cache.KVCache, got {type(cache).__name__}")
 
 
-def _check_like_cache(name: str, t, cache: KVCache, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != cache.dtype:
-        raise TypeError(f"{name}: expected dtype {cache.dtype} (the cache's), got {t.dtype}")
-    if t.device != cache.device:
-        raise ValueError(f"{name}: expected device {cache.device} (the cache's), got {t.device}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name}: expected {ndim} dims, got shape {list(t.shape)}")
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_inv_freq(rotary_dim: int, base: float, device: torch.device) -> torch.Tensor:
-    with torch.inference_mode(False):     # cached: must not be an inference tensor
-        return rope_inv_freq(rotary_dim, base).to(device)
-
-
 @functools.lru_cache(maxsize=8)
 def _empty_f32(device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False):
@@ -187,7 +171,7 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCach
     """
     _check_cache(cache)
     _no_grad_check("rope_append", q=q, k=k, v=v)
-    _check_like_cache("q", q, cache, 4)
+    cache.check_like("q", q, 4)
     B, T, H, hd = q.shape
     if B != cache.batch or hd != cache.head_dim or H == 0:
         raise ValueError(f"q: expected shape [{cache.batch}, T, H >= 1, {cache.head_dim}] (the cache's "
@@ -321,7 +305,7 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     """
     _check_cache(cache)
     _no_grad_check("mqa_decode", q=q)
-    _check_like_cache("q", q, cache, 3)
+    cache.check_like("q", q, 3)
     B, H, hd = q.shape
     if B != cache.batch or hd != cache.head_dim or H == 0:
         raise ValueError(f"q: expected shape [{cache.batch}, H >= 1, {cache.head_dim}] (the cache's batch "
