@@ -38,6 +38,11 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
 
 
+def close_rel(got: torch.Tensor, want: torch.Tensor, rel: float) -> bool:
+    """max |got - want| is within ``rel`` of want's largest magnitude (taken as >= 1)."""
+    return max_err(got, want) <= rel * max(1.0, want.detach().abs().max().item())
+
+
 def assert_close_by_rule(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor,
                          *, name: str = "output", atol: float | None = None) -> None:
     """Check ``out`` against the fp64 reference with the tolerance rule."""
