@@ -238,6 +238,18 @@ def test_packed_weight_cache(triton_backend):
     assert set(fast.state_dict()) == set(ref.state_dict())
 
 
+def test_packed_weight_of_inference_tensors(triton_backend):
+    """A block built under inference_mode holds inference tensors (no version counter): its
+    re-layout is rebuilt per call, so an in-place weight update is still seen."""
+    with torch.inference_mode():
+        ref, fast = _blocks(BLOCK_CONFIGS[0], torch.float32, triton_backend)
+        x = randn(1, 3, 64, device=triton_backend)
+        fast(x)
+        fast.in_proj.weight.mul_(0.5)
+        ref.in_proj.weight.mul_(0.5)
+        torch.testing.assert_close(fast(x).cpu(), ref(x.cpu()), rtol=1e-5, atol=1e-5)
+
+
 def test_kv_cache_matches_reference():
     """Prefill then decode steps with a reference KVCache; default and explicit positions."""
     ref, fast = _blocks(BLOCK_CONFIGS[0], torch.float32)

@@ -76,7 +76,9 @@ class ParallelBlock(_reference.ParallelBlock):
         if not uses_triton(w.device.type):
             return None
         args = (w, inv, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.rotary.interleaved)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or w.is_inference() or inv.is_inference():
+            # Inference tensors (a model built under torch.inference_mode) have no version
+            # counter, so an in-place update could not be detected: re-lay out every call.
             return pack_in_proj(*args)
         key = (w.data_ptr(), w._version, w.dtype, w.device, inv.data_ptr(), inv._version)
         if self._packed is None or self._packed_key != key:
