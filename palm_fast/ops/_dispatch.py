@@ -10,9 +10,24 @@ give bitwise-equal outputs and gradients.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
+
+
+def cached_constant(maxsize: int):
+    """``functools.lru_cache`` for eager-mode constant tensors (default offsets, frequencies,
+    scratch), built outside inference mode: a cached tensor first made under
+    ``torch.inference_mode()`` (e.g. by ``generate``) could not be saved for a later backward."""
+    def deco(fn):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def cached(*args):
+            with torch.inference_mode(False):
+                return fn(*args)
+        return cached
+    return deco
 
 
 def compiling() -> bool:

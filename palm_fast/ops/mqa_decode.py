@@ -28,7 +28,6 @@ Inference only: no autograd; the public functions raise when grad is required.
 """
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 
@@ -38,7 +37,7 @@ from palm_fast._ext import cpp
 from palm_fast.kv_cache import KVCache
 from palm_fast.reference.functional import rope_inv_freq
 
-from ._dispatch import compiling
+from ._dispatch import cached_constant, compiling
 from .rope import _cached_inv_freq
 
 __all__ = ["rope_append", "mqa_decode", "append_kv"]
@@ -134,10 +133,9 @@ def _check_cache(cache) -> None:
         raise TypeError(f"cache: expected a palm_fast.kv_cache.KVCache, got {type(cache).__name__}")
 
 
-@functools.lru_cache(maxsize=8)
+@cached_constant(maxsize=8)
 def _empty_f32(device: torch.device) -> torch.Tensor:
-    with torch.inference_mode(False):
-        return torch.empty(0, dtype=torch.float32, device=device)
+    return torch.empty(0, dtype=torch.float32, device=device)
 
 
 # ---------------------------------------------------------------- public functions

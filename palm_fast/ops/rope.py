@@ -8,8 +8,6 @@ backward is the same op with ``inverse`` flipped (rotation by ``-theta``).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from palm_fast._ext import cpp
@@ -22,27 +20,21 @@ from ._checks import (
     check_tensor,
     unit_last_dim,
 )
-from ._dispatch import compiling, eager_ctx, eager_function
+from ._dispatch import cached_constant, compiling, eager_ctx, eager_function
 
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
-@functools.lru_cache(maxsize=8)
+@cached_constant(maxsize=8)
 def _cached_zero(device: torch.device) -> torch.Tensor:
-    """Eager mode: the default start offset, allocated once per device (never written).
-
-    Built outside inference mode: a cached tensor first made under ``torch.inference_mode()``
-    (e.g. by ``generate``) could not be saved for a later backward."""
-    with torch.inference_mode(False):
-        return torch.zeros(1, dtype=torch.int32, device=device)
+    """Eager mode: the default start offset, allocated once per device (never written)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
-@functools.lru_cache(maxsize=32)
+@cached_constant(maxsize=32)
 def _cached_inv_freq(rotary_dim: int, base: float, device: torch.device) -> torch.Tensor:
-    """Eager mode: the default frequencies, built once per (rotary dim, base, device)
-    (outside inference mode, like ``_cached_zero``)."""
-    with torch.inference_mode(False):
-        return rope_inv_freq(rotary_dim, base).to(device)
+    """Eager mode: the default frequencies, built once per (rotary dim, base, device)."""
+    return rope_inv_freq(rotary_dim, base).to(device)
 
 
 def _launch(q, k, q_out, k_out, inv_freq, pos, pos_is_offset, interleaved, inverse):
