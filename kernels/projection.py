@@ -63,18 +63,47 @@ def _cfg(bm, bn, bk, group, warps, stages):
 
 
 # Input projection: BLOCK_N counts pairs, so the tile covers 2 * BLOCK_N weight rows.
-# Shared memory per stage (bf16): (BM + 2 BN) * BK * 2 bytes -> 48 / 32 / 16 KiB.
+# Shared memory per stage (bf16): (BM + 2 BN) * BK * 2 bytes -> 48 / 48 / 32 / 16 KiB.
 IN_PROJ_CONFIGS = [
     _cfg(128, 128, 64, 8, 8, 3),
+    _cfg(128, 128, 64, 8, 8, 4),
     _cfg(128, 64, 64, 8, 4, 4),
     _cfg(64, 64, 32, 8, 4, 4),   # small M (decode, short prompts)
 ]
-# Output projection: (BM + BN) * BK * 2 bytes per stage -> 32 / 24 / 8 KiB.
+# Output projection: (BM + BN) * BK * 2 bytes per stage -> 48 / 32 / 32 / 8 KiB.
 OUT_PROJ_CONFIGS = [
-    _cfg(128, 128, 64, 8, 8, 3),
-    _cfg(128, 64, 64, 8, 4, 4),
+    _cfg(128, 256, 64, 8, 8, 3),
+    _cfg(128, 128, 64, 8, 8, 4),
+    _cfg(128, 128, 64, 8, 4, 4),
     _cfg(64, 64, 32, 8, 4, 4),
 ]
+# Shared memory a config may plan for its pipeline (an H100 has 227 KiB per block).
+SMEM_BUDGET = 220 * 1024
+
+
+def fit_config(config: triton.Config, elem_bytes: int, b_rows: int = 1) -> triton.Config:
+    """``config`` with fewer stages (then a shorter BLOCK_K) until its pipeline buffers fit
+    ``SMEM_BUDGET`` for operands of ``elem_bytes`` (fp32 tiles take twice bf16's space).
+    ``b_rows`` is how many weight tiles of BLOCK_N rows each stage holds (2: the pairs)."""
+    kw = dict(config.kwargs)
+    stages = config.num_stages
+
+    def need():
+        return stages * (kw["BLOCK_M"] + b_rows * kw["BLOCK_N"]) * kw["BLOCK_K"] * elem_bytes
+
+    while need() > SMEM_BUDGET and stages > 2:
+        stages -= 1
+    while need() > SMEM_BUDGET and kw["BLOCK_K"] > 16:
+        kw["BLOCK_K"] //= 2
+    return triton.Config(kw, num_warps=config.num_warps, num_stages=stages)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: fp32 operands follow torch's TF32 switch for matmuls
+    (off by default: IEEE fp32 products, as ``torch.mm`` gives), half types are exact."""
+    if dtype != torch.float32:
+        return "tf32"   # tl.dot's default; unused for bf16 / fp16 operands
+    return "tf32" if not interpreting() and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 @triton.jit
@@ -93,11 +122,16 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _load_k_tiles(a_ptrs, w_ptrs, k_left, offs_k, UPCAST: tl.constexpr):
-    """A tile ``[BM, BK]`` and W^T tile ``[BK, BN]`` with the K tail masked (zeros)."""
-    kmask = offs_k < k_left
-    a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-    w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+def _load_k_tiles(a_ptrs, w_ptrs, k_left, offs_k, UPCAST: tl.constexpr, EVEN_K: tl.constexpr):
+    """A tile ``[BM, BK]`` and W^T tile ``[BK, BN]`` with the K tail masked (zeros);
+    unmasked when BLOCK_K divides K (``EVEN_K``)."""
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+        w = tl.load(w_ptrs)
+    else:
+        kmask = offs_k < k_left
+        a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
     if UPCAST:
         a = a.to(tl.float32)
         w = w.to(tl.float32)
@@ -125,6 +159,8 @@ def _in_proj_fwd(
     STORE_FF: tl.constexpr,    # also write the pre-activation (training)
     UPCAST: tl.constexpr,      # fp32 dot operands (interpreter)
     PRECISE_TRIG: tl.constexpr,  # libdevice cos/sin (GPU)
+    DOT_PREC: tl.constexpr,    # tl.dot input precision ("ieee" / "tf32")
+    EVEN_K: tl.constexpr,      # BLOCK_K divides K: no K-tail masks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, P, BLOCK_M, BLOCK_N, GROUP_M)
@@ -139,12 +175,15 @@ def _in_proj_fwd(
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a, wa = _load_k_tiles(a_ptrs, wa_ptrs, K - k0, offs_k, UPCAST)
-        wb = tl.load(wb_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
+        a, wa = _load_k_tiles(a_ptrs, wa_ptrs, K - k0, offs_k, UPCAST, EVEN_K)
+        if EVEN_K:
+            wb = tl.load(wb_ptrs)
+        else:
+            wb = tl.load(wb_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
         if UPCAST:
             wb = wb.to(tl.float32)
-        acc_a = tl.dot(a, wa, acc_a)
-        acc_b = tl.dot(a, wb, acc_b)
+        acc_a = tl.dot(a, wa, acc_a, input_precision=DOT_PREC)
+        acc_b = tl.dot(a, wb, acc_b, input_precision=DOT_PREC)
         a_ptrs += BLOCK_K
         wa_ptrs += BLOCK_K
         wb_ptrs += BLOCK_K
@@ -195,14 +234,15 @@ def _store_qkv(q_ptr, k_ptr, v_ptr, rows64, col, val, mask, HQ, HKV):
 
 @triton.jit
 def _mm_segment(acc, a_ptr, stride_am, w_ptr, stride_wn, rows_ld, cols_ld, K,
-                UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
+                BLOCK_K: tl.constexpr):
     """``acc += A[rows, :K] @ W[cols, :K]^T`` (W row-major ``[N, K]``, row stride stride_wn)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows_ld[:, None] * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + cols_ld[None, :] * stride_wn + offs_k[:, None]
     for k0 in range(0, K, BLOCK_K):
-        a, w = _load_k_tiles(a_ptrs, w_ptrs, K - k0, offs_k, UPCAST)
-        acc = tl.dot(a, w, acc)
+        a, w = _load_k_tiles(a_ptrs, w_ptrs, K - k0, offs_k, UPCAST, EVEN_K)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     return acc
@@ -219,6 +259,8 @@ def _out_proj_fwd(
     M, N, K1, K2,
     stride_om, stride_hm, stride_wo, stride_wf, stride_rm,
     UPCAST: tl.constexpr,   # fp32 dot operands (interpreter)
+    DOT_PREC: tl.constexpr,  # tl.dot input precision ("ieee" / "tf32")
+    EVEN_K: tl.constexpr,    # BLOCK_K divides K1 and K2: no K-tail masks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -227,8 +269,10 @@ def _out_proj_fwd(
     rows_ld = (rows % M).to(tl.int64)
     cols_ld = (cols % N).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _mm_segment(acc, o_ptr, stride_om, wo_ptr, stride_wo, rows_ld, cols_ld, K1, UPCAST, BLOCK_K)
-    acc = _mm_segment(acc, h_ptr, stride_hm, wf_ptr, stride_wf, rows_ld, cols_ld, K2, UPCAST, BLOCK_K)
+    acc = _mm_segment(acc, o_ptr, stride_om, wo_ptr, stride_wo, rows_ld, cols_ld, K1,
+                      UPCAST, DOT_PREC, EVEN_K, BLOCK_K)
+    acc = _mm_segment(acc, h_ptr, stride_hm, wf_ptr, stride_wf, rows_ld, cols_ld, K2,
+                      UPCAST, DOT_PREC, EVEN_K, BLOCK_K)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     rows64 = rows.to(tl.int64)
     res = tl.load(res_ptr + rows64[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
@@ -236,8 +280,25 @@ def _out_proj_fwd(
     tl.store(y_ptr + rows64[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_in_proj_tuned = triton.autotune(IN_PROJ_CONFIGS, key=["M", "K", "P", "STORE_FF"])(_in_proj_fwd)
-_out_proj_tuned = triton.autotune(OUT_PROJ_CONFIGS, key=["M", "N", "K1", "K2"])(_out_proj_fwd)
+def _in_even_k(meta):
+    return meta["K"] % meta["BLOCK_K"] == 0
+
+
+def _out_even_k(meta):
+    return meta["K1"] % meta["BLOCK_K"] == 0 and meta["K2"] % meta["BLOCK_K"] == 0
+
+
+# Autotuned launchers per operand size (fp32 configs are fitted to shared memory).
+_in_proj_tuned = {
+    eb: triton.autotune([fit_config(c, eb, 2) for c in IN_PROJ_CONFIGS],
+                        key=["M", "K", "P", "STORE_FF", "DOT_PREC"])(
+        triton.heuristics({"EVEN_K": _in_even_k})(_in_proj_fwd))
+    for eb in (2, 4)}
+_out_proj_tuned = {
+    eb: triton.autotune([fit_config(c, eb) for c in OUT_PROJ_CONFIGS],
+                        key=["M", "N", "K1", "K2", "DOT_PREC"])(
+        triton.heuristics({"EVEN_K": _out_even_k})(_out_proj_fwd))
+    for eb in (2, 4)}
 
 
 # --------------------------------------------------------------------------- packing
@@ -308,12 +369,14 @@ def pack_in_proj(w_in: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_
 
 # --------------------------------------------------------------------------- launchers
 
-def _meta(config: triton.Config | None) -> dict | None:
-    """Explicit launch meta-parameters, or None to autotune (GPU only)."""
+def _meta(config: triton.Config | None, elem_bytes: int, b_rows: int) -> dict | None:
+    """Explicit launch meta-parameters (fitted to shared memory), or None to autotune
+    (GPU only)."""
     if config is None and interpreting():
         config = IN_PROJ_CONFIGS[-1]  # the smallest tile: fastest under the interpreter
     if config is None:
         return None
+    config = fit_config(config, elem_bytes, b_rows)
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -342,14 +405,15 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
     args = (xn, packed.w_a, packed.w_b, packed.dst_a, packed.dst_b, packed.freq, pos,
             q, k, v, h, ff if store_ff else h, M, K, P, packed.p_qkv, HQ, HKV, F, xn.stride(0))
     flags = dict(STORE_FF=bool(store_ff), UPCAST=interpreting(),
-                 PRECISE_TRIG=precise_trig(xn.device))
-    meta = _meta(config)
+                 PRECISE_TRIG=precise_trig(xn.device), DOT_PREC=dot_precision(dt))
+    eb = 4 if dt == torch.float32 else 2
+    meta = _meta(config, eb, 2)
     if meta is None:
         grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(P, m["BLOCK_N"]),)  # noqa: E731
-        _in_proj_tuned[grid](*args, **flags)
+        _in_proj_tuned[eb][grid](*args, **flags)
     else:
         grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(P, meta["BLOCK_N"]),)
-        _in_proj_fwd[grid](*args, **flags, **meta)
+        _in_proj_fwd[grid](*args, **flags, EVEN_K=K % meta["BLOCK_K"] == 0, **meta)
     return q, k, v, h, ff
 
 
@@ -371,11 +435,14 @@ def out_proj(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor, w_attn_out: torc
         return y
     args = (o, h, w_attn_out, w_ff_out, x, y, M, N, K1, K2,
             o.stride(0), h.stride(0), w_attn_out.stride(0), w_ff_out.stride(0), x.stride(0))
-    meta = _meta(config if config is not None or not interpreting() else OUT_PROJ_CONFIGS[-1])
+    eb = 4 if x.dtype == torch.float32 else 2
+    meta = _meta(config if config is not None or not interpreting() else OUT_PROJ_CONFIGS[-1], eb, 1)
+    flags = dict(UPCAST=interpreting(), DOT_PREC=dot_precision(x.dtype))
     if meta is None:
         grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
-        _out_proj_tuned[grid](*args, UPCAST=interpreting())
+        _out_proj_tuned[eb][grid](*args, **flags)
     else:
         grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _out_proj_fwd[grid](*args, UPCAST=interpreting(), **meta)
+        even = K1 % meta["BLOCK_K"] == 0 and K2 % meta["BLOCK_K"] == 0
+        _out_proj_fwd[grid](*args, **flags, EVEN_K=even, **meta)
     return y

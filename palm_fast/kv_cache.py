@@ -78,8 +78,10 @@ class KVCache:
         device = torch.device(device)
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device: expected a cpu or cuda device, got {device}")
-        self.dtype, self.device = dtype, device
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        # The device as tensors report it ("cuda" -> "cuda:0"), so comparisons with a
+        # tensor's .device are exact.
+        self.dtype, self.device = dtype, self.lengths.device
         self._host_lengths = [0] * batch
         self._checked_values = None   # ops.mqa_decode: the last seq_lens / page table it validated
         if page_size is None:

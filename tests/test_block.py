@@ -89,13 +89,24 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from palm_fast.kernels import projection as kp
 
-CONST = {"STORE_FF", "UPCAST", "PRECISE_TRIG", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
+CONST = {"STORE_FF", "UPCAST", "PRECISE_TRIG", "DOT_PREC", "EVEN_K",
+         "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
 TYPES = {"dst_a_ptr": "*i32", "dst_b_ptr": "*i32", "freq_ptr": "*fp32", "pos_ptr": "*i64"}
 out = {}
-for fn, cfg, flags in ((kp._in_proj_fwd, kp.IN_PROJ_CONFIGS[0],
-                        dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True)),
-                       (kp._out_proj_fwd, kp.OUT_PROJ_CONFIGS[0], dict(UPCAST=False))):
-    sig = {n: "constexpr" if n in CONST else TYPES.get(n, "*bf16" if n.endswith("_ptr") else "i32")
+jobs = []
+for i, c in enumerate(kp.IN_PROJ_CONFIGS):
+    jobs.append((f"in{i}-bf16", kp._in_proj_fwd, kp.fit_config(c, 2, 2), "bf16",
+                 dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True, DOT_PREC="tf32", EVEN_K=True)))
+for i, c in enumerate(kp.OUT_PROJ_CONFIGS):
+    jobs.append((f"out{i}-bf16", kp._out_proj_fwd, kp.fit_config(c, 2), "bf16",
+                 dict(UPCAST=False, DOT_PREC="tf32", EVEN_K=True)))
+# fp32 operands: the configs refitted to shared memory, IEEE products, K tails masked
+jobs.append(("in0-fp32", kp._in_proj_fwd, kp.fit_config(kp.IN_PROJ_CONFIGS[0], 4, 2), "fp32",
+             dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True, DOT_PREC="ieee", EVEN_K=False)))
+jobs.append(("out0-fp32", kp._out_proj_fwd, kp.fit_config(kp.OUT_PROJ_CONFIGS[0], 4), "fp32",
+             dict(UPCAST=False, DOT_PREC="ieee", EVEN_K=False)))
+for name, fn, cfg, dt, flags in jobs:
+    sig = {n: "constexpr" if n in CONST else TYPES.get(n, f"*{dt}" if n.endswith("_ptr") else "i32")
            for n in fn.arg_names}
     # what the launcher's specialisation sees for 16-aligned pointers and sizes
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr"}
@@ -103,16 +114,18 @@ for fn, cfg, flags in ((kp._in_proj_fwd, kp.IN_PROJ_CONFIGS[0],
                        target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     ir = k.asm["ttgir"]
-    out[fn.__name__] = [k.metadata.shared, ir.count("warp_group_dot"), ir.count("async_wait")]
+    out[name] = [k.metadata.shared, ir.count("warp_group_dot") if dt == "bf16" else 1,
+                 ir.count("async_wait")]
 print(json.dumps(out))
 """
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CUDA tests run the kernels themselves")
 def test_kernels_lower_for_sm90():
-    """Without a GPU: the largest config of each epilogue GEMM compiles for an H100 (sm_90)
-    through ptxas, with wgmma, a software-pipelined K loop and shared memory within 227 KiB
-    (the interpreter cannot catch GPU lowering errors)."""
+    """Without a GPU: every config of each epilogue GEMM compiles for an H100 (sm_90)
+    through ptxas, bf16 with wgmma, a software-pipelined K loop and shared memory within
+    227 KiB; fp32 operands too, with the configs refitted to shared memory (the interpreter
+    cannot catch GPU lowering errors)."""
     import json
     import os
     import subprocess
