@@ -73,7 +73,7 @@ def _case(ctx: BenchContext, s: dict, mode: str) -> Case:
         "eager": wrap(lambda inp: _eager(inp["q"], inp["k"], positions, inv_freq)),
         "compile": wrap(lambda inp: compiled(inp["q"], inp["k"], positions, inv_freq)),
     }
-    liger = _liger_impl()
+    liger = _liger_impl() if dev == "cuda" else None   # Liger's kernels are GPU-only
     if liger is not None:
         impls["liger"] = wrap(liger)
     # Read q, k once and write q_out, k_out once, plus the offsets; the backward moves

@@ -353,10 +353,15 @@ class MyModel(nn.Module):
 
 @pytest.fixture
 def registry_guard():
-    saved = dict(patching._REGISTRY)
+    # Snapshot the registry and which built-in sets are loaded: a test run first in its
+    # process (pytest-xdist) would otherwise load the built-ins inside the guard, and the
+    # restore would leave them marked loaded but unregistered for every later test.
+    saved, loaded = dict(patching._REGISTRY), set(patching._BUILTINS_LOADED)
     yield
     patching._REGISTRY.clear()
     patching._REGISTRY.update(saved)
+    patching._BUILTINS_LOADED.clear()
+    patching._BUILTINS_LOADED.update(loaded)
 
 
 def test_custom_registered_class(registry_guard):
