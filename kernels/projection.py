@@ -153,6 +153,7 @@ def _in_proj_fwd(
     h_ptr,        # out [M, F] = silu(gate) * value, contiguous
     ff_ptr,       # out [M, 2F] pre-activation value | gate (written when STORE_FF), contiguous
     M, K, P,      # rows, reduction size (d), number of pairs
+    M_BUCKET,     # next power of two >= M: the autotune key (unused by the kernel)
     P_QKV,        # pairs before the SwiGLU ones: (H + 2 Hk) hd / 2
     HQ, HKV, F,   # widths of q, of k (= of v), of h
     stride_xm,    # elements between rows of xn
@@ -257,6 +258,7 @@ def _out_proj_fwd(
     res_ptr,      # residual x [M, N]; row stride stride_rm
     y_ptr,        # out [M, N] = x + o wo^T + h wf^T, contiguous
     M, N, K1, K2,
+    M_BUCKET,     # next power of two >= M: the autotune key (unused by the kernel)
     stride_om, stride_hm, stride_wo, stride_wf, stride_rm,
     UPCAST: tl.constexpr,   # fp32 dot operands (interpreter)
     DOT_PREC: tl.constexpr,  # tl.dot input precision ("ieee" / "tf32")
@@ -288,15 +290,17 @@ def _out_even_k(meta):
     return meta["K1"] % meta["BLOCK_K"] == 0 and meta["K2"] % meta["BLOCK_K"] == 0
 
 
-# Autotuned launchers per operand size (fp32 configs are fitted to shared memory).
+# Autotuned launchers per operand size (fp32 configs are fitted to shared memory). The key
+# holds M rounded up to a power of two, not M: prefill sees a new M for every prompt length,
+# and tuning each one (compiling and timing every config) would cost seconds per new length.
 _in_proj_tuned = {
     eb: triton.autotune([fit_config(c, eb, 2) for c in IN_PROJ_CONFIGS],
-                        key=["M", "K", "P", "STORE_FF", "DOT_PREC"])(
+                        key=["M_BUCKET", "K", "P", "STORE_FF", "DOT_PREC"])(
         triton.heuristics({"EVEN_K": _in_even_k})(_in_proj_fwd))
     for eb in (2, 4)}
 _out_proj_tuned = {
     eb: triton.autotune([fit_config(c, eb) for c in OUT_PROJ_CONFIGS],
-                        key=["M", "N", "K1", "K2", "DOT_PREC"])(
+                        key=["M_BUCKET", "N", "K1", "K2", "DOT_PREC"])(
         triton.heuristics({"EVEN_K": _out_even_k})(_out_proj_fwd))
     for eb in (2, 4)}
 
@@ -403,7 +407,8 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
     if M == 0:
         return q, k, v, h, ff
     args = (xn, packed.w_a, packed.w_b, packed.dst_a, packed.dst_b, packed.freq, pos,
-            q, k, v, h, ff if store_ff else h, M, K, P, packed.p_qkv, HQ, HKV, F, xn.stride(0))
+            q, k, v, h, ff if store_ff else h, M, K, P, triton.next_power_of_2(M), packed.p_qkv,
+            HQ, HKV, F, xn.stride(0))
     flags = dict(STORE_FF=bool(store_ff), UPCAST=interpreting(),
                  PRECISE_TRIG=precise_trig(xn.device), DOT_PREC=dot_precision(dt))
     eb = 4 if dt == torch.float32 else 2
@@ -433,7 +438,7 @@ def out_proj(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor, w_attn_out: torc
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0:
         return y
-    args = (o, h, w_attn_out, w_ff_out, x, y, M, N, K1, K2,
+    args = (o, h, w_attn_out, w_ff_out, x, y, M, N, K1, K2, triton.next_power_of_2(M),
             o.stride(0), h.stride(0), w_attn_out.stride(0), w_ff_out.stride(0), x.stride(0))
     eb = 4 if x.dtype == torch.float32 else 2
     meta = _meta(config if config is not None or not interpreting() else OUT_PROJ_CONFIGS[-1], eb, 1)
