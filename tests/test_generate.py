@@ -361,3 +361,60 @@ def test_bad_input(tiny_model, prompts, kwargs, exc, match):
 def test_cuda_graph_on_cpu_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="cuda_graph: True needs a model on a CUDA device"):
         palm_fast.generate(tiny_model, [[1, 2]], 2, cuda_graph=True)
+
+
+# --------------------------------------------------------------------------- CPU direct step
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_cpu_direct_step_equals_the_checked_step(page_size):
+    # generate's CPU decode steps after the first call the C++ kernels directly
+    # (generation._CpuStep): bitwise the logits and cache writes of the checked step
+    from palm_fast.generation import _CpuStep, _decode_step, _fast_norm, _prefill
+    from palm_fast.kv_cache import KVCache
+
+    cfg = CONFIGS["hd64"]
+    model = lively(cfg, seed=21)
+    parts = decoder_parts(model)
+    layers = _prepare_layers(parts)
+    final_norm = _fast_norm(parts.norm)
+    lengths = torch.tensor([5, 9, 2], dtype=torch.int32)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(22))
+    caches = [KVCache(cfg.n_layers, 3, 20, cfg.head_dim, page_size=page_size) for _ in range(2)]
+    with torch.no_grad():
+        logits = [_prefill(parts, layers, final_norm, c, tokens, lengths) for c in caches]
+        for c in caches:
+            c.reserve(6)
+        direct = _CpuStep(parts, layers, caches[1])
+        assert direct.final_norm is not final_norm          # our LayerNorm: called directly
+        for _ in range(6):
+            nxt = logits[0].argmax(-1)
+            logits = [_decode_step(parts, layers, final_norm, caches[0], nxt), direct(nxt)]
+            assert torch.equal(logits[0], logits[1])
+            for c in caches:
+                c.advance(1)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert torch.equal(caches[0].lengths, caches[1].lengths)
+
+
+def test_cpu_direct_step_calls_other_norms_and_activations_as_modules():
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg, seed=23)
+    prompts = ragged_prompts(cfg.vocab_size, (4, 7), seed=24)
+    ref = [model.generate(p[None], 10)[0] for p in prompts]
+
+    class Norm(nn.Module):            # not one of our LayerNorms: the step calls it
+        def __init__(self, ln):
+            super().__init__()
+            self.ln = ln
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.ln(x)
+
+    for blk in model.blocks:
+        blk.norm = Norm(blk.norm)
+    model.norm = Norm(model.norm)
+    out = palm_fast.generate(model, prompts, 10)
+    assert all(torch.equal(o, r) for o, r in zip(out, ref))
+    assert model.norm.calls == 1 + 9 and all(blk.norm.calls == 1 + 9 for blk in model.blocks)
