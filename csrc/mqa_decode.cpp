@@ -91,6 +91,19 @@ inline void to_float(const scalar_t* src, float* dst, int64_t n) {
   }
 }
 
+// Keeps values in vector registers: without it the compiler folds each use of a loaded
+// key vector into its FMA as a memory operand, loading it once per q row (on AVX2
+// cores with one 256-bit load per cycle, loads then bound the score loop).
+inline void in_register(Vec& a, Vec& b, Vec& c, Vec& d) {
+#if defined(CPU_CAPABILITY_AVX2) && (defined(__GNUC__) || defined(__clang__))
+  __m256 ra = a, rb = b, rc = c, rd = d;
+  asm("" : "+x"(ra), "+x"(rb), "+x"(rc), "+x"(rd));
+  a = ra; b = rb; c = rc; d = rd;
+#else
+  (void)a; (void)b; (void)c; (void)d;
+#endif
+}
+
 // Dot products of one fp32 row a with 4 rows b0..b3 (length hd) -> out[0..3]; and of 2
 // rows with 4: the register block of the score computation.
 inline void dot_2x4(const float* a0, const float* a1, const float* const* b, int64_t hd,
@@ -99,15 +112,31 @@ inline void dot_2x4(const float* a0, const float* a1, const float* const* b, int
   int64_t d = 0;
   for (; d + kW <= hd; d += kW) {
     const Vec x0 = Vec::loadu(a0 + d), x1 = Vec::loadu(a1 + d);
-    const Vec k0 = Vec::loadu(b[0] + d), k1 = Vec::loadu(b[1] + d);
-    const Vec k2 = Vec::loadu(b[2] + d), k3 = Vec::loadu(b[3] + d);
+    Vec k0 = Vec::loadu(b[0] + d), k1 = Vec::loadu(b[1] + d);
+    Vec k2 = Vec::loadu(b[2] + d), k3 = Vec::loadu(b[3] + d);
+    in_register(k0, k1, k2, k3);  // each key row loaded once for both q rows
     c00 = at::vec::fmadd(x0, k0, c00); c01 = at::vec::fmadd(x0, k1, c01);
     c02 = at::vec::fmadd(x0, k2, c02); c03 = at::vec::fmadd(x0, k3, c03);
     c10 = at::vec::fmadd(x1, k0, c10); c11 = at::vec::fmadd(x1, k1, c11);
     c12 = at::vec::fmadd(x1, k2, c12); c13 = at::vec::fmadd(x1, k3, c13);
   }
-  float r0[4] = {hsum(c00), hsum(c01), hsum(c02), hsum(c03)};
-  float r1[4] = {hsum(c10), hsum(c11), hsum(c12), hsum(c13)};
+  float r0[4], r1[4];
+#if defined(CPU_CAPABILITY_AVX2)
+  // The lane sums of 4 accumulators at once: an in-lane 4x4 transpose-and-add (unpack,
+  // shuffle: single-uop per 128-bit lane, unlike hadd / cross-lane permutes on some AVX2
+  // cores), then the two 128-bit halves.
+  auto sum4 = [](__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+    const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+    const __m256 v = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));
+    return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  };
+  _mm_storeu_ps(r0, sum4(c00, c01, c02, c03));
+  _mm_storeu_ps(r1, sum4(c10, c11, c12, c13));
+#else
+  r0[0] = hsum(c00); r0[1] = hsum(c01); r0[2] = hsum(c02); r0[3] = hsum(c03);
+  r1[0] = hsum(c10); r1[1] = hsum(c11); r1[2] = hsum(c12); r1[3] = hsum(c13);
+#endif
   for (; d < hd; ++d) {  // hd not a multiple of the vector width
     for (int j = 0; j < 4; ++j) {
       r0[j] += a0[d] * b[j][d];
@@ -168,8 +197,10 @@ inline void accumulate_pv(float* acc, int64_t hd, const float* p, const float* c
 struct Scratch {
   std::vector<float> q, k, v, s, corr;
   std::vector<const float*> krow, vrow;
+  std::vector<const char*> pf;  // the next block's K / V rows, to prefetch
   Scratch(int64_t R, int64_t hd)
-      : q(R * hd), k(kBlock * hd), v(kBlock * hd), s((R + 1) * kBlock), corr(R), krow(kBlock + 3), vrow(kBlock) {}
+      : q(R * hd), k(kBlock * hd), v(kBlock * hd), s((R + 1) * kBlock), corr(R), krow(kBlock + 3), vrow(kBlock),
+        pf(2 * kBlock) {}
 };
 
 // Attention of rows q[0..R) over keys [j0, j1) of one sequence; writes the fp32 partial
@@ -185,12 +216,30 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
     l[r] = 0.f;
   }
   std::fill(acc, acc + R * hd, 0.f);
+  auto row_offset = [&](int64_t tok) {
+    const int64_t page = table_row ? table_row[tok / P] : seq_page;
+    return (page * P + tok % P) * hd;
+  };
+  const int64_t row_bytes = hd * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t jb = j0; jb < j1; jb += kBlock) {
     const int64_t n = std::min(kBlock, j1 - jb);
+    // The next block's K and V rows, prefetched a row at a time between the score
+    // micro-kernels below: their DRAM reads overlap this block's arithmetic (a burst of
+    // prefetches at one point stalls on the core's miss buffers).
+    int64_t n_pf = 0;
+    for (int64_t tok = jb + kBlock, te = std::min(j1, jb + 2 * kBlock); tok < te; ++tok) {
+      const int64_t off = row_offset(tok);
+      sc.pf[n_pf++] = reinterpret_cast<const char*>(kbase + off);
+      sc.pf[n_pf++] = reinterpret_cast<const char*>(vbase + off);
+    }
+    int64_t i_pf = 0;
+    auto prefetch_some = [&](int64_t rows) {
+      for (const int64_t e = std::min(n_pf, i_pf + rows); i_pf < e; ++i_pf) {
+        for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(sc.pf[i_pf] + c);
+      }
+    };
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t tok = jb + j;
-      const int64_t page = table_row ? table_row[tok / P] : seq_page;
-      const int64_t off = (page * P + tok % P) * hd;
+      const int64_t off = row_offset(jb + j);
       if constexpr (std::is_same_v<scalar_t, float>) {
         sc.krow[j] = kbase + off;
         sc.vrow[j] = vbase + off;
@@ -210,8 +259,10 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
       float* s1 = S + (r + 1) * kBlock;  // row R exists in the scratch for odd R
       for (int64_t j = 0; j < n; j += 4) {
         dot_2x4(sc.q.data() + r * hd, sc.q.data() + r1 * hd, sc.krow.data() + j, hd, s0 + j, s1 + j);
+        prefetch_some(2);
       }
     }
+    prefetch_some(n_pf);
     // Online softmax per row; P overwrites S, corr[r] rescales the old accumulator.
     float* corr = sc.corr.data();
     for (int64_t r = 0; r < R; ++r) {
