@@ -536,6 +536,78 @@ void rope_append_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   });
 }
 
+// ------------------------------------------------------------------ small_mm
+// y [M, N] = x [M, K] W[N, K]^T (+ res [M, N]) for the few rows of a decode step (M <= 16):
+// a stream over the weight, which dominates the bytes. Blocks of 4 weight rows are dotted
+// with pairs of x rows by the score micro-kernel (fp32 FMAs, lane sums in a fixed order),
+// so every output is computed by one thread in one order: bitwise identical for any
+// thread count. Parallel over blocks of weight rows; the rows 4 blocks ahead are
+// prefetched (the weight of a whole model exceeds the last-level cache).
+template <typename scalar_t>
+void small_mm_kernel(const scalar_t* x, int64_t M, int64_t K, const scalar_t* w, int64_t N,
+                     const scalar_t* res, scalar_t* y) {
+  constexpr bool is_f = std::is_same_v<scalar_t, float>;
+  std::vector<float> xf((M + 1) * K);
+  for (int64_t m = 0; m < M; ++m) to_float(x + m * K, xf.data() + m * K, K);
+  const int64_t n_blocks = (N + 3) / 4;
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, 4 * K * M));
+  at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> wf(is_f ? 0 : 4 * K);
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      const int64_t n0 = nb * 4, nn = std::min<int64_t>(4, N - n0);
+      for (int64_t r = (nb + 4) * 4, re = std::min(N, r + 4); r < re; ++r) {
+        const char* p = reinterpret_cast<const char*>(w + r * K);
+        for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(p + c);
+      }
+      const float* wr[4];
+      for (int64_t j = 0; j < 4; ++j) {
+        const scalar_t* row = w + (n0 + std::min(j, nn - 1)) * K;
+        if constexpr (is_f) {
+          wr[j] = row;
+        } else {
+          to_float(row, wf.data() + j * K, K);
+          wr[j] = wf.data() + j * K;
+        }
+      }
+      for (int64_t m = 0; m < M; m += 2) {
+        const int64_t m1 = std::min(m + 1, M - 1);
+        float o0[4], o1[4];
+        dot_2x4(xf.data() + m * K, xf.data() + m1 * K, wr, K, o0, o1);
+        for (int64_t j = 0; j < nn; ++j) {
+          const int64_t i0 = m * N + n0 + j, i1 = m1 * N + n0 + j;
+          y[i0] = static_cast<scalar_t>(res ? static_cast<float>(res[i0]) + o0[j] : o0[j]);
+          if (m1 != m) y[i1] = static_cast<scalar_t>(res ? static_cast<float>(res[i1]) + o1[j] : o1[j]);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor small_mm_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& res) {
+  check_cpu(x, "x");
+  check_cpu(w, "w");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x, w: expected [M, K] and [N, K]");
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == x.scalar_type(), "w: expected a contiguous tensor of x's dtype");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor rc;
+  if (res.has_value()) {
+    check_cpu(*res, "res");
+    TORCH_CHECK(res->dim() == 2 && res->size(0) == M && res->size(1) == N && res->scalar_type() == x.scalar_type(),
+                "res: expected [M, N] of x's dtype");
+    rc = res->contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return rc.defined() ? rc.clone() : y.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "small_mm_cpu", [&] {
+    small_mm_kernel<scalar_t>(xc.const_data_ptr<scalar_t>(), M, K, w.const_data_ptr<scalar_t>(), N,
+                              rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>());
+  });
+  return y;
+}
+
 }  // namespace
 
 void bind_mqa_decode(pybind11::module_& m) {
@@ -549,6 +621,8 @@ void bind_mqa_decode(pybind11::module_& m) {
         pybind11::arg("inv_freq"), pybind11::arg("q_out"), pybind11::arg("layer"),
         pybind11::arg("interleaved"),
         "RoPE of q and k at their positions, rotated k and v written into the cache (CPU)");
+  m.def("small_mm_cpu", &small_mm_cpu, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("res"),
+        "y = x W^T (+ res) for few rows of x (a decode step's GEMMs, CPU)");
 }
 
 }  // namespace palm_fast

@@ -266,9 +266,11 @@ def _prefill_fused(lay: _Layer, x: torch.Tensor, positions: torch.Tensor, cache,
     return fused_output_projection(o, h, x, lay.w_attn_out, lay.w_ff_out)
 
 
-# CPU GEMMs with few rows (decode steps): BLAS streams a weight [N, K] faster as the left
-# operand, so ``x W^T`` is computed as ``(W x^T)^T`` -- the same sums; measured 1.2-2.3x
-# faster per GEMM at 4 rows (palm-small shapes, one thread) on our CPU, ~1x at 1 row.
+# CPU GEMMs with few rows (decode steps) run ``palm_fast._C.small_mm_cpu``: one stream over
+# the weight (the bytes that matter), blocks of weight rows dotted with pairs of x rows
+# across the cores. At 4 rows (palm-small shapes, 2 threads) it measured 1.1-2.5x faster
+# per GEMM than BLAS computing ``x W^T`` as ``(W x^T)^T`` (itself 1.2-2.3x faster than
+# ``x W^T`` there); the 8192-row output head about equal.
 _SMALL_ROWS = 16
 
 
@@ -276,10 +278,17 @@ def _small_cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.shape[0] <= _SMALL_ROWS
 
 
+def _small_mm(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T (+ res)`` on the CPU for few rows (see ``_SMALL_ROWS``), contiguous ``[M, N]``."""
+    from ._ext import cpp
+
+    return cpp().small_mm_cpu(x, w.contiguous(), res)
+
+
 def _mm_wt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x W^T`` for 2-D x ``[M, K]``, w ``[N, K]`` -> contiguous ``[M, N]``."""
     if _small_cpu(x):
-        return torch.mm(w, x.t()).t().contiguous()
+        return _small_mm(x, w)
     return F.linear(x, w)
 
 
@@ -290,19 +299,18 @@ def _residual(x: torch.Tensor, lay: _Layer, o: torch.Tensor, ff: torch.Tensor) -
 
 def _residual_act(x: torch.Tensor, lay: _Layer, o: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``x + o W_ao^T + a W_ff^T`` (``a``: the activation output)."""
-    if _small_cpu(x):   # transposed, as in _mm_wt
-        y = torch.addmm(x.t(), lay.w_attn_out, o.t())
-        return torch.addmm(y, lay.w_ff_out, a.t()).t()
+    if _small_cpu(x):   # as in _mm_wt
+        return _small_mm(a, lay.w_ff_out, _small_mm(o, lay.w_attn_out, x))
     y = torch.addmm(x, o, lay.w_attn_out.t())
     return torch.addmm(y, a, lay.w_ff_out.t())
 
 
 def _logits(parts: DecoderParts, final_norm, h: torch.Tensor) -> torch.Tensor:
-    """h ``[B, d]`` -> ``norm(h) W^T (* scale)`` ``[B, V]`` (``W^T`` left of the product on
-    CPU with few rows, as in :func:`_mm_wt`; the result may be a transposed view)."""
+    """h ``[B, d]`` -> ``norm(h) W^T (* scale)`` ``[B, V]`` (on the CPU with few rows by
+    :func:`_small_mm`, as in :func:`_mm_wt`)."""
     hn = final_norm(h)
     if _small_cpu(hn):
-        logits = torch.mm(parts.head_weight, hn.t()).t()
+        logits = _small_mm(hn, parts.head_weight)
     else:
         logits = hn @ parts.head_weight.t()
     if parts.logit_scale is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, requires_cuda
+from conftest import HAS_CUDA, assert_close_by_rule, randn, requires_cuda
 from torch import nn
 
 import palm_fast
@@ -418,3 +418,41 @@ def test_cpu_direct_step_calls_other_norms_and_activations_as_modules():
     out = palm_fast.generate(model, prompts, 10)
     assert all(torch.equal(o, r) for o, r in zip(out, ref))
     assert model.norm.calls == 1 + 9 and all(blk.norm.calls == 1 + 9 for blk in model.blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K", [(1, 7, 5), (3, 33, 64), (4, 130, 257), (16, 9, 1024)])
+def test_small_mm_matches_the_reference(M, N, K, dtype):
+    # the CPU decode step's GEMM: x W^T (+ res), odd sizes (N, K not multiples of 4 / 8)
+    from palm_fast._ext import cpp
+
+    x, w, res = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype), randn(M, N, dtype=dtype)
+    ref64 = x.double() @ w.double().t()
+    for r in (None, res):
+        want = ref64 if r is None else ref64 + r.double()
+        eager = x @ w.t() if r is None else torch.addmm(r, x, w.t())
+        out = cpp().small_mm_cpu(x, w, r)
+        assert_close_by_rule(out, want, eager, name=f"small_mm res={r is not None}")
+    # strided x (a transposed view) and a strided residual are read correctly
+    xt = randn(K, M, dtype=dtype).t()
+    assert torch.equal(cpp().small_mm_cpu(xt, w, res.t().contiguous().t()),
+                       cpp().small_mm_cpu(xt.contiguous(), w, res))
+
+
+def test_small_mm_is_deterministic_across_thread_counts():
+    from palm_fast._ext import cpp
+
+    x, w, res = randn(4, 256), randn(2432, 256), randn(4, 2432)
+    n = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(cpp().small_mm_cpu(x, w, res))
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(RuntimeError, match="x, w"):
+        cpp().small_mm_cpu(x, w[:, :8], None)
+    with pytest.raises(RuntimeError, match="res"):
+        cpp().small_mm_cpu(x, w, res[:, :8])
