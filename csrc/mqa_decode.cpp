@@ -10,8 +10,8 @@
 // j % P).
 //
 // Work split: the keys of each sequence are cut into fixed chunks of kChunk keys, one
-// at::parallel_for task per (sequence, chunk). A task reads each K/V row of its chunk
-// ONCE for all R rows: blocks of kBlock keys are converted to fp32 (Half/BFloat16) into a
+// at::parallel_for task per (sequence, chunk, group of at most kRowGroup rows; R <= 16:
+// one group). A task reads each K/V row of its chunk ONCE for all its rows: blocks of kBlock keys are converted to fp32 (Half/BFloat16) into a
 // per-task scratch, then
 //   scores  S[r, j] = q[r] . K[j]    2 rows x 4 keys per register block (Vectorized FMAs)
 //   softmax online, per row: running max m, sum l, rescale of the accumulator
@@ -52,6 +52,7 @@ constexpr int64_t kW = Vec::size();
 
 // Keys per parallel task (the split of a sequence) and per inner block.
 constexpr int64_t kChunk = 512;
+constexpr int64_t kRowGroup = 16;  // query rows per task (at most)
 constexpr int64_t kBlock = 32;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -221,6 +222,14 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
     return (page * P + tok % P) * hd;
   };
   const int64_t row_bytes = hd * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t tok = j0, te = std::min(j1, j0 + kBlock); tok < te; ++tok) {  // the first block
+    const char* kr = reinterpret_cast<const char*>(kbase + row_offset(tok));
+    const char* vr = reinterpret_cast<const char*>(vbase + row_offset(tok));
+    for (int64_t c = 0; c < row_bytes; c += 64) {
+      __builtin_prefetch(kr + c);
+      __builtin_prefetch(vr + c);
+    }
+  }
   for (int64_t jb = j0; jb < j1; jb += kBlock) {
     const int64_t n = std::min(kBlock, j1 - jb);
     // The next block's K and V rows, prefetched a row at a time between the score
@@ -309,18 +318,23 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     task_first[b + 1] = task_first[b] + (len + kChunk - 1) / kChunk;
   }
   const int64_t n_tasks = task_first[B];
+  // Many rows (a shared-prefix group's members) are split into groups of kRowGroup, one
+  // task each, so that one long shared prefix still occupies every core. Depends on R only.
+  const int64_t n_groups = (R + kRowGroup - 1) / kRowGroup;
+  const int64_t RG = (R + n_groups - 1) / n_groups;
   std::vector<float> part_acc(n_tasks * R * hd), part_m(n_tasks * R), part_l(n_tasks * R);
-  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch sc(R, hd);
-    for (int64_t t = t0; t < t1; ++t) {
+  at::parallel_for(0, n_tasks * n_groups, 1, [&](int64_t i0, int64_t i1) {
+    Scratch sc(RG, hd);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / n_groups, r0 = (i % n_groups) * RG, nr = std::min(RG, R - r0);
       const int64_t b = std::upper_bound(task_first.begin(), task_first.end(), t) - task_first.begin() - 1;
       const int64_t s0 = starts ? starts[b] : 0;
       const int64_t j0 = s0 + (t - task_first[b]) * kChunk;
       const int64_t j1 = std::min<int64_t>(ends[b], j0 + kChunk);
-      attend_chunk<scalar_t>(qp + b * R * hd, R, hd, scale, kbase, vbase,
+      attend_chunk<scalar_t>(qp + (b * R + r0) * hd, nr, hd, scale, kbase, vbase,
                              table ? table + b * n_blocks : nullptr, b, P, j0, j1,
-                             part_acc.data() + t * R * hd, part_m.data() + t * R,
-                             part_l.data() + t * R, sc);
+                             part_acc.data() + (t * R + r0) * hd, part_m.data() + t * R + r0,
+                             part_l.data() + t * R + r0, sc);
     }
   });
   // Combine the chunks of each sequence (fixed order), per (sequence, row). Serial: it
@@ -536,6 +550,57 @@ void rope_append_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   });
 }
 
+// ------------------------------------------------------------------ prefix_merge
+// The shared-prefix decode's last step: for sequence b, head h, with j = slot[b] (its row
+// in the prefix pass; -1: not in a group, lse_pre taken as -inf):
+//   m = max(lse_pre[j, h], lse_suf[b, h]);  w_p = exp(lse_pre - m);  w_s = exp(lse_suf - m)
+//   o[b, h] = (w_p o_pre[j, h] + w_s o_suf[b, h]) / (w_p + w_s)
+// One serial pass (a few thousand floats: less than waking the thread pool).
+template <typename scalar_t>
+void prefix_merge_kernel(const float* o_pre, const float* lse_pre, const int32_t* slot, const float* o_suf,
+                         const float* lse_suf, int64_t B, int64_t H, int64_t hd, scalar_t* o) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t j = slot[b];
+    for (int64_t h = 0; h < H; ++h) {
+      const float ls = lse_suf[b * H + h];
+      const float lp = j >= 0 ? lse_pre[j * H + h] : kNegInf;
+      const float m = std::max(lp, ls);
+      const float wp = m == kNegInf ? 0.f : std::exp(lp - m), ws = m == kNegInf ? 0.f : std::exp(ls - m);
+      const float inv = wp + ws > 0.f ? 1.f / (wp + ws) : 0.f;
+      const float* sp = o_suf + (b * H + h) * hd;
+      const float* pp = j >= 0 ? o_pre + (j * H + h) * hd : sp;
+      scalar_t* op = o + (b * H + h) * hd;
+      for (int64_t d = 0; d < hd; ++d) op[d] = static_cast<scalar_t>((wp * pp[d] + ws * sp[d]) * inv);
+    }
+  }
+}
+
+at::Tensor prefix_merge_cpu(const at::Tensor& o_pre, const at::Tensor& lse_pre, const at::Tensor& slot,
+                            const at::Tensor& o_suf, const at::Tensor& lse_suf, at::ScalarType out_dtype) {
+  for (const at::Tensor* t : {&o_pre, &lse_pre, &slot, &o_suf, &lse_suf}) check_cpu(*t, "tensor");
+  TORCH_CHECK(o_suf.dim() == 3 && o_suf.scalar_type() == at::kFloat && o_suf.is_contiguous(),
+              "o_suf: expected a contiguous fp32 [B, H, hd] tensor");
+  const int64_t B = o_suf.size(0), H = o_suf.size(1), hd = o_suf.size(2);
+  TORCH_CHECK(o_pre.scalar_type() == at::kFloat && o_pre.is_contiguous() && o_pre.numel() % (H * hd) == 0,
+              "o_pre: expected a contiguous fp32 [G * M, H, hd] tensor");
+  const int64_t rows = o_pre.numel() / (H * hd);
+  TORCH_CHECK(lse_pre.scalar_type() == at::kFloat && lse_pre.is_contiguous() && lse_pre.numel() == rows * H,
+              "lse_pre: expected a contiguous fp32 [G * M, H] tensor");
+  TORCH_CHECK(lse_suf.scalar_type() == at::kFloat && lse_suf.is_contiguous() && lse_suf.numel() == B * H,
+              "lse_suf: expected a contiguous fp32 [B, H] tensor");
+  TORCH_CHECK(slot.scalar_type() == at::kInt && slot.is_contiguous() && slot.numel() == B,
+              "slot: expected a contiguous int32 [B] tensor");
+  const int32_t* sl = slot.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(sl[b] < rows, "slot: out of range for sequence ", b);
+  at::Tensor o = at::empty({B, H, hd}, o_suf.options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "prefix_merge_cpu", [&] {
+    prefix_merge_kernel<scalar_t>(o_pre.const_data_ptr<float>(), lse_pre.const_data_ptr<float>(), sl,
+                                  o_suf.const_data_ptr<float>(), lse_suf.const_data_ptr<float>(), B, H, hd,
+                                  o.mutable_data_ptr<scalar_t>());
+  });
+  return o;
+}
+
 // ------------------------------------------------------------------ small_mm
 // y [M, N] = x [M, K] W[N, K]^T (+ res [M, N]) for the few rows of a decode step (M <= 16):
 // a stream over the weight, which dominates the bytes. Blocks of 4 weight rows are dotted
@@ -621,6 +686,9 @@ void bind_mqa_decode(pybind11::module_& m) {
         pybind11::arg("inv_freq"), pybind11::arg("q_out"), pybind11::arg("layer"),
         pybind11::arg("interleaved"),
         "RoPE of q and k at their positions, rotated k and v written into the cache (CPU)");
+  m.def("prefix_merge_cpu", &prefix_merge_cpu, pybind11::arg("o_pre"), pybind11::arg("lse_pre"),
+        pybind11::arg("slot"), pybind11::arg("o_suf"), pybind11::arg("lse_suf"), pybind11::arg("out_dtype"),
+        "shared-prefix decode: merge the prefix and suffix passes by log-sum-exp (CPU)");
   m.def("small_mm_cpu", &small_mm_cpu, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("res"),
         "y = x W^T (+ res) for few rows of x (a decode step's GEMMs, CPU)");
 }

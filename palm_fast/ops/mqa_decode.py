@@ -346,11 +346,20 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
                          layer, float(scale), True)
     # Suffix: each sequence over its own tokens.
     o_suf, lse_suf = run(q, cache.k, cache.v, cache.page_table, starts, seq_lens, layer, float(scale), True)
+    if q.device.type == "cpu" and not compiling():   # the merge in one C++ pass
+        return cpp().prefix_merge_cpu(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
+    return _prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
+
+
+def _prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, dtype):
+    """The shared-prefix decode's merge by log-sum-exp in torch ops (CUDA, torch.compile):
+    sequence b takes prefix row ``slot[b]`` (none where -1) and its suffix pass."""
+    B, H, hd = o_suf.shape
     member = (slot >= 0)[:, None]
     idx = slot.clamp(min=0).long()
-    o_p = o_pre.view(G * M, H, hd)[idx]
-    lse_p = torch.where(member, lse_pre.view(G * M, H)[idx], float("-inf"))
+    o_p = o_pre.reshape(-1, H, hd)[idx]
+    lse_p = torch.where(member, lse_pre.reshape(-1, H)[idx], float("-inf"))
     m = torch.maximum(lse_p, lse_suf)
     w_p, w_s = torch.exp(lse_p - m), torch.exp(lse_suf - m)
     o = (o_p * w_p[..., None] + o_suf * w_s[..., None]) / (w_p + w_s)[..., None]
-    return o.to(q.dtype)
+    return o.to(dtype)
