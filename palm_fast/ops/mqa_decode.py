@@ -310,8 +310,9 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     Inference only. Raises TypeError/ValueError naming the argument.
     """
     _check_cache(cache)
-    _no_grad_check("mqa_decode", q=q)
     cache.check_like("q", q, 3)
+    if q.requires_grad and torch.is_grad_enabled():
+        _no_grad_check("mqa_decode", q=q)
     B, H, hd = q.shape
     if B != cache.batch or hd != cache.head_dim or H == 0:
         raise ValueError(f"q: expected shape [{cache.batch}, H >= 1, {cache.head_dim}] (the cache's batch "
@@ -325,7 +326,8 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
         raise ValueError(f"scale: expected a finite float, got {scale!r}")
     if shared_prefix is not None and not isinstance(shared_prefix, bool):
         raise TypeError(f"shared_prefix: expected None or a bool, got {shared_prefix!r}")
-    use_shared = q.device.type == "cuda" if shared_prefix is None else shared_prefix
+    dev_type = q.device.type
+    use_shared = dev_type == "cuda" if shared_prefix is None else shared_prefix
     meta = cache.decode_meta() if use_shared else None
     starts_host = None
     if meta is not None:
@@ -334,7 +336,7 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
             for m in g.members:
                 starts_host[m] = g.n_tokens
     _check_seq_lens(cache, seq_lens, starts_host)
-    run = mqa_decode_op if compiling() else _DECODE[q.device.type]
+    run = mqa_decode_op if compiling() else _DECODE[dev_type]
     if meta is None:
         o, _ = run(q, cache.k, cache.v, cache.page_table, None, seq_lens, layer, float(scale), False)
         return o
@@ -346,7 +348,7 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
                          layer, float(scale), True)
     # Suffix: each sequence over its own tokens.
     o_suf, lse_suf = run(q, cache.k, cache.v, cache.page_table, starts, seq_lens, layer, float(scale), True)
-    if q.device.type == "cpu" and not compiling():   # the merge in one C++ pass
+    if dev_type == "cpu" and not compiling():   # the merge in one C++ pass
         return cpp().prefix_merge_cpu(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
     return _prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
 
