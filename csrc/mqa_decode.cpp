@@ -327,7 +327,12 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const int64_t n_groups = (R + kRowGroup - 1) / kRowGroup;
   const int64_t RG = (R + n_groups - 1) / n_groups;
   std::vector<float> part_acc(n_tasks * R * hd), part_m(n_tasks * R), part_l(n_tasks * R);
-  at::parallel_for(0, n_tasks * n_groups, 1, [&](int64_t i0, int64_t i1) {
+  // Little work in all (a small model's decode step) runs on the calling thread: waking
+  // the pool costs more, and on a loaded machine a parallel region can wait for a time slice.
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) total += std::max<int64_t>(0, ends[b] - (starts ? starts[b] : 0));
+  const int64_t grain = total * R * hd < (int64_t(1) << 18) ? std::max<int64_t>(1, n_tasks * n_groups) : 1;
+  at::parallel_for(0, n_tasks * n_groups, grain, [&](int64_t i0, int64_t i1) {
     Scratch sc(RG, hd);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i / n_groups, r0 = (i % n_groups) * RG, nr = std::min(RG, R - r0);
@@ -455,7 +460,9 @@ void rope_append_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const scalar_t* kp = k.const_data_ptr<scalar_t>();
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
   scalar_t* qo = q_out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, B * T, 1, [&](int64_t i0, int64_t i1) {
+  // Rows of (H + 2) * hd elements: a decode step's few tokens run on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (H + 2) * hd));
+  at::parallel_for(0, B * T, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> row(hd), c(half), s(half);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / T, t = i % T;
