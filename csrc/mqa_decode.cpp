@@ -10,8 +10,8 @@
 // j % P).
 //
 // Work split: the keys of each sequence are cut into fixed chunks of kChunk keys, one
-// at::parallel_for task per (sequence, chunk). A task reads each K/V row of its chunk
-// ONCE for all R rows: blocks of kBlock keys are converted to fp32 (Half/BFloat16) into a
+// at::parallel_for task per (sequence, chunk, group of at most kRowGroup rows; R <= 16:
+// one group). A task reads each K/V row of its chunk ONCE for all its rows: blocks of kBlock keys are converted to fp32 (Half/BFloat16) into a
 // per-task scratch, then
 //   scores  S[r, j] = q[r] . K[j]    2 rows x 4 keys per register block (Vectorized FMAs)
 //   softmax online, per row: running max m, sum l, rescale of the accumulator
@@ -52,7 +52,9 @@ constexpr int64_t kW = Vec::size();
 
 // Keys per parallel task (the split of a sequence) and per inner block.
 constexpr int64_t kChunk = 512;
+constexpr int64_t kRowGroup = 16;  // query rows per task (at most)
 constexpr int64_t kBlock = 32;
+constexpr int64_t kPfBlocks = 1;   // K/V rows are prefetched this many blocks ahead (2: slower)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Sum of the lanes of v.
@@ -91,23 +93,55 @@ inline void to_float(const scalar_t* src, float* dst, int64_t n) {
   }
 }
 
+// Keeps values in vector registers: without it the compiler folds each use of a loaded
+// key vector into its FMA as a memory operand, loading it once per q row (on AVX2
+// cores with one 256-bit load per cycle, loads then bound the score loop).
+inline void in_register(Vec& a, Vec& b, Vec& c, Vec& d) {
+#if defined(CPU_CAPABILITY_AVX2) && (defined(__GNUC__) || defined(__clang__))
+  __m256 ra = a, rb = b, rc = c, rd = d;
+  asm("" : "+x"(ra), "+x"(rb), "+x"(rc), "+x"(rd));
+  a = ra; b = rb; c = rc; d = rd;
+#else
+  (void)a; (void)b; (void)c; (void)d;
+#endif
+}
+
 // Dot products of one fp32 row a with 4 rows b0..b3 (length hd) -> out[0..3]; and of 2
 // rows with 4: the register block of the score computation.
+// pf (optional): a memory range of hd / kW cache lines to prefetch, one line per step of
+// the loop (spread among the FMAs: a burst of prefetches stalls on the miss buffers).
 inline void dot_2x4(const float* a0, const float* a1, const float* const* b, int64_t hd,
-                    float* out0, float* out1) {
+                    float* out0, float* out1, const char* pf = nullptr) {
   Vec c00(0.f), c01(0.f), c02(0.f), c03(0.f), c10(0.f), c11(0.f), c12(0.f), c13(0.f);
   int64_t d = 0;
   for (; d + kW <= hd; d += kW) {
+    if (pf != nullptr) __builtin_prefetch(pf + d * (64 / kW));
     const Vec x0 = Vec::loadu(a0 + d), x1 = Vec::loadu(a1 + d);
-    const Vec k0 = Vec::loadu(b[0] + d), k1 = Vec::loadu(b[1] + d);
-    const Vec k2 = Vec::loadu(b[2] + d), k3 = Vec::loadu(b[3] + d);
+    Vec k0 = Vec::loadu(b[0] + d), k1 = Vec::loadu(b[1] + d);
+    Vec k2 = Vec::loadu(b[2] + d), k3 = Vec::loadu(b[3] + d);
+    in_register(k0, k1, k2, k3);  // each key row loaded once for both q rows
     c00 = at::vec::fmadd(x0, k0, c00); c01 = at::vec::fmadd(x0, k1, c01);
     c02 = at::vec::fmadd(x0, k2, c02); c03 = at::vec::fmadd(x0, k3, c03);
     c10 = at::vec::fmadd(x1, k0, c10); c11 = at::vec::fmadd(x1, k1, c11);
     c12 = at::vec::fmadd(x1, k2, c12); c13 = at::vec::fmadd(x1, k3, c13);
   }
-  float r0[4] = {hsum(c00), hsum(c01), hsum(c02), hsum(c03)};
-  float r1[4] = {hsum(c10), hsum(c11), hsum(c12), hsum(c13)};
+  float r0[4], r1[4];
+#if defined(CPU_CAPABILITY_AVX2)
+  // The lane sums of 4 accumulators at once: an in-lane 4x4 transpose-and-add (unpack,
+  // shuffle: single-uop per 128-bit lane, unlike hadd / cross-lane permutes on some AVX2
+  // cores), then the two 128-bit halves.
+  auto sum4 = [](__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+    const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+    const __m256 v = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));
+    return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  };
+  _mm_storeu_ps(r0, sum4(c00, c01, c02, c03));
+  _mm_storeu_ps(r1, sum4(c10, c11, c12, c13));
+#else
+  r0[0] = hsum(c00); r0[1] = hsum(c01); r0[2] = hsum(c02); r0[3] = hsum(c03);
+  r1[0] = hsum(c10); r1[1] = hsum(c11); r1[2] = hsum(c12); r1[3] = hsum(c13);
+#endif
   for (; d < hd; ++d) {  // hd not a multiple of the vector width
     for (int j = 0; j < 4; ++j) {
       r0[j] += a0[d] * b[j][d];
@@ -168,8 +202,10 @@ inline void accumulate_pv(float* acc, int64_t hd, const float* p, const float* c
 struct Scratch {
   std::vector<float> q, k, v, s, corr;
   std::vector<const float*> krow, vrow;
+  std::vector<const char*> pf;  // the next block's K / V rows, to prefetch
   Scratch(int64_t R, int64_t hd)
-      : q(R * hd), k(kBlock * hd), v(kBlock * hd), s((R + 1) * kBlock), corr(R), krow(kBlock + 3), vrow(kBlock) {}
+      : q(R * hd), k(kBlock * hd), v(kBlock * hd), s((R + 1) * kBlock), corr(R), krow(kBlock + 3), vrow(kBlock),
+        pf(2 * kBlock) {}
 };
 
 // Attention of rows q[0..R) over keys [j0, j1) of one sequence; writes the fp32 partial
@@ -185,12 +221,38 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
     l[r] = 0.f;
   }
   std::fill(acc, acc + R * hd, 0.f);
+  auto row_offset = [&](int64_t tok) {
+    const int64_t page = table_row ? table_row[tok / P] : seq_page;
+    return (page * P + tok % P) * hd;
+  };
+  const int64_t row_bytes = hd * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t tok = j0, te = std::min(j1, j0 + kPfBlocks * kBlock); tok < te; ++tok) {  // the first blocks
+    const char* kr = reinterpret_cast<const char*>(kbase + row_offset(tok));
+    const char* vr = reinterpret_cast<const char*>(vbase + row_offset(tok));
+    for (int64_t c = 0; c < row_bytes; c += 64) {
+      __builtin_prefetch(kr + c);
+      __builtin_prefetch(vr + c);
+    }
+  }
   for (int64_t jb = j0; jb < j1; jb += kBlock) {
     const int64_t n = std::min(kBlock, j1 - jb);
+    // The K and V rows kPfBlocks ahead, prefetched a row at a time between the score
+    // micro-kernels below: their DRAM reads overlap this block's arithmetic (a burst of
+    // prefetches at one point stalls on the core's miss buffers).
+    int64_t n_pf = 0;
+    for (int64_t tok = jb + kPfBlocks * kBlock, te = std::min(j1, tok + kBlock); tok < te; ++tok) {
+      const int64_t off = row_offset(tok);
+      sc.pf[n_pf++] = reinterpret_cast<const char*>(kbase + off);
+      sc.pf[n_pf++] = reinterpret_cast<const char*>(vbase + off);
+    }
+    int64_t i_pf = 0;
+    auto prefetch_some = [&](int64_t rows) {
+      for (const int64_t e = std::min(n_pf, i_pf + rows); i_pf < e; ++i_pf) {
+        for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(sc.pf[i_pf] + c);
+      }
+    };
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t tok = jb + j;
-      const int64_t page = table_row ? table_row[tok / P] : seq_page;
-      const int64_t off = (page * P + tok % P) * hd;
+      const int64_t off = row_offset(jb + j);
       if constexpr (std::is_same_v<scalar_t, float>) {
         sc.krow[j] = kbase + off;
         sc.vrow[j] = vbase + off;
@@ -210,8 +272,10 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
       float* s1 = S + (r + 1) * kBlock;  // row R exists in the scratch for odd R
       for (int64_t j = 0; j < n; j += 4) {
         dot_2x4(sc.q.data() + r * hd, sc.q.data() + r1 * hd, sc.krow.data() + j, hd, s0 + j, s1 + j);
+        prefetch_some(2);
       }
     }
+    prefetch_some(n_pf);
     // Online softmax per row; P overwrites S, corr[r] rescales the old accumulator.
     float* corr = sc.corr.data();
     for (int64_t r = 0; r < R; ++r) {
@@ -258,18 +322,28 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     task_first[b + 1] = task_first[b] + (len + kChunk - 1) / kChunk;
   }
   const int64_t n_tasks = task_first[B];
+  // Many rows (a shared-prefix group's members) are split into groups of kRowGroup, one
+  // task each, so that one long shared prefix still occupies every core. Depends on R only.
+  const int64_t n_groups = (R + kRowGroup - 1) / kRowGroup;
+  const int64_t RG = (R + n_groups - 1) / n_groups;
   std::vector<float> part_acc(n_tasks * R * hd), part_m(n_tasks * R), part_l(n_tasks * R);
-  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch sc(R, hd);
-    for (int64_t t = t0; t < t1; ++t) {
+  // Little work in all (a small model's decode step) runs on the calling thread: waking
+  // the pool costs more, and on a loaded machine a parallel region can wait for a time slice.
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) total += std::max<int64_t>(0, ends[b] - (starts ? starts[b] : 0));
+  const int64_t grain = total * R * hd < (int64_t(1) << 18) ? std::max<int64_t>(1, n_tasks * n_groups) : 1;
+  at::parallel_for(0, n_tasks * n_groups, grain, [&](int64_t i0, int64_t i1) {
+    Scratch sc(RG, hd);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / n_groups, r0 = (i % n_groups) * RG, nr = std::min(RG, R - r0);
       const int64_t b = std::upper_bound(task_first.begin(), task_first.end(), t) - task_first.begin() - 1;
       const int64_t s0 = starts ? starts[b] : 0;
       const int64_t j0 = s0 + (t - task_first[b]) * kChunk;
       const int64_t j1 = std::min<int64_t>(ends[b], j0 + kChunk);
-      attend_chunk<scalar_t>(qp + b * R * hd, R, hd, scale, kbase, vbase,
+      attend_chunk<scalar_t>(qp + (b * R + r0) * hd, nr, hd, scale, kbase, vbase,
                              table ? table + b * n_blocks : nullptr, b, P, j0, j1,
-                             part_acc.data() + t * R * hd, part_m.data() + t * R,
-                             part_l.data() + t * R, sc);
+                             part_acc.data() + (t * R + r0) * hd, part_m.data() + t * R + r0,
+                             part_l.data() + t * R + r0, sc);
     }
   });
   // Combine the chunks of each sequence (fixed order), per (sequence, row). Serial: it
@@ -386,7 +460,9 @@ void rope_append_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const scalar_t* kp = k.const_data_ptr<scalar_t>();
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
   scalar_t* qo = q_out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, B * T, 1, [&](int64_t i0, int64_t i1) {
+  // Rows of (H + 2) * hd elements: a decode step's few tokens run on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (H + 2) * hd));
+  at::parallel_for(0, B * T, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> row(hd), c(half), s(half);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / T, t = i % T;
@@ -485,6 +561,137 @@ void rope_append_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   });
 }
 
+// ------------------------------------------------------------------ prefix_merge
+// The shared-prefix decode's last step: for sequence b, head h, with j = slot[b] (its row
+// in the prefix pass; -1: not in a group, lse_pre taken as -inf):
+//   m = max(lse_pre[j, h], lse_suf[b, h]);  w_p = exp(lse_pre - m);  w_s = exp(lse_suf - m)
+//   o[b, h] = (w_p o_pre[j, h] + w_s o_suf[b, h]) / (w_p + w_s)
+// One serial pass (a few thousand floats: less than waking the thread pool).
+template <typename scalar_t>
+void prefix_merge_kernel(const float* o_pre, const float* lse_pre, const int32_t* slot, const float* o_suf,
+                         const float* lse_suf, int64_t B, int64_t H, int64_t hd, scalar_t* o) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t j = slot[b];
+    for (int64_t h = 0; h < H; ++h) {
+      const float ls = lse_suf[b * H + h];
+      const float lp = j >= 0 ? lse_pre[j * H + h] : kNegInf;
+      const float m = std::max(lp, ls);
+      const float wp = m == kNegInf ? 0.f : std::exp(lp - m), ws = m == kNegInf ? 0.f : std::exp(ls - m);
+      const float inv = wp + ws > 0.f ? 1.f / (wp + ws) : 0.f;
+      const float* sp = o_suf + (b * H + h) * hd;
+      const float* pp = j >= 0 ? o_pre + (j * H + h) * hd : sp;
+      scalar_t* op = o + (b * H + h) * hd;
+      for (int64_t d = 0; d < hd; ++d) op[d] = static_cast<scalar_t>((wp * pp[d] + ws * sp[d]) * inv);
+    }
+  }
+}
+
+at::Tensor prefix_merge_cpu(const at::Tensor& o_pre, const at::Tensor& lse_pre, const at::Tensor& slot,
+                            const at::Tensor& o_suf, const at::Tensor& lse_suf, at::ScalarType out_dtype) {
+  for (const at::Tensor* t : {&o_pre, &lse_pre, &slot, &o_suf, &lse_suf}) check_cpu(*t, "tensor");
+  TORCH_CHECK(o_suf.dim() == 3 && o_suf.scalar_type() == at::kFloat && o_suf.is_contiguous(),
+              "o_suf: expected a contiguous fp32 [B, H, hd] tensor");
+  const int64_t B = o_suf.size(0), H = o_suf.size(1), hd = o_suf.size(2);
+  TORCH_CHECK(o_pre.scalar_type() == at::kFloat && o_pre.is_contiguous() && o_pre.numel() % (H * hd) == 0,
+              "o_pre: expected a contiguous fp32 [G * M, H, hd] tensor");
+  const int64_t rows = o_pre.numel() / (H * hd);
+  TORCH_CHECK(lse_pre.scalar_type() == at::kFloat && lse_pre.is_contiguous() && lse_pre.numel() == rows * H,
+              "lse_pre: expected a contiguous fp32 [G * M, H] tensor");
+  TORCH_CHECK(lse_suf.scalar_type() == at::kFloat && lse_suf.is_contiguous() && lse_suf.numel() == B * H,
+              "lse_suf: expected a contiguous fp32 [B, H] tensor");
+  TORCH_CHECK(slot.scalar_type() == at::kInt && slot.is_contiguous() && slot.numel() == B,
+              "slot: expected a contiguous int32 [B] tensor");
+  const int32_t* sl = slot.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(sl[b] < rows, "slot: out of range for sequence ", b);
+  at::Tensor o = at::empty({B, H, hd}, o_suf.options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "prefix_merge_cpu", [&] {
+    prefix_merge_kernel<scalar_t>(o_pre.const_data_ptr<float>(), lse_pre.const_data_ptr<float>(), sl,
+                                  o_suf.const_data_ptr<float>(), lse_suf.const_data_ptr<float>(), B, H, hd,
+                                  o.mutable_data_ptr<scalar_t>());
+  });
+  return o;
+}
+
+// ------------------------------------------------------------------ small_mm
+// y [M, N] = x [M, K] W[N, K]^T (+ res [M, N]) for the few rows of a decode step (M <= 16):
+// a stream over the weight, which dominates the bytes. Blocks of 4 weight rows are dotted
+// with pairs of x rows by the score micro-kernel (fp32 FMAs, lane sums in a fixed order),
+// so every output is computed by one thread in one order: bitwise identical for any
+// thread count. Parallel over blocks of weight rows; the rows 4 blocks ahead are
+// prefetched (the weight of a whole model exceeds the last-level cache).
+template <typename scalar_t>
+void small_mm_kernel(const scalar_t* x, int64_t M, int64_t K, const scalar_t* w, int64_t N,
+                     const scalar_t* res, scalar_t* y) {
+  constexpr bool is_f = std::is_same_v<scalar_t, float>;
+  std::vector<float> xf((M + 1) * K);
+  for (int64_t m = 0; m < M; ++m) to_float(x + m * K, xf.data() + m * K, K);
+  const int64_t n_blocks = (N + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, 4 * K * M));
+  at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> wf(is_f ? 0 : 4 * K);
+    // The weight rows kAhead blocks ahead are prefetched while this block is computed: by
+    // the dot products of the first two x row pairs (one line per k step, 2 rows each
+    // for fp32), the rest in one go.
+    // ~128 KiB ahead (in L2): a shorter distance left the weight's DRAM reads serialised
+    // with the arithmetic (measured 1.5x slower at 4 KiB per block, 4 blocks ahead).
+    const int64_t kAhead = std::max<int64_t>(2, (128 << 10) / (4 * K * static_cast<int64_t>(sizeof(scalar_t))));
+    const int64_t pf_bytes = (K / kW) * 64;  // what one dot product prefetches
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      const int64_t n0 = nb * 4, nn = std::min<int64_t>(4, N - n0);
+      const char* pf0 = reinterpret_cast<const char*>(w + std::min(N, (nb + kAhead) * 4) * K);
+      const char* pf_end = reinterpret_cast<const char*>(w + std::min(N, (nb + kAhead + 1) * 4) * K);
+      const char* pf = pf0;
+      const float* wr[4];
+      for (int64_t j = 0; j < 4; ++j) {
+        const scalar_t* row = w + (n0 + std::min(j, nn - 1)) * K;
+        if constexpr (is_f) {
+          wr[j] = row;
+        } else {
+          to_float(row, wf.data() + j * K, K);
+          wr[j] = wf.data() + j * K;
+        }
+      }
+      for (int64_t m = 0; m < M; m += 2) {
+        const int64_t m1 = std::min(m + 1, M - 1);
+        float o0[4], o1[4];
+        const bool pf_here = pf + pf_bytes <= pf_end;
+        dot_2x4(xf.data() + m * K, xf.data() + m1 * K, wr, K, o0, o1, pf_here ? pf : nullptr);
+        if (pf_here) pf += pf_bytes;
+        for (int64_t j = 0; j < nn; ++j) {
+          const int64_t i0 = m * N + n0 + j, i1 = m1 * N + n0 + j;
+          y[i0] = static_cast<scalar_t>(res ? static_cast<float>(res[i0]) + o0[j] : o0[j]);
+          if (m1 != m) y[i1] = static_cast<scalar_t>(res ? static_cast<float>(res[i1]) + o1[j] : o1[j]);
+        }
+      }
+      for (; pf < pf_end; pf += 64) __builtin_prefetch(pf);
+    }
+  });
+}
+
+at::Tensor small_mm_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& res) {
+  check_cpu(x, "x");
+  check_cpu(w, "w");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x, w: expected [M, K] and [N, K]");
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == x.scalar_type(), "w: expected a contiguous tensor of x's dtype");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor rc;
+  if (res.has_value()) {
+    check_cpu(*res, "res");
+    TORCH_CHECK(res->dim() == 2 && res->size(0) == M && res->size(1) == N && res->scalar_type() == x.scalar_type(),
+                "res: expected [M, N] of x's dtype");
+    rc = res->contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return rc.defined() ? rc.clone() : y.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "small_mm_cpu", [&] {
+    small_mm_kernel<scalar_t>(xc.const_data_ptr<scalar_t>(), M, K, w.const_data_ptr<scalar_t>(), N,
+                              rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>());
+  });
+  return y;
+}
+
 }  // namespace
 
 void bind_mqa_decode(pybind11::module_& m) {
@@ -498,6 +705,11 @@ void bind_mqa_decode(pybind11::module_& m) {
         pybind11::arg("inv_freq"), pybind11::arg("q_out"), pybind11::arg("layer"),
         pybind11::arg("interleaved"),
         "RoPE of q and k at their positions, rotated k and v written into the cache (CPU)");
+  m.def("prefix_merge_cpu", &prefix_merge_cpu, pybind11::arg("o_pre"), pybind11::arg("lse_pre"),
+        pybind11::arg("slot"), pybind11::arg("o_suf"), pybind11::arg("lse_suf"), pybind11::arg("out_dtype"),
+        "shared-prefix decode: merge the prefix and suffix passes by log-sum-exp (CPU)");
+  m.def("small_mm_cpu", &small_mm_cpu, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("res"),
+        "y = x W^T (+ res) for few rows of x (a decode step's GEMMs, CPU)");
 }
 
 }  // namespace palm_fast

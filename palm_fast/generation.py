@@ -164,7 +164,12 @@ def _fast_norm(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
     if isinstance(mod, (*_LAYER_NORMS, FastLayerNorm)):
         w, b, eps = mod.weight, mod.bias, mod.eps
-        return lambda x: ops.layer_norm(x, w, b, eps)
+
+        def norm(x):
+            return ops.layer_norm(x, w, b, eps)
+
+        norm._palm_fast_ln = (w, b, float(eps))   # _CpuStep calls the kernel directly
+        return norm
     return mod
 
 
@@ -261,9 +266,11 @@ def _prefill_fused(lay: _Layer, x: torch.Tensor, positions: torch.Tensor, cache,
     return fused_output_projection(o, h, x, lay.w_attn_out, lay.w_ff_out)
 
 
-# CPU GEMMs with few rows (decode steps): BLAS streams a weight [N, K] faster as the left
-# operand, so ``x W^T`` is computed as ``(W x^T)^T`` -- the same sums; measured 1.2-2.3x
-# faster per GEMM at 4 rows (palm-small shapes, one thread) on our CPU, ~1x at 1 row.
+# CPU GEMMs with few rows (decode steps) run ``palm_fast._C.small_mm_cpu``: one stream over
+# the weight (the bytes that matter), blocks of weight rows dotted with pairs of x rows
+# across the cores. At 4 rows (palm-small shapes, 2 threads) it measured 1.1-2.5x faster
+# per GEMM than BLAS computing ``x W^T`` as ``(W x^T)^T`` (itself 1.2-2.3x faster than
+# ``x W^T`` there); the 8192-row output head about equal.
 _SMALL_ROWS = 16
 
 
@@ -271,28 +278,39 @@ def _small_cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.shape[0] <= _SMALL_ROWS
 
 
+def _small_mm(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T (+ res)`` on the CPU for few rows (see ``_SMALL_ROWS``), contiguous ``[M, N]``."""
+    from ._ext import cpp
+
+    return cpp().small_mm_cpu(x, w.contiguous(), res)
+
+
 def _mm_wt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x W^T`` for 2-D x ``[M, K]``, w ``[N, K]`` -> contiguous ``[M, N]``."""
     if _small_cpu(x):
-        return torch.mm(w, x.t()).t().contiguous()
+        return _small_mm(x, w)
     return F.linear(x, w)
 
 
 def _residual(x: torch.Tensor, lay: _Layer, o: torch.Tensor, ff: torch.Tensor) -> torch.Tensor:
     """``x + o W_ao^T + swiglu(ff) W_ff^T`` on 2-D rows (two addmm, no separate adds)."""
-    if _small_cpu(x):   # transposed, as in _mm_wt
-        y = torch.addmm(x.t(), lay.w_attn_out, o.t())
-        return torch.addmm(y, lay.w_ff_out, lay.act(ff).t()).t()
+    return _residual_act(x, lay, o, lay.act(ff))
+
+
+def _residual_act(x: torch.Tensor, lay: _Layer, o: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x + o W_ao^T + a W_ff^T`` (``a``: the activation output)."""
+    if _small_cpu(x):   # as in _mm_wt
+        return _small_mm(a, lay.w_ff_out, _small_mm(o, lay.w_attn_out, x))
     y = torch.addmm(x, o, lay.w_attn_out.t())
-    return torch.addmm(y, lay.act(ff), lay.w_ff_out.t())
+    return torch.addmm(y, a, lay.w_ff_out.t())
 
 
 def _logits(parts: DecoderParts, final_norm, h: torch.Tensor) -> torch.Tensor:
-    """h ``[B, d]`` -> ``norm(h) W^T (* scale)`` ``[B, V]`` (``W^T`` left of the product on
-    CPU with few rows, as in :func:`_mm_wt`; the result may be a transposed view)."""
+    """h ``[B, d]`` -> ``norm(h) W^T (* scale)`` ``[B, V]`` (on the CPU with few rows by
+    :func:`_small_mm`, as in :func:`_mm_wt`)."""
     hn = final_norm(h)
     if _small_cpu(hn):
-        logits = torch.mm(parts.head_weight, hn.t()).t()
+        logits = _small_mm(hn, parts.head_weight)
     else:
         logits = hn @ parts.head_weight.t()
     if parts.logit_scale is not None:
@@ -350,6 +368,66 @@ def _decode_step(parts: DecoderParts, layers: list[_Layer], final_norm, cache,
         o = ops.mqa_decode(q.view(B, H, hd), cache, i, seq_lens)
         x = _residual(x, lay, o.reshape(B, H * hd), ff)
     return _logits(parts, final_norm, x)
+
+
+class _CpuStep:
+    """The decode step on the CPU, calling the C++ kernels directly.
+
+    Per token the checked step (:func:`_decode_step`) spends more time in Python than in
+    its kernels at small batch: every public op re-validates arguments that cannot change
+    during one ``generate`` call (weights, shapes, dtypes, the cache) and goes through
+    ``autograd.Function``. This step computes exactly the same thing with the same kernels
+    (LayerNorm, input GEMM, ``rope_append``, ``mqa_decode``, SwiGLU, output GEMMs, head),
+    bitwise equal, but calls ``palm_fast._C`` directly. It is only used after one checked
+    step has run with the same model and cache (``generate`` runs the first decode step
+    through :func:`_decode_step`), and the cache has every page the later steps write
+    already reserved; the C++ kernels keep their memory-safety guards. Norms / activations
+    that are not ours are called as modules.
+    """
+
+    def __init__(self, parts: DecoderParts, layers: list[_Layer], cache):
+        from ._ext import cpp
+        from .ops.rope import _cached_inv_freq
+
+        self.C = cpp()
+        self.parts, self.layers, self.cache = parts, layers, cache
+        self.norms = [self._norm(lay.norm) for lay in layers]
+        self.final_norm = self._norm(_fast_norm(parts.norm))
+        self.acts = [lay.act for lay in layers]
+        self.swiglu = [lay.act is ops.swiglu for lay in layers]
+        self.inv_freq = [_cached_inv_freq(lay.rotary_dim, float(lay.rope_base), cache.device)
+                         for lay in layers]
+        self.scale = [lay.head_dim ** -0.5 for lay in layers]
+        self.ones = cache.full_n_new(1)
+
+    def _norm(self, fn):
+        """A direct LayerNorm for our LayerNorm closures (see :func:`_fast_norm`), else fn."""
+        mod = getattr(fn, "_palm_fast_ln", None)
+        if mod is None:
+            return fn
+        w, b, eps = mod
+        C = self.C
+        return lambda x: C.layer_norm_fwd(x, w, b, eps)[0]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        C, cache = self.C, self.cache
+        B = tokens.shape[0]
+        seq_lens = cache.lengths + 1
+        pt = cache.page_table
+        x = self.parts.embed(tokens)                                       # [B, d]
+        for i, lay in enumerate(self.layers):
+            H, hd = lay.n_heads, lay.head_dim
+            proj = _mm_wt(self.norms[i](x), lay.w_in)
+            q, k, v, ff = proj.split(lay.splits, dim=-1)
+            q_rot = torch.empty((B, 1, H, hd), dtype=proj.dtype)
+            C.rope_append_cpu(q.view(B, 1, H, hd), k.view(B, 1, hd), v.view(B, 1, hd), cache.k, cache.v,
+                              pt, cache.lengths, self.ones, None, self.inv_freq[i], q_rot, i,
+                              lay.interleaved)
+            o = C.mqa_decode_cpu(q_rot.view(B, H, hd), cache.k, cache.v, pt, None, seq_lens, i,
+                                 self.scale[i], False)[0]
+            a = C.swiglu_fwd(ff) if self.swiglu[i] else self.acts[i](ff)
+            x = _residual_act(x, lay, o.view(B, H * hd), a)
+        return _logits(self.parts, self.final_norm, x)
 
 
 class _GraphedStep:
@@ -559,6 +637,8 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop_ids = torch.tensor(sorted(stops), dtype=torch.int64, device=device) if stops else None
     graphed = None
+    # CPU: the first step runs the checked ops, the later ones the same kernels directly
+    direct = _CpuStep(parts, layers, cache) if device.type == "cpu" else None
     n = 0
     for n in range(1, max_new_tokens + 1):
         nxt = sample(logits, temperature, top_k, top_p, generator)
@@ -574,6 +654,8 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
             if graphed is None:
                 graphed = _GraphedStep(step, nxt)
             logits = graphed(nxt)
+        elif direct is not None and n > 1:
+            logits = direct(nxt)
         else:
             logits = step(nxt)
         cache.advance(1)

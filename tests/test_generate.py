@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, requires_cuda
+from conftest import HAS_CUDA, assert_close_by_rule, randn, requires_cuda
 from torch import nn
 
 import palm_fast
@@ -361,3 +361,98 @@ def test_bad_input(tiny_model, prompts, kwargs, exc, match):
 def test_cuda_graph_on_cpu_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="cuda_graph: True needs a model on a CUDA device"):
         palm_fast.generate(tiny_model, [[1, 2]], 2, cuda_graph=True)
+
+
+# --------------------------------------------------------------------------- CPU direct step
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_cpu_direct_step_equals_the_checked_step(page_size):
+    # generate's CPU decode steps after the first call the C++ kernels directly
+    # (generation._CpuStep): bitwise the logits and cache writes of the checked step
+    from palm_fast.generation import _CpuStep, _decode_step, _fast_norm, _prefill
+    from palm_fast.kv_cache import KVCache
+
+    cfg = CONFIGS["hd64"]
+    model = lively(cfg, seed=21)
+    parts = decoder_parts(model)
+    layers = _prepare_layers(parts)
+    final_norm = _fast_norm(parts.norm)
+    lengths = torch.tensor([5, 9, 2], dtype=torch.int32)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(22))
+    caches = [KVCache(cfg.n_layers, 3, 20, cfg.head_dim, page_size=page_size) for _ in range(2)]
+    with torch.no_grad():
+        logits = [_prefill(parts, layers, final_norm, c, tokens, lengths) for c in caches]
+        for c in caches:
+            c.reserve(6)
+        direct = _CpuStep(parts, layers, caches[1])
+        assert direct.final_norm is not final_norm          # our LayerNorm: called directly
+        for _ in range(6):
+            nxt = logits[0].argmax(-1)
+            logits = [_decode_step(parts, layers, final_norm, caches[0], nxt), direct(nxt)]
+            assert torch.equal(logits[0], logits[1])
+            for c in caches:
+                c.advance(1)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert torch.equal(caches[0].lengths, caches[1].lengths)
+
+
+def test_cpu_direct_step_calls_other_norms_and_activations_as_modules():
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg, seed=23)
+    prompts = ragged_prompts(cfg.vocab_size, (4, 7), seed=24)
+    ref = [model.generate(p[None], 10)[0] for p in prompts]
+
+    class Norm(nn.Module):            # not one of our LayerNorms: the step calls it
+        def __init__(self, ln):
+            super().__init__()
+            self.ln = ln
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.ln(x)
+
+    for blk in model.blocks:
+        blk.norm = Norm(blk.norm)
+    model.norm = Norm(model.norm)
+    out = palm_fast.generate(model, prompts, 10)
+    assert all(torch.equal(o, r) for o, r in zip(out, ref))
+    assert model.norm.calls == 1 + 9 and all(blk.norm.calls == 1 + 9 for blk in model.blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K", [(1, 7, 5), (3, 33, 64), (4, 130, 257), (16, 9, 1024)])
+def test_small_mm_matches_the_reference(M, N, K, dtype):
+    # the CPU decode step's GEMM: x W^T (+ res), odd sizes (N, K not multiples of 4 / 8)
+    from palm_fast._ext import cpp
+
+    x, w, res = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype), randn(M, N, dtype=dtype)
+    ref64 = x.double() @ w.double().t()
+    for r in (None, res):
+        want = ref64 if r is None else ref64 + r.double()
+        eager = x @ w.t() if r is None else torch.addmm(r, x, w.t())
+        out = cpp().small_mm_cpu(x, w, r)
+        assert_close_by_rule(out, want, eager, name=f"small_mm res={r is not None}")
+    # strided x (a transposed view) and a strided residual are read correctly
+    xt = randn(K, M, dtype=dtype).t()
+    assert torch.equal(cpp().small_mm_cpu(xt, w, res.t().contiguous().t()),
+                       cpp().small_mm_cpu(xt.contiguous(), w, res))
+
+
+def test_small_mm_is_deterministic_across_thread_counts():
+    from palm_fast._ext import cpp
+
+    x, w, res = randn(4, 256), randn(2432, 256), randn(4, 2432)
+    n = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(cpp().small_mm_cpu(x, w, res))
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(RuntimeError, match="x, w"):
+        cpp().small_mm_cpu(x, w[:, :8], None)
+    with pytest.raises(RuntimeError, match="res"):
+        cpp().small_mm_cpu(x, w, res[:, :8])

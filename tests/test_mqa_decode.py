@@ -154,6 +154,42 @@ def test_shared_prefix_matches_unshared(page_size, dtype):
         ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix="yes")
 
 
+def test_shared_prefix_cpu_merge_and_row_groups():
+    """CPU: a prefix group's rows are split into tasks of at most 16 rows, and the merge runs
+    in C++ (prefix_merge_cpu): the same as the torch-op merge used on CUDA, and
+    deterministic for any thread count."""
+    md = importlib.import_module("palm_fast.ops.mqa_decode")
+    B, H, hd, prefix = 6, 8, 32, 48
+    cache = KVCache(1, B, 96, hd, page_size=16)
+    n0 = torch.tensor([prefix, 0, 0, 0, 0, 0])
+    cache.append(0, randn(B, prefix, hd), randn(B, prefix, hd), n0)
+    cache.advance(n0)
+    cache.fork(0, [1, 2, 4, 5])   # 5 members x 8 heads = 40 rows: 3 row groups; 3 alone
+    suffix = torch.tensor([3, 0, 17, 30, 1, 9])
+    cache.append(0, randn(B, 30, hd), randn(B, 30, hd), suffix)
+    cache.advance(suffix)
+    q = randn(B, H, hd)
+    shared = ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=True)
+    unshared = ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=False)
+    assert torch.allclose(shared, unshared, atol=1e-5, rtol=1e-5)
+    group_seq, group_len, rows, starts, slot = cache.decode_meta()
+    G, M = rows.shape
+    q_pre = q[rows.clamp(min=0).long()].reshape(G, M * H, hd)
+    run = md._mqa_decode_cpu
+    o_pre, lse_pre = run(q_pre, cache.k, cache.v, cache.page_table[group_seq.long()], None, group_len,
+                         0, hd ** -0.5, True)
+    o_suf, lse_suf = run(q, cache.k, cache.v, cache.page_table, starts, cache.lengths, 0, hd ** -0.5, True)
+    torch_merge = md._prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
+    assert torch.allclose(shared, torch_merge, atol=1e-6, rtol=1e-6)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=True)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, shared)
+
+
 def test_deterministic_any_thread_count():
     cache, _, _ = fill_cache(2, [1000, 513], 64, torch.bfloat16, 32)
     q = randn(2, 8, 64, dtype=torch.bfloat16)

@@ -120,11 +120,14 @@ def _no_grad_check(name: str, **tensors) -> None:
                                    "run under torch.no_grad() / torch.inference_mode() or detach it")
 
 
-def _can_read_device() -> bool:
+def _can_read_device(device: torch.device | None = None) -> bool:
     """Value checks read tensors on the host: skipped while torch.compile traces or while a
-    CUDA graph is being captured (the eager call before capture does them)."""
+    CUDA graph is being captured (the eager call before capture does them). A CPU
+    ``device`` is never being captured (no CUDA query: it costs microseconds per call)."""
     if compiling():
         return False
+    if device is not None and device.type == "cpu":
+        return True
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
@@ -214,13 +217,18 @@ def _values_key(seq_lens: torch.Tensor, table, starts_host) -> tuple:
             None if starts_host is None else tuple(starts_host))
 
 
-def _same_values(old: tuple | None, new: tuple) -> bool:
-    # Tensors compared by identity (weakref == would compare the tensors elementwise).
-    if old is None:
+def _same_values(old: tuple | None, seq_lens: torch.Tensor, table, starts_host) -> bool:
+    """Whether ``old`` (a :func:`_values_key`) covers these tensors, unmodified, and prefix
+    layout. Tensors compared by identity (weakref == would compare them elementwise); runs
+    on every decode call, so without building a new key."""
+    if old is None or old[0]() is not seq_lens or old[1] != seq_lens._version:
         return False
-    same_obj = all((a is None and b is None) or (a is not None and b is not None and a() is b())
-                   for a, b in ((old[0], new[0]), (old[2], new[2])))
-    return same_obj and old[1] == new[1] and old[3] == new[3] and old[4] == new[4]
+    if table is None:
+        if old[2] is not None:
+            return False
+    elif old[2] is None or old[2]() is not table or old[3] != table._version:
+        return False
+    return old[4] == (None if starts_host is None else tuple(starts_host))
 
 
 def _values_bad(cache: KVCache, seq_lens: torch.Tensor, table, starts_host) -> bool:
@@ -251,14 +259,14 @@ def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None) -> 
         raise ValueError(f"seq_lens: expected device {cache.device} (the cache's), got {seq_lens.device}")
     if not seq_lens.is_contiguous():
         raise ValueError(f"seq_lens: expected a contiguous tensor, got strides {tuple(seq_lens.stride())}")
-    if not _can_read_device():
+    if not _can_read_device(seq_lens.device):
         return
     table = cache.page_table if cache.paged else None
+    if _same_values(cache._checked_values, seq_lens, table, starts_host):
+        return   # these exact tensors (same objects, unmodified) passed for an earlier layer
     # Inference tensors have no version counter: those are checked on every call.
     versioned = not seq_lens.is_inference() and (table is None or not table.is_inference())
     key = _values_key(seq_lens, table, starts_host) if versioned else None
-    if key is not None and _same_values(cache._checked_values, key):
-        return   # these exact tensors (same objects, unmodified) passed for an earlier layer
     if not _values_bad(cache, seq_lens, table, starts_host):
         cache._checked_values = key
         return
@@ -302,8 +310,9 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     Inference only. Raises TypeError/ValueError naming the argument.
     """
     _check_cache(cache)
-    _no_grad_check("mqa_decode", q=q)
     cache.check_like("q", q, 3)
+    if q.requires_grad and torch.is_grad_enabled():
+        _no_grad_check("mqa_decode", q=q)
     B, H, hd = q.shape
     if B != cache.batch or hd != cache.head_dim or H == 0:
         raise ValueError(f"q: expected shape [{cache.batch}, H >= 1, {cache.head_dim}] (the cache's batch "
@@ -317,7 +326,8 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
         raise ValueError(f"scale: expected a finite float, got {scale!r}")
     if shared_prefix is not None and not isinstance(shared_prefix, bool):
         raise TypeError(f"shared_prefix: expected None or a bool, got {shared_prefix!r}")
-    use_shared = q.device.type == "cuda" if shared_prefix is None else shared_prefix
+    dev_type = q.device.type
+    use_shared = dev_type == "cuda" if shared_prefix is None else shared_prefix
     meta = cache.decode_meta() if use_shared else None
     starts_host = None
     if meta is not None:
@@ -326,7 +336,7 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
             for m in g.members:
                 starts_host[m] = g.n_tokens
     _check_seq_lens(cache, seq_lens, starts_host)
-    run = mqa_decode_op if compiling() else _DECODE[q.device.type]
+    run = mqa_decode_op if compiling() else _DECODE[dev_type]
     if meta is None:
         o, _ = run(q, cache.k, cache.v, cache.page_table, None, seq_lens, layer, float(scale), False)
         return o
@@ -338,11 +348,20 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
                          layer, float(scale), True)
     # Suffix: each sequence over its own tokens.
     o_suf, lse_suf = run(q, cache.k, cache.v, cache.page_table, starts, seq_lens, layer, float(scale), True)
+    if dev_type == "cpu" and not compiling():   # the merge in one C++ pass
+        return cpp().prefix_merge_cpu(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
+    return _prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
+
+
+def _prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, dtype):
+    """The shared-prefix decode's merge by log-sum-exp in torch ops (CUDA, torch.compile):
+    sequence b takes prefix row ``slot[b]`` (none where -1) and its suffix pass."""
+    B, H, hd = o_suf.shape
     member = (slot >= 0)[:, None]
     idx = slot.clamp(min=0).long()
-    o_p = o_pre.view(G * M, H, hd)[idx]
-    lse_p = torch.where(member, lse_pre.view(G * M, H)[idx], float("-inf"))
+    o_p = o_pre.reshape(-1, H, hd)[idx]
+    lse_p = torch.where(member, lse_pre.reshape(-1, H)[idx], float("-inf"))
     m = torch.maximum(lse_p, lse_suf)
     w_p, w_s = torch.exp(lse_p - m), torch.exp(lse_suf - m)
     o = (o_p * w_p[..., None] + o_suf * w_s[..., None]) / (w_p + w_s)[..., None]
-    return o.to(q.dtype)
+    return o.to(dtype)
