@@ -1,0 +1,122 @@
+"""Fused tied-embedding head + cross-entropy + z-loss (the PaLM training loss).
+
+Math (reference: ``palm_fast.reference.PaLM.loss``), h ``[M, d]`` the final LayerNorm
+output, W ``[V, d]`` the tied embedding, targets ``t [M]``, s the logit scale::
+
+    L    = s h W^T                          (fp32 logits [M, V]; one GEMM)
+    lse  = logsumexp_j L[:, j]
+    ce   = mean_i (lse_i - L[i, t_i])
+    z    = z_coef * mean_i lse_i^2
+    loss = ce + z
+
+The reference builds the logits, upcasts them, then runs ``cross_entropy`` (log-softmax,
+NLL) and a separate ``logsumexp`` for z: four exponentials per logit over forward and
+backward and about a dozen passes over ``[M, V]`` tensors. Here the forward makes the
+logits, takes each row's max (and its index), and overwrites the logits with the softmax
+``P`` in place (one exponential per logit); ``lse_i = max_i - log P[i, argmax_i]``
+(``P[i, argmax_i] >= 1 / V``: no underflow). Only ``P`` is saved.
+
+Backward, with upstream scalars g (total), g_ce, g_z::
+
+    a   = (g + g_ce) / M,   b = 2 z_coef (g + g_z) / M,   c_i = a + b lse_i
+    dL  = diag(c) P - a onehot(t)                      (never materialised)
+    dh  = s (c * (P W) - a W[t])                       (GEMM [M, V] x [V, d], then rows)
+    dW  = s (P^T (c * h) - a scatter_t(h))             (GEMM [V, M] x [M, d], then index_add)
+
+so no ``[M, V]`` gradient tensor is written at all. Plain ATen ops: the same code runs on
+CPU and CUDA (and traces under ``torch.compile``); half-precision CPU GEMMs go through
+fp32 (``ops.block._mm``) as the block does.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .block import _upcast_gemm
+
+__all__ = ["tied_lm_loss"]
+
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _gemm_dtype(h: torch.Tensor) -> torch.dtype:
+    """fp32 GEMMs for fp32 and for half precision on CPUs without half matrix units."""
+    return torch.float32 if h.dtype == torch.float32 or _upcast_gemm(h) else h.dtype
+
+
+class _TiedLMLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, scale, z_coef):
+        M = h.shape[0]
+        gd = _gemm_dtype(h)
+        hs = (h.to(gd) * scale) if scale != 1.0 else h.to(gd)
+        logits = torch.mm(hs, weight.to(gd).t())
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        tgt = logits.gather(1, targets.view(M, 1)).view(M)
+        mx, arg = logits.max(dim=1)
+        if logits.device.type == "cpu":
+            probs = torch._softmax(logits, 1, False, out=logits)   # in place (row-wise kernel)
+        else:
+            probs = torch.softmax(logits, dim=1)
+        lse = mx - probs.gather(1, arg.view(M, 1)).view(M).log()
+        ce = (lse - tgt).mean()
+        z = z_coef * lse.square().mean()
+        ctx.save_for_backward(h, weight, targets, probs, lse)
+        ctx.scale, ctx.z_coef = scale, z_coef
+        ctx.set_materialize_grads(False)
+        return ce + z, ce, z
+
+    @staticmethod
+    def backward(ctx, g, g_ce, g_z):
+        h, weight, targets, probs, lse = ctx.saved_tensors
+        M = h.shape[0]
+        zero = lse.new_zeros(())
+        g = zero if g is None else g.float()
+        a = (g + (zero if g_ce is None else g_ce.float())) / M
+        b = (g + (zero if g_z is None else g_z.float())) * (2.0 * ctx.z_coef / M)
+        c = (a + b * lse).view(M, 1)                       # [M, 1] fp32
+        s = ctx.scale
+        gd = torch.float32 if probs.dtype == torch.float32 and _gemm_dtype(h) == torch.float32 \
+            else h.dtype
+        p = probs if gd == torch.float32 else probs.to(gd)
+        w = weight.to(gd)
+        dh = dw = None
+        if ctx.needs_input_grad[0]:
+            pw = torch.mm(p, w).float()                     # [M, d]
+            dh = (pw * c - a * w.index_select(0, targets).float()) * s
+            dh = dh.to(h.dtype)
+        if ctx.needs_input_grad[1]:
+            hc = (h.float() * (c * s)).to(gd)               # [M, d]
+            dw = torch.mm(p.t(), hc).float()                # [V, d]
+            dw.index_add_(0, targets, h.float(), alpha=float(-a * s))
+            dw = dw.to(weight.dtype)
+        return dh, dw, None, None, None
+
+
+def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                 scale: float = 1.0, z_coef: float = 0.0):
+    """``(total, ce, z)`` of the tied-embedding head: ``logits = scale * h @ weight^T`` (fp32),
+    ``ce = mean cross_entropy(logits, targets)``, ``z = z_coef * mean(logsumexp(logits)^2)``,
+    ``total = ce + z``, without materialising any ``[M, V]`` gradient (see module doc).
+
+    h ``[M, d]`` (float), weight ``[V, d]`` (h's dtype), targets ``[M]`` int in ``[0, V)``.
+    Gradients flow to h and weight. Raises TypeError/ValueError naming the bad argument.
+    """
+    check_tensor("h", h, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("weight", weight, dtypes=(h.dtype,), ndim=2)
+    check_tensor("targets", targets, dtypes=_INT_DTYPES, ndim=1)
+    if weight.shape[1] != h.shape[1]:
+        raise ValueError(f"weight: expected shape (V, {h.shape[1]}) (h's last dim), "
+                         f"got {tuple(weight.shape)}")
+    if targets.shape[0] != h.shape[0]:
+        raise ValueError(f"targets: expected shape ({h.shape[0]},) (h's rows), "
+                         f"got {tuple(targets.shape)}")
+    if h.shape[0] == 0:
+        raise ValueError("h: expected at least one row, got 0")
+    check_same_device(h=h, weight=weight, targets=targets)
+    if not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale: expected a positive float, got {scale!r}")
+    if not (isinstance(z_coef, (int, float)) and z_coef >= 0):
+        raise ValueError(f"z_coef: expected a float >= 0, got {z_coef!r}")
+    return _TiedLMLoss.apply(h, weight, targets.long(), float(scale), float(z_coef))
