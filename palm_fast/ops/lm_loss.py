@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from .block import _upcast_gemm
+from .block import _linear, _upcast_gemm
 
 __all__ = ["tied_lm_loss"]
 
@@ -50,7 +50,7 @@ class _TiedLMLoss(torch.autograd.Function):
         M = h.shape[0]
         gd = _gemm_dtype(h)
         hs = (h.to(gd) * scale) if scale != 1.0 else h.to(gd)
-        logits = torch.mm(hs, weight.to(gd).t())
+        logits = _linear(hs, weight.to(gd))
         if logits.dtype != torch.float32:
             logits = logits.float()
         tgt = logits.gather(1, targets.view(M, 1)).view(M)
