@@ -262,6 +262,9 @@ def _in_setup(ctx, inputs, output):
     ctx.save_for_backward(x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos)
     ctx.dims = (n_heads, n_kv_heads, head_dim, d_ff, interleaved)
     ctx.keep_ff = keep_ff
+    # ff / xn / mean / rstd never receive a gradient: do not let autograd build zero [M, Nin]
+    # tensors for them (the backward treats None as zero).
+    ctx.set_materialize_grads(False)
 
 
 def _zeros_if_none(g, like):
