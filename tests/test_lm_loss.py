@@ -131,3 +131,25 @@ def test_model_loss_and_gradients_match_reference():
         fast.loss(tok[:, :5], tok[:, :4])
     with pytest.raises(ValueError, match="token ids must lie"):
         fast.loss(tok + cfg.vocab_size)
+
+
+def test_tied_embedding_link():
+    """embed_tokens + tied_lm_loss sharing a GradLink: the weight gradient (head + lookup)
+    equals autograd's sum of the two; a lookup whose head gave no gradient still works."""
+    from palm_fast.ops.lm_loss import GradLink, embed_tokens
+
+    w = randn(23, 8).requires_grad_(True)
+    tok = torch.randint(0, 23, (3, 5))
+    tgt = torch.randint(0, 23, (15,))
+
+    def run(link):
+        x = embed_tokens(w, tok, link)
+        h = torch.tanh(x).flatten(0, 1) * 1.5
+        return tied_lm_loss(h, w, tgt, scale=0.5, z_coef=1e-3, link=link)[0]
+
+    (g_link,) = torch.autograd.grad(run(GradLink()), (w,))
+    (g_plain,) = torch.autograd.grad(run(None), (w,))
+    torch.testing.assert_close(g_link, g_plain, rtol=1e-6, atol=1e-7)
+    (g_lookup,) = torch.autograd.grad((embed_tokens(w, tok, GradLink()) * 2).sum(), (w,))
+    want = torch.zeros(23, 8).index_add_(0, tok.flatten(), torch.full((15, 8), 2.0))
+    torch.testing.assert_close(g_lookup, want)

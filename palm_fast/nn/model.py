@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from palm_fast.config import PaLMConfig
-from palm_fast.ops.lm_loss import tied_lm_loss
+from palm_fast.ops._dispatch import compiling
+from palm_fast.ops.lm_loss import GradLink, embed_tokens, tied_lm_loss
 from palm_fast.reference import model as _reference
 
 from .block import RECOMPUTE, ParallelBlock
@@ -67,10 +68,12 @@ class PaLM(_reference.PaLM):
         if tokens.shape[1] > c.max_seq_len:
             raise ValueError(f"tokens: 0 cached + {tokens.shape[1]} new tokens exceeds max_seq_len "
                              f"{c.max_seq_len}")
-        h = self.embed(tokens)
+        w = self.embed.weight
+        link = None if compiling() or type(self.embed) is not nn.Embedding else GradLink()
+        h = embed_tokens(w, tokens, link) if link is not None else self.embed(tokens)
         for block in self.blocks:
             h = block(h)
         h = self.norm(h)
         scale = c.d_model ** -0.5 if c.scale_logits else 1.0
-        return tied_lm_loss(h.flatten(0, 1), self.embed.weight, targets.flatten(), scale=scale,
-                            z_coef=c.z_loss)
+        return tied_lm_loss(h.flatten(0, 1), w, targets.flatten(), scale=scale, z_coef=c.z_loss,
+                            link=link)
