@@ -139,9 +139,10 @@ inline void rows_times_t(const float* a, int64_t lda, int64_t nh, const float* b
     }
 }
 
-// out[h][0:D] = sum_j W[h][j] * x[j][0:D] for h < nh (<= kHB), j < n (x rows of D floats).
-inline void weights_times_rows(const float* W, int64_t ldW, int64_t nh, const float* x, int64_t D,
-                               int64_t n, float* out, int64_t ldo) {
+// out[h][0:D] = sum_j W[h * sh + j * sj] * x[j][0:D] for h < nh (<= kHB), j < n (x rows of
+// D floats).
+inline void weights_times_rows(const float* W, int64_t sh, int64_t sj, int64_t nh, const float* x,
+                               int64_t D, int64_t n, float* out, int64_t ldo) {
   int64_t d = 0;
   for (; d + 2 * kW <= D; d += 2 * kW) {
     Vec c0[kHB], c1[kHB];
@@ -150,7 +151,7 @@ inline void weights_times_rows(const float* W, int64_t ldW, int64_t nh, const fl
       const Vec x0 = Vec::loadu(x + j * D + d), x1 = Vec::loadu(x + j * D + d + kW);
       for (int64_t h = 0; h < kHB; ++h) {
         if (h < nh) {
-          const Vec wh(W[h * ldW + j]);
+          const Vec wh(W[h * sh + j * sj]);
           c0[h] = at::vec::fmadd(wh, x0, c0[h]);
           c1[h] = at::vec::fmadd(wh, x1, c1[h]);
         }
@@ -167,35 +168,16 @@ inline void weights_times_rows(const float* W, int64_t ldW, int64_t nh, const fl
     for (int64_t j = 0; j < n; ++j) {
       const Vec x0 = Vec::loadu(x + j * D + d);
       for (int64_t h = 0; h < kHB; ++h)
-        if (h < nh) c0[h] = at::vec::fmadd(Vec(W[h * ldW + j]), x0, c0[h]);
+        if (h < nh) c0[h] = at::vec::fmadd(Vec(W[h * sh + j * sj]), x0, c0[h]);
     }
     for (int64_t h = 0; h < nh; ++h) c0[h].store(out + h * ldo + d);
   }
   for (; d < D; ++d)
     for (int64_t h = 0; h < nh; ++h) {
       float acc = 0.f;
-      for (int64_t j = 0; j < n; ++j) acc += W[h * ldW + j] * x[j * D + d];
+      for (int64_t j = 0; j < n; ++j) acc += W[h * sh + j * sj] * x[j * D + d];
       out[h * ldo + d] = acc;
     }
-}
-
-// g[j][0:D] += sum_h W[h][j] * a[h][0:D] for j < n, h < nh (<= kHB).
-inline void add_outer(const float* W, int64_t ldW, int64_t nh, const float* a, int64_t D, int64_t n,
-                      float* g) {
-  for (int64_t j = 0; j < n; ++j) {
-    float* gj = g + j * D;
-    int64_t d = 0;
-    for (; d + kW <= D; d += kW) {
-      Vec acc = Vec::loadu(gj + d);
-      for (int64_t h = 0; h < nh; ++h) acc = at::vec::fmadd(Vec(W[h * ldW + j]), Vec::loadu(a + h * D + d), acc);
-      acc.store(gj + d);
-    }
-    for (; d < D; ++d) {
-      float acc = gj[d];
-      for (int64_t h = 0; h < nh; ++h) acc += W[h * ldW + j] * a[h * D + d];
-      gj[d] = acc;
-    }
-  }
 }
 
 template <typename scalar_t>
@@ -236,7 +218,7 @@ void fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_
             for (; j + kW <= n; j += kW) (Vec::loadu(ph + j) * inv).store(ph + j);
             for (; j < n; ++j) ph[j] *= 1.f / s;
           }
-          weights_times_rows(p.data(), T, nh, vb, D, n, orow.data(), D);
+          weights_times_rows(p.data(), T, 1, nh, vb, D, n, orow.data(), D);
           for (int64_t e = 0; e < nh * D; ++e) o[row0 * D + e] = static_cast<scalar_t>(orow[e]);
         }
       }
@@ -261,34 +243,42 @@ void bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, cons
   // Partial dk / dv of each (sequence, block): rows 0 .. t1 - 1 are written.
   std::vector<float> pdk(B * nb * T * D, 0.f), pdv(B * nb * T * D, 0.f);
   at::parallel_for(0, B * nb, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(kHB * T), dp(kHB * T), qr(kHB * D), qs(kHB * D), dor(kHB * D), dqr(kHB * D);
+    // The task's rows (t, h), r = (t - t0) H + h: P and dS over keys 0 .. t1 - 1 (zero past
+    // each row's causal end), s q and dO; dk / dv are then reduced over rows key block by
+    // key block with the accumulators in registers.
+    const int64_t R = tb * H;
+    std::vector<float> p(R * T), dp(R * T), qs(R * D), dor(R * D), dqr(kHB * D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t task = zigzag(i, B * nb);
       const int64_t b = task / nb, blk = task % nb, t0 = blk * tb, t1 = std::min(T, t0 + tb);
       const float* ktb = kt.data() + b * D * T;
       const float* vtb = vt.data() + b * D * T;
       const float* kb = kf.data() + b * T * D;
-      float* gk = pdk.data() + task * T * D;
-      float* gv = pdv.data() + task * T * D;
+      const int64_t rows = (t1 - t0) * H;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n = t + 1;
         for (int64_t h0 = 0; h0 < H; h0 += kHB) {
           const int64_t nh = std::min(kHB, H - h0);
-          const int64_t row0 = (b * T + t) * H + h0;
+          const int64_t row0 = (b * T + t) * H + h0;       // global row of (t, h0)
+          const int64_t r0 = (t - t0) * H + h0;             // task row
+          float* pr = p.data() + r0 * T;
+          float* dpr = dp.data() + r0 * T;
+          float* qsr = qs.data() + r0 * D;
+          float* dorr = dor.data() + r0 * D;
           for (int64_t e = 0; e < nh * D; ++e) {
-            qr[e] = static_cast<float>(q[row0 * D + e]);
-            qs[e] = qr[e] * scale;
-            dor[e] = static_cast<float>(dout[row0 * D + e]);
+            qsr[e] = static_cast<float>(q[row0 * D + e]) * scale;
+            dorr[e] = static_cast<float>(dout[row0 * D + e]);
           }
-          rows_times_t(qs.data(), D, nh, ktb, T, D, n, p.data(), T);     // scaled scores
-          rows_times_t(dor.data(), D, nh, vtb, T, D, n, dp.data(), T);   // dP = dO . v
+          rows_times_t(qsr, D, nh, ktb, T, D, n, pr, T);     // scaled scores
+          rows_times_t(dorr, D, nh, vtb, T, D, n, dpr, T);   // dP = dO . v
           for (int64_t h = 0; h < nh; ++h) {
-            float* ph = p.data() + h * T;
-            float* dph = dp.data() + h * T;
+            float* ph = pr + h * T;
+            float* dph = dpr + h * T;
             float dr = 0.f;
             for (int64_t d = 0; d < D; ++d)
-              dr += dor[h * D + d] * static_cast<float>(o[(row0 + h) * D + d]);
-            const Vec vl(lse[row0 + h]), vdr(dr);
+              dr += dorr[h * D + d] * static_cast<float>(o[(row0 + h) * D + d]);
+            const float l = lse[row0 + h];
+            const Vec vl(l), vdr(dr);
             int64_t j = 0;
             for (; j + kW <= n; j += kW) {
               const Vec pj = (Vec::loadu(ph + j) - vl).exp_u20();
@@ -296,15 +286,27 @@ void bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, cons
               (pj * (Vec::loadu(dph + j) - vdr)).store(dph + j);   // dS
             }
             for (; j < n; ++j) {
-              ph[j] = std::exp(ph[j] - lse[row0 + h]);
+              ph[j] = std::exp(ph[j] - l);
               dph[j] = ph[j] * (dph[j] - dr);
             }
+            std::fill(ph + n, ph + t1, 0.f);
+            std::fill(dph + n, dph + t1, 0.f);
           }
-          weights_times_rows(dp.data(), T, nh, kb, D, n, dqr.data(), D);   // dq = dS k
-          add_outer(dp.data(), T, nh, qs.data(), D, n, gk);                 // dk += dS^T (s q)
-          add_outer(p.data(), T, nh, dor.data(), D, n, gv);                 // dv += P^T dO
+          weights_times_rows(dpr, T, 1, nh, kb, D, n, dqr.data(), D);   // dq = dS k
           for (int64_t e = 0; e < nh * D; ++e) dq[row0 * D + e] = static_cast<scalar_t>(dqr[e] * scale);
         }
+      }
+      // dk[j] = sum_r dS[r, j] (s q)[r],  dv[j] = sum_r P[r, j] dO[r]  for keys j < t1.
+      float* gk = pdk.data() + task * T * D;
+      float* gv = pdv.data() + task * T * D;
+      for (int64_t j0 = 0; j0 < t1; j0 += kHB) {
+        const int64_t nj = std::min(kHB, t1 - j0);
+        // rows of tokens before key j0 see none of these keys: start at token max(t0, j0)
+        const int64_t rfirst = std::max<int64_t>(0, j0 - t0) * H;
+        weights_times_rows(dp.data() + rfirst * T + j0, 1, T, nj, qs.data() + rfirst * D, D,
+                           rows - rfirst, gk + j0 * D, D);
+        weights_times_rows(p.data() + rfirst * T + j0, 1, T, nj, dor.data() + rfirst * D, D,
+                           rows - rfirst, gv + j0 * D, D);
       }
     }
   });
