@@ -153,3 +153,19 @@ def test_tied_embedding_link():
     (g_lookup,) = torch.autograd.grad((embed_tokens(w, tok, GradLink()) * 2).sum(), (w,))
     want = torch.zeros(23, 8).index_add_(0, tok.flatten(), torch.full((15, 8), 2.0))
     torch.testing.assert_close(g_lookup, want)
+
+
+def test_torch_compile():
+    h, w = randn(10, 8).requires_grad_(True), randn(13, 8).requires_grad_(True)
+    t = torch.randint(0, 13, (10,))
+
+    def f(h, w, t):
+        return tied_lm_loss(h, w, t, scale=0.5, z_coef=1e-3)[0]
+
+    a = torch.compile(f, fullgraph=True)(h, w, t)
+    ga = torch.autograd.grad(a, (h, w))
+    b = f(h, w, t)
+    gb = torch.autograd.grad(b, (h, w))
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)

@@ -107,9 +107,9 @@ def _linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``a @ w^T`` (a ``[M, K]``, w ``[N, K]``). fp32 on CPU: oneDNN's linear reads the
     ``[N, K]`` weight as it is stored and ran 5-18% faster than MKL's GEMM on the
     transposed view at the block's and the logits' shapes (one thread, our 2-core AVX2
-    CI VM, standalone GEMM timings); elsewhere ``_mm``."""
+    CI VM, standalone GEMM timings); elsewhere, and while torch.compile traces, ``_mm``."""
     if (a.device.type == "cpu" and a.dtype == torch.float32 and w.dtype == torch.float32
-            and a.shape[0] > 0 and _onednn_linear_ok()):
+            and a.shape[0] > 0 and not compiling() and _onednn_linear_ok()):
         return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
     return _mm(a, w.t())
 

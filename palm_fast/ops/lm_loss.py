@@ -98,7 +98,7 @@ class _TiedLMLoss(torch.autograd.Function):
             logits = logits.float()
         tgt = logits.gather(1, targets.view(M, 1)).view(M)
         mx = logits.amax(dim=1)
-        if logits.device.type == "cpu":
+        if logits.device.type == "cpu" and not torch.compiler.is_compiling():
             probs = torch._softmax(logits, 1, False, out=logits)   # in place (row-wise kernel)
         else:
             probs = torch.softmax(logits, dim=1)
@@ -133,7 +133,7 @@ class _TiedLMLoss(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             hc = (h.float() * (c * s)).to(gd)               # [M, d]
             dw = torch.mm(p.t(), hc).float()                # [V, d]
-            dw.index_add_(0, targets, h.float(), alpha=float(-a * s))
+            dw.index_add_(0, targets, h.float() * (-a * s))   # - a s scatter_t(h), no host sync
             dw = dw.to(weight.dtype)
             if ctx.link is not None:    # the tied lookup's backward adds its rows and returns it
                 ctx.link.dw, dw = dw, None
