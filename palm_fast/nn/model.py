@@ -1,12 +1,16 @@
 """Fast PaLM: the reference model (``palm_fast.reference.PaLM``) with fused blocks and the fast
 final LayerNorm. Same parameters, state_dict, initialisation (for the same seed), tied
-embeddings, z-loss ``loss()`` and ``generate()``."""
+embeddings, z-loss ``loss()`` and ``generate()``. ``loss()`` runs the fused tied head +
+cross-entropy + z-loss (``palm_fast.ops.lm_loss``): the logits are never returned there, so
+no ``[tokens, vocab]`` gradient is materialised."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
 from palm_fast.config import PaLMConfig
+from palm_fast.ops._dispatch import compiling
+from palm_fast.ops.lm_loss import GradLink, embed_tokens, tied_lm_loss
 from palm_fast.reference import model as _reference
 
 from .block import RECOMPUTE, ParallelBlock
@@ -50,3 +54,26 @@ class PaLM(_reference.PaLM):
     def recompute(self, value: str) -> None:
         for b in self.blocks:
             b.recompute = value
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
+        """Next-token loss ``(total, ce, z)`` as the reference's (same math and checks), with
+        the head, cross-entropy and z-loss fused (``tied_lm_loss``)."""
+        if targets is None:
+            tokens, targets = tokens[:, :-1], tokens[:, 1:]
+        self._check_tokens(targets, "targets")
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets: expected shape {list(tokens.shape)}, got {list(targets.shape)}")
+        self._check_tokens(tokens)
+        c = self.config
+        if tokens.shape[1] > c.max_seq_len:
+            raise ValueError(f"tokens: 0 cached + {tokens.shape[1]} new tokens exceeds max_seq_len "
+                             f"{c.max_seq_len}")
+        w = self.embed.weight
+        link = None if compiling() or type(self.embed) is not nn.Embedding else GradLink()
+        h = embed_tokens(w, tokens, link) if link is not None else self.embed(tokens)
+        for block in self.blocks:
+            h = block(h)
+        h = self.norm(h)
+        scale = c.d_model ** -0.5 if c.scale_logits else 1.0
+        return tied_lm_loss(h.flatten(0, 1), w, targets.flatten(), scale=scale, z_coef=c.z_loss,
+                            link=link)

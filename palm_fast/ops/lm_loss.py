@@ -1,0 +1,170 @@
+"""Fused tied-embedding head + cross-entropy + z-loss (the PaLM training loss).
+
+Math (reference: ``palm_fast.reference.PaLM.loss``), h ``[M, d]`` the final LayerNorm
+output, W ``[V, d]`` the tied embedding, targets ``t [M]``, s the logit scale::
+
+    L    = s h W^T                          (fp32 logits [M, V]; one GEMM)
+    lse  = logsumexp_j L[:, j]
+    ce   = mean_i (lse_i - L[i, t_i])
+    z    = z_coef * mean_i lse_i^2
+    loss = ce + z
+
+The reference builds the logits, upcasts them, then runs ``cross_entropy`` (log-softmax,
+NLL) and a separate ``logsumexp`` for z: four exponentials per logit over forward and
+backward and about a dozen passes over ``[M, V]`` tensors. Here the forward makes the
+logits, takes each row's max, and overwrites the logits with the softmax ``P`` in place
+(one exponential per logit); ``lse_i = max_i - log max_j P[i, j]`` (the largest
+probability is ``1 / sum_j exp(L_ij - max_i) >= 1 / V``: no underflow). Only ``P`` is saved.
+
+Backward, with upstream scalars g (total), g_ce, g_z::
+
+    a   = (g + g_ce) / M,   b = 2 z_coef (g + g_z) / M,   c_i = a + b lse_i
+    dL  = diag(c) P - a onehot(t)                      (never materialised)
+    dh  = s (c * (P W) - a W[t])                       (GEMM [M, V] x [V, d], then rows)
+    dW  = s (P^T (c * h) - a scatter_t(h))             (GEMM [V, M] x [M, d], then index_add)
+
+so no ``[M, V]`` gradient tensor is written at all.
+
+Tied embedding (``embed_tokens`` with a shared ``GradLink``): the input lookup
+``weight[tokens]`` and the head read the same ``[V, d]`` weight, so autograd would build the
+lookup's gradient in a zeroed ``[V, d]`` buffer and then add the head's ``[V, d]`` gradient
+to it. With a link, the head's backward (which always runs first: the lookup feeds it)
+hands its ``dW`` to the lookup's backward, which scatters its rows into it in place.
+
+Plain ATen ops: the same code runs on CPU and CUDA (and traces under ``torch.compile``,
+where the model uses no link); half-precision CPU GEMMs go through fp32 as the block's do.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .block import _linear, _upcast_gemm
+
+__all__ = ["GradLink", "embed_tokens", "tied_lm_loss"]
+
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _gemm_dtype(h: torch.Tensor) -> torch.dtype:
+    """fp32 GEMMs for fp32 and for half precision on CPUs without half matrix units."""
+    return torch.float32 if h.dtype == torch.float32 or _upcast_gemm(h) else h.dtype
+
+
+class GradLink:
+    """Carries the head's weight gradient to the tied input embedding's backward."""
+
+    __slots__ = ("dw",)
+
+    def __init__(self):
+        self.dw = None
+
+
+class _TiedEmbed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, tokens, link):
+        ctx.save_for_backward(tokens)
+        ctx.link, ctx.n_rows = link, weight.shape[0]
+        return torch.nn.functional.embedding(tokens, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        (tokens,) = ctx.saved_tensors
+        link = ctx.link
+        dw, link.dw = link.dw, None
+        if dw is None:      # the head produced no weight gradient (e.g. not differentiated)
+            dw = g.new_zeros((ctx.n_rows, g.shape[-1]))
+        dw.index_add_(0, tokens.reshape(-1), g.reshape(-1, g.shape[-1]).to(dw.dtype))
+        return dw, None, None
+
+
+def embed_tokens(weight: torch.Tensor, tokens: torch.Tensor, link: GradLink | None = None):
+    """``weight[tokens]`` (an embedding lookup). With ``link`` (shared with ``tied_lm_loss``)
+    the head's weight gradient is completed in place by this lookup's backward instead of
+    being summed with a separate ``[V, d]`` gradient (see module doc)."""
+    if link is None or not torch.is_grad_enabled() or not weight.requires_grad:
+        return torch.nn.functional.embedding(tokens, weight)
+    return _TiedEmbed.apply(weight, tokens, link)
+
+
+class _TiedLMLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, scale, z_coef, link):
+        M = h.shape[0]
+        gd = _gemm_dtype(h)
+        hs = (h.to(gd) * scale) if scale != 1.0 else h.to(gd)
+        logits = _linear(hs, weight.to(gd))
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        tgt = logits.gather(1, targets.view(M, 1)).view(M)
+        mx = logits.amax(dim=1)
+        if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+            probs = torch._softmax(logits, 1, False, out=logits)   # in place (row-wise kernel)
+        else:
+            probs = torch.softmax(logits, dim=1)
+        # The row max of P is P at the argmax = 1 / sum_j exp(L_j - max) >= 1 / V.
+        lse = mx - probs.amax(dim=1).log()
+        ce = (lse - tgt).mean()
+        z = z_coef * lse.square().mean()
+        ctx.save_for_backward(h, weight, targets, probs, lse)
+        ctx.scale, ctx.z_coef, ctx.link = scale, z_coef, link
+        ctx.set_materialize_grads(False)
+        return ce + z, ce, z
+
+    @staticmethod
+    def backward(ctx, g, g_ce, g_z):
+        h, weight, targets, probs, lse = ctx.saved_tensors
+        M = h.shape[0]
+        zero = lse.new_zeros(())
+        g = zero if g is None else g.float()
+        a = (g + (zero if g_ce is None else g_ce.float())) / M
+        b = (g + (zero if g_z is None else g_z.float())) * (2.0 * ctx.z_coef / M)
+        c = (a + b * lse).view(M, 1)                       # [M, 1] fp32
+        s = ctx.scale
+        gd = torch.float32 if probs.dtype == torch.float32 and _gemm_dtype(h) == torch.float32 \
+            else h.dtype
+        p = probs if gd == torch.float32 else probs.to(gd)
+        w = weight.to(gd)
+        dh = dw = None
+        if ctx.needs_input_grad[0]:
+            pw = torch.mm(p, w).float()                     # [M, d]
+            dh = (pw * c - a * w.index_select(0, targets).float()) * s
+            dh = dh.to(h.dtype)
+        if ctx.needs_input_grad[1]:
+            hc = (h.float() * (c * s)).to(gd)               # [M, d]
+            dw = torch.mm(p.t(), hc).float()                # [V, d]
+            dw.index_add_(0, targets, h.float() * (-a * s))   # - a s scatter_t(h), no host sync
+            dw = dw.to(weight.dtype)
+            if ctx.link is not None:    # the tied lookup's backward adds its rows and returns it
+                ctx.link.dw, dw = dw, None
+        return dh, dw, None, None, None, None
+
+
+def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                 scale: float = 1.0, z_coef: float = 0.0, link: GradLink | None = None):
+    """``(total, ce, z)`` of the tied-embedding head: ``logits = scale * h @ weight^T`` (fp32),
+    ``ce = mean cross_entropy(logits, targets)``, ``z = z_coef * mean(logsumexp(logits)^2)``,
+    ``total = ce + z``, without materialising any ``[M, V]`` gradient (see module doc).
+
+    h ``[M, d]`` (float), weight ``[V, d]`` (h's dtype), targets ``[M]`` int in ``[0, V)``.
+    Gradients flow to h and weight. ``link``: the ``GradLink`` given to the ``embed_tokens``
+    call that produced h's input (tied embedding; the weight gradient then comes out of that
+    lookup's backward). Raises TypeError/ValueError naming the bad argument.
+    """
+    check_tensor("h", h, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("weight", weight, dtypes=(h.dtype,), ndim=2)
+    check_tensor("targets", targets, dtypes=_INT_DTYPES, ndim=1)
+    if weight.shape[1] != h.shape[1]:
+        raise ValueError(f"weight: expected shape (V, {h.shape[1]}) (h's last dim), "
+                         f"got {tuple(weight.shape)}")
+    if targets.shape[0] != h.shape[0]:
+        raise ValueError(f"targets: expected shape ({h.shape[0]},) (h's rows), "
+                         f"got {tuple(targets.shape)}")
+    if h.shape[0] == 0:
+        raise ValueError("h: expected at least one row, got 0")
+    check_same_device(h=h, weight=weight, targets=targets)
+    if not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale: expected a positive float, got {scale!r}")
+    if not (isinstance(z_coef, (int, float)) and z_coef >= 0):
+        raise ValueError(f"z_coef: expected a float >= 0, got {z_coef!r}")
+    return _TiedLMLoss.apply(h, weight, targets.long(), float(scale), float(z_coef), link)

@@ -1,0 +1,171 @@
+"""The fused tied head + cross-entropy + z-loss (palm_fast.ops.lm_loss) against the
+reference's math: values and gradients (total, ce alone, z alone), every dtype by the
+tolerance rule, odd shapes, bad input, and the fast model's loss against the reference's."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DTYPES, assert_close_by_rule, randn
+
+from palm_fast.ops.lm_loss import tied_lm_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _reference(h, w, t, scale, z_coef):
+    """The reference PaLM.loss head: logits in h's dtype, upcast, CE + z-loss."""
+    logits = (h @ w.t()) * scale if scale != 1.0 else h @ w.t()
+    if logits.dtype != torch.float64:     # fp64 stays fp64 (the high-precision reference)
+        logits = logits.float()
+    ce = F.cross_entropy(logits, t)
+    z = z_coef * torch.logsumexp(logits, dim=-1).square().mean()
+    return ce + z, ce, z
+
+
+def _grads(fn, h, w, t, which, scale, z_coef):
+    h = h.detach().requires_grad_(True)
+    w = w.detach().requires_grad_(True)
+    out = fn(h, w, t, scale, z_coef)
+    loss = out[which] if which is not None else out[0] * 0.7 + out[1] * 0.2 + out[2] * 1.3
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    return [o.detach() for o in out], dh, dw
+
+
+def _fast(h, w, t, scale, z_coef):
+    return tied_lm_loss(h, w, t, scale=scale, z_coef=z_coef)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,d,V", [(37, 24, 101), (64, 32, 512), (1, 8, 3)])
+def test_matches_reference(dtype, M, d, V):
+    scale, z_coef = d ** -0.5, 1e-2    # a large z coefficient so its gradient is visible
+    h = randn(M, d, dtype=dtype, scale=2.0)
+    w = randn(V, d, dtype=dtype)
+    t = torch.randint(0, V, (M,))
+    for which in (0, 1, 2, None):        # total, ce alone, z alone, a mix of the three
+        out, dh, dw = _grads(_fast, h, w, t, which, scale, z_coef)
+        ref = _grads(_reference, h.double(), w.double(), t, which, scale, z_coef)
+        eager = _grads(_reference, h, w, t, which, scale, z_coef)
+        for i, name in enumerate(("total", "ce", "z")):
+            assert out[i].dtype == torch.float32
+            assert_close_by_rule(out[i], ref[0][i].float(), eager[0][i], name=name,
+                                 atol=1e-5 if dtype == torch.float32 else 2e-3)
+        assert dh.dtype == dtype and dw.dtype == dtype
+        assert_close_by_rule(dh, ref[1].to(dtype), eager[1], name=f"dh[{which}]")
+        assert_close_by_rule(dw, ref[2].to(dtype), eager[2], name=f"dw[{which}]")
+
+
+def test_fp32_tight_and_deterministic():
+    h, w = randn(50, 16), randn(77, 16)
+    t = torch.randint(0, 77, (50,))
+    a = _grads(_fast, h, w, t, 0, 0.25, 1e-4)
+    b = _grads(_fast, h, w, t, 0, 0.25, 1e-4)
+    r = _grads(_reference, h.double(), w.double(), t, 0, 0.25, 1e-4)
+    assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    torch.testing.assert_close(a[0][0].double(), r[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a[1].double(), r[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(a[2].double(), r[2], rtol=1e-5, atol=1e-7)
+
+
+def test_large_logits_no_overflow():
+    h = randn(8, 4, scale=300.0)
+    w = randn(10, 4)
+    t = torch.randint(0, 10, (8,))
+    out, dh, dw = _grads(_fast, h, w, t, 0, 1.0, 1e-4)
+    ref = _grads(_reference, h.double(), w.double(), t, 0, 1.0, 1e-4)
+    assert torch.isfinite(out[0]) and torch.isfinite(dh).all() and torch.isfinite(dw).all()
+    torch.testing.assert_close(out[0].double(), ref[0][0], rtol=1e-5, atol=1e-3)
+
+
+def test_only_one_input_needs_grad():
+    h, w = randn(9, 8), randn(13, 8, scale=0.5).requires_grad_(True)
+    t = torch.randint(0, 13, (9,))
+    (dw,) = torch.autograd.grad(tied_lm_loss(h, w, t, scale=0.5, z_coef=1e-3)[0], (w,))
+    _, _, dw_ref = _grads(_reference, h.double(), w.double(), t, 0, 0.5, 1e-3)
+    torch.testing.assert_close(dw.double(), dw_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_input():
+    h, w, t = randn(4, 8), randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(TypeError, match="h: expected a torch.Tensor"):
+        tied_lm_loss(h.tolist(), w, t)
+    with pytest.raises(ValueError, match="h: expected 2 dims"):
+        tied_lm_loss(h[None], w, t)
+    with pytest.raises(TypeError, match="weight: expected dtype"):
+        tied_lm_loss(h, w.double(), t)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(V, 8\)"):
+        tied_lm_loss(h, randn(10, 7), t)
+    with pytest.raises(TypeError, match="targets: expected dtype"):
+        tied_lm_loss(h, w, t.float())
+    with pytest.raises(ValueError, match=r"targets: expected shape \(4,\)"):
+        tied_lm_loss(h, w, t[:3])
+    with pytest.raises(ValueError, match="h: expected at least one row"):
+        tied_lm_loss(h[:0], w, t[:0])
+    with pytest.raises(ValueError, match="scale: expected a positive float"):
+        tied_lm_loss(h, w, t, scale=0.0)
+    with pytest.raises(ValueError, match="z_coef: expected a float >= 0"):
+        tied_lm_loss(h, w, t, z_coef=-1.0)
+
+
+def test_model_loss_and_gradients_match_reference():
+    """The fast PaLM's fused loss against the reference model's loss (same weights)."""
+    import palm_fast
+    from palm_fast.nn import PaLM
+    from palm_fast.reference import PaLM as RefPaLM
+
+    cfg = palm_fast.get_config("palm-tiny")
+    torch.manual_seed(0)
+    ref = RefPaLM(cfg)
+    fast = PaLM(cfg)
+    fast.load_state_dict(ref.state_dict())
+    tok = torch.randint(0, cfg.vocab_size, (2, 19))
+    out_r, out_f = ref.loss(tok), fast.loss(tok)
+    for a, b in zip(out_f, out_r):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    (out_r[0] + out_r[2]).backward()
+    (out_f[0] + out_f[2]).backward()
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="targets: expected shape"):
+        fast.loss(tok[:, :5], tok[:, :4])
+    with pytest.raises(ValueError, match="token ids must lie"):
+        fast.loss(tok + cfg.vocab_size)
+
+
+def test_tied_embedding_link():
+    """embed_tokens + tied_lm_loss sharing a GradLink: the weight gradient (head + lookup)
+    equals autograd's sum of the two; a lookup whose head gave no gradient still works."""
+    from palm_fast.ops.lm_loss import GradLink, embed_tokens
+
+    w = randn(23, 8).requires_grad_(True)
+    tok = torch.randint(0, 23, (3, 5))
+    tgt = torch.randint(0, 23, (15,))
+
+    def run(link):
+        x = embed_tokens(w, tok, link)
+        h = torch.tanh(x).flatten(0, 1) * 1.5
+        return tied_lm_loss(h, w, tgt, scale=0.5, z_coef=1e-3, link=link)[0]
+
+    (g_link,) = torch.autograd.grad(run(GradLink()), (w,))
+    (g_plain,) = torch.autograd.grad(run(None), (w,))
+    torch.testing.assert_close(g_link, g_plain, rtol=1e-6, atol=1e-7)
+    (g_lookup,) = torch.autograd.grad((embed_tokens(w, tok, GradLink()) * 2).sum(), (w,))
+    want = torch.zeros(23, 8).index_add_(0, tok.flatten(), torch.full((15, 8), 2.0))
+    torch.testing.assert_close(g_lookup, want)
+
+
+def test_torch_compile():
+    h, w = randn(10, 8).requires_grad_(True), randn(13, 8).requires_grad_(True)
+    t = torch.randint(0, 13, (10,))
+
+    def f(h, w, t):
+        return tied_lm_loss(h, w, t, scale=0.5, z_coef=1e-3)[0]
+
+    a = torch.compile(f, fullgraph=True)(h, w, t)
+    ga = torch.autograd.grad(a, (h, w))
+    b = f(h, w, t)
+    gb = torch.autograd.grad(b, (h, w))
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,102 @@
+"""The C++ causal multi-query attention (csrc/mqa_attention.cpp, palm_fast::mqa_attention):
+forward and backward against the reference attention in fp64 (tolerance rule per dtype),
+odd shapes, determinism, opcheck, and the CPU path of causal_mqa_attention using it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DTYPES, assert_close_by_rule, randn
+
+from palm_fast._ext import cpp
+from palm_fast.ops import block as ob
+from palm_fast.ops import causal_mqa_attention
+from palm_fast.reference.layers import attention as ref_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPES = [(1, 1, 1, 8), (2, 37, 3, 24), (1, 64, 4, 64), (2, 33, 8, 16), (1, 9, 2, 5)]
+
+
+def _fwd_bwd(fn, q, k, v, g):
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    o = fn(q, k, v)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), g)
+    return o.detach(), dq, dk, dv
+
+
+def _ours(q, k, v):
+    return ob._cpu_mqa(q, k, v, None)      # the C++ kernel at any head dim
+
+
+def _ref(q, k, v):
+    return ref_attention(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,D", SHAPES)
+def test_matches_reference(dtype, B, T, H, D):
+    q, k, v = randn(B, T, H, D, dtype=dtype), randn(B, T, 1, D, dtype=dtype), randn(B, T, 1, D, dtype=dtype)
+    g = randn(B, T, H, D, dtype=dtype)
+    ours = _fwd_bwd(_ours, q, k, v, g)
+    ref = _fwd_bwd(_ref, q.double(), k.double(), v.double(), g.double())
+    eager = _fwd_bwd(_ref, q, k, v, g)
+    for name, a, r, e in zip(("o", "dq", "dk", "dv"), ours, ref, eager):
+        assert a.dtype == dtype
+        assert_close_by_rule(a, r.to(dtype), e, name=name)
+
+
+def test_fp32_tight_and_deterministic():
+    q, k, v = randn(2, 50, 4, 32), randn(2, 50, 32), randn(2, 50, 32)
+    g = randn(2, 50, 4, 32)
+    a = _fwd_bwd(_ours, q, k, v, g)
+    b = _fwd_bwd(_ours, q, k, v, g)
+    r = _fwd_bwd(_ref, q.double(), k.double()[:, :, None], v.double()[:, :, None], g.double())
+    for x, y, z in zip(a, b, r):
+        assert torch.equal(x, y)
+        torch.testing.assert_close(x.double(), z.reshape(x.shape), rtol=1e-5, atol=2e-6)
+
+
+def test_kernel_direct_and_lse():
+    q, k, v = randn(1, 7, 2, 8), randn(1, 7, 8), randn(1, 7, 8)
+    o, lse = cpp().mqa_attn_fwd(q, k, v, 0.5)
+    s = torch.einsum("bthd,bjd->bthj", q.double(), k.double()) * 0.5
+    mask = torch.arange(7)[None, :] > torch.arange(7)[:, None]
+    s = s.masked_fill(mask[None, :, None, :], float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o.double(), torch.einsum("bthj,bjd->bthd", s.softmax(-1), v.double()),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="k, v: expected shape"):
+        cpp().mqa_attn_fwd(q, k[:, :5], v, 0.5)
+    with pytest.raises(RuntimeError, match="expected a contiguous tensor"):
+        cpp().mqa_attn_fwd(q.transpose(1, 2), k, v, 0.5)
+
+
+def test_opcheck():
+    q, k, v = randn(1, 5, 2, 8), randn(1, 5, 8), randn(1, 5, 8)
+    torch.library.opcheck(ob.mqa_attention_op, (q.requires_grad_(True), k.requires_grad_(True),
+                                                v.requires_grad_(True), 0.35))
+    o, lse = ob.mqa_attention_op(q, k, v, 0.35)
+    torch.library.opcheck(ob.mqa_attention_bwd_op, (randn(1, 5, 2, 8), q.detach(), k.detach(),
+                                                    v.detach(), o.detach(), lse.detach(), 0.35))
+
+
+def test_custom_op_path_matches_eager_path():
+    """The custom op (used under torch.compile) and the eager autograd.Function agree bitwise."""
+    q, k, v = randn(2, 11, 3, 16), randn(2, 11, 16), randn(2, 11, 16)
+    g = randn(2, 11, 3, 16)
+    a = _fwd_bwd(lambda q, k, v: ob.mqa_attention_op(q, k, v, 0.25)[0], q, k, v, g)
+    b = _fwd_bwd(lambda q, k, v: ob._MQAEager.apply(q, k, v, 0.25)[0], q, k, v, g)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_causal_mqa_attention_routes_by_head_dim():
+    """causal_mqa_attention runs the C++ kernel on CPU up to CPU_MQA_MAX_HEAD_DIM (SDPA above):
+    both give the reference result."""
+    for D in (ob.CPU_MQA_MAX_HEAD_DIM, ob.CPU_MQA_MAX_HEAD_DIM + 8):
+        q, k, v = randn(1, 12, 2, D), randn(1, 12, D), randn(1, 12, D)
+        g = randn(1, 12, 2, D)
+        a = _fwd_bwd(causal_mqa_attention, q, k, v, g)
+        r = _fwd_bwd(_ref, q.double(), k.double()[:, :, None], v.double()[:, :, None], g.double())
+        for x, z in zip(a, r):
+            torch.testing.assert_close(x.double(), z.reshape(x.shape), rtol=1e-5, atol=2e-6)
