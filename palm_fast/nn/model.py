@@ -57,7 +57,11 @@ class PaLM(_reference.PaLM):
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
         """Next-token loss ``(total, ce, z)`` as the reference's (same math and checks), with
-        the head, cross-entropy and z-loss fused (``tied_lm_loss``)."""
+        the head, cross-entropy and z-loss fused (``tied_lm_loss``) on the CPU. On other devices
+        the reference's loss runs (over the fast blocks): the fused loss has been measured on
+        the CPU only, and the committed GPU figures were taken with the reference's loss."""
+        if tokens.device.type != "cpu":
+            return super().loss(tokens, targets)
         if targets is None:
             tokens, targets = tokens[:, :-1], tokens[:, 1:]
         self._check_tokens(targets, "targets")
