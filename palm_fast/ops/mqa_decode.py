@@ -306,7 +306,8 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     ``shared_prefix``: True reads each prefix group's shared pages once for all its members
     (paged caches with ``fork``); False reads them per sequence (same result); None (default)
     picks True on CUDA, where decoding is bound by reading K/V, and False on the CPU, where it
-    is bound by arithmetic and the extra merge only costs time (measured 2.4x slower there).
+    is bound by arithmetic and the extra pass and merge only cost time (measured 1.25x slower
+    there, 0.54 vs 0.43 ms in `benchmarks/results/cpu/bench.json`).
     Inference only. Raises TypeError/ValueError naming the argument.
     """
     _check_cache(cache)
