@@ -305,9 +305,10 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     dtype. The kernels' launch grid does not depend on the lengths (CUDA-graph safe).
     ``shared_prefix``: True reads each prefix group's shared pages once for all its members
     (paged caches with ``fork``); False reads them per sequence (same result); None (default)
-    picks True on CUDA, where decoding is bound by reading K/V, and False on the CPU, where it
-    is bound by arithmetic and the extra pass and merge only cost time (measured 1.25x slower
-    there, 0.54 vs 0.43 ms in `benchmarks/results/cpu/bench.json`).
+    is False: the shared pass measured slower than reading per sequence on both backends
+    so far (H100: 0.92 vs 0.19 ms at 64 sequences sharing 4096 tokens,
+    ``benchmarks/results/h100/decode.json``; CPU: 0.54 vs 0.43 ms,
+    ``benchmarks/results/cpu/bench.json``).
     Inference only. Raises TypeError/ValueError naming the argument.
     """
     _check_cache(cache)
@@ -328,7 +329,7 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     if shared_prefix is not None and not isinstance(shared_prefix, bool):
         raise TypeError(f"shared_prefix: expected None or a bool, got {shared_prefix!r}")
     dev_type = q.device.type
-    use_shared = dev_type == "cuda" if shared_prefix is None else shared_prefix
+    use_shared = bool(shared_prefix)   # None -> False (see the docstring)
     meta = cache.decode_meta() if use_shared else None
     starts_host = None
     if meta is not None:
