@@ -403,3 +403,15 @@ def test_bad_input():
         fused_output_projection(randn(1, 4, 2, 8), randn(1, 4, 11), x, randn(16, 16), randn(16, 12))
     with pytest.raises(ValueError, match="o: expected shape"):
         fused_output_projection(randn(1, 4, 2, 4), randn(1, 4, 12), x, randn(16, 16), randn(16, 12))
+    with pytest.raises(ValueError, match=r"w_attn_out, w_ff_out: expected 16 rows"):
+        fused_output_projection(randn(1, 4, 2, 8), randn(1, 4, 12), x, randn(15, 16), randn(16, 12))
+    with pytest.raises(TypeError, match="w_ff_out: expected dtype torch.float32"):
+        fused_output_projection(randn(1, 4, 2, 8), randn(1, 4, 12), x, randn(16, 16),
+                                randn(16, 12, dtype=torch.float16))
+    # the whole block checks the output weights against its own sizes
+    sizes = dict(n_heads=fast.n_heads, n_kv_heads=fast.n_kv_heads, head_dim=fast.head_dim,
+                 d_ff=fast.d_ff)
+    with pytest.raises(ValueError, match=r"w_attn_out, w_ff_out: expected shapes \(64, 64\)"):
+        ob.parallel_block(randn(1, 2, 64), fast.norm.weight, fast.in_proj.weight,
+                          fast.attn_out.weight[:, :-1], fast.ff_out.weight, fast.rotary.inv_freq,
+                          **sizes)

@@ -572,6 +572,24 @@ def _rows(name, t, M, n):
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _check_out_weights(x: torch.Tensor, w_attn_out: torch.Tensor, w_ff_out: torch.Tensor,
+                       cols: tuple[int, int] | None = None) -> None:
+    """The output projection's weights: 2-D, ``d`` = x's last dim rows (and ``cols`` columns
+    when given), x's dtype and device."""
+    check_tensor("w_attn_out", w_attn_out, ndim=2)
+    check_tensor("w_ff_out", w_ff_out, ndim=2)
+    d = x.shape[-1]
+    want = None if cols is None else ((d, cols[0]), (d, cols[1]))
+    got = (tuple(w_attn_out.shape), tuple(w_ff_out.shape))
+    if (w_attn_out.shape[0] != d or w_ff_out.shape[0] != d) or (want is not None and got != want):
+        exp = f"shapes {want[0]} and {want[1]}" if want is not None else f"{d} rows (x's last dim)"
+        raise ValueError(f"w_attn_out, w_ff_out: expected {exp}, got {got[0]} and {got[1]}")
+    for name, t in (("w_attn_out", w_attn_out), ("w_ff_out", w_ff_out)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (same as x), got {t.dtype}")
+    check_same_device(x=x, w_attn_out=w_attn_out, w_ff_out=w_ff_out)
+
+
 def fused_output_projection(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
                             w_attn_out: torch.Tensor, w_ff_out: torch.Tensor) -> torch.Tensor:
     """``y = x + o @ w_attn_out^T + h @ w_ff_out^T`` as ONE GEMM over ``[o | h]``.
@@ -582,23 +600,19 @@ def fused_output_projection(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
     check_tensor("x", x, ndim=3)
     check_tensor("o", o, ndim=(3, 4))
     check_tensor("h", h, ndim=3)
-    check_tensor("w_attn_out", w_attn_out, ndim=2)
-    check_tensor("w_ff_out", w_ff_out, ndim=2)
+    _check_out_weights(x, w_attn_out, w_ff_out)
     B, T, d = x.shape
     hq = w_attn_out.shape[1]
     F_ = w_ff_out.shape[1]
-    if w_attn_out.shape[0] != d or w_ff_out.shape[0] != d:
-        raise ValueError(f"w_attn_out, w_ff_out: expected {d} rows (x's last dim), got "
-                         f"{tuple(w_attn_out.shape)} and {tuple(w_ff_out.shape)}")
     if o.shape[:2] != (B, T) or math.prod(o.shape[2:]) != hq:
         raise ValueError(f"o: expected shape ({B}, {T}, {hq}) or ({B}, {T}, H, hd) with H hd = {hq}, "
                          f"got {tuple(o.shape)}")
     if tuple(h.shape) != (B, T, F_):
         raise ValueError(f"h: expected shape ({B}, {T}, {F_}), got {tuple(h.shape)}")
-    for name, t in (("o", o), ("h", h), ("w_attn_out", w_attn_out), ("w_ff_out", w_ff_out)):
+    for name, t in (("o", o), ("h", h)):
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (same as x), got {t.dtype}")
-    check_same_device(x=x, o=o, h=h, w_attn_out=w_attn_out, w_ff_out=w_ff_out)
+    check_same_device(x=x, o=o, h=h)
     return _output_projection(o, h, x, w_attn_out, w_ff_out)
 
 
@@ -645,15 +659,7 @@ def parallel_block(x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch.Tensor,
     # the checked arguments or tensors the previous piece made).
     _check_in(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_heads, head_dim, d_ff)
     eps = check_eps(eps)
-    check_tensor("w_attn_out", w_attn_out, ndim=2)
-    check_tensor("w_ff_out", w_ff_out, ndim=2)
-    if tuple(w_attn_out.shape) != (d, n_heads * head_dim) or tuple(w_ff_out.shape) != (d, d_ff):
-        raise ValueError(f"w_attn_out, w_ff_out: expected shapes ({d}, {n_heads * head_dim}) and "
-                         f"({d}, {d_ff}), got {tuple(w_attn_out.shape)} and {tuple(w_ff_out.shape)}")
-    for name, t in (("w_attn_out", w_attn_out), ("w_ff_out", w_ff_out)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (same as x), got {t.dtype}")
-    check_same_device(x=x, w_attn_out=w_attn_out, w_ff_out=w_ff_out)
+    _check_out_weights(x, w_attn_out, w_ff_out, cols=(n_heads * head_dim, d_ff))
     q, k, v, h = _input_projection(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_heads,
                                    head_dim, d_ff, eps, interleaved, packed)
     if cache is not None:
