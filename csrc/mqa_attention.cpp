@@ -99,85 +99,59 @@ inline float exp_sub_sum(float* p, int64_t n, float m) {
 // the 16 AVX2 registers with the operand loads and the broadcast.
 constexpr int64_t kHB = 4;
 
-// S[h][j] = sum_d a[h][d] * bt[d * ld + j] for h < nh (<= kHB), j < n; S rows of stride ldS.
-inline void rows_times_t(const float* a, int64_t lda, int64_t nh, const float* bt, int64_t ld,
-                         int64_t D, int64_t n, float* S, int64_t ldS) {
-  int64_t j = 0;
-  for (; j + 2 * kW <= n; j += 2 * kW) {
+// C[h][c] = sum_r A[h * sah + r * sar] * Bm[r * ldb + c] for h < nh (<= kHB), r < R, c < n:
+// a few rows of a strided matrix times a row-major block. Every product of the kernel is
+// one: scores (A = query rows, Bm = transposed keys), outputs (A = probabilities, Bm =
+// value rows) and the backward's dq / dk / dv (A read transposed through its strides).
+inline void few_rows_mm(const float* A, int64_t sah, int64_t sar, int64_t nh, const float* Bm,
+                        int64_t ldb, int64_t R, int64_t n, float* C, int64_t ldc) {
+  int64_t c = 0;
+  for (; c + 2 * kW <= n; c += 2 * kW) {
     Vec c0[kHB], c1[kHB];
     for (int64_t h = 0; h < kHB; ++h) c0[h] = c1[h] = Vec(0.f);
-    for (int64_t d = 0; d < D; ++d) {
-      const Vec b0 = Vec::loadu(bt + d * ld + j), b1 = Vec::loadu(bt + d * ld + j + kW);
+    for (int64_t r = 0; r < R; ++r) {
+      const Vec b0 = Vec::loadu(Bm + r * ldb + c), b1 = Vec::loadu(Bm + r * ldb + c + kW);
       for (int64_t h = 0; h < kHB; ++h) {
         if (h < nh) {
-          const Vec ah(a[h * lda + d]);
+          const Vec ah(A[h * sah + r * sar]);
           c0[h] = at::vec::fmadd(ah, b0, c0[h]);
           c1[h] = at::vec::fmadd(ah, b1, c1[h]);
         }
       }
     }
     for (int64_t h = 0; h < nh; ++h) {
-      c0[h].store(S + h * ldS + j);
-      c1[h].store(S + h * ldS + j + kW);
+      c0[h].store(C + h * ldc + c);
+      c1[h].store(C + h * ldc + c + kW);
     }
   }
-  for (; j + kW <= n; j += kW) {
+  for (; c + kW <= n; c += kW) {
     Vec c0[kHB];
     for (int64_t h = 0; h < kHB; ++h) c0[h] = Vec(0.f);
-    for (int64_t d = 0; d < D; ++d) {
-      const Vec b0 = Vec::loadu(bt + d * ld + j);
+    for (int64_t r = 0; r < R; ++r) {
+      const Vec b0 = Vec::loadu(Bm + r * ldb + c);
       for (int64_t h = 0; h < kHB; ++h)
-        if (h < nh) c0[h] = at::vec::fmadd(Vec(a[h * lda + d]), b0, c0[h]);
+        if (h < nh) c0[h] = at::vec::fmadd(Vec(A[h * sah + r * sar]), b0, c0[h]);
     }
-    for (int64_t h = 0; h < nh; ++h) c0[h].store(S + h * ldS + j);
+    for (int64_t h = 0; h < nh; ++h) c0[h].store(C + h * ldc + c);
   }
-  for (; j < n; ++j)
+  for (; c < n; ++c)
     for (int64_t h = 0; h < nh; ++h) {
       float acc = 0.f;
-      for (int64_t d = 0; d < D; ++d) acc += a[h * lda + d] * bt[d * ld + j];
-      S[h * ldS + j] = acc;
+      for (int64_t r = 0; r < R; ++r) acc += A[h * sah + r * sar] * Bm[r * ldb + c];
+      C[h * ldc + c] = acc;
     }
 }
 
-// out[h][0:D] = sum_j W[h * sh + j * sj] * x[j][0:D] for h < nh (<= kHB), j < n (x rows of
-// D floats).
+// S[h][j] = sum_d a[h][d] * bt[d * ld + j] (a rows of stride lda; bt: D rows of ld floats).
+inline void rows_times_t(const float* a, int64_t lda, int64_t nh, const float* bt, int64_t ld,
+                         int64_t D, int64_t n, float* S, int64_t ldS) {
+  few_rows_mm(a, lda, 1, nh, bt, ld, D, n, S, ldS);
+}
+
+// out[h][0:D] = sum_j W[h * sh + j * sj] * x[j][0:D] (x: n rows of D floats).
 inline void weights_times_rows(const float* W, int64_t sh, int64_t sj, int64_t nh, const float* x,
                                int64_t D, int64_t n, float* out, int64_t ldo) {
-  int64_t d = 0;
-  for (; d + 2 * kW <= D; d += 2 * kW) {
-    Vec c0[kHB], c1[kHB];
-    for (int64_t h = 0; h < kHB; ++h) c0[h] = c1[h] = Vec(0.f);
-    for (int64_t j = 0; j < n; ++j) {
-      const Vec x0 = Vec::loadu(x + j * D + d), x1 = Vec::loadu(x + j * D + d + kW);
-      for (int64_t h = 0; h < kHB; ++h) {
-        if (h < nh) {
-          const Vec wh(W[h * sh + j * sj]);
-          c0[h] = at::vec::fmadd(wh, x0, c0[h]);
-          c1[h] = at::vec::fmadd(wh, x1, c1[h]);
-        }
-      }
-    }
-    for (int64_t h = 0; h < nh; ++h) {
-      c0[h].store(out + h * ldo + d);
-      c1[h].store(out + h * ldo + d + kW);
-    }
-  }
-  for (; d + kW <= D; d += kW) {
-    Vec c0[kHB];
-    for (int64_t h = 0; h < kHB; ++h) c0[h] = Vec(0.f);
-    for (int64_t j = 0; j < n; ++j) {
-      const Vec x0 = Vec::loadu(x + j * D + d);
-      for (int64_t h = 0; h < kHB; ++h)
-        if (h < nh) c0[h] = at::vec::fmadd(Vec(W[h * sh + j * sj]), x0, c0[h]);
-    }
-    for (int64_t h = 0; h < nh; ++h) c0[h].store(out + h * ldo + d);
-  }
-  for (; d < D; ++d)
-    for (int64_t h = 0; h < nh; ++h) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < n; ++j) acc += W[h * sh + j * sj] * x[j * D + d];
-      out[h * ldo + d] = acc;
-    }
+  few_rows_mm(W, sh, sj, nh, x, D, n, D, out, ldo);
 }
 
 template <typename scalar_t>
