@@ -110,6 +110,13 @@ def test_palm_pytorch_logits_fp32():
     assert close_rel(got, want, 2e-5)
 
 
+def assert_same_logits(m, ref, T: int = 37, rel: float = 2e-5) -> None:
+    """The patched model's outputs on fresh tokens match the unpatched copy's."""
+    x = tokens(T=T)
+    with torch.no_grad():
+        assert close_rel(m(x), ref(x), rel)
+
+
 @needs_pp
 def test_palm_pytorch_logits_bf16_by_rule():
     base = pp_model()
@@ -135,9 +142,7 @@ def test_palm_pytorch_flags_keep_parity(flags):
         assert type(blk.ff_out[0]) is pp.SwiGLU
     if not flags.get("layer_norm", True):
         assert type(blk.norm) is pp.LayerNorm and type(m[3]) is pp.LayerNorm
-    x = tokens()
-    with torch.no_grad():
-        assert close_rel(m(x), ref(x), 2e-5)
+    assert_same_logits(m, ref)
 
 
 @needs_pp
@@ -150,9 +155,7 @@ def test_palm_pytorch_nonzero_beta_is_exact():
                 mod.beta.normal_()
     ref = copy.deepcopy(m)
     palm_fast.patch(m)
-    x = tokens()
-    with torch.no_grad():
-        assert close_rel(m(x), ref(x), 2e-5)
+    assert_same_logits(m, ref)
 
 
 @needs_pp
@@ -450,9 +453,7 @@ def test_report_for_unsupported_variants():
     assert type(m[1].fn) is pp.ParallelTransformerBlock and type(m[1].fn.norm) is pp_fast.LayerNorm
     assert type(m[3].fn) is pp.ParallelTransformerBlock
     assert type(m[4].fn) is pp_fast.ParallelTransformerBlock
-    x = tokens()
-    with torch.no_grad():
-        assert close_rel(m(x), ref(x), 2e-5)
+    assert_same_logits(m, ref)
 
 
 @needs_pp
@@ -481,9 +482,7 @@ def test_reference_block_flags_fall_back_to_parts():
     assert type(blk) is palm_fast.reference.ParallelBlock
     assert type(blk.norm) is palm_fast.nn.LayerNorm and type(blk.act) is palm_fast.nn.SwiGLU
     assert type(blk.rotary) is palm_fast.reference.RotaryEmbedding
-    x = tokens(T=20)
-    with torch.no_grad():
-        assert close_rel(m(x), ref(x), 2e-5)
+    assert_same_logits(m, ref, T=20)
 
 
 # ------------------------------------------------------------------ generation
@@ -548,9 +547,7 @@ def test_palm_lite_variant_is_reported_not_patched():
         palm_fast.patch(m)
     assert type(m[1].fn) is palm_lite.ParallelTransformerBlock
     assert type(m[1].fn.ff_out[0]) is palm_fast.nn.SwiGLU          # same value | gate math
-    x = tokens(T=9)
-    with torch.no_grad():
-        assert close_rel(m(x), ref(x), 1e-5)
+    assert_same_logits(m, ref, T=9, rel=1e-5)
 
 
 @needs_pp
@@ -571,9 +568,7 @@ def test_reference_gqa_blocks_are_patched_exactly():
     ref = copy.deepcopy(m)
     palm_fast.patch(m)
     assert m.palm_fast_report.ok and type(m.blocks[0]) is palm_fast.nn.ParallelBlock
-    x = tokens(T=20)
-    with torch.no_grad():
-        assert close_rel(m(x), ref(x), 2e-5)
+    assert_same_logits(m, ref, T=20)
 
 
 @needs_pp
