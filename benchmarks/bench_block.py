@@ -16,6 +16,9 @@ Cases:
 * ``block.in_proj``: the input GEMM with its RoPE + SwiGLU epilogue (``palm_fast``; CUDA:
   the Triton kernel, CPU: ATen GEMM + C++ epilogues) against the plain ``matmul`` of the same
   shape (``xn @ W_in^T``, no epilogue).
+* ``block.attention.fwdbwd`` (CPU only): causal MQA attention forward + backward at head dim
+  16 (B=2, T=256, H=8), where the CPU path is our C++ kernel (``palm_fast::mqa_attention``),
+  against ATen's SDPA with the broadcast k/v head and the eager reference ``attention``.
 
 FLOPs are model FLOPs as PaLM counts them (Appendix B): per token ``2 N_block + 4 H hd T``
 forward (the full T x T score matrix), three times that for forward + backward. TFLOP/s is
@@ -113,6 +116,48 @@ def block_cases(ctx: BenchContext):
 
     yield from _in_proj_case(ctx, s, fast)
     yield from _out_proj_case(ctx, s, fast)
+    if dev == "cpu":
+        yield from _cpu_attention_case(ctx)
+
+
+def _cpu_attention_case(ctx: BenchContext):
+    """CPU causal MQA attention forward + backward at a small head dim (PaLM-pytorch's
+    dim_head 16 in ``bench_patch``), where ``causal_mqa_attention`` runs our C++ kernel
+    (``palm_fast::mqa_attention``): vs ``sdpa`` (ATen's SDPA with the k/v head broadcast as a
+    stride-0 view: what the block uses above ``CPU_MQA_MAX_HEAD_DIM``) and the eager
+    reference ``attention``."""
+    import torch.nn.functional as F
+
+    from palm_fast.ops import block as ob
+    from palm_fast.ops import causal_mqa_attention
+    from palm_fast.reference import attention
+
+    B, T, H, hd = (1, 128, 8, 16) if ctx.quick else (2, 256, 8, 16)
+    assert hd <= ob.CPU_MQA_MAX_HEAD_DIM
+    dt = ctx.dtype
+    elem = torch.empty((), dtype=dt).element_size()
+
+    def setup():
+        q = torch.randn(B, T, H, hd, dtype=dt, requires_grad=True)
+        k = torch.randn(B, T, 1, hd, dtype=dt, requires_grad=True)
+        v = torch.randn(B, T, 1, hd, dtype=dt, requires_grad=True)
+        return q, k, v, torch.randn(B, T, H, hd, dtype=dt)
+
+    def sdpa(q, k, v):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k.expand(B, T, H, hd), v.expand(B, T, H, hd)))
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+
+    def fwdbwd(fn):
+        def run(inputs):
+            q, k, v, g = inputs
+            return torch.autograd.grad(fn(q, k, v), (q, k, v), g)
+        return run
+
+    yield Case(name="block.attention.fwdbwd", shape=dict(B=B, T=T, H=H, hd=hd), dtype=dt,
+               bytes=(4 * B * T * H * hd + 4 * B * T * hd) * elem,
+               flops=3 * 2 * B * H * T * T * hd, bound="compute", setup=setup,
+               impls={"palm_fast": fwdbwd(causal_mqa_attention), "sdpa": fwdbwd(sdpa),
+                      "eager": fwdbwd(lambda q, k, v: attention(q, k, v))})
 
 
 def _in_proj_case(ctx: BenchContext, s: dict, fast):
