@@ -33,6 +33,9 @@ hands its ``dW`` to the lookup's backward, which scatters its rows into it in pl
 
 Plain ATen ops: the same code runs on CPU and CUDA (and traces under ``torch.compile``,
 where the model uses no link); half-precision CPU GEMMs go through fp32 as the block's do.
+The weight gradient's row scatter is ``index_add_``: a fixed order on the CPU (bitwise
+reproducible), atomic adds on CUDA (not bitwise reproducible run to run). ``nn.PaLM.loss``
+uses this loss on the CPU only; on other devices it keeps the reference loss.
 """
 from __future__ import annotations
 
