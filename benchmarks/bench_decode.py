@@ -7,7 +7,9 @@ Cases
   attends), ``scaled_dot_product_attention`` (GQA form where torch has it) and
   FlashAttention's ``flash_attn_with_kvcache`` when importable (CUDA); plus
   ``sdpa_mha_cache``: the same attention over a multi-head cache of the same width
-  (H K/V heads), to show what MQA saves (its ``kv_bytes_read`` field).
+  (H K/V heads), to show what MQA saves (its ``kv_bytes_read`` field); on CUDA also
+  ``palm_fast_graph``: the same call replayed from a CUDA graph, as ``generate`` runs it
+  (the kernels' time without the host's per-call cost).
 * ``decode_shared_prefix.fwd``: sequences sharing one prompt (``KVCache.fork``): the decode
   reading the shared pages once (``palm_fast``) vs per sequence (``palm_fast_unshared``)
   vs the eager reference on each sequence's gathered K/V.
@@ -43,6 +45,31 @@ def _sdpa(q, k, v):
             ks = ks.expand(-1, qs.shape[1], -1, -1)
             vs = vs.expand(-1, qs.shape[1], -1, -1)
     return F.scaled_dot_product_attention(qs, ks, vs)[:, :, 0]
+
+
+class _Graphed:
+    """A decode call captured as a CUDA graph once per input set, then replayed: what
+    ``palm_fast.generate`` does each step, so the host's per-call cost (argument checks,
+    allocations, two launches) drops out and the kernels' own time shows."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.graphs = {}
+
+    def __call__(self, x):
+        hit = self.graphs.get(id(x))
+        if hit is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up (compile, allocate) outside the capture
+                self.fn(x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.fn(x)
+            hit = self.graphs[id(x)] = (graph, x, out)  # keeps x (and its id) alive
+        hit[0].replay()
+        return hit[2]
 
 
 def _shapes(ctx: BenchContext):
@@ -84,6 +111,8 @@ def decode_cases(ctx: BenchContext):
             "palm_fast_paged": lambda x: mqa_decode(x[0], x[2], 0, x[2].lengths),
             "sdpa": lambda x: _sdpa(x[0], x[1].k[0][:, :, None], x[1].v[0][:, :, None]),
         }
+        if dev == "cuda":
+            impls["palm_fast_graph"] = _Graphed(impls["palm_fast"])
         if expanded <= (2**31 if dev == "cpu" else 16 * 2**30):
             impls["eager"] = lambda x: attention(x[0][:, None], x[1].k[0][:, :, None],
                                                  x[1].v[0][:, :, None], causal=False)[:, 0]
@@ -117,8 +146,8 @@ def decode_cases(ctx: BenchContext):
             del impls["palm_fast_paged"]
         yield Case(name="decode.fwd", shape=shape, dtype=dtype, bytes=kv_bytes + qo_bytes,
                    flops=4 * B * H * T * hd, setup=setup, impl_extra=impl_extra,
-                   impls={k: impls[k] for k in ("palm_fast", "palm_fast_paged", "eager", "sdpa",
-                                                "flash_attn", "sdpa_mha_cache") if k in impls})
+                   impls={k: impls[k] for k in ("palm_fast", "palm_fast_graph", "palm_fast_paged", "eager",
+                                                "sdpa", "flash_attn", "sdpa_mha_cache") if k in impls})
     yield from _shared_prefix_cases(ctx, elem)
 
 

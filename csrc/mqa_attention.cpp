@@ -304,6 +304,11 @@ void bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, cons
   });
 }
 
+// t's sizes are exactly (a, b, c) (plain integer compares: no ArrayRef of a temporary list)
+bool sizes_are(const at::Tensor& t, int64_t a, int64_t b, int64_t c) {
+  return t.dim() == 3 && t.size(0) == a && t.size(1) == b && t.size(2) == c;
+}
+
 void check(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
   TORCH_CHECK(t.dim() == dim, name, ": expected ", dim, " dims, got ", t.dim());
@@ -316,8 +321,8 @@ std::tuple<at::Tensor, at::Tensor> mqa_attn_fwd(const at::Tensor& q, const at::T
   check(k, "k", 3);
   check(v, "v", 3);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
-  TORCH_CHECK(k.sizes() == at::IntArrayRef({B, T, D}) && v.sizes() == k.sizes(),
-              "k, v: expected shape [B, T, D] = ", at::IntArrayRef({B, T, D}));
+  TORCH_CHECK(sizes_are(k, B, T, D) && sizes_are(v, B, T, D),
+              "k, v: expected shape [B, T, D] = [", B, ", ", T, ", ", D, "]");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "k, v: expected q's dtype");
   at::Tensor o = at::empty_like(q);
@@ -343,9 +348,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mqa_attn_bwd(const at::Tensor& do
   check(lse, "lse", 3);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   TORCH_CHECK(dout.sizes() == q.sizes() && o.sizes() == q.sizes(), "grad_out, o: expected q's shape");
-  TORCH_CHECK(k.sizes() == at::IntArrayRef({B, T, D}) && v.sizes() == k.sizes(),
-              "k, v: expected shape [B, T, D]");
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, T, H}) && lse.scalar_type() == at::kFloat,
+  TORCH_CHECK(sizes_are(k, B, T, D) && sizes_are(v, B, T, D),
+              "k, v: expected shape [B, T, D] = [", B, ", ", T, ", ", D, "]");
+  TORCH_CHECK(sizes_are(lse, B, T, H) && lse.scalar_type() == at::kFloat,
               "lse: expected fp32 [B, T, H]");
   TORCH_CHECK(dout.scalar_type() == q.scalar_type() && o.scalar_type() == q.scalar_type() &&
                   k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_launch_device, interpreting
-from .rope import precise_trig, rope_cos_sin
+from .rope import approx_cos_sin, precise_trig, rope_cos_sin
 
 
 def _cfg(bm, bn, bk, group, warps, stages):
@@ -63,12 +63,13 @@ def _cfg(bm, bn, bk, group, warps, stages):
 
 
 # Input projection: BLOCK_N counts pairs, so the tile covers 2 * BLOCK_N weight rows.
-# Shared memory per stage (bf16): (BM + 2 BN) * BK * 2 bytes -> 48 / 48 / 32 / 16 KiB.
+# Shared memory per stage (bf16): (BM + 2 BN) * BK * 2 bytes -> 48 / 48 / 32 / 32 / 16 KiB.
 IN_PROJ_CONFIGS = [
     _cfg(128, 128, 64, 8, 8, 3),
-    _cfg(128, 128, 64, 8, 8, 4),
+    _cfg(128, 128, 64, 8, 8, 4),  # best for the SwiGLU region on an H100 (bf16, d=2048)
+    _cfg(128, 64, 64, 8, 8, 4),   # best for the RoPE region (its epilogue needs registers)
     _cfg(128, 64, 64, 8, 4, 4),
-    _cfg(64, 64, 32, 8, 4, 4),   # small M (decode, short prompts)
+    _cfg(64, 64, 32, 8, 4, 4),    # small M (decode, short prompts)
 ]
 # Output projection: (BM + BN) * BK * 2 bytes per stage -> 48 / 32 / 32 / 8 KiB.
 OUT_PROJ_CONFIGS = [
@@ -96,6 +97,21 @@ def fit_config(config: triton.Config, elem_bytes: int, b_rows: int = 1) -> trito
     while need() > SMEM_BUDGET and kw["BLOCK_K"] > 16:
         kw["BLOCK_K"] //= 2
     return triton.Config(kw, num_warps=config.num_warps, num_stages=stages)
+
+
+# The q / k / v columns of the input projection: a library GEMM + the RoPE kernel (True)
+# or the epilogue GEMM's RoPE region (False). On an H100 (bf16, 16384 x 2048 -> 2304
+# columns) the pair took 0.28 ms and the fused region 0.86 ms at its best config: its
+# scattered q / k / v stores and per-element rotation keep it far from the GEMM's speed.
+QKV_VIA_GEMM = True
+
+# bf16 / fp16 outputs of the input GEMM take the hardware cos/sin (see ``approx_cos_sin``):
+# libdevice's accurate versions made the RoPE tiles ~4x slower than the GEMM under them.
+FAST_TRIG_HALF = True
+
+
+def fast_trig(dtype: torch.dtype) -> bool:
+    return FAST_TRIG_HALF and dtype != torch.float32 and not interpreting() and precise_trig(torch.device("cuda"))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -153,6 +169,7 @@ def _in_proj_fwd(
     h_ptr,        # out [M, F] = silu(gate) * value, contiguous
     ff_ptr,       # out [M, 2F] pre-activation value | gate (written when STORE_FF), contiguous
     M, K, P,      # rows, reduction size (d), number of pairs
+    PAIR0, P_END,  # the pairs this launch covers: [PAIR0, P_END)
     M_BUCKET,     # next power of two >= M: the autotune key (unused by the kernel)
     P_QKV,        # pairs before the SwiGLU ones: (H + 2 Hk) hd / 2
     HQ, HKV, F,   # widths of q, of k (= of v), of h
@@ -160,56 +177,77 @@ def _in_proj_fwd(
     STORE_FF: tl.constexpr,    # also write the pre-activation (training)
     UPCAST: tl.constexpr,      # fp32 dot operands (interpreter)
     PRECISE_TRIG: tl.constexpr,  # libdevice cos/sin (GPU)
+    FAST_TRIG: tl.constexpr,   # hardware-approximated cos/sin after an exact reduction (GPU, half outputs)
     DOT_PREC: tl.constexpr,    # tl.dot input precision ("ieee" / "tf32")
     EVEN_K: tl.constexpr,      # BLOCK_K divides K: no K-tail masks
+    INTERLEAVED: tl.constexpr,  # w_a / w_b interleaved rows of one buffer (one dot per K step)
+    REGION: tl.constexpr,      # 1: q / k / v pairs (RoPE epilogue), 2: SwiGLU pairs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, P, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, P_END - PAIR0, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_start = PAIR0 + pid_n * BLOCK_N
+    pairs = n_start + tl.arange(0, BLOCK_N)
     rows_ld = (rows % M).to(tl.int64)          # wrapped for loads; stores are masked
     pairs_ld = (pairs % P).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + rows_ld[:, None] * stride_xm + offs_k[None, :]
-    wa_ptrs = wa_ptr + pairs_ld[None, :] * K + offs_k[:, None]
-    wb_ptrs = wb_ptr + pairs_ld[None, :] * K + offs_k[:, None]
-    acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a, wa = _load_k_tiles(a_ptrs, wa_ptrs, K - k0, offs_k, UPCAST, EVEN_K)
-        if EVEN_K:
-            wb = tl.load(wb_ptrs)
-        else:
-            wb = tl.load(wb_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
-        if UPCAST:
-            wb = wb.to(tl.float32)
-        acc_a = tl.dot(a, wa, acc_a, input_precision=DOT_PREC)
-        acc_b = tl.dot(a, wb, acc_b, input_precision=DOT_PREC)
-        a_ptrs += BLOCK_K
-        wa_ptrs += BLOCK_K
-        wb_ptrs += BLOCK_K
+    if INTERLEAVED:
+        # w_a / w_b are the even / odd rows of one [2P, K] buffer: ONE [BK, 2 BN] weight
+        # tile and ONE dot per K step (a 2 BN-wide accumulator, split into the pair
+        # members after the loop: column 2j holds member a of pair j, 2j + 1 member b).
+        wrows = ((2 * n_start + tl.arange(0, 2 * BLOCK_N)) % (2 * P)).to(tl.int64)
+        w_ptrs = wa_ptr + wrows[None, :] * K + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a, w = _load_k_tiles(a_ptrs, w_ptrs, K - k0, offs_k, UPCAST, EVEN_K)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        acc_a, acc_b = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    else:
+        wa_ptrs = wa_ptr + pairs_ld[None, :] * K + offs_k[:, None]
+        wb_ptrs = wb_ptr + pairs_ld[None, :] * K + offs_k[:, None]
+        acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a, wa = _load_k_tiles(a_ptrs, wa_ptrs, K - k0, offs_k, UPCAST, EVEN_K)
+            if EVEN_K:
+                wb = tl.load(wb_ptrs)
+            else:
+                wb = tl.load(wb_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
+            if UPCAST:
+                wb = wb.to(tl.float32)
+            acc_a = tl.dot(a, wa, acc_a, input_precision=DOT_PREC)
+            acc_b = tl.dot(a, wb, acc_b, input_precision=DOT_PREC)
+            a_ptrs += BLOCK_K
+            wa_ptrs += BLOCK_K
+            wb_ptrs += BLOCK_K
 
-    # ---- epilogue (tile-level branches: the trig only runs on tiles holding q / k / v pairs)
+    # ---- epilogue: one region per launch, so the SwiGLU tiles' kernel carries none of the
+    # RoPE epilogue's registers (its per-element trig and scattered q / k / v stores)
     row_ok = rows < M
-    pair_ok = pairs < P
+    pair_ok = pairs < P_END
     rows64 = rows.to(tl.int64)
-    n_start = pid_n * BLOCK_N
-    if n_start < P_QKV:
+    if REGION == 1:
         # q / k / v pairs: rotate (by 0 for pass-through features and v: a plain copy)
         dst_a = tl.load(dst_a_ptr + pairs_ld)
         dst_b = tl.load(dst_b_ptr + pairs_ld)
         freq = tl.load(freq_ptr + pairs_ld)
         pos = tl.load(pos_ptr + rows_ld).to(tl.float32)
         theta = pos[:, None] * freq[None, :]
-        cos, sin = rope_cos_sin(theta, PRECISE_TRIG)
+        if FAST_TRIG:
+            cos, sin = approx_cos_sin(theta)
+        else:
+            cos, sin = rope_cos_sin(theta, PRECISE_TRIG)
         out_a = acc_a * cos - acc_b * sin
         out_b = acc_b * cos + acc_a * sin
-        qkv_ok = row_ok[:, None] & (pair_ok & (pairs < P_QKV))[None, :]
+        qkv_ok = row_ok[:, None] & pair_ok[None, :]
         _store_qkv(q_ptr, k_ptr, v_ptr, rows64, dst_a, out_a, qkv_ok, HQ, HKV)
         _store_qkv(q_ptr, k_ptr, v_ptr, rows64, dst_b, out_b, qkv_ok, HQ, HKV)
-    if n_start + BLOCK_N > P_QKV:
+    else:
         # SwiGLU pairs: a = value, b = gate
-        ff_ok = row_ok[:, None] & (pair_ok & (pairs >= P_QKV))[None, :]
+        ff_ok = row_ok[:, None] & pair_ok[None, :]
         f = pairs - P_QKV
         h = acc_b / (1.0 + tl.exp(-acc_b)) * acc_a
         tl.store(h_ptr + rows64[:, None] * F + f[None, :], h.to(h_ptr.dtype.element_ty), mask=ff_ok)
@@ -221,16 +259,14 @@ def _in_proj_fwd(
 
 @triton.jit
 def _store_qkv(q_ptr, k_ptr, v_ptr, rows64, col, val, mask, HQ, HKV):
-    """Store ``val [BM, BN]`` at reference column ``col [BN]`` of q | k | v."""
+    """Store ``val [BM, BN]`` at reference column ``col [BN]`` of q | k | v: one store
+    through per-column base pointers and row strides (a [BN] select, not three masked
+    [BM, BN] stores: the RoPE epilogue is register-bound)."""
     is_q = col < HQ
-    is_k = (col >= HQ) & (col < HQ + HKV)
-    q_off = rows64[:, None] * HQ + col[None, :]
-    kv_off = rows64[:, None] * HKV + (col - HQ)[None, :]
-    v_off = rows64[:, None] * HKV + (col - HQ - HKV)[None, :]
-    val = val.to(q_ptr.dtype.element_ty)
-    tl.store(q_ptr + q_off, val, mask=mask & is_q[None, :])
-    tl.store(k_ptr + kv_off, val, mask=mask & is_k[None, :])
-    tl.store(v_ptr + v_off, val, mask=mask & (col >= HQ + HKV)[None, :])
+    is_k = col < HQ + HKV
+    base = tl.where(is_q, q_ptr + col, tl.where(is_k, k_ptr + (col - HQ), v_ptr + (col - HQ - HKV)))
+    stride = tl.where(is_q, HQ, HKV).to(tl.int64)
+    tl.store(base[None, :] + rows64[:, None] * stride[None, :], val.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -295,7 +331,8 @@ def _out_even_k(meta):
 # and tuning each one (compiling and timing every config) would cost seconds per new length.
 _in_proj_tuned = {
     eb: triton.autotune([fit_config(c, eb, 2) for c in IN_PROJ_CONFIGS],
-                        key=["M_BUCKET", "K", "P", "STORE_FF", "DOT_PREC"])(
+                        key=["M_BUCKET", "K", "PAIR0", "P_END", "STORE_FF", "DOT_PREC", "INTERLEAVED", "REGION",
+                             "FAST_TRIG"])(
         triton.heuristics({"EVEN_K": _in_even_k})(_in_proj_fwd))
     for eb in (2, 4)}
 _out_proj_tuned = {
@@ -352,6 +389,18 @@ def pair_columns(n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, rotary
     return torch.cat(col_a), torch.cat(col_b), torch.cat(fidx)
 
 
+def is_interleaved(w_a: torch.Tensor, w_b: torch.Tensor) -> bool:
+    """True when ``w_a`` / ``w_b`` are the even / odd rows of one contiguous ``[2P, d]``
+    buffer (what ``pack_in_proj`` builds), so one weight tile holds both pair members."""
+    if w_a.dim() != 2 or w_a.shape != w_b.shape or w_a.dtype != w_b.dtype:
+        return False
+    P, K = w_a.shape
+    if P == 0 or K == 0:
+        return False
+    return (w_a.stride() == (2 * K, 1) and w_b.stride() == (2 * K, 1)
+            and w_b.data_ptr() == w_a.data_ptr() + K * w_a.element_size())
+
+
 def pack_in_proj(w_in: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int,
                  head_dim: int, d_ff: int, interleaved: bool) -> PackedInProj:
     """Gather ``in_proj.weight [Nin, d]`` into the pair layout (a copy; no autograd)."""
@@ -361,9 +410,12 @@ def pack_in_proj(w_in: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_
     inv = inv_freq.detach().to(device="cpu", dtype=torch.float32)
     freq = torch.where(fidx >= 0, inv[fidx.clamp(min=0)], torch.zeros(()))
     w = w_in.detach()
+    # One [P, 2, d] buffer: w_a / w_b are its even / odd rows (views), so the kernel loads
+    # both members of BLOCK_N pairs as one [2 BLOCK_N, d] tile (see ``is_interleaved``).
+    w_ab = w.index_select(0, torch.stack((col_a, col_b), 1).flatten().to(dev)).view(-1, 2, w.shape[1])
     return PackedInProj(
-        w_a=w.index_select(0, col_a.to(dev)).contiguous(),
-        w_b=w.index_select(0, col_b.to(dev)).contiguous(),
+        w_a=w_ab[:, 0],
+        w_b=w_ab[:, 1],
         dst_a=col_a.to(device=dev, dtype=torch.int32),
         dst_b=col_b.to(device=dev, dtype=torch.int32),
         freq=freq.to(dev),
@@ -386,16 +438,26 @@ def _meta(config: triton.Config | None, elem_bytes: int, b_rows: int) -> dict | 
 
 def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: int,
             n_kv_heads: int, head_dim: int, d_ff: int, *, store_ff: bool,
-            config: triton.Config | None = None):
+            config: triton.Config | None = None, qkv_weight: torch.Tensor | None = None,
+            inv_freq: torch.Tensor | None = None, interleaved: bool = False):
     """``xn [M, d]`` -> ``(q [M, H hd], k [M, Hk hd], v [M, Hk hd], h [M, F], ff)``.
 
     q and k rotated by ``pos [M]`` (one position per row); ``ff [M, 2F]`` (value | gate
     pre-activation) when ``store_ff``, else an empty ``[0]`` tensor. ``config`` forces
     one of ``IN_PROJ_CONFIGS`` (tests); default: autotuned on the GPU.
+
+    ``qkv_weight`` (the reference-layout rows ``q | k | v`` of the input weight,
+    ``[(H + 2 Hk) hd, d]``, with ``inv_freq`` and ``interleaved``): the q / k / v columns
+    are then a library GEMM followed by the RoPE kernel (``kernels.rope``) instead of the
+    epilogue GEMM's RoPE region, which measured 3x slower than that pair on an H100 (see
+    ``QKV_VIA_GEMM``); the SwiGLU columns always take the epilogue GEMM.
     """
     check_launch_device(xn)
     M, K = xn.shape
     assert xn.stride(-1) == 1 and packed.w_a.shape[1] == K
+    w_interleaved = is_interleaved(packed.w_a, packed.w_b)
+    if not w_interleaved:  # separate weight tensors: each must be a contiguous [P, K]
+        assert packed.w_a.is_contiguous() and packed.w_b.is_contiguous()
     HQ, HKV, F = n_heads * head_dim, n_kv_heads * head_dim, d_ff
     P = packed.w_a.shape[0]
     dev, dt = xn.device, xn.dtype
@@ -406,20 +468,47 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
     ff = torch.empty((M, 2 * F) if store_ff else (0,), device=dev, dtype=dt)
     if M == 0:
         return q, k, v, h, ff
-    args = (xn, packed.w_a, packed.w_b, packed.dst_a, packed.dst_b, packed.freq, pos,
-            q, k, v, h, ff if store_ff else h, M, K, P, triton.next_power_of_2(M), packed.p_qkv,
-            HQ, HKV, F, xn.stride(0))
     flags = dict(STORE_FF=bool(store_ff), UPCAST=interpreting(),
-                 PRECISE_TRIG=precise_trig(xn.device), DOT_PREC=dot_precision(dt))
+                 PRECISE_TRIG=precise_trig(xn.device), DOT_PREC=dot_precision(dt),
+                 FAST_TRIG=fast_trig(dt), INTERLEAVED=w_interleaved)
     eb = 4 if dt == torch.float32 else 2
     meta = _meta(config, eb, 2)
-    if meta is None:
-        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(P, m["BLOCK_N"]),)  # noqa: E731
-        _in_proj_tuned[eb][grid](*args, **flags)
-    else:
-        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(P, meta["BLOCK_N"]),)
-        _in_proj_fwd[grid](*args, **flags, EVEN_K=K % meta["BLOCK_K"] == 0, **meta)
+    # Two launches: the q / k / v pairs (RoPE epilogue) and the SwiGLU pairs, each tuned on
+    # its own (the RoPE epilogue needs many more registers than the SwiGLU one); or the
+    # q / k / v columns through a library GEMM and the RoPE kernel.
+    if qkv_weight is not None:
+        _qkv_gemm_rope(xn, qkv_weight, inv_freq, pos, interleaved, q, k, v, n_heads, n_kv_heads,
+                       head_dim)
+    for region, (p0, p1) in ((1, (0, packed.p_qkv)), (2, (packed.p_qkv, P))):
+        if p1 <= p0 or (region == 1 and qkv_weight is not None):
+            continue
+        args = (xn, packed.w_a, packed.w_b, packed.dst_a, packed.dst_b, packed.freq, pos,
+                q, k, v, h, ff if store_ff else h, M, K, P, p0, p1, triton.next_power_of_2(M),
+                packed.p_qkv, HQ, HKV, F, xn.stride(0))
+        if meta is None:
+            grid = lambda m, n=p1 - p0: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(n, m["BLOCK_N"]),)  # noqa: E731
+            _in_proj_tuned[eb][grid](*args, **flags, REGION=region)
+        else:
+            grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(p1 - p0, meta["BLOCK_N"]),)
+            _in_proj_fwd[grid](*args, **flags, REGION=region, EVEN_K=K % meta["BLOCK_K"] == 0, **meta)
     return q, k, v, h, ff
+
+
+def _qkv_gemm_rope(xn, qkv_weight, inv_freq, pos, interleaved, q, k, v, H, Hk, hd):
+    """q / k / v of the input projection as ``xn @ qkv_weight^T`` (one library GEMM into a
+    ``[M, (H + 2 Hk) hd]`` buffer, rounded to xn's dtype as the reference's projection is),
+    then one RoPE launch that reads q and k in place in that buffer and writes the rotated
+    q and k, and a copy of v."""
+    from .rope import rope
+
+    M = xn.shape[0]
+    HQ, HKV = H * hd, Hk * hd
+    assert qkv_weight.shape == (HQ + 2 * HKV, xn.shape[1]) and inv_freq is not None
+    proj = xn @ qkv_weight.t()
+    rope(proj[:, :HQ].view(1, M, H, hd), proj[:, HQ:HQ + HKV].view(1, M, Hk, hd), inv_freq,
+         pos.view(1, M), pos_is_offset=False, interleaved=interleaved,
+         q_out=q.view(1, M, H, hd), k_out=k.view(1, M, Hk, hd))
+    v.copy_(proj[:, HQ + HKV:])
 
 
 def out_proj(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor, w_attn_out: torch.Tensor,

@@ -53,14 +53,40 @@ def test_in_proj_kernel(config, shape, dtype):
     cfg = kp.IN_PROJ_CONFIGS[config]
     ref64 = _in_proj_reference(xn.double().cpu(), w.double().cpu(), pos.cpu(), H, Hk, hd, F, inv_freq, inter)
     eager = _in_proj_reference(xn.cpu(), w.cpu(), pos.cpu(), H, Hk, hd, F, inv_freq, inter)
-    for store_ff in (True, False):
-        outs = kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=store_ff, config=cfg)
+    qkv = dict(qkv_weight=w[:(H + 2 * Hk) * hd], inv_freq=inv_freq.to(TRITON_DEVICE), interleaved=inter)
+    for store_ff, via_gemm in ((True, False), (False, False), (True, True)):
+        outs = kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=store_ff, config=cfg,
+                          **(qkv if via_gemm else {}))
         names = ("q", "k", "v", "h", "ff") if store_ff else ("q", "k", "v", "h")
         for name, out, r, e in zip(names, outs, ref64, eager):
             assert out.is_contiguous()
             assert_close_by_rule(out.cpu(), r, e, name=name)
         if not store_ff:
             assert outs[4].numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT.get)
+def test_in_proj_kernel_separate_weights(dtype):
+    """``pack_in_proj`` interleaves the pair members in one buffer (one weight tile per K
+    step); the kernel also takes them as two separate contiguous tensors (two dots)."""
+    M, d, H, Hk, hd, F, R, inter = IN_SHAPES[0]
+    inv_freq = functional.rope_inv_freq(R)
+    xn = randn(M, d, dtype=dtype, device=TRITON_DEVICE)
+    w = randn(H * hd + 2 * Hk * hd + 2 * F, d, dtype=dtype, device=TRITON_DEVICE, scale=d ** -0.5)
+    pos = torch.randint(0, 300, (M,), device=TRITON_DEVICE)
+    packed = kp.pack_in_proj(w, inv_freq.to(TRITON_DEVICE), H, Hk, hd, F, inter)
+    assert kp.is_interleaved(packed.w_a, packed.w_b)
+    sep = kp.PackedInProj(packed.w_a.contiguous(), packed.w_b.contiguous(), packed.dst_a,
+                          packed.dst_b, packed.freq, packed.p_qkv)
+    assert not kp.is_interleaved(sep.w_a, sep.w_b)
+    cfg = kp.IN_PROJ_CONFIGS[-1]
+    a = kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=True, config=cfg)
+    b = kp.in_proj(xn, sep, pos, H, Hk, hd, F, store_ff=True, config=cfg)
+    ref64 = _in_proj_reference(xn.double().cpu(), w.double().cpu(), pos.cpu(), H, Hk, hd, F, inv_freq, inter)
+    eager = _in_proj_reference(xn.cpu(), w.cpu(), pos.cpu(), H, Hk, hd, F, inv_freq, inter)
+    for name, x, y, r, e in zip(("q", "k", "v", "h", "ff"), a, b, ref64, eager):
+        assert_close_by_rule(x.cpu(), r, e, name=name)
+        assert_close_by_rule(y.cpu(), r, e, name=name)
 
 
 @pytest.mark.parametrize("config", range(len(kp.OUT_PROJ_CONFIGS)))
@@ -89,20 +115,30 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from palm_fast.kernels import projection as kp
 
-CONST = {"STORE_FF", "UPCAST", "PRECISE_TRIG", "DOT_PREC", "EVEN_K",
+CONST = {"STORE_FF", "UPCAST", "PRECISE_TRIG", "DOT_PREC", "EVEN_K", "INTERLEAVED", "REGION", "FAST_TRIG",
          "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
 TYPES = {"dst_a_ptr": "*i32", "dst_b_ptr": "*i32", "freq_ptr": "*fp32", "pos_ptr": "*i64"}
 out = {}
 jobs = []
 for i, c in enumerate(kp.IN_PROJ_CONFIGS):
-    jobs.append((f"in{i}-bf16", kp._in_proj_fwd, kp.fit_config(c, 2, 2), "bf16",
-                 dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True, DOT_PREC="tf32", EVEN_K=True)))
+    for region in (1, 2):
+        jobs.append((f"in{i}-r{region}-bf16", kp._in_proj_fwd, kp.fit_config(c, 2, 2), "bf16",
+                     dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True, DOT_PREC="tf32", EVEN_K=True,
+                          INTERLEAVED=True, REGION=region, FAST_TRIG=True)))
+jobs.append(("in0-r1-libdevice-bf16", kp._in_proj_fwd, kp.fit_config(kp.IN_PROJ_CONFIGS[0], 2, 2), "bf16",
+             dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True, DOT_PREC="tf32", EVEN_K=True,
+                  INTERLEAVED=True, REGION=1, FAST_TRIG=False)))
+jobs.append(("in0-separate-bf16", kp._in_proj_fwd, kp.fit_config(kp.IN_PROJ_CONFIGS[0], 2, 2), "bf16",
+             dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True, DOT_PREC="tf32", EVEN_K=True,
+                  INTERLEAVED=False, REGION=2, FAST_TRIG=True)))
 for i, c in enumerate(kp.OUT_PROJ_CONFIGS):
     jobs.append((f"out{i}-bf16", kp._out_proj_fwd, kp.fit_config(c, 2), "bf16",
                  dict(UPCAST=False, DOT_PREC="tf32", EVEN_K=True)))
 # fp32 operands: the configs refitted to shared memory, IEEE products, K tails masked
-jobs.append(("in0-fp32", kp._in_proj_fwd, kp.fit_config(kp.IN_PROJ_CONFIGS[0], 4, 2), "fp32",
-             dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True, DOT_PREC="ieee", EVEN_K=False)))
+for region in (1, 2):
+    jobs.append((f"in0-r{region}-fp32", kp._in_proj_fwd, kp.fit_config(kp.IN_PROJ_CONFIGS[0], 4, 2), "fp32",
+                 dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True, DOT_PREC="ieee", EVEN_K=False,
+                      INTERLEAVED=True, REGION=region, FAST_TRIG=False)))
 jobs.append(("out0-fp32", kp._out_proj_fwd, kp.fit_config(kp.OUT_PROJ_CONFIGS[0], 4), "fp32",
              dict(UPCAST=False, DOT_PREC="ieee", EVEN_K=False)))
 for name, fn, cfg, dt, flags in jobs:

@@ -430,6 +430,21 @@ def load_kernel(kernel: Kernel, key: tuple):
 # runner
 # ---------------------------------------------------------------------------------------
 _SM_COUNT: dict[int, int] = {}
+_MISSING = object()
+_MAX_PLANS = 256  # launch plans kept per compiled graph (one per input signature)
+
+
+@dataclass
+class _Plan:
+    """What one call does for one input signature: how to take each input (``None``: as
+    is, a shape: viewed as that, ``"scalar"``: as a float), the buffers to allocate
+    ``(value id, shape, dtype, device, fill or None)``, the launches ``(kernel, grid,
+    [(is_value, value id or int)], meta)`` and the outputs ``(name, value id, cast)``."""
+
+    inputs: list
+    allocs: list
+    launches: list
+    outputs: list
 
 
 def _num_partials(M: int, device: torch.device, per_sm: int) -> int:
@@ -450,14 +465,18 @@ class CompiledGraph:
     Intermediates between groups are fp32 tensors allocated per call."""
 
     def __init__(self, graph: Graph, mode: str = "full", *, max_block: int = DEFAULT_MAX_BLOCK,
-                 loop_block: int = DEFAULT_LOOP_BLOCK, partials_per_sm: int = 2):
+                 loop_block: int = DEFAULT_LOOP_BLOCK, partials_per_sm: int = 2,
+                 num_warps: int | None = None):
         self.source_graph = graph
         self.schedule = fuse(graph, mode)
         self.graph = self.schedule.graph
         self.mode, self.max_block, self.loop_block = mode, max_block, loop_block
         self.hash = graph.hash()
         self.partials_per_sm = partials_per_sm
+        self.num_warps = num_warps  # None: by block size (4 up to 1024, 8 up to 4096, else 16)
         self._launch_cache: dict[tuple, tuple] = {}
+        self._plans: dict[tuple, _Plan] = {}
+        self._input_names = tuple(self.graph.inputs)
 
     @property
     def kernel_count(self) -> int:
@@ -491,6 +510,49 @@ class CompiledGraph:
                 for grp in self.schedule.groups]
 
     def __call__(self, **inputs) -> dict[str, torch.Tensor]:
+        """Run the graph. The first call per input signature (shapes, strides, dtypes,
+        devices) validates the inputs and records a launch plan; later calls with the same
+        signature only allocate the outputs and launch (the Python cost per call matters:
+        a 16384 x 4096 LayerNorm takes ~0.1 ms on an H100)."""
+        key = self._signature(inputs)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(inputs)
+            if len(self._plans) < _MAX_PLANS:
+                self._plans[key] = plan
+        return self._run(plan, inputs)
+
+    def _signature(self, inputs: dict) -> tuple:
+        key = [POISON]
+        for name in self._input_names:
+            t = inputs.get(name, _MISSING)
+            if isinstance(t, torch.Tensor):
+                key.append((t.shape, t.stride(), t.dtype, t.device))
+            else:
+                key.append(type(t))
+        if len(inputs) != len(self._input_names):
+            key.append(tuple(sorted(inputs)))  # unexpected names: the planner raises
+        return tuple(key)
+
+    @staticmethod
+    def _run(plan: _Plan, inputs: dict) -> dict[str, torch.Tensor]:
+        values: dict[int, object] = {}
+        for name, nid, want in plan.inputs:
+            t = inputs[name]
+            values[nid] = float(t) if want == "scalar" else (t if want is None else t.view(want))
+        for nid, shape, dtype, device, fill in plan.allocs:
+            values[nid] = (torch.empty(shape, device=device, dtype=dtype) if fill is None
+                           else torch.full(shape, fill, device=device, dtype=dtype))
+        for fn, grid, spec, kw in plan.launches:
+            fn[grid](*[values[x] if is_value else x for is_value, x in spec], **kw)
+        result = {}
+        for name, nid, cast in plan.outputs:
+            v = values[nid]
+            result[name] = v if cast is None else v.to(cast)
+        return result
+
+    def _plan(self, inputs: dict) -> _Plan:
+        """Validate ``inputs`` (clear errors naming the argument) and record the launches."""
         g = self.graph
         missing = set(g.inputs) - set(inputs)
         if missing:
@@ -498,7 +560,9 @@ class CompiledGraph:
         extra = set(inputs) - set(g.inputs)
         if extra:
             raise TypeError(f"{g.name}: unexpected inputs {sorted(extra)}")
-        values: dict[int, object] = {}
+        plan = _Plan([], [], [], [])
+        dtype_of: dict[int, object] = {}   # value id -> torch dtype ("f" for a scalar)
+        stride_of: dict[int, int] = {}     # row value id -> its row stride
         M = N = None
         device = None
         for name, nid in g.inputs.items():
@@ -506,7 +570,7 @@ class CompiledGraph:
             if space == "scalar":
                 if isinstance(t, torch.Tensor) or not isinstance(t, (int, float)):
                     raise TypeError(f"{name}: expected a Python float, got {type(t).__name__}")
-                values[nid] = float(t)
+                dtype_of[nid] = "f"
                 continue
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -522,11 +586,12 @@ class CompiledGraph:
                     M, N = t.shape
                 elif tuple(t.shape) != (M, N):
                     raise ValueError(f"{name}: expected shape {(M, N)}, got {tuple(t.shape)}")
+                stride_of[nid] = t.stride(0)
             if device is None:
                 device = t.device
             elif t.device != device:
                 raise ValueError(f"{name}: expected device {device}, got {t.device}")
-            values[nid] = t
+            dtype_of[nid] = t.dtype
         if M is None:
             raise ValueError(f"{g.name}: needs at least one row-space input")
         if N == 0:
@@ -535,14 +600,20 @@ class CompiledGraph:
             raise RuntimeError(f"{g.name}: the generated Triton kernels need CUDA tensors (or CPU "
                                "tensors with TRITON_INTERPRET=1 set before triton is imported)")
         for name, nid in g.inputs.items():
-            space, t = g.nodes[nid].space, values[nid]
+            space = g.nodes[nid].space
             want = {"stat": (M,), "col": (N,)}.get(space)
+            if space == "scalar":
+                plan.inputs.append((name, nid, "scalar"))
+                continue
             if want is not None:
+                t = inputs[name]
                 if t.numel() != want[0] or t.dim() not in (1, 2):
                     raise ValueError(f"{name}: expected shape {want} ({space} vector), got {tuple(t.shape)}")
                 if not t.is_contiguous():
                     raise ValueError(f"{name}: expected a contiguous tensor")
-                values[nid] = t.reshape(want)
+                if tuple(t.shape) == want:
+                    want = None  # already [M] / [N]: no view needed
+            plan.inputs.append((name, nid, want))
         out_dtype = {}
         for nid, like in g.outputs.values():
             out_dtype.setdefault(nid, torch.float32 if like == "float32" else inputs[like].dtype)
@@ -550,53 +621,53 @@ class CompiledGraph:
         rpp = -(-M // P)
         P = -(-M // rpp) if M else 1
         for grp in self.schedule.groups:
-            dtypes = tuple(str(values[i].dtype) if isinstance(values[i], torch.Tensor) else "f"
-                           for i in grp.inputs)
+            dtypes = tuple(str(dtype_of[i]) if dtype_of[i] != "f" else "f" for i in grp.inputs)
             k, fn, block = self.kernel(grp, N, dtypes)
             has_part = any(g.nodes[i].kind == "cpart" for i in grp.nodes)
             for i in grp.outputs:
                 n = g.nodes[i]
                 if n.kind == "cpart":
-                    if M == 0:  # no program runs a row: the partial sums are the neutral element
-                        fill = 0.0 if n.attr("red") == "sum" else float("-inf")
-                        values[i] = torch.full((P, N), fill, device=device, dtype=torch.float32)
-                    else:  # every program writes its own row of partials
-                        values[i] = torch.empty((P, N), device=device, dtype=torch.float32)
+                    # M == 0: no program runs a row, the partial sums are the neutral element;
+                    # else every program writes its own row of partials
+                    fill = (0.0 if n.attr("red") == "sum" else float("-inf")) if M == 0 else None
+                    plan.allocs.append((i, (P, N), torch.float32, device, fill))
+                    dtype_of[i] = torch.float32
                 else:
                     shape = {"row": (M, N), "stat": (M,), "col": (N,)}[n.space]
                     dt = out_dtype.get(i, torch.float32)
-                    values[i] = (torch.full(shape, float("nan"), device=device, dtype=dt) if POISON
-                                 else torch.empty(shape, device=device, dtype=dt))
-            call = []
+                    plan.allocs.append((i, shape, dt, device, float("nan") if POISON else None))
+                    dtype_of[i] = dt
+                    if n.space == "row":
+                        stride_of[i] = N
+            spec = []
             for _role, i, space in k.args:
-                call.append(values[i])
+                spec.append((True, i))
                 if space == "row":
-                    call.append(values[i].stride(0))
+                    spec.append((False, stride_of[i]))
             if k.scratch:
-                call.append(torch.empty((max(M, 1), k.scratch), device=device, dtype=torch.float32))
+                sid = -1 - len(plan.allocs)  # a value id no graph node has
+                plan.allocs.append((sid, (max(M, 1), k.scratch), torch.float32, device, None))
+                spec.append((True, sid))
             if grp.kind == "col":
-                call += [N, P]
+                spec += [(False, N), (False, P)]
                 grid = (-(-N // block),)
             else:
                 if has_part:
-                    call += [M, N, rpp]
+                    spec += [(False, M), (False, N), (False, rpp)]
                     grid = (P,)
                 else:
-                    call += [M, N, 1]
+                    spec += [(False, M), (False, N), (False, 1)]
                     grid = (M,)
                 if grid[0] == 0:
                     continue
-            kw = {}
+            kw = {"BLOCK_N": block}
             if device.type == "cuda":
-                kw["num_warps"] = 4 if block <= 1024 else (8 if block <= 4096 else 16)
-            fn[grid](*call, BLOCK_N=block, **kw)
-        result = {}
+                kw["num_warps"] = self.num_warps or (4 if block <= 1024 else (8 if block <= 4096 else 16))
+            plan.launches.append((fn, grid, spec, kw))
         for name, (nid, _like) in g.outputs.items():
-            v = values[nid]
-            if isinstance(v, torch.Tensor) and v.dtype != out_dtype[nid]:
-                v = v.to(out_dtype[nid])
-            result[name] = v
-        return result
+            dt = dtype_of[nid]
+            plan.outputs.append((name, nid, out_dtype[nid] if dt != "f" and dt != out_dtype[nid] else None))
+        return plan
 
 
 def _next_pow2(n: int) -> int:

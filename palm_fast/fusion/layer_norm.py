@@ -29,15 +29,19 @@ def _check(name: str, t, *, ndim: int | None = None, shape=None, device=None, dt
     check_last_dim_contiguous(name, t)
 
 
-def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
+def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                   *, checked: bool = False):
     """``y = (x - mean) * rstd * weight (+ bias)`` row-wise; returns ``(y, mean, rstd)``
-    with y in x's dtype and mean/rstd fp32 ``[M]``. One generated kernel."""
-    _check("x2d", x2d, ndim=2)
-    N = x2d.size(1)
-    _check("weight", weight, shape=(N,), device=x2d.device)
-    if bias is not None:
-        _check("bias", bias, shape=(N,), device=x2d.device)
-    eps = check_eps(eps)
+    with y in x's dtype and mean/rstd fp32 ``[M]``. One generated kernel. ``checked``: the
+    caller (the custom op's CUDA kernel, behind ``palm_fast.ops``) validated the arguments;
+    the runner still validates each new input signature."""
+    if not checked:
+        _check("x2d", x2d, ndim=2)
+        N = x2d.size(1)
+        _check("weight", weight, shape=(N,), device=x2d.device)
+        if bias is not None:
+            _check("bias", bias, shape=(N,), device=x2d.device)
+        eps = check_eps(eps)
     cg = _compiled("layer_norm_fwd", bias is not None)
     args = dict(x=x2d, weight=weight, eps=eps)
     if bias is not None:
@@ -47,16 +51,18 @@ def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def layer_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                   rstd: torch.Tensor, has_bias: bool):
+                   rstd: torch.Tensor, has_bias: bool, *, checked: bool = False):
     """Gradients of :func:`layer_norm_fwd`: ``(dx, dweight, dbias or None)``. Stage 1 computes
     dx and per-program partial column sums, stage 2 sums the partials in a fixed order (fp32;
-    dweight/dbias returned in weight's dtype). Deterministic: no atomics."""
-    _check("x2d", x2d, ndim=2)
-    M, N = x2d.shape
-    _check("dy", dy, shape=(M, N), device=x2d.device)
-    _check("weight", weight, shape=(N,), device=x2d.device)
-    _check("mean", mean, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
-    _check("rstd", rstd, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
+    dweight/dbias returned in weight's dtype). Deterministic: no atomics. ``checked``: as
+    in :func:`layer_norm_fwd`."""
+    if not checked:
+        _check("x2d", x2d, ndim=2)
+        M, N = x2d.shape
+        _check("dy", dy, shape=(M, N), device=x2d.device)
+        _check("weight", weight, shape=(N,), device=x2d.device)
+        _check("mean", mean, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
+        _check("rstd", rstd, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
     cg = _compiled("layer_norm_bwd", bool(has_bias))
     r = cg(dy=dy, x=x2d, weight=weight, mean=mean, rstd=rstd)
     return r["dx"], r["dweight"], (r["dbias"] if has_bias else None)

@@ -156,8 +156,12 @@ def _in_proj_triton(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, 
     kp = _proj()
     packed = kp.PackedInProj(w_a, w_b, dst_a, dst_b, freq,
                              (n_heads + 2 * n_kv_heads) * head_dim // 2)
+    extra = {}
+    if kp.QKV_VIA_GEMM:  # q / k / v columns: library GEMM + RoPE kernel (see kernels.projection)
+        nqkv = (n_heads + 2 * n_kv_heads) * head_dim
+        extra = dict(qkv_weight=w_in[:nqkv], inv_freq=inv_freq, interleaved=interleaved)
     q, k, v, h, ff = kp.in_proj(xn, packed, pos, n_heads, n_kv_heads, head_dim, d_ff,
-                                store_ff=keep_ff)
+                                store_ff=keep_ff, **extra)
     return q, k, v, h, ff, xn, mean, rstd
 
 

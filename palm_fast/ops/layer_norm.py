@@ -58,7 +58,7 @@ def _layer_norm_fwd_cuda(x, weight, bias, eps):
 
     # the generated kernels take a row stride: row-strided x is read in place
     return launch(unit_last_dim(x), weight.contiguous(),
-                  None if bias is None else bias.contiguous(), eps)
+                  None if bias is None else bias.contiguous(), eps, checked=True)
 
 
 @layer_norm_fwd.register_fake
@@ -84,7 +84,7 @@ def _layer_norm_bwd_cuda(dy, x, weight, mean, rstd, has_bias):
     from ..fusion.layer_norm import layer_norm_bwd as launch
 
     dx, dw, db = launch(unit_last_dim(dy), unit_last_dim(x), weight.contiguous(), mean.contiguous(),
-                        rstd.contiguous(), has_bias)
+                        rstd.contiguous(), has_bias, checked=True)
     return dx, dw, (db if has_bias else weight.new_empty((0,)))
 
 
@@ -165,12 +165,16 @@ def _add_ln_backward(ctx, d_sum, d_out, _dmean, _drstd):
 add_layer_norm_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
 
 # The same implementations and autograd functions without the dispatcher (eager mode).
+_LN_FWD_IMPLS = {"cpu": _layer_norm_fwd_cpu, "cuda": _layer_norm_fwd_cuda}
+_ADD_LN_FWD_IMPLS = {"cpu": _add_layer_norm_fwd_cpu, "cuda": _add_layer_norm_fwd_cuda}
 _LN_BWD_IMPLS = {"cpu": _layer_norm_bwd_cpu, "cuda": _layer_norm_bwd_cuda}
-_LayerNormEager = eager_function(
-    "layer_norm_fwd", {"cpu": _layer_norm_fwd_cpu, "cuda": _layer_norm_fwd_cuda}, _ln_setup, _ln_backward)
-_AddLayerNormEager = eager_function(
-    "add_layer_norm_fwd", {"cpu": _add_layer_norm_fwd_cpu, "cuda": _add_layer_norm_fwd_cuda},
-    _add_ln_setup, _add_ln_backward)
+_LayerNormEager = eager_function("layer_norm_fwd", _LN_FWD_IMPLS, _ln_setup, _ln_backward)
+_AddLayerNormEager = eager_function("add_layer_norm_fwd", _ADD_LN_FWD_IMPLS, _add_ln_setup,
+                                    _add_ln_backward)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ------------------------------------------------------------------------- public API
@@ -209,7 +213,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     N = _check_input("x", x)
     _check_affine(x, weight, bias)
     eps = check_eps(eps)
-    op = layer_norm_fwd if compiling() else _LayerNormEager.apply
+    if compiling():
+        op = layer_norm_fwd
+    elif _needs_grad(x, weight, bias):
+        op = _LayerNormEager.apply
+    else:  # nothing to differentiate: the device implementation, without autograd's cost
+        op = _LN_FWD_IMPLS[x.device.type] if x.device.type in _LN_FWD_IMPLS else _LayerNormEager.apply
     y, _mean, _rstd = op(x.reshape(-1, N), weight, bias, eps)
     return y.view(x.shape)
 
@@ -235,7 +244,12 @@ def add_layer_norm(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None = No
     check_same_device(x=x, a=a, m=m)
     _check_affine(x, weight, bias)
     eps = check_eps(eps)
-    op = add_layer_norm_fwd if compiling() else _AddLayerNormEager.apply
+    if compiling():
+        op = add_layer_norm_fwd
+    elif _needs_grad(x, a, m, weight, bias) or x.device.type not in _ADD_LN_FWD_IMPLS:
+        op = _AddLayerNormEager.apply
+    else:  # nothing to differentiate: the device implementation, without autograd's cost
+        op = _ADD_LN_FWD_IMPLS[x.device.type]
     y_sum, out, _mean, _rstd = op(
         x.reshape(-1, N), a.reshape(-1, N), None if m is None else m.reshape(-1, N), weight, bias, eps)
     return y_sum.view(x.shape), out.view(x.shape)
