@@ -14,8 +14,10 @@ Cases:
   (``palm_fast``) against two accumulating ``addmm`` (cuBLAS on CUDA: the alternative backend)
   and the plain ``matmul`` of the concatenated shape.
 * ``block.in_proj``: the input GEMM with its RoPE + SwiGLU epilogue (``palm_fast``; CUDA:
-  the Triton kernel, CPU: ATen GEMM + C++ epilogues) against the plain ``matmul`` of the same
-  shape (``xn @ W_in^T``, no epilogue).
+  the Triton epilogue GEMM for the SwiGLU columns and, as the block runs it, a library GEMM +
+  the RoPE kernel for q / k / v; CPU: ATen GEMM + C++ epilogues) against the plain ``matmul``
+  of the same shape (``xn @ W_in^T``, no epilogue); on CUDA also ``palm_fast_fused_rope``,
+  the epilogue GEMM's own RoPE region for q / k / v.
 * ``block.attention.fwdbwd`` (CPU only): causal MQA attention forward + backward at head dim
   16 (B=2, T=256, H=8), where the CPU path is our C++ kernel (``palm_fast::mqa_attention``),
   against ATen's SDPA with the broadcast k/v head and the eager reference ``attention``.
@@ -179,14 +181,24 @@ def _in_proj_case(ctx: BenchContext, s: dict, fast):
 
     if dev == "cuda":
         packed = fast._packed_in_proj()
+        # what the block runs (ops.block._in_proj_triton): q / k / v through a library GEMM
+        # + the RoPE kernel when kp.QKV_VIA_GEMM, else the epilogue GEMM's RoPE region
+        qkv = (dict(qkv_weight=w_in[:(H + 2 * Hk) * hd], inv_freq=inv_freq,
+                    interleaved=fast.rotary.interleaved) if kp.QKV_VIA_GEMM else {})
 
         def epilogue(inputs):
             xn, pos = inputs
+            return kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=False, **qkv)
+
+        def epilogue_fused_rope(inputs):
+            xn, pos = inputs
             return kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=False)
+        extra = {"palm_fast_fused_rope": epilogue_fused_rope} if qkv else {}
     else:
         def epilogue(inputs):
             xn, pos = inputs
             return ob.in_proj_epilogue_aten(xn, w_in, inv_freq, pos, H, Hk, hd, F, False)
+        extra = {}
 
     def matmul(inputs):
         return torch.mm(inputs[0], w_in.t())
@@ -194,7 +206,7 @@ def _in_proj_case(ctx: BenchContext, s: dict, fast):
     yield Case(name="block.in_proj", shape=dict(M=M, K=d, N=n_in), dtype=dt,
                bytes=(M * d + n_in * d + M * (H * hd + 2 * Hk * hd + F)) * elem,
                flops=2 * M * d * n_in, bound="compute", setup=setup_in,
-               impls={"palm_fast": epilogue, "matmul": matmul})
+               impls={"palm_fast": epilogue, **extra, "matmul": matmul})
 
 
 def _out_proj_case(ctx: BenchContext, s: dict, fast):

@@ -446,13 +446,13 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy_in, const at::Tensor
 }  // namespace
 
 void bind_layer_norm(pybind11::module_& m) {
-  m.def("layer_norm_fwd", &layer_norm_fwd, "LayerNorm forward: (y, mean, rstd)",
+  m.def("layer_norm_fwd", guarded(&layer_norm_fwd), "LayerNorm forward: (y, mean, rstd)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"));
-  m.def("layer_norm_bwd", &layer_norm_bwd,
+  m.def("layer_norm_bwd", guarded(&layer_norm_bwd),
         "LayerNorm backward: (dx, dweight, dbias or an undefined tensor)", pybind11::arg("dy"),
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("mean"), pybind11::arg("rstd"),
         pybind11::arg("has_bias"));
-  m.def("add_layer_norm_fwd", &add_layer_norm_fwd,
+  m.def("add_layer_norm_fwd", guarded(&add_layer_norm_fwd),
         "y_sum = x + a (+ m); out = LayerNorm(y_sum): (y_sum, out, mean, rstd)", pybind11::arg("x"),
         pybind11::arg("a"), pybind11::arg("m"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("eps"));

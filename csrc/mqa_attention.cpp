@@ -370,10 +370,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mqa_attn_bwd(const at::Tensor& do
 }  // namespace
 
 void bind_mqa_attention(pybind11::module_& m) {
-  m.def("mqa_attn_fwd", &mqa_attn_fwd, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+  m.def("mqa_attn_fwd", guarded(&mqa_attn_fwd), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
         pybind11::arg("scale"),
         "Causal MQA attention forward on CPU: q [B, T, H, D], k, v [B, T, D] -> (o, lse [B, T, H] fp32)");
-  m.def("mqa_attn_bwd", &mqa_attn_bwd, pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"),
+  m.def("mqa_attn_bwd", guarded(&mqa_attn_bwd), pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("v"), pybind11::arg("o"), pybind11::arg("lse"), pybind11::arg("scale"),
         "Causal MQA attention backward on CPU -> (dq, dk, dv)");
 }

@@ -695,20 +695,20 @@ at::Tensor small_mm_cpu(const at::Tensor& x, const at::Tensor& w, const c10::opt
 }  // namespace
 
 void bind_mqa_decode(pybind11::module_& m) {
-  m.def("mqa_decode_cpu", &mqa_decode_cpu, pybind11::arg("q"), pybind11::arg("k_cache"),
+  m.def("mqa_decode_cpu", guarded(&mqa_decode_cpu), pybind11::arg("q"), pybind11::arg("k_cache"),
         pybind11::arg("v_cache"), pybind11::arg("page_table"), pybind11::arg("starts"), pybind11::arg("ends"),
         pybind11::arg("layer"), pybind11::arg("scale"), pybind11::arg("fp32_out"),
         "MQA decode on CPU: q [B, R, hd] over cache keys [starts[b], ends[b]) of layer -> [o, lse]");
-  m.def("rope_append_cpu", &rope_append_cpu, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+  m.def("rope_append_cpu", guarded(&rope_append_cpu), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
         pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("page_table"),
         pybind11::arg("lengths"), pybind11::arg("n_new"), pybind11::arg("positions"),
         pybind11::arg("inv_freq"), pybind11::arg("q_out"), pybind11::arg("layer"),
         pybind11::arg("interleaved"),
         "RoPE of q and k at their positions, rotated k and v written into the cache (CPU)");
-  m.def("prefix_merge_cpu", &prefix_merge_cpu, pybind11::arg("o_pre"), pybind11::arg("lse_pre"),
+  m.def("prefix_merge_cpu", guarded(&prefix_merge_cpu), pybind11::arg("o_pre"), pybind11::arg("lse_pre"),
         pybind11::arg("slot"), pybind11::arg("o_suf"), pybind11::arg("lse_suf"), pybind11::arg("out_dtype"),
         "shared-prefix decode: merge the prefix and suffix passes by log-sum-exp (CPU)");
-  m.def("small_mm_cpu", &small_mm_cpu, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("res"),
+  m.def("small_mm_cpu", guarded(&small_mm_cpu), pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("res"),
         "y = x W^T (+ res) for few rows of x (a decode step's GEMMs, CPU)");
 }
 

@@ -13,6 +13,27 @@
 
 namespace palm_fast {
 
+// A bound entry point that raises its errors as Python RuntimeErrors itself: a C++
+// exception (a failed TORCH_CHECK) is caught here, its message set as the Python error and
+// pybind11::error_already_set thrown, which pybind11 turns back into the Python error
+// without consulting its exception translators. On the GPU image (torch 2.11, CUDA 13) an
+// exception left to the translators crashed the process (segfault) instead of raising.
+template <typename R, typename... Args>
+auto guarded(R (*fn)(Args...)) {
+  return [fn](Args... args) -> R {
+    try {
+      return fn(std::forward<Args>(args)...);
+    } catch (const pybind11::error_already_set&) {
+      throw;
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    } catch (const std::exception& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+    throw pybind11::error_already_set();
+  };
+}
+
 void bind_rope(pybind11::module_& m);
 void bind_swiglu(pybind11::module_& m);
 void bind_layer_norm(pybind11::module_& m);

@@ -131,7 +131,7 @@ void rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out,
 }  // namespace
 
 void bind_rope(pybind11::module_& m) {
-  m.def("rope_cpu", &rope_cpu,
+  m.def("rope_cpu", guarded(&rope_cpu),
         "RoPE of q [B,T,H,D] and k [B,T,Hk,D] into q_out, k_out (may alias q, k)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("q_out"), pybind11::arg("k_out"),
         pybind11::arg("inv_freq"), pybind11::arg("pos"), pybind11::arg("pos_is_offset"),

@@ -286,9 +286,9 @@ at::Tensor swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& x) {
 }  // namespace
 
 void bind_swiglu(pybind11::module_& m) {
-  m.def("swiglu_fwd", &swiglu_fwd, pybind11::arg("x"),
+  m.def("swiglu_fwd", guarded(&swiglu_fwd), pybind11::arg("x"),
         "SwiGLU forward on CPU: x [..., 2F] (value | gate) -> silu(gate) * value [..., F], contiguous");
-  m.def("swiglu_bwd", &swiglu_bwd, pybind11::arg("grad_out"), pybind11::arg("x"),
+  m.def("swiglu_bwd", guarded(&swiglu_bwd), pybind11::arg("grad_out"), pybind11::arg("x"),
         "SwiGLU backward on CPU: (grad_out [..., F], x [..., 2F]) -> grad_x [..., 2F], contiguous");
 }
 
