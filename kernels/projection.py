@@ -15,17 +15,29 @@ k, and ``h = silu(gate) * value``. Every output needs exactly one *partner* colu
 * a SwiGLU pair ``(value f, gate f)``: ``h[f] = silu(b) * a``.
 
 ``pack_in_proj`` enumerates these P = (H + 2 Hk) hd / 2 + F pairs once and gathers the
-weight rows into ``w_a [P, d]`` (first member) and ``w_b [P, d]`` (partner), with the
-destination columns ``dst_a``, ``dst_b`` (in the reference ``proj`` numbering) and the
-frequency ``freq`` of every pair. That re-layout is config-independent and is cached by
-the module (``palm_fast.nn.ParallelBlock``); its ``state_dict`` keeps the reference layout.
+weight rows into one ``[P, 2, d]`` buffer whose even / odd rows are ``w_a [P, d]`` (first
+member) and ``w_b [P, d]`` (partner) as views, with the destination columns ``dst_a``,
+``dst_b`` (in the reference ``proj`` numbering) and the frequency ``freq`` of every pair.
+That re-layout is config-independent and is cached by the module
+(``palm_fast.nn.ParallelBlock``); its ``state_dict`` keeps the reference layout.
 
-``_in_proj_fwd`` computes, per ``[BLOCK_M, BLOCK_N]`` tile of pairs, the two accumulators
-``acc_a = xn @ w_a^T`` and ``acc_b = xn @ w_b^T`` (fp32; the A tile is loaded once per
-K step and feeds both dots), then the epilogue above, and writes q ``[M, H hd]``,
-k ``[M, Hk hd]``, v ``[M, Hk hd]`` (the layouts attention reads as ``[B, T, heads, hd]``
-views) and ``h [M, F]``. The 2F-wide pre-activation reaches memory only when
-``STORE_FF`` (training: the SwiGLU backward needs it), as ``ff [M, 2F]`` (value | gate).
+``_in_proj_fwd`` runs as two launches over the pairs (``REGION``): the q / k / v pairs
+(RoPE epilogue) and the SwiGLU pairs, so the SwiGLU tiles' kernel carries none of the RoPE
+epilogue's registers (one kernel for both spilled ~4 KB per thread at every config). Per
+``[BLOCK_M, BLOCK_N]`` tile of pairs it accumulates ``acc_a = xn @ w_a^T`` and
+``acc_b = xn @ w_b^T`` in fp32: with the interleaved buffer (``INTERLEAVED``) as ONE dot
+per K step against a ``[BK, 2 BLOCK_N]`` weight tile, split into the two members after the
+loop; with separate ``w_a`` / ``w_b`` tensors as two dots sharing the A tile. The epilogue
+writes q ``[M, H hd]``, k ``[M, Hk hd]``, v ``[M, Hk hd]`` (the layouts attention reads as
+``[B, T, heads, hd]`` views) and ``h [M, F]``. The 2F-wide pre-activation reaches memory
+only when ``STORE_FF`` (training: the SwiGLU backward needs it), as ``ff [M, 2F]``
+(value | gate).
+
+Given ``qkv_weight`` (what the block passes while ``QKV_VIA_GEMM``), the q / k / v columns
+skip the RoPE region: a library GEMM writes them to a ``[M, (H + 2 Hk) hd]`` buffer and the
+RoPE kernel rotates q and k out of it. On an H100 (bf16, 16384 x 2048 -> 2304 columns) that
+took 0.28 ms against 0.86 ms for the fused RoPE region at its best config
+(``benchmarks/results/h100/NOTES.md``).
 
 Output projection with residual epilogue
 ----------------------------------------
@@ -42,8 +54,11 @@ Grouped ("super-row") program order for L2 reuse; rows and pair columns are wrap
 (``% M``, ``% P``) for loads so only the K tail is masked, stores are masked. Operands are
 bf16/fp16 on the GPU (tensor cores) with fp32 accumulation; under ``TRITON_INTERPRET=1``
 (``UPCAST``) every loaded tile is upcast to fp32 because the interpreter cannot multiply
-bf16. Autotune lists are short (``IN_PROJ_CONFIGS``, ``OUT_PROJ_CONFIGS``, each fits an
-H100's shared memory) and the tests run every config under the interpreter.
+bf16. The RoPE region rotates with the GPU's hardware cos / sin after an exact range
+reduction when the outputs are bf16 / fp16 (``FAST_TRIG``, ``rope.approx_cos_sin``) and with
+libdevice's accurate versions for fp32 outputs. Autotune lists are short (``IN_PROJ_CONFIGS``,
+``OUT_PROJ_CONFIGS``, each fits an H100's shared memory; each region of the input GEMM is
+tuned on its own) and the tests run every config under the interpreter.
 """
 from __future__ import annotations
 
