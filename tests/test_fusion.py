@@ -389,3 +389,33 @@ def test_empty_rows():
                                 mean, rstd, True)
     assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8, device=DEV))
     assert not math.isnan(db.sum().item())
+
+
+def test_launch_plans_per_input_signature():
+    """The runner records one launch plan per input signature and replays it; a new shape,
+    stride or dtype gets its own plan (validated first), bad input still raises after a
+    plan exists, and replayed calls give the same bits as the first."""
+    cg = codegen.CompiledGraph(expanders.layer_norm_fwd(False), "full")
+    x, w, _b, _dy = _ln_case(5, 40, torch.float32)
+    first = cg(x=x, weight=w, eps=EPS)
+    assert len(cg._plans) == 1
+    again = cg(x=x.clone(), weight=w, eps=EPS)          # same signature: replayed
+    assert len(cg._plans) == 1
+    for k in first:
+        assert torch.equal(first[k], again[k])
+    eps2 = cg(x=x, weight=w, eps=1e-2)                  # scalars are read per call
+    assert not torch.equal(eps2["y"], first["y"])
+    wide = randn(5, 48, device=DEV)
+    strided = cg(x=wide[:, :40], weight=w, eps=EPS)     # another row stride: a new plan
+    assert len(cg._plans) == 2
+    ref = cg(x=wide[:, :40].contiguous(), weight=w, eps=EPS)  # the first signature again
+    assert torch.equal(strided["y"], ref["y"]) and len(cg._plans) == 2
+    cg(x=x.bfloat16(), weight=w, eps=EPS)               # another dtype: a new plan
+    assert len(cg._plans) == 3
+    with pytest.raises(ValueError, match="weight"):     # validated before any plan is kept
+        cg(x=x, weight=w[:8], eps=EPS)
+    with pytest.raises(TypeError, match="unexpected inputs"):
+        cg(x=x, weight=w, eps=EPS, bias=w)
+    with pytest.raises(TypeError, match="eps"):
+        cg(x=x, weight=w, eps="1e-5")
+    assert len(cg._plans) == 3

@@ -362,3 +362,30 @@ def test_bad_inputs():
     if HAS_CUDA:
         with pytest.raises(ValueError, match="weight"):
             layer_norm(x, w.cuda())
+
+
+@pytest.mark.parametrize("fn", ["layer_norm", "add_layer_norm"])
+def test_no_grad_call_skips_autograd_with_the_same_bits(fn, monkeypatch):
+    """Without anything to differentiate, the public functions call the device
+    implementation directly (no autograd.Function); the outputs are the autograd path's
+    bits, and the output carries no graph."""
+    from palm_fast import ops
+
+    x, a, w = randn(6, 40), randn(6, 40), randn(40)
+    if fn == "layer_norm":
+        def run(x, w):
+            return ops.layer_norm(x, w, None, 1e-5)
+    else:
+        def run(x, w):
+            return ops.add_layer_norm(x, a, weight=w)[1]
+    calls = []
+    eager = ln_ops._LayerNormEager if fn == "layer_norm" else ln_ops._AddLayerNormEager
+    orig = eager.apply
+    monkeypatch.setattr(eager, "apply", lambda *args: calls.append(1) or orig(*args))
+    fast = run(x, w)
+    assert not calls and fast.grad_fn is None
+    with torch.no_grad():
+        assert torch.equal(run(x.requires_grad_(), w), fast) and not calls
+    graded = run(x.requires_grad_(), w)
+    assert calls and graded.grad_fn is not None
+    assert torch.equal(graded.detach(), fast)
