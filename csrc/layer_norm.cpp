@@ -23,6 +23,7 @@
 #include "cpu_capability.h"  // must precede every ATen include
 
 #include "cpu_alloc.h"
+#include "cpu_convert.h"
 #include "palm_fast.h"
 
 #include <ATen/Parallel.h>
@@ -52,18 +53,6 @@ using fVec = at::vec::Vectorized<float>;
 // ---------------------------------------------------------------- row <-> fp32 buffers
 // Rows are processed in fp32.  A float row is used in place; a Half / BFloat16 row is
 // converted into (or out of) a per-thread fp32 buffer, which stays in cache.
-
-template <typename T>
-inline void to_float(const T* src, float* dst, int64_t n) {
-  using bVec = at::vec::Vectorized<T>;
-  int64_t i = 0;
-  for (; i + bVec::size() <= n; i += bVec::size()) {
-    auto [lo, hi] = at::vec::convert_to_float<T>(bVec::loadu(src + i));
-    lo.store(dst + i);
-    hi.store(dst + i + fVec::size());
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
 
 template <typename T>
 inline void from_float(const float* src, T* dst, int64_t n) {

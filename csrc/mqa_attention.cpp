@@ -35,6 +35,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_convert.h"
 #include "palm_fast.h"
 
 namespace palm_fast {
@@ -53,11 +54,6 @@ int64_t token_block(int64_t T, int64_t H) {
 
 // zig-zag: 0, n-1, 1, n-2, ...
 inline int64_t zigzag(int64_t i, int64_t n) { return (i % 2 == 0) ? i / 2 : n - 1 - i / 2; }
-
-template <typename scalar_t>
-void to_float(const scalar_t* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
 
 // xt[d * ld + j] = x[j * D + d] for j < n (x: [n, D] rows of one sequence).
 template <typename scalar_t>

@@ -41,6 +41,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_convert.h"
 #include "palm_fast.h"
 #include "rope_math.h"
 
@@ -72,25 +73,6 @@ inline float hsum(const Vec& v) {
   for (int64_t i = 0; i < kW; ++i) s += t[i];
   return s;
 #endif
-}
-
-// n elements of src as fp32 into dst (n a multiple of kW, or any n via the tail).
-template <typename scalar_t>
-inline void to_float(const scalar_t* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    std::memcpy(dst, src, n * sizeof(float));
-  } else if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
-    using VecS = at::vec::Vectorized<scalar_t>;
-    int64_t i = 0;
-    for (; i + VecS::size() <= n; i += VecS::size()) {
-      auto [a, b] = at::vec::convert_to_float<scalar_t>(VecS::loadu(src + i));
-      a.store(dst + i);
-      b.store(dst + i + kW);
-    }
-    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  } else {  // double: only reachable through the dispatch macro, never called (fp32/16/bf16 only)
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  }
 }
 
 // Keeps values in vector registers: without it the compiler folds each use of a loaded
