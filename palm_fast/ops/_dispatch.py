@@ -66,6 +66,21 @@ def eager_function(name: str, impls: dict[str, Callable], setup_context: Callabl
     })
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd would record an op on these tensors (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def eager_op(eager: type[torch.autograd.Function], impls: dict[str, Callable], device_type: str,
+             grad: bool) -> Callable:
+    """What an eager-mode public function calls: the ``eager_function`` when a gradient is
+    needed (``grad``) or the device has no implementation (its forward raises the error),
+    else the device implementation itself (same bits, no ``autograd.Function`` cost)."""
+    if grad or device_type not in impls:
+        return eager.apply
+    return impls[device_type]
+
+
 def eager_ctx(ctx) -> bool:
     """In a shared ``backward``: True when the forward ran on the eager path (the backward
     may then call implementations directly); False under the custom op (call custom ops,

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from .._ext import cpp
 from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_tensor
-from ._dispatch import cached_constant, call_impl, compiling, eager_ctx, eager_function
+from ._dispatch import cached_constant, call_impl, compiling, eager_ctx, eager_function, eager_op, needs_grad
 from .layer_norm import (
     _layer_norm_bwd_cpu,
     _layer_norm_bwd_cuda,
@@ -356,20 +356,14 @@ def _input_projection(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_hea
     else:
         e = x.new_empty((0,))
         extra = (e, e, e, e, e)
-    keep_ff = torch.is_grad_enabled() and (x.requires_grad or ln_weight.requires_grad
-                                           or w_in.requires_grad)
+    keep_ff = needs_grad(x, ln_weight, w_in)
     x2 = x.reshape(M, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     pos = positions.reshape(M)
     args = (x2, ln_weight, w_in, *extra, inv_freq.contiguous(), pos, int(n_heads), int(n_kv_heads),
             int(head_dim), int(d_ff), eps, bool(interleaved), bool(keep_ff))
-    if compiling():
-        op = block_in_proj
-    elif keep_ff:
-        op = _InProjEager.apply
-    else:   # nothing to differentiate: skip the autograd.Function machinery
-        op = _IN_IMPLS[x.device.type] if x.device.type in _IN_IMPLS else _InProjEager.apply
+    op = block_in_proj if compiling() else eager_op(_InProjEager, _IN_IMPLS, x.device.type, keep_ff)
     q, k, v, h = op(*args)[:4]
     return (q.view(B, T, n_heads, head_dim), k.view(B, T, n_kv_heads, head_dim),
             v.view(B, T, n_kv_heads, head_dim), h.view(B, T, d_ff))
@@ -411,12 +405,14 @@ def causal_mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _sdpa(q, k, v, scale, q_offset=0)
 
 
-@torch.library.custom_op("palm_fast::mqa_attention", mutates_args=())
-def mqa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def _mqa_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal MQA attention of contiguous q ``[B, T, H, D]``, k, v ``[B, T, D]`` on CPU (C++):
     returns (o ``[B, T, H, D]``, lse ``[B, T, H]`` fp32)."""
     return tuple(cpp().mqa_attn_fwd(q, k, v, scale))
+
+
+mqa_attention_op = torch.library.custom_op("palm_fast::mqa_attention", mutates_args=())(_mqa_attention_cpu)
 
 
 @mqa_attention_op.register_fake
@@ -457,8 +453,8 @@ def _attn_backward(ctx, do, _dlse):
 
 
 mqa_attention_op.register_autograd(_attn_backward, setup_context=_attn_setup)
-_MQAEager = eager_function("mqa_attention", {"cpu": lambda q, k, v, s: tuple(cpp().mqa_attn_fwd(q, k, v, s))},
-                           _attn_setup, _attn_backward)
+_MQA_IMPLS = {"cpu": _mqa_attention_cpu}
+_MQAEager = eager_function("mqa_attention", _MQA_IMPLS, _attn_setup, _attn_backward)
 
 
 # Head dims up to which the C++ kernel beats ATen's CPU flash attention (measured on our AVX2
@@ -476,9 +472,7 @@ def _cpu_mqa(q, k, v, scale):
     s = float(D ** -0.5 if scale is None else scale)
     if compiling():
         return mqa_attention_op(q, k, v, s)[0]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _MQAEager.apply(q, k, v, s)[0]
-    return cpp().mqa_attn_fwd(q, k, v, s)[0]
+    return eager_op(_MQAEager, _MQA_IMPLS, "cpu", needs_grad(q, k, v))(q, k, v, s)[0]
 
 
 def _sdpa(q, k, v, scale, q_offset: int):
@@ -627,13 +621,8 @@ def _output_projection(o, h, x, w_attn_out, w_ff_out):
     M = B * T
     args = (_rows("o", o, M, w_attn_out.shape[1]), _rows("h", h, M, w_ff_out.shape[1]),
             _rows("x", x, M, d), w_attn_out, w_ff_out)
-    if compiling():
-        op = block_out_proj
-    elif torch.is_grad_enabled() and (o.requires_grad or h.requires_grad or x.requires_grad
-                                      or w_attn_out.requires_grad or w_ff_out.requires_grad):
-        op = _OutProjEager.apply
-    else:
-        op = _OUT_IMPLS[x.device.type] if x.device.type in _OUT_IMPLS else _OutProjEager.apply
+    op = block_out_proj if compiling() else eager_op(
+        _OutProjEager, _OUT_IMPLS, x.device.type, needs_grad(o, h, x, w_attn_out, w_ff_out))
     return op(*args).view(B, T, d)
 
 

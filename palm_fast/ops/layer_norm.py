@@ -34,7 +34,7 @@ import torch
 
 from .._ext import cpp
 from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_shape, check_tensor, unit_last_dim
-from ._dispatch import call_impl, compiling, eager_ctx, eager_function
+from ._dispatch import call_impl, compiling, eager_ctx, eager_function, eager_op, needs_grad
 
 __all__ = ["layer_norm", "add_layer_norm"]
 
@@ -173,9 +173,6 @@ _AddLayerNormEager = eager_function("add_layer_norm_fwd", _ADD_LN_FWD_IMPLS, _ad
                                     _add_ln_backward)
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
 
 # ------------------------------------------------------------------------- public API
 
@@ -215,10 +212,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     eps = check_eps(eps)
     if compiling():
         op = layer_norm_fwd
-    elif _needs_grad(x, weight, bias):
-        op = _LayerNormEager.apply
-    else:  # nothing to differentiate: the device implementation, without autograd's cost
-        op = _LN_FWD_IMPLS[x.device.type] if x.device.type in _LN_FWD_IMPLS else _LayerNormEager.apply
+    else:
+        op = eager_op(_LayerNormEager, _LN_FWD_IMPLS, x.device.type, needs_grad(x, weight, bias))
     y, _mean, _rstd = op(x.reshape(-1, N), weight, bias, eps)
     return y.view(x.shape)
 
@@ -246,10 +241,9 @@ def add_layer_norm(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None = No
     eps = check_eps(eps)
     if compiling():
         op = add_layer_norm_fwd
-    elif _needs_grad(x, a, m, weight, bias) or x.device.type not in _ADD_LN_FWD_IMPLS:
-        op = _AddLayerNormEager.apply
-    else:  # nothing to differentiate: the device implementation, without autograd's cost
-        op = _ADD_LN_FWD_IMPLS[x.device.type]
+    else:
+        op = eager_op(_AddLayerNormEager, _ADD_LN_FWD_IMPLS, x.device.type,
+                      needs_grad(x, a, m, weight, bias))
     y_sum, out, _mean, _rstd = op(
         x.reshape(-1, N), a.reshape(-1, N), None if m is None else m.reshape(-1, N), weight, bias, eps)
     return y_sum.view(x.shape), out.view(x.shape)
