@@ -62,11 +62,7 @@ class PaLM(_reference.PaLM):
         the CPU only, and the committed GPU figures were taken with the reference's loss."""
         if tokens.device.type != "cpu":
             return super().loss(tokens, targets)
-        if targets is None:
-            tokens, targets = tokens[:, :-1], tokens[:, 1:]
-        self._check_tokens(targets, "targets")
-        if targets.shape != tokens.shape:
-            raise ValueError(f"targets: expected shape {list(tokens.shape)}, got {list(targets.shape)}")
+        tokens, targets = self._loss_inputs(tokens, targets)
         self._check_tokens(tokens)
         c = self.config
         if tokens.shape[1] > c.max_seq_len:

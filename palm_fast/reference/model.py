@@ -94,15 +94,21 @@ class PaLM(nn.Module):
         ``logZ = logsumexp(logits)`` per token. Without targets, the model reads
         ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]``.
         """
+        tokens, targets = self._loss_inputs(tokens, targets)
+        logits = self(tokens).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        z = self.config.z_loss * torch.logsumexp(logits, dim=-1).square().mean()
+        return ce + z, ce, z
+
+    def _loss_inputs(self, tokens: torch.Tensor, targets: torch.Tensor | None):
+        """``(tokens, targets)`` of a loss call: without targets, the model reads
+        ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]``; targets checked against tokens."""
         if targets is None:
             tokens, targets = tokens[:, :-1], tokens[:, 1:]
         self._check_tokens(targets, "targets")
         if targets.shape != tokens.shape:
             raise ValueError(f"targets: expected shape {list(tokens.shape)}, got {list(targets.shape)}")
-        logits = self(tokens).float()
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        z = self.config.z_loss * torch.logsumexp(logits, dim=-1).square().mean()
-        return ce + z, ce, z
+        return tokens, targets
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
