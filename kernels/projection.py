@@ -54,9 +54,7 @@ Grouped ("super-row") program order for L2 reuse; rows and pair columns are wrap
 (``% M``, ``% P``) for loads so only the K tail is masked, stores are masked. Operands are
 bf16/fp16 on the GPU (tensor cores) with fp32 accumulation; under ``TRITON_INTERPRET=1``
 (``UPCAST``) every loaded tile is upcast to fp32 because the interpreter cannot multiply
-bf16. The RoPE region rotates with the GPU's hardware cos / sin after an exact range
-reduction when the outputs are bf16 / fp16 (``FAST_TRIG``, ``rope.approx_cos_sin``) and with
-libdevice's accurate versions for fp32 outputs. Autotune lists are short (``IN_PROJ_CONFIGS``,
+bf16. Autotune lists are short (``IN_PROJ_CONFIGS``,
 ``OUT_PROJ_CONFIGS``, each fits an H100's shared memory; each region of the input GEMM is
 tuned on its own) and the tests run every config under the interpreter.
 """
@@ -69,7 +67,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_launch_device, interpreting
-from .rope import approx_cos_sin, precise_trig, rope_cos_sin
+from .rope import precise_trig, rope_cos_sin
 
 
 def _cfg(bm, bn, bk, group, warps, stages):
@@ -119,15 +117,6 @@ def fit_config(config: triton.Config, elem_bytes: int, b_rows: int = 1) -> trito
 # columns) the pair took 0.28 ms and the fused region 0.86 ms at its best config: its
 # scattered q / k / v stores and per-element rotation keep it far from the GEMM's speed.
 QKV_VIA_GEMM = True
-
-# bf16 / fp16 outputs of the input GEMM take the hardware cos/sin (see ``approx_cos_sin``):
-# libdevice's accurate versions made the RoPE tiles ~4x slower than the GEMM under them.
-FAST_TRIG_HALF = True
-
-
-def fast_trig(dtype: torch.dtype) -> bool:
-    return FAST_TRIG_HALF and dtype != torch.float32 and not interpreting() and precise_trig(torch.device("cuda"))
-
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: fp32 operands follow torch's TF32 switch for matmuls
@@ -192,7 +181,6 @@ def _in_proj_fwd(
     STORE_FF: tl.constexpr,    # also write the pre-activation (training)
     UPCAST: tl.constexpr,      # fp32 dot operands (interpreter)
     PRECISE_TRIG: tl.constexpr,  # libdevice cos/sin (GPU)
-    FAST_TRIG: tl.constexpr,   # hardware-approximated cos/sin after an exact reduction (GPU, half outputs)
     DOT_PREC: tl.constexpr,    # tl.dot input precision ("ieee" / "tf32")
     EVEN_K: tl.constexpr,      # BLOCK_K divides K: no K-tail masks
     INTERLEAVED: tl.constexpr,  # w_a / w_b interleaved rows of one buffer (one dot per K step)
@@ -251,10 +239,7 @@ def _in_proj_fwd(
         freq = tl.load(freq_ptr + pairs_ld)
         pos = tl.load(pos_ptr + rows_ld).to(tl.float32)
         theta = pos[:, None] * freq[None, :]
-        if FAST_TRIG:
-            cos, sin = approx_cos_sin(theta)
-        else:
-            cos, sin = rope_cos_sin(theta, PRECISE_TRIG)
+        cos, sin = rope_cos_sin(theta, PRECISE_TRIG)
         out_a = acc_a * cos - acc_b * sin
         out_b = acc_b * cos + acc_a * sin
         qkv_ok = row_ok[:, None] & pair_ok[None, :]
@@ -346,8 +331,7 @@ def _out_even_k(meta):
 # and tuning each one (compiling and timing every config) would cost seconds per new length.
 _in_proj_tuned = {
     eb: triton.autotune([fit_config(c, eb, 2) for c in IN_PROJ_CONFIGS],
-                        key=["M_BUCKET", "K", "PAIR0", "P_END", "STORE_FF", "DOT_PREC", "INTERLEAVED", "REGION",
-                             "FAST_TRIG"])(
+                        key=["M_BUCKET", "K", "PAIR0", "P_END", "STORE_FF", "DOT_PREC", "INTERLEAVED", "REGION"])(
         triton.heuristics({"EVEN_K": _in_even_k})(_in_proj_fwd))
     for eb in (2, 4)}
 _out_proj_tuned = {
@@ -485,7 +469,7 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
         return q, k, v, h, ff
     flags = dict(STORE_FF=bool(store_ff), UPCAST=interpreting(),
                  PRECISE_TRIG=precise_trig(xn.device), DOT_PREC=dot_precision(dt),
-                 FAST_TRIG=fast_trig(dt), INTERLEAVED=w_interleaved)
+                 INTERLEAVED=w_interleaved)
     eb = 4 if dt == torch.float32 else 2
     meta = _meta(config, eb, 2)
     # Two launches: the q / k / v pairs (RoPE epilogue) and the SwiGLU pairs, each tuned on

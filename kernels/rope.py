@@ -60,27 +60,6 @@ def rope_cos_sin(theta, PRECISE_TRIG: tl.constexpr):
 
 
 @triton.jit
-def approx_cos_sin(theta):
-    """cos and sin of fp32 angles (|theta| < 2^20) from the GPU's hardware approximations:
-    theta is first reduced to [-pi, pi] by a two-part Cody-Waite step with fused
-    multiply-adds (the reduction error stays below 1e-9 at every position a model reaches),
-    then ``cos.approx`` / ``sin.approx`` (absolute error below 2^-20 on [-pi, pi]): a few
-    instructions per value instead of libdevice's accurate versions, and far more accurate
-    than a half-precision output can show (on an H100, bf16 q of the input GEMM at
-    positions < 2048: 99.985% of values bitwise equal to the libdevice path, the largest
-    difference 0.016 on values of a unit-scale GEMM). Kernels take it for bf16 / fp16 outputs only (GPU, not the
-    interpreter: it is inline PTX)."""
-    k = tl.floor(theta * 0.15915493667125702 + 0.5)
-    r = tl.fma(k, -6.2831854820251465, theta)
-    r = tl.fma(k, 1.7484555314695172e-07, r)
-    c = tl.inline_asm_elementwise("cos.approx.ftz.f32 $0, $1;", "=r,r", [r],
-                                  dtype=tl.float32, is_pure=True, pack=1)
-    s = tl.inline_asm_elementwise("sin.approx.ftz.f32 $0, $1;", "=r,r", [r],
-                                  dtype=tl.float32, is_pure=True, pack=1)
-    return c, s
-
-
-@triton.jit
 def _rope_rotate_heads(
     x_row,            # pointer to head 0, feature 0 of this token's input rows
     o_row,            # pointer to head 0, feature 0 of this token's output rows

@@ -115,7 +115,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from palm_fast.kernels import projection as kp
 
-CONST = {"STORE_FF", "UPCAST", "PRECISE_TRIG", "DOT_PREC", "EVEN_K", "INTERLEAVED", "REGION", "FAST_TRIG",
+CONST = {"STORE_FF", "UPCAST", "PRECISE_TRIG", "DOT_PREC", "EVEN_K", "INTERLEAVED", "REGION",
          "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
 TYPES = {"dst_a_ptr": "*i32", "dst_b_ptr": "*i32", "freq_ptr": "*fp32", "pos_ptr": "*i64"}
 out = {}
@@ -124,13 +124,10 @@ for i, c in enumerate(kp.IN_PROJ_CONFIGS):
     for region in (1, 2):
         jobs.append((f"in{i}-r{region}-bf16", kp._in_proj_fwd, kp.fit_config(c, 2, 2), "bf16",
                      dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True, DOT_PREC="tf32", EVEN_K=True,
-                          INTERLEAVED=True, REGION=region, FAST_TRIG=True)))
-jobs.append(("in0-r1-libdevice-bf16", kp._in_proj_fwd, kp.fit_config(kp.IN_PROJ_CONFIGS[0], 2, 2), "bf16",
-             dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True, DOT_PREC="tf32", EVEN_K=True,
-                  INTERLEAVED=True, REGION=1, FAST_TRIG=False)))
+                          INTERLEAVED=True, REGION=region)))
 jobs.append(("in0-separate-bf16", kp._in_proj_fwd, kp.fit_config(kp.IN_PROJ_CONFIGS[0], 2, 2), "bf16",
              dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True, DOT_PREC="tf32", EVEN_K=True,
-                  INTERLEAVED=False, REGION=2, FAST_TRIG=True)))
+                  INTERLEAVED=False, REGION=2)))
 for i, c in enumerate(kp.OUT_PROJ_CONFIGS):
     jobs.append((f"out{i}-bf16", kp._out_proj_fwd, kp.fit_config(c, 2), "bf16",
                  dict(UPCAST=False, DOT_PREC="tf32", EVEN_K=True)))
@@ -138,7 +135,7 @@ for i, c in enumerate(kp.OUT_PROJ_CONFIGS):
 for region in (1, 2):
     jobs.append((f"in0-r{region}-fp32", kp._in_proj_fwd, kp.fit_config(kp.IN_PROJ_CONFIGS[0], 4, 2), "fp32",
                  dict(STORE_FF=True, UPCAST=False, PRECISE_TRIG=True, DOT_PREC="ieee", EVEN_K=False,
-                      INTERLEAVED=True, REGION=region, FAST_TRIG=False)))
+                      INTERLEAVED=True, REGION=region)))
 jobs.append(("out0-fp32", kp._out_proj_fwd, kp.fit_config(kp.OUT_PROJ_CONFIGS[0], 4), "fp32",
              dict(UPCAST=False, DOT_PREC="ieee", EVEN_K=False)))
 for name, fn, cfg, dt, flags in jobs:
