@@ -50,8 +50,6 @@ from .rope import precise_trig, rope_cos_sin
 
 _INTERPRETER_SMS = 4  # the "SM count" used for the split heuristic under the interpreter
 _MIN_SPLIT = 128      # fewest keys per split
-SPLIT_WAVES = 1       # programs per SM the split heuristic aims for
-SPLIT_WAVES_FLOOR = True  # round the split count down (whole waves) instead of up
 
 
 @triton.jit
@@ -202,10 +200,7 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int) -> dict:
     # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
     # must stay small next to the K/V bytes it reads.
     max_splits = max(1, triton.cdiv(capacity, max(_MIN_SPLIT, block_n)))
-    if SPLIT_WAVES_FLOOR:  # whole waves: at most SPLIT_WAVES * n_sms programs
-        n_splits = min(max_splits, max(1, SPLIT_WAVES * n_sms // (B * row_blocks)))
-    else:
-        n_splits = min(max_splits, max(1, triton.cdiv(SPLIT_WAVES * n_sms, B * row_blocks)))
+    n_splits = min(max_splits, max(1, n_sms // (B * row_blocks)))  # one wave: <= n_sms programs
     split_len = triton.cdiv(triton.cdiv(capacity, n_splits), block_n) * block_n
     n_splits = triton.cdiv(capacity, split_len)
     # 4 warps: measured on an H100 (bf16) faster than 8 at head dim 256 (775 vs 917 us at
