@@ -320,8 +320,8 @@ def test_kernel_cache(tmp_path, monkeypatch):
     g = expanders.rms_norm_fwd()
     cg = codegen.CompiledGraph(g, "full")
     grp = cg.schedule.groups[0]
-    k, fn, block = cg.kernel(grp, 100, ("torch.float32", "torch.float32", "f"))
-    assert block == 128
+    k, fn, block, tiles = cg.kernel(grp, 100, ("torch.float32", "torch.float32", "f"))
+    assert (block, tiles) == (128, 1)
     files = list(tmp_path.glob("palm_fast_fusion_*.py"))
     assert len(files) == 1 and files[0].read_text() == k.source
     assert cg.kernel(grp, 100, ("torch.float32", "torch.float32", "f"))[1] is fn  # memory cache
@@ -419,3 +419,45 @@ def test_launch_plans_per_input_signature():
     with pytest.raises(TypeError, match="eps"):
         cg(x=x, weight=w, eps="1e-5")
     assert len(cg._plans) == 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("row_step", [1, 3])
+def test_tiled_variant_at_small_n(dtype, row_step):
+    """The tiled variant forced at small N (16-wide tiles, a ragged last tile): LayerNorm
+    forward with 1 or 3 rows per loop step (M not a multiple of 3), its backward (column
+    partials, one row per step) and add + LayerNorm, against the fp64 reference."""
+    M, N = 7, 100
+    opts = dict(tile=16, tile_min=16, max_tiled=1000, max_tiled_partial=1000, row_step=row_step)
+    x, w, b, dy = _ln_case(M, N, dtype, has_bias=True)
+    for has_bias in (False, True):
+        fwd = compile_graph(expanders.layer_norm_fwd(has_bias), "full", **opts)
+        bwd = compile_graph(expanders.layer_norm_bwd(has_bias), "full", **opts)
+        grp = fwd.schedule.groups[0]
+        assert fwd.variant(grp, N) == (False, 16, 7) and fwd._rows(grp, 7) == row_step
+        assert bwd._rows(bwd.schedule.groups[0], 7) == 1  # column partials: one row per step
+        bias = b if has_bias else None
+        ref = _ln_ref(*(t.double() for t in (x, w)), None if bias is None else bias.double(), dy.double())
+        eager = _ln_ref(x, w, bias, dy)
+        args = dict(x=x, weight=w, eps=EPS, **({"bias": b} if has_bias else {}))
+        r = fwd(**args)
+        g = bwd(dy=dy, x=x, weight=w, mean=r["mean"], rstd=r["rstd"])
+        assert_close_by_rule(r["y"], ref[0], eager[0], name="y")
+        assert_close_by_rule(g["dx"], ref[1], eager[1], name="dx")
+        assert_close_by_rule(g["dweight"], ref[2], eager[2], name="dweight")
+        if has_bias:
+            assert_close_by_rule(g["dbias"], ref[3], eager[3], name="dbias")
+        assert "_t7" in fwd.sources(N)[0].name
+    add = compile_graph(expanders.add_layer_norm_fwd(True, False), "full", **opts)
+    r = add(x=x, a=dy, m=x, weight=w, eps=EPS)
+    s64 = x.double() * 2 + dy.double()
+    torch.testing.assert_close(r["y_sum"].double(), s64, rtol=2e-2, atol=2e-2)
+    y64 = torch.nn.functional.layer_norm(r["y_sum"].double(), (N,), w.double(), None, EPS)
+    torch.testing.assert_close(r["out"].double(), y64, rtol=2e-2, atol=2e-2)
+
+
+def test_tiled_options_are_checked():
+    with pytest.raises(ValueError, match="tile"):
+        codegen.CompiledGraph(expanders.layer_norm_fwd(False), "full", tile=24)
+    with pytest.raises(ValueError, match="row_step"):
+        codegen.CompiledGraph(expanders.layer_norm_fwd(False), "full", row_step=0)
