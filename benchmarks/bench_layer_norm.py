@@ -4,6 +4,9 @@ Cases (no bias, as PaLM; ``x [M, N]``):
 
 * ``layer_norm.fwd``: reads x, writes y (2 MN elements);
 * ``layer_norm.fwdbwd``: forward, then dx and dweight (reads dy and x again, writes dx: 5 MN);
+* ``layer_norm.bwd``: the backward alone from saved mean / rstd (reads dy and x, writes dx:
+  3 MN): ``palm_fast`` calls the ``palm_fast::layer_norm_bwd`` op, ``torch`` ATen's
+  ``native_layer_norm_backward``, ``eager`` / ``compile`` the backward math written out;
 * ``add_layer_norm.fwd``: the parallel block's ``y_sum = x + a + m``, ``out = LN(y_sum)``
   (reads 3 MN, writes 2 MN).
 
@@ -150,6 +153,43 @@ def _cases(ctx: BenchContext, M: int, N: int):
         name="layer_norm.fwdbwd", shape=shape, dtype=ctx.dtype, bytes=5 * M * N * elem,
         setup=setup_fwdbwd, impls=impls,
         impl_extra={k: {"kernels": v} for k, v in bwd_kernels.items()},
+    )
+
+    # ---- the backward alone (given the forward's mean / rstd): what the kernels cost without
+    # the autograd engine's host time, which the fwd+bwd records include
+    def setup_bwd():
+        x = torch.randn(M, N, device=ctx.device, dtype=ctx.dtype)
+        dy = torch.randn(M, N, device=ctx.device, dtype=ctx.dtype)
+        xf = x.float()
+        mean = xf.mean(1)
+        rstd = torch.rsqrt(xf.var(1, unbiased=False) + eps)
+        _, t_mean, t_rstd = torch.native_layer_norm(x, [N], w, None, eps)  # ATen's own layout/dtype
+        return dy, x, mean, rstd, t_mean, t_rstd
+
+    def ref_bwd(dy, x, w, mean, rstd):
+        """The LayerNorm backward written out (no bias), in fp32: what torch.compile fuses."""
+        xhat = (x.float() - mean[:, None]) * rstd[:, None]
+        g = dy.float() * w.float()
+        c1 = (g * xhat).mean(1, keepdim=True)
+        c2 = g.mean(1, keepdim=True)
+        dx = (g - xhat * c1 - c2) * rstd[:, None]
+        return dx.to(x.dtype), (dy.float() * xhat).sum(0).to(w.dtype)
+
+    from palm_fast.ops.layer_norm import layer_norm_bwd as ln_bwd_op
+    compiled_bwd = torch.compile(ref_bwd)
+    bwd_impls = {
+        "palm_fast": lambda a: ln_bwd_op(a[0], a[1], w, a[2], a[3], False)[:2],
+        "torch": lambda a: torch.ops.aten.native_layer_norm_backward(
+            a[0], a[1], [N], a[4], a[5], w, None, [True, True, False])[:2],
+        "eager": lambda a: ref_bwd(a[0], a[1], w, a[2], a[3]),
+        "compile": lambda a: compiled_bwd(a[0], a[1], w, a[2], a[3]),
+    }
+    bwd_kernels = {"palm_fast": 2}
+    if cuda:
+        bwd_kernels["palm_fast"] = full_bwd.kernel_count
+    yield Case(
+        name="layer_norm.bwd", shape=shape, dtype=ctx.dtype, bytes=3 * M * N * elem,
+        setup=setup_bwd, impls=bwd_impls, impl_extra={k: {"kernels": v} for k, v in bwd_kernels.items()},
     )
 
     # ---- the parallel block's residual sum + next LayerNorm
