@@ -168,10 +168,10 @@ inline at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contig
 inline std::pair<at::Tensor, at::Tensor> affine_as_float(const at::Tensor& weight,
                                                          const c10::optional<at::Tensor>& bias,
                                                          int64_t N, const char* op) {
-  PF_CHECK(weight.numel() == N, op, ": weight must have N elements");
+  TORCH_CHECK(weight.numel() == N, op, ": weight must have N elements");
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
-    PF_CHECK(bias->numel() == N, op, ": bias must have N elements");
+    TORCH_CHECK(bias->numel() == N, op, ": bias must have N elements");
     b = as_float(*bias);
   }
   return {as_float(weight), b};
@@ -196,7 +196,7 @@ void layer_norm_fwd_impl(const T* x, const float* w, const float* b, T* y, float
 
 std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x_in, const at::Tensor& weight,
                                        const c10::optional<at::Tensor>& bias, double eps) {
-  PF_CHECK(x_in.dim() == 2, "layer_norm_fwd: x must be 2-D [M, N]");
+  TORCH_CHECK(x_in.dim() == 2, "layer_norm_fwd: x must be 2-D [M, N]");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), N = x.size(1);
   at::Tensor w, b;  // (not a structured binding: C++17 lambdas cannot capture those)
@@ -256,15 +256,15 @@ std::vector<at::Tensor> add_layer_norm_fwd(const at::Tensor& x_in, const at::Ten
                                            const c10::optional<at::Tensor>& m_in,
                                            const at::Tensor& weight,
                                            const c10::optional<at::Tensor>& bias, double eps) {
-  PF_CHECK(x_in.dim() == 2, "add_layer_norm_fwd: x must be 2-D [M, N]");
+  TORCH_CHECK(x_in.dim() == 2, "add_layer_norm_fwd: x must be 2-D [M, N]");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), N = x.size(1);
-  PF_CHECK(a_in.sizes() == x.sizes() && a_in.scalar_type() == x.scalar_type(),
+  TORCH_CHECK(a_in.sizes() == x.sizes() && a_in.scalar_type() == x.scalar_type(),
               "add_layer_norm_fwd: a must match x");
   const at::Tensor a = a_in.contiguous();
   at::Tensor m;
   if (m_in.has_value() && m_in->defined()) {
-    PF_CHECK(m_in->sizes() == x.sizes() && m_in->scalar_type() == x.scalar_type(),
+    TORCH_CHECK(m_in->sizes() == x.sizes() && m_in->scalar_type() == x.scalar_type(),
                 "add_layer_norm_fwd: m must match x");
     m = m_in->contiguous();
   }
@@ -396,14 +396,14 @@ void reduce_partials(const float* part, float* out, int64_t n_chunks, int64_t N)
 std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy_in, const at::Tensor& x_in,
                                        const at::Tensor& weight, const at::Tensor& mean_in,
                                        const at::Tensor& rstd_in, bool has_bias) {
-  PF_CHECK(x_in.dim() == 2, "layer_norm_bwd: x must be 2-D [M, N]");
+  TORCH_CHECK(x_in.dim() == 2, "layer_norm_bwd: x must be 2-D [M, N]");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), N = x.size(1);
-  PF_CHECK(dy_in.sizes() == x.sizes() && dy_in.scalar_type() == x.scalar_type(),
+  TORCH_CHECK(dy_in.sizes() == x.sizes() && dy_in.scalar_type() == x.scalar_type(),
               "layer_norm_bwd: dy must match x");
   const at::Tensor dy = dy_in.contiguous();
-  PF_CHECK(weight.numel() == N, "layer_norm_bwd: weight must have N elements");
-  PF_CHECK(mean_in.numel() == M && mean_in.scalar_type() == at::kFloat &&
+  TORCH_CHECK(weight.numel() == N, "layer_norm_bwd: weight must have N elements");
+  TORCH_CHECK(mean_in.numel() == M && mean_in.scalar_type() == at::kFloat &&
                   rstd_in.numel() == M && rstd_in.scalar_type() == at::kFloat,
               "layer_norm_bwd: mean and rstd must be fp32 with M elements");
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();

@@ -306,9 +306,9 @@ bool sizes_are(const at::Tensor& t, int64_t a, int64_t b, int64_t c) {
 }
 
 void check(const at::Tensor& t, const char* name, int64_t dim) {
-  PF_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
-  PF_CHECK(t.dim() == dim, name, ": expected ", dim, " dims, got ", t.dim());
-  PF_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == dim, name, ": expected ", dim, " dims, got ", t.dim());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
 }
 
 std::tuple<at::Tensor, at::Tensor> mqa_attn_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -317,9 +317,9 @@ std::tuple<at::Tensor, at::Tensor> mqa_attn_fwd(const at::Tensor& q, const at::T
   check(k, "k", 3);
   check(v, "v", 3);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
-  PF_CHECK(sizes_are(k, B, T, D) && sizes_are(v, B, T, D),
+  TORCH_CHECK(sizes_are(k, B, T, D) && sizes_are(v, B, T, D),
               "k, v: expected shape [B, T, D] = [", B, ", ", T, ", ", D, "]");
-  PF_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "k, v: expected q's dtype");
   at::Tensor o = at::empty_like(q);
   at::Tensor lse = at::empty({B, T, H}, q.options().dtype(at::kFloat));
@@ -343,12 +343,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mqa_attn_bwd(const at::Tensor& do
   check(o, "o", 4);
   check(lse, "lse", 3);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
-  PF_CHECK(dout.sizes() == q.sizes() && o.sizes() == q.sizes(), "grad_out, o: expected q's shape");
-  PF_CHECK(sizes_are(k, B, T, D) && sizes_are(v, B, T, D),
+  TORCH_CHECK(dout.sizes() == q.sizes() && o.sizes() == q.sizes(), "grad_out, o: expected q's shape");
+  TORCH_CHECK(sizes_are(k, B, T, D) && sizes_are(v, B, T, D),
               "k, v: expected shape [B, T, D] = [", B, ", ", T, ", ", D, "]");
-  PF_CHECK(sizes_are(lse, B, T, H) && lse.scalar_type() == at::kFloat,
+  TORCH_CHECK(sizes_are(lse, B, T, H) && lse.scalar_type() == at::kFloat,
               "lse: expected fp32 [B, T, H]");
-  PF_CHECK(dout.scalar_type() == q.scalar_type() && o.scalar_type() == q.scalar_type() &&
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && o.scalar_type() == q.scalar_type() &&
                   k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "grad_out, k, v, o: expected q's dtype");
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);

@@ -365,7 +365,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  PF_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
 }
 
 std::vector<at::Tensor> mqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache,
@@ -376,41 +376,41 @@ std::vector<at::Tensor> mqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_
   check_cpu(q, "q");
   check_cpu(k_cache, "k_cache");
   check_cpu(v_cache, "v_cache");
-  PF_CHECK(q.dim() == 3 && q.is_contiguous(), "q: expected a contiguous [B, R, hd] tensor");
-  PF_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: expected a contiguous [B, R, hd] tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                   v_cache.is_contiguous(), "k_cache, v_cache: expected contiguous [L, N, P, hd] tensors");
-  PF_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
               "k_cache, v_cache: expected q's dtype");
   const int64_t B = q.size(0), R = q.size(1), hd = q.size(2);
-  PF_CHECK(k_cache.size(3) == hd, "k_cache: head dim differs from q's");
-  PF_CHECK(0 <= layer && layer < k_cache.size(0), "layer out of range");
-  PF_CHECK(ends.scalar_type() == at::kInt && ends.is_contiguous() && ends.numel() == B,
+  TORCH_CHECK(k_cache.size(3) == hd, "k_cache: head dim differs from q's");
+  TORCH_CHECK(0 <= layer && layer < k_cache.size(0), "layer out of range");
+  TORCH_CHECK(ends.scalar_type() == at::kInt && ends.is_contiguous() && ends.numel() == B,
               "ends: expected a contiguous int32 [B] tensor");
   const int64_t N = k_cache.size(1), P = k_cache.size(2);
   const int32_t* tp = nullptr;
   int64_t n_blocks = 0;
   if (page_table.has_value()) {
     const at::Tensor& t = *page_table;
-    PF_CHECK(t.scalar_type() == at::kInt && t.is_contiguous() && t.dim() == 2 && t.size(0) == B,
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous() && t.dim() == 2 && t.size(0) == B,
                 "page_table: expected a contiguous int32 [B, blocks] tensor");
     tp = t.const_data_ptr<int32_t>();
     n_blocks = t.size(1);
   } else {
-    PF_CHECK(N >= B, "k_cache: contiguous cache has fewer sequences than q");
+    TORCH_CHECK(N >= B, "k_cache: contiguous cache has fewer sequences than q");
   }
   const int32_t* sp = nullptr;
   if (starts.has_value()) {
-    PF_CHECK(starts->scalar_type() == at::kInt && starts->is_contiguous() && starts->numel() == B,
+    TORCH_CHECK(starts->scalar_type() == at::kInt && starts->is_contiguous() && starts->numel() == B,
                 "starts: expected a contiguous int32 [B] tensor");
     sp = starts->const_data_ptr<int32_t>();
   }
   const int32_t* ep = ends.const_data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {  // every row read must exist
     const int64_t s0 = sp ? sp[b] : 0;
-    PF_CHECK(s0 >= 0 && ep[b] <= (tp ? n_blocks * P : P), "starts/ends out of range for sequence ", b);
+    TORCH_CHECK(s0 >= 0 && ep[b] <= (tp ? n_blocks * P : P), "starts/ends out of range for sequence ", b);
     if (tp) {
       for (int64_t blk = s0 / P; blk * P < ep[b]; ++blk) {
-        PF_CHECK(tp[b * n_blocks + blk] >= 0 && tp[b * n_blocks + blk] < N, "page_table: invalid page ",
+        TORCH_CHECK(tp[b * n_blocks + blk] >= 0 && tp[b * n_blocks + blk] < N, "page_table: invalid page ",
                     tp[b * n_blocks + blk], " for sequence ", b);
       }
     }
@@ -480,43 +480,43 @@ void rope_append_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &k_cache, &v_cache, &q_out}) {
     check_cpu(*t, "tensor");
   }
-  PF_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && q.dim() == 4 && q.size(0) == k.size(0) &&
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && q.dim() == 4 && q.size(0) == k.size(0) &&
                   q.size(1) == k.size(1) && q.size(3) == k.size(2), "q, k, v: shapes do not match");
-  PF_CHECK(q.stride(3) == 1 || q.size(3) <= 1, "q: expected a unit last stride");
-  PF_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k, v: expected a unit last stride");
-  PF_CHECK(q_out.is_contiguous() && q_out.sizes() == q.sizes(), "q_out: expected contiguous, q's shape");
-  PF_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+  TORCH_CHECK(q.stride(3) == 1 || q.size(3) <= 1, "q: expected a unit last stride");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k, v: expected a unit last stride");
+  TORCH_CHECK(q_out.is_contiguous() && q_out.sizes() == q.sizes(), "q_out: expected contiguous, q's shape");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   v_cache.sizes() == k_cache.sizes() && k_cache.size(3) == k.size(2),
               "k_cache, v_cache: expected contiguous [L, N, P, hd] tensors");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &v, &k_cache, &v_cache, &q_out}) {
-    PF_CHECK(t->scalar_type() == k.scalar_type(), "q, k, v and the cache: expected one dtype");
+    TORCH_CHECK(t->scalar_type() == k.scalar_type(), "q, k, v and the cache: expected one dtype");
   }
-  PF_CHECK(0 <= layer && layer < k_cache.size(0), "layer out of range");
+  TORCH_CHECK(0 <= layer && layer < k_cache.size(0), "layer out of range");
   const int64_t B = k.size(0), T = k.size(1), N = k_cache.size(1), P = k_cache.size(2);
-  PF_CHECK(lengths.scalar_type() == at::kInt && lengths.is_contiguous() && lengths.numel() == B &&
+  TORCH_CHECK(lengths.scalar_type() == at::kInt && lengths.is_contiguous() && lengths.numel() == B &&
                   n_new.scalar_type() == at::kInt && n_new.is_contiguous() && n_new.numel() == B,
               "lengths, n_new: expected contiguous int32 [B] tensors");
-  PF_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() && 2 * inv_freq.numel() <= k.size(2),
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() && 2 * inv_freq.numel() <= k.size(2),
               "inv_freq: expected a contiguous fp32 tensor of at most hd / 2 entries");
   const int32_t* lp = lengths.const_data_ptr<int32_t>();
   const int32_t* np = n_new.const_data_ptr<int32_t>();
   const int32_t* tp = nullptr;
   int64_t n_blocks = 0;
   if (page_table.has_value()) {
-    PF_CHECK(page_table->scalar_type() == at::kInt && page_table->is_contiguous() && page_table->dim() == 2 &&
+    TORCH_CHECK(page_table->scalar_type() == at::kInt && page_table->is_contiguous() && page_table->dim() == 2 &&
                     page_table->size(0) == B, "page_table: expected a contiguous int32 [B, blocks] tensor");
     tp = page_table->const_data_ptr<int32_t>();
     n_blocks = page_table->size(1);
   } else {
-    PF_CHECK(N >= B, "k_cache: contiguous cache has fewer sequences than k");
+    TORCH_CHECK(N >= B, "k_cache: contiguous cache has fewer sequences than k");
   }
   for (int64_t b = 0; b < B; ++b) {  // every row written must exist
-    PF_CHECK(lp[b] >= 0 && np[b] >= 0 && np[b] <= T, "lengths / n_new out of range for sequence ", b);
+    TORCH_CHECK(lp[b] >= 0 && np[b] >= 0 && np[b] <= T, "lengths / n_new out of range for sequence ", b);
     const int64_t end = int64_t(lp[b]) + np[b];
-    PF_CHECK(end <= (tp ? n_blocks * P : P), "cache overflow for sequence ", b);
+    TORCH_CHECK(end <= (tp ? n_blocks * P : P), "cache overflow for sequence ", b);
     if (tp) {
       for (int64_t blk = lp[b] / P; blk * P < end; ++blk) {
-        PF_CHECK(tp[b * n_blocks + blk] >= 0 && tp[b * n_blocks + blk] < N, "page_table: invalid page");
+        TORCH_CHECK(tp[b * n_blocks + blk] >= 0 && tp[b * n_blocks + blk] < N, "page_table: invalid page");
       }
     }
   }
@@ -524,14 +524,14 @@ void rope_append_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "rope_append_cpu", [&] {
     if (positions.has_value()) {
       const at::Tensor& pt = *positions;
-      PF_CHECK(pt.is_contiguous() && pt.dim() == 2 && pt.size(0) == B && pt.size(1) == T,
+      TORCH_CHECK(pt.is_contiguous() && pt.dim() == 2 && pt.size(0) == B && pt.size(1) == T,
                   "positions: expected a contiguous [B, T] tensor");
       if (pt.scalar_type() == at::kInt) {
         rope_append_kernel<scalar_t, int32_t>(q, k, v, k_cache, v_cache, tp, n_blocks, lp, np,
                                               pt.const_data_ptr<int32_t>(), inv_freq.const_data_ptr<float>(),
                                               half, q_out, layer, interleaved);
       } else {
-        PF_CHECK(pt.scalar_type() == at::kLong, "positions: expected int32 or int64");
+        TORCH_CHECK(pt.scalar_type() == at::kLong, "positions: expected int32 or int64");
         rope_append_kernel<scalar_t, int64_t>(q, k, v, k_cache, v_cache, tp, n_blocks, lp, np,
                                               pt.const_data_ptr<int64_t>(), inv_freq.const_data_ptr<float>(),
                                               half, q_out, layer, interleaved);
@@ -571,20 +571,20 @@ void prefix_merge_kernel(const float* o_pre, const float* lse_pre, const int32_t
 at::Tensor prefix_merge_cpu(const at::Tensor& o_pre, const at::Tensor& lse_pre, const at::Tensor& slot,
                             const at::Tensor& o_suf, const at::Tensor& lse_suf, at::ScalarType out_dtype) {
   for (const at::Tensor* t : {&o_pre, &lse_pre, &slot, &o_suf, &lse_suf}) check_cpu(*t, "tensor");
-  PF_CHECK(o_suf.dim() == 3 && o_suf.scalar_type() == at::kFloat && o_suf.is_contiguous(),
+  TORCH_CHECK(o_suf.dim() == 3 && o_suf.scalar_type() == at::kFloat && o_suf.is_contiguous(),
               "o_suf: expected a contiguous fp32 [B, H, hd] tensor");
   const int64_t B = o_suf.size(0), H = o_suf.size(1), hd = o_suf.size(2);
-  PF_CHECK(o_pre.scalar_type() == at::kFloat && o_pre.is_contiguous() && o_pre.numel() % (H * hd) == 0,
+  TORCH_CHECK(o_pre.scalar_type() == at::kFloat && o_pre.is_contiguous() && o_pre.numel() % (H * hd) == 0,
               "o_pre: expected a contiguous fp32 [G * M, H, hd] tensor");
   const int64_t rows = o_pre.numel() / (H * hd);
-  PF_CHECK(lse_pre.scalar_type() == at::kFloat && lse_pre.is_contiguous() && lse_pre.numel() == rows * H,
+  TORCH_CHECK(lse_pre.scalar_type() == at::kFloat && lse_pre.is_contiguous() && lse_pre.numel() == rows * H,
               "lse_pre: expected a contiguous fp32 [G * M, H] tensor");
-  PF_CHECK(lse_suf.scalar_type() == at::kFloat && lse_suf.is_contiguous() && lse_suf.numel() == B * H,
+  TORCH_CHECK(lse_suf.scalar_type() == at::kFloat && lse_suf.is_contiguous() && lse_suf.numel() == B * H,
               "lse_suf: expected a contiguous fp32 [B, H] tensor");
-  PF_CHECK(slot.scalar_type() == at::kInt && slot.is_contiguous() && slot.numel() == B,
+  TORCH_CHECK(slot.scalar_type() == at::kInt && slot.is_contiguous() && slot.numel() == B,
               "slot: expected a contiguous int32 [B] tensor");
   const int32_t* sl = slot.const_data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b) PF_CHECK(sl[b] < rows, "slot: out of range for sequence ", b);
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(sl[b] < rows, "slot: out of range for sequence ", b);
   at::Tensor o = at::empty({B, H, hd}, o_suf.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "prefix_merge_cpu", [&] {
     prefix_merge_kernel<scalar_t>(o_pre.const_data_ptr<float>(), lse_pre.const_data_ptr<float>(), sl,
@@ -653,14 +653,14 @@ void small_mm_kernel(const scalar_t* x, int64_t M, int64_t K, const scalar_t* w,
 at::Tensor small_mm_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& res) {
   check_cpu(x, "x");
   check_cpu(w, "w");
-  PF_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x, w: expected [M, K] and [N, K]");
-  PF_CHECK(w.is_contiguous() && w.scalar_type() == x.scalar_type(), "w: expected a contiguous tensor of x's dtype");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x, w: expected [M, K] and [N, K]");
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == x.scalar_type(), "w: expected a contiguous tensor of x's dtype");
   const at::Tensor xc = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor rc;
   if (res.has_value()) {
     check_cpu(*res, "res");
-    PF_CHECK(res->dim() == 2 && res->size(0) == M && res->size(1) == N && res->scalar_type() == x.scalar_type(),
+    TORCH_CHECK(res->dim() == 2 && res->size(0) == M && res->size(1) == N && res->scalar_type() == x.scalar_type(),
                 "res: expected [M, N] of x's dtype");
     rc = res->contiguous();
   }

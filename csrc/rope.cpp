@@ -107,19 +107,19 @@ void rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out,
               bool pos_is_offset, bool interleaved, bool inverse) {
   // Memory-safety guards only; argument checking with good messages is in palm_fast/ops.
   for (const at::Tensor* t : {&q, &k, &q_out, &k_out}) {
-    PF_CHECK(t->device().is_cpu() && t->dim() == 4, "rope_cpu: expected 4-dim CPU tensors");
-    PF_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1, "rope_cpu: last dim must be unit-stride");
-    PF_CHECK(t->scalar_type() == q.scalar_type(), "rope_cpu: dtype mismatch");
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 4, "rope_cpu: expected 4-dim CPU tensors");
+    TORCH_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1, "rope_cpu: last dim must be unit-stride");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "rope_cpu: dtype mismatch");
   }
-  PF_CHECK(q_out.sizes() == q.sizes() && k_out.sizes() == k.sizes(), "rope_cpu: output shape");
-  PF_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+  TORCH_CHECK(q_out.sizes() == q.sizes() && k_out.sizes() == k.sizes(), "rope_cpu: output shape");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
               "rope_cpu: q and k must share B, T, D");
-  PF_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1 &&
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1 &&
                   inv_freq.is_contiguous() && 2 * inv_freq.numel() <= q.size(3),
               "rope_cpu: inv_freq must be contiguous fp32 [R/2] with R <= D");
-  PF_CHECK(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt,
+  TORCH_CHECK(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt,
               "rope_cpu: positions must be int32 or int64");
-  PF_CHECK(pos_is_offset ? (pos.dim() == 1 && pos.size(0) == q.size(0))
+  TORCH_CHECK(pos_is_offset ? (pos.dim() == 1 && pos.size(0) == q.size(0))
                             : (pos.dim() == 2 && pos.size(0) == q.size(0) && pos.size(1) == q.size(1)),
               "rope_cpu: positions shape");
   if (q.numel() == 0 && k.numel() == 0) return;

@@ -237,14 +237,14 @@ at::Tensor as_rows(const at::Tensor& t) {
 }
 
 void check_input(const at::Tensor& t, const char* name) {
-  PF_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
-  PF_CHECK(t.dim() >= 1, name, ": expected at least 1 dim, got ", t.dim());
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() >= 1, name, ": expected at least 1 dim, got ", t.dim());
 }
 
 at::Tensor swiglu_fwd(const at::Tensor& x) {
   check_input(x, "x");
   const int64_t two_f = x.size(-1);
-  PF_CHECK(two_f > 0 && two_f % 2 == 0, "x: expected an even, positive last dim, got ", two_f);
+  TORCH_CHECK(two_f > 0 && two_f % 2 == 0, "x: expected an even, positive last dim, got ", two_f);
   const int64_t F = two_f / 2;
   auto out_shape = x.sizes().vec();
   out_shape.back() = F;
@@ -263,13 +263,13 @@ at::Tensor swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& x) {
   check_input(x, "x");
   check_input(grad_out, "grad_out");
   const int64_t two_f = x.size(-1);
-  PF_CHECK(two_f > 0 && two_f % 2 == 0, "x: expected an even, positive last dim, got ", two_f);
+  TORCH_CHECK(two_f > 0 && two_f % 2 == 0, "x: expected an even, positive last dim, got ", two_f);
   const int64_t F = two_f / 2;
-  PF_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out: expected dtype ",
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out: expected dtype ",
               x.scalar_type(), ", got ", grad_out.scalar_type());
   auto go_shape = x.sizes().vec();
   go_shape.back() = F;
-  PF_CHECK(grad_out.sizes() == at::IntArrayRef(go_shape), "grad_out: expected shape ",
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(go_shape), "grad_out: expected shape ",
               at::IntArrayRef(go_shape), ", got ", grad_out.sizes());
   at::Tensor grad_x = empty_output(x.sizes(), x.options());
   if (grad_x.numel() == 0) return grad_x;
