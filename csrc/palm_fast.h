@@ -16,8 +16,11 @@ namespace palm_fast {
 // A bound entry point that raises its errors as Python RuntimeErrors itself: a C++
 // exception (a failed TORCH_CHECK) is caught here, its message set as the Python error and
 // pybind11::error_already_set thrown, which pybind11 turns back into the Python error
-// without consulting its exception translators. On the GPU image (torch 2.11, CUDA 13) an
-// exception left to the translators crashed the process (segfault) instead of raising.
+// without consulting its exception translators (the message, without a C++ backtrace).
+// Known issue: on the GPU image (torch 2.11, CUDA 13, GCC 13.3 build) any exception thrown
+// from this extension still segfaults, with this wrapper or without, and with a plain
+// std::exception instead of TORCH_CHECK (benchmarks/results/h100/probes/exc_probe.log); the
+// cause is not found. The public ops check their arguments in Python before calling here.
 template <typename R, typename... Args>
 auto guarded(R (*fn)(Args...)) {
   return [fn](Args... args) -> R {
