@@ -326,6 +326,7 @@ def _row_kernel_tiled(em: _Emitter, args, nt: int, rows: int = 1) -> tuple[list[
                 L += [f"v{i}_{t} = tl.load(in{i} + cols_{t}, mask=cmask_{t}, other=0.0).to(tl.float32)"
                       for t in T]
                 hoisted.add(i)
+                consts[i] = f"v{i}"
     for i in parts:
         red = g.nodes[i].attr("red")
         L += [f"acc{i}_{t} = tl.full([BLOCK_N], {_NEUTRAL[red]}, dtype=tl.float32)" for t in T]
@@ -333,12 +334,10 @@ def _row_kernel_tiled(em: _Emitter, args, nt: int, rows: int = 1) -> tuple[list[
     def body(u: int, first: str) -> tuple[list[str], list[str]]:
         """(load lines, compute + store lines) of the row ``first + u``."""
         S = f"_r{u}" if rows > 1 else ""
-        tiled: set[int] = set()
+        tiled = set(hoisted)  # nodes with per-tile names v{i}{S}_{t}
         avail = dict(consts)
 
         def ref(j: int, t: int) -> str:
-            if j in hoisted:
-                return f"v{j}_{t}"
             return f"{avail[j]}_{t}" if j in tiled else avail[j]
 
         H = [f"row{S} = {first} + {u}", f"rmask{S} = row{S} < M", f"row64{S} = row{S}.to(tl.int64)"]
@@ -354,8 +353,6 @@ def _row_kernel_tiled(em: _Emitter, args, nt: int, rows: int = 1) -> tuple[list[
             elif s == "stat":
                 H.append(f"v{i}{S} = tl.load(in{i} + row{S}, mask=rmask{S}, other=0.0).to(tl.float32)")
                 avail[i] = f"v{i}{S}"
-            elif s == "col":
-                tiled.add(i)
         C: list[str] = []
         for i in grp.nodes:
             n = g.nodes[i]
@@ -377,7 +374,7 @@ def _row_kernel_tiled(em: _Emitter, args, nt: int, rows: int = 1) -> tuple[list[
                     val = f"tl.where(mask{S}_{t}, {ref(n.inputs[0], t)}, {_NEUTRAL[red]})"
                     C.append(f"acc{i}_{t} = " + (f"acc{i}_{t} + {val}" if red == "sum"
                                                  else f"tl.maximum(acc{i}_{t}, {val})"))
-            elif n.space in ("row", "col") or any(j in tiled or j in hoisted for j in n.inputs):
+            elif n.space in ("row", "col") or any(j in tiled for j in n.inputs):
                 for t in T:
                     C.append(f"v{i}{S}_{t} = " + em.op_expr(i, [ref(j, t) for j in n.inputs]))
                 avail[i] = f"v{i}{S}"
@@ -635,6 +632,9 @@ class CompiledGraph:
         self._launch_cache: dict[tuple, tuple] = {}
         self._plans: dict[tuple, _Plan] = {}
         self._input_names = tuple(self.graph.inputs)
+        # groups that write column partials ([N] accumulators held: shorter rows per block)
+        self._partial_groups = {grp.index for grp in self.schedule.groups
+                                if any(self.graph.nodes[i].kind == "cpart" for i in grp.nodes)}
 
     @property
     def kernel_count(self) -> int:
@@ -645,7 +645,7 @@ class CompiledGraph:
         tiled (``tiles`` blocks of ``BLOCK_N``) or looped."""
         if group.kind == "col":
             return False, min(COL_BLOCK, max(16, _next_pow2(N))), 1
-        has_part = any(self.graph.nodes[i].kind == "cpart" for i in group.nodes)
+        has_part = group.index in self._partial_groups
         if self.tile_min < N <= (self.max_tiled_partial if has_part else self.max_tiled):
             return False, self.tile, -(-N // self.tile)
         limit = self.max_block
@@ -659,7 +659,7 @@ class CompiledGraph:
         """Rows per loop step of a tiled kernel without column partials: ``row_step`` row
         loads in flight per step, shared among the group's row-space inputs (a LayerNorm
         forward takes 3 rows per step; add + LayerNorm, with 2-3 row inputs, one)."""
-        if tiles == 1 or any(self.graph.nodes[i].kind == "cpart" for i in group.nodes):
+        if tiles == 1 or group.index in self._partial_groups:
             return 1
         row_inputs = sum(1 for i in group.inputs if self.graph.nodes[i].space == "row")
         return max(1, self.row_step // max(1, row_inputs))
@@ -797,7 +797,7 @@ class CompiledGraph:
         for grp in self.schedule.groups:
             dtypes = tuple(str(dtype_of[i]) if dtype_of[i] != "f" else "f" for i in grp.inputs)
             k, fn, block, tiles = self.kernel(grp, N, dtypes)
-            has_part = any(g.nodes[i].kind == "cpart" for i in grp.nodes)
+            has_part = grp.index in self._partial_groups
             for i in grp.outputs:
                 n = g.nodes[i]
                 if n.kind == "cpart":
