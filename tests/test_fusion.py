@@ -456,8 +456,65 @@ def test_tiled_variant_at_small_n(dtype, row_step):
     torch.testing.assert_close(r["out"].double(), y64, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("tiles", [1, 7])
+def test_reload_variant_matches_held(tiles):
+    """The re-reading form of a row kernel with column partials (LayerNorm backward with
+    dbias, RMSNorm backward), as a single block and as 7 tiles with a ragged last one: same
+    results as the form that holds the row (the same operations in the same order: bitwise
+    under the interpreter), and against the fp64 reference."""
+    M, N = 9, 100
+    base = dict(tile=16, tile_min=16, max_tiled=1000, max_tiled_partial=1000) if tiles > 1 else {}
+    x, w, b, dy = _ln_case(M, N, torch.bfloat16, has_bias=True)
+    r = compile_graph(expanders.layer_norm_fwd(True), "full")(x=x, weight=w, bias=b, eps=EPS)
+    inputs = dict(dy=dy, x=x, weight=w, mean=r["mean"], rstd=r["rstd"])
+    outs = {}
+    for reload in (False, True):
+        bwd = compile_graph(expanders.layer_norm_bwd(True), "full", reload=reload, **base)
+        grp = bwd.schedule.groups[0]
+        assert bwd.variant(grp, N)[2] == tiles and bwd._reload(grp, False, tiles) is reload
+        assert bwd.sources(N)[0].reload is reload
+        outs[reload] = bwd(**inputs)
+        assert ("re-reading" in explain(expanders.layer_norm_bwd(True), "full", M=M, N=N, source=False,
+                                        file=None, reload=reload, **base)) is reload
+    ref = _ln_ref(*(t.double() for t in (x, w, b, dy)))
+    eager = _ln_ref(x, w, b, dy)
+    for k, name in enumerate(("dx", "dweight", "dbias")):
+        assert_close_by_rule(outs[True][name], ref[k + 1], eager[k + 1], name=name)
+        if DEV == "cpu":
+            assert torch.equal(outs[True][name], outs[False][name]), name
+    # RMSNorm backward (one row reduction, dweight partials) through the same form
+    rms_f = compile_graph(expanders.rms_norm_fwd(), "full", **base)(x=x, weight=w, eps=1e-6)
+    rms_b = compile_graph(expanders.rms_norm_bwd(), "full", reload=True, **base)
+    g = rms_b(dy=dy, x=x, weight=w, rstd=rms_f["rstd"])
+    ref, eager = _rms_ref(x.double(), w.double(), dy.double()), _rms_ref(x, w, dy)
+    assert_close_by_rule(g["dx"], ref[1], eager[1], name="dx")
+    assert_close_by_rule(g["dweight"], ref[2], eager[2], name="dweight")
+
+
+@pytest.mark.parametrize("single_rows,steps", [(1, 3), (2, 1), (3, 2)])
+def test_rows_per_step_and_steps_per_program(single_rows, steps):
+    """Single-block kernels without column partials with several rows per loop step and
+    several steps per program (M = 7: the last program's rows run past M, masked)."""
+    M, N = 7, 100
+    x, w, _, _ = _ln_case(M, N, torch.float32, has_bias=False)
+    cg = compile_graph(expanders.layer_norm_fwd(False), "full", single_rows=single_rows, steps=steps)
+    grp = cg.schedule.groups[0]
+    assert cg.variant(grp, N) == (False, 128, 1) and cg._rows(grp, 1) == single_rows
+    r = cg(x=x, weight=w, eps=EPS)
+    ref = F.layer_norm(x.double(), (N,), w.double(), None, EPS)
+    torch.testing.assert_close(r["y"].double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r["mean"].double(), x.double().mean(1), rtol=1e-5, atol=1e-6)
+    assert (f"{single_rows} rows per step" in explain(expanders.layer_norm_fwd(False), "full", M=M, N=N,
+                                                      source=False, file=None, single_rows=single_rows)) \
+        is (single_rows > 1)
+
+
 def test_tiled_options_are_checked():
     with pytest.raises(ValueError, match="tile"):
         codegen.CompiledGraph(expanders.layer_norm_fwd(False), "full", tile=24)
     with pytest.raises(ValueError, match="row_step"):
         codegen.CompiledGraph(expanders.layer_norm_fwd(False), "full", row_step=0)
+    with pytest.raises(ValueError, match="single_rows"):
+        codegen.CompiledGraph(expanders.layer_norm_fwd(False), "full", single_rows=0)
+    with pytest.raises(ValueError, match="steps"):
+        codegen.CompiledGraph(expanders.layer_norm_fwd(False), "full", steps=0)
