@@ -89,6 +89,37 @@ def test_in_proj_kernel_separate_weights(dtype):
         assert_close_by_rule(y.cpu(), r, e, name=name)
 
 
+@pytest.mark.skipif(not kp.TMA_SUPPORTED, reason="this Triton has no host TMA descriptors")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DT.get)
+def test_in_proj_swiglu_tma(dtype):
+    """The SwiGLU columns through the persistent TMA kernel (forced on: on a GPU it applies
+    from TMA_MIN_ROWS rows): F and M not multiples of its tiles (zero-filled loads, clipped
+    stores), with and without the pre-activation, several tiles per program; same outputs as
+    the pointer kernel and the reference. An unaligned h row (F * 2 bytes not a multiple of
+    16) falls back to the pointer kernel."""
+    M, d, H, Hk, hd, R, inter = 37, 48, 2, 1, 16, 16, False
+    small = dict(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=4, num_stages=2)
+    inv_freq = functional.rope_inv_freq(R)
+    for F in (40, 36):
+        xn = randn(M, d, dtype=dtype, device=TRITON_DEVICE)
+        w = randn(H * hd + 2 * Hk * hd + 2 * F, d, dtype=dtype, device=TRITON_DEVICE, scale=d ** -0.5)
+        pos = torch.randint(0, 300, (M,), device=TRITON_DEVICE)
+        packed = kp.pack_in_proj(w, inv_freq.to(TRITON_DEVICE), H, Hk, hd, F, inter)
+        w_ff = w[(H + 2 * Hk) * hd:]
+        h_probe = torch.empty(M, F, dtype=dtype, device=TRITON_DEVICE)
+        assert kp._tma_usable(xn, w_ff, h_probe, True) is (F == 40)
+        ref64 = _in_proj_reference(xn.double().cpu(), w.double().cpu(), pos.cpu(), H, Hk, hd, F, inv_freq, inter)
+        eager = _in_proj_reference(xn.cpu(), w.cpu(), pos.cpu(), H, Hk, hd, F, inv_freq, inter)
+        for store_ff in (True, False):
+            a = kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=store_ff, tma=True, tma_config=small)
+            b = kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=store_ff, tma=False,
+                           config=kp.IN_PROJ_CONFIGS[-1])
+            names = ("q", "k", "v", "h", "ff") if store_ff else ("q", "k", "v", "h")
+            for name, x, y, r, e in zip(names, a, b, ref64, eager):
+                assert_close_by_rule(x.cpu(), r, e, name=name)
+                assert_close_by_rule(y.cpu(), r, e, name=name)
+
+
 @pytest.mark.parametrize("config", range(len(kp.OUT_PROJ_CONFIGS)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT.get)
 def test_out_proj_kernel(config, dtype):
