@@ -108,7 +108,8 @@ def test_in_proj_swiglu_tma(dtype):
         w_ff = w[(H + 2 * Hk) * hd:]
         h_probe = torch.empty(M, F, dtype=dtype, device=TRITON_DEVICE)
         assert kp._tma_usable(xn, w_ff, h_probe, True) is (F == 40)
-        ref64 = _in_proj_reference(xn.double().cpu(), w.double().cpu(), pos.cpu(), H, Hk, hd, F, inv_freq, inter)
+        ref64 = _in_proj_reference(xn.double().cpu(), w.double().cpu(), pos.cpu(), H, Hk, hd, F,
+                                   inv_freq, inter)
         eager = _in_proj_reference(xn.cpu(), w.cpu(), pos.cpu(), H, Hk, hd, F, inv_freq, inter)
         for store_ff in (True, False):
             a = kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=store_ff, tma=True, tma_config=small)

@@ -493,7 +493,7 @@ def _row_kernel_reload(em: _Emitter, args, nt: int) -> tuple[list[str], dict]:
         memo: dict[tuple[int, int], str] = {}
         evict = "evict_last" if p == 0 and len(levels) > 1 else "evict_first"
 
-        def val(j: int, t: int, lines: list[str]) -> str:
+        def val(j: int, t: int, lines: list[str], memo=memo, p=p, evict=evict) -> str:
             if j in avail:
                 return avail[j]
             if (j, t) in memo:
