@@ -290,9 +290,10 @@ TMA_SUPPORTED = TensorDescriptor is not None and _range_flattens()
 # The SwiGLU region through TMA as one persistent program per SM (``_swiglu_tma``). H100,
 # bf16, 16384 x 2048 -> 8192 pairs: 1.52 ms (722 TFLOP/s, 0.93x cuBLAS's plain GEMM of the
 # same 16384 columns) against 1.64-1.66 ms for the pointer kernel at its best config
-# (probe 6, benchmarks/results/h100/probes). Rows below TMA_MIN_ROWS (decode, short
+# (probe 6); GROUP_M 16 1.53 ms against 1.63 ms with 8 (probe 7; both in
+# benchmarks/results/h100/probes). Rows below TMA_MIN_ROWS (decode, short
 # prompts) keep the pointer kernel and its small-tile configs.
-TMA_CONFIG = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
+TMA_CONFIG = dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=3)
 TMA_MIN_ROWS = 1024
 
 
