@@ -39,6 +39,14 @@ RoPE kernel rotates q and k out of it. On an H100 (bf16, 16384 x 2048 -> 2304 co
 took 0.28 ms against 0.86 ms for the fused RoPE region at its best config
 (``benchmarks/results/h100/NOTES.md``).
 
+On Hopper and newer GPUs (Triton with host TMA descriptors, bf16 / fp16, 16-byte aligned
+rows, at least ``TMA_MIN_ROWS`` rows) the SwiGLU pairs run as ``_swiglu_tma`` instead: a
+persistent GEMM (one program per SM, grouped tile order, the tile loop flattened with the K
+loop) whose operand tiles arrive by TMA from the interleaved ``[2F, d]`` slice of the pair
+buffer, with the same epilogue; h and the value / gate halves of ``ff`` are stored through
+descriptors that clip at M and F. On an H100 it brought the whole input projection from
+0.84x to 0.97x of one cuBLAS GEMM of the same shape (``benchmarks/results/h100/NOTES.md``).
+
 Output projection with residual epilogue
 ----------------------------------------
 ``y = x + o @ W_attn_out^T + h @ W_ff_out^T`` is ONE GEMM with K = H hd + F: the K loop
