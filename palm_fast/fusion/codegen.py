@@ -97,8 +97,8 @@ class Kernel:
     row_loads: dict[int, int]  # row-space input -> number of times a program streams it
     scratch: int = 0  # K of an fp32 [M, K] scratch buffer the kernel needs (0: none)
     tiles: int = 1  # NT of the tiled variant (1: single-block or looped)
-    rows: int = 1  # rows per loop step of the tiled variant (their loads issued together)
-    reload: bool = False  # tiled, re-reading the row after each row reduction
+    rows: int = 1  # rows per loop step (their loads issued together; no column partials)
+    reload: bool = False  # re-reads the row after each row reduction (``reload`` option)
 
 
 class _Emitter:
@@ -175,7 +175,7 @@ def generate(schedule: Schedule, group: Group, *, looped: bool, tiles: int = 1, 
             src, row_loads = (_row_kernel_looped if looped else _row_kernel_single)(em, args)
         if em.scratch:
             params.insert(len(params) - 3, f"scratch,  # fp32 [M, {em.scratch}] row values of the last pass")
-    tile_note = f" (a row is {tiles} blocks)" if tiles > 1 or reload else ""
+    tile_note = f" (a row is {tiles} blocks)" if tiles > 1 else ""
     params.append("BLOCK_N: tl.constexpr,  # columns per block" + tile_note)
     if group.kind == "row":
         params.append("EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no ragged column block")
@@ -264,6 +264,25 @@ def _load(i: int, space: str) -> str:
     return f"tl.load(in{i} + cols, mask=cmask, other=0.0).to(tl.float32)"
 
 
+def _tiles_prologue(L: list[str], nt: int) -> None:
+    """Program id, ``n_f`` and the ``nt`` column tiles ``cols_t`` with their masks."""
+    _row_prologue(L)
+    L.append("offs = tl.arange(0, BLOCK_N)")
+    for t in range(nt):
+        L += [f"cols_{t} = {t} * BLOCK_N + offs"] + _cmask(f"cmask_{t}", f"cols_{t}")
+
+
+def _row_level(em: _Emitter, avail: dict[int, str], lines: list[str]) -> None:
+    """Emit the group's stat- / scalar-space elementwise nodes whose operands are all in
+    ``avail`` (per-row values), as ``v{i}``, and record them there."""
+    for i in em.group.nodes:
+        n = em.g.nodes[i]
+        if i not in avail and n.kind == "ew" and n.space in ("stat", "scalar") and \
+                all(j in avail for j in n.inputs):
+            lines.append(f"{em.var(i)} = " + em.op_expr(i, [avail[j] for j in n.inputs]))
+            avail[i] = em.var(i)
+
+
 def _depths(em: _Emitter) -> dict[int, int]:
     """Depth of each node of the group: the number of row reductions on its longest path
     inside the group."""
@@ -277,10 +296,10 @@ def _depths(em: _Emitter) -> dict[int, int]:
 
 def _by_depth(em: _Emitter) -> list[int]:
     """The group's nodes in an order that is still topological but emits everything that
-    does not wait for a row reduction first (depth 0, then 1, ...). A column partial of
-    values known before the reductions (LayerNorm backward: dweight += dy * xhat) is then
-    accumulated before them, so dy is dead while the reductions run: one row vector fewer
-    held in registers across them (H100, N=18432: the difference between spilling or not)."""
+    does not wait for a row reduction first (depth 0, then 1, ...): a column partial of
+    values known before the reductions (LayerNorm backward: dweight += dy * xhat) is
+    accumulated before them in the source. The compiler schedules on its own: on sm_90 the
+    LayerNorm backward at N=18432 used the same registers and spills either way (ptxas)."""
     depth = _depths(em)
     return sorted(em.group.nodes, key=lambda i: (depth[i], em.group.nodes.index(i)))
 
@@ -350,10 +369,7 @@ def _row_kernel_tiled(em: _Emitter, args, nt: int, rows: int = 1) -> tuple[list[
     g, grp = em.g, em.group
     T = range(nt)
     L: list[str] = []
-    _row_prologue(L)
-    L.append("offs = tl.arange(0, BLOCK_N)")
-    for t in T:
-        L += [f"cols_{t} = {t} * BLOCK_N + offs"] + _cmask(f"cmask_{t}", f"cols_{t}")
+    _tiles_prologue(L, nt)
     in_space = {i: s for r, i, s in args if r == "in"}
     parts = [i for i in grp.nodes if g.nodes[i].kind == "cpart"]
     if parts and rows > 1:
@@ -465,10 +481,7 @@ def _row_kernel_reload(em: _Emitter, args, nt: int) -> tuple[list[str], dict]:
     g, grp = em.g, em.group
     T = range(nt)
     L: list[str] = []
-    _row_prologue(L)
-    L.append("offs = tl.arange(0, BLOCK_N)")
-    for t in T:
-        L += [f"cols_{t} = {t} * BLOCK_N + offs"] + _cmask(f"cmask_{t}", f"cols_{t}")
+    _tiles_prologue(L, nt)
     in_space = {i: s for r, i, s in args if r == "in"}
     parts = [i for i in grp.nodes if g.nodes[i].kind == "cpart"]
     for i in parts:
@@ -479,7 +492,8 @@ def _row_kernel_reload(em: _Emitter, args, nt: int) -> tuple[list[str], dict]:
     # column partials and row/col outputs of depth k
     level = {i: depth[i] - 1 if g.nodes[i].kind == "rred" else depth[i] for i in grp.nodes}
     levels = sorted({level[i] for i in grp.nodes})
-    loads = {i: 0 for i, s in in_space.items() if s == "row"}
+    # re-reads of the row just read hit the cache: HBM reads each row input once
+    loads = {i: 1 for i, s in in_space.items() if s == "row"}
     B = ["row = pid * ROWS_PER_PROG + r", "rmask = row < M", "row64 = row.to(tl.int64)"]
     B += [f"mask_{t} = cmask_{t} & ((cols_{t} * 0 + row) < M)" for t in T]
     avail = _scalar_names(em, args)  # row-level values (scalars, statistics)
@@ -516,15 +530,7 @@ def _row_kernel_reload(em: _Emitter, args, nt: int) -> tuple[list[str], dict]:
             memo[(j, t)] = name
             return name
 
-        def row_level(lines: list[str]) -> None:
-            for i in grp.nodes:
-                n = g.nodes[i]
-                if i not in avail and n.kind == "ew" and n.space in ("stat", "scalar") and \
-                        all(j in avail for j in n.inputs):
-                    lines.append(f"v{i} = " + em.op_expr(i, [avail[j] for j in n.inputs]))
-                    avail[i] = f"v{i}"
-
-        row_level(B)
+        _row_level(em, avail, B)
         C: list[str] = []
         # tile by tile: the values a tile needs in this pass, its terms of the row reductions
         # (a vector combined over the tiles in tile order, reduced once after the last), its
@@ -558,14 +564,11 @@ def _row_kernel_reload(em: _Emitter, args, nt: int) -> tuple[list[str], dict]:
             if g.nodes[i].kind == "rred":
                 C.append(f"v{i} = {'tl.sum' if g.nodes[i].op == 'reduce_sum' else 'tl.max'}(red{i}, axis=0)")
                 avail[i] = f"v{i}"
-        row_level(C)
+        _row_level(em, avail, C)
         for i, s in outs:
             if s == "stat" and i in avail and i not in stored:
                 C.append(f"tl.store(out{i} + row, {avail[i]}.to(out{i}.dtype.element_ty), mask=rmask)")
                 stored.add(i)
-        for (j, _t) in memo:
-            if j in loads:
-                loads[j] = 1  # re-reads of the row just read hit the cache: HBM reads it once
         B += C
     L.append("for r in range(0, ROWS_PER_PROG):")
     L += ["    " + b for b in B]
@@ -592,15 +595,6 @@ def _row_kernel_looped(em: _Emitter, args) -> tuple[list[str], dict]:
             B.append(f"{em.var(i)} = {_load(i, s)}")
             avail[i] = em.var(i)
 
-    def emit_row_level(lines):
-        # stat-space elementwise nodes whose operands are all available
-        for i in grp.nodes:
-            n = g.nodes[i]
-            if i not in avail and n.kind == "ew" and n.space in ("stat", "scalar") and \
-                    all(j in avail for j in n.inputs):
-                lines.append(f"{em.var(i)} = " + em.op_expr(i, [avail[j] for j in n.inputs]))
-                avail[i] = em.var(i)
-
     def emit_in_loop(i, memo, lines):
         if i in avail:
             return avail[i]
@@ -622,7 +616,7 @@ def _row_kernel_looped(em: _Emitter, args) -> tuple[list[str], dict]:
 
     loop_head = ["for off in range(0, N, BLOCK_N):", "    cols = off + offs"] + \
         ["    " + x for x in _cmask("cmask", "cols")] + ["    mask = cmask & ((cols * 0 + row) < M)"]
-    emit_row_level(B)
+    _row_level(em, avail, B)
     for lvl in levels:
         reds = [i for i in grp.nodes if g.nodes[i].kind == "rred" and depth[i] == lvl]
         for i in reds:
@@ -641,7 +635,7 @@ def _row_kernel_looped(em: _Emitter, args) -> tuple[list[str], dict]:
             fn = "tl.sum" if g.nodes[i].op == "reduce_sum" else "tl.max"
             B.append(f"{em.var(i)} = {fn}(acc{i}, axis=0)")
             avail[i] = em.var(i)
-        emit_row_level(B)
+        _row_level(em, avail, B)
     # stat outputs, then the final pass for row / col outputs and column partials
     outs = [(i, s) for r, i, s in args if r == "out"]
     for i, s in outs:
@@ -831,9 +825,10 @@ class CompiledGraph:
         return True, self.loop_block, 1
 
     def _rows(self, group: Group, tiles: int) -> int:
-        """Rows per loop step of a tiled kernel without column partials: ``row_step`` row
-        loads in flight per step, shared among the group's row-space inputs (a LayerNorm
-        forward takes 3 rows per step; add + LayerNorm, with 2-3 row inputs, one)."""
+        """Rows per loop step of a kernel without column partials: single-block kernels take
+        ``single_rows``; tiled ones ``row_step`` row loads in flight per step, shared among
+        the group's row-space inputs (a LayerNorm forward takes 3 rows per step; add +
+        LayerNorm, with 2-3 row inputs, one)."""
         if group.index in self._partial_groups:
             return 1
         if tiles == 1:
