@@ -135,9 +135,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped program order: (pid_m, pid_n) of this program."""
-    pid = tl.program_id(0)
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ("super-row") order: (pid_m, pid_n) of tile ``pid``."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -195,7 +194,7 @@ def _in_proj_fwd(
     REGION: tl.constexpr,      # 1: q / k / v pairs (RoPE epilogue), 2: SwiGLU pairs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, P_END - PAIR0, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, P_END - PAIR0, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_start = PAIR0 + pid_n * BLOCK_N
     pairs = n_start + tl.arange(0, BLOCK_N)
@@ -284,14 +283,14 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 
 def _range_flattens() -> bool:
-    """Whether ``tl.range`` takes ``flatten`` / ``warp_specialize`` (Triton >= 3.4)."""
+    """Whether ``tl.range`` takes ``flatten`` (newer Triton; the TMA kernel needs it)."""
     import inspect
 
     try:
         params = inspect.signature(tl.range.__init__).parameters
     except (TypeError, ValueError):  # pragma: no cover
         return False
-    return "flatten" in params and "warp_specialize" in params
+    return "flatten" in params
 
 
 TMA_SUPPORTED = TensorDescriptor is not None and _range_flattens()
@@ -321,16 +320,11 @@ def _swiglu_tma(
     operand tiles arrive by TMA (no address arithmetic or masks in the K loop; out-of-range
     rows and columns read as zeros and are not stored); the tile loop is flattened with the
     K loop so one tile's epilogue overlaps the next tile's loads."""
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(F, BN)
     k_tiles = tl.cdiv(K, BK)
-    per_group = GROUP_M * num_n
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, flatten=True):
-        group = tile // per_group
-        first_m = group * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        off_m = (first_m + (tile % per_group) % size_m) * BM
-        off_n = ((tile % per_group) // size_m) * BN
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tl.cdiv(F, BN), NUM_PROGS, flatten=True):
+        pid_m, pid_n = _tile_ids(tile, M, F, BM, BN, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
         acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
         for kt in range(k_tiles):
             a = a_desc.load([off_m, kt * BK])
@@ -418,7 +412,7 @@ def _out_proj_fwd(
     EVEN_K: tl.constexpr,    # BLOCK_K divides K1 and K2: no K-tail masks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_ld = (rows % M).to(tl.int64)
