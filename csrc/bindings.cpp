@@ -8,4 +8,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   palm_fast::bind_layer_norm(m);
   palm_fast::bind_mqa_decode(m);
   palm_fast::bind_mqa_attention(m);
+  palm_fast::bind_lm_loss(m);
 }

@@ -42,5 +42,6 @@ void bind_swiglu(pybind11::module_& m);
 void bind_layer_norm(pybind11::module_& m);
 void bind_mqa_decode(pybind11::module_& m);
 void bind_mqa_attention(pybind11::module_& m);
+void bind_lm_loss(pybind11::module_& m);
 
 }  // namespace palm_fast

@@ -189,7 +189,7 @@ void fwd_kernel(const scalar_t* x, int64_t x_row_stride, scalar_t* out, int64_t 
 
 template <typename scalar_t>
 void bwd_kernel(const scalar_t* go, int64_t go_row_stride, const scalar_t* x, int64_t x_row_stride,
-                scalar_t* gx, int64_t rows, int64_t F) {
+                scalar_t* gx, int64_t gx_row_stride, int64_t rows, int64_t F) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t S = step_size<scalar_t>();
@@ -197,7 +197,7 @@ void bwd_kernel(const scalar_t* go, int64_t go_row_stride, const scalar_t* x, in
     const scalar_t* gop = go + r * go_row_stride;
     const scalar_t* vp = x + r * x_row_stride;
     const scalar_t* gp = vp + F;
-    scalar_t* dvp = gx + r * 2 * F;
+    scalar_t* dvp = gx + r * gx_row_stride;
     scalar_t* dgp = dvp + F;
     int64_t c = c0;
     Vec o0, o1, v0, v1, g0, g1, dv0, dv1, dg0, dg1;
@@ -259,7 +259,9 @@ at::Tensor swiglu_fwd(const at::Tensor& x) {
   return out;
 }
 
-at::Tensor swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& x) {
+// out (optional): where grad_x goes, a [rows, 2F] view with a unit last stride (e.g. the
+// SwiGLU columns of the block's dproj), instead of a new contiguous tensor.
+at::Tensor swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& out) {
   check_input(x, "x");
   check_input(grad_out, "grad_out");
   const int64_t two_f = x.size(-1);
@@ -271,14 +273,24 @@ at::Tensor swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& x) {
   go_shape.back() = F;
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(go_shape), "grad_out: expected shape ",
               at::IntArrayRef(go_shape), ", got ", grad_out.sizes());
-  at::Tensor grad_x = empty_output(x.sizes(), x.options());
-  if (grad_x.numel() == 0) return grad_x;
   const at::Tensor x2 = as_rows(x);
   const at::Tensor go2 = as_rows(grad_out);
   const int64_t rows = x2.size(0);
+  at::Tensor grad_x;
+  if (out.has_value()) {
+    grad_x = *out;
+    TORCH_CHECK(grad_x.device().is_cpu() && grad_x.scalar_type() == x.scalar_type() && grad_x.dim() == 2 &&
+                    grad_x.size(0) == rows && grad_x.size(1) == two_f && (grad_x.stride(1) == 1 || two_f == 1) &&
+                    grad_x.stride(0) >= two_f,
+                "out: expected a [rows, 2F] CPU tensor of x's dtype with a unit last stride");
+  } else {
+    grad_x = empty_output(x.sizes(), x.options());
+  }
+  if (grad_x.numel() == 0) return grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "swiglu_bwd", [&] {
     bwd_kernel<scalar_t>(go2.const_data_ptr<scalar_t>(), go2.stride(0), x2.const_data_ptr<scalar_t>(),
-                         x2.stride(0), grad_x.mutable_data_ptr<scalar_t>(), rows, F);
+                         x2.stride(0), grad_x.mutable_data_ptr<scalar_t>(),
+                         out.has_value() ? grad_x.stride(0) : two_f, rows, F);
   });
   return grad_x;
 }
@@ -289,7 +301,9 @@ void bind_swiglu(pybind11::module_& m) {
   m.def("swiglu_fwd", guarded(&swiglu_fwd), pybind11::arg("x"),
         "SwiGLU forward on CPU: x [..., 2F] (value | gate) -> silu(gate) * value [..., F], contiguous");
   m.def("swiglu_bwd", guarded(&swiglu_bwd), pybind11::arg("grad_out"), pybind11::arg("x"),
-        "SwiGLU backward on CPU: (grad_out [..., F], x [..., 2F]) -> grad_x [..., 2F], contiguous");
+        pybind11::arg("out") = pybind11::none(),
+        "SwiGLU backward on CPU: (grad_out [..., F], x [..., 2F]) -> grad_x [..., 2F], contiguous "
+        "(or written into out, a [rows, 2F] view with a unit last stride)");
 }
 
 }  // namespace palm_fast

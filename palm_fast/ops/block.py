@@ -224,7 +224,7 @@ def _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, in
         ln_bwd = _layer_norm_bwd_cuda
     else:
         cpp().rope_cpu(dq4, dk4, oq, ok, inv_freq, pos.view(1, M), False, interleaved, True)
-        dproj[:, nqkv:].copy_(cpp().swiglu_bwd(dh.contiguous(), pre))
+        cpp().swiglu_bwd(dh.contiguous(), pre, dproj[:, nqkv:])   # written in place
         ln_bwd = _layer_norm_bwd_cpu
     dproj[:, hq + hkv:nqkv].copy_(dv.reshape(M, hkv))
     dxn = _mm(dproj, w_in)

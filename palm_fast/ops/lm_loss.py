@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from .._ext import cpp
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .block import _linear, _upcast_gemm
 
@@ -95,6 +96,19 @@ class _TiedLMLoss(torch.autograd.Function):
     def forward(ctx, h, weight, targets, scale, z_coef, link):
         M = h.shape[0]
         gd = _gemm_dtype(h)
+        ctx.scale, ctx.z_coef, ctx.link = scale, z_coef, link
+        ctx.set_materialize_grads(False)
+        ctx.transposed = _cpu_transposed(h, gd)
+        if ctx.transposed:
+            # Logits as [V, M] (W h^T), then the C++ softmax statistics over each column,
+            # leaving e = exp(L - max) in place (csrc/lm_loss.cpp).
+            hs = (h.float() * scale) if scale != 1.0 else h.float()
+            lt = _linear(weight.float(), hs)                 # [V, M] = W hs^T
+            lse, tgt, rsum = cpp().lm_softmax_cols_cpu(lt, targets)
+            ce = (lse - tgt).mean()
+            z = z_coef * lse.square().mean()
+            ctx.save_for_backward(h, weight, targets, lt, lse, rsum)
+            return ce + z, ce, z
         hs = (h.to(gd) * scale) if scale != 1.0 else h.to(gd)
         logits = _linear(hs, weight.to(gd))
         if logits.dtype != torch.float32:
@@ -110,12 +124,12 @@ class _TiedLMLoss(torch.autograd.Function):
         ce = (lse - tgt).mean()
         z = z_coef * lse.square().mean()
         ctx.save_for_backward(h, weight, targets, probs, lse)
-        ctx.scale, ctx.z_coef, ctx.link = scale, z_coef, link
-        ctx.set_materialize_grads(False)
         return ce + z, ce, z
 
     @staticmethod
     def backward(ctx, g, g_ce, g_z):
+        if ctx.transposed:
+            return _TiedLMLoss._backward_transposed(ctx, g, g_ce, g_z)
         h, weight, targets, probs, lse = ctx.saved_tensors
         M = h.shape[0]
         zero = lse.new_zeros(())
@@ -141,6 +155,39 @@ class _TiedLMLoss(torch.autograd.Function):
             if ctx.link is not None:    # the tied lookup's backward adds its rows and returns it
                 ctx.link.dw, dw = dw, None
         return dh, dw, None, None, None, None
+
+    @staticmethod
+    def _backward_transposed(ctx, g, g_ce, g_z):
+        """The CPU backward from e^T ``[V, M]`` (unnormalised): P = e * rsum per token, so
+        c_i rsum_i scales token i's row and no [V, M] value is rewritten."""
+        h, weight, targets, et, lse, rsum = ctx.saved_tensors
+        M = h.shape[0]
+        zero = lse.new_zeros(())
+        g = zero if g is None else g.float()
+        a = (g + (zero if g_ce is None else g_ce.float())) / M
+        b = (g + (zero if g_z is None else g_z.float())) * (2.0 * ctx.z_coef / M)
+        c = ((a + b * lse) * rsum).view(M, 1)              # [M, 1]: P = e * rsum
+        s = ctx.scale
+        w = weight.float()
+        dh = dw = None
+        if ctx.needs_input_grad[0]:
+            pw = torch.mm(et.t(), w)                        # [M, d]
+            dh = ((pw * c - a * w.index_select(0, targets)) * s).to(h.dtype)
+        if ctx.needs_input_grad[1]:
+            hf = h.float()
+            dw = _linear(et, (hf * (c * s)).t())            # [V, d] = e^T (c s h)
+            dw.index_add_(0, targets, hf * (-a * s))        # fixed order on the CPU
+            dw = dw.to(weight.dtype)
+            if ctx.link is not None:
+                ctx.link.dw, dw = dw, None
+        return dh, dw, None, None, None, None
+
+
+def _cpu_transposed(h: torch.Tensor, gemm_dtype: torch.dtype) -> bool:
+    """The CPU path with transposed logits and the C++ softmax statistics: fp32 GEMMs on
+    the CPU, outside torch.compile tracing (which keeps the ATen form)."""
+    return (h.device.type == "cpu" and gemm_dtype == torch.float32
+            and not torch.compiler.is_compiling())
 
 
 def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -170,4 +217,10 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
         raise ValueError(f"scale: expected a positive float, got {scale!r}")
     if not (isinstance(z_coef, (int, float)) and z_coef >= 0):
         raise ValueError(f"z_coef: expected a float >= 0, got {z_coef!r}")
-    return _TiedLMLoss.apply(h, weight, targets.long(), float(scale), float(z_coef), link)
+    targets = targets.long().contiguous()
+    if h.device.type == "cpu" and not torch.compiler.is_compiling() and targets.numel():
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(f"targets: expected ids in [0, {weight.shape[0]}) (weight's rows), "
+                             f"got values in [{lo}, {hi}]")
+    return _TiedLMLoss.apply(h, weight, targets, float(scale), float(z_coef), link)
