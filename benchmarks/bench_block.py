@@ -123,19 +123,25 @@ def block_cases(ctx: BenchContext):
 
 
 def _cpu_attention_case(ctx: BenchContext):
-    """CPU causal MQA attention forward + backward at a small head dim (PaLM-pytorch's
-    dim_head 16 in ``bench_patch``), where ``causal_mqa_attention`` runs our C++ kernel
-    (``palm_fast::mqa_attention``): vs ``sdpa`` (ATen's SDPA with the k/v head broadcast as a
-    stride-0 view: what the block uses above ``CPU_MQA_MAX_HEAD_DIM``) and the eager
-    reference ``attention``."""
+    """CPU causal MQA attention forward + backward where ``causal_mqa_attention`` runs our
+    C++ kernel (``palm_fast::mqa_attention``, T * hd <= ``CPU_MQA_MAX_KV``): PaLM-pytorch's
+    dim_head 16 (``bench_patch``) and the palm-small training shape (hd 64, 4 heads), vs
+    ``sdpa`` (ATen's SDPA with the k/v head broadcast as a stride-0 view: what the block
+    uses past the bound) and the eager reference ``attention``."""
+    from palm_fast.ops import block as ob
+
+    shapes = [(1, 128, 8, 16)] if ctx.quick else [(2, 256, 8, 16), (2, 128, 4, 64)]
+    for B, T, H, hd in shapes:
+        assert T * hd <= ob.CPU_MQA_MAX_KV
+        yield _cpu_attention_shape(ctx, B, T, H, hd)
+
+
+def _cpu_attention_shape(ctx: BenchContext, B: int, T: int, H: int, hd: int):
     import torch.nn.functional as F
 
-    from palm_fast.ops import block as ob
     from palm_fast.ops import causal_mqa_attention
     from palm_fast.reference import attention
 
-    B, T, H, hd = (1, 128, 8, 16) if ctx.quick else (2, 256, 8, 16)
-    assert hd <= ob.CPU_MQA_MAX_HEAD_DIM
     dt = ctx.dtype
     elem = torch.empty((), dtype=dt).element_size()
 
@@ -155,7 +161,7 @@ def _cpu_attention_case(ctx: BenchContext):
             return torch.autograd.grad(fn(q, k, v), (q, k, v), g)
         return run
 
-    yield Case(name="block.attention.fwdbwd", shape=dict(B=B, T=T, H=H, hd=hd), dtype=dt,
+    return Case(name="block.attention.fwdbwd", shape=dict(B=B, T=T, H=H, hd=hd), dtype=dt,
                bytes=(4 * B * T * H * hd + 4 * B * T * hd) * elem,
                flops=3 * 2 * B * H * T * T * hd, bound="compute", setup=setup,
                impls={"palm_fast": fwdbwd(causal_mqa_attention), "sdpa": fwdbwd(sdpa),

@@ -52,6 +52,24 @@ int64_t token_block(int64_t T, int64_t H) {
   return std::min<int64_t>(tb, T);
 }
 
+// Key counts are rounded up to kPad (the micro-kernel's column width): the scores of
+// the padding keys are set to -inf (probability 0) and the padded k / v rows are zeros,
+// so every product runs on whole vectors with no scalar tail.
+constexpr int64_t kPad = 2 * kW;
+inline int64_t padded(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// max of p[0:n], n a multiple of kW.
+inline float row_max(const float* p, int64_t n) {
+  Vec m(kNegInf);
+  for (int64_t j = 0; j < n; j += kW) m = at::vec::maximum(m, Vec::loadu(p + j));
+  alignas(64) float buf[kW];
+  m.store(buf);
+  float r = buf[0];
+  for (int64_t i = 1; i < kW; ++i) r = std::max(r, buf[i]);
+  return r;
+}
+
 // zig-zag: 0, n-1, 1, n-2, ...
 inline int64_t zigzag(int64_t i, int64_t n) { return (i % 2 == 0) ? i / 2 : n - 1 - i / 2; }
 
@@ -95,47 +113,59 @@ inline float exp_sub_sum(float* p, int64_t n, float m) {
 // the 16 AVX2 registers with the operand loads and the broadcast.
 constexpr int64_t kHB = 4;
 
-// C[h][c] = sum_r A[h * sah + r * sar] * Bm[r * ldb + c] for h < nh (<= kHB), r < R, c < n:
+// C[h][c] = sum_r A[h * sah + r * sar] * Bm[r * ldb + c] for h < NH, r < R, c < n:
 // a few rows of a strided matrix times a row-major block. Every product of the kernel is
 // one: scores (A = query rows, Bm = transposed keys), outputs (A = probabilities, Bm =
 // value rows) and the backward's dq / dk / dv (A read transposed through its strides).
-inline void few_rows_mm(const float* A, int64_t sah, int64_t sar, int64_t nh, const float* Bm,
-                        int64_t ldb, int64_t R, int64_t n, float* C, int64_t ldc) {
+// NH is a template argument: with a run-time row count the compiler kept the
+// accumulators of the guarded rows in memory.
+template <int NH>
+void few_rows_mm_n(const float* A, int64_t sah, int64_t sar, const float* Bm, int64_t ldb, int64_t R,
+                   int64_t n, float* C, int64_t ldc) {
   int64_t c = 0;
   for (; c + 2 * kW <= n; c += 2 * kW) {
-    Vec c0[kHB], c1[kHB];
-    for (int64_t h = 0; h < kHB; ++h) c0[h] = c1[h] = Vec(0.f);
-    for (int64_t r = 0; r < R; ++r) {
-      const Vec b0 = Vec::loadu(Bm + r * ldb + c), b1 = Vec::loadu(Bm + r * ldb + c + kW);
-      for (int64_t h = 0; h < kHB; ++h) {
-        if (h < nh) {
-          const Vec ah(A[h * sah + r * sar]);
-          c0[h] = at::vec::fmadd(ah, b0, c0[h]);
-          c1[h] = at::vec::fmadd(ah, b1, c1[h]);
-        }
+    Vec c0[NH], c1[NH];
+    for (int h = 0; h < NH; ++h) c0[h] = c1[h] = Vec(0.f);
+    const float* bp = Bm + c;
+    const float* ap = A;
+    for (int64_t r = 0; r < R; ++r, bp += ldb, ap += sar) {
+      const Vec b0 = Vec::loadu(bp), b1 = Vec::loadu(bp + kW);
+      for (int h = 0; h < NH; ++h) {
+        const Vec ah(ap[h * sah]);
+        c0[h] = at::vec::fmadd(ah, b0, c0[h]);
+        c1[h] = at::vec::fmadd(ah, b1, c1[h]);
       }
     }
-    for (int64_t h = 0; h < nh; ++h) {
+    for (int h = 0; h < NH; ++h) {
       c0[h].store(C + h * ldc + c);
       c1[h].store(C + h * ldc + c + kW);
     }
   }
   for (; c + kW <= n; c += kW) {
-    Vec c0[kHB];
-    for (int64_t h = 0; h < kHB; ++h) c0[h] = Vec(0.f);
+    Vec c0[NH];
+    for (int h = 0; h < NH; ++h) c0[h] = Vec(0.f);
     for (int64_t r = 0; r < R; ++r) {
       const Vec b0 = Vec::loadu(Bm + r * ldb + c);
-      for (int64_t h = 0; h < kHB; ++h)
-        if (h < nh) c0[h] = at::vec::fmadd(Vec(A[h * sah + r * sar]), b0, c0[h]);
+      for (int h = 0; h < NH; ++h) c0[h] = at::vec::fmadd(Vec(A[h * sah + r * sar]), b0, c0[h]);
     }
-    for (int64_t h = 0; h < nh; ++h) c0[h].store(C + h * ldc + c);
+    for (int h = 0; h < NH; ++h) c0[h].store(C + h * ldc + c);
   }
   for (; c < n; ++c)
-    for (int64_t h = 0; h < nh; ++h) {
+    for (int h = 0; h < NH; ++h) {
       float acc = 0.f;
       for (int64_t r = 0; r < R; ++r) acc += A[h * sah + r * sar] * Bm[r * ldb + c];
       C[h * ldc + c] = acc;
     }
+}
+
+inline void few_rows_mm(const float* A, int64_t sah, int64_t sar, int64_t nh, const float* Bm,
+                        int64_t ldb, int64_t R, int64_t n, float* C, int64_t ldc) {
+  switch (nh) {
+    case 4: few_rows_mm_n<4>(A, sah, sar, Bm, ldb, R, n, C, ldc); break;
+    case 3: few_rows_mm_n<3>(A, sah, sar, Bm, ldb, R, n, C, ldc); break;
+    case 2: few_rows_mm_n<2>(A, sah, sar, Bm, ldb, R, n, C, ldc); break;
+    default: few_rows_mm_n<1>(A, sah, sar, Bm, ldb, R, n, C, ldc); break;
+  }
 }
 
 // S[h][j] = sum_d a[h][d] * bt[d * ld + j] (a rows of stride lda; bt: D rows of ld floats).
@@ -153,43 +183,44 @@ inline void weights_times_rows(const float* W, int64_t sh, int64_t sj, int64_t n
 template <typename scalar_t>
 void fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* o, float* lse,
                 int64_t B, int64_t T, int64_t H, int64_t D, float scale) {
-  // k transposed and v as fp32, once per sequence.
-  std::vector<float> kt(B * D * T), vf(B * T * D);
+  // k transposed and v as fp32, once per sequence, zero-padded to Tp keys (see kPad).
+  const int64_t Tp = padded(T);
+  std::vector<float> kt(B * D * Tp, 0.f), vf(B * Tp * D, 0.f);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      transpose_to_float(k + b * T * D, kt.data() + b * D * T, T, D, T);
-      to_float(v + b * T * D, vf.data() + b * T * D, T * D);
+      transpose_to_float(k + b * T * D, kt.data() + b * D * Tp, T, D, Tp);
+      to_float(v + b * T * D, vf.data() + b * Tp * D, T * D);
     }
   });
   const int64_t tb = token_block(T, H);
   const int64_t nb = (T + tb - 1) / tb;
   at::parallel_for(0, B * nb, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(kHB * T), qr(kHB * D), orow(kHB * D);
+    std::vector<float> p(kHB * Tp), qr(kHB * D), orow(kHB * D), inv(kHB);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t task = zigzag(i, B * nb);
       const int64_t b = task / nb, t0 = (task % nb) * tb, t1 = std::min(T, t0 + tb);
-      const float* ktb = kt.data() + b * D * T;
-      const float* vb = vf.data() + b * T * D;
+      const float* ktb = kt.data() + b * D * Tp;
+      const float* vb = vf.data() + b * Tp * D;
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = t + 1;
+        const int64_t n = t + 1, np = padded(n);   // keys read, rounded up to kPad
         for (int64_t h0 = 0; h0 < H; h0 += kHB) {
           const int64_t nh = std::min(kHB, H - h0);
           const int64_t row0 = (b * T + t) * H + h0;
           for (int64_t e = 0; e < nh * D; ++e) qr[e] = static_cast<float>(q[row0 * D + e]) * scale;
-          rows_times_t(qr.data(), D, nh, ktb, T, D, n, p.data(), T);
+          rows_times_t(qr.data(), D, nh, ktb, Tp, D, np, p.data(), Tp);
           for (int64_t h = 0; h < nh; ++h) {
-            float* ph = p.data() + h * T;
-            float m = -std::numeric_limits<float>::infinity();
-            for (int64_t j = 0; j < n; ++j) m = std::max(m, ph[j]);
-            const float s = exp_sub_sum(ph, n, m);
+            float* ph = p.data() + h * Tp;
+            std::fill(ph + n, ph + np, kNegInf);     // causal: keys past t
+            const float m = row_max(ph, np);
+            const float s = exp_sub_sum(ph, np, m);  // exp(-inf) = 0 on the padding
             lse[row0 + h] = m + std::log(s);
-            const Vec inv(1.f / s);
-            int64_t j = 0;
-            for (; j + kW <= n; j += kW) (Vec::loadu(ph + j) * inv).store(ph + j);
-            for (; j < n; ++j) ph[j] *= 1.f / s;
+            inv[h] = 1.f / s;
           }
-          weights_times_rows(p.data(), T, 1, nh, vb, D, n, orow.data(), D);
-          for (int64_t e = 0; e < nh * D; ++e) o[row0 * D + e] = static_cast<scalar_t>(orow[e]);
+          // o = (unnormalised P) V / s: the zero-padded value rows add nothing.
+          weights_times_rows(p.data(), Tp, 1, nh, vb, D, np, orow.data(), D);
+          for (int64_t h = 0; h < nh; ++h) {
+            for (int64_t d = 0; d < D; ++d) o[(row0 + h) * D + d] = static_cast<scalar_t>(orow[h * D + d] * inv[h]);
+          }
         }
       }
     }
@@ -200,12 +231,13 @@ template <typename scalar_t>
 void bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                 const scalar_t* o, const float* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv,
                 int64_t B, int64_t T, int64_t H, int64_t D, float scale) {
-  std::vector<float> kt(B * D * T), vt(B * D * T), kf(B * T * D);
+  const int64_t Tp = padded(T);
+  std::vector<float> kt(B * D * Tp, 0.f), vt(B * D * Tp, 0.f), kf(B * Tp * D, 0.f);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      transpose_to_float(k + b * T * D, kt.data() + b * D * T, T, D, T);
-      transpose_to_float(v + b * T * D, vt.data() + b * D * T, T, D, T);
-      to_float(k + b * T * D, kf.data() + b * T * D, T * D);
+      transpose_to_float(k + b * T * D, kt.data() + b * D * Tp, T, D, Tp);
+      transpose_to_float(v + b * T * D, vt.data() + b * D * Tp, T, D, Tp);
+      to_float(k + b * T * D, kf.data() + b * Tp * D, T * D);
     }
   });
   const int64_t tb = token_block(T, H);
@@ -217,52 +249,50 @@ void bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, cons
     // each row's causal end), s q and dO; dk / dv are then reduced over rows key block by
     // key block with the accumulators in registers.
     const int64_t R = tb * H;
-    std::vector<float> p(R * T), dp(R * T), qs(R * D), dor(R * D), dqr(kHB * D);
+    std::vector<float> p(R * Tp), dp(R * Tp), qs(R * D), dor(R * D), dqr(kHB * D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t task = zigzag(i, B * nb);
       const int64_t b = task / nb, blk = task % nb, t0 = blk * tb, t1 = std::min(T, t0 + tb);
-      const float* ktb = kt.data() + b * D * T;
-      const float* vtb = vt.data() + b * D * T;
-      const float* kb = kf.data() + b * T * D;
+      const float* ktb = kt.data() + b * D * Tp;
+      const float* vtb = vt.data() + b * D * Tp;
+      const float* kb = kf.data() + b * Tp * D;
       const int64_t rows = (t1 - t0) * H;
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = t + 1;
+        const int64_t n = t + 1, np = padded(n);
         for (int64_t h0 = 0; h0 < H; h0 += kHB) {
           const int64_t nh = std::min(kHB, H - h0);
           const int64_t row0 = (b * T + t) * H + h0;       // global row of (t, h0)
           const int64_t r0 = (t - t0) * H + h0;             // task row
-          float* pr = p.data() + r0 * T;
-          float* dpr = dp.data() + r0 * T;
+          float* pr = p.data() + r0 * Tp;
+          float* dpr = dp.data() + r0 * Tp;
           float* qsr = qs.data() + r0 * D;
           float* dorr = dor.data() + r0 * D;
           for (int64_t e = 0; e < nh * D; ++e) {
             qsr[e] = static_cast<float>(q[row0 * D + e]) * scale;
             dorr[e] = static_cast<float>(dout[row0 * D + e]);
           }
-          rows_times_t(qsr, D, nh, ktb, T, D, n, pr, T);     // scaled scores
-          rows_times_t(dorr, D, nh, vtb, T, D, n, dpr, T);   // dP = dO . v
+          rows_times_t(qsr, D, nh, ktb, Tp, D, np, pr, Tp);     // scaled scores
+          rows_times_t(dorr, D, nh, vtb, Tp, D, np, dpr, Tp);   // dP = dO . v
           for (int64_t h = 0; h < nh; ++h) {
-            float* ph = pr + h * T;
-            float* dph = dpr + h * T;
+            float* ph = pr + h * Tp;
+            float* dph = dpr + h * Tp;
             float dr = 0.f;
             for (int64_t d = 0; d < D; ++d)
               dr += dorr[h * D + d] * static_cast<float>(o[(row0 + h) * D + d]);
             const float l = lse[row0 + h];
+            std::fill(ph + n, ph + np, kNegInf);      // causal: P = 0 past t
             const Vec vl(l), vdr(dr);
-            int64_t j = 0;
-            for (; j + kW <= n; j += kW) {
+            for (int64_t j = 0; j < np; j += kW) {    // np is a multiple of kW
               const Vec pj = (Vec::loadu(ph + j) - vl).exp_u20();
               pj.store(ph + j);
               (pj * (Vec::loadu(dph + j) - vdr)).store(dph + j);   // dS
             }
-            for (; j < n; ++j) {
-              ph[j] = std::exp(ph[j] - l);
-              dph[j] = ph[j] * (dph[j] - dr);
+            if (np < t1) {   // keys the block's later tokens see: zero for this row
+              std::fill(ph + np, ph + t1, 0.f);
+              std::fill(dph + np, dph + t1, 0.f);
             }
-            std::fill(ph + n, ph + t1, 0.f);
-            std::fill(dph + n, dph + t1, 0.f);
           }
-          weights_times_rows(dpr, T, 1, nh, kb, D, n, dqr.data(), D);   // dq = dS k
+          weights_times_rows(dpr, Tp, 1, nh, kb, D, np, dqr.data(), D);   // dq = dS k
           for (int64_t e = 0; e < nh * D; ++e) dq[row0 * D + e] = static_cast<scalar_t>(dqr[e] * scale);
         }
       }
@@ -273,9 +303,9 @@ void bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, cons
         const int64_t nj = std::min(kHB, t1 - j0);
         // rows of tokens before key j0 see none of these keys: start at token max(t0, j0)
         const int64_t rfirst = std::max<int64_t>(0, j0 - t0) * H;
-        weights_times_rows(dp.data() + rfirst * T + j0, 1, T, nj, qs.data() + rfirst * D, D,
+        weights_times_rows(dp.data() + rfirst * Tp + j0, 1, Tp, nj, qs.data() + rfirst * D, D,
                            rows - rfirst, gk + j0 * D, D);
-        weights_times_rows(p.data() + rfirst * T + j0, 1, T, nj, dor.data() + rfirst * D, D,
+        weights_times_rows(p.data() + rfirst * Tp + j0, 1, Tp, nj, dor.data() + rfirst * D, D,
                            rows - rfirst, gv + j0 * D, D);
       }
     }

@@ -90,13 +90,31 @@ def test_custom_op_path_matches_eager_path():
         assert torch.equal(x, y)
 
 
-def test_causal_mqa_attention_routes_by_head_dim():
-    """causal_mqa_attention runs the C++ kernel on CPU up to CPU_MQA_MAX_HEAD_DIM (SDPA above):
-    both give the reference result."""
-    for D in (ob.CPU_MQA_MAX_HEAD_DIM, ob.CPU_MQA_MAX_HEAD_DIM + 8):
+def test_causal_mqa_attention_routes_by_size(monkeypatch):
+    """causal_mqa_attention runs the C++ kernel on CPU while T * hd <= CPU_MQA_MAX_KV (SDPA
+    above): both give the reference result, and the C++ kernel runs exactly when expected."""
+    from palm_fast._ext import cpp
+
+    assert 128 * 64 <= ob.CPU_MQA_MAX_KV     # the palm-small training shape takes the kernel
+    calls = []
+    real = cpp().mqa_attn_fwd
+
+    class _Spy:   # palm_fast._C is an extension module: wrap the cached module object
+        def __getattr__(self, name):
+            return getattr(cpp.__wrapped__(), name)
+
+        def mqa_attn_fwd(self, *a):
+            calls.append(a[0].shape)
+            return real(*a)
+
+    monkeypatch.setattr(ob, "cpp", lambda: _Spy())
+    monkeypatch.setattr(ob, "CPU_MQA_MAX_KV", 12 * 24)
+    for D, want in ((24, 1), (32, 0)):
+        calls.clear()
         q, k, v = randn(1, 12, 2, D), randn(1, 12, D), randn(1, 12, D)
         g = randn(1, 12, 2, D)
         a = _fwd_bwd(causal_mqa_attention, q, k, v, g)
+        assert len(calls) == want, (D, calls)
         r = _fwd_bwd(_ref, q.double(), k.double()[:, :, None], v.double()[:, :, None], g.double())
         for x, z in zip(a, r):
             torch.testing.assert_close(x.double(), z.reshape(x.shape), rtol=1e-5, atol=2e-6)

@@ -457,9 +457,14 @@ _MQA_IMPLS = {"cpu": _mqa_attention_cpu}
 _MQAEager = eager_function("mqa_attention", _MQA_IMPLS, _attn_setup, _attn_backward)
 
 
-# Head dims up to which the C++ kernel beats ATen's CPU flash attention (measured on our AVX2
-# CI VM, 1 thread: hd 16 ~1.1x faster forward and forward + backward; hd 64 ~0.9x).
-CPU_MQA_MAX_HEAD_DIM = 32
+# Largest T * hd (per sequence) for which the C++ kernel runs instead of ATen's CPU flash
+# attention: each token's H query heads stream the sequence's whole fp32 k and v, so the
+# kernel wins while those (2 * T * hd * 4 bytes, 384 KiB here) stay in the core's L2.
+# Measured on our 2-core AVX2 CI VM (2 threads, fp32, forward + backward vs SDPA):
+# T 128 / hd 64 / H 4 1.74x, T 512 / hd 64 1.20x, T 384 / hd 128 1.55x, T 128 / hd 256
+# 1.53x; past the bound T 1024 / hd 64 0.97x, T 256 / hd 256 1.04x (forward 0.69x),
+# T 1000 / hd 96 0.94x (forward 0.60x).
+CPU_MQA_MAX_KV = 49152
 
 
 def _cpu_mqa(q, k, v, scale):
@@ -480,7 +485,7 @@ def _sdpa(q, k, v, scale, q_offset: int):
     B, T, H, D = q.shape
     S, Hk = k.shape[1], k.shape[2]
     if (q.device.type == "cpu" and Hk == 1 and q_offset == 0 and T == S and T > 0
-            and D <= CPU_MQA_MAX_HEAD_DIM):
+            and T * D <= CPU_MQA_MAX_KV):
         return _cpu_mqa(q, k, v, scale)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if Hk != H:
