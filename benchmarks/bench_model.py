@@ -156,11 +156,15 @@ def model_cases(ctx: BenchContext):
                 "issue 4): the fast-model rows are left out")
         warnings.warn(f"model.train: {note}", stacklevel=2)
         policies = {k: v for k, v in policies.items() if not k.startswith("palm_fast")}
-    state: dict = {}  # impl -> _Trainer; at most one alive
+    # impl -> _Trainer. CPU: all alive at once (the small config), timed round-robin so the
+    # ratios survive a shared machine's changes of pace; CUDA (1B): at most one alive.
+    interleave = ctx.device == "cpu"
+    state: dict = {}
 
     def trainer(impl: str) -> _Trainer:
         if impl not in state:
-            state.clear()
+            if not interleave:
+                state.clear()
             gc.collect()
             if ctx.device == "cuda":
                 torch.cuda.empty_cache()
@@ -212,7 +216,8 @@ def model_cases(ctx: BenchContext):
         extra={"optimizer": "AdamW", "loss": "cross_entropy + z_loss",
                **({"note": note} if note else {})},
         impl_extra={impl: {"recompute": p} for impl, p in policies.items()},
-        repeats=3 if ctx.device == "cpu" else 10,
+        repeats=7 if ctx.device == "cpu" else 10,
+        interleave=interleave,
         rotate=False,
         derive=derive,
         teardown=state.clear,

@@ -79,6 +79,11 @@ class Case:
     # For expensive cases (a whole training step): the number of timed calls after two
     # warm-up calls, on CPU and CUDA alike, instead of the harness's time budget.
     repeats: int | None = None
+    # With ``repeats``: time the implementations round-robin (two warm-up rounds, then
+    # ``repeats`` rounds of one call each, medians), so that a machine that slows down or
+    # speeds up mid-case (a shared VM) moves every implementation alike and their ratios
+    # hold. Needs every implementation's state alive at once.
+    interleave: bool = False
     rotate: bool = True             # False: one input set (e.g. inputs that hold a model)
     # (record, peaks) -> more figures for that record, computed after timing
     # (e.g. tokens/s and MFU of a training step).
@@ -218,7 +223,9 @@ def measure_peaks(device: str, quick: bool = False) -> dict:
 
     Copy: ``dst.copy_(src)`` into a preallocated buffer, counting bytes read plus
     bytes written. Matmul: a large square product (bf16 on CUDA, fp32 on CPU) on
-    random data.
+    random data. CUDA: the median call; CPU: the fastest call (a peak; on a shared VM
+    the median mixes the machine's paces, and a case timed at a faster pace than the
+    peak's median read above 100% of it).
     """
     if device == "cuda":
         n_bytes = (256 if quick else 1024) * 2**20
@@ -228,12 +235,15 @@ def measure_peaks(device: str, quick: bool = False) -> dict:
         mm_n, mm_dtype = (1024 if quick else 2048), torch.float32
     src = torch.randn(n_bytes // 4, device=device)
     dst = torch.empty_like(src)
+    def best(t: Timing) -> float:
+        return t.ms if device == "cuda" else t.ms_min
+
     t = time_fn(lambda: dst.copy_(src), device, quick=quick)
-    copy_gbps = 2 * n_bytes / (t.ms * 1e-3) / 1e9
+    copy_gbps = 2 * n_bytes / (best(t) * 1e-3) / 1e9
     a = torch.randn(mm_n, mm_n, device=device, dtype=mm_dtype)
     b = torch.randn(mm_n, mm_n, device=device, dtype=mm_dtype)
     t = time_fn(lambda: torch.mm(a, b), device, quick=quick)
-    mm_tflops = 2 * mm_n**3 / (t.ms * 1e-3) / 1e12
+    mm_tflops = 2 * mm_n**3 / (best(t) * 1e-3) / 1e12
     return {"copy_gbps": copy_gbps, "matmul_tflops": mm_tflops,
             "matmul_shape": [mm_n, mm_n, mm_n], "matmul_dtype": str(mm_dtype).replace("torch.", "")}
 
@@ -364,9 +374,50 @@ def make_record(case: Case, ctx: BenchContext, impl: str, t: Timing | None, peak
     return rec
 
 
+def _interleaved(case: Case, ctx: BenchContext, sets: list, peaks: dict,
+                 on_impl: Callable[[str], None] | None) -> list[dict]:
+    """Round-robin timing of ``case.impls`` (see ``Case.interleave``)."""
+    calls, failed = {}, {}
+    for impl, fn in case.impls.items():
+        if impl not in SMOKE_SKIP_IMPLS or not ctx.smoke:
+            calls[impl] = cycling(fn, sets)
+    times: dict[str, list[float]] = {impl: [] for impl in calls}
+    for rnd in range(2 + max(1, int(case.repeats or 1))):
+        for impl, call in calls.items():
+            if impl in failed:
+                continue
+            if on_impl is not None and rnd == 0:
+                on_impl(impl)
+            try:
+                t0 = time.perf_counter()
+                call()
+                _sync(ctx.device)
+                dt = (time.perf_counter() - t0) * 1e3
+            except Exception as e:  # reported, not hidden
+                failed[impl] = f"{type(e).__name__}: {e}"[:500]
+                continue
+            if rnd >= 2:
+                times[impl].append(dt)
+    records = []
+    for impl in calls:
+        if impl in failed:
+            records.append(make_record(case, ctx, impl, None, peaks, failed[impl]))
+            continue
+        ts = times[impl]
+        records.append(make_record(case, ctx, impl, Timing(statistics.median(ts), min(ts), max(ts), len(ts)),
+                                   peaks))
+    return records
+
+
 def _run_case(case: Case, ctx: BenchContext, peaks: dict,
               on_impl: Callable[[str], None] | None) -> list[dict]:
     sets = input_sets(case, ctx)
+    if case.interleave and case.repeats is not None and not ctx.smoke:
+        records = _interleaved(case, ctx, sets, peaks, on_impl)
+        eager = next((r for r in records if r["impl"] == "eager" and r.get("ms")), None)
+        for r in records:
+            r["speedup_vs_eager"] = (eager["ms"] / r["ms"]) if (eager and r.get("ms")) else None
+        return records
     records = []
     for impl, fn in case.impls.items():
         if ctx.smoke and impl in SMOKE_SKIP_IMPLS:

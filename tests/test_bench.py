@@ -100,3 +100,34 @@ def test_measure_peaks_cpu_quick():
 
 
 # The smoke run of every registered case lives in tests/test_suite.py (harness smoke mode).
+
+
+def test_interleaved_case_times_round_robin():
+    """A case with ``interleave``: two warm-up rounds, then ``repeats`` rounds calling every
+    implementation once in order; medians per implementation; a failure is reported and
+    drops only that implementation."""
+    order = []
+
+    def impl(name, fail_at=None):
+        def fn(_):
+            order.append(name)
+            if fail_at is not None and order.count(name) == fail_at:
+                raise RuntimeError("deliberate failure")
+        return fn
+
+    case = harness.Case(name="toy.train", shape={}, dtype=torch.float32, bytes=0, flops=1e6,
+                        bound="compute", setup=lambda: None, rotate=False, repeats=3,
+                        interleave=True,
+                        impls={"palm_fast": impl("a"), "broken": impl("b", fail_at=3),
+                               "eager": impl("e")})
+    ctx = harness.BenchContext(device="cpu", dtype=torch.float32)
+    peaks = {"copy_gbps": 10.0, "matmul_tflops": 0.1}
+    recs = {r["impl"]: r for r in harness.run_case(case, ctx, peaks)}
+    assert order[:6] == ["a", "b", "e"] * 2                       # warm-up rounds
+    assert order[6:9] == ["a", "b", "e"] and order[9:] == ["a", "e", "a", "e"]
+    assert recs["palm_fast"]["n_timed"] == recs["eager"]["n_timed"] == 3
+    assert recs["broken"]["ms"] is None and "deliberate failure" in recs["broken"]["error"]
+    assert recs["eager"]["speedup_vs_eager"] == pytest.approx(1.0)
+    for name in ("palm_fast", "eager"):
+        r = recs[name]
+        assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"]
