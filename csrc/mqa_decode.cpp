@@ -54,7 +54,7 @@ constexpr int64_t kW = Vec::size();
 // Keys per parallel task (the split of a sequence) and per inner block.
 constexpr int64_t kChunk = 512;
 constexpr int64_t kRowGroup = 16;  // query rows per task (at most)
-constexpr int64_t kBlock = 32;
+constexpr int64_t kBlock = 64;
 constexpr int64_t kPfBlocks = 1;   // K/V rows are prefetched this many blocks ahead (2: slower)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -264,11 +264,12 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
     for (int64_t j = n; j < n + 3; ++j) sc.krow[j] = sc.krow[0];  // pad the 4-key groups
     // Scores S[r, 0..n): rows in pairs (the last odd row pairs with itself).
     float* S = sc.s.data();
-    for (int64_t r = 0; r < R; r += 2) {
-      const int64_t r1 = std::min(r + 1, R - 1);
-      float* s0 = S + r * kBlock;
-      float* s1 = S + (r + 1) * kBlock;  // row R exists in the scratch for odd R
-      for (int64_t j = 0; j < n; j += 4) {
+    // Key groups outer, row pairs inner: a group's 4 key rows stay in L1 for all rows.
+    for (int64_t j = 0; j < n; j += 4) {
+      for (int64_t r = 0; r < R; r += 2) {
+        const int64_t r1 = std::min(r + 1, R - 1);
+        float* s0 = S + r * kBlock;
+        float* s1 = S + (r + 1) * kBlock;  // row R exists in the scratch for odd R
         dot_2x4(sc.q.data() + r * hd, sc.q.data() + r1 * hd, sc.krow.data() + j, hd, s0 + j, s1 + j);
         prefetch_some(2);
       }
@@ -279,7 +280,15 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
     for (int64_t r = 0; r < R; ++r) {
       float* s = S + r * kBlock;
       float mx = m[r];
-      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+      {
+        int64_t j = 0;
+        Vec vm(kNegInf);
+        for (; j + kW <= n; j += kW) vm = at::vec::maximum(vm, Vec::loadu(s + j));
+        alignas(64) float t[kW];
+        vm.store(t);
+        for (int64_t i = 0; i < kW; ++i) mx = std::max(mx, t[i]);
+        for (; j < n; ++j) mx = std::max(mx, s[j]);
+      }
       corr[r] = std::exp(m[r] - mx);  // exp(-inf) = 0 on the first block
       int64_t j = 0;
       Vec vsum(0.f);
