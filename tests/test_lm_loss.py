@@ -37,7 +37,7 @@ def _fast(h, w, t, scale, z_coef):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,d,V", [(37, 24, 101), (64, 32, 512), (1, 8, 3)])
+@pytest.mark.parametrize("M,d,V", [(37, 24, 101), (64, 32, 512), (1, 8, 3), (19, 16, 601)])
 def test_matches_reference(dtype, M, d, V):
     scale, z_coef = d ** -0.5, 1e-2    # a large z coefficient so its gradient is visible
     h = randn(M, d, dtype=dtype, scale=2.0)
@@ -169,3 +169,58 @@ def test_torch_compile():
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_cpu_paths_agree(monkeypatch, transposed):
+    """The CPU path (transposed logits + C++ softmax statistics) and the ATen path (what CUDA
+    and torch.compile run) both match the fp64 reference; ragged M (C++ column tails) and a
+    V of several row chunks with a partial one."""
+    import importlib
+
+    mod = importlib.import_module("palm_fast.ops.lm_loss")
+    if not transposed:
+        monkeypatch.setattr(mod, "_cpu_transposed", lambda h, gd: False)
+    h, w = randn(29, 16, scale=2.0), randn(777, 16)
+    t = torch.randint(0, 777, (29,))
+    out, dh, dw = _grads(_fast, h, w, t, None, 0.3, 1e-2)
+    ref = _grads(_reference, h.double(), w.double(), t, None, 0.3, 1e-2)
+    for i in range(3):
+        torch.testing.assert_close(out[i].double(), ref[0][i], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dh.double(), ref[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dw.double(), ref[2], rtol=1e-4, atol=1e-6)
+
+
+def test_softmax_stats_kernel_exact_and_thread_independent():
+    """csrc/lm_loss.cpp on its own: exp(L - max) in place, lse, target logit and 1 / sum
+    against fp64, bitwise the same for 1 and 2 threads (fixed row chunks)."""
+    from palm_fast._ext import cpp
+
+    lt = randn(1000, 45, scale=4.0)
+    lt[3, 7] = 80.0                      # a large logit: the shift keeps exp finite
+    t = torch.randint(0, 1000, (45,))
+    ref = lt.double()
+    outs = []
+    for threads in (1, 2):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            e = lt.clone()
+            outs.append((e, *cpp().lm_softmax_cols_cpu(e, t)))
+        finally:
+            torch.set_num_threads(prev)
+    for x, y in zip(outs[0], outs[1]):
+        assert torch.equal(x, y)
+    e, lse, tgt, rsum = outs[0]
+    mx = ref.amax(0)
+    torch.testing.assert_close(e.double(), (ref - mx).exp(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(ref, 0), rtol=1e-6, atol=1e-6)
+    assert torch.equal(tgt, lt[t, torch.arange(45)])
+    torch.testing.assert_close(rsum.double(), 1 / (ref - mx).exp().sum(0), rtol=1e-5, atol=0)
+
+
+def test_targets_out_of_range():
+    h, w = randn(4, 8), randn(10, 8)
+    for bad in (torch.tensor([0, 1, 10, 2]), torch.tensor([0, -1, 3, 2])):
+        with pytest.raises(ValueError, match="targets: expected ids in"):
+            tied_lm_loss(h, w, bad)

@@ -25,14 +25,22 @@ Backward, with upstream scalars g (total), g_ce, g_z::
 
 so no ``[M, V]`` gradient tensor is written at all.
 
+CPU (fp32 GEMMs, not while torch.compile traces): the logits are made transposed,
+``L^T = W (s h)^T`` ``[V, M]`` (oneDNN; the faster GEMM form at the model's shapes), and one
+C++ pass (``csrc/lm_loss.cpp``) takes each column's max, reads the target logit, overwrites
+the column with ``e = exp(L - max)`` and returns ``lse`` and ``r = 1 / sum e`` per token. The
+softmax is never normalised: ``P = e * r`` row by row, so the backward uses ``c_i r_i`` in
+place of ``c_i`` with the GEMMs ``e^T``-``W`` and ``e``-``(c r s h)``.
+
 Tied embedding (``embed_tokens`` with a shared ``GradLink``): the input lookup
 ``weight[tokens]`` and the head read the same ``[V, d]`` weight, so autograd would build the
 lookup's gradient in a zeroed ``[V, d]`` buffer and then add the head's ``[V, d]`` gradient
 to it. With a link, the head's backward (which always runs first: the lookup feeds it)
 hands its ``dW`` to the lookup's backward, which scatters its rows into it in place.
 
-Plain ATen ops: the same code runs on CPU and CUDA (and traces under ``torch.compile``,
-where the model uses no link); half-precision CPU GEMMs go through fp32 as the block's do.
+Elsewhere plain ATen ops: the same code runs on CPU and CUDA (and traces under
+``torch.compile``, where the model uses no link); half-precision CPU GEMMs go through fp32
+as the block's do.
 The weight gradient's row scatter is ``index_add_``: a fixed order on the CPU (bitwise
 reproducible), atomic adds on CUDA (not bitwise reproducible run to run). ``nn.PaLM.loss``
 uses this loss on the CPU only; on other devices it keeps the reference loss.
