@@ -14,7 +14,12 @@
 // The H heads of one token share the keys they see, so a task takes a block of
 // tokens with all their heads (rows (t, h)), and the key loop is vectorised over
 // keys with k (and v) transposed to [D, T] once per sequence: no horizontal sums.
-// Causality: a row reads keys 0..t only (about half the work of a full T x T).
+// Causality: a row reads keys 0..t only (about half the work of a full T x T), rounded
+// up to whole vectors: k and v are zero-padded to a multiple of kPad keys and the padding
+// scores set to -inf. The forward normalises o once after P V (P left unnormalised).
+// Each token's heads stream the sequence's whole k and v (fp32), so the kernel is fast
+// while those stay in L2; palm_fast/ops/block.py (CPU_MQA_MAX_KV) routes longer ones to
+// ATen's flash attention.
 //
 // Work split: at::parallel_for over (sequence, token block) tasks, visited in a
 // zig-zag order (first, last, second, ...) so the contiguous ranges handed to the
