@@ -161,6 +161,11 @@ class Timing:
     ms_max: float
     n: int
 
+    @classmethod
+    def of(cls, times: list[float]) -> Timing:
+        """The median, fastest and slowest of ``times`` (ms)."""
+        return cls(statistics.median(times), min(times), max(times), len(times))
+
 
 def time_fn(fn: Callable[[], Any], device: str, *, quick: bool = False, repeats: int | None = None,
             smoke: bool = False) -> Timing:
@@ -183,14 +188,14 @@ def time_fn(fn: Callable[[], Any], device: str, *, quick: bool = False, repeats:
             fn()
             _sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
-        return Timing(statistics.median(times), min(times), max(times), len(times))
+        return Timing.of(times)
     if device == "cuda":
         import triton.testing
 
         warmup, rep = (10, 40) if quick else (25, 200)
         times = triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="all")
         times = list(times)
-        return Timing(statistics.median(times), min(times), max(times), len(times))
+        return Timing.of(times)
     # CPU
     fn()  # first call: compilation, allocation
     t0 = time.perf_counter()
@@ -213,7 +218,7 @@ def time_fn(fn: Callable[[], Any], device: str, *, quick: bool = False, repeats:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return Timing(statistics.median(times), min(times), max(times), len(times))
+    return Timing.of(times)
 
 
 # --------------------------------------------------------------------------- peaks
@@ -377,12 +382,10 @@ def make_record(case: Case, ctx: BenchContext, impl: str, t: Timing | None, peak
 def _interleaved(case: Case, ctx: BenchContext, sets: list, peaks: dict,
                  on_impl: Callable[[str], None] | None) -> list[dict]:
     """Round-robin timing of ``case.impls`` (see ``Case.interleave``)."""
-    calls, failed = {}, {}
-    for impl, fn in case.impls.items():
-        if impl not in SMOKE_SKIP_IMPLS or not ctx.smoke:
-            calls[impl] = cycling(fn, sets)
+    calls = {impl: cycling(fn, sets) for impl, fn in case.impls.items()}
     times: dict[str, list[float]] = {impl: [] for impl in calls}
-    for rnd in range(2 + max(1, int(case.repeats or 1))):
+    failed: dict[str, str] = {}
+    for rnd in range(2 + case.repeats):
         for impl, call in calls.items():
             if impl in failed:
                 continue
@@ -392,21 +395,13 @@ def _interleaved(case: Case, ctx: BenchContext, sets: list, peaks: dict,
                 t0 = time.perf_counter()
                 call()
                 _sync(ctx.device)
-                dt = (time.perf_counter() - t0) * 1e3
             except Exception as e:  # reported, not hidden
                 failed[impl] = f"{type(e).__name__}: {e}"[:500]
                 continue
             if rnd >= 2:
-                times[impl].append(dt)
-    records = []
-    for impl in calls:
-        if impl in failed:
-            records.append(make_record(case, ctx, impl, None, peaks, failed[impl]))
-            continue
-        ts = times[impl]
-        records.append(make_record(case, ctx, impl, Timing(statistics.median(ts), min(ts), max(ts), len(ts)),
-                                   peaks))
-    return records
+                times[impl].append((time.perf_counter() - t0) * 1e3)
+    return [make_record(case, ctx, impl, None, peaks, failed[impl]) if impl in failed
+            else make_record(case, ctx, impl, Timing.of(times[impl]), peaks) for impl in calls]
 
 
 def _run_case(case: Case, ctx: BenchContext, peaks: dict,
@@ -414,10 +409,17 @@ def _run_case(case: Case, ctx: BenchContext, peaks: dict,
     sets = input_sets(case, ctx)
     if case.interleave and case.repeats is not None and not ctx.smoke:
         records = _interleaved(case, ctx, sets, peaks, on_impl)
-        eager = next((r for r in records if r["impl"] == "eager" and r.get("ms")), None)
-        for r in records:
-            r["speedup_vs_eager"] = (eager["ms"] / r["ms"]) if (eager and r.get("ms")) else None
-        return records
+    else:
+        records = _one_by_one(case, ctx, sets, peaks, on_impl)
+    eager = next((r for r in records if r["impl"] == "eager" and r.get("ms")), None)
+    for r in records:
+        r["speedup_vs_eager"] = (eager["ms"] / r["ms"]) if (eager and r.get("ms")) else None
+    return records
+
+
+def _one_by_one(case: Case, ctx: BenchContext, sets: list, peaks: dict,
+                on_impl: Callable[[str], None] | None) -> list[dict]:
+    """Each implementation's series in turn (``time_fn``)."""
     records = []
     for impl, fn in case.impls.items():
         if ctx.smoke and impl in SMOKE_SKIP_IMPLS:
@@ -431,9 +433,6 @@ def _run_case(case: Case, ctx: BenchContext, peaks: dict,
             records.append(make_record(case, ctx, impl, None, peaks, f"{type(e).__name__}: {e}"[:500]))
             continue
         records.append(make_record(case, ctx, impl, t, peaks))
-    eager = next((r for r in records if r["impl"] == "eager" and r.get("ms")), None)
-    for r in records:
-        r["speedup_vs_eager"] = (eager["ms"] / r["ms"]) if (eager and r.get("ms")) else None
     return records
 
 
