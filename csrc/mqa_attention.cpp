@@ -93,24 +93,19 @@ inline void axpy(float alpha, const float* x, float* y, int64_t D) {
   for (; d < D; ++d) y[d] += alpha * x[d];
 }
 
-// p[0:n] = exp(p - m); returns the sum.
+// p[0:n] = exp(p - m), n a multiple of kW (key counts are padded); returns the sum.
 inline float exp_sub_sum(float* p, int64_t n, float m) {
-  int64_t j = 0;
   const Vec vm(m);
   Vec acc(0.f);
-  for (; j + kW <= n; j += kW) {
-    Vec e = (Vec::loadu(p + j) - vm).exp_u20();
+  for (int64_t j = 0; j < n; j += kW) {
+    const Vec e = (Vec::loadu(p + j) - vm).exp_u20();
     e.store(p + j);
     acc = acc + e;
   }
-  float buf[kW];
+  alignas(64) float buf[kW];
   acc.store(buf);
   float s = 0.f;
   for (int64_t i = 0; i < kW; ++i) s += buf[i];
-  for (; j < n; ++j) {
-    p[j] = std::exp(p[j] - m);
-    s += p[j];
-  }
   return s;
 }
 

@@ -280,7 +280,7 @@ at::Tensor swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& x, const c10
   if (out.has_value()) {
     grad_x = *out;
     TORCH_CHECK(grad_x.device().is_cpu() && grad_x.scalar_type() == x.scalar_type() && grad_x.dim() == 2 &&
-                    grad_x.size(0) == rows && grad_x.size(1) == two_f && (grad_x.stride(1) == 1 || two_f == 1) &&
+                    grad_x.size(0) == rows && grad_x.size(1) == two_f && grad_x.stride(1) == 1 &&
                     grad_x.stride(0) >= two_f,
                 "out: expected a [rows, 2F] CPU tensor of x's dtype with a unit last stride");
   } else {

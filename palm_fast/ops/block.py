@@ -461,7 +461,7 @@ _MQAEager = eager_function("mqa_attention", _MQA_IMPLS, _attn_setup, _attn_backw
 # attention: each token's H query heads stream the sequence's whole fp32 k and v, so the
 # kernel wins while those (2 * T * hd * 4 bytes, 384 KiB here) stay in the core's L2.
 # Measured on our 2-core AVX2 CI VM (2 threads, fp32, forward + backward vs SDPA):
-# T 128 / hd 64 / H 4 1.74x, T 512 / hd 64 1.20x, T 384 / hd 128 1.55x, T 128 / hd 256
+# T 128 / hd 64 / H 4 1.74x, T 512 / hd 64 1.20x (H 8: 1.45x), T 384 / hd 128 1.55x, T 128 / hd 256
 # 1.53x; past the bound T 1024 / hd 64 0.97x, T 256 / hd 256 1.04x (forward 0.69x),
 # T 1000 / hd 96 0.94x (forward 0.60x).
 CPU_MQA_MAX_KV = 49152
