@@ -2,8 +2,9 @@
 // palm_fast.ops.tied_lm_loss (the tied head + cross-entropy + z-loss).
 //
 // lt [V, M] fp32, contiguous: column m holds token m's logits over the vocabulary (the
-// head's GEMM is run as W h^T, which MKL computes faster than h W^T at the model's
-// shapes). For every column m, with t_m = targets[m]:
+// head's GEMM is run as W h^T). The loss's forward + backward in this layout measured 3%
+// faster than the same algorithm on [M, V] rows with a row-wise kernel (palm-small, 256
+// tokens, V = 8192, 2 threads, interleaved A/B). For every column m, with t_m = targets[m]:
 //   mx_m  = max_v lt[v, m]
 //   tgt_m = lt[t_m, m]                                  (read before the overwrite)
 //   lt[v, m] <- e[v, m] = exp(lt[v, m] - mx_m)          (in place; e[v, m] <= 1)
