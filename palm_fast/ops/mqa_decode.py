@@ -249,6 +249,12 @@ def _values_bad(cache: KVCache, seq_lens: torch.Tensor, table, starts_host) -> b
 
 
 def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None) -> None:
+    old = cache._checked_values
+    if old is not None and old[0]() is seq_lens and not compiling() and _same_values(
+            old, seq_lens, cache.page_table if cache.paged else None, starts_host):
+        # The same tensors, unmodified (dtype, shape, device and strides change only with
+        # in-place ops, which bump the version counter), passed every check below before.
+        return
     if not isinstance(seq_lens, torch.Tensor):
         raise TypeError(f"seq_lens: expected an int32 tensor [{cache.batch}], got {type(seq_lens).__name__}")
     if seq_lens.dtype != torch.int32:
@@ -267,10 +273,13 @@ def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None) -> 
     # Inference tensors have no version counter: those are checked on every call.
     versioned = not seq_lens.is_inference() and (table is None or not table.is_inference())
     key = _values_key(seq_lens, table, starts_host) if versioned else None
-    if not _values_bad(cache, seq_lens, table, starts_host):
+    # A contiguous CPU cache's check needs only B ints on the host: a Python loop over them
+    # costs less than the tensor ops (for inference tensors, checked on every call).
+    on_host = seq_lens.is_cpu and table is None
+    if not on_host and not _values_bad(cache, seq_lens, table, starts_host):
         cache._checked_values = key
         return
-    # Something is out of range: find it on the host and say what.
+    # On the host (or something is out of range: find it and say what).
     lens = seq_lens.tolist()
     for b, n in enumerate(lens):
         if not 1 <= n <= cache.max_len:
@@ -293,6 +302,8 @@ def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None) -> 
             if bad:
                 raise ValueError(f"cache.page_table: sequence {b} reads {n} tokens, but its pages {used} "
                                  f"include {bad[0]}, not in [0, {cache.num_pages})")
+    if on_host:
+        cache._checked_values = key
 
 
 def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tensor, *,
@@ -328,7 +339,7 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
         raise ValueError(f"scale: expected a finite float, got {scale!r}")
     if shared_prefix is not None and not isinstance(shared_prefix, bool):
         raise TypeError(f"shared_prefix: expected None or a bool, got {shared_prefix!r}")
-    dev_type = q.device.type
+    dev_type = "cpu" if q.is_cpu else q.device.type
     use_shared = bool(shared_prefix)   # None -> False (see the docstring)
     meta = cache.decode_meta() if use_shared else None
     starts_host = None
