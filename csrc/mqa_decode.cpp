@@ -83,27 +83,20 @@ inline float hsum(const Vec& v) {
 #endif
 }
 
-// Keeps values in vector registers: without it the compiler folds each use of a loaded
-// key vector into its FMA as a memory operand, loading it once per q row (on AVX2
-// cores with one 256-bit load per cycle, loads then bound the score loop).
-inline void in_register(Vec& a, Vec& b, Vec& c, Vec& d) {
+// Keeps loaded vectors in registers: without it the compiler folds each use of a loaded
+// key (or value) vector into its FMA as a memory operand, loading it once per q row (on
+// AVX2 cores with one 256-bit load per cycle, loads then bound the loop).
+template <typename... V>
+inline void in_register(V&... v) {
 #if defined(CPU_CAPABILITY_AVX2) && (defined(__GNUC__) || defined(__clang__))
-  __m256 ra = a, rb = b, rc = c, rd = d;
-  asm("" : "+x"(ra), "+x"(rb), "+x"(rc), "+x"(rd));
-  a = ra; b = rb; c = rc; d = rd;
+  auto pin = [](Vec& a) {
+    __m256 r = a;
+    asm("" : "+x"(r));
+    a = r;
+  };
+  (pin(v), ...);
 #else
-  (void)a; (void)b; (void)c; (void)d;
-#endif
-}
-
-// The same for any number of vectors (the value strips of accumulate_pv).
-inline void pin(Vec& a) {
-#if defined(CPU_CAPABILITY_AVX2) && (defined(__GNUC__) || defined(__clang__))
-  __m256 r = a;
-  asm("" : "+x"(r));
-  a = r;
-#else
-  (void)a;
+  ((void)v, ...);
 #endif
 }
 
@@ -171,9 +164,7 @@ inline void dot_4x3(const float* a, int64_t lda, const float* const* b, int64_t 
   int64_t d = 0;
   for (; d + kW <= hd; d += kW) {
     Vec k0 = Vec::loadu(b0 + d), k1 = Vec::loadu(b1 + d), k2 = Vec::loadu(b2 + d);
-    pin(k0);
-    pin(k1);
-    pin(k2);
+    in_register(k0, k1, k2);
     Vec x = Vec::loadu(a0 + d);
     c00 = at::vec::fmadd(x, k0, c00); c01 = at::vec::fmadd(x, k1, c01); c02 = at::vec::fmadd(x, k2, c02);
     x = Vec::loadu(a1 + d);
@@ -203,74 +194,70 @@ inline void dot_4x3(const float* a, int64_t lda, const float* const* b, int64_t 
   }
 }
 
+template <int N>
+using Int = std::integral_constant<int, N>;
+
 // One column strip [d, d + NV * kW) of NR accumulator rows (row stride hd):
 // acc[i] += sum_j p[i * kSLd + j] V[j]. The strip stays in registers (NR * NV
-// accumulators) while the n value rows stream by.
+// accumulators) while the n value rows stream by. NV = 0: the scalar tail [d, hd).
+// Every output is summed in key order whatever the strip.
 template <int NR, int NV>
 inline void pv_strip(float* acc, int64_t hd, int64_t d, const float* p, const float* const* vrow, int64_t n) {
-  Vec a[NR][NV];
-  for (int i = 0; i < NR; ++i) {
-    for (int u = 0; u < NV; ++u) a[i][u] = Vec::loadu(acc + i * hd + d + u * kW);
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    const float* vr = vrow[j] + d;
-    Vec v[NV];
-    for (int u = 0; u < NV; ++u) {
-      v[u] = Vec::loadu(vr + u * kW);
-      pin(v[u]);  // one load per value vector for all NR rows
+  if constexpr (NV == 0) {
+    for (; d < hd; ++d) {
+      for (int i = 0; i < NR; ++i) {
+        float x = acc[i * hd + d];
+        for (int64_t j = 0; j < n; ++j) x += p[i * kSLd + j] * vrow[j][d];
+        acc[i * hd + d] = x;
+      }
+    }
+  } else {
+    Vec a[NR][NV];
+    for (int i = 0; i < NR; ++i) {
+      for (int u = 0; u < NV; ++u) a[i][u] = Vec::loadu(acc + i * hd + d + u * kW);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vr = vrow[j] + d;
+      Vec v[NV];
+      for (int u = 0; u < NV; ++u) {
+        v[u] = Vec::loadu(vr + u * kW);
+        in_register(v[u]);  // one load per value vector for all NR rows
+      }
+      for (int i = 0; i < NR; ++i) {
+        const Vec pj(p[i * kSLd + j]);
+        for (int u = 0; u < NV; ++u) a[i][u] = at::vec::fmadd(pj, v[u], a[i][u]);
+      }
     }
     for (int i = 0; i < NR; ++i) {
-      const Vec pj(p[i * kSLd + j]);
-      for (int u = 0; u < NV; ++u) a[i][u] = at::vec::fmadd(pj, v[u], a[i][u]);
+      for (int u = 0; u < NV; ++u) a[i][u].store(acc + i * hd + d + u * kW);
     }
-  }
-  for (int i = 0; i < NR; ++i) {
-    for (int u = 0; u < NV; ++u) a[i][u].store(acc + i * hd + d + u * kW);
   }
 }
 
-// acc[i] += sum_j p[i * kSLd + j] V[j] for NR (1, 2 or 4) rows of length hd, in column
-// strips: 4 rows x 3 vectors (12 accumulators; 3 value and 4 weight loads per 12 FMAs,
-// measured 10% faster than 2 x 4), 2 or 1 rows x 4 vectors; then narrower strips for the
-// rest of hd. Every output is summed in key order whatever the strip. after_strip() runs
-// after each strip (the caller's prefetches, spread over the work).
+// The value products of rows [0, R), in the order they run: f(Int<NR>, Int<NV>, r, d) for
+// each pv_strip<NR, NV> of rows [r, r + NR) at column d. Rows in fours by strips of 3
+// vectors (12 accumulators; 3 value and 4 weight loads per 12 FMAs, measured 10% faster
+// than 2 rows x 4 vectors), then a pair and a single row by strips of 4; narrower strips
+// and a scalar tail for the rest of hd.
 template <int NR, typename F>
-inline void accumulate_pv(float* acc, int64_t hd, const float* p, const float* const* vrow, int64_t n,
-                          F&& after_strip) {
+inline void pv_strips(int64_t hd, F&& f) {
   constexpr int NV = NR >= 4 ? 3 : 4;
   int64_t d = 0;
-  for (; d + NV * kW <= hd; d += NV * kW) {
-    pv_strip<NR, NV>(acc, hd, d, p, vrow, n);
-    after_strip();
-  }
+  for (; d + NV * kW <= hd; d += NV * kW) f(Int<NV>{}, d);
   if (d + 2 * kW <= hd) {
-    pv_strip<NR, 2>(acc, hd, d, p, vrow, n);
-    after_strip();
+    f(Int<2>{}, d);
     d += 2 * kW;
   }
-  for (; d + kW <= hd; d += kW) {
-    pv_strip<NR, 1>(acc, hd, d, p, vrow, n);
-    after_strip();
-  }
-  for (; d < hd; ++d) {
-    for (int i = 0; i < NR; ++i) {
-      float x = acc[i * hd + d];
-      for (int64_t j = 0; j < n; ++j) x += p[i * kSLd + j] * vrow[j][d];
-      acc[i * hd + d] = x;
-    }
-  }
+  for (; d + kW <= hd; d += kW) f(Int<1>{}, d);
+  if (d < hd) f(Int<0>{}, d);
 }
 
-// The number of after_strip() calls of accumulate_pv<NR> (hd / kW vectors).
-inline int64_t pv_strip_count(int64_t NR, int64_t hd) {
-  const int64_t NV = NR >= 4 ? 3 : 4;
-  int64_t v = hd / kW, n = v / NV;
-  v -= n * NV;
-  if (v >= 2) {
-    ++n;
-    v -= 2;
-  }
-  return n + v;
+template <typename F>
+inline void pv_schedule(int64_t R, int64_t hd, F&& f) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) pv_strips<4>(hd, [&](auto nv, int64_t d) { f(Int<4>{}, nv, r, d); });
+  for (; r + 2 <= R; r += 2) pv_strips<2>(hd, [&](auto nv, int64_t d) { f(Int<2>{}, nv, r, d); });
+  if (r < R) pv_strips<1>(hd, [&](auto nv, int64_t d) { f(Int<1>{}, nv, r, d); });
 }
 
 // Per-task scratch: fp32 q rows (scaled), the scores of a chunk, the chunk's K / V row
@@ -297,7 +284,7 @@ struct Scratch {
 //   1. scores S[r, j] = q[r] . K[j] for all j (rows in fours by 3-key groups, dot_4x3;
 //      the last R % 4 rows in pairs by 4-key groups, dot_2x4);
 //   2. per row, the max and P = exp(S - max) over the whole chunk (no online rescaling);
-//   3. acc[r] = sum_j P[r, j] V[j] by sub-blocks of kVBlock value rows (accumulate_pv).
+//   3. acc[r] = sum_j P[r, j] V[j] by sub-blocks of kVBlock value rows (pv_schedule).
 // Software prefetch walks the chunk's rows in that reading order (K rows, then V rows)
 // kPfRows rows ahead of the arithmetic, a few rows after each micro-kernel: the DRAM
 // reads are spread evenly over the work (a burst stalls on the core's miss buffers).
@@ -418,15 +405,11 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
     l[r] = sum;
   }
 
-  // 3. Values, by sub-blocks of kVBlock rows: four rows at a time share each V load.
+  // 3. Values, by sub-blocks of kVBlock rows (pv_schedule: four rows at a time share each
+  // V load); the prefetches are spread over its strips.
   int64_t strips = 0;
-  {
-    int64_t r = 0;
-    for (; r + 4 <= R; r += 4) strips += pv_strip_count(4, hd);
-    for (; r + 2 <= R; r += 2) strips += pv_strip_count(2, hd);
-    if (r < R) strips += pv_strip_count(1, hd);
-  }
-  strips = std::max<int64_t>(1, strips);
+  pv_schedule(R, hd, [&](auto, auto, int64_t, int64_t) { ++strips; });
+  strips = std::max<int64_t>(1, strips);  // hd = 0: no strips
   for (int64_t s0 = 0; s0 < n; s0 += kVBlock) {
     const int64_t nb = std::min(kVBlock, n - s0);
     const float* const* vr = sc.vrow.get() + s0;
@@ -439,12 +422,10 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
     }
     const int64_t target = n + s0 + nb + kPfRows;
     const int64_t per_strip = (std::max<int64_t>(0, std::min(target, 2 * n) - pf_next) + strips - 1) / strips;
-    auto after_strip = [&] { prefetch_to(pf_next + per_strip); };
-    const float* p = S + s0;
-    int64_t r = 0;
-    for (; r + 4 <= R; r += 4) accumulate_pv<4>(acc + r * hd, hd, p + r * kSLd, vr, nb, after_strip);
-    for (; r + 2 <= R; r += 2) accumulate_pv<2>(acc + r * hd, hd, p + r * kSLd, vr, nb, after_strip);
-    if (r < R) accumulate_pv<1>(acc + r * hd, hd, p + r * kSLd, vr, nb, after_strip);
+    pv_schedule(R, hd, [&](auto nr, auto nv, int64_t r, int64_t d) {
+      pv_strip<decltype(nr)::value, decltype(nv)::value>(acc + r * hd, hd, d, S + s0 + r * kSLd, vr, nb);
+      prefetch_to(pf_next + per_strip);
+    });
     prefetch_to(target);
   }
 }
