@@ -82,7 +82,6 @@ class KVCache:
         # The device as tensors report it ("cuda" -> "cuda:0"), so comparisons with a
         # tensor's .device are exact.
         self.dtype, self.device = dtype, self.lengths.device
-        self._on_cpu = self.device.type == "cpu"
         self._host_lengths = [0] * batch
         self._checked_values = None   # ops.mqa_decode: the last seq_lens / page table it validated
         if page_size is None:
@@ -240,7 +239,7 @@ class KVCache:
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dtype != self.dtype:
             raise TypeError(f"{name}: expected dtype {self.dtype} (the cache's), got {t.dtype}")
-        if not (t.is_cpu if self._on_cpu else t.device == self.device):  # is_cpu: no device object
+        if t.device != self.device:
             raise ValueError(f"{name}: expected device {self.device} (the cache's), got {t.device}")
         if t.dim() != ndim:
             raise ValueError(f"{name}: expected {ndim} dims, got shape {list(t.shape)}")

@@ -252,8 +252,9 @@ def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None) -> 
     old = cache._checked_values
     if old is not None and old[0]() is seq_lens and not compiling() and _same_values(
             old, seq_lens, cache.page_table if cache.paged else None, starts_host):
-        # The same tensors, unmodified (dtype, shape, device and strides change only with
-        # in-place ops, which bump the version counter), passed every check below before.
+        # These exact tensors (same objects, unmodified: dtype, shape, device and strides
+        # change only with in-place ops, which bump the version counter) passed every check
+        # below for an earlier call, e.g. the step's earlier layers.
         return
     if not isinstance(seq_lens, torch.Tensor):
         raise TypeError(f"seq_lens: expected an int32 tensor [{cache.batch}], got {type(seq_lens).__name__}")
@@ -268,8 +269,6 @@ def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None) -> 
     if not _can_read_device(seq_lens.device):
         return
     table = cache.page_table if cache.paged else None
-    if _same_values(cache._checked_values, seq_lens, table, starts_host):
-        return   # these exact tensors (same objects, unmodified) passed for an earlier layer
     # Inference tensors have no version counter: those are checked on every call.
     versioned = not seq_lens.is_inference() and (table is None or not table.is_inference())
     key = _values_key(seq_lens, table, starts_host) if versioned else None
