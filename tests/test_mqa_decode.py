@@ -71,32 +71,23 @@ CASES = [  # (B, H, hd, lens, page_size)
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}d{c[2]}T{max(c[3])}p{c[4]}")
-def test_decode_parity(case, dtype):
-    B, H, hd, lens, page_size = case
-    cache, Ks, Vs = fill_cache(B, lens, hd, dtype, page_size)
-    q = randn(B, H, hd, dtype=dtype)
-    o = ops.mqa_decode(q, cache, 0, cache.lengths)
-    assert o.dtype == dtype and o.shape == (B, H, hd)
-    check_decode(o, q, Ks, Vs)
-
-
 CPU_KERNEL_CASES = [  # (B, H, hd, lens, page_size): every register block of the C++ kernel
     (2, 7, 104, [97, 530], None),   # rows 4 + 2 + 1; hd 13 vectors: 4 strips of 3 + 1
-    (1, 3, 88, [49], 8),            # rows 2 + 1 only (no 4-row block); 11 vectors: 3 + 3 + 3 + 2
+    (1, 3, 88, [49], 8),            # rows 2 + 1 only (no 4-row block); 11 vectors: 4 + 4 + 2 + 1
     (2, 5, 36, [1025, 48], 16),     # hd not a multiple of 8 (scalar tails); 3 chunks
     (1, 1, 130, [3], None),         # one row, keys fewer than a key group
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-@pytest.mark.parametrize("case", CPU_KERNEL_CASES, ids=lambda c: f"B{c[0]}H{c[1]}d{c[2]}T{max(c[3])}p{c[4]}")
-def test_cpu_kernel_blocks_and_tails(case, dtype):
+@pytest.mark.parametrize("case", CASES + CPU_KERNEL_CASES,
+                         ids=lambda c: f"B{c[0]}H{c[1]}d{c[2]}T{max(c[3])}p{c[4]}")
+def test_decode_parity(case, dtype):
     B, H, hd, lens, page_size = case
     cache, Ks, Vs = fill_cache(B, lens, hd, dtype, page_size)
     q = randn(B, H, hd, dtype=dtype)
     o = ops.mqa_decode(q, cache, 0, cache.lengths)
+    assert o.dtype == dtype and o.shape == (B, H, hd)
     check_decode(o, q, Ks, Vs)
 
 
