@@ -1,3 +1,5 @@
+// Micro-kernels of the CPU decode alone, data in L1/L2 (eighth session). dot_2x4 is the
+// kernel of dot_2x4.cpp again, so both score blocks are timed in one binary.
 #include <immintrin.h>
 #include <cstdio>
 #include <cstdlib>

@@ -1,5 +1,8 @@
 #!/bin/bash
-# usage: variant.sh NAME "-DFOO=1 ..."  -> /tmp/so_NAME/_C...so
+# usage: build_variant.sh NAME "-DFOO=1 ..."  -> /tmp/so_NAME/_C...so (for decode_ab.py)
+# Recompiles csrc/mqa_decode.cpp with extra flags and links it with the other objects of the
+# last `python setup.py build_ext --inplace`. Paths are this VM's (checkout /work/main,
+# pyenv Python 3.11.7); edit them elsewhere.
 set -e
 NAME=$1; FLAGS=$2; T=/work/main/build/temp.linux-x86_64-cpython-311/csrc
 TI=/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/torch
