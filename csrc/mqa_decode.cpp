@@ -299,13 +299,6 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
     for (int64_t d = 0; d < hd; ++d) sc.q[r * hd + d] *= scale;
   }
   std::fill(acc, acc + R * hd, 0.f);
-  if (n <= 0) {
-    for (int64_t r = 0; r < R; ++r) {
-      m[r] = kNegInf;
-      l[r] = 0.f;
-    }
-    return;
-  }
   // Cache offsets of the chunk's tokens: one division, then the page walked forward (a
   // 64-bit division per token cost about 30 us per 1024 keys).
   {
