@@ -12,7 +12,8 @@ Cases
   (the kernels' time without the host's per-call cost).
 * ``decode_shared_prefix.fwd``: sequences sharing one prompt (``KVCache.fork``): the decode
   reading the shared pages once (``palm_fast``) vs per sequence (``palm_fast_unshared``)
-  vs the eager reference on each sequence's gathered K/V.
+  vs the eager reference on each sequence's gathered K/V; on CUDA both palm_fast paths also
+  replayed from CUDA graphs (``palm_fast_graph``, ``palm_fast_unshared_graph``).
 
 Bytes (the fewest the op must move): every cached K and V row read once + q read + o
 written; the shared-prefix case counts the prefix once.
@@ -181,13 +182,17 @@ def _shared_prefix_cases(ctx: BenchContext, elem: int):
         v = cache.v[0][pages, idx % page][:, :, None]
         return torch.randn(n_seq, H, hd, device=dev, dtype=dtype), cache, k, v
 
+    impls = {"palm_fast": lambda x: mqa_decode(x[0], x[1], 0, x[1].lengths, shared_prefix=True),
+             "palm_fast_unshared": lambda x: mqa_decode(x[0], x[1], 0, x[1].lengths, shared_prefix=False)}
+    if dev == "cuda":
+        # The kernels' own times: the shared path's host cost (index gathers, three passes,
+        # the merge) hides them in eager calls.
+        impls["palm_fast_graph"] = _Graphed(impls["palm_fast"])
+        impls["palm_fast_unshared_graph"] = _Graphed(impls["palm_fast_unshared"])
+    impls["eager"] = lambda x: attention(x[0][:, None], x[2], x[3], causal=False)[:, 0]
     yield Case(
         name="decode_shared_prefix.fwd",
         shape={"n_seq": n_seq, "H": H, "hd": hd, "prefix": prefix, "suffix": suffix, "page_size": page},
         dtype=dtype, bytes=2 * (prefix + n_seq * suffix) * hd * elem + 2 * n_seq * H * hd * elem,
-        flops=4 * n_seq * H * (prefix + suffix) * hd, setup=setup,
-        impls={"palm_fast": lambda x: mqa_decode(x[0], x[1], 0, x[1].lengths, shared_prefix=True),
-               "palm_fast_unshared": lambda x: mqa_decode(x[0], x[1], 0, x[1].lengths,
-                                                          shared_prefix=False),
-               "eager": lambda x: attention(x[0][:, None], x[2], x[3], causal=False)[:, 0]},
+        flops=4 * n_seq * H * (prefix + suffix) * hd, setup=setup, impls=impls,
         extra={"note": "bytes count the shared prefix once"})

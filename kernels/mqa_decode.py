@@ -210,13 +210,42 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int) -> dict:
                 n_splits=n_splits, split_len=split_len, num_warps=num_warps, num_stages=3)
 
 
+_TILE_KEYS = ("BLOCK_R", "BLOCK_N", "num_warps", "num_stages")
+
+
+def _override(cfg: dict, B: int, R: int, capacity: int, n_splits: int | None, tiles: dict | None) -> dict:
+    """``cfg`` with the tile sizes of ``tiles`` and the split count ``n_splits`` imposed (tests
+    and tuning probes); the split length is refitted to whole ``BLOCK_N`` blocks."""
+    cfg = dict(cfg)
+    for key, val in (tiles or {}).items():
+        if key not in _TILE_KEYS:
+            raise ValueError(f"tiles: unknown key {key!r}; expected some of {_TILE_KEYS}")
+        low = 16 if key.startswith("BLOCK") else 1
+        if isinstance(val, bool) or not isinstance(val, int) or val < low or (key != "num_stages"
+                                                                             and val & (val - 1)):
+            raise ValueError(f"tiles[{key!r}]: expected a power of two >= {low}, got {val!r}")
+        cfg[key] = val
+    cfg["row_blocks"] = triton.cdiv(R, cfg["BLOCK_R"])
+    if n_splits is None and tiles and ("BLOCK_R" in tiles or "BLOCK_N" in tiles):
+        n_splits = cfg["n_splits"]  # keep the heuristic's count, refitted to the new blocks
+    if n_splits is not None:
+        if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
+            raise ValueError(f"n_splits: expected an int >= 1, got {n_splits!r}")
+        block_n = cfg["BLOCK_N"]
+        split_len = max(block_n, triton.cdiv(triton.cdiv(capacity, n_splits), block_n) * block_n)
+        cfg.update(n_splits=max(1, triton.cdiv(capacity, split_len)), split_len=split_len)
+    return cfg
+
+
 def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                page_table: torch.Tensor | None, starts: torch.Tensor | None, ends: torch.Tensor,
-               layer: int, scale: float, fp32_out: bool, *, n_splits: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               layer: int, scale: float, fp32_out: bool, *, n_splits: int | None = None,
+               tiles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``[B, R, hd]`` over keys ``[starts[b], ends[b])`` of ``layer`` of the cache ``[L, N, P,
-    hd]`` -> (o ``[B, R, hd]`` fp32 or q's dtype, lse ``[B, R]`` fp32). ``n_splits`` overrides
-    the heuristic (tests)."""
+    hd]`` -> (o ``[B, R, hd]`` fp32 or q's dtype, lse ``[B, R]`` fp32). ``n_splits`` and
+    ``tiles`` (some of ``BLOCK_R``, ``BLOCK_N``, ``num_warps``, ``num_stages``) override the
+    heuristic: for tests and tuning probes (e.g. ``benchmarks/results/h100/probes/
+    shared_prefix_tiles.py``)."""
     check_launch_device(q)
     B, R, hd = q.shape
     L, N, P, _ = k_cache.shape
@@ -225,9 +254,8 @@ def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     paged = page_table is not None
     capacity = page_table.shape[1] * P if paged else P
     cfg = decode_config(B, R, hd, capacity, sm_count(q.device))
-    if n_splits is not None:
-        split_len = triton.cdiv(triton.cdiv(capacity, n_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-        cfg.update(n_splits=triton.cdiv(capacity, split_len), split_len=split_len)
+    if n_splits is not None or tiles:
+        cfg = _override(cfg, B, R, capacity, n_splits, tiles)
     S = cfg["n_splits"]
     o_part = torch.empty(B, S, R, hd, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, S, R, dtype=torch.float32, device=q.device)

@@ -353,6 +353,29 @@ def test_triton_splits_and_empty_ranges(n_splits):
     assert (o[1] == 0).all() and torch.isinf(lse[1]).all() and (lse[1] < 0).all()
 
 
+@pytest.mark.parametrize("tiles", [{"BLOCK_R": 16, "BLOCK_N": 16},
+                                   {"BLOCK_R": 32, "BLOCK_N": 32, "num_warps": 8},
+                                   {"BLOCK_N": 64, "num_stages": 2}], ids=str)
+def test_triton_tile_overrides(tiles):
+    """Imposed tile sizes (the tuning probes' knobs) give the heuristic's result: 40 rows
+    in 16-row blocks (three row blocks, the last partial), keys in 16-key blocks, paged."""
+    from palm_fast.kernels import mqa_decode as tk
+
+    cache, _, _ = fill_cache(2, [300, 45], 16, torch.float32, 8, device=TRITON_DEVICE)
+    q = randn(2, 40, 16, device=TRITON_DEVICE)
+    args = (q, cache.k, cache.v, cache.page_table, None, cache.lengths, 0, 0.25, True)
+    o, lse = tk.mqa_decode(*args, tiles=tiles)
+    o_ref, lse_ref = tk.mqa_decode(*args)
+    assert torch.allclose(o, o_ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(lse, lse_ref, atol=1e-5, rtol=1e-5)
+    for bad, msg in (({"BLOCK_R": 24}, "BLOCK_R"), ({"BLOCK_N": 8}, "BLOCK_N"),
+                     ({"num_warps": 0}, "num_warps"), ({"BLOCK_K": 16}, "unknown key")):
+        with pytest.raises(ValueError, match=msg):
+            tk.mqa_decode(*args, tiles=bad)
+    with pytest.raises(ValueError, match="n_splits"):
+        tk.mqa_decode(*args, n_splits=0)
+
+
 def test_triton_grid_independent_of_lengths():
     from palm_fast.kernels import mqa_decode as tk
 
