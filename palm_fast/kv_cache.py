@@ -112,6 +112,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._full_n_new: dict[int, torch.Tensor] = {}
         self._decode_meta = None  # shared-prefix index tensors, rebuilt when groups change
+        self._decode_index = None  # the same as int64 gather indices (decode_index)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -421,4 +422,13 @@ class KVCache:
 
             self._decode_meta = (dev([g.members[0] for g in self._groups]),
                                  dev([g.n_tokens for g in self._groups]), dev(rows), dev(starts), dev(slot))
+            # The same as int64 gather indices (index_select), so that a decode call does not
+            # convert them each time (each small op costs microseconds of host time).
+            self._decode_index = (self._decode_meta[2].clamp(min=0).long().view(-1),
+                                  self._decode_meta[0].long())
         return self._decode_meta
+
+    def decode_index(self):
+        """(``rows`` of :meth:`decode_meta` flattened, padding -> 0, and ``group_seq``), as
+        int64 tensors for ``index_select``; None without groups."""
+        return None if self.decode_meta() is None else self._decode_index

@@ -355,8 +355,9 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     group_seq, group_len, rows, starts, slot = meta
     G, M = rows.shape
     # Prefix: all members' query rows of a group (M * H rows) over its shared pages, once.
-    q_pre = q[rows.clamp(min=0).long()].reshape(G, M * H, hd)
-    o_pre, lse_pre = run(q_pre, cache.k, cache.v, cache.page_table[group_seq.long()], None, group_len,
+    row_idx, seq_idx = cache.decode_index()
+    q_pre = q.index_select(0, row_idx).view(G, M * H, hd)
+    o_pre, lse_pre = run(q_pre, cache.k, cache.v, cache.page_table.index_select(0, seq_idx), None, group_len,
                          layer, float(scale), True)
     # Suffix: each sequence over its own tokens.
     o_suf, lse_suf = run(q, cache.k, cache.v, cache.page_table, starts, seq_lens, layer, float(scale), True)
