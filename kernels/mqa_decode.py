@@ -12,7 +12,8 @@ of a step are one MMA tile: every K/V tile is loaded ONCE for all heads), the ke
 sequence are cut into ``n_splits`` contiguous splits of ``split_len`` keys (split-KV), and
 each program runs an online softmax over its split in blocks of ``BLOCK_N`` keys, writing
 an fp32 partial output and its log-sum-exp. ``_mqa_decode_combine`` (one program per
-(sequence, row)) merges the splits by log-sum-exp. Both kernels are deterministic (no
+(sequence, row)) merges the splits by log-sum-exp; in a shared-prefix decode's suffix pass it
+also merges the prefix pass's output as one more partial (``prefix=``). Both kernels are deterministic (no
 atomics, a fixed merge order).
 
 CUDA graphs: the grid depends on B, R and the cache capacity (``max_len``), never on the
@@ -146,23 +147,38 @@ def _mqa_decode_combine(
     lse_part_ptr,   # [B, n_splits, R] fp32 partial log-sum-exp
     o_ptr,          # out: [B, R, hd] (fp32 or the query dtype)
     lse_ptr,        # out: [B, R] fp32 log-sum-exp over all splits
+    pre_o_ptr,      # HAS_PREFIX: [*, R, hd] fp32 normalised prefix outputs (row slot[b] * R + r)
+    pre_lse_ptr,    # HAS_PREFIX: [*, R] fp32 their log-sum-exp
+    slot_ptr,       # HAS_PREFIX: [B] int32 prefix slot per sequence (-1: none)
     R,              # query rows per sequence
     hd,             # head dim
     n_splits,       # splits per sequence
     BLOCK_S: tl.constexpr,  # n_splits padded to a power of two (the lse vector)
     CHUNK_S: tl.constexpr,  # splits whose partial outputs are merged per step
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two
+    HAS_PREFIX: tl.constexpr,  # merge a shared-prefix pass's output as one more partial
 ):
     row = tl.program_id(0).to(tl.int64)  # b * R + r
     b = row // R
     r = row % R
     sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
     lse = tl.load(lse_part_ptr + (b * n_splits + sp) * R + r, mask=sp < n_splits, other=float("-inf"))
     m = tl.max(lse, axis=0)
+    if HAS_PREFIX:
+        slot = tl.load(slot_ptr + b)
+        member = slot >= 0
+        prow = tl.maximum(slot, 0).to(tl.int64) * R + r
+        lse_p = tl.where(member, tl.load(pre_lse_ptr + prow), float("-inf"))  # row slot 0 exists
+        m = tl.maximum(m, lse_p)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.sum(tl.exp(lse - m_safe), axis=0)  # empty splits weigh 0
-    d = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_PREFIX:
+        w_p = tl.exp(lse_p - m_safe)  # 0 outside groups
+        den += w_p
+        o_p = tl.load(pre_o_ptr + prow * hd + d, mask=d < hd, other=0.0)
+        acc += w_p * tl.where(member, o_p, 0.0)  # not 0 * another group's row (NaN stays out)
     for s0 in range(0, n_splits, CHUNK_S):  # a fixed order: deterministic
         sc = s0 + tl.arange(0, CHUNK_S)
         part = (b * n_splits + sc) * R + r
@@ -239,10 +255,13 @@ def _override(cfg: dict, B: int, R: int, capacity: int, n_splits: int | None, ti
 
 def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                page_table: torch.Tensor | None, starts: torch.Tensor | None, ends: torch.Tensor,
-               layer: int, scale: float, fp32_out: bool, *, n_splits: int | None = None,
-               tiles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               layer: int, scale: float, fp32_out: bool, *, prefix: tuple | None = None,
+               n_splits: int | None = None, tiles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``[B, R, hd]`` over keys ``[starts[b], ends[b])`` of ``layer`` of the cache ``[L, N, P,
-    hd]`` -> (o ``[B, R, hd]`` fp32 or q's dtype, lse ``[B, R]`` fp32). ``n_splits`` and
+    hd]`` -> (o ``[B, R, hd]`` fp32 or q's dtype, lse ``[B, R]`` fp32).
+    ``prefix = (o_pre, lse_pre, slot)``: a shared-prefix pass's fp32 outputs (rows ``slot[b] *
+    R + r``; ``slot`` int32 ``[B]``, -1 for none) merged in by log-sum-exp by the combine
+    kernel, so that the shared-prefix decode needs no separate merge. ``n_splits`` and
     ``tiles`` (some of ``BLOCK_R``, ``BLOCK_N``, ``num_warps``, ``num_stages``) override the
     heuristic: for tests and tuning probes (e.g. ``benchmarks/results/h100/probes/
     shared_prefix_tiles.py``)."""
@@ -273,9 +292,19 @@ def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         HAS_STARTS=starts is not None, UPCAST=upcast,
         IEEE_FP32=(q.dtype == torch.float32 and not upcast), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
-    _mqa_decode_combine[(B * R,)](o_part, lse_part, o, lse, R, hd, S,
+    if prefix is not None:
+        o_pre, lse_pre, slot = prefix
+        if not (o_pre.dtype == lse_pre.dtype == torch.float32 and slot.dtype == torch.int32
+                and o_pre.is_contiguous() and lse_pre.is_contiguous() and slot.is_contiguous()
+                and o_pre.shape[-1] == hd and o_pre.numel() == lse_pre.numel() * hd
+                and lse_pre.numel() % R == 0 and slot.shape == (B,)):
+            raise ValueError(f"prefix: expected contiguous fp32 o_pre [*, {R}, {hd}] and lse_pre [*, {R}] "
+                             f"and an int32 slot [{B}]")
+    else:
+        o_pre, lse_pre, slot = o_part, lse_part, ends  # unused (HAS_PREFIX=False)
+    _mqa_decode_combine[(B * R,)](o_part, lse_part, o, lse, o_pre, lse_pre, slot, R, hd, S,
                                   BLOCK_S=triton.next_power_of_2(S), CHUNK_S=min(16, triton.next_power_of_2(S)),
-                                  BLOCK_D=cfg["BLOCK_D"],
+                                  BLOCK_D=cfg["BLOCK_D"], HAS_PREFIX=prefix is not None,
                                   num_warps=4 if cfg["BLOCK_D"] <= 128 else 8)
     return o, lse
 

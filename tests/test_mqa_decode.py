@@ -307,6 +307,7 @@ def triton_backend(monkeypatch):
 
     if not HAS_CUDA:
         monkeypatch.setitem(mod._DECODE, "cpu", mod._mqa_decode_cuda)
+        monkeypatch.setitem(mod._SUFFIX_MERGE, "cpu", mod._suffix_merge_cuda)
         monkeypatch.setitem(mod._ROPE_APPEND, "cpu", mod._rope_append_cuda)
     return TRITON_DEVICE
 
@@ -438,15 +439,20 @@ def monkeypatch_cpu_cpp():
 
 @pytest.mark.parametrize("page_size", [16, 5])
 def test_triton_shared_prefix(page_size, triton_backend):
+    """Sequences 0-2 share a 40-token prompt (1 with no token after it), 3 is in no group:
+    the suffix pass's combine kernel merges the prefix output (slot -1 for sequence 3); the
+    same as reading per sequence and as the separate torch-ops merge (torch.compile's path)."""
+    from palm_fast.kernels import mqa_decode as tk
+
+    mod = importlib.import_module("palm_fast.ops.mqa_decode")
     dev = triton_backend
-    B, H, hd, prefix = 3, 8, 32, 40
-    cache = KVCache(1, B, 64, hd, page_size=page_size, device=dev)
-    k, v = randn(B, prefix, hd, device=dev), randn(B, prefix, hd, device=dev)
-    n0 = torch.tensor([prefix, 0, 0], device=dev)
-    cache.append(0, k, v, n0)
+    B, H, hd, prefix = 4, 8, 32, 40
+    cache = KVCache(1, B, 72, hd, page_size=page_size, device=dev)
+    n0 = torch.tensor([prefix, 0, 0, 25], device=dev)
+    cache.append(0, randn(B, prefix, hd, device=dev), randn(B, prefix, hd, device=dev), n0)
     cache.advance(n0)
     cache.fork(0, [1, 2])
-    suffix = torch.tensor([3, 0, 7], device=dev)
+    suffix = torch.tensor([3, 0, 7, 2], device=dev)
     cache.append(0, randn(B, 7, hd, device=dev), randn(B, 7, hd, device=dev), suffix)
     cache.advance(suffix)
     q = randn(B, H, hd, device=dev)
@@ -455,6 +461,21 @@ def test_triton_shared_prefix(page_size, triton_backend):
     assert torch.allclose(shared, unshared, atol=1e-5, rtol=1e-5)
     a = ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=True)
     assert torch.equal(a, shared)  # deterministic
+    # The fused merge against the separate one, from the same passes.
+    group_seq, group_len, rows, starts, slot = cache.decode_meta()
+    assert slot.tolist()[3] == -1
+    row_idx, seq_idx = cache.decode_index()
+    q_pre = q.index_select(0, row_idx).view(rows.shape[0], -1, hd)
+    o_pre, lse_pre = tk.mqa_decode(q_pre, cache.k, cache.v, cache.page_table.index_select(0, seq_idx), None,
+                                   group_len, 0, hd ** -0.5, True)
+    args = (q, cache.k, cache.v, cache.page_table, starts, cache.lengths, 0, hd ** -0.5)
+    fused = mod._suffix_merge_cuda(*args, o_pre, lse_pre, slot)
+    o_suf, lse_suf = tk.mqa_decode(*args, True)
+    separate = mod._prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
+    assert torch.allclose(fused, separate, atol=1e-6, rtol=1e-6)
+    assert torch.equal(fused, shared)
+    with pytest.raises(ValueError, match="prefix"):
+        tk.mqa_decode(*args, False, prefix=(o_pre, lse_pre, slot.long()))
 
 
 # ------------------------------------------------------------------ custom ops, compile

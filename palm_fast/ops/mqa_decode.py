@@ -359,11 +359,28 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     q_pre = q.index_select(0, row_idx).view(G, M * H, hd)
     o_pre, lse_pre = run(q_pre, cache.k, cache.v, cache.page_table.index_select(0, seq_idx), None, group_len,
                          layer, float(scale), True)
-    # Suffix: each sequence over its own tokens.
-    o_suf, lse_suf = run(q, cache.k, cache.v, cache.page_table, starts, seq_lens, layer, float(scale), True)
-    if dev_type == "cpu" and not compiling():   # the merge in one C++ pass
-        return cpp().prefix_merge_cpu(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
+    # Suffix: each sequence over its own tokens, merged with its group's prefix output.
+    suffix_args = (q, cache.k, cache.v, cache.page_table, starts, seq_lens, layer, float(scale))
+    if not compiling():
+        return _SUFFIX_MERGE[dev_type](*suffix_args, o_pre, lse_pre, slot)
+    o_suf, lse_suf = run(*suffix_args, True)
     return _prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
+
+
+def _suffix_merge_cpu(q, k_cache, v_cache, page_table, starts, ends, layer, scale, o_pre, lse_pre, slot):
+    """The shared-prefix decode's suffix pass, then the merge with the prefix pass in one C++ pass."""
+    o_suf, lse_suf = cpp().mqa_decode_cpu(q, k_cache, v_cache, page_table, starts, ends, layer, scale, True)
+    return cpp().prefix_merge_cpu(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
+
+
+def _suffix_merge_cuda(q, k_cache, v_cache, page_table, starts, ends, layer, scale, o_pre, lse_pre, slot):
+    """The suffix pass with the prefix output merged in by its combine kernel (no separate
+    merge: fewer launches in eager calls and in a captured decode step)."""
+    return _triton().mqa_decode(q, k_cache, v_cache, page_table, starts, ends, layer, scale, False,
+                                prefix=(o_pre, lse_pre, slot))[0]
+
+
+_SUFFIX_MERGE = {"cpu": _suffix_merge_cpu, "cuda": _suffix_merge_cuda}
 
 
 def _prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, dtype):

@@ -82,6 +82,9 @@ t = bench(graphed(prefix_pass))
 cfg = tk.decode_config(G, M * H, hd, table_pre.shape[1] * page, tk.sm_count(q.device))
 log(f"prefix pass, default tiles {cfg}: {t * 1e3:.1f} us, {flop / t / 1e9:.0f} TFLOP/s")
 log(f"suffix pass: {bench(graphed(suffix_pass)) * 1e3:.1f} us")
+merged = graphed(lambda: tk.mqa_decode(q, cache.k, cache.v, cache.page_table, starts, lens, 0, scale, False,
+                                       prefix=(ref_o, ref_lse, slot)))
+log(f"suffix pass + prefix merge in its combine (as the op runs it): {bench(merged) * 1e3:.1f} us")
 
 # Tile sweep of the prefix pass (each checked against the default's output).
 for block_r, block_n, warps, stages, splits in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3),
