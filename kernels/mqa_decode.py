@@ -12,9 +12,9 @@ of a step are one MMA tile: every K/V tile is loaded ONCE for all heads), the ke
 sequence are cut into ``n_splits`` contiguous splits of ``split_len`` keys (split-KV), and
 each program runs an online softmax over its split in blocks of ``BLOCK_N`` keys, writing
 an fp32 partial output and its log-sum-exp. ``_mqa_decode_combine`` (one program per
-(sequence, row)) merges the splits by log-sum-exp; in a shared-prefix decode's suffix pass it
-also merges the prefix pass's output as one more partial (``prefix=``). Both kernels are deterministic (no
-atomics, a fixed merge order).
+(sequence, row)) merges the splits by log-sum-exp; in a shared-prefix decode's suffix pass
+it also merges the prefix pass's output as one more partial (``prefix=``). Both kernels are
+deterministic (no atomics, a fixed merge order).
 
 CUDA graphs: the grid depends on B, R and the cache capacity (``max_len``), never on the
 lengths, which are read on the device; a program whose split lies past its sequence's end
@@ -261,7 +261,9 @@ def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     hd]`` -> (o ``[B, R, hd]`` fp32 or q's dtype, lse ``[B, R]`` fp32).
     ``prefix = (o_pre, lse_pre, slot)``: a shared-prefix pass's fp32 outputs (rows ``slot[b] *
     R + r``; ``slot`` int32 ``[B]``, -1 for none) merged in by log-sum-exp by the combine
-    kernel, so that the shared-prefix decode needs no separate merge. ``n_splits`` and
+    kernel, so that the shared-prefix decode needs no separate merge. The slots are not read
+    on the host (graph capture): they must index rows of ``o_pre`` (``KVCache.decode_meta``
+    builds them so). ``n_splits`` and
     ``tiles`` (some of ``BLOCK_R``, ``BLOCK_N``, ``num_warps``, ``num_stages``) override the
     heuristic: for tests and tuning probes (e.g. ``benchmarks/results/h100/probes/
     shared_prefix_tiles.py``)."""

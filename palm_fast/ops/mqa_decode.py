@@ -384,7 +384,7 @@ _SUFFIX_MERGE = {"cpu": _suffix_merge_cpu, "cuda": _suffix_merge_cuda}
 
 
 def _prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, dtype):
-    """The shared-prefix decode's merge by log-sum-exp in torch ops (CUDA, torch.compile):
+    """The shared-prefix decode's merge by log-sum-exp in torch ops (under torch.compile):
     sequence b takes prefix row ``slot[b]`` (none where -1) and its suffix pass."""
     B, H, hd = o_suf.shape
     member = (slot >= 0)[:, None]
