@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_launch_device, interpreting
+from ._common import cdiv, check_launch_device, interpreting, next_pow2
 from .rope import precise_trig, rope_cos_sin
 
 _INTERPRETER_SMS = 4  # the "SM count" used for the split heuristic under the interpreter
@@ -207,18 +207,18 @@ def sm_count(device: torch.device) -> int:
 def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int) -> dict:
     """Tile sizes and the split count (a function of shapes and the cache capacity only,
     never of the lengths: the grid stays fixed for CUDA graphs)."""
-    block_d = max(16, triton.next_power_of_2(hd))  # tl.dot needs K >= 16
+    block_d = max(16, next_pow2(hd))  # tl.dot needs K >= 16
     # All H <= 64 heads of a sequence in one M tile (PaLM: 48 heads -> 64 rows), so each K/V
     # tile is loaded once per split; more rows (shared-prefix groups) take several tiles.
-    block_r = min(max(16, triton.next_power_of_2(R)), 64)
+    block_r = min(max(16, next_pow2(R)), 64)
     block_n = 64 if block_d <= 128 else 32
-    row_blocks = triton.cdiv(R, block_r)
+    row_blocks = cdiv(R, block_r)
     # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
     # must stay small next to the K/V bytes it reads.
-    max_splits = max(1, triton.cdiv(capacity, max(_MIN_SPLIT, block_n)))
+    max_splits = max(1, cdiv(capacity, max(_MIN_SPLIT, block_n)))
     n_splits = min(max_splits, max(1, n_sms // (B * row_blocks)))  # one wave: <= n_sms programs
-    split_len = triton.cdiv(triton.cdiv(capacity, n_splits), block_n) * block_n
-    n_splits = triton.cdiv(capacity, split_len)
+    split_len = cdiv(cdiv(capacity, n_splits), block_n) * block_n
+    n_splits = cdiv(capacity, split_len)
     # 4 warps: measured on an H100 (bf16) faster than 8 at head dim 256 (775 vs 917 us at
     # B=64, T=32768, 48 heads) and equal at 128
     num_warps = 4
@@ -241,15 +241,15 @@ def _override(cfg: dict, B: int, R: int, capacity: int, n_splits: int | None, ti
                                                                              and val & (val - 1)):
             raise ValueError(f"tiles[{key!r}]: expected a power of two >= {low}, got {val!r}")
         cfg[key] = val
-    cfg["row_blocks"] = triton.cdiv(R, cfg["BLOCK_R"])
+    cfg["row_blocks"] = cdiv(R, cfg["BLOCK_R"])
     if n_splits is None and tiles and ("BLOCK_R" in tiles or "BLOCK_N" in tiles):
         n_splits = cfg["n_splits"]  # keep the heuristic's count, refitted to the new blocks
     if n_splits is not None:
         if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
             raise ValueError(f"n_splits: expected an int >= 1, got {n_splits!r}")
         block_n = cfg["BLOCK_N"]
-        split_len = max(block_n, triton.cdiv(triton.cdiv(capacity, n_splits), block_n) * block_n)
-        cfg.update(n_splits=max(1, triton.cdiv(capacity, split_len)), split_len=split_len)
+        split_len = max(block_n, cdiv(cdiv(capacity, n_splits), block_n) * block_n)
+        cfg.update(n_splits=max(1, cdiv(capacity, split_len)), split_len=split_len)
     return cfg
 
 
@@ -305,7 +305,7 @@ def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     else:
         o_pre, lse_pre, slot = o_part, lse_part, ends  # unused (HAS_PREFIX=False)
     _mqa_decode_combine[(B * R,)](o_part, lse_part, o, lse, o_pre, lse_pre, slot, R, hd, S,
-                                  BLOCK_S=triton.next_power_of_2(S), CHUNK_S=min(16, triton.next_power_of_2(S)),
+                                  BLOCK_S=next_pow2(S), CHUNK_S=min(16, next_pow2(S)),
                                   BLOCK_D=cfg["BLOCK_D"], HAS_PREFIX=prefix is not None,
                                   num_warps=4 if cfg["BLOCK_D"] <= 128 else 8)
     return o, lse
@@ -417,7 +417,7 @@ def rope_append(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions
         positions if positions is not None else lengths, inv_freq if half else lengths, T, H, hd, half,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         layer * N * P * hd, P, page_table.shape[1] if paged else 0,
-        BLOCK_H=triton.next_power_of_2(max(H, 1)), BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
-        BLOCK_D=triton.next_power_of_2(hd), PAGED=paged, HAS_POS=positions is not None,
+        BLOCK_H=next_pow2(max(H, 1)), BLOCK_HALF=next_pow2(max(half, 1)),
+        BLOCK_D=next_pow2(hd), PAGED=paged, HAS_POS=positions is not None,
         INTERLEAVED=bool(interleaved), PRECISE_TRIG=precise_trig(q.device), num_warps=4)
     return q_out

@@ -74,7 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_launch_device, interpreting
+from ._common import cdiv, check_launch_device, interpreting, next_pow2
 from .rope import precise_trig, rope_cos_sin
 
 
@@ -369,7 +369,7 @@ def _swiglu_tma_launch(xn, w_ff, h, ff, store_ff: bool, config: dict | None = No
     # value and gate halves as two [M, F] descriptors: each clips its stores at F
     val_desc = TensorDescriptor.from_tensor(ff[:, :F] if store_ff else h, [BM, BN])
     gate_desc = TensorDescriptor.from_tensor(ff[:, F:] if store_ff else h, [BM, BN])
-    tiles = triton.cdiv(M, BM) * triton.cdiv(F, BN)
+    tiles = cdiv(M, BM) * cdiv(F, BN)
     if xn.is_cuda and not interpreting():
         progs = min(tiles, torch.cuda.get_device_properties(xn.device).multi_processor_count)
     else:
@@ -606,13 +606,13 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
         if p1 <= p0 or (region == 1 and qkv_weight is not None) or (region == 2 and use_tma):
             continue
         args = (xn, packed.w_a, packed.w_b, packed.dst_a, packed.dst_b, packed.freq, pos,
-                q, k, v, h, ff if store_ff else h, M, K, P, p0, p1, triton.next_power_of_2(M),
+                q, k, v, h, ff if store_ff else h, M, K, P, p0, p1, next_pow2(M),
                 packed.p_qkv, HQ, HKV, F, xn.stride(0))
         if meta is None:
-            grid = lambda m, n=p1 - p0: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(n, m["BLOCK_N"]),)  # noqa: E731
+            grid = lambda m, n=p1 - p0: (cdiv(M, m["BLOCK_M"]) * cdiv(n, m["BLOCK_N"]),)  # noqa: E731
             _in_proj_tuned[eb][grid](*args, **flags, REGION=region)
         else:
-            grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(p1 - p0, meta["BLOCK_N"]),)
+            grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(p1 - p0, meta["BLOCK_N"]),)
             _in_proj_fwd[grid](*args, **flags, REGION=region, EVEN_K=K % meta["BLOCK_K"] == 0, **meta)
     return q, k, v, h, ff
 
@@ -650,16 +650,16 @@ def out_proj(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor, w_attn_out: torc
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0:
         return y
-    args = (o, h, w_attn_out, w_ff_out, x, y, M, N, K1, K2, triton.next_power_of_2(M),
+    args = (o, h, w_attn_out, w_ff_out, x, y, M, N, K1, K2, next_pow2(M),
             o.stride(0), h.stride(0), w_attn_out.stride(0), w_ff_out.stride(0), x.stride(0))
     eb = 4 if x.dtype == torch.float32 else 2
     meta = _meta(config if config is not None or not interpreting() else OUT_PROJ_CONFIGS[-1], eb, 1)
     flags = dict(UPCAST=interpreting(), DOT_PREC=dot_precision(x.dtype))
     if meta is None:
-        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+        grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]),)  # noqa: E731
         _out_proj_tuned[eb][grid](*args, **flags)
     else:
-        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         even = K1 % meta["BLOCK_K"] == 0 and K2 % meta["BLOCK_K"] == 0
         _out_proj_fwd[grid](*args, **flags, EVEN_K=even, **meta)
     return y

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_launch_device, interpreting
+from ._common import check_launch_device, interpreting, next_pow2
 
 try:  # precise cos/sin on the GPU (the hardware approximations lose accuracy far from 0)
     from triton.language.extra import libdevice
@@ -168,13 +168,13 @@ _NUM_WARPS = 4
 
 def launch_config(n_heads: int, n_kv_heads: int, half: int, head_dim: int) -> dict:
     """Block sizes of ``_rope_kernel`` for a shape (exposed so tests can see them)."""
-    block_half = triton.next_power_of_2(max(half, 1))
+    block_half = next_pow2(max(half, 1))
     max_h = max(1, _TILE_ELEMS // block_half)
     return dict(
-        BLOCK_H=min(triton.next_power_of_2(n_heads), max_h),
-        BLOCK_HK=min(triton.next_power_of_2(n_kv_heads), max_h),
+        BLOCK_H=min(next_pow2(n_heads), max_h),
+        BLOCK_HK=min(next_pow2(n_kv_heads), max_h),
         BLOCK_HALF=block_half,
-        BLOCK_PASS=triton.next_power_of_2(max(head_dim - 2 * half, 1)),
+        BLOCK_PASS=next_pow2(max(head_dim - 2 * half, 1)),
     )
 
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_launch_device
+from ._common import cdiv, check_launch_device, next_pow2
 
 # Elements per program (BLOCK_R * BLOCK_F), and the widest column block. Swept on an H100
 # (bf16, 16384 x 8192 and 4096 x 4096): 4096 x 4096 gave 97-98% of copy bandwidth
@@ -117,8 +117,8 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 
 def tile_config(n_rows: int, F: int) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_F, num_warps)`` for an ``n_rows x F`` problem."""
-    block_f = min(triton.next_power_of_2(F), _MAX_BLOCK_F)
-    block_r = min(max(1, _TILE_ELEMS // block_f), triton.next_power_of_2(max(n_rows, 1)))
+    block_f = min(next_pow2(F), _MAX_BLOCK_F)
+    block_r = min(max(1, _TILE_ELEMS // block_f), next_pow2(max(n_rows, 1)))
     num_warps = 8 if block_r * block_f >= 4096 else 4
     return block_r, block_f, num_warps
 
@@ -139,7 +139,7 @@ def swiglu_fwd(x: torch.Tensor) -> torch.Tensor:
     x2 = as_rows(x)
     n_rows = x2.shape[0]
     block_r, block_f, num_warps = tile_config(n_rows, F)
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(F, block_f))
+    grid = (cdiv(n_rows, block_r), cdiv(F, block_f))
     _swiglu_fwd[grid](x2, out, n_rows, F, x2.stride(0), F,
                       BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps)
     return out
@@ -160,7 +160,7 @@ def swiglu_bwd(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     g2 = as_rows(grad_out)
     n_rows = x2.shape[0]
     block_r, block_f, num_warps = tile_config(n_rows, F)
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(F, block_f))
+    grid = (cdiv(n_rows, block_r), cdiv(F, block_f))
     _swiglu_bwd[grid](g2, x2, grad_x, n_rows, F, g2.stride(0), x2.stride(0), 2 * F,
                       BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps)
     return grad_x

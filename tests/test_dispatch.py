@@ -89,3 +89,17 @@ def test_rope_double_backward_on_eager_path(device):
     (gg,) = torch.autograd.grad(g.sum(), gq)
     expect, _ = ops.rope(torch.ones_like(q), torch.ones_like(k))
     torch.testing.assert_close(gg, expect)
+
+
+def test_host_launch_arithmetic_matches_triton():
+    """The launchers' host-side cdiv / next_pow2 (plain Python: triton's are constexpr
+    functions, microseconds per host call) give triton's values."""
+    import triton
+
+    from palm_fast.kernels._common import cdiv, next_pow2
+
+    for n in [1, 2, 3, 15, 16, 17, 100, 127, 128, 129, 4095, 4096, 4097, 32768, 10**9]:
+        assert next_pow2(n) == triton.next_power_of_2(n)
+        for d in (1, 3, 16, 64, 128, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d)
+    assert cdiv(0, 64) == 0 and next_pow2(0) == 1

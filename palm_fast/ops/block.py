@@ -235,13 +235,13 @@ def _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, in
 
 def _swiglu_bwd_into(ks, grad_out, x, out):
     """The SwiGLU backward kernel writing ``d(value | gate)`` straight into a slice of dproj."""
-    import triton
+    from palm_fast.kernels._common import cdiv
 
     n_rows, F_ = grad_out.shape
     if n_rows == 0:
         return
     block_r, block_f, num_warps = ks.tile_config(n_rows, F_)
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(F_, block_f))
+    grid = (cdiv(n_rows, block_r), cdiv(F_, block_f))
     ks._swiglu_bwd[grid](grad_out, x, out, n_rows, F_, grad_out.stride(0), x.stride(0), out.stride(0),
                          BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps)
 
