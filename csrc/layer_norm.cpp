@@ -15,6 +15,9 @@
 // of rows that depends on M only, never on the thread count, so dweight / dbias are
 // bitwise identical for any number of threads (no atomics).
 //
+// Outputs of kStreamBytes and more are written with streaming (non-temporal) stores: see
+// Store below.
+//
 // Element types: x / dy / y in float, Half or BFloat16 (one template, AT_DISPATCH_SWITCH);
 // weight / bias are converted once to fp32 (they may be x's dtype or fp32), all
 // arithmetic is fp32, mean / rstd are fp32 [M], dweight / dbias come back in weight's dtype.
@@ -31,6 +34,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <type_traits>
 #include <tuple>
@@ -43,6 +47,64 @@ namespace {
 
 using fVec = at::vec::Vectorized<float>;
 
+// ---------------------------------------------------------------- output stores
+// Outputs of at least kStreamBytes (larger than a small machine's last-level cache: their
+// rows would leave the cache before any consumer reads them) are written with streaming
+// stores, which go to memory without first reading each line into the cache and without
+// evicting the inputs. Measured on the 2-core Zen 1 CI VM, 4096 x 4096 fp32 (64 MiB out):
+// forward 12-16% faster. A row is streamed only when it starts 32-byte aligned; every thread
+// fences its streamed rows (stream_fence) before its part of the parallel loop ends. The
+// values are the same either way: only the path of the writes changes.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+inline bool stream_output(int64_t bytes) { return bytes >= kStreamBytes; }
+
+inline bool aligned32(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 31) == 0; }
+
+// Orders a thread's streaming stores before what follows (the end of its parallel part).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+template <bool kStream>
+struct Store {
+  static void put(float* p, const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kStream) {
+      _mm256_stream_ps(p, v);
+      return;
+    }
+#endif
+    v.store(p);
+  }
+  template <typename V>
+  static void put16(void* p, const V& v) {  // a vector of 16 Half / BFloat16
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kStream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+      return;
+    }
+#endif
+    v.store(p);
+  }
+};
+
+// f(Store<true>{}) when `stream` (and streaming stores exist), else f(Store<false>{}).
+template <typename F>
+inline void with_store(bool stream, F&& f) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (stream) {
+    f(Store<true>{});
+    return;
+  }
+#else
+  (void)stream;
+#endif
+  f(Store<false>{});
+}
+
 // float, Half and BFloat16 (one template instantiated per type; fp64 is rejected in Python).
 #define PF_DISPATCH_FLOATS(TYPE, NAME, ...)                     \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                \
@@ -54,13 +116,13 @@ using fVec = at::vec::Vectorized<float>;
 // Rows are processed in fp32.  A float row is used in place; a Half / BFloat16 row is
 // converted into (or out of) a per-thread fp32 buffer, which stays in cache.
 
-template <typename T>
-inline void from_float(const float* src, T* dst, int64_t n) {
+template <typename T, typename S = Store<false>>
+inline void from_float(const float* src, T* dst, int64_t n, S = {}) {
   using bVec = at::vec::Vectorized<T>;
   int64_t i = 0;
   for (; i + bVec::size() <= n; i += bVec::size()) {
-    at::vec::convert_from_float<T>(fVec::loadu(src + i), fVec::loadu(src + i + fVec::size()))
-        .store(dst + i);
+    S::put16(dst + i,
+             at::vec::convert_from_float<T>(fVec::loadu(src + i), fVec::loadu(src + i + fVec::size())));
   }
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
@@ -76,21 +138,6 @@ inline const float* load_row(const T* src, float* buf, int64_t n) {
   }
 }
 
-// Where to write an fp32 result row destined for `dst`: `dst` itself for float, else `buf`
-// (followed by store_row).
-template <typename T>
-inline float* out_row(T* dst, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    return dst;
-  } else {
-    return buf;
-  }
-}
-
-template <typename T>
-inline void store_row(const float* buf, T* dst, int64_t n) {
-  if constexpr (!std::is_same_v<T, float>) from_float(buf, dst, n);
-}
 
 // ---------------------------------------------------------------- fp32 row primitives
 
@@ -135,8 +182,9 @@ inline float row_sq_dev(const float* x, float mean, int64_t n) {
 }
 
 // One row's statistics and normalisation: y = (x - mean) * rstd * w (+ b).
+template <typename S = Store<false>>
 inline void normalize_row(const float* x, const float* w, const float* b, float* y, int64_t n,
-                          float eps, float* mean_out, float* rstd_out) {
+                          float eps, float* mean_out, float* rstd_out, S = {}) {
   const float inv_n = 1.f / static_cast<float>(n);
   const float mean = row_sum(x, n) * inv_n;
   const float var = row_sq_dev(x, mean, n) * inv_n;
@@ -150,12 +198,12 @@ inline void normalize_row(const float* x, const float* w, const float* b, float*
   if (b != nullptr) {
     for (; i + V <= n; i += V) {
       fVec s = vr * fVec::loadu(w + i);
-      at::vec::fmadd(fVec::loadu(x + i) - vm, s, fVec::loadu(b + i)).store(y + i);
+      S::put(y + i, at::vec::fmadd(fVec::loadu(x + i) - vm, s, fVec::loadu(b + i)));
     }
     for (; i < n; ++i) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
   } else {
     for (; i + V <= n; i += V) {
-      ((fVec::loadu(x + i) - vm) * (vr * fVec::loadu(w + i))).store(y + i);
+      S::put(y + i, (fVec::loadu(x + i) - vm) * (vr * fVec::loadu(w + i)));
     }
     for (; i < n; ++i) y[i] = (x[i] - mean) * (rstd * w[i]);
   }
@@ -183,14 +231,21 @@ template <typename T>
 void layer_norm_fwd_impl(const T* x, const float* w, const float* b, T* y, float* mean,
                          float* rstd, int64_t M, int64_t N, float eps) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+  const bool stream = stream_output(M * N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> xbuf(std::is_same_v<T, float> ? 0 : N), ybuf(std::is_same_v<T, float> ? 0 : N);
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = load_row(x + r * N, xbuf.data(), N);
-      float* yr = out_row(y + r * N, ybuf.data());
-      normalize_row(xr, w, b, yr, N, eps, mean + r, rstd + r);
-      store_row(yr, y + r * N, N);
+      with_store(stream && aligned32(y + r * N), [&](auto st) {
+        if constexpr (std::is_same_v<T, float>) {
+          normalize_row(xr, w, b, y + r * N, N, eps, mean + r, rstd + r, st);
+        } else {  // the fp32 row stays in cache; its conversion is what is streamed
+          normalize_row(xr, w, b, ybuf.data(), N, eps, mean + r, rstd + r);
+          from_float(ybuf.data(), y + r * N, N, st);
+        }
+      });
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -222,6 +277,7 @@ void add_layer_norm_fwd_impl(const T* x, const T* a, const T* m, const float* w,
                              T* ysum, T* out, float* mean, float* rstd, int64_t M, int64_t N,
                              float eps) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+  const bool stream = stream_output(M * N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     constexpr bool is_f = std::is_same_v<T, float>;
     std::vector<float> sbuf(N), abuf(is_f ? 0 : N), obuf(is_f ? 0 : N);
@@ -240,15 +296,21 @@ void add_layer_norm_fwd_impl(const T* x, const T* a, const T* m, const float* w,
         for (; i + V <= N; i += V) (fVec::loadu(s + i) + fVec::loadu(mr + i)).store(s + i);
         for (; i < N; ++i) s[i] += mr[i];
       }
-      if constexpr (is_f) {
-        std::copy(s, s + N, ysum + r * N);
-      } else {
-        from_float(s, ysum + r * N, N);
-      }
-      float* orow = out_row(out + r * N, obuf.data());
-      normalize_row(s, w, b, orow, N, eps, mean + r, rstd + r);
-      store_row(orow, out + r * N, N);
+      with_store(stream && aligned32(ysum + r * N) && aligned32(out + r * N), [&](auto st) {
+        using S = decltype(st);
+        if constexpr (is_f) {
+          int64_t j = 0;
+          for (; j + V <= N; j += V) S::put(ysum + r * N + j, fVec::loadu(s + j));
+          for (; j < N; ++j) ysum[r * N + j] = s[j];
+          normalize_row(s, w, b, out + r * N, N, eps, mean + r, rstd + r, st);
+        } else {  // the fp32 rows stay in cache; their conversions are what is streamed
+          from_float(s, ysum + r * N, N, st);
+          normalize_row(s, w, b, obuf.data(), N, eps, mean + r, rstd + r);
+          from_float(obuf.data(), out + r * N, N, st);
+        }
+      });
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -296,6 +358,24 @@ inline int64_t chunk_rows(int64_t M) {
   return std::max<int64_t>(kMinRows, (M + kMaxChunks - 1) / kMaxChunks);
 }
 
+// One row of dx = rstd * (g - xhat * c1 - c2), g = dy * w, xhat = (x - mu) * rstd.
+template <typename S = Store<false>>
+inline void dx_row(const float* xr, const float* dyr, const float* w, float mu, float rs, float c1, float c2,
+                   float* dxr, int64_t N, S = {}) {
+  const fVec vmu(mu), vrs(rs), vc1(c1), vc2(c2);
+  const int64_t V = fVec::size();
+  int64_t i = 0;
+  for (; i + V <= N; i += V) {
+    fVec h = (fVec::loadu(xr + i) - vmu) * vrs;
+    fVec g = fVec::loadu(dyr + i) * fVec::loadu(w + i);
+    S::put(dxr + i, (g - at::vec::fmadd(h, vc1, vc2)) * vrs);
+  }
+  for (; i < N; ++i) {
+    const float h = (xr[i] - mu) * rs, g = dyr[i] * w[i];
+    dxr[i] = (g - (h * c1 + c2)) * rs;
+  }
+}
+
 template <typename T>
 void layer_norm_bwd_impl(const T* dy, const T* x, const float* w, const float* mean,
                          const float* rstd, T* dx, float* pw, float* pb, int64_t M, int64_t N) {
@@ -303,6 +383,7 @@ void layer_norm_bwd_impl(const T* dy, const T* x, const float* w, const float* m
   const int64_t n_chunks = (M + rows - 1) / rows;
   const float inv_n = 1.f / static_cast<float>(N);
   const int64_t V = fVec::size();
+  const bool stream = stream_output(M * N * static_cast<int64_t>(sizeof(T)));
   // Stage 1: per row dx; per chunk partial rows pw[c] = sum dy * xhat, pb[c] = sum dy.
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     constexpr bool is_f = std::is_same_v<T, float>;
@@ -356,21 +437,17 @@ void layer_norm_bwd_impl(const T* dy, const T* x, const float* w, const float* m
         }
         // pass 2: dx = rstd * (g - xhat * c1 - c2)
         const float c1 = sum_hg * inv_n, c2 = sum_g * inv_n;
-        const fVec vc1(c1), vc2(c2);
-        float* dxr = out_row(dx + r * N, dxbuf.data());
-        i = 0;
-        for (; i + V <= N; i += V) {
-          fVec h = (fVec::loadu(xr + i) - vmu) * vrs;
-          fVec g = fVec::loadu(dyr + i) * fVec::loadu(w + i);
-          ((g - at::vec::fmadd(h, vc1, vc2)) * vrs).store(dxr + i);
-        }
-        for (; i < N; ++i) {
-          const float h = (xr[i] - mu) * rs, g = dyr[i] * w[i];
-          dxr[i] = (g - (h * c1 + c2)) * rs;
-        }
-        store_row(dxr, dx + r * N, N);
+        with_store(stream && aligned32(dx + r * N), [&](auto st) {
+          if constexpr (is_f) {
+            dx_row(xr, dyr, w, mu, rs, c1, c2, dx + r * N, N, st);
+          } else {  // the fp32 row stays in cache; its conversion is what is streamed
+            dx_row(xr, dyr, w, mu, rs, c1, c2, dxbuf.data(), N);
+            from_float(dxbuf.data(), dx + r * N, N, st);
+          }
+        });
       }
     }
+    if (stream) stream_fence();
   });
 }
 

@@ -90,6 +90,28 @@ def test_cpu_outputs_fully_written():
         torch.testing.assert_close(ys, x + dy)
 
 
+@pytest.mark.parametrize("dtype,M,N", [(torch.float32, 1100, 4100), (torch.bfloat16, 2100, 4104)])
+def test_cpu_streamed_outputs_match_cached_stores(dtype, M, N):
+    """Outputs of 16 MiB and more are written with streaming stores (rows that start 32-byte
+    aligned: every other row at N=4100 fp32; N=4104 bf16 rows are 8208 bytes, so one row in
+    two is aligned). Every row equals the same row computed in a small call (ordinary stores),
+    bit for bit, for the forward, the backward's dx and both add + LN outputs."""
+    x, a, dy = randn(M, N, dtype=dtype), randn(M, N, dtype=dtype), randn(M, N, dtype=dtype)
+    w, b = randn(N, dtype=dtype), randn(N, dtype=dtype)
+    assert M * N * x.element_size() >= 16 << 20
+    y, mean, rstd = ln_ops.layer_norm_fwd(x, w, b, 1e-5)
+    dx, _, _ = ln_ops.layer_norm_bwd(dy, x, w, mean, rstd, True)
+    ys, out, _, _ = ln_ops.add_layer_norm_fwd(x, a, None, w, b, 1e-5)
+    for r0 in (0, 1, M - 3):
+        rows = slice(r0, r0 + 3)
+        y_s, mean_s, rstd_s = ln_ops.layer_norm_fwd(x[rows], w, b, 1e-5)
+        assert torch.equal(y[rows], y_s) and torch.equal(mean[rows], mean_s)
+        dx_s, _, _ = ln_ops.layer_norm_bwd(dy[rows], x[rows], w, mean_s, rstd_s, True)
+        assert torch.equal(dx[rows], dx_s)
+        ys_s, out_s, _, _ = ln_ops.add_layer_norm_fwd(x[rows], a[rows], None, w, b, 1e-5)
+        assert torch.equal(ys[rows], ys_s) and torch.equal(out[rows], out_s)
+
+
 def test_cpu_non_contiguous_and_3d():
     base = randn(4, 9, 2 * 48)
     x = base[..., ::2]  # last-dim stride 2
