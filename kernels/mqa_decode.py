@@ -204,6 +204,13 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _fit_splits(capacity: int, n_splits: int, block_n: int) -> tuple[int, int]:
+    """(split count, keys per split) for about ``n_splits`` splits of whole ``block_n`` blocks
+    covering ``capacity`` keys."""
+    split_len = max(block_n, cdiv(cdiv(capacity, n_splits), block_n) * block_n)
+    return max(1, cdiv(capacity, split_len)), split_len
+
+
 def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int) -> dict:
     """Tile sizes and the split count (a function of shapes and the cache capacity only,
     never of the lengths: the grid stays fixed for CUDA graphs)."""
@@ -216,9 +223,8 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int) -> dict:
     # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
     # must stay small next to the K/V bytes it reads.
     max_splits = max(1, cdiv(capacity, max(_MIN_SPLIT, block_n)))
-    n_splits = min(max_splits, max(1, n_sms // (B * row_blocks)))  # one wave: <= n_sms programs
-    split_len = cdiv(cdiv(capacity, n_splits), block_n) * block_n
-    n_splits = cdiv(capacity, split_len)
+    n_splits, split_len = _fit_splits(capacity, min(max_splits, max(1, n_sms // (B * row_blocks))),
+                                      block_n)  # one wave: <= n_sms programs
     # 4 warps: measured on an H100 (bf16) faster than 8 at head dim 256 (775 vs 917 us at
     # B=64, T=32768, 48 heads) and equal at 128
     num_warps = 4
@@ -247,9 +253,7 @@ def _override(cfg: dict, B: int, R: int, capacity: int, n_splits: int | None, ti
     if n_splits is not None:
         if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
             raise ValueError(f"n_splits: expected an int >= 1, got {n_splits!r}")
-        block_n = cfg["BLOCK_N"]
-        split_len = max(block_n, cdiv(cdiv(capacity, n_splits), block_n) * block_n)
-        cfg.update(n_splits=max(1, cdiv(capacity, split_len)), split_len=split_len)
+        cfg["n_splits"], cfg["split_len"] = _fit_splits(capacity, n_splits, cfg["BLOCK_N"])
     return cfg
 
 
