@@ -152,8 +152,26 @@ def decode_cases(ctx: BenchContext):
     yield from _shared_prefix_cases(ctx, elem)
 
 
-def _shared_prefix_cases(ctx: BenchContext, elem: int):
+def shared_prefix_cache(n_seq: int, prefix: int, suffix: int, hd: int, dtype, device, page_size: int):
+    """A paged cache (one layer, random K/V) where sequence 0's ``prefix`` tokens are forked to
+    all ``n_seq`` sequences, each of which then holds ``suffix`` tokens of its own (the
+    shared-prefix case; also used by ``results/h100/probes/shared_prefix_tiles.py``)."""
     from palm_fast.kv_cache import KVCache
+
+    cache = KVCache(1, n_seq, prefix + suffix, hd, dtype=dtype, device=device, page_size=page_size)
+    n0 = torch.zeros(n_seq, dtype=torch.int32, device=device)
+    n0[0] = prefix
+    cache.reserve(n0)
+    cache.advance(n0)
+    cache.fork(0, list(range(1, n_seq)))
+    cache.reserve(suffix)
+    cache.advance(suffix)
+    cache.k.normal_()
+    cache.v.normal_()
+    return cache
+
+
+def _shared_prefix_cases(ctx: BenchContext, elem: int):
     from palm_fast.ops import mqa_decode
 
     dev, dtype = ctx.device, ctx.dtype
@@ -165,16 +183,7 @@ def _shared_prefix_cases(ctx: BenchContext, elem: int):
         n_seq, H, hd, prefix, suffix, page = 8, 8, 128, 512, 32, 64
 
     def setup():
-        cache = KVCache(1, n_seq, prefix + suffix, hd, dtype=dtype, device=dev, page_size=page)
-        n0 = torch.zeros(n_seq, dtype=torch.int32, device=dev)
-        n0[0] = prefix
-        cache.reserve(n0)
-        cache.advance(n0)
-        cache.fork(0, list(range(1, n_seq)))
-        cache.reserve(suffix)
-        cache.advance(suffix)
-        cache.k.normal_()
-        cache.v.normal_()
+        cache = shared_prefix_cache(n_seq, prefix, suffix, hd, dtype, dev, page)
         # The per-sequence K/V gathered contiguously for the eager reference.
         idx = torch.arange(prefix + suffix, device=dev)
         pages = cache.page_table.long()[:, idx // page]

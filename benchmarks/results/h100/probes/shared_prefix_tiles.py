@@ -15,8 +15,8 @@ import itertools
 import torch
 from triton.testing import do_bench
 
+from palm_fast.benchmarks.bench_decode import shared_prefix_cache
 from palm_fast.kernels import mqa_decode as tk
-from palm_fast.kv_cache import KVCache
 from palm_fast.ops import mqa_decode
 
 
@@ -25,16 +25,7 @@ def log(*a):
 
 
 n_seq, H, hd, prefix, suffix, page, dt = 64, 48, 256, 4096, 128, 256, torch.bfloat16
-cache = KVCache(1, n_seq, prefix + suffix, hd, dtype=dt, device="cuda", page_size=page)
-n0 = torch.zeros(n_seq, dtype=torch.int32, device="cuda")
-n0[0] = prefix
-cache.reserve(n0)
-cache.advance(n0)
-cache.fork(0, list(range(1, n_seq)))
-cache.reserve(suffix)
-cache.advance(suffix)
-cache.k.normal_()
-cache.v.normal_()
+cache = shared_prefix_cache(n_seq, prefix, suffix, hd, dt, "cuda", page)
 q = torch.randn(n_seq, H, hd, device="cuda", dtype=dt)
 lens = cache.lengths
 scale = hd ** -0.5
