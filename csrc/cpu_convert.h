@@ -11,12 +11,16 @@
 
 namespace palm_fast {
 
+// Half or BFloat16 (c10::is_reduced_floating_point_v is not in torch 2.6's headers).
+template <typename T>
+inline constexpr bool kReducedFloat = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
 // n elements of src as fp32 into dst: a copy for float, vectorised for Half / BFloat16.
 template <typename scalar_t>
 inline void to_float(const scalar_t* src, float* dst, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     std::memcpy(dst, src, n * sizeof(float));
-  } else if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+  } else if constexpr (kReducedFloat<scalar_t>) {
     using VecS = at::vec::Vectorized<scalar_t>;
     constexpr int64_t kF = at::vec::Vectorized<float>::size();
     int64_t i = 0;
