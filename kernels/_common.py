@@ -1,9 +1,28 @@
 """Helpers shared by the Triton launchers."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+
+# Compile-only mode: (SM count, compute capability) of the GPU the launchers plan for, or None.
+# Set by ``compile_only`` (``tests/lower_for_gpu.py``): CPU tensors then take the GPU launch
+# path (tile sizes, warps, SM-count grids, bf16 dots) while that script has Triton compile each
+# launch for the GPU target instead of running it, so that GPU lowering is checked without a GPU.
+_COMPILE_ONLY: tuple[int, tuple[int, int]] | None = None
+
+
+def compile_only(target: tuple[int, tuple[int, int]] | None) -> None:
+    """Enter compile-only mode for a GPU of ``target = (SM count, (major, minor))``; None
+    leaves it. Not for use with kernels that are meant to run."""
+    global _COMPILE_ONLY
+    if target is not None:
+        sms, cap = target
+        if not (isinstance(sms, int) and sms > 0 and len(cap) == 2):
+            raise ValueError(f"target: expected (SM count > 0, (major, minor)), got {target!r}")
+        target = (sms, (int(cap[0]), int(cap[1])))
+    _COMPILE_ONLY = target
 
 
 def interpreting() -> bool:
@@ -11,11 +30,43 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def gpu_launch(device: torch.device) -> bool:
+    """Whether launches for ``device`` take the GPU configuration: CUDA tensors, or any
+    tensors in compile-only mode. (Under the interpreter, CPU tensors take small tiles and
+    a few programs instead.)"""
+    return device.type == "cuda" or _COMPILE_ONLY is not None
+
+
+@functools.lru_cache(maxsize=8)
+def _cuda_props(index: int) -> tuple[int, tuple[int, int]]:
+    p = torch.cuda.get_device_properties(index)
+    return p.multi_processor_count, (p.major, p.minor)
+
+
+def _props(device: torch.device) -> tuple[int, tuple[int, int]]:
+    if device.type == "cuda":
+        return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
+    if _COMPILE_ONLY is not None:
+        return _COMPILE_ONLY
+    raise RuntimeError(f"no GPU properties for device {device}")
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the CUDA ``device`` (or of the compile-only target)."""
+    return _props(device)[0]
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of the CUDA ``device`` (or of the compile-only target)."""
+    return _props(device)[1]
+
+
 def check_launch_device(t: torch.Tensor) -> None:
-    """Triton kernels need CUDA tensors, or CPU tensors under the interpreter."""
+    """Triton kernels need CUDA tensors, or CPU tensors under the interpreter (or in
+    compile-only mode)."""
     if t.device.type == "cuda":
         return
-    if t.device.type == "cpu" and interpreting():
+    if t.device.type == "cpu" and (interpreting() or _COMPILE_ONLY is not None):
         return
     raise RuntimeError(
         f"Triton launcher got a tensor on {t.device}: Triton kernels need CUDA tensors "

@@ -40,13 +40,12 @@ rotated k and v to cache index ``lengths[b] + t``.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_launch_device, interpreting, next_pow2
+from . import _common
+from ._common import cdiv, check_launch_device, gpu_launch, interpreting, next_pow2
 from .rope import precise_trig, rope_cos_sin
 
 _INTERPRETER_SMS = 4  # the "SM count" used for the split heuristic under the interpreter
@@ -192,16 +191,11 @@ def _mqa_decode_combine(
                                      float("-inf")))
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; a fixed default under the interpreter."""
-    if device.type != "cuda":
+    if not gpu_launch(device):
         return _INTERPRETER_SMS
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _common.sm_count(device)
 
 
 def _fit_splits(capacity: int, n_splits: int, block_n: int) -> tuple[int, int]:

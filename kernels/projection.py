@@ -74,7 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_launch_device, interpreting, next_pow2
+from ._common import capability, cdiv, check_launch_device, gpu_launch, interpreting, next_pow2, sm_count
 from .rope import precise_trig, rope_cos_sin
 
 
@@ -353,9 +353,9 @@ def _tma_usable(xn: torch.Tensor, w_ff: torch.Tensor, h: torch.Tensor, force: bo
             return False
     if force is not None:
         return force
-    if interpreting() or not xn.is_cuda:
+    if interpreting() or not gpu_launch(xn.device):
         return False
-    return torch.cuda.get_device_capability(xn.device)[0] >= 9 and xn.shape[0] >= TMA_MIN_ROWS
+    return capability(xn.device)[0] >= 9 and xn.shape[0] >= TMA_MIN_ROWS
 
 
 def _swiglu_tma_launch(xn, w_ff, h, ff, store_ff: bool, config: dict | None = None):
@@ -370,8 +370,8 @@ def _swiglu_tma_launch(xn, w_ff, h, ff, store_ff: bool, config: dict | None = No
     val_desc = TensorDescriptor.from_tensor(ff[:, :F] if store_ff else h, [BM, BN])
     gate_desc = TensorDescriptor.from_tensor(ff[:, F:] if store_ff else h, [BM, BN])
     tiles = cdiv(M, BM) * cdiv(F, BN)
-    if xn.is_cuda and not interpreting():
-        progs = min(tiles, torch.cuda.get_device_properties(xn.device).multi_processor_count)
+    if gpu_launch(xn.device) and not interpreting():
+        progs = min(tiles, sm_count(xn.device))
     else:
         progs = min(tiles, 3)  # the interpreter: a few programs, each walking several tiles
     _swiglu_tma[(progs,)](a_desc, w_desc, h_desc, val_desc, gate_desc, M, K, F, NUM_PROGS=progs,

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_launch_device, interpreting, next_pow2
+from ._common import check_launch_device, gpu_launch, interpreting, next_pow2
 
 try:  # precise cos/sin on the GPU (the hardware approximations lose accuracy far from 0)
     from triton.language.extra import libdevice
@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - old triton
 
 def precise_trig(device: torch.device) -> bool:
     """Whether kernels on ``device`` take libdevice's cos/sin (CUDA; not the interpreter)."""
-    return libdevice is not None and not interpreting() and device.type == "cuda"
+    return libdevice is not None and not interpreting() and gpu_launch(device)
 
 
 @triton.jit

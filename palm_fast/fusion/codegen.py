@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from palm_fast.kernels._common import interpreting
+from palm_fast.kernels._common import gpu_launch, interpreting, sm_count
 
 from .ir import Graph
 from .passes import Group, Schedule, fuse
@@ -727,7 +727,6 @@ def load_kernel(kernel: Kernel, key: tuple):
 # ---------------------------------------------------------------------------------------
 # runner
 # ---------------------------------------------------------------------------------------
-_SM_COUNT: dict[int, int] = {}
 _MISSING = object()
 _MAX_PLANS = 256  # launch plans kept per compiled graph (one per input signature)
 
@@ -747,11 +746,8 @@ class _Plan:
 
 def _num_partials(M: int, device: torch.device, per_sm: int) -> int:
     """Programs (and partial-sum rows) of a row kernel with column reductions."""
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        target = per_sm * _SM_COUNT[idx]
+    if gpu_launch(device):
+        target = per_sm * sm_count(device)
     else:
         target = 4  # the interpreter runs programs one by one
     return max(1, min(M, target))
@@ -951,7 +947,7 @@ class CompiledGraph:
             raise ValueError(f"{g.name}: needs at least one row-space input")
         if N == 0:
             raise ValueError(f"{g.name}: rows of length 0 (N == 0) are not supported")
-        if device.type != "cuda" and not interpreting():
+        if not gpu_launch(device) and not interpreting():
             raise RuntimeError(f"{g.name}: the generated Triton kernels need CUDA tensors (or CPU "
                                "tensors with TRITON_INTERPRET=1 set before triton is imported)")
         for name, nid in g.inputs.items():
@@ -1019,7 +1015,7 @@ class CompiledGraph:
             kw = {"BLOCK_N": block}
             if grp.kind == "row":
                 kw["EVEN_N"] = N % block == 0
-            if device.type == "cuda":
+            if gpu_launch(device):
                 width = block * tiles  # the row width a program holds (or streams)
                 warps = 4 if width <= 1024 else (8 if width <= 4096 else 16)
                 if tiles > 1 and has_part and not k.reload:

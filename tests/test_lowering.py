@@ -1,0 +1,142 @@
+"""Without a GPU: every Triton launch the library makes on a GPU compiles for an H100 (sm_90)
+through ptxas, within its shared memory, using wgmma where the fast path depends on it.
+
+The interpreter tests check what the kernels compute but cannot catch GPU lowering errors
+(a constexpr branch only the GPU takes, a tile that does not fit, a layout the backend
+rejects). ``tests/lower_for_gpu.py`` runs the launchers in compile-only mode on CPU tensors,
+so they pick the configuration a 132-SM H100 would get, and compiles each launch instead of
+running it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from palm_fast.kernels import _common
+
+HAS_CUDA = torch.cuda.is_available()
+SCRIPT = Path(__file__).with_name("lower_for_gpu.py")
+H100_SHARED = 227 * 1024  # dynamic shared memory one block may use on sm_90
+# two processes (CI has 2 cores): the GEMMs, whose fp32 variants take the longest, and the rest
+GROUPS = (("projection",), ("decode", "rope", "swiglu", "layer_norm"))
+
+
+@pytest.fixture(scope="module")
+def report():
+    if HAS_CUDA:
+        pytest.skip("the CUDA tests run the kernels themselves")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError:
+        pytest.skip("triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), "--cc", "90", "--sms", "132",
+                               *[a for f in fams for a in ("--family", f)]],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for fams in GROUPS]
+    records, summaries = [], []
+    for p in procs:
+        out, err = p.communicate(timeout=1200)
+        if p.returncode != 0 and "ptxas" in err and "not found" in err:
+            pytest.skip("ptxas is not available")
+        assert p.returncode == 0, err[-4000:]
+        for line in out.splitlines():
+            if line.startswith("{"):
+                rec = json.loads(line)
+                (summaries if rec.get("summary") else records).append(rec)
+    assert len(summaries) == len(GROUPS)
+    assert sum(s["kernels"] for s in summaries) == len(records)
+    return records
+
+
+def _kernels(report, family: str, name: str | None = None, case: str = "") -> list[dict]:
+    return [r for r in report if r["family"] == family and (name is None or r["kernel"] == name)
+            and case in r["case"]]
+
+
+def test_every_family_lowers_within_shared_memory(report):
+    for family in ("decode", "rope", "swiglu", "projection", "layer_norm"):
+        assert _kernels(report, family), f"no {family} kernel was compiled"
+    for r in report:
+        assert 0 <= r["shared"] <= H100_SHARED, r
+        assert r["num_warps"] in (1, 2, 4, 8, 16, 32), r
+
+
+def test_decode_kernels(report):
+    """Split and combine for the bench shapes and odd head dims, fp16 / fp32 caches, the
+    shared-prefix passes (the combine kernel merging the prefix), RoPE + append."""
+    split = _kernels(report, "decode", "_mqa_decode_split")
+    combine = _kernels(report, "decode", "_mqa_decode_combine")
+    assert len(split) >= 10 and len(combine) >= 4
+    assert _kernels(report, "decode", "_mqa_decode_combine", "shared prefix")
+    assert len(_kernels(report, "decode", "_rope_append")) == 3
+    # PaLM's shape packs the 48 heads into 64-row tiles: the dots run as wgmma, pipelined
+    for r in _kernels(report, "decode", "_mqa_decode_split", "bf16 H=48"):
+        assert r["wgmma"] > 0 and r["async_wait"] > 0, r
+    for case in ("torch.float16", "torch.float32", "hd=80", "hd=64"):
+        assert _kernels(report, "decode", "_mqa_decode_split", case), case
+
+
+def test_projection_kernels(report):
+    """Every config of both epilogue GEMMs (bf16, and fp32 refitted to shared memory with
+    masked K tails) compiles to a wgmma / software-pipelined K loop (bf16), and the SwiGLU
+    TMA kernel and the RoPE kernel the block runs on an H100 lower too."""
+    from palm_fast.kernels import projection as kp
+
+    bf16_in = _kernels(report, "projection", "_in_proj_fwd", "bfloat16")
+    bf16_out = _kernels(report, "projection", "_out_proj_fwd", "bfloat16")
+    # one kernel per (config, region) of the input GEMM, plus both regions with separate weights
+    assert len(bf16_in) == 2 * len(kp.IN_PROJ_CONFIGS) + 2
+    assert len(bf16_out) == len(kp.OUT_PROJ_CONFIGS)
+    for r in bf16_in + bf16_out:
+        assert r["wgmma"] > 0 and r["async_wait"] > 0, r
+    assert len(_kernels(report, "projection", "_in_proj_fwd", "float32")) == 2
+    assert _kernels(report, "projection", "_out_proj_fwd", "float32")
+    tma = _kernels(report, "projection", "_swiglu_tma")
+    assert len(tma) == 2 and all(r["wgmma"] > 0 for r in tma)
+    assert _kernels(report, "projection", "_rope_kernel")
+
+
+def test_fusion_kernels(report):
+    """The generated LayerNorm / add + LN / RMSNorm kernels: one block per row, tiled rows
+    (N = 18432), looped rows (N = 40000), the re-reading backward and the mindspore
+    grouping's three kernels."""
+    names = {r["kernel"] for r in _kernels(report, "layer_norm")}
+    for want in ("fused_layer_norm_fwd_nobias_full_g0", "fused_layer_norm_fwd_full_g0",
+                 "fused_layer_norm_bwd_nobias_full_g0", "fused_layer_norm_bwd_nobias_full_g1",
+                 "fused_layer_norm_fwd_nobias_full_g0_looped", "fused_layer_norm_bwd_nobias_full_g0_looped",
+                 "fused_layer_norm_bwd_nobias_full_g0_t9", "fused_layer_norm_bwd_nobias_full_g0_t9_rl",
+                 "fused_add_layer_norm_fwd_nobias_full_g0_t9", "fused_rms_norm_fwd_full_g0",
+                 "fused_rms_norm_bwd_full_g0", "fused_layer_norm_fwd_nobias_mindspore_g2"):
+        assert want in names, (want, sorted(names))
+    assert any(n.startswith("fused_layer_norm_fwd_nobias_full_g0_t9_r") for n in names)
+    # wide rows take more warps (the runner's GPU rule; under the interpreter warps are not set)
+    wide = _kernels(report, "layer_norm", "fused_layer_norm_fwd_nobias_full_g0", "N=8192")
+    assert wide and wide[0]["num_warps"] == 16
+
+
+def test_compile_only_mode_is_scoped():
+    """Outside compile-only mode CPU tensors are refused unless the interpreter is on, and the
+    GPU launch path is only for CUDA tensors; bad targets are rejected."""
+    cpu = torch.device("cpu")
+    assert not _common.gpu_launch(cpu)
+    with pytest.raises(RuntimeError, match="no GPU properties"):
+        _common.sm_count(cpu)
+    _common.compile_only((132, (9, 0)))
+    try:
+        assert _common.gpu_launch(cpu)
+        assert _common.sm_count(cpu) == 132 and _common.capability(cpu) == (9, 0)
+        _common.check_launch_device(torch.zeros(1))
+    finally:
+        _common.compile_only(None)
+    assert not _common.gpu_launch(cpu)
+    with pytest.raises(ValueError, match="target"):
+        _common.compile_only((0, (9, 0)))
+    assert _common._COMPILE_ONLY is None
