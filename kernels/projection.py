@@ -68,6 +68,7 @@ tuned on its own) and the tests run every config under the interpreter.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -440,16 +441,20 @@ def _out_even_k(meta):
 # Autotuned launchers per operand size (fp32 configs are fitted to shared memory). The key
 # holds M rounded up to a power of two, not M: prefill sees a new M for every prompt length,
 # and tuning each one (compiling and timing every config) would cost seconds per new length.
-_in_proj_tuned = {
-    eb: triton.autotune([fit_config(c, eb, 2) for c in IN_PROJ_CONFIGS],
-                        key=["M_BUCKET", "K", "PAIR0", "P_END", "STORE_FF", "DOT_PREC", "INTERLEAVED", "REGION"])(
+# Built on first use: Triton 3.2's Autotuner asks the active GPU driver for its benchmarker
+# when it is created, which fails on a machine without a GPU (this module is imported there).
+@functools.cache
+def _in_proj_tuned(eb: int):
+    return triton.autotune([fit_config(c, eb, 2) for c in IN_PROJ_CONFIGS],
+                           key=["M_BUCKET", "K", "PAIR0", "P_END", "STORE_FF", "DOT_PREC", "INTERLEAVED", "REGION"])(
         triton.heuristics({"EVEN_K": _in_even_k})(_in_proj_fwd))
-    for eb in (2, 4)}
-_out_proj_tuned = {
-    eb: triton.autotune([fit_config(c, eb) for c in OUT_PROJ_CONFIGS],
-                        key=["M_BUCKET", "N", "K1", "K2", "DOT_PREC"])(
+
+
+@functools.cache
+def _out_proj_tuned(eb: int):
+    return triton.autotune([fit_config(c, eb) for c in OUT_PROJ_CONFIGS],
+                           key=["M_BUCKET", "N", "K1", "K2", "DOT_PREC"])(
         triton.heuristics({"EVEN_K": _out_even_k})(_out_proj_fwd))
-    for eb in (2, 4)}
 
 
 # --------------------------------------------------------------------------- packing
@@ -610,7 +615,7 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
                 packed.p_qkv, HQ, HKV, F, xn.stride(0))
         if meta is None:
             grid = lambda m, n=p1 - p0: (cdiv(M, m["BLOCK_M"]) * cdiv(n, m["BLOCK_N"]),)  # noqa: E731
-            _in_proj_tuned[eb][grid](*args, **flags, REGION=region)
+            _in_proj_tuned(eb)[grid](*args, **flags, REGION=region)
         else:
             grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(p1 - p0, meta["BLOCK_N"]),)
             _in_proj_fwd[grid](*args, **flags, REGION=region, EVEN_K=K % meta["BLOCK_K"] == 0, **meta)
@@ -657,7 +662,7 @@ def out_proj(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor, w_attn_out: torc
     flags = dict(UPCAST=interpreting(), DOT_PREC=dot_precision(x.dtype))
     if meta is None:
         grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]),)  # noqa: E731
-        _out_proj_tuned[eb][grid](*args, **flags)
+        _out_proj_tuned(eb)[grid](*args, **flags)
     else:
         grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         even = K1 % meta["BLOCK_K"] == 0 and K2 % meta["BLOCK_K"] == 0
