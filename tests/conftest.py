@@ -34,6 +34,42 @@ ATOL = {
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+def _patch_triton32_scalar_store_mask() -> None:
+    """Triton 3.2's interpreter drops the mask of a store through a scalar pointer when the
+    mask is False (``semantic._store_legacy`` tests ``if not mask``, and the interpreter's
+    scalar tensors are falsy then), so the store lands past the tensor and corrupts the heap;
+    fixed in Triton 3.3. The generated kernels store per-row statistics that way (GPU code is
+    not affected). Under the interpreter only: skip such a store when its mask is False."""
+    from triton.language import core, semantic
+
+    original = semantic._store_legacy
+
+    def store(ptr, val, mask, boundary_check, cache, eviction, builder):
+        if mask is not None and not ptr.type.is_block() and not mask.type.is_block() \
+                and not bool(mask.handle.data):
+            return core.tensor(None, core.void)
+        return original(ptr, val, mask, boundary_check, cache, eviction, builder)
+
+    semantic._store_legacy = store
+
+
+def pytest_configure(config):
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") or _triton_version() >= (3, 3):
+        return
+    import numpy
+
+    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
+        pytest.exit("Triton < 3.3's interpreter fails with numpy >= 2.4 (it converts 1-element "
+                    "arrays to Python ints): install numpy < 2.4 for the CPU test suite", returncode=4)
+    _patch_triton32_scalar_store_mask()
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
 

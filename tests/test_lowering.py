@@ -100,7 +100,10 @@ def test_projection_kernels(report):
     assert len(_kernels(report, "projection", "_in_proj_fwd", "float32")) == 2
     assert _kernels(report, "projection", "_out_proj_fwd", "float32")
     tma = _kernels(report, "projection", "_swiglu_tma")
-    assert len(tma) == 2 and all(r["wgmma"] > 0 for r in tma)
+    if kp.TMA_SUPPORTED:  # host TMA descriptors and tl.range(flatten=...): Triton >= 3.3 or so
+        assert len(tma) == 2 and all(r["wgmma"] > 0 for r in tma)
+    else:
+        assert not tma
     assert _kernels(report, "projection", "_rope_kernel")
 
 
