@@ -48,7 +48,9 @@ def _patch_triton32_scalar_store_mask() -> None:
     not affected). Under the interpreter only: skip such a store when its mask is False."""
     from triton.language import core, semantic
 
-    original = semantic._store_legacy
+    original = getattr(semantic, "_store_legacy", None)
+    if original is None:  # a 3.2 build laid out differently: nothing to patch
+        return
 
     def store(ptr, val, mask, boundary_check, cache, eviction, builder):
         if mask is not None and not ptr.type.is_block() and not mask.type.is_block() \
