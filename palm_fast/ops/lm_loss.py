@@ -155,20 +155,19 @@ class _TiedLMLoss(torch.autograd.Function):
             pw = torch.mm(p, w).float()                     # [M, d]
             dh = (pw * c - a * w.index_select(0, targets).float()) * s
             dh = dh.to(h.dtype)
-        if ctx.needs_input_grad[1] and torch.compiler.is_compiling():
-            # Traced: dW = (c P - a onehot)^T (s h) as one GEMM over a [M, V] operand (the
-            # one-hot is a comparison the compiler fuses), not P^T (c s h) then a scatter-add:
-            # torch 2.6's inductor computes index_add / index_put(accumulate=True) wrongly on
-            # one CPU thread (tests/test_lm_loss.py::test_torch_compile, cpu/NOTES.md).
-            onehot = torch.arange(probs.shape[1], device=targets.device)[None, :] == targets[:, None]
-            dlog = (probs.float() * c - onehot * a).to(gd)
-            dw = torch.mm(dlog.t(), (h.float() * s).to(gd)).float().to(weight.dtype)
-            if ctx.link is not None:
-                ctx.link.dw, dw = dw, None
-        elif ctx.needs_input_grad[1]:
-            hc = (h.float() * (c * s)).to(gd)               # [M, d]
-            dw = torch.mm(p.t(), hc).float()                # [V, d]
-            dw.index_add_(0, targets, h.float() * (-a * s))   # - a s scatter_t(h), no host sync
+        if ctx.needs_input_grad[1]:
+            if torch.compiler.is_compiling():
+                # Traced: dW = (c P - a onehot)^T (s h), one GEMM over a [M, V] operand (the
+                # one-hot is a comparison the compiler fuses) and no compiled scatter-add:
+                # torch 2.6's inductor computes index_add / index_put(accumulate=True) wrongly
+                # on one CPU thread (tests/test_lm_loss.py::test_torch_compile, cpu/NOTES.md).
+                onehot = torch.arange(probs.shape[1], device=targets.device)[None, :] == targets[:, None]
+                dlog = (probs.float() * c - onehot * a).to(gd)
+                dw = torch.mm(dlog.t(), (h.float() * s).to(gd)).float()
+            else:
+                hc = (h.float() * (c * s)).to(gd)               # [M, d]
+                dw = torch.mm(p.t(), hc).float()                # [V, d]
+                dw.index_add_(0, targets, h.float() * (-a * s))   # - a s scatter_t(h), no host sync
             dw = dw.to(weight.dtype)
             if ctx.link is not None:    # the tied lookup's backward adds its rows and returns it
                 ctx.link.dw, dw = dw, None
