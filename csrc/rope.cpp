@@ -108,7 +108,8 @@ void rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out,
   // Memory-safety guards only; argument checking with good messages is in palm_fast/ops.
   for (const at::Tensor* t : {&q, &k, &q_out, &k_out}) {
     TORCH_CHECK(t->device().is_cpu() && t->dim() == 4, "rope_cpu: expected 4-dim CPU tensors");
-    TORCH_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1, "rope_cpu: last dim must be unit-stride");
+    TORCH_CHECK(t->numel() == 0 || t->size(-1) <= 1 || t->stride(-1) == 1,
+                "rope_cpu: last dim must be unit-stride");
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "rope_cpu: dtype mismatch");
   }
   TORCH_CHECK(q_out.sizes() == q.sizes() && k_out.sizes() == k.sizes(), "rope_cpu: output shape");

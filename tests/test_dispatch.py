@@ -103,3 +103,38 @@ def test_host_launch_arithmetic_matches_triton():
         for d in (1, 3, 16, 64, 128, 1000):
             assert cdiv(n, d) == triton.cdiv(n, d)
     assert cdiv(0, 64) == 0 and next_pow2(0) == 1
+
+
+def _penalty_cases():
+    """(name, fn of the leaves, leaves): ops whose backward is not itself differentiable."""
+    from palm_fast import get_config
+    from palm_fast import nn as fnn
+
+    x, w = randn(3, 16).requires_grad_(), randn(16).requires_grad_()
+    yield "layer_norm", lambda x, w: ops.layer_norm(x, w), (x, w)
+    yield "add_layer_norm", lambda x, w: ops.add_layer_norm(x, x * 2, weight=w)[1], (x, w)
+    yield "swiglu", lambda x: ops.swiglu(x), (randn(4, 8).requires_grad_(),)
+    h, emb = randn(6, 16).requires_grad_(), randn(32, 16).requires_grad_()
+    t = torch.randint(0, 32, (6,))
+    yield "tied_lm_loss", lambda h, e: ops.tied_lm_loss(h, e, t)[0], (h, emb)
+    model = fnn.PaLM(get_config("palm-tiny", n_layers=1))
+    tok = torch.randint(0, 256, (1, 8))
+    yield "model", lambda *ps: model.loss(tok)[0], tuple(model.parameters())
+
+
+@pytest.mark.parametrize("case", list(range(5)))
+def test_double_backward_raises_instead_of_dropping_terms(case):
+    """A gradient penalty through an op whose backward is not differentiable must raise,
+    also when the weighting of the outputs is a constant (torch's once_differentiable then
+    adds no error node, and the second-order terms silently vanished)."""
+    name, fn, leaves = list(_penalty_cases())[case]
+    out = fn(*leaves)
+    weight = torch.linspace(-1, 1, out.numel()).view(out.shape)   # does not require grad
+    grads = torch.autograd.grad((out * weight).sum(), leaves, create_graph=True)
+    penalty = sum((g * g).sum() for g in grads)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(penalty, leaves, allow_unused=True)
+    # first-order gradients taken with create_graph=True are unchanged
+    plain = torch.autograd.grad((fn(*leaves) * weight).sum(), leaves)
+    for a, b in zip(grads, plain):
+        torch.testing.assert_close(a.detach(), b)

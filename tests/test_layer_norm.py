@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 from conftest import DTYPES, HAS_CUDA, TRITON_DEVICE, assert_close_by_rule, randn, requires_cuda
@@ -175,12 +176,51 @@ def test_add_layer_norm(dtype, has_m, has_bias):
     (ys64, out64), g64 = run(ref_add_ln, inputs, torch.float64)
     (yse, oute), ge = run(ref_add_ln, inputs)
     assert_close_by_rule(ys, ys64, yse, name="y_sum")
-    # out normalises the fp32 sum (no rounding of y_sum first): as accurate as eager or better
     assert_close_by_rule(out, out64, oute, name="out")
     for name, a_, r, e in zip(("dx", "da", "dm", "dweight", "dbias"), g, g64, ge):
         if r is not None:
             assert_close_by_rule(a_, r, e, name=name)
     assert torch.equal(g[0], g[1])
+
+
+def test_add_layer_norm_normalises_the_stored_sum():
+    """fp16 / bf16: out is the LayerNorm of y_sum as returned (the sum rounded once), which
+    is what the backward gets; at N = 1 (rstd = 1 / sqrt(eps)) a mismatch there gave large
+    wrong gradients where the true ones are 0."""
+    for dtype in (torch.bfloat16, torch.float16):
+        x, a = randn(64, 300, dtype=dtype), randn(64, 300, dtype=dtype)
+        w = randn(300, dtype=dtype)
+        ys, out = add_layer_norm(x, a, weight=w)
+        torch.testing.assert_close(ys, (x.float() + a.float()).to(dtype), rtol=0, atol=0)
+        ref = torch.nn.functional.layer_norm(ys.float(), (300,), w.float()).to(dtype)
+        torch.testing.assert_close(out, ref, rtol=2 ** -7, atol=1e-2)
+        x, a = randn(4, 1, dtype=dtype).requires_grad_(), randn(4, 1, dtype=dtype).requires_grad_()
+        w = torch.ones(1, dtype=dtype, requires_grad=True)
+        _, out = add_layer_norm(x, a, weight=w)
+        out.sum().backward()
+        assert torch.equal(out, torch.zeros_like(out))
+        for t in (x.grad, a.grad, w.grad):
+            assert torch.equal(t, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("shape", [(3, 16), (2, 3, 16)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_add_layer_norm_leaf_gradients_are_separate_tensors(shape, compiled):
+    """x, a and m receive the same gradient: as leaves they must still get separate .grad
+    tensors, or the next backward accumulates into all of them at once."""
+    w = randn(16)
+
+    def f(x, a, m):
+        return add_layer_norm(x, a, m, weight=w)[0]
+
+    fn = torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f
+    leaves = [randn(*shape).requires_grad_() for _ in range(3)]
+    for _ in range(2):
+        fn(*leaves).sum().backward()
+    ptrs = {t.grad.data_ptr() for t in leaves}
+    assert len(ptrs) == 3
+    for t in leaves:
+        assert torch.equal(t.grad, torch.full(shape, 2.0))
 
 
 # ------------------------------------------------------------------ determinism
@@ -245,6 +285,20 @@ def test_torch_compile_fullgraph():
     ref.sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_torch_compile_dynamic_shapes():
+    """``dynamic=True``: the argument checks trace (no math.isfinite on a traced float)."""
+    mod = LayerNorm(32)
+
+    def f(x, a):
+        y_sum, out = add_layer_norm(x, a, weight=mod.weight)
+        return layer_norm(y_sum, mod.weight) + mod(out)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for M in (4, 7):
+        x, a = randn(M, 32), randn(M, 32)
+        torch.testing.assert_close(compiled(x, a), f(x, a))
 
 
 def test_cuda_glue_under_interpreter_or_cuda():
@@ -340,6 +394,18 @@ def test_module_drop_in_for_torch_layer_norm(bias):
     torch.testing.assert_close(fresh(x), tln(x), atol=1e-5, rtol=1e-5)
 
 
+def test_module_constructor_checks():
+    with pytest.raises(ValueError, match="eps"):
+        LayerNorm(8, eps=-1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        LayerNorm(8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="elementwise_affine"):
+        LayerNorm(8, elementwise_affine=False)
+    with pytest.raises(TypeError, match="bias"):
+        LayerNorm(8, 1e-5, "yes")
+    assert LayerNorm((8,), eps=1e-6, elementwise_affine=True, bias=True).bias.shape == (8,)
+
+
 def test_module_from_torch_rejects_unsupported():
     with pytest.raises(ValueError, match="elementwise_affine"):
         LayerNorm.from_torch(torch.nn.LayerNorm(8, elementwise_affine=False))
@@ -375,6 +441,14 @@ def test_bad_inputs():
         layer_norm(x, w, eps=0.0)
     with pytest.raises(ValueError, match="eps"):
         layer_norm(x, w, eps=float("nan"))
+    with pytest.raises(TypeError, match="eps"):
+        layer_norm(x, w, eps=torch.tensor(1e-5))
+    with pytest.raises(TypeError, match="eps"):
+        layer_norm(x, w, eps=True)
+    torch.testing.assert_close(layer_norm(x, w, eps=np.float32(1e-3)), layer_norm(x, w, eps=1e-3),
+                               rtol=1e-6, atol=1e-6)  # a numpy scalar is a float
+    with pytest.raises(TypeError, match=r"weight: expected dtype torch.float32 \(same as x\), got"):
+        layer_norm(x, w.bfloat16())
     with pytest.raises(TypeError, match="a"):
         add_layer_norm(x, x.half(), weight=w)
     with pytest.raises(ValueError, match="m"):

@@ -102,8 +102,12 @@ def test_bad_input():
         tied_lm_loss(h, w, t[:3])
     with pytest.raises(ValueError, match="h: expected at least one row"):
         tied_lm_loss(h[:0], w, t[:0])
-    with pytest.raises(ValueError, match="scale: expected a positive float"):
+    with pytest.raises(ValueError, match="h: expected at least one feature"):
+        tied_lm_loss(h[:, :0], w[:, :0], t)
+    with pytest.raises(ValueError, match="scale: expected a finite float > 0"):
         tied_lm_loss(h, w, t, scale=0.0)
+    with pytest.raises(ValueError, match="scale: expected a finite float > 0"):
+        tied_lm_loss(h, w, t, scale=float("inf"))
     with pytest.raises(ValueError, match="z_coef: expected a float >= 0"):
         tied_lm_loss(h, w, t, z_coef=-1.0)
 

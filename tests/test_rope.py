@@ -352,6 +352,9 @@ def _bad_cases():
         (dict(offsets=torch.zeros(2, 1, dtype=torch.long)), ValueError, "offsets: expected 1 dims"),
         (dict(positions=torch.zeros(2, 3, dtype=torch.long), offsets=torch.zeros(2, dtype=torch.long)),
          ValueError, "positions, offsets: expected at most one"),
+        (dict(base=0.0), ValueError, "base: expected a finite float > 0"),
+        (dict(base=float("nan")), ValueError, "base: expected a finite float > 0"),
+        (dict(base=-10.0), ValueError, "base: expected a finite float > 0"),
     ], q, k
 
 
@@ -364,6 +367,34 @@ def test_bad_inputs(fn):
         qq, kk = args.pop("q"), args.pop("k")
         with pytest.raises(exc, match=msg):
             fn(qq, kk, **args)
+
+
+def test_in_place_refuses_overlapping_tensors():
+    """An element reached twice would be rotated twice: a broadcast k, k a view of q's
+    heads; views of one fused projection buffer are fine."""
+    q, k0 = randn(2, 5, 4, 32), randn(2, 5, 1, 32)
+    before = q.clone()
+    with pytest.raises(ValueError, match="k: .*share memory"):
+        rope_(q, k0.expand(2, 5, 2, 32))
+    for qq, kk in ((q, q[:, :, :1]), (q[:, :, 1:], q[:, :, :2]), (q, q)):
+        with pytest.raises(ValueError, match="k: .*shares memory with q"):
+            rope_(qq, kk)
+    assert torch.equal(q, before)  # rejected before anything was rotated
+    proj = randn(2, 5, 6 * 32)
+    q, k = proj[..., :4 * 32].view(2, 5, 4, 32), proj[..., 4 * 32:5 * 32].view(2, 5, 1, 32)
+    want = rope(q, k)
+    rope_(q, k)
+    assert torch.equal(q, want[0]) and torch.equal(k, want[1])
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 4, 64, 1), (2, 8, 0, 64, 1), (2, 8, 4, 64, 0), (2, 0, 4, 64, 1)])
+def test_empty_forward_and_backward(shape):
+    B, T, H, D, Hk = shape
+    q = randn(B, T, H, D).requires_grad_()
+    k = randn(B, T, Hk, D).requires_grad_()
+    a, b = rope(q, k)
+    (a.sum() + b.sum()).backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
 
 
 @pytest.mark.skipif(HAS_CUDA is False, reason="needs a CUDA device for the mixed-device case")

@@ -97,10 +97,13 @@ def rms_norm_bwd() -> Graph:
     return g
 
 
-def add_layer_norm_fwd(has_m: bool = True, has_bias: bool = True) -> Graph:
+def add_layer_norm_fwd(has_m: bool = True, has_bias: bool = True, round_to: str | None = None) -> Graph:
     """The parallel block's residual sum and the next LayerNorm:
-    ``y = x + a (+ m); out = LN(y)``; outputs y_sum, out, mean, rstd."""
-    g = Graph("add_layer_norm_fwd" + ("" if has_m else "_2") + ("" if has_bias else "_nobias"))
+    ``y = x + a (+ m); out = LN(y)``; outputs y_sum, out, mean, rstd. ``round_to`` (the
+    inputs' dtype when it is fp16 / bf16): the sum is rounded to it before it is normalised,
+    so that ``out`` is the LayerNorm of ``y_sum`` as stored (the tensor the backward gets)."""
+    g = Graph("add_layer_norm_fwd" + ("" if has_m else "_2") + ("" if has_bias else "_nobias")
+              + (f"_{round_to}" if round_to else ""))
     x = g.input("x", "row")
     a = g.input("a", "row")
     m = g.input("m", "row") if has_m else None
@@ -110,6 +113,8 @@ def add_layer_norm_fwd(has_m: bool = True, has_bias: bool = True) -> Graph:
     y = g.add(x, a)
     if m is not None:
         y = g.add(y, m)
+    if round_to is not None:
+        y = g.cast(y, round_to)
     out, mean, rstd = _layer_norm_body(g, y, weight, bias, eps)
     g.output("y_sum", y, "x")
     g.output("out", out, "x")

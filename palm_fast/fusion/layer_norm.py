@@ -16,7 +16,7 @@ from .codegen import CompiledGraph, compile_graph
 
 
 @functools.cache
-def _compiled(expander: str, *flags: bool) -> CompiledGraph:
+def _compiled(expander: str, *flags) -> CompiledGraph:
     """The ``full``-mode compiled graph of an expander (built and hashed once per process)."""
     return compile_graph(getattr(expanders, expander)(*flags), "full")
 
@@ -88,7 +88,9 @@ def add_layer_norm_fwd(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None,
     for name, t in (("x", x), ("a", a), ("m", m)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor; call .contiguous() first")
-    cg = _compiled("add_layer_norm_fwd", m is not None, bias is not None)
+    # fp16 / bf16: the sum is rounded before it is normalised (see expanders.add_layer_norm_fwd)
+    round_to = None if x.dtype == torch.float32 else str(x.dtype).removeprefix("torch.")
+    cg = _compiled("add_layer_norm_fwd", m is not None, bias is not None, round_to)
     args = dict(x=x.reshape(-1, N), a=a.reshape(-1, N), weight=weight, eps=eps)
     if m is not None:
         args["m"] = m.reshape(-1, N)

@@ -4,8 +4,10 @@ engine's generated Triton kernels on CUDA).
 Drop-in for :class:`palm_fast.reference.LayerNorm` (same parameters ``weight`` and optional
 ``bias``, same state_dict) and for :class:`torch.nn.LayerNorm` with a 1-D
 ``normalized_shape`` and ``elementwise_affine=True`` (``bias=True`` or ``False``): build one
-with the same arguments, load its state_dict, or wrap an existing module with
-:meth:`LayerNorm.from_torch`, which shares its Parameter objects.
+with the same keyword arguments (``LayerNorm(shape, eps=..., bias=...)``; unlike torch's,
+``bias`` defaults to False, as in the reference, and is the third positional argument) and
+load its state_dict, or wrap an existing module with :meth:`LayerNorm.from_torch`, which
+shares its Parameter objects.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..ops._checks import FLOAT_DTYPES, check_eps
 from ..ops.layer_norm import layer_norm
 
 __all__ = ["LayerNorm"]
@@ -40,9 +43,17 @@ class LayerNorm(nn.Module):
     Inputs fp32 / fp16 / bf16; parameters in the input's dtype or fp32.
     """
 
-    def __init__(self, dim, eps: float = 1e-5, bias: bool = False, *, device=None, dtype=None):
+    def __init__(self, dim, eps: float = 1e-5, bias: bool = False, *, elementwise_affine: bool = True,
+                 device=None, dtype=None):
         super().__init__()
-        self.dim, self.eps = _feature_dim(dim), float(eps)
+        if elementwise_affine is not True:
+            raise ValueError(f"elementwise_affine: expected True (this LayerNorm has a weight), "
+                             f"got {elementwise_affine!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected None or one of {FLOAT_DTYPES}, got {dtype}")
+        self.dim, self.eps = _feature_dim(dim), check_eps(eps)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.ones(self.dim, **kw))
         if bias:

@@ -4,7 +4,7 @@ Every failure names the argument, what was expected and what was received.
 """
 from __future__ import annotations
 
-import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -68,15 +68,31 @@ def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], what: str = ""
         raise ValueError(f"{name}: expected shape {tuple(shape)}{what}, got {tuple(t.shape)}")
 
 
+FP32_MAX = 3.4028234663852886e38
+
+
+def check_float(name: str, value, *, positive: bool = False) -> float:
+    """A real number (a Python int / float or a numpy scalar, not a bool), finite and within
+    fp32 range (the kernels take fp32 scalars), and > 0 if ``positive``: as a Python float.
+    Written as comparisons (not ``math.isfinite``) so that ``torch.compile(dynamic=True)``
+    traces it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
+        raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+    if not (-FP32_MAX <= value <= FP32_MAX) or (positive and not value > 0):  # NaN fails both
+        raise ValueError(f"{name}: expected a finite float{' > 0' if positive else ''} "
+                         f"(within the fp32 range), got {value!r}")
+    return float(value)
+
+
 def check_eps(eps) -> float:
     """A LayerNorm-style epsilon: a finite float > 0."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
-    return float(eps)
+    return check_float("eps", eps, positive=True)
 
 
 def unit_last_dim(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dim is unit-stride (any other strides are fine for our
     kernels, e.g. rows sliced from a wider buffer), else a contiguous copy (e.g. the
     expanded gradients autograd hands a backward)."""
+    if t.numel() == 0:   # contiguous() keeps an empty tensor's strides (e.g. 0 from a sum's grad)
+        return t if t.dim() == 0 or t.stride(-1) == 1 else t.new_empty(t.shape)
     return t if t.dim() == 0 or t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()

@@ -43,10 +43,18 @@ def _device_type(args) -> str:
 
 
 def eager_function(name: str, impls: dict[str, Callable], setup_context: Callable,
-                   backward: Callable) -> type[torch.autograd.Function]:
+                   backward: Callable, *, double_backward: bool = False) -> type[torch.autograd.Function]:
     """An ``autograd.Function`` whose forward calls ``impls[device type](*args)`` and whose
     ``setup_context(ctx, inputs, output)`` / ``backward(ctx, *grads)`` are the functions
-    registered with the custom op's ``register_autograd``."""
+    registered with the custom op's ``register_autograd``.
+
+    ``double_backward``: the backward is itself differentiable (built from differentiable
+    ops). Otherwise it is ``once_differentiable``: differentiating a gradient it returned
+    (``create_graph=True``) raises instead of silently dropping the second-order terms, as
+    the custom op does (it has no autograd formula for its backward op).
+    """
+    if not double_backward:
+        backward = _once_differentiable(backward, name)
 
     # Old-style forward(ctx, ...): the separate setup_context style binds the arguments
     # through inspect.signature on every call, which costs more than the kernels we save.
@@ -64,6 +72,49 @@ def eager_function(name: str, impls: dict[str, Callable], setup_context: Callabl
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
     })
+
+
+def _once_differentiable(backward: Callable, name: str) -> Callable:
+    """``backward`` run without recording; under ``create_graph=True`` each gradient it
+    returns is tied, through a node that raises when it is differentiated, to the tensors
+    the true second derivative depends on (the saved tensors and incoming gradients that
+    require grad). So differentiating such a gradient raises instead of silently losing its
+    second-order terms. (``torch.autograd.function.once_differentiable`` only adds its
+    error node when an incoming gradient requires grad, and on detached copies, so a
+    gradient penalty would still come out silently wrong.)"""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return out
+        anchors = [t for t in (*ctx.saved_tensors, *grads)
+                   if isinstance(t, torch.Tensor) and t.requires_grad and t.numel() > 0]
+        if not anchors:
+            return out
+        err = torch._C._functions.DelayedError(
+            f"palm_fast.ops ({name}): double backward is not supported (a gradient computed "
+            "with create_graph=True was differentiated); use the reference modules "
+            "(palm_fast.reference) for higher-order gradients", len(anchors))
+        errs = err(*anchors)
+        errs = errs if isinstance(errs, tuple) else (errs,)
+        link = sum(e.reshape(-1)[0].float() for e in errs)   # a 0-dim tensor behind the node
+        never = torch.zeros((), dtype=torch.bool, device=link.device)
+
+        def tie(t):   # t's values, with a graph edge to the error node
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                return t
+            return torch.where(never.to(t.device), link.to(device=t.device, dtype=t.dtype), t)
+
+        return tuple(tie(t) for t in out) if isinstance(out, tuple) else tie(out)
+
+    return wrapper
+
+
+def once_differentiable(name: str) -> Callable:
+    """Decorator form of the above for a hand-written ``autograd.Function.backward``."""
+    return lambda backward: _once_differentiable(backward, name)
 
 
 def needs_grad(*tensors) -> bool:

@@ -6,7 +6,8 @@ Math (over the last dim, N features; statistics in fp32, biased variance)::
     y    = (x - mean) * rstd * weight (+ bias)
 
 ``add_layer_norm`` is the parallel block's residual sum followed by the next LayerNorm:
-``y_sum = x + a (+ m)`` and ``out = LN(y_sum)`` (normalising the fp32 sum), both returned.
+``y_sum = x + a (+ m)`` and ``out = LN(y_sum)`` (normalising y_sum as returned: in fp16 / bf16
+the fp32 sum rounded to that dtype, as the reference's ``x + a + m`` is), both returned.
 
 Custom ops (2-D ``[M, N]`` rows; ``mean`` / ``rstd`` fp32 ``[M]``):
 
@@ -148,18 +149,42 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
 layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
+def _reaches_leaf(t) -> bool:
+    """Whether t's gradient lands in a leaf's .grad directly or through views (the public
+    function's reshape): such a gradient is kept as the .grad tensor, not copied."""
+    if t is None:
+        return False
+    base = getattr(t, "_base", None)
+    return t.is_leaf or (base is not None and base.is_leaf)
+
+
 def _add_ln_setup(ctx, inputs, output):
-    _x, _a, m, weight, bias, _eps = inputs
+    x, a, m, weight, bias, _eps = inputs
     y_sum, _out, mean, rstd = output
     ctx.save_for_backward(y_sum, weight, mean, rstd)
     ctx.has_m, ctx.has_bias = m is not None, bias is not None
+    ctx.leaves = tuple(_reaches_leaf(t) for t in (x, a, m))
 
 
 def _add_ln_backward(ctx, d_sum, d_out, _dmean, _drstd):
     y_sum, weight, mean, rstd = ctx.saved_tensors
     dx_ln, dw, db = _ln_bwd(ctx, d_out, y_sum, weight, mean, rstd, ctx.has_bias)
     d = d_sum + dx_ln  # y_sum feeds both outputs; x, a and m all receive its gradient
-    return d, d, (d if ctx.has_m else None), dw, (db if ctx.has_bias else None), None
+    # One tensor handed to two leaves (or to views of leaves) becomes both .grad tensors
+    # (autograd keeps it rather than copying), and the next accumulation would then add
+    # into both: those get a copy.
+    grads, first = [], None
+    for i, need in enumerate(ctx.needs_input_grad[:3]):
+        if not need or (i == 2 and not ctx.has_m):
+            grads.append(None)
+        elif first is None:
+            first = i
+            grads.append(d)
+        else:
+            # (traced under torch.compile: always; the compiler fuses the copy)
+            copy = not eager_ctx(ctx) or ctx.leaves[i] or ctx.leaves[first]
+            grads.append(d.clone() if copy else d)
+    return (*grads, dw, (db if ctx.has_bias else None), None)
 
 
 add_layer_norm_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
@@ -182,8 +207,8 @@ def _check_affine(x: torch.Tensor, weight, bias) -> None:
     check_tensor("weight", weight, ndim=1)
     check_shape("weight", weight, (N,), " (x's last dim)")
     if weight.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"weight: expected dtype {x.dtype} (same as x) or torch.float32, "
-                        f"got {weight.dtype}")
+        also = "" if x.dtype == torch.float32 else " or torch.float32"
+        raise TypeError(f"weight: expected dtype {x.dtype} (same as x){also}, got {weight.dtype}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
         check_shape("bias", bias, (N,), " (x's last dim)")
@@ -222,7 +247,8 @@ def add_layer_norm(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None = No
                    weight: torch.Tensor, bias: torch.Tensor | None = None,
                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual sum and LayerNorm in one pass: returns ``(y_sum, out)`` with
-    ``y_sum = x + a (+ m)`` and ``out = LayerNorm(y_sum)`` (normalising the fp32 sum).
+    ``y_sum = x + a (+ m)`` and ``out = LayerNorm(y_sum)``, normalising ``y_sum`` as returned
+    (in fp16 / bf16: the fp32 sum rounded to that dtype, as the reference's ``x + a + m`` is).
 
     ``x``, ``a``, ``m``: the same shape ``[..., N]`` and dtype; weight / bias as in
     :func:`layer_norm`. Gradients flow to x, a, m (through both outputs), weight and bias.

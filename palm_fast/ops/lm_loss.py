@@ -50,7 +50,8 @@ from __future__ import annotations
 import torch
 
 from .._ext import cpp
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_float, check_same_device, check_tensor
+from ._dispatch import once_differentiable
 from .block import _linear, _upcast_gemm
 
 __all__ = ["GradLink", "embed_tokens", "tied_lm_loss"]
@@ -80,6 +81,7 @@ class _TiedEmbed(torch.autograd.Function):
         return torch.nn.functional.embedding(tokens, weight)
 
     @staticmethod
+    @once_differentiable("tied_lm_loss")
     def backward(ctx, g):
         (tokens,) = ctx.saved_tensors
         link = ctx.link
@@ -135,6 +137,7 @@ class _TiedLMLoss(torch.autograd.Function):
         return ce + z, ce, z
 
     @staticmethod
+    @once_differentiable("tied_lm_loss")
     def backward(ctx, g, g_ce, g_z):
         if ctx.transposed:
             return _TiedLMLoss._backward_transposed(ctx, g, g_ce, g_z)
@@ -229,10 +232,12 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
                          f"got {tuple(targets.shape)}")
     if h.shape[0] == 0:
         raise ValueError("h: expected at least one row, got 0")
+    if h.shape[1] == 0:
+        raise ValueError(f"h: expected at least one feature, got shape {tuple(h.shape)}")
     check_same_device(h=h, weight=weight, targets=targets)
-    if not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale: expected a positive float, got {scale!r}")
-    if not (isinstance(z_coef, (int, float)) and z_coef >= 0):
+    scale = check_float("scale", scale, positive=True)
+    z_coef = check_float("z_coef", z_coef)
+    if z_coef < 0:
         raise ValueError(f"z_coef: expected a float >= 0, got {z_coef!r}")
     targets = targets.long().contiguous()
     if h.device.type == "cpu" and not torch.compiler.is_compiling() and targets.numel():

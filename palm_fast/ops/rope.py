@@ -14,6 +14,7 @@ from palm_fast._ext import cpp
 from palm_fast.reference.functional import rope_inv_freq
 
 from ._checks import (
+    check_float,
     check_last_dim_contiguous,
     check_same_device,
     check_same_dtype,
@@ -92,7 +93,7 @@ def _rope_backward(ctx, grad_q, grad_k):
 rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
 # The same implementation and autograd functions without the dispatcher (eager mode).
 _RopeEager = eager_function("rope", {"cpu": _rope_out_of_place, "cuda": _rope_out_of_place},
-                            _rope_setup_context, _rope_backward)
+                            _rope_setup_context, _rope_backward, double_backward=True)
 
 
 # ---------------------------------------------------------------- in place (no autograd)
@@ -121,6 +122,7 @@ def _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim):
     check_last_dim_contiguous("q", q)
     check_last_dim_contiguous("k", k)
     if inv_freq is None:
+        base = check_float("base", base, positive=True)
         rdim = D if rotary_dim is None else rotary_dim
         if not isinstance(rdim, int) or isinstance(rdim, bool):
             raise TypeError(f"rotary_dim: expected an int, got {type(rdim).__name__}")
@@ -177,6 +179,30 @@ def rope(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = N
     return op(q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
 
 
+def _heads_alias(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether b's first head is one of a's heads (b a head slice of a, e.g. ``q[:, :, :1]``)."""
+    if a.stride(0) != b.stride(0) or a.stride(1) != b.stride(1) or a.stride(2) == 0:
+        return False
+    delta = b.storage_offset() - a.storage_offset()
+    return delta % a.stride(2) == 0 and 0 <= delta // a.stride(2) < a.shape[2]
+
+
+def _check_no_overlap(q: torch.Tensor, k: torch.Tensor) -> None:
+    """In place, an element reached twice is rotated twice: reject what can be seen cheaply
+    (as torch's in-place ops do): a broadcast (stride-0) dim, q and k dense and overlapping,
+    or one a head slice of the other. Views of one fused projection (q | k | ...) pass."""
+    for name, t in (("q", q), ("k", k)):
+        if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+            raise ValueError(f"{name}: rotated in place, but several of its elements share memory "
+                             f"(strides {tuple(t.stride())}, e.g. an expand()); pass a copy")
+    if q.numel() == 0 or k.numel() == 0 or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return
+    dense = q.is_contiguous() and k.is_contiguous()
+    if (dense and torch._C._overlaps(q, k)) or _heads_alias(q, k) or _heads_alias(k, q):
+        raise ValueError("k: rotated in place, but it shares memory with q (e.g. a view of q's heads); "
+                         "pass non-overlapping tensors")
+
+
 def rope_(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = None,
           offsets: torch.Tensor | None = None, inv_freq: torch.Tensor | None = None,
           base: float = 10000.0, rotary_dim: int | None = None,
@@ -184,12 +210,16 @@ def rope_(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = 
     """In-place ``rope``: rotates q and k in their own storage and returns ``(q, k)``.
 
     No autograd: raises RuntimeError when grad mode is on and q or k requires grad
-    (use ``rope``). Same arguments as ``rope``.
+    (use ``rope``). Same arguments as ``rope``. q and k must not share elements (each is
+    rotated once per element): a broadcast dim, or k a view of q's heads, raises ValueError;
+    views of one fused projection buffer (q | k | ...) are fine.
     """
     if torch.is_grad_enabled() and (getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)):
         raise RuntimeError("rope_: in-place RoPE does not support autograd, but q or k requires grad; "
                            "use palm_fast.ops.rope or run under torch.no_grad()")
     inv_freq, pos, pos_is_offset = _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim)
+    if not compiling():  # (tracing: fake tensors have no storage to compare)
+        _check_no_overlap(q, k)
     if compiling():
         rope_inplace_op(q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
     else:  # eager: the same launch without the dispatcher

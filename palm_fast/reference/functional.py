@@ -18,6 +18,8 @@ def rope_inv_freq(rotary_dim: int, base: float = 10000.0, device=None) -> torch.
     """
     if rotary_dim <= 0 or rotary_dim % 2:
         raise ValueError(f"rotary_dim: expected a positive even integer, got {rotary_dim}")
+    if isinstance(base, bool) or not 0 < base < float("inf"):   # NaN fails too
+        raise ValueError(f"base: expected a finite float > 0, got {base!r}")
     exponent = torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim
     return 1.0 / (base ** exponent)
 
