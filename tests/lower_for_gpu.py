@@ -199,7 +199,7 @@ def layer_norm() -> None:
     """The fusion engine's kernels behind LayerNorm, add + LN and RMSNorm (``full`` mode):
     row lengths from 1 to 40000 (single block, tiled, looped), the backward's two stages,
     and the ``mindspore`` grouping the bench also runs."""
-    from palm_fast.fusion import expanders
+    from palm_fast.fusion import Graph, expanders
     from palm_fast.fusion import layer_norm as fl
     from palm_fast.fusion.codegen import compile_graph
 
@@ -226,6 +226,18 @@ def layer_norm() -> None:
         dy=_empty(M, 18432), x=_empty(M, 18432), weight=_empty(18432), mean=mean, rstd=rstd)
     _case("layer_norm", "LayerNorm forward N=4096, mindspore grouping")
     compile_graph(expanders.layer_norm_fwd(False), "mindspore")(x=x, weight=w, eps=1e-5)
+    # a generic graph: a column-space output of a row kernel, and scalar math the looped
+    # variant's final pass (after its column partials) uses
+    g = Graph("generic")
+    xi, wi, eps = g.input("x", "row"), g.input("w", "col"), g.input("eps", "scalar")
+    w2, e2 = g.mul(wi, g.const(2.0)), g.mul(eps, eps)
+    yv = g.mul(g.mul(g.mul(xi, g.rsqrt(g.add(g.sum(g.mul(xi, xi)), e2))), e2), w2)
+    g.output("y", yv, "x")
+    g.output("w2", w2)
+    g.output("cs", g.sum(yv, axis="col"))
+    for N in (4096, 40000):
+        _case("layer_norm", f"generic graph N={N}")
+        compile_graph(g, "full")(x=_empty(M, N), w=_empty(N), eps=1e-5)
 
 
 FAMILIES = {f.__name__: f for f in (decode, rope, swiglu, projection, layer_norm)}

@@ -80,6 +80,42 @@ def test_ir_rejects_bad_ops():
         g.unary("tanh", x)
     with pytest.raises(ValueError, match="not a node"):
         g.add(x, 99)
+    with pytest.raises(ValueError, match="exp: takes no attributes"):
+        g.unary("exp", x, dtype="float16")
+    with pytest.raises(ValueError, match="cast: expected one attribute dtype"):
+        g.unary("cast", x, dtype="float16", scale=2)
+    eps = g.input("eps", "scalar")
+    with pytest.raises(ValueError, match="not a node"):
+        g.output("y", 99)
+    with pytest.raises(ValueError, match="output 'c': expected a row, stat or col value"):
+        g.output("c", g.const(1.0))
+    with pytest.raises(ValueError, match="output 'e': expected a row, stat or col value"):
+        g.output("e", g.mul(eps, eps))
+    with pytest.raises(ValueError, match="dtype_like must name a tensor input"):
+        g.output("y", x, "eps")
+    g.output("y", x)
+    with pytest.raises(ValueError, match="declared twice"):
+        g.output("y", s)
+
+
+def test_outputs_are_new_tensors_and_scalars_are_checked():
+    """An output that simplifies to an input (x * 1) is a copy, not the input itself; a
+    bool is not a float."""
+    g = Graph("alias")
+    x, s = g.input("x", "row"), g.input("s", "scalar")
+    g.output("same", g.mul(x, g.const(1.0)), "x")
+    g.output("scaled", g.mul(x, s), "x")
+    t = randn(3, 20, device=DEV)
+    r = compile_graph(g, "full")(x=t, s=2.0)
+    assert torch.equal(r["same"], t) and r["same"].data_ptr() != t.data_ptr()
+    torch.testing.assert_close(r["scaled"], 2 * t)
+    with pytest.raises(TypeError, match="s: expected a Python float, got bool"):
+        compile_graph(g, "full")(x=t, s=True)
+    for bad in (dict(M=0), dict(N=0), dict(M=-4)):
+        with pytest.raises(ValueError, match="expected an int >= 1"):
+            explain(g, file=None, **bad)
+    with pytest.raises(TypeError, match="dtype"):
+        explain(g, file=None, dtype=torch.int32)
 
 
 def test_cse_and_algebra():
@@ -302,6 +338,44 @@ def test_generic_graphs_softmax_and_column_max():
         torch.testing.assert_close(r["colmax"], ref, rtol=2 ** -7, atol=0)
         torch.testing.assert_close(r["logsum"], (t - t.max(-1, keepdim=True).values).exp().sum(-1).log(),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_groups_with_and_without_column_partials_in_one_graph():
+    """A row kernel without partials scheduled before one with them: each keeps its own rows
+    per program (the second once reused the first's, skipping rows)."""
+    g = Graph("mixed")
+    x, dy = g.input("x", "row"), g.input("dy", "row")
+    g.output("e", g.exp(x), "x")
+    g.output("cs", g.sum(dy, axis="col"))
+    tx, tdy = randn(37, 8, device=DEV), randn(37, 8, device=DEV)
+    r = compile_graph(g, "full")(x=tx, dy=tdy)
+    torch.testing.assert_close(r["e"], tx.exp())
+    torch.testing.assert_close(r["cs"], tdy.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("opts", [{}, {"max_block": 32, "loop_block": 32},
+                                  dict(tile=16, tile_min=16, max_tiled=1000, max_tiled_partial=1000)],
+                         ids=["single", "looped", "tiled"])
+def test_column_output_of_a_row_kernel(opts):
+    """A column-space value computed in a row kernel (program 0 writes it), also when there
+    are no rows, and a scalar-space value the looped variant's final pass needs."""
+    g = Graph("colout")
+    x, w, eps = g.input("x", "row"), g.input("w", "col"), g.input("eps", "scalar")
+    w2 = g.mul(w, g.const(2.0))
+    e2 = g.mul(eps, eps)
+    r = g.rsqrt(g.add(g.sum(g.mul(x, x)), e2))
+    y = g.mul(g.mul(g.mul(x, r), e2), w2)
+    g.output("y", y, "x")
+    g.output("w2", w2)
+    g.output("cs", g.sum(y, axis="col"))
+    cg = compile_graph(g, "full", **opts)
+    for M in (7, 0):
+        tx, tw = randn(M, 70, device=DEV), randn(70, device=DEV)
+        out = cg(x=tx, w=tw, eps=0.5)
+        ry = tx * torch.rsqrt((tx * tx).sum(-1, keepdim=True) + 0.25) * 0.25 * (2 * tw)
+        torch.testing.assert_close(out["w2"], 2 * tw)
+        torch.testing.assert_close(out["y"], ry, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["cs"], ry.sum(0), rtol=1e-5, atol=1e-5)
 
 
 def test_determinism_bitwise():

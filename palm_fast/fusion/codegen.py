@@ -250,8 +250,9 @@ def _store(L: list[str], i: int, space: str, val: str) -> None:
         L.append(f"tl.store(out{i} + row64 * out{i}_rs + cols, {cast}, mask=mask)")
     elif space == "stat":
         L.append(f"tl.store(out{i} + row, {cast}, mask=rmask)")
-    elif space == "col":  # identical in every program: program 0 writes it
-        L.append(f"tl.store(out{i} + cols, {cast}, mask=cmask & (pid == 0))")
+    elif space == "col":  # identical in every program: program 0 writes it (a vector
+        # compare: the interpreter rejects a scalar & vector mask)
+        L.append(f"tl.store(out{i} + cols, {cast}, mask=cmask & ((cols * 0 + pid) == 0))")
     else:
         raise NotImplementedError(space)
 
@@ -452,7 +453,7 @@ def _row_kernel_tiled(em: _Emitter, args, nt: int, rows: int = 1) -> tuple[list[
                 C.append(f"tl.store(out{i} + row{S}, {avail[i]}.to(out{i}.dtype.element_ty), mask=rmask{S})")
             elif s == "col":
                 C += [f"tl.store(out{i} + cols_{t}, {ref(i, t)}.to(out{i}.dtype.element_ty), "
-                      f"mask=cmask_{t} & (pid == 0))" for t in T]
+                      f"mask=cmask_{t} & ((cols_{t} * 0 + pid) == 0))" for t in T]
             else:
                 raise NotImplementedError(s)
         return H, C
@@ -557,7 +558,7 @@ def _row_kernel_reload(em: _Emitter, args, nt: int) -> tuple[list[str], dict]:
                              f"{val(i, t, C)}.to(out{i}.dtype.element_ty), mask=mask_{t})")
                 elif s == "col":
                     C.append(f"tl.store(out{i} + cols_{t}, {val(i, t, C)}.to(out{i}.dtype.element_ty), "
-                             f"mask=cmask_{t} & (pid == 0))")
+                             f"mask=cmask_{t} & ((cols_{t} * 0 + pid) == 0))")
                 else:
                     raise NotImplementedError(s)
         for i in here:
@@ -583,6 +584,14 @@ def _row_kernel_looped(em: _Emitter, args) -> tuple[list[str], dict]:
     _row_prologue(L)
     L.append("offs = tl.arange(0, BLOCK_N)")
     base = _scalar_names(em, args)
+    # scalar-space math once, before the loops: the final pass (a second loop nest when
+    # there are column partials) uses it too, and a value defined in one loop body is not
+    # visible in another on the GPU
+    for i in grp.nodes:
+        n = g.nodes[i]
+        if n.kind == "ew" and n.space == "scalar" and i not in base and all(j in base for j in n.inputs):
+            L.append(f"{em.var(i)} = " + em.op_expr(i, [base[j] for j in n.inputs]))
+            base[i] = em.var(i)
     in_space = {i: s for r, i, s in args if r == "in"}
     loads = {i: 0 for i, s in in_space.items() if s == "row"}
     depth = _depths(em)
@@ -899,7 +908,7 @@ class CompiledGraph:
         result = {}
         for name, nid, cast in plan.outputs:
             v = values[nid]
-            result[name] = v if cast is None else v.to(cast)
+            result[name] = v if cast is None else (v.clone() if cast == "copy" else v.to(cast))
         return result
 
     def _plan(self, inputs: dict) -> _Plan:
@@ -919,7 +928,7 @@ class CompiledGraph:
         for name, nid in g.inputs.items():
             space, t = g.nodes[nid].space, inputs[name]
             if space == "scalar":
-                if isinstance(t, torch.Tensor) or not isinstance(t, (int, float)):
+                if isinstance(t, (torch.Tensor, bool)) or not isinstance(t, (int, float)):
                     raise TypeError(f"{name}: expected a Python float, got {type(t).__name__}")
                 dtype_of[nid] = "f"
                 continue
@@ -1003,15 +1012,17 @@ class CompiledGraph:
                 spec += [(False, N), (False, P)]
                 grid = (-(-N // block),)
             else:
-                if has_part:
-                    spec += [(False, M), (False, N), (False, rpp)]
+                if has_part:  # (M == 0: one program, one masked row; column outputs written)
+                    spec += [(False, M), (False, N), (False, max(rpp, 1))]
                     grid = (P,)
-                else:
-                    rpp = k.rows * self.steps
-                    spec += [(False, M), (False, N), (False, rpp)]
-                    grid = (-(-M // rpp),)
+                else:  # (rpp stays the partial groups' rows per program)
+                    rows_pp = k.rows * self.steps
+                    spec += [(False, M), (False, N), (False, rows_pp)]
+                    grid = (-(-M // rows_pp),)
                 if grid[0] == 0:
-                    continue
+                    if not any(g.nodes[i].space == "col" and g.nodes[i].kind != "cpart" for i in grp.outputs):
+                        continue
+                    grid = (1,)  # M == 0: program 0 still writes the column-space outputs
             kw = {"BLOCK_N": block}
             if grp.kind == "row":
                 kw["EVEN_N"] = N % block == 0
@@ -1022,9 +1033,14 @@ class CompiledGraph:
                     warps = PARTIAL_TILED_WARPS
                 kw["num_warps"] = self.num_warps or warps
             plan.launches.append((fn, grid, spec, kw))
+        seen = set()
         for name, (nid, _like) in g.outputs.items():
             dt = dtype_of[nid]
-            plan.outputs.append((name, nid, out_dtype[nid] if dt != "f" and dt != out_dtype[nid] else None))
+            cast = out_dtype[nid] if dt != "f" and dt != out_dtype[nid] else None
+            if cast is None and (g.nodes[nid].op == "input" or nid in seen):
+                cast = "copy"   # an output that simplified to an input (or a repeated value): a new tensor
+            seen.add(nid)
+            plan.outputs.append((name, nid, cast))
         return plan
 
 
@@ -1053,6 +1069,11 @@ def explain(graph: Graph, mode: str = "full", *, M: int = 16384, N: int = 4096,
     groups and their ops, the kernel count, the bytes each kernel moves (row inputs streamed
     once per pass; intermediates are fp32) and, with ``source=True``, the generated Triton
     source. Prints to ``file`` (default stdout; ``None``: do not print) and returns the text."""
+    for name, v in (("M", M), ("N", N)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
     cg = CompiledGraph(graph, mode, **options)
     g = cg.graph
     item = torch.tensor([], dtype=dtype).element_size()

@@ -118,8 +118,10 @@ class Graph:
     def unary(self, op: str, a: int, **attrs) -> int:
         if op not in UNARY:
             raise ValueError(f"unknown unary op {op!r}")
-        if op == "cast" and attrs.get("dtype") not in CAST_DTYPES:
-            raise ValueError(f"cast: dtype must be one of {CAST_DTYPES}, got {attrs.get('dtype')!r}")
+        if op == "cast" and (set(attrs) != {"dtype"} or attrs["dtype"] not in CAST_DTYPES):
+            raise ValueError(f"cast: expected one attribute dtype in {CAST_DTYPES}, got {attrs!r}")
+        if op != "cast" and attrs:
+            raise ValueError(f"{op}: takes no attributes, got {sorted(attrs)}")
         return self._add(op, (a,), self._space(a), tuple(attrs.items()))
 
     def binary(self, op: str, a: int, b: int) -> int:
@@ -145,8 +147,16 @@ class Graph:
         return self._add("reduce_" + op, (a,), "stat" if axis == "row" else "col", (("axis", axis),))
 
     def output(self, name: str, node: int, dtype_like: str = "float32") -> None:
-        if dtype_like != "float32" and dtype_like not in self.inputs:
-            raise ValueError(f"output {name!r}: dtype_like must be an input name or 'float32'")
+        if name in self.outputs:
+            raise ValueError(f"output {name!r} declared twice")
+        space = self._space(node)
+        if space not in ("row", "stat", "col"):
+            raise ValueError(f"output {name!r}: expected a row, stat or col value ([M, N], [M] or "
+                             f"[N] tensors), got a {space}-space value (node %{node})")
+        if dtype_like != "float32" and (dtype_like not in self.inputs
+                                        or self.nodes[self.inputs[dtype_like]].space == "scalar"):
+            raise ValueError(f"output {name!r}: dtype_like must name a tensor input or be 'float32', "
+                             f"got {dtype_like!r}")
         self.outputs[name] = (node, dtype_like)
 
     # sugar
