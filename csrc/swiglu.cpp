@@ -137,10 +137,15 @@ template <typename acc_t>
 inline void bwd_math(const Vectorized<acc_t>& go, const Vectorized<acc_t>& v,
                      const Vectorized<acc_t>& g, Vectorized<acc_t>& dv, Vectorized<acc_t>& dg) {
   const Vectorized<acc_t> one(acc_t(1));
-  const Vectorized<acc_t> s = sigmoid(g);
+  const Vectorized<acc_t> e = fast_exp(g.neg());
+  const Vectorized<acc_t> s = reciprocal_ge1(one + e);
+  // 1 - s = sigmoid(-g) = e * s: for g >= 0 (s near 1) without the cancellation of 1 - s
+  // (whose rounding, times a large gate, would dominate); for g < 0, 1 - s has none and
+  // e * s could be inf * 0
+  const Vectorized<acc_t> oms = Vectorized<acc_t>::blendv(one - s, e * s, g >= Vectorized<acc_t>(acc_t(0)));
   const Vectorized<acc_t> gs = go * s;
   dv = gs * g;
-  dg = gs * v * (one + g * (one - s));
+  dg = gs * v * (one + g * oms);
 }
 
 // Runs body(row, c0, c1) over all rows and [c0, c1) column chunks of width F in parallel.

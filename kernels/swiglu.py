@@ -97,7 +97,10 @@ def _swiglu_bwd(
     gate = tl.load(x_tile + F, mask=mask, other=0.0).to(tl.float32)
     sig, silu = _sigmoid_silu(gate)
     d_value = g * silu
-    d_gate = g * value * sig * (1.0 + gate * (1.0 - sig))
+    # 1 - s = sigmoid(-gate) = exp(-gate) * s: for gate >= 0 (s near 1) without the
+    # cancellation of 1 - s; for gate < 0 exp(-gate) may overflow, and 1 - s has none
+    one_minus = tl.where(gate >= 0.0, tl.exp(-gate) * sig, 1.0 - sig)
+    d_gate = g * value * sig * (1.0 + gate * one_minus)
     gx_tile = grad_x_ptr + rows[:, None] * stride_gx_row + cols[None, :]
     tl.store(gx_tile, d_value.to(grad_x_ptr.dtype.element_ty), mask=mask)
     tl.store(gx_tile + F, d_gate.to(grad_x_ptr.dtype.element_ty), mask=mask)

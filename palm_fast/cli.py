@@ -95,6 +95,30 @@ def _print_throughput_table(records: list[dict], console) -> None:
     console.print(table)
 
 
+def _load_results(path: str) -> dict:
+    """A results file, or exit with a one-line message (missing file, not JSON, not ours)."""
+    from palm_fast.benchmarks import compare as cmp
+
+    try:
+        return cmp.load(path)
+    except OSError as e:
+        raise SystemExit(f"palm-fast: cannot read {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"palm-fast: {path} is not JSON ({e})") from None
+    except ValueError as e:
+        raise SystemExit(f"palm-fast: {e}") from None
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -121,7 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.compare:  # read it before spending minutes measuring
         from palm_fast.benchmarks import compare as cmp
 
-        old_doc = cmp.load(args.compare)
+        old_doc = _load_results(args.compare)
     if args.plot:
         from palm_fast.benchmarks import plot as plot_mod
 
@@ -129,8 +153,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     contexts = [harness.BenchContext(device=device, dtype=dt, quick=args.quick, config=args.config)
                 for dt in dtypes]
-    plan = [(ctx, case) for ctx in contexts
-            for case in harness.collect_cases(ctx, only, default_dtypes=not args.dtype)]
+    try:
+        plan = [(ctx, case) for ctx in contexts
+                for case in harness.collect_cases(ctx, only, default_dtypes=not args.dtype)]
+    except ValueError as e:   # an unknown --only family
+        raise SystemExit(f"palm-fast: {e}") from None
     if not plan:
         raise SystemExit("no benchmark cases selected")
     records: list[dict] = []
@@ -176,22 +203,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from palm_fast.benchmarks import compare as cmp
 
-    old, new = cmp.load(args.old), cmp.load(args.new)
+    old, new = _load_results(args.old), _load_results(args.new)
     rows = cmp.compare(old, new, threshold=args.threshold)
     cmp.print_comparison(rows, old, new)
     return 2 if args.fail_on_regression and any(r.status == "regression" for r in rows) else 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from palm_fast.benchmarks import compare as cmp
     from palm_fast.benchmarks import plot as plot_mod
 
-    print(f"wrote {plot_mod.plot(cmp.load(args.results), args.out)}")
+    print(f"wrote {plot_mod.plot(_load_results(args.results), args.out)}")
     return 0
 
 
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threshold", type=float, default=0.10,
+    p.add_argument("--threshold", type=_threshold, default=0.10,
                    help="smallest relative change flagged (default 0.10); the noise of both "
                         "runs widens it per case")
     p.add_argument("--fail-on-regression", action="store_true",

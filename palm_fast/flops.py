@@ -12,6 +12,11 @@ dim Q and sequence length T:
 * MFU = tokens/s * model FLOPs per token / (n_devices * peak FLOP/s per device);
   HFU the same with hardware FLOPs per token.
 
+The policy names what the training step checkpoints. A fused attention backward (FlashAttention,
+torch's SDPA kernels, our C++ MQA kernel) also recomputes the scores ``QK^T`` from the saved
+q, k and log-sum-exp; "none" does not count that part of the kernel (it is the paper's
+accounting of what is stored vs recomputed, not a count of a kernel's instructions).
+
 A model is a ``PaLMConfig`` or explicit ``(n_params, n_layers, n_heads, head_dim)``
 (a ``ModelShape`` or a plain 4-tuple), so published figures of other models can
 be checked too.
@@ -33,8 +38,10 @@ RECOMPUTE: dict[str, tuple[float, float]] = {
     "full": (8.0, 16.0),
 }
 
-# Datasheet peak dense bf16 FLOP/s per device.
+# Datasheet peak dense bf16 FLOP/s per device; the first key found in the device name wins
+# (more specific names first).
 DATASHEET_PEAK_FLOPS: dict[str, float] = {
+    "h100pcie": 756e12,
     "h100": 989e12,    # H100 SXM
     "h200": 989e12,
     "a100": 312e12,

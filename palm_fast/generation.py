@@ -35,6 +35,7 @@ Supported models (:func:`decoder_parts`): ``palm_fast.reference.PaLM`` and its s
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -487,7 +488,20 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
 # --------------------------------------------------------------------------- arguments
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """A Python or numpy integer (not a bool)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _int_arg(name: str, x, lo: int, hi: int | None = None, none_ok: bool = False) -> int | None:
+    """``x`` as an int in ``[lo, hi]``: TypeError for a non-integer, ValueError out of range."""
+    if x is None and none_ok:
+        return None
+    want = f"{'None or ' if none_ok else ''}an int " + (f">= {lo}" if hi is None else f"in [{lo}, {hi}]")
+    if not _is_int(x):
+        raise TypeError(f"{name}: expected {want}, got {type(x).__name__} {x!r}")
+    if x < lo or (hi is not None and x > hi):
+        raise ValueError(f"{name}: expected {want}, got {x!r}")
+    return int(x)
 
 
 def _prompt_list(prompts, vocab: int, device: torch.device) -> list[torch.Tensor]:
@@ -532,16 +546,17 @@ def _prompt_list(prompts, vocab: int, device: torch.device) -> list[torch.Tensor
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p, stop_tokens, generator, page_size,
-                   cuda_graph, vocab: int, device: torch.device) -> tuple[float, set[int]]:
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature < 0:
+                   cuda_graph, vocab: int, device: torch.device) -> tuple:
+    """(temperature, stop token set, max_new_tokens, top_k, page_size) as Python values."""
+    ints = (_int_arg("max_new_tokens", max_new_tokens, 0), _int_arg("top_k", top_k, 1, vocab, none_ok=True),
+            _int_arg("page_size", page_size, 1, none_ok=True))
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature: expected a finite float >= 0, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature: expected a finite float >= 0, got {temperature!r}")
-    if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= vocab):
-        raise ValueError(f"top_k: expected None or an int in [1, {vocab}], got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0 < top_p <= 1):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)):
+        raise TypeError(f"top_p: expected None or a float in (0, 1], got {type(top_p).__name__}")
+    if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p: expected None or a float in (0, 1], got {top_p!r}")
     if stop_tokens is None:
         stops: set[int] = set()
@@ -554,23 +569,24 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, stop_tokens, gener
         except TypeError:
             raise TypeError(f"stop_tokens: expected None, an int or a sequence of ints, "
                             f"got {type(stop_tokens).__name__}") from None
-        bad = [t for t in items if not _is_int(t) or not 0 <= t < vocab]
+        if any(not _is_int(t) for t in items):
+            raise TypeError(f"stop_tokens: expected None, an int or a sequence of ints, got "
+                            f"{[t for t in items if not _is_int(t)]}")
+        bad = [t for t in items if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"stop_tokens: expected token ids in [0, {vocab}), got {bad}")
-        stops = set(items)
+        stops = {int(t) for t in items}
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected None or a torch.Generator, got {type(generator).__name__}")
         if generator.device.type != device.type:
             raise ValueError(f"generator: expected a generator on the model's device type "
                              f"{device.type!r}, got one on {generator.device}")
-    if page_size is not None and (not _is_int(page_size) or page_size < 1):
-        raise ValueError(f"page_size: expected None (contiguous cache) or a positive int, got {page_size!r}")
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph: expected None (auto), True or False, got {cuda_graph!r}")
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph: True needs a model on a CUDA device, the model is on {device}")
-    return float(temperature), stops
+    return (float(temperature), stops) + ints
 
 
 # --------------------------------------------------------------------------- generate
@@ -604,8 +620,9 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     head = parts.head_weight
     device, dtype = head.device, head.dtype
     vocab = head.shape[0]
-    temperature, stops = _check_options(max_new_tokens, temperature, top_k, top_p, stop_tokens,
-                                        generator, page_size, cuda_graph, vocab, device)
+    temperature, stops, max_new_tokens, top_k, page_size = _check_options(
+        max_new_tokens, temperature, top_k, top_p, stop_tokens, generator, page_size, cuda_graph,
+        vocab, device)
     rows = _prompt_list(prompts, vocab, device)
     lens = [int(p.numel()) for p in rows]
     B, T = len(rows), max(lens)

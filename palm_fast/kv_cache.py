@@ -175,8 +175,8 @@ class KVCache:
                             f"{type(n).__name__}")
         for b, x in enumerate(vals):
             if x < 0 or (upper is not None and x > upper):
-                hi = "" if upper is None else f", {upper}"
-                raise ValueError(f"{name}: expected values in [0{hi}], got {x} for sequence {b}")
+                want = ">= 0" if upper is None else f"in [0, {upper}]"
+                raise ValueError(f"{name}: expected values {want}, got {x} for sequence {b}")
         return vals
 
     def check_room(self, n_new: list[int], what: str = "n_new") -> None:
@@ -307,6 +307,10 @@ class KVCache:
             seqs = list(range(self.batch))
         elif isinstance(seqs, int) and not isinstance(seqs, bool):
             seqs = [seqs]
+        elif isinstance(seqs, bool) or not isinstance(seqs, (list, tuple, range, torch.Tensor)):
+            raise TypeError(f"seqs: expected None, an int or a list of ints, got {type(seqs).__name__}")
+        if isinstance(seqs, torch.Tensor):
+            seqs = seqs.reshape(-1).tolist()
         seqs = [self._check_seq("seqs", b) for b in seqs]
         for b in set(seqs):
             self._host_lengths[b] = 0
@@ -333,22 +337,28 @@ class KVCache:
         the page-aligned part of the prefix), which ``mqa_decode`` reads once for all."""
         self._require_paged("fork")
         src = self._check_seq("src", src)
-        dsts = [dst] if isinstance(dst, int) and not isinstance(dst, bool) else list(dst)
+        if isinstance(dst, bool) or not isinstance(dst, (int, list, tuple, range)):
+            raise TypeError(f"dst: expected an int or a list of ints, got {type(dst).__name__}")
+        dsts = [dst] if isinstance(dst, int) else list(dst)
         dsts = [self._check_seq("dst", d) for d in dsts]
         if not dsts:
             raise ValueError("dst: expected at least one sequence index, got none")
         if len(set(dsts)) != len(dsts) or src in dsts:
             raise ValueError(f"dst: expected distinct sequence indices other than src={src}, got {dsts}")
         if n_tokens is None:
+            if self._host_lengths[src] == 0:
+                raise ValueError(f"src: sequence {src} is empty: nothing to fork")
             n_tokens = self._host_lengths[src]
         n_tokens = _check_pos_int("n_tokens", n_tokens)
         if n_tokens > self._host_lengths[src]:
             raise ValueError(f"n_tokens: expected <= the {self._host_lengths[src]} tokens cached for "
                              f"src={src}, got {n_tokens}")
         for d in dsts:
-            if self._host_lengths[d] != 0 or any(p >= 0 for p in self._host_table[d]):
+            if self._host_lengths[d] != 0:
                 raise ValueError(f"dst: sequence {d} is not empty (length {self._host_lengths[d]}); "
                                  "reset it first")
+            if any(p >= 0 for p in self._host_table[d]):
+                raise ValueError(f"dst: sequence {d} holds reserved pages (length 0); reset it first")
         n_full, rem = divmod(n_tokens, self.page_size)
         if rem and len(self._free) < len(dsts):
             raise ValueError(f"dst: out of pages: copying the partly filled last page for {len(dsts)} "

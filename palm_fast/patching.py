@@ -250,16 +250,28 @@ def _replace(module: nn.Module, path: str, opts: PatchOptions, report: PatchRepo
     return new
 
 
-def _walk(module: nn.Module, prefix: str, opts: PatchOptions, report: PatchReport) -> None:
-    for name, child in list(module.named_children()):
+def _walk(module: nn.Module, prefix: str, opts: PatchOptions, report: PatchReport,
+          memo: dict | None = None) -> None:
+    # Every slot, also a module instance registered twice (named_children() lists it once):
+    # each occurrence gets the same replacement, so the sharing is kept.
+    memo = {} if memo is None else memo   # id(child) -> (child, its replacement or None)
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
         path = f"{prefix}.{name}" if prefix else name
+        if id(child) in memo:
+            new = memo[id(child)][1]
+            if new is not None:
+                setattr(module, name, new)
+            continue
         if _ORIGINAL in child.__dict__:   # already a replacement
             continue
         new = _replace(child, path, opts, report)
+        memo[id(child)] = (child, new)   # (child kept alive: its id stays unique)
         if new is not None:
             setattr(module, name, new)
         else:
-            _walk(child, path, opts, report)
+            _walk(child, path, opts, report, memo)
 
 
 def patch(model: nn.Module, *, rope: bool = True, swiglu: bool = True, layer_norm: bool = True,

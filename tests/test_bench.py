@@ -80,10 +80,28 @@ def test_failing_implementation_is_reported_not_hidden(toy_registry, tmp_path):
 
 
 def test_unknown_family_and_dtype_are_rejected(toy_registry):
-    with pytest.raises(ValueError, match="--only"):
+    with pytest.raises(SystemExit, match="--only: unknown benchmark family"):
         cli.main(["bench", "--only", "nope", "--device", "cpu", "--quick"])
     with pytest.raises(SystemExit, match="--dtype"):
         cli.main(["bench", "--only", "_toy", "--device", "cpu", "--dtype", "int8"])
+
+
+def test_cli_bad_files_and_threshold_give_one_line_errors(tmp_path, capsys):
+    """A missing or malformed results file, or a bad --threshold: an exit with a message,
+    not a traceback."""
+    missing, text, other = tmp_path / "none.json", tmp_path / "a.txt", tmp_path / "b.json"
+    text.write_text("not json")
+    other.write_text('{"rows": []}')
+    with pytest.raises(SystemExit, match="cannot read .*none.json"):
+        cli.main(["compare", str(missing), str(missing)])
+    with pytest.raises(SystemExit, match="a.txt is not JSON"):
+        cli.main(["compare", str(text), str(text)])
+    with pytest.raises(SystemExit, match="expected a palm-fast bench JSON"):
+        cli.main(["plot", str(other), "--out", str(tmp_path / "x.png")])
+    for bad in ("-1", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            cli.main(["compare", str(other), str(other), "--threshold", bad])
+        assert "--threshold" in capsys.readouterr().err
 
 
 def test_rotation_count_and_timer():

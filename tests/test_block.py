@@ -382,6 +382,14 @@ def test_bad_input():
         fast(randn(1, 2, 64), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="recompute: expected one of"):
         ParallelBlock(64, 4, 16, 100, recompute="some")
+    blk = fast
+    args = (randn(1, 2, 64), blk.norm.weight, blk.in_proj.weight, blk.attn_out.weight,
+            blk.ff_out.weight, blk.rotary.inv_freq)
+    kw = dict(n_heads=blk.n_heads, head_dim=blk.head_dim, d_ff=blk.d_ff)
+    with pytest.raises(ValueError, match="n_kv_heads: expected a divisor of n_heads"):
+        ob.parallel_block(*args, **(kw | dict(n_kv_heads=3)))
+    with pytest.raises(TypeError, match="n_heads: expected an int"):
+        ob.parallel_block(*args, **(kw | dict(n_heads=float(blk.n_heads))))
     q = randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="k: expected shape"):
         causal_mqa_attention(q, randn(1, 5, 8), randn(1, 5, 8))

@@ -336,7 +336,11 @@ def tiny_model():
     ([[1, 256]], {}, ValueError, r"prompts\[0\]: token ids must lie in \[0, 256\)"),
     ([[1, -1]], {}, ValueError, r"prompts\[0\]: token ids must lie"),
     ([[1]], {"max_new_tokens": -1}, ValueError, "max_new_tokens: expected an int >= 0, got -1"),
-    ([[1]], {"max_new_tokens": 2.0}, ValueError, "max_new_tokens: expected an int"),
+    ([[1]], {"max_new_tokens": 2.0}, TypeError, "max_new_tokens: expected an int >= 0, got float"),
+    ([[1]], {"max_new_tokens": True}, TypeError, "max_new_tokens: expected an int"),
+    ([[1]], {"top_k": 2.0}, TypeError, "top_k: expected None or an int"),
+    ([[1]], {"temperature": "hot"}, TypeError, "temperature"),
+    ([[1]], {"stop_tokens": "a"}, TypeError, "stop_tokens: expected None, an int or a sequence"),
     ([[1] * 100], {"max_new_tokens": 29}, ValueError, "max_new_tokens: .* exceeds the model's max_seq_len"),
     ([[1]], {"temperature": -0.5}, ValueError, "temperature: expected a finite float >= 0"),
     ([[1]], {"temperature": float("nan")}, ValueError, "temperature"),
@@ -347,7 +351,7 @@ def tiny_model():
     ([[1]], {"stop_tokens": [3, 999]}, ValueError, r"stop_tokens: expected token ids in \[0, 256\)"),
     ([[1]], {"stop_tokens": 2.5}, TypeError, "stop_tokens: expected None, an int or a sequence"),
     ([[1]], {"generator": 3}, TypeError, "generator: expected None or a torch.Generator"),
-    ([[1]], {"page_size": 0}, ValueError, "page_size: expected None .* or a positive int, got 0"),
+    ([[1]], {"page_size": 0}, ValueError, r"page_size: expected None or an int >= 1, got 0"),
     ([[1]], {"cuda_graph": "yes"}, TypeError, "cuda_graph: expected None"),
 ])
 def test_bad_input(tiny_model, prompts, kwargs, exc, match):
@@ -355,6 +359,14 @@ def test_bad_input(tiny_model, prompts, kwargs, exc, match):
     n = kwargs.pop("max_new_tokens")
     with pytest.raises(exc, match=match):
         palm_fast.generate(tiny_model, prompts, n, **kwargs)
+
+
+def test_numpy_integers_are_ints(tiny_model):
+    np = pytest.importorskip("numpy")
+    want = palm_fast.generate(tiny_model, [[1, 2]], 4, top_k=1, temperature=1.0, stop_tokens=[7])
+    got = palm_fast.generate(tiny_model, [[1, 2]], np.int64(4), top_k=np.int32(1),
+                             temperature=np.float32(1.0), stop_tokens=np.array([7]), page_size=np.int64(16))
+    assert [t.tolist() for t in got] == [t.tolist() for t in want]
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without CUDA")

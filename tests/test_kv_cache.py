@@ -126,6 +126,8 @@ def _bad_calls(cache: KVCache):
     yield lambda: cache.advance(2), ValueError, "overflow"
     yield lambda: cache.advance(torch.tensor([0] * (B + 1))), ValueError, "n_new"
     yield lambda: cache.reset(B), ValueError, "seqs"
+    yield lambda: cache.reset(True), TypeError, "seqs: expected None, an int or a list"
+    yield lambda: cache.advance(-1), ValueError, "n_new: expected values >= 0, got -1"
 
 
 @pytest.mark.parametrize("page_size", [None, 4])
@@ -153,6 +155,8 @@ def test_paged_rejections_unchanged():
         (lambda: cache.fork(0, [2], 6), ValueError, "n_tokens"),
         (lambda: cache.fork(0, [], 4), ValueError, "at least one"),
         (lambda: cache.fork(5, [2], 4), ValueError, "src"),
+        (lambda: cache.fork(0, True), TypeError, "dst: expected an int or a list"),
+        (lambda: cache.fork(2, [1]), ValueError, "src: sequence 2 is empty"),
     ]
     for call, err, match in bad:
         with pytest.raises(err, match=match):

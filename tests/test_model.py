@@ -92,3 +92,10 @@ def test_generate_matches_reference():
 def test_bad_recompute():
     with pytest.raises(ValueError, match="recompute: expected one of"):
         PaLM(CFG, recompute="everything")
+
+
+def test_loss_needs_two_tokens():
+    ref, fast = _pair()
+    for m in (ref, fast):
+        with pytest.raises(ValueError, match="tokens: expected at least 2 tokens per sequence"):
+            m.loss(torch.zeros(2, 1, dtype=torch.long))

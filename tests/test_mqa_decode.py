@@ -226,7 +226,7 @@ def test_decode_bad_input():
         (dict(layer=1), ValueError, "layer"),
         (dict(seq_lens=good.long()), TypeError, "seq_lens"),
         (dict(seq_lens=torch.tensor([10, 14], dtype=torch.int32)), ValueError, "seq_lens"),
-        (dict(seq_lens=torch.tensor([0, 1], dtype=torch.int32)), ValueError, "seq_lens"),
+        (dict(seq_lens=torch.tensor([-1, 1], dtype=torch.int32)), ValueError, "seq_lens"),
         (dict(seq_lens=torch.tensor([13, 5], dtype=torch.int32)), ValueError, "page_table"),  # no page
         (dict(seq_lens=good[:1]), ValueError, "seq_lens"),
     ]
@@ -290,6 +290,8 @@ def test_rope_append_rejections_leave_cache_unchanged(page_size):
         (lambda: ops.rope_append(q, k, v, cache, 0, -torch.ones(B, T, dtype=torch.long)),
          ValueError, "positions"),
         (lambda: ops.rope_append(q, k, v, cache, 0, rotary_dim=5), ValueError, "rotary_dim"),
+        (lambda: ops.rope_append(q, k, v, cache, 0, base=float("nan")), ValueError, "base"),
+        (lambda: ops.rope_append(q, k, v, cache, 0, base=0.0), ValueError, "base"),
         (lambda: ops.rope_append(q.requires_grad_(), k, v, cache, 0), RuntimeError, "inference only"),
     ]
     for call, err, match in bad:
@@ -334,6 +336,20 @@ def test_triton_decode_parity(case, dtype, triton_backend):
     o = ops.mqa_decode(q, cache, 0, cache.lengths)
     assert o.dtype == dtype and o.shape == (B, H, hd)
     check_decode(o, q, Ks, Vs)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_zero_length_sequences_decode_to_zero(backend, page_size, request):
+    """A batch slot with no tokens (e.g. reset, waiting for its prompt) decodes to o = 0; the
+    other sequences are unaffected."""
+    device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
+    cache, Ks, Vs = fill_cache(3, [7, 1, 12], 16, torch.float32, page_size, device=device)
+    cache.reset(1)
+    q = randn(3, 4, 16, device=device)
+    o = ops.mqa_decode(q, cache, 0, cache.lengths)
+    assert int(cache.lengths[1]) == 0 and torch.equal(o[1].cpu(), torch.zeros(4, 16))
+    check_decode(o[[0, 2]], q[[0, 2]], [Ks[0], Ks[2]], [Vs[0], Vs[2]])
 
 
 @pytest.mark.parametrize("n_splits", [1, 3, 30])

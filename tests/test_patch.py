@@ -587,3 +587,29 @@ def test_decoder_parts_of_palm_pytorch_rotary_tables():
         m[2].fn.rotary_emb.inv_freq.mul_(0.5)
     with pytest.raises(ValueError, match=r"model\[2\]\.fn\.rotary_emb\.inv_freq"):
         decoder_parts(m)
+
+
+def test_a_module_registered_twice_is_replaced_in_every_slot():
+    """``nn.ModuleList([b, b])``: named_children() lists the instance once; both slots must
+    get the replacement (the same object, so the sharing is kept)."""
+    from palm_fast import reference
+
+    ln = reference.LayerNorm(16)
+    holder = nn.ModuleList([ln, ln, nn.Sequential(ln)])
+    palm_fast.patch(holder)
+    assert type(holder[0]) is palm_fast.nn.LayerNorm
+    assert holder[0] is holder[1] is holder[2][0]
+    assert holder[0].weight is ln.weight
+
+
+@needs_pp
+def test_palm_pytorch_built_under_inference_mode():
+    """Buffers and parameters made under torch.inference_mode() have no version counter:
+    the patched block must not key its caches on one."""
+    with torch.inference_mode():
+        m = pp_model()
+        x = tokens()
+        ref = m(x)
+        patched = quiet_patch(m)
+        out = patched(x)
+    assert max_err(out, ref) <= 1e-4

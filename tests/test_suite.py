@@ -199,7 +199,7 @@ def test_compare_cli_exit_codes(tmp_path, capsys):
     assert cli.main(["compare", str(po), str(pn), "--fail-on-regression"]) == 2
     assert cli.main(["compare", str(po), str(po), "--fail-on-regression"]) == 0
     (tmp_path / "bad.json").write_text("[]")
-    with pytest.raises(ValueError, match="bench JSON"):
+    with pytest.raises(SystemExit, match="bench JSON"):
         cli.main(["compare", str(po), str(tmp_path / "bad.json")])
 
 

@@ -219,6 +219,23 @@ def test_cpp_extreme_gates():
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_gate_gradient_accurate_for_large_positive_gates(backend):
+    """d_gate = g v s (1 + gate (1 - s)): with s one rounding below 1, gate * (1 - s) grew
+    with the gate (1e-6 relative at gate 20, 6e-4 at 1e4). 1 - s is now exp(-gate) * s."""
+    device = "cpu" if backend == "cpp" else TRITON_DEVICE
+    bwd = cpp().swiglu_bwd if backend == "cpp" else tk.swiglu_bwd
+    gate = torch.tensor([5.0, 12.0, 20.0, 40.0, 90.0, 300.0, 1e4, 3e4])
+    F = gate.numel()
+    x = torch.cat([torch.ones(1, F), gate[None]], dim=-1).to(device)
+    grad = torch.ones(1, F, device=device)
+    d_gate = bwd(grad, x)[0, F:].cpu().double()
+    g = gate.double()
+    s = torch.sigmoid(g)
+    want = s * (1 + g * torch.sigmoid(-g))
+    assert ((d_gate - want).abs() / want).max() < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_nan_propagates(backend):
     device = "cpu" if backend == "cpp" else TRITON_DEVICE
     fwd, bwd = ((cpp().swiglu_fwd, cpp().swiglu_bwd) if backend == "cpp"

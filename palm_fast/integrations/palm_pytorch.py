@@ -260,6 +260,10 @@ class ParallelTransformerBlock(nn.Module):
         if x.dim() != 3 or w.dtype != x.dtype or g.dtype not in (x.dtype, torch.float32):
             return False
         beta = self.norm.beta
+        if beta.is_inference():
+            # an inference tensor (built under torch.inference_mode) has no version counter:
+            # a change could not be detected, so it is read every call
+            return not bool(beta.any())
         key = (beta.data_ptr(), beta._version, beta.device, beta.dtype)
         if key != self._beta_key:   # one host read per change of beta, not per call
             self._beta_zero = not bool(beta.any())
@@ -272,10 +276,13 @@ class ParallelTransformerBlock(nn.Module):
         w, buf = self.fused_attn_ff_proj.weight, self.rotary_emb.inv_freq
         if not uses_triton(w.device.type):
             return None
+        args = (w, inv_freq, self.heads, 1, self.dim_head, self.fused_dims[3] // 2, False)
+        if w.is_inference() or buf.is_inference():   # no version counter: see _fused_ok
+            return pack_in_proj(*args)
         key = (w.data_ptr(), w._version, w.dtype, w.device, buf.data_ptr(), buf._version, buf.dtype)
         if self._packed is None or self._packed_key != key:
-            self._packed = pack_in_proj(w, inv_freq, self.heads, 1, self.dim_head,
-                                        self.fused_dims[3] // 2, False)
+            with torch.inference_mode(False):   # a cached inference tensor breaks later training
+                self._packed = pack_in_proj(*args)
             self._packed_key = key
         return self._packed
 

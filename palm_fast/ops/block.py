@@ -301,6 +301,14 @@ _InProjEager = eager_function("block_in_proj", _IN_IMPLS, _in_setup, _in_backwar
 
 
 def _check_in(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_heads, head_dim, d_ff):
+    for name, v in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim), ("d_ff", d_ff)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+        if v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v}")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads: expected a divisor of n_heads={n_heads} (each key/value head "
+                         f"serves n_heads / n_kv_heads query heads), got {n_kv_heads}")
     check_tensor("x", x, ndim=3)
     B, T, d = x.shape
     check_tensor("ln_weight", ln_weight, ndim=1)

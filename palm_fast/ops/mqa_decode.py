@@ -37,6 +37,7 @@ from palm_fast._ext import cpp
 from palm_fast.kv_cache import KVCache
 from palm_fast.reference.functional import rope_inv_freq
 
+from ._checks import check_float
 from ._dispatch import cached_constant, compiling
 from .rope import _cached_inv_freq
 
@@ -197,8 +198,9 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCach
             raise ValueError(f"positions: expected device {cache.device}, got {positions.device}")
         if _can_read_device() and positions.numel() and int(positions.min()) < 0:
             raise ValueError(f"positions: expected values >= 0, got {int(positions.min())}")
+    base = check_float("base", base, positive=True)
     inv_freq = (rope_inv_freq(rdim, base).to(q.device) if compiling()
-                else _cached_inv_freq(rdim, float(base), q.device))
+                else _cached_inv_freq(rdim, base, q.device))
     n_dev, _ = cache.prepare_write(layer, k, v, n_new)  # last: it may allocate pages
     args = (q, k, v, cache.k, cache.v, cache.page_table, cache.lengths, n_dev, positions, inv_freq,
             layer, bool(interleaved))
@@ -235,7 +237,7 @@ def _values_bad(cache: KVCache, seq_lens: torch.Tensor, table, starts_host) -> b
     """Whether any seq_lens value or any page-table entry it reads is out of range, computed
     on the tensors' device with one host read."""
     lens = seq_lens.long()
-    bad = ((lens < 1) | (lens > cache.max_len)).any()
+    bad = ((lens < 0) | (lens > cache.max_len)).any()
     if starts_host is not None:
         bad = bad | (lens < torch.tensor(starts_host, device=lens.device)).any()
     if table is not None:
@@ -281,8 +283,8 @@ def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None) -> 
     # On the host (or something is out of range: find it and say what).
     lens = seq_lens.tolist()
     for b, n in enumerate(lens):
-        if not 1 <= n <= cache.max_len:
-            raise ValueError(f"seq_lens: expected values in [1, {cache.max_len}] (max_len), got {n} for "
+        if not 0 <= n <= cache.max_len:
+            raise ValueError(f"seq_lens: expected values in [0, {cache.max_len}] (max_len), got {n} for "
                              f"sequence {b}")
         if starts_host is not None and n < starts_host[b]:
             raise ValueError(f"seq_lens: sequence {b} shares a {starts_host[b]}-token prefix, got "
@@ -312,7 +314,8 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     q ``[B, H, hd]`` (one new, already rotated query token per sequence; contiguous) attends
     over cache indices ``[0, seq_lens[b])`` of ``layer`` (seq_lens: int32 ``[B]`` on the
     cache's device) with ``scale`` (default ``hd ** -0.5``). Returns o ``[B, H, hd]`` in q's
-    dtype. The kernels' launch grid does not depend on the lengths (CUDA-graph safe).
+    dtype; a sequence with ``seq_lens[b] == 0`` (an empty batch slot) gets o = 0. The
+    kernels' launch grid does not depend on the lengths (CUDA-graph safe).
     ``shared_prefix``: True reads each prefix group's shared pages once for all its members
     (paged caches with ``fork``); False reads them per sequence (same result); None (default)
     is False: the shared pass measured slower than reading per sequence on both backends
@@ -334,8 +337,7 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     cache.check_layer(layer)
     if scale is None:
         scale = hd ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite float, got {scale!r}")
+    scale = check_float("scale", scale)
     if shared_prefix is not None and not isinstance(shared_prefix, bool):
         raise TypeError(f"shared_prefix: expected None or a bool, got {shared_prefix!r}")
     dev_type = "cpu" if q.is_cpu else q.device.type
