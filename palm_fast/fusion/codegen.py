@@ -661,6 +661,10 @@ def _row_kernel_looped(em: _Emitter, args) -> tuple[list[str], dict]:
         for k, i in enumerate(keep):
             B.append(f"tl.store(scratch + row64 * {len(keep)} + {k}, {avail[i]}, mask=rmask)")
         L += ["    " + b for b in B]
+        # the scratch values were stored by one thread each; every thread reads them below:
+        # a block-wide barrier makes the global writes visible (CUDA orders them only so)
+        if keep:
+            L.append("tl.debug_barrier()")
         L += ["for off in range(0, N, BLOCK_N):", "    cols = off + offs"] + \
             ["    " + x for x in _cmask("cmask", "cols")]
         memo: dict[int, str] = {}

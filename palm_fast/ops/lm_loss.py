@@ -240,7 +240,9 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
     if z_coef < 0:
         raise ValueError(f"z_coef: expected a float >= 0, got {z_coef!r}")
     targets = targets.long().contiguous()
-    if h.device.type == "cpu" and not torch.compiler.is_compiling() and targets.numel():
+    # (one host read; skipped while tracing or capturing a CUDA graph, where it cannot run)
+    capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing and targets.numel():
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"targets: expected ids in [0, {weight.shape[0]}) (weight's rows), "
