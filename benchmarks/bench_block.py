@@ -76,7 +76,7 @@ def block_cases(ctx: BenchContext):
     serial = SerialBlock.from_parallel(ref)
     blocks = {"palm_fast": fast, "eager": ref, "serial": serial}
     if dev == "cuda":   # compiling the block on a 2-core CPU takes about a minute
-        blocks["compile"] = torch.compile(ref)
+        blocks["compile"] = torch.compile(ref, dynamic=False)
     elem = torch.empty((), dtype=dt).element_size()
     flops = _block_flops(s)
     params = sum(p.numel() for p in ref.parameters())

@@ -49,7 +49,7 @@ def lm_loss_cases(ctx: BenchContext):
     d, V = cfg.d_model, cfg.vocab_size
     scale = d ** -0.5 if cfg.scale_logits else 1.0
     z = cfg.z_loss
-    compiled = torch.compile(reference_loss)
+    compiled = torch.compile(reference_loss, dynamic=False)
 
     def setup():
         h = torch.randn(M, d, device=ctx.device, dtype=ctx.dtype, requires_grad=True)

@@ -124,7 +124,7 @@ class _Trainer:
                 model = RefPaLM(cfg)
         self.model = model.to(device=device, dtype=dtype)
         self.opt = _adamw(self.model.parameters(), device)
-        self.loss_fn = torch.compile(self.model.loss) if impl == "compile" else self.model.loss
+        self.loss_fn = torch.compile(self.model.loss, dynamic=False) if impl == "compile" else self.model.loss
         self.first_loss: float | None = None
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -135,6 +135,11 @@ class _Trainer:
         if self.first_loss is None:  # same weights, same tokens: a cross-implementation check
             self.first_loss = float(loss.detach())
         return loss
+
+
+# The model's recompute argument -> the HFU accounting of what it recomputes (its "full"
+# checkpoints every block, not the embedding / head: flops' "blocks").
+_HFU_POLICY = {"none": "none", "attention": "attention", "full": "blocks"}
 
 
 def _impls_and_policies(device: str) -> dict[str, str]:
@@ -183,7 +188,7 @@ def model_cases(ctx: BenchContext):
                  if ctx.device == "cuda" and ctx.dtype in (torch.bfloat16, torch.float16) else None)
 
     def derive(rec: dict, peaks: dict) -> dict:
-        policy = rec["recompute"]
+        policy = _HFU_POLICY[rec["recompute"]]
         tps = B * T / (rec["ms"] * 1e-3)
         measured = peaks["matmul_tflops"] * 1e12
         t = state.get(rec["impl"])
@@ -191,6 +196,7 @@ def model_cases(ctx: BenchContext):
             "tokens_per_s": tps,
             "model_flops_per_token": model_fpt,
             "hardware_flops_per_token": flops.hardware_flops_per_token(cfg, T, policy),
+            "hfu_policy": policy,
             "peak_measured_tflops": peaks["matmul_tflops"],
             "peak_measured_dtype": peaks.get("matmul_dtype"),
             "peak_datasheet_tflops": datasheet / 1e12 if datasheet else None,

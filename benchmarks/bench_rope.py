@@ -67,7 +67,7 @@ def _case(ctx: BenchContext, s: dict, mode: str) -> Case:
             return outs
         return run
 
-    compiled = torch.compile(_eager)   # one compiled function per case
+    compiled = torch.compile(_eager, dynamic=False)   # one compiled function per case
     impls = {
         "palm_fast": wrap(lambda inp: rope(inp["q"], inp["k"], offsets=offsets, inv_freq=inv_freq)),
         "eager": wrap(lambda inp: _eager(inp["q"], inp["k"], positions, inv_freq)),

@@ -42,7 +42,7 @@ def swiglu_cases(ctx: BenchContext):
     elem = torch.empty((), dtype=ctx.dtype).element_size()
     shape = {"tokens": tokens, "F": F}
     fns = {"palm_fast": swiglu, "eager": functional.swiglu,
-           "compile": torch.compile(functional.swiglu)}
+           "compile": torch.compile(functional.swiglu, dynamic=False)}
     liger = _liger_swiglu() if ctx.device == "cuda" else None
     if liger is not None:
         fns["liger"] = liger

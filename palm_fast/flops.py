@@ -8,7 +8,11 @@ dim Q and sequence length T:
   matrix, no causal halving; multi-query attention does not change it).
 * hardware FLOPs per token = a N + b L H Q T, with (a, b) by recomputation:
   "none" (6, 12), "attention" (6, 16), "palm540b" (7.5, 16: 75% of the
-  non-attention forward and all attention forward recomputed), "full" (8, 16).
+  non-attention forward and all attention forward recomputed), "full" (8, 16: the whole
+  forward recomputed). "blocks" is what ``palm_fast.nn.PaLM(recompute="full")`` runs: every
+  transformer block's forward recomputed (``torch.utils.checkpoint`` per block), the tied
+  embedding / head and the final norm not: ``6 N + 2 N_blocks + 16 L H Q T`` with N_blocks
+  the blocks' parameters (a ``PaLMConfig`` is needed to know them).
 * MFU = tokens/s * model FLOPs per token / (n_devices * peak FLOP/s per device);
   HFU the same with hardware FLOPs per token.
 
@@ -81,9 +85,17 @@ def model_flops_per_token(model, seq_len: int) -> float:
 
 def hardware_flops_per_token(model, seq_len: int, recompute: str = "none") -> float:
     """``a N + b L H Q T`` FLOPs per trained token for a recomputation policy
-    (one of ``RECOMPUTE``: "none", "attention", "palm540b", "full")."""
+    (one of ``RECOMPUTE``: "none", "attention", "palm540b", "full"), or "blocks":
+    ``6 N + 2 N_blocks + 16 L H Q T`` (every block's forward recomputed; ``model`` a
+    ``PaLMConfig``)."""
+    if recompute == "blocks":
+        if not isinstance(model, PaLMConfig):
+            raise TypeError("model: recompute='blocks' needs a PaLMConfig (the blocks' parameter "
+                            f"count), got {type(model).__name__}")
+        n_blocks = model.n_layers * model.layer_param_count()
+        return _flops(model, seq_len, 6.0, 16.0) + 2.0 * n_blocks
     if recompute not in RECOMPUTE:
-        raise ValueError(f"recompute: expected one of {list(RECOMPUTE)}, got {recompute!r}")
+        raise ValueError(f"recompute: expected one of {list(RECOMPUTE) + ['blocks']}, got {recompute!r}")
     return _flops(model, seq_len, *RECOMPUTE[recompute])
 
 

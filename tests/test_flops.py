@@ -48,6 +48,15 @@ def test_formulas_exact():
     assert hardware_flops_per_token(ModelShape(*shape), t, "attention") == 6 * n + 16 * att
     assert hardware_flops_per_token(shape, t, "palm540b") == 7.5 * n + 16 * att
     assert hardware_flops_per_token(shape, t, "full") == 8 * n + 16 * att
+    # "blocks" (palm_fast.nn.PaLM's recompute="full": per-block checkpoints): the embedding /
+    # head (V d) and the final norm (d) are not recomputed
+    cfg = get_config("palm-small")
+    nb = cfg.param_count() - cfg.vocab_size * cfg.d_model - cfg.d_model
+    att = cfg.n_layers * cfg.n_heads * cfg.head_dim * 128
+    assert hardware_flops_per_token(cfg, 128, "blocks") == 6 * cfg.param_count() + 2 * nb + 16 * att
+    assert hardware_flops_per_token(cfg, 128, "blocks") == 45_098_496   # worked out by hand
+    with pytest.raises(TypeError, match="blocks"):
+        hardware_flops_per_token(shape, t, "blocks")
     # A config and its explicit shape agree; MQA (kv heads) only changes N, not the attention term.
     cfg = get_config("palm-tiny")
     explicit = (cfg.param_count(), cfg.n_layers, cfg.n_heads, cfg.head_dim)
