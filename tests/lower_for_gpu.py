@@ -238,6 +238,16 @@ def layer_norm() -> None:
     for N in (4096, 40000):
         _case("layer_norm", f"generic graph N={N}")
         compile_graph(g, "full")(x=_empty(M, N), w=_empty(N), eps=1e-5)
+    # scalar casts / compares, an infinite constant, scalar math in two kernels
+    g = Graph("scalars")
+    xi, e = g.input("x", "row"), g.input("e", "scalar")
+    s = g.mul(g.cast(e, "float16"), g.binary("gt", e, g.const(0.0)))
+    g.output("m", g.max(g.where(g.binary("gt", xi, g.const(0.0)), xi, g.const(float("-inf")))))
+    g.output("c", g.mul(g.sum(xi, "col"), s))
+    g.output("y", g.mul(xi, s))
+    for N in (4096, 40000):
+        _case("layer_norm", f"scalar math N={N}")
+        compile_graph(g, "full")(x=_empty(M, N), e=0.5)
 
 
 FAMILIES = {f.__name__: f for f in (decode, rope, swiglu, projection, layer_norm)}

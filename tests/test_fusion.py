@@ -378,6 +378,41 @@ def test_column_output_of_a_row_kernel(opts):
         torch.testing.assert_close(out["cs"], ry.sum(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["full", "mindspore"])
+@pytest.mark.parametrize("opts", [{}, {"max_block": 32, "loop_block": 32}], ids=["held", "looped"])
+def test_scalar_math_constants_and_output_dtypes(mode, opts):
+    """Found by fuzzing the engine: scalar-space casts / compares (Python values have no
+    .to()), an infinite constant, scalar math used by two kernels (a scalar is never a
+    kernel output: each kernel recomputes it), one node output twice with different dtypes,
+    and a half-precision output another kernel reads (intermediates stay fp32)."""
+    g = Graph("scalars")
+    x, e = g.input("x", "row"), g.input("e", "scalar")
+    g.output("y", g.mul(x, g.cast(e, "float16")))
+    g.output("z", g.mul(x, g.binary("gt", e, g.const(0.0))))
+    g.output("m", g.max(g.where(g.binary("gt", x, g.const(0.0)), x, g.const(float("-inf")))))
+    s = g.mul(e, e)
+    g.output("c", g.mul(g.sum(x, "col"), s))
+    g.output("w", g.add(g.sum(g.mul(x, s)), s))
+    ex = g.exp(x)
+    g.output("a", ex)
+    g.output("b", ex, "x")
+    rs = g.sum(x)
+    g.output("rs", rs, "x")
+    g.output("v", g.mul(x, rs))
+    t = randn(3, 70, device=DEV).bfloat16()
+    r = compile_graph(g, mode, **opts)(x=t, e=0.5)
+    tf = t.float()
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r["y"], tf * 0.5, **close)
+    torch.testing.assert_close(r["z"], tf, **close)
+    torch.testing.assert_close(r["m"], torch.where(tf > 0, tf, -torch.inf).max(-1).values, **close)
+    torch.testing.assert_close(r["c"], tf.sum(0) * 0.25, **close)
+    torch.testing.assert_close(r["w"], (tf * 0.25).sum(-1) + 0.25, **close)
+    assert r["a"].dtype == torch.float32 and r["b"].dtype == torch.bfloat16 == r["rs"].dtype
+    torch.testing.assert_close(r["a"], tf.exp(), **close)
+    torch.testing.assert_close(r["v"], tf * tf.sum(-1, keepdim=True), **close)   # from the fp32 sum
+
+
 def test_determinism_bitwise():
     x, w, b, dy = _ln_case(11, 333, torch.bfloat16)  # 4 programs of 3 rows: partials matter
     runs = []

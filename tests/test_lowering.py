@@ -118,7 +118,7 @@ def test_fusion_kernels(report):
                  "fused_layer_norm_bwd_nobias_full_g0_t9", "fused_layer_norm_bwd_nobias_full_g0_t9_rl",
                  "fused_add_layer_norm_fwd_nobias_bfloat16_full_g0_t9", "fused_rms_norm_fwd_full_g0",
                  "fused_rms_norm_bwd_full_g0", "fused_layer_norm_fwd_nobias_mindspore_g2",
-                 "fused_generic_full_g0_looped"):
+                 "fused_generic_full_g0_looped", "fused_scalars_full_g0_looped"):
         assert want in names, (want, sorted(names))
     assert any(n.startswith("fused_layer_norm_fwd_nobias_full_g0_t9_r") for n in names)
     # wide rows take more warps (the runner's GPU rule; under the interpreter warps are not set)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -77,7 +78,8 @@ _NEUTRAL = {"sum": "0.0", "max": "float('-inf')"}
 
 
 def _const_expr(value: float, n_pow: int) -> str:
-    expr = repr(float(value))
+    value = float(value)
+    expr = repr(value) if math.isfinite(value) else f"float('{value}')"  # inf / nan: not names
     if n_pow > 0:
         expr += " * n_f" * n_pow
     elif n_pow < 0:
@@ -113,6 +115,10 @@ class _Emitter:
 
     def op_expr(self, i: int, ins: list[str]) -> str:
         n = self.g.nodes[i]
+        if n.space == "scalar":
+            # constants are Python literals and the interpreter passes runtime scalars as
+            # Python floats: as 0-d fp32 tensors, .to() (cast, compare) and tl.* apply
+            ins = [f"(tl.zeros([], dtype=tl.float32) + {x})" for x in ins]
         if n.op in _UNARY:
             return _UNARY[n.op].format(*ins)
         if n.op == "cast":
@@ -978,9 +984,16 @@ class CompiledGraph:
                 if tuple(t.shape) == want:
                     want = None  # already [M] / [N]: no view needed
             plan.inputs.append((name, nid, want))
+        def want(like):
+            return torch.float32 if like == "float32" else inputs[like].dtype
+
+        # A kernel writes a graph output in its dtype (the first output of that node names
+        # it), unless another kernel reads the value too: intermediates between kernels stay
+        # fp32, and the returned output is cast.
+        consumed = {i for grp in self.schedule.groups for i in grp.inputs}
         out_dtype = {}
         for nid, like in g.outputs.values():
-            out_dtype.setdefault(nid, torch.float32 if like == "float32" else inputs[like].dtype)
+            out_dtype.setdefault(nid, torch.float32 if nid in consumed else want(like))
         P = _num_partials(M, device, self.partials_per_sm)
         rpp = -(-M // P)
         P = -(-M // rpp) if M else 1
@@ -1038,9 +1051,9 @@ class CompiledGraph:
                 kw["num_warps"] = self.num_warps or warps
             plan.launches.append((fn, grid, spec, kw))
         seen = set()
-        for name, (nid, _like) in g.outputs.items():
+        for name, (nid, like) in g.outputs.items():
             dt = dtype_of[nid]
-            cast = out_dtype[nid] if dt != "f" and dt != out_dtype[nid] else None
+            cast = want(like) if dt != "f" and dt != want(like) else None
             if cast is None and (g.nodes[nid].op == "input" or nid in seen):
                 cast = "copy"   # an output that simplified to an input (or a repeated value): a new tensor
             seen.add(nid)

@@ -298,10 +298,20 @@ class Partition:
         users = g.users()
         out = []
         for idx, gid in enumerate(order):
-            mem = self.members[gid]
+            mem = set(self.members[gid])
+            # Scalar math (of scalar inputs and constants) is recomputed in every kernel that
+            # uses it, never passed between kernels (a kernel's outputs are tensors).
+            todo = list(mem)
+            while todo:
+                for i in g.nodes[todo.pop()].inputs:
+                    n = g.nodes[i]
+                    if i not in mem and n.space == "scalar" and n.kind == "ew":
+                        mem.add(i)
+                        todo.append(i)
             ins = sorted({i for n in mem for i in g.nodes[n].inputs
                           if i not in mem and g.nodes[i].op != "const"})
-            outs = sorted(n for n in mem if n in graph_outs or any(u not in mem for u in users[n]))
+            outs = sorted(n for n in mem if g.nodes[n].space != "scalar"
+                          and (n in graph_outs or any(u not in mem for u in users[n])))
             kind = "col" if self._axis(mem) == "col" else "row"
             out.append(Group(idx, kind, sorted(mem), ins, outs))
         return out
