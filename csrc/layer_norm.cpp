@@ -127,18 +127,24 @@ inline void from_float(const float* src, T* dst, int64_t n, S = {}) {
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// Rounds the fp32 row to T in place (the value a store to T then a load gives).
-template <typename T>
-inline void round_row(float* s, int64_t n) {
+// from_float that also leaves the rounded values in src (what a load of dst gives back):
+// one conversion per element for both.
+template <typename T, typename S>
+inline void from_float_rounding(float* src, T* dst, int64_t n, S) {
   using bVec = at::vec::Vectorized<T>;
   int64_t i = 0;
   for (; i + bVec::size() <= n; i += bVec::size()) {
-    auto [lo, hi] = at::vec::convert_to_float<T>(
-        at::vec::convert_from_float<T>(fVec::loadu(s + i), fVec::loadu(s + i + fVec::size())));
-    lo.store(s + i);
-    hi.store(s + i + fVec::size());
+    const bVec b = at::vec::convert_from_float<T>(fVec::loadu(src + i), fVec::loadu(src + i + fVec::size()));
+    S::put16(dst + i, b);
+    auto [lo, hi] = at::vec::convert_to_float<T>(b);
+    lo.store(src + i);
+    hi.store(src + i + fVec::size());
   }
-  for (; i < n; ++i) s[i] = static_cast<float>(static_cast<T>(s[i]));
+  for (; i < n; ++i) {
+    const T t = static_cast<T>(src[i]);
+    dst[i] = t;
+    src[i] = static_cast<float>(t);
+  }
 }
 
 // An fp32 view of a T row: the row itself for float, else `buf` filled by conversion.
@@ -319,8 +325,7 @@ void add_layer_norm_fwd_impl(const T* x, const T* a, const T* m, const float* w,
         } else {  // the fp32 rows stay in cache; their conversions are what is streamed
           // The sum is rounded to T first and normalised as rounded: y_sum is what the
           // backward gets (saved), and what the reference normalises (x + a + m in T).
-          round_row<T>(s, N);
-          from_float(s, ysum + r * N, N, st);
+          from_float_rounding(s, ysum + r * N, N, st);
           normalize_row(s, w, b, obuf.data(), N, eps, mean + r, rstd + r);
           from_float(obuf.data(), out + r * N, N, st);
         }
