@@ -34,7 +34,6 @@ Supported models (:func:`decoder_parts`): ``palm_fast.reference.PaLM`` and its s
 """
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .ops._checks import check_float
 from .reference import functional as _ref_fn
 from .reference import layers as _ref
 from .reference import model as _ref_model
@@ -550,13 +550,10 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, stop_tokens, gener
     """(temperature, stop token set, max_new_tokens, top_k, page_size) as Python values."""
     ints = (_int_arg("max_new_tokens", max_new_tokens, 0), _int_arg("top_k", top_k, 1, vocab, none_ok=True),
             _int_arg("page_size", page_size, 1, none_ok=True))
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature: expected a finite float >= 0, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature < 0:
+    temperature = check_float("temperature", temperature)
+    if temperature < 0:
         raise ValueError(f"temperature: expected a finite float >= 0, got {temperature!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)):
-        raise TypeError(f"top_p: expected None or a float in (0, 1], got {type(top_p).__name__}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not 0 < check_float("top_p", top_p) <= 1:
         raise ValueError(f"top_p: expected None or a float in (0, 1], got {top_p!r}")
     if stop_tokens is None:
         stops: set[int] = set()
@@ -586,7 +583,7 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, stop_tokens, gener
         raise TypeError(f"cuda_graph: expected None (auto), True or False, got {cuda_graph!r}")
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph: True needs a model on a CUDA device, the model is on {device}")
-    return (float(temperature), stops) + ints
+    return (temperature, stops) + ints
 
 
 # --------------------------------------------------------------------------- generate

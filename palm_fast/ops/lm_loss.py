@@ -243,7 +243,7 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
     # (one host read; skipped while tracing or capturing a CUDA graph, where it cannot run)
     capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
     if not torch.compiler.is_compiling() and not capturing and targets.numel():
-        lo, hi = int(targets.min()), int(targets.max())
+        lo, hi = torch.stack(torch.aminmax(targets)).tolist()
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"targets: expected ids in [0, {weight.shape[0]}) (weight's rows), "
                              f"got values in [{lo}, {hi}]")
