@@ -147,10 +147,18 @@ def cache_bytes(device: str) -> int:
         return 32 * 2**20
 
 
-def n_rotations(set_bytes: float, device: str, max_sets: int = 8) -> int:
-    """Enough input sets that their total exceeds twice the cache (bounded)."""
+def n_rotations(set_bytes: float, device: str, max_sets: int | None = None) -> int:
+    """Enough input sets that their total exceeds twice the cache (bounded).
+
+    CPU: up to 64 sets, so that a 2 MiB set (the decode case's K/V cache) still totals
+    twice a 32 MiB L3 and is read from DRAM, as the % of copy bandwidth assumes; with
+    the earlier bound of 8 such a case cycled through 16 MiB, which the L3 can hold.
+    CUDA: up to 8; ``do_bench`` also flushes the L2 before every timed call.
+    """
     if set_bytes <= 0:
         return 1
+    if max_sets is None:
+        max_sets = 8 if device == "cuda" else 64
     return int(max(1, min(max_sets, math.ceil(2 * cache_bytes(device) / set_bytes))))
 
 

@@ -107,7 +107,12 @@ def test_cli_bad_files_and_threshold_give_one_line_errors(tmp_path, capsys):
 def test_rotation_count_and_timer():
     assert harness.n_rotations(0, "cpu") == 1
     assert harness.n_rotations(1 << 40, "cpu") == 1
-    assert 1 < harness.n_rotations(1024, "cpu") <= 8
+    assert harness.n_rotations(1024, "cpu") == 64
+    assert harness.n_rotations(1024, "cpu", max_sets=8) == 8
+    # a 2 MiB set (the CPU decode case) must total at least twice the last-level cache
+    llc = harness.cache_bytes("cpu")
+    n = harness.n_rotations(2 * 2**20, "cpu")
+    assert n * 2 * 2**20 >= min(2 * llc, 64 * 2 * 2**20)
     t = harness.time_fn(lambda: torch.ones(10).sum(), "cpu", quick=True)
     assert 0 < t.ms_min <= t.ms <= t.ms_max and t.n >= 5
 
