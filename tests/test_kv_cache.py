@@ -173,3 +173,41 @@ def test_constructor_validation():
         KVCache(1, 1, 8, 4, num_pages=3)
     with pytest.raises(TypeError, match="page_size"):
         KVCache(1, 1, 8, 4, page_size=4.0)
+
+
+@pytest.mark.parametrize("page_size", [None, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_storage_huge_page_buffer(page_size, dtype):
+    """A CPU cache of >= 2 MiB keeps K and V in one 2 MiB-aligned buffer (transparent huge
+    pages): two zero-filled, contiguous, disjoint halves that behave as separate tensors."""
+    import sys
+
+    from palm_fast.kv_cache import _HUGE_PAGE
+
+    cache = KVCache(2, 2, 1024, 128, dtype=dtype, page_size=page_size)
+    k, v = cache.k, cache.v
+    n_bytes = k.numel() * k.element_size()
+    assert k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
+    assert not k.any() and not v.any()
+    if sys.platform.startswith("linux"):
+        assert k.data_ptr() % _HUGE_PAGE == 0 and v.data_ptr() == k.data_ptr() + n_bytes
+    lo, hi = sorted((k.data_ptr(), v.data_ptr()))
+    assert hi >= lo + n_bytes  # disjoint
+    k.fill_(1.0)
+    assert not v.any()
+    v.fill_(2.0)
+    assert bool((k == 1.0).all())
+    # the cache works as before on this storage
+    cache.reset()
+    kk, vv = randn(2, 5, 128, dtype=dtype), randn(2, 5, 128, dtype=dtype)
+    cache.append(0, kk, vv)
+    cache.advance(5)
+    if page_size is None:
+        torch.testing.assert_close(cache.k[0, :, :5], kk, rtol=0, atol=0)
+        torch.testing.assert_close(cache.v[0, :, :5], vv, rtol=0, atol=0)
+
+
+def test_small_cpu_cache_uses_plain_tensors():
+    cache = KVCache(1, 1, 16, 8)  # 1 KiB: below a huge page, two ordinary tensors
+    assert cache.k.untyped_storage().data_ptr() != cache.v.untyped_storage().data_ptr()
+    assert not cache.k.any() and not cache.v.any()
