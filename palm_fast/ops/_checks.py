@@ -76,6 +76,8 @@ def check_float(name: str, value, *, positive: bool = False) -> float:
     fp32 range (the kernels take fp32 scalars), and > 0 if ``positive``: as a Python float.
     Written as comparisons (not ``math.isfinite``) so that ``torch.compile(dynamic=True)``
     traces it."""
+    if type(value) is float and -FP32_MAX <= value <= FP32_MAX and (value > 0 or not positive):
+        return value  # the common case, without the abstract-class check (per decode call)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
     if not (-FP32_MAX <= value <= FP32_MAX) or (positive and not value > 0):  # NaN fails both

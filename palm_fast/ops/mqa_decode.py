@@ -250,9 +250,9 @@ def _values_bad(cache: KVCache, seq_lens: torch.Tensor, table, starts_host) -> b
     return bool(bad)
 
 
-def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None) -> None:
+def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None, tracing: bool) -> None:
     old = cache._checked_values
-    if old is not None and old[0]() is seq_lens and not compiling() and _same_values(
+    if old is not None and old[0]() is seq_lens and not tracing and _same_values(
             old, seq_lens, cache.page_table if cache.paged else None, starts_host):
         # These exact tensors (same objects, unmodified: dtype, shape, device and strides
         # change only with in-place ops, which bump the version counter) passed every check
@@ -268,7 +268,7 @@ def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None) -> 
         raise ValueError(f"seq_lens: expected device {cache.device} (the cache's), got {seq_lens.device}")
     if not seq_lens.is_contiguous():
         raise ValueError(f"seq_lens: expected a contiguous tensor, got strides {tuple(seq_lens.stride())}")
-    if not _can_read_device(seq_lens.device):
+    if tracing or not _can_read_device(seq_lens.device):
         return
     table = cache.page_table if cache.paged else None
     # Inference tensors have no version counter: those are checked on every call.
@@ -349,8 +349,9 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
         for g in cache.prefix_groups():
             for m in g.members:
                 starts_host[m] = g.n_tokens
-    _check_seq_lens(cache, seq_lens, starts_host)
-    run = mqa_decode_op if compiling() else _DECODE[dev_type]
+    tracing = compiling()
+    _check_seq_lens(cache, seq_lens, starts_host, tracing)
+    run = mqa_decode_op if tracing else _DECODE[dev_type]
     if meta is None:
         o, _ = run(q, cache.k, cache.v, cache.page_table, None, seq_lens, layer, float(scale), False)
         return o
@@ -363,7 +364,7 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
                          layer, float(scale), True)
     # Suffix: each sequence over its own tokens, merged with its group's prefix output.
     suffix_args = (q, cache.k, cache.v, cache.page_table, starts, seq_lens, layer, float(scale))
-    if not compiling():
+    if not tracing:
         return _SUFFIX_MERGE[dev_type](*suffix_args, o_pre, lse_pre, slot)
     o_suf, lse_suf = run(*suffix_args, True)
     return _prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
