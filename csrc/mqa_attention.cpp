@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "cpu_convert.h"
+#include "cpu_pin.h"
 #include "palm_fast.h"
 
 namespace palm_fast {
@@ -129,7 +130,8 @@ void few_rows_mm_n(const float* A, int64_t sah, int64_t sar, const float* Bm, in
     const float* bp = Bm + c;
     const float* ap = A;
     for (int64_t r = 0; r < R; ++r, bp += ldb, ap += sar) {
-      const Vec b0 = Vec::loadu(bp), b1 = Vec::loadu(bp + kW);
+      Vec b0 = Vec::loadu(bp), b1 = Vec::loadu(bp + kW);
+      in_register(b0, b1);  // loaded once for all NH rows (cpu_pin.h)
       for (int h = 0; h < NH; ++h) {
         const Vec ah(ap[h * sah]);
         c0[h] = at::vec::fmadd(ah, b0, c0[h]);
@@ -145,7 +147,8 @@ void few_rows_mm_n(const float* A, int64_t sah, int64_t sar, const float* Bm, in
     Vec c0[NH];
     for (int h = 0; h < NH; ++h) c0[h] = Vec(0.f);
     for (int64_t r = 0; r < R; ++r) {
-      const Vec b0 = Vec::loadu(Bm + r * ldb + c);
+      Vec b0 = Vec::loadu(Bm + r * ldb + c);
+      in_register(b0);
       for (int h = 0; h < NH; ++h) c0[h] = at::vec::fmadd(Vec(A[h * sah + r * sar]), b0, c0[h]);
     }
     for (int h = 0; h < NH; ++h) c0[h].store(C + h * ldc + c);

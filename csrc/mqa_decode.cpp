@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "cpu_convert.h"
+#include "cpu_pin.h"
 #include "palm_fast.h"
 #include "rope_math.h"
 
@@ -80,23 +81,6 @@ inline float hsum(const Vec& v) {
   float s = 0.f;
   for (int64_t i = 0; i < kW; ++i) s += t[i];
   return s;
-#endif
-}
-
-// Keeps loaded vectors in registers: without it the compiler folds each use of a loaded
-// key (or value) vector into its FMA as a memory operand, loading it once per q row (on
-// AVX2 cores with one 256-bit load per cycle, loads then bound the loop).
-template <typename... V>
-inline void in_register(V&... v) {
-#if defined(CPU_CAPABILITY_AVX2) && (defined(__GNUC__) || defined(__clang__))
-  auto pin = [](Vec& a) {
-    __m256 r = a;
-    asm("" : "+x"(r));
-    a = r;
-  };
-  (pin(v), ...);
-#else
-  ((void)v, ...);
 #endif
 }
 
