@@ -7,6 +7,13 @@
 #include <vector>
 #include "score_2x4.h"  // V, in_reg, hs4, fin, dot_2x4
 static inline void in_reg3(V& a, V& b, V& c){ asm("" : "+x"(a), "+x"(b), "+x"(c)); }
+// -DPIN_Q (twelfth session): each q vector pinned too, as csrc/mqa_decode.cpp now does;
+// without it GCC folds the q load into its three FMAs (15 loads per 12 FMAs).
+#ifdef PIN_Q
+static inline void in_reg1(V& a){ asm("" : "+x"(a)); }
+#else
+static inline void in_reg1(V&){}
+#endif
 // 4 q rows x 3 keys: out[i*ldo + j]
 __attribute__((noinline)) void dot_4x3(const float* a, int lda, const float* const* b, int hd, float* o, int ldo){
   V c00=_mm256_setzero_ps(),c01=c00,c02=c00,c10=c00,c11=c00,c12=c00,c20=c00,c21=c00,c22=c00,c30=c00,c31=c00,c32=c00;
@@ -14,10 +21,10 @@ __attribute__((noinline)) void dot_4x3(const float* a, int lda, const float* con
   for(int d=0; d<hd; d+=8){
     V k0=_mm256_loadu_ps(b0+d),k1=_mm256_loadu_ps(b1+d),k2=_mm256_loadu_ps(b2+d);
     in_reg3(k0,k1,k2);
-    V x=_mm256_loadu_ps(a+d); c00=_mm256_fmadd_ps(x,k0,c00);c01=_mm256_fmadd_ps(x,k1,c01);c02=_mm256_fmadd_ps(x,k2,c02);
-    x=_mm256_loadu_ps(a+lda+d); c10=_mm256_fmadd_ps(x,k0,c10);c11=_mm256_fmadd_ps(x,k1,c11);c12=_mm256_fmadd_ps(x,k2,c12);
-    x=_mm256_loadu_ps(a+2*lda+d); c20=_mm256_fmadd_ps(x,k0,c20);c21=_mm256_fmadd_ps(x,k1,c21);c22=_mm256_fmadd_ps(x,k2,c22);
-    x=_mm256_loadu_ps(a+3*lda+d); c30=_mm256_fmadd_ps(x,k0,c30);c31=_mm256_fmadd_ps(x,k1,c31);c32=_mm256_fmadd_ps(x,k2,c32);
+    V x=_mm256_loadu_ps(a+d); in_reg1(x); c00=_mm256_fmadd_ps(x,k0,c00);c01=_mm256_fmadd_ps(x,k1,c01);c02=_mm256_fmadd_ps(x,k2,c02);
+    x=_mm256_loadu_ps(a+lda+d); in_reg1(x); c10=_mm256_fmadd_ps(x,k0,c10);c11=_mm256_fmadd_ps(x,k1,c11);c12=_mm256_fmadd_ps(x,k2,c12);
+    x=_mm256_loadu_ps(a+2*lda+d); in_reg1(x); c20=_mm256_fmadd_ps(x,k0,c20);c21=_mm256_fmadd_ps(x,k1,c21);c22=_mm256_fmadd_ps(x,k2,c22);
+    x=_mm256_loadu_ps(a+3*lda+d); in_reg1(x); c30=_mm256_fmadd_ps(x,k0,c30);c31=_mm256_fmadd_ps(x,k1,c31);c32=_mm256_fmadd_ps(x,k2,c32);
   }
   // sums: (c00,c01,c02,c10) (c11,c12,c20,c21) (c22,c30,c31,c32)
   float t[12];
