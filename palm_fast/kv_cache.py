@@ -75,27 +75,32 @@ _libc = None
 def _zeros_kv(shape: tuple, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-filled K and V storages of ``shape``.
 
-    On a Linux CPU, a cache of 2 MiB or more holds K and V in ONE buffer aligned to 2 MiB and
-    advised to use transparent huge pages before it is first touched (``k`` and ``v`` are
-    its two contiguous halves). A decode step reads the whole cache from memory, and with
-    4 KiB pages every 4 KiB of it is a TLB miss and a restart of the hardware prefetcher:
-    huge pages measured 5-15% faster CPU decode steps (``benchmarks/results/cpu/NOTES.md``).
-    Elsewhere (CUDA, other systems, small caches): two ``torch.zeros``.
+    A decode step reads the whole cache from memory; with 4 KiB pages every 4 KiB of it is a
+    TLB miss and a restart of the hardware prefetcher. So on a Linux CPU, K and V of at least
+    half a huge page (1 MiB) each get their own allocation, aligned to 2 MiB, rounded up to
+    whole huge pages and advised to use transparent huge pages before it is first touched
+    (the rounding at most doubles a 1-2 MiB tensor; past that it adds under 2 MiB). Measured
+    10% faster CPU decode steps from DRAM (``benchmarks/results/cpu/NOTES.md``, twelfth
+    session). K and V never share a storage: ops that write both (``rope_append``) must not
+    see aliased inputs, which torch.compile would have to functionalise.
+    Elsewhere (CUDA, other systems, small caches): ``torch.zeros``.
     """
-    numel = math.prod(shape)
-    n_bytes = 2 * numel * torch.empty((), dtype=dtype).element_size()
+    return _zeros_cache_tensor(shape, dtype, device), _zeros_cache_tensor(shape, dtype, device)
+
+
+def _zeros_cache_tensor(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    n_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     import sys
 
-    if device.type != "cpu" or n_bytes < _HUGE_PAGE or not sys.platform.startswith("linux"):
-        return (torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device))
-    raw = torch.empty(n_bytes + _HUGE_PAGE, dtype=torch.uint8)
+    if device.type != "cpu" or 2 * n_bytes < _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    span = -(-n_bytes // _HUGE_PAGE) * _HUGE_PAGE  # whole huge pages
+    raw = torch.empty(span + _HUGE_PAGE, dtype=torch.uint8)
     start = -raw.data_ptr() % _HUGE_PAGE
+    _madvise_huge(raw.data_ptr() + start, span)
     buf = raw[start:start + n_bytes]
-    _madvise_huge(buf.data_ptr(), n_bytes - n_bytes % _HUGE_PAGE)
     buf.zero_()  # first touch, after the advice
-    kv = buf.view(dtype).view(2, *shape)
-    return kv[0], kv[1]
+    return buf.view(dtype).view(shape)
 
 
 @dataclass(frozen=True)

@@ -177,27 +177,23 @@ def test_constructor_validation():
 
 @pytest.mark.parametrize("page_size", [None, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_storage_huge_page_buffer(page_size, dtype):
-    """A CPU cache of >= 2 MiB keeps K and V in one 2 MiB-aligned buffer (transparent huge
-    pages): two zero-filled, contiguous, disjoint halves that behave as separate tensors."""
+def test_cpu_storage_huge_page_buffers(page_size, dtype):
+    """A CPU cache whose K (and V) is >= 1 MiB gets 2 MiB-aligned storages (transparent huge
+    pages): zero-filled, contiguous, and K and V never share a storage."""
     import sys
 
     from palm_fast.kv_cache import _HUGE_PAGE
 
     cache = KVCache(2, 2, 1024, 128, dtype=dtype, page_size=page_size)
     k, v = cache.k, cache.v
-    n_bytes = k.numel() * k.element_size()
     assert k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
     assert not k.any() and not v.any()
+    assert k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
     if sys.platform.startswith("linux"):
-        assert k.data_ptr() % _HUGE_PAGE == 0 and v.data_ptr() == k.data_ptr() + n_bytes
-    lo, hi = sorted((k.data_ptr(), v.data_ptr()))
-    assert hi >= lo + n_bytes  # disjoint
+        assert k.data_ptr() % _HUGE_PAGE == 0 and v.data_ptr() % _HUGE_PAGE == 0
     k.fill_(1.0)
     assert not v.any()
-    v.fill_(2.0)
-    assert bool((k == 1.0).all())
-    # the cache works as before on this storage
+    # the cache works as before on these storages
     cache.reset()
     kk, vv = randn(2, 5, 128, dtype=dtype), randn(2, 5, 128, dtype=dtype)
     cache.append(0, kk, vv)

@@ -517,14 +517,23 @@ def test_opcheck(page_size):
                            torch.tensor([2, 1], dtype=torch.int32), None, inv, 0, False))
 
 
-def test_torch_compile_decode_step():
+@pytest.mark.parametrize("page_size", [None, 8])
+@pytest.mark.parametrize("max_len", [None, 2048])
+def test_torch_compile_decode_step(page_size, max_len):
     """A decode step (rope_append + mqa_decode) under torch.compile(fullgraph=True) on CPU
-    gives the eager result."""
-    B, H, hd = 2, 4, 16
+    gives the eager result and writes the same cache. max_len=2048: K and V of 1 MiB each,
+    on their huge-page storages (when they shared one buffer, the compiled paged step
+    wrote a wrong V)."""
+    B, H, hd = 2, 4, 16 if max_len is None else 64
     caches = []
     for _ in range(2):
         torch.manual_seed(1)
-        c, _, _ = fill_cache(B, [5, 9], hd, torch.float32, None)
+        if max_len is None:
+            c, _, _ = fill_cache(B, [5, 9], hd, torch.float32, page_size)
+        else:
+            c = KVCache(1, B, max_len, hd, page_size=page_size)
+            c.append(0, randn(B, 9, hd), randn(B, 9, hd))
+            c.advance(9)
         caches.append(c)
 
     def step(q, k, v, cache):
@@ -536,6 +545,7 @@ def test_torch_compile_decode_step():
     compiled = torch.compile(step, fullgraph=True)(q, k, v, caches[1])
     assert torch.allclose(compiled, eager, atol=1e-6, rtol=1e-6)
     assert torch.equal(caches[0].k, caches[1].k)
+    assert torch.equal(caches[0].v, caches[1].v)
 
 
 @requires_cuda
