@@ -150,7 +150,7 @@ inline void dot_4x3(const float* a, int64_t lda, const float* const* b, int64_t 
     Vec k0 = Vec::loadu(b0 + d), k1 = Vec::loadu(b1 + d), k2 = Vec::loadu(b2 + d);
     in_register(k0, k1, k2);
     // Each q vector is pinned too: folded into its three FMAs as a memory operand it was
-    // loaded three times (15 loads per 12 FMAs, load-bound): 1.65x this loop's throughput
+    // loaded three times (15 loads per 12 FMAs, load-bound): 1.6x this loop's throughput
     // with K in L2 (Zen 3, probes/blocks_4x3.cpp).
     Vec x = Vec::loadu(a0 + d);
     in_register(x);

@@ -48,55 +48,88 @@ def _check_pos_int(name: str, value, *, allow_zero: bool = False) -> int:
     return value
 
 
-_HUGE_PAGE = 2 << 20  # x86-64 / aarch64 (4 KiB base pages) transparent huge page size
-_MADV_HUGEPAGE = 14   # linux/mman.h
+_THP = "/sys/kernel/mm/transparent_hugepage"
+_thp_size_cache: list[int] = []
+
+
+def _thp_size() -> int:
+    """The transparent huge page size in bytes (``hpage_pmd_size``: 2 MiB on x86-64), or 0
+    where there are none to ask for (not Linux, THP set to "never", unreadable sysfs)."""
+    if not _thp_size_cache:
+        size = 0
+        import sys
+
+        if sys.platform.startswith("linux"):
+            try:
+                with open(f"{_THP}/enabled") as f:
+                    enabled = "[never]" not in f.read()
+                with open(f"{_THP}/hpage_pmd_size") as f:
+                    size = int(f.read().strip()) if enabled else 0
+            except (OSError, ValueError):
+                size = 0
+        _thp_size_cache.append(size)
+    return _thp_size_cache[0]
 
 
 def _madvise_huge(ptr: int, n_bytes: int) -> bool:
-    """Ask Linux to back ``[ptr, ptr + n_bytes)`` (2 MiB aligned) with transparent huge
+    """Ask Linux to back ``[ptr, ptr + n_bytes)`` (huge-page aligned) with transparent huge
     pages. Best effort: False (and nothing changed) where that is not possible."""
     global _libc
     if _libc is None:
         try:
             import ctypes
+            import mmap
 
             lib = ctypes.CDLL(None, use_errno=True)
             lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
             lib.madvise.restype = ctypes.c_int
-            _libc = lib
-        except (OSError, AttributeError):
+            _libc = (lib, mmap.MADV_HUGEPAGE)
+        except (ImportError, OSError, AttributeError, TypeError):
             _libc = False
-    return bool(_libc) and _libc.madvise(ptr, n_bytes, _MADV_HUGEPAGE) == 0
+    return bool(_libc) and _libc[0].madvise(ptr, n_bytes, _libc[1]) == 0
 
 
 _libc = None
 
 
 def _zeros_kv(shape: tuple, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-filled K and V storages of ``shape``.
+    """Zero-filled K and V storages of ``shape`` on ``device``.
 
     A decode step reads the whole cache from memory; with 4 KiB pages every 4 KiB of it is a
-    TLB miss and a restart of the hardware prefetcher. So on a Linux CPU, K and V of at least
-    half a huge page (1 MiB) each get their own allocation, aligned to 2 MiB, rounded up to
-    whole huge pages and advised to use transparent huge pages before it is first touched
-    (the rounding at most doubles a 1-2 MiB tensor; past that it adds under 2 MiB). Measured
-    10% faster CPU decode steps from DRAM (``benchmarks/results/cpu/NOTES.md``, twelfth
-    session). K and V never share a storage: ops that write both (``rope_append``) must not
-    see aliased inputs, which torch.compile would have to functionalise.
-    Elsewhere (CUDA, other systems, small caches): ``torch.zeros``.
+    TLB miss and a restart of the hardware prefetcher. So on a Linux CPU with transparent
+    huge pages (THP) of size P (2 MiB on x86-64), K and V of at least P / 2 each get their own
+    allocation, aligned to P and rounded up to whole huge pages, advised to use THP before
+    it is first touched. Resident memory: the rounding at most doubles a tensor of P / 2 to
+    P, past that it adds under P; the reserved (virtual) size is up to P more, never
+    touched, and counts in ``untyped_storage().nbytes()`` and ``torch.save``. Measured 5-10%
+    faster CPU decode steps from DRAM (``benchmarks/results/cpu/NOTES.md``, twelfth session).
+    K and V never share a storage: ops that write both (``rope_append``) must not see aliased
+    inputs, which torch.compile would have to functionalise.
+    Elsewhere (CUDA, no THP, small caches, while torch.compile traces or under a fake tensor
+    mode): ``torch.zeros``.
     """
     return _zeros_cache_tensor(shape, dtype, device), _zeros_cache_tensor(shape, dtype, device)
 
 
-def _zeros_cache_tensor(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    n_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    import sys
+def _tracing_or_fake() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        from torch._guards import detect_fake_mode
 
-    if device.type != "cpu" or 2 * n_bytes < _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return detect_fake_mode() is not None
+    except ImportError:
+        return False
+
+
+def _zeros_cache_tensor(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    n_bytes = math.prod(shape) * dtype.itemsize
+    huge = _thp_size() if device.type == "cpu" else 0
+    if huge == 0 or 2 * n_bytes < huge or _tracing_or_fake():
         return torch.zeros(shape, dtype=dtype, device=device)
-    span = -(-n_bytes // _HUGE_PAGE) * _HUGE_PAGE  # whole huge pages
-    raw = torch.empty(span + _HUGE_PAGE, dtype=torch.uint8)
-    start = -raw.data_ptr() % _HUGE_PAGE
+    span = -(-n_bytes // huge) * huge  # whole huge pages
+    raw = torch.empty(span + huge, dtype=torch.uint8, device=device)
+    start = -raw.data_ptr() % huge
     _madvise_huge(raw.data_ptr() + start, span)
     buf = raw[start:start + n_bytes]
     buf.zero_()  # first touch, after the advice

@@ -180,17 +180,17 @@ def test_constructor_validation():
 def test_cpu_storage_huge_page_buffers(page_size, dtype):
     """A CPU cache whose K (and V) is >= 1 MiB gets 2 MiB-aligned storages (transparent huge
     pages): zero-filled, contiguous, and K and V never share a storage."""
-    import sys
-
-    from palm_fast.kv_cache import _HUGE_PAGE
+    from palm_fast.kv_cache import _thp_size
 
     cache = KVCache(2, 2, 1024, 128, dtype=dtype, page_size=page_size)
     k, v = cache.k, cache.v
     assert k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
+    assert k.device == v.device == cache.device
     assert not k.any() and not v.any()
     assert k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
-    if sys.platform.startswith("linux"):
-        assert k.data_ptr() % _HUGE_PAGE == 0 and v.data_ptr() % _HUGE_PAGE == 0
+    huge = _thp_size()
+    if huge and 2 * k.nbytes >= huge:
+        assert k.data_ptr() % huge == 0 and v.data_ptr() % huge == 0
     k.fill_(1.0)
     assert not v.any()
     # the cache works as before on these storages
@@ -204,6 +204,21 @@ def test_cpu_storage_huge_page_buffers(page_size, dtype):
 
 
 def test_small_cpu_cache_uses_plain_tensors():
-    cache = KVCache(1, 1, 16, 8)  # 1 KiB: below a huge page, two ordinary tensors
-    assert cache.k.untyped_storage().data_ptr() != cache.v.untyped_storage().data_ptr()
+    cache = KVCache(1, 1, 16, 8)  # 512 bytes each: two ordinary tensors
+    for t in (cache.k, cache.v):
+        assert t.untyped_storage().nbytes() == t.nbytes and not t._is_view()
     assert not cache.k.any() and not cache.v.any()
+
+
+def test_large_cpu_cache_under_default_device_and_fake_mode():
+    """The huge-page path allocates on the cache's device whatever the default device, and
+    falls back to torch.zeros under a fake tensor mode (no data pointer to align)."""
+    with torch.device("meta"):
+        cache = KVCache(1, 2, 1024, 128, device="cpu")
+    assert cache.k.device.type == "cpu" and cache.v.device.type == "cpu"
+    assert not cache.k.any()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = KVCache(1, 2, 1024, 128)
+        assert fake.k.shape == (1, 2, 1024, 128)
