@@ -465,14 +465,17 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """logits ``[B, V]`` -> token ids ``[B]`` (int64).
 
     temperature 0: argmax (top_k / top_p ignored). Otherwise sample from
-    ``softmax(logits / temperature)`` over the ``top_k`` largest logits (ties at the k-th
+    ``softmax((logits - max) / temperature)`` (= ``softmax(logits / temperature)``) over the ``top_k`` largest logits (ties at the k-th
     value kept) and, with ``top_p``, over the smallest prefix of tokens sorted by
     probability whose mass reaches ``top_p`` (the most likely token is always kept).
     """
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # Shifted by the row maximum first: the same softmax, and finite for any temperature > 0
+    # (logits / 1e-40 overflowed to inf and the softmax to NaN; now a tiny temperature
+    # samples among the maximal logits).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -216,6 +216,32 @@ def test_sample_function_properties():
     peaked = logits.clone()
     peaked[:, 7] = 100.0
     assert (sample(peaked, 1.0, top_p=0.5, generator=g) == 7).all()
+    # a tiny temperature picks a maximal logit (logits / 1e-40 overflowed: NaN
+    # probabilities), for fp32 and bf16 logits (bf16 rows can tie at the maximum), with and
+    # without top-k / top-p
+    for temp in (1e-30, 1e-40, 1e-45):
+        for kw in ({}, {"top_k": 5}, {"top_p": 0.9}):
+            for lg in (logits, logits.bfloat16()):
+                toks = sample(lg, temp, generator=g, **kw)
+                lf = lg.float()
+                assert torch.equal(lf.gather(1, toks[:, None])[:, 0], lf.amax(-1))
+    # ties at the maximum: a tiny temperature samples among the tied tokens only
+    tied = torch.zeros(2000, 6)
+    tied[:, 2] = tied[:, 4] = 1.0
+    toks = sample(tied, 1e-40, generator=g)
+    assert set(toks.tolist()) == {2, 4}
+
+
+def test_tiny_temperature_generates_greedily_like_the_reference():
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg, seed=10)
+    prompt = ragged_prompts(cfg.vocab_size, (6,), seed=3)[0][None]
+    greedy = model.generate(prompt, 6)
+    ref = model.generate(prompt, 6, temperature=1e-40, generator=torch.Generator().manual_seed(0))
+    fast = palm_fast.generate(model, prompt, 6, temperature=1e-40,
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ref, greedy)
+    assert torch.equal(fast[0], greedy[0])
 
 
 def test_seeded_sampling_is_deterministic():
