@@ -465,9 +465,10 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """logits ``[B, V]`` -> token ids ``[B]`` (int64).
 
     temperature 0: argmax (top_k / top_p ignored). Otherwise sample from
-    ``softmax((logits - max) / temperature)`` (= ``softmax(logits / temperature)``) over the ``top_k`` largest logits (ties at the k-th
-    value kept) and, with ``top_p``, over the smallest prefix of tokens sorted by
-    probability whose mass reaches ``top_p`` (the most likely token is always kept).
+    ``softmax((logits - max) / temperature)`` (= ``softmax(logits / temperature)``, finite for
+    any temperature > 0) over the ``top_k`` largest logits (ties at the k-th value kept) and,
+    with ``top_p``, over the smallest prefix of tokens sorted by probability whose mass
+    reaches ``top_p`` (the most likely token is always kept).
     """
     logits = logits.float()
     if temperature == 0:
