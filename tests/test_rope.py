@@ -387,6 +387,59 @@ def test_in_place_refuses_overlapping_tensors():
     assert torch.equal(q, want[0]) and torch.equal(k, want[1])
 
 
+def test_in_place_refuses_partial_overlaps_of_strided_views():
+    """Rows of one [B * T, W] buffer: k straddling a head boundary of q, or running into the
+    next row's q, is caught (the cheap checks alone missed both); disjoint views pass."""
+    flat = randn(2 * 5 * 192 + 64)
+    q = flat.as_strided((2, 5, 4, 32), (5 * 192, 192, 32, 1))          # [0, 128) of each row
+    before = flat.clone()
+
+    def k_at(offset):
+        return flat.as_strided((2, 5, 1, 32), (5 * 192, 192, 32, 1), offset)
+
+    for off in (100, 182, 127, 0, 96):   # inside a head, into the next row, last element ...
+        with pytest.raises(ValueError, match="k: .*shares memory with q"):
+            rope_(q, k_at(off))
+    assert torch.equal(flat, before)
+    for off in (128, 150, 160):          # after q in the same row, before the next row's q
+        k = k_at(off)
+        want = rope(q, k)
+        rope_(q, k)
+        assert torch.equal(q, want[0]) and torch.equal(k, want[1])
+        flat.copy_(before)
+
+
+def test_row_overlap_check_is_exact():
+    """_rows_overlap against the element sets, on random views of one row-major buffer."""
+    from palm_fast.ops.rope import _rows_overlap
+
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for _ in range(400):
+        B, T = (int(torch.randint(1, 4, (1,), generator=g)) for _ in range(2))
+        W = int(torch.randint(4, 24, (1,), generator=g))
+        H, Hk = (int(torch.randint(1, 4, (1,), generator=g)) for _ in range(2))
+        D = int(torch.randint(1, 5, (1,), generator=g))
+        s2q, s2k = (int(torch.randint(D, D + 3, (1,), generator=g)) for _ in range(2))
+        n = B * T * W + 64
+        oq, ok = (int(torch.randint(0, 40, (1,), generator=g)) for _ in range(2))
+        buf = torch.zeros(n)
+        try:
+            q = buf.as_strided((B, T, H, D), (T * W, W, s2q, 1), oq)
+            k = buf.as_strided((B, T, Hk, D), (T * W, W, s2k, 1), ok)
+        except RuntimeError:
+            continue
+        got = _rows_overlap(q, k)
+        if got is None:
+            continue
+        idx = torch.arange(n, dtype=torch.float32)
+        eq = set(idx.as_strided(q.shape, q.stride(), oq).flatten().tolist())
+        ek = set(idx.as_strided(k.shape, k.stride(), ok).flatten().tolist())
+        assert got == bool(eq & ek), (B, T, W, H, Hk, D, s2q, s2k, oq, ok)
+        checked += 1
+    assert checked > 200
+
+
 @pytest.mark.parametrize("shape", [(0, 8, 4, 64, 1), (2, 8, 0, 64, 1), (2, 8, 4, 64, 0), (2, 0, 4, 64, 1)])
 def test_empty_forward_and_backward(shape):
     B, T, H, D, Hk = shape

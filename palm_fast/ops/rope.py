@@ -187,18 +187,74 @@ def _heads_alias(a: torch.Tensor, b: torch.Tensor) -> bool:
     return delta % a.stride(2) == 0 and 0 <= delta // a.stride(2) < a.shape[2]
 
 
+def _row_intervals(t: torch.Tensor) -> list[tuple[int, int]] | None:
+    """The element offsets one (b, t) row of ``t`` [B, T, H, D] covers, relative to its first
+    element, as sorted disjoint half-open intervals; None if a row's heads overlap each
+    other (not a layout the exact check below handles)."""
+    H, D = t.shape[2], t.shape[3]
+    s2, s3 = t.stride(2), t.stride(3)
+    if D > 1 and s3 != 1:
+        return None
+    spans = sorted((h * s2, h * s2 + D) for h in range(H))
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        return None
+    return spans
+
+
+def _intervals_meet(a: list[tuple[int, int]], b: list[tuple[int, int]], shift: int) -> bool:
+    """Whether the union of intervals ``a`` meets the union of ``b`` shifted by ``shift``."""
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0] + shift), min(a[i][1], b[j][1] + shift)
+        if lo < hi:
+            return True
+        if a[i][1] <= b[j][1] + shift:
+            i += 1
+        else:
+            j += 1
+    return False
+
+
+def _rows_overlap(q: torch.Tensor, k: torch.Tensor) -> bool | None:
+    """Exact overlap test of q and k in one storage when both are rows of one [B * T, W]
+    buffer (the layout of a fused projection and its head slices): both have row stride
+    ``s1`` and batch stride ``T * s1``, and a row of each fits in ``s1`` elements. Element
+    (n, i) of q is at ``q0 + n * s1 + i``; it meets k's (n', j) iff ``(n - n') * s1 = j + d - i``
+    with d = k0 - q0, which for i, j in [0, s1) leaves two candidate row distances.
+    None when the layout is another one."""
+    B, T = q.shape[0], q.shape[1]
+    if (k.shape[0], k.shape[1]) != (B, T) or q.stride(1) != k.stride(1):
+        return None
+    s1 = q.stride(1)
+    if s1 <= 0 or (B > 1 and (q.stride(0) != T * s1 or k.stride(0) != T * s1)):
+        return None
+    iq, ik = _row_intervals(q), _row_intervals(k)
+    if iq is None or ik is None or iq[-1][1] > s1 or ik[-1][1] > s1:
+        return None
+    rows = B * T
+    a, r = divmod(k.storage_offset() - q.storage_offset(), s1)   # d = a * s1 + r, 0 <= r < s1
+    # n - n' = a: i = j + r;  n - n' = a + 1: i = j + r - s1  (any row distance < rows occurs)
+    return ((abs(a) < rows and _intervals_meet(iq, ik, r))
+            or (abs(a + 1) < rows and _intervals_meet(iq, ik, r - s1)))
+
+
 def _check_no_overlap(q: torch.Tensor, k: torch.Tensor) -> None:
-    """In place, an element reached twice is rotated twice: reject what can be seen cheaply
-    (as torch's in-place ops do): a broadcast (stride-0) dim, q and k dense and overlapping,
-    or one a head slice of the other. Views of one fused projection (q | k | ...) pass."""
+    """In place, an element reached twice is rotated twice. Rejected: a broadcast (stride-0)
+    dim; q and k sharing an element, tested exactly when both are rows of one buffer (views
+    of a fused projection, head slices: ``_rows_overlap``), otherwise where it can be seen
+    cheaply (as torch's in-place ops do): both dense and overlapping, or one a head slice of
+    the other. Views of one fused projection (q | k | ...) pass."""
     for name, t in (("q", q), ("k", k)):
         if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
             raise ValueError(f"{name}: rotated in place, but several of its elements share memory "
                              f"(strides {tuple(t.stride())}, e.g. an expand()); pass a copy")
     if q.numel() == 0 or k.numel() == 0 or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
         return
-    dense = q.is_contiguous() and k.is_contiguous()
-    if (dense and torch._C._overlaps(q, k)) or _heads_alias(q, k) or _heads_alias(k, q):
+    exact = _rows_overlap(q, k)
+    if exact is None:
+        dense = q.is_contiguous() and k.is_contiguous()
+        exact = (dense and torch._C._overlaps(q, k)) or _heads_alias(q, k) or _heads_alias(k, q)
+    if exact:
         raise ValueError("k: rotated in place, but it shares memory with q (e.g. a view of q's heads); "
                          "pass non-overlapping tensors")
 
@@ -211,8 +267,10 @@ def rope_(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = 
 
     No autograd: raises RuntimeError when grad mode is on and q or k requires grad
     (use ``rope``). Same arguments as ``rope``. q and k must not share elements (each is
-    rotated once per element): a broadcast dim, or k a view of q's heads, raises ValueError;
-    views of one fused projection buffer (q | k | ...) are fine.
+    rotated once per element): a broadcast dim, or q and k sharing an element, raises
+    ValueError. Sharing is tested exactly when q and k are rows of one ``[B * T, W]`` buffer
+    (views of a fused projection (q | k | ...) are fine), otherwise where it is cheap to
+    see (both dense, or one a head slice of the other).
     """
     if torch.is_grad_enabled() and (getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)):
         raise RuntimeError("rope_: in-place RoPE does not support autograd, but q or k requires grad; "
