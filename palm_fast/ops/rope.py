@@ -191,10 +191,12 @@ def _row_intervals(t: torch.Tensor) -> list[tuple[int, int]] | None:
     """The element offsets one (b, t) row of ``t`` [B, T, H, D] covers, relative to its first
     element, as sorted disjoint half-open intervals; None if a row's heads overlap each
     other (not a layout the exact check below handles)."""
-    H, D = t.shape[2], t.shape[3]
-    s2, s3 = t.stride(2), t.stride(3)
+    _, _, H, D = t.shape
+    _, _, s2, s3 = t.stride()
     if D > 1 and s3 != 1:
         return None
+    if H == 1 or s2 == D:  # heads back to back: one interval (the usual layout)
+        return [(0, H * D)]
     spans = sorted((h * s2, h * s2 + D) for h in range(H))
     if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
         return None
@@ -223,10 +225,11 @@ def _rows_overlap(q: torch.Tensor, k: torch.Tensor) -> bool | None:
     with d = k0 - q0, which for i, j in [0, s1) leaves two candidate row distances.
     None when the layout is another one."""
     B, T = q.shape[0], q.shape[1]
-    if (k.shape[0], k.shape[1]) != (B, T) or q.stride(1) != k.stride(1):
+    qs, ks = q.stride(), k.stride()
+    if k.shape[0] != B or k.shape[1] != T or qs[1] != ks[1]:
         return None
-    s1 = q.stride(1)
-    if s1 <= 0 or (B > 1 and (q.stride(0) != T * s1 or k.stride(0) != T * s1)):
+    s1 = qs[1]
+    if s1 <= 0 or (B > 1 and (qs[0] != T * s1 or ks[0] != T * s1)):
         return None
     iq, ik = _row_intervals(q), _row_intervals(k)
     if iq is None or ik is None or iq[-1][1] > s1 or ik[-1][1] > s1:
