@@ -460,6 +460,8 @@ class _GraphedStep:
 
 # --------------------------------------------------------------------------- sampling
 
+_FP32_TINY = torch.finfo(torch.float32).tiny
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits ``[B, V]`` -> token ids ``[B]`` (int64).
@@ -473,13 +475,14 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    # Shifted by the row maximum first: the same softmax, and finite for any temperature > 0
-    # (logits / 1e-40 overflowed to inf and the softmax to NaN; now a tiny temperature
-    # samples among the maximal logits).
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k is not None:
+    if top_k is not None:  # on the logits as given: the shift below can round two into a tie
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    # Shifted by the row maximum (which the mask keeps) before the division: the same
+    # softmax, and finite for any temperature > 0 (logits / 1e-40 overflowed to inf and the
+    # softmax to NaN; a tiny temperature now samples among the maximal logits). Below fp32's
+    # smallest normal number the temperature is taken as that number.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, _FP32_TINY)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)

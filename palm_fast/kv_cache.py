@@ -123,9 +123,11 @@ def _tracing_or_fake() -> bool:
 
 
 def _zeros_cache_tensor(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu" or _tracing_or_fake():  # (before _thp_size: tracing can't open files)
+        return torch.zeros(shape, dtype=dtype, device=device)
     n_bytes = math.prod(shape) * dtype.itemsize
-    huge = _thp_size() if device.type == "cpu" else 0
-    if huge == 0 or 2 * n_bytes < huge or _tracing_or_fake():
+    huge = _thp_size()
+    if huge == 0 or 2 * n_bytes < huge:
         return torch.zeros(shape, dtype=dtype, device=device)
     span = -(-n_bytes // huge) * huge  # whole huge pages
     raw = torch.empty(span + huge, dtype=torch.uint8, device=device)

@@ -219,7 +219,7 @@ def test_sample_function_properties():
     # a tiny temperature picks a maximal logit (logits / 1e-40 overflowed: NaN
     # probabilities), for fp32 and bf16 logits (bf16 rows can tie at the maximum), with and
     # without top-k / top-p
-    for temp in (1e-30, 1e-40, 1e-45):
+    for temp in (1e-30, 1e-40, 1e-45, 1e-300):
         for kw in ({}, {"top_k": 5}, {"top_p": 0.9}):
             for lg in (logits, logits.bfloat16()):
                 toks = sample(lg, temp, generator=g, **kw)
@@ -230,6 +230,10 @@ def test_sample_function_properties():
     tied[:, 2] = tied[:, 4] = 1.0
     toks = sample(tied, 1e-40, generator=g)
     assert set(toks.tolist()) == {2, 4}
+    # top-k ranks the logits as given: 1e-6 above 0 stays above it, even where shifting by
+    # the max (50) would round the two into a tie
+    far = torch.tensor([[50.0, 0.0, 1e-6]]).expand(4000, 3).contiguous()
+    assert 1 not in set(sample(far, 50.0, top_k=2, generator=g).tolist())
 
 
 def test_tiny_temperature_generates_greedily_like_the_reference():

@@ -409,6 +409,32 @@ def test_in_place_refuses_partial_overlaps_of_strided_views():
         flat.copy_(before)
 
 
+def test_in_place_single_row_and_packed_layouts():
+    """B = T = 1 (a decode step) and T = 1: size-1 dims' strides are ignored; q and k packed
+    one after the other in one allocation pass; an overlap across a head boundary of a
+    single row is caught."""
+    x = randn(1, 1, 48)
+    q, k = x[..., :32].view(1, 1, 4, 8), x[..., 32:40].view(1, 1, 1, 8)
+    want = rope(q, k, offsets=torch.tensor([3]))
+    rope_(q, k, offsets=torch.tensor([3]))
+    assert torch.equal(q, want[0]) and torch.equal(k, want[1])
+    n = 2 * 3 * 4 * 8
+    buf = randn(n + 2 * 3 * 8)
+    q, k = buf[:n].view(2, 3, 4, 8), buf[n:].view(2, 3, 1, 8)
+    want = rope(q, k)
+    rope_(q, k)
+    assert torch.equal(q, want[0]) and torch.equal(k, want[1])
+    x = randn(1, 1, 64)
+    before = x.clone()
+    with pytest.raises(ValueError, match="k: .*shares memory with q"):
+        rope_(x.view(1, 1, 8, 8)[:, :, ::2], x[..., 4:12].view(1, 1, 1, 8), offsets=torch.tensor([5]))
+    tm = randn(1, 2, 64)   # time-major [T=1, B=2, W] seen as [B, T, ...]
+    with pytest.raises(ValueError, match="k: .*shares memory with q"):
+        rope_(tm.transpose(0, 1).reshape(2, 1, 64)[..., :64].view(2, 1, 8, 8)[:, :, ::2],
+              tm.transpose(0, 1)[..., 4:12].view(2, 1, 1, 8))
+    assert torch.equal(x, before)
+
+
 def test_row_overlap_check_is_exact():
     """_rows_overlap against the element sets, on random views of one row-major buffer."""
     from palm_fast.ops.rope import _rows_overlap
@@ -424,9 +450,15 @@ def test_row_overlap_check_is_exact():
         n = B * T * W + 64
         oq, ok = (int(torch.randint(0, 40, (1,), generator=g)) for _ in range(2))
         buf = torch.zeros(n)
+        sq = [T * W, W, s2q, 1]
+        sk = [T * W, W, s2k, 1]
+        for st in (sq, sk):   # a size-1 dim's stride is arbitrary
+            for dim, size in enumerate((B, T)):
+                if size == 1 and int(torch.randint(0, 2, (1,), generator=g)):
+                    st[dim] = int(torch.randint(1, 50, (1,), generator=g))
         try:
-            q = buf.as_strided((B, T, H, D), (T * W, W, s2q, 1), oq)
-            k = buf.as_strided((B, T, Hk, D), (T * W, W, s2k, 1), ok)
+            q = buf.as_strided((B, T, H, D), sq, oq)
+            k = buf.as_strided((B, T, Hk, D), sk, ok)
         except RuntimeError:
             continue
         got = _rows_overlap(q, k)

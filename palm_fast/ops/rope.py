@@ -219,23 +219,34 @@ def _intervals_meet(a: list[tuple[int, int]], b: list[tuple[int, int]], shift: i
 
 def _rows_overlap(q: torch.Tensor, k: torch.Tensor) -> bool | None:
     """Exact overlap test of q and k in one storage when both are rows of one [B * T, W]
-    buffer (the layout of a fused projection and its head slices): both have row stride
-    ``s1`` and batch stride ``T * s1``, and a row of each fits in ``s1`` elements. Element
-    (n, i) of q is at ``q0 + n * s1 + i``; it meets k's (n', j) iff ``(n - n') * s1 = j + d - i``
-    with d = k0 - q0, which for i, j in [0, s1) leaves two candidate row distances.
-    None when the layout is another one."""
+    buffer (the layout of a fused projection and its head slices): the B * T rows of each
+    are ``s1`` elements apart (``stride(1)``, and ``stride(0) == T * s1`` when B > 1; for
+    T == 1 the row stride is ``stride(0)``: a size-1 dim's stride means nothing) and a row
+    of each fits in ``s1`` elements. Element (n, i) of q is at ``q0 + n * s1 + i``; it meets
+    k's (n', j) iff ``(n - n') * s1 = j + d - i`` with d = k0 - q0, which for i, j in
+    [0, s1) leaves two candidate row distances. One row each (B * T == 1): the two rows'
+    intervals at distance d. None when the layout is another one."""
     B, T = q.shape[0], q.shape[1]
-    qs, ks = q.stride(), k.stride()
-    if k.shape[0] != B or k.shape[1] != T or qs[1] != ks[1]:
-        return None
-    s1 = qs[1]
-    if s1 <= 0 or (B > 1 and (qs[0] != T * s1 or ks[0] != T * s1)):
+    if k.shape[0] != B or k.shape[1] != T:
         return None
     iq, ik = _row_intervals(q), _row_intervals(k)
-    if iq is None or ik is None or iq[-1][1] > s1 or ik[-1][1] > s1:
+    if iq is None or ik is None:
         return None
+    d = k.storage_offset() - q.storage_offset()
     rows = B * T
-    a, r = divmod(k.storage_offset() - q.storage_offset(), s1)   # d = a * s1 + r, 0 <= r < s1
+    if rows == 1:
+        return _intervals_meet(iq, ik, d)
+
+    def row_stride(t: torch.Tensor) -> int | None:
+        s0, s1 = t.stride(0), t.stride(1)
+        if T == 1:
+            return s0
+        return s1 if B == 1 or s0 == T * s1 else None
+
+    s1 = row_stride(q)
+    if s1 is None or s1 <= 0 or row_stride(k) != s1 or iq[-1][1] > s1 or ik[-1][1] > s1:
+        return None
+    a, r = divmod(d, s1)   # d = a * s1 + r, 0 <= r < s1
     # n - n' = a: i = j + r;  n - n' = a + 1: i = j + r - s1  (any row distance < rows occurs)
     return ((abs(a) < rows and _intervals_meet(iq, ik, r))
             or (abs(a + 1) < rows and _intervals_meet(iq, ik, r - s1)))
@@ -246,7 +257,8 @@ def _check_no_overlap(q: torch.Tensor, k: torch.Tensor) -> None:
     dim; q and k sharing an element, tested exactly when both are rows of one buffer (views
     of a fused projection, head slices: ``_rows_overlap``), otherwise where it can be seen
     cheaply (as torch's in-place ops do): both dense and overlapping, or one a head slice of
-    the other. Views of one fused projection (q | k | ...) pass."""
+    the other (``torch._C._overlaps`` is not used: it reports any two views of one storage).
+    Views of one fused projection (q | k | ...) pass."""
     for name, t in (("q", q), ("k", k)):
         if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
             raise ValueError(f"{name}: rotated in place, but several of its elements share memory "
@@ -255,8 +267,10 @@ def _check_no_overlap(q: torch.Tensor, k: torch.Tensor) -> None:
         return
     exact = _rows_overlap(q, k)
     if exact is None:
-        dense = q.is_contiguous() and k.is_contiguous()
-        exact = (dense and torch._C._overlaps(q, k)) or _heads_alias(q, k) or _heads_alias(k, q)
+        q0, k0 = q.storage_offset(), k.storage_offset()
+        dense = (q.is_contiguous() and k.is_contiguous()
+                 and q0 < k0 + k.numel() and k0 < q0 + q.numel())  # element ranges meet
+        exact = dense or _heads_alias(q, k) or _heads_alias(k, q)
     if exact:
         raise ValueError("k: rotated in place, but it shares memory with q (e.g. a view of q's heads); "
                          "pass non-overlapping tensors")

@@ -152,9 +152,10 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
     """logits ``[B, V]`` -> token ids ``[B, 1]`` (greedy when temperature == 0)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    # minus the row max: the same softmax, finite however small the temperature
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    # minus the row max: the same softmax, finite however small the temperature
+    tiny = torch.finfo(torch.float32).tiny
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, tiny)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
