@@ -29,7 +29,9 @@ cache bitwise unchanged.
 """
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -49,47 +51,44 @@ def _check_pos_int(name: str, value, *, allow_zero: bool = False) -> int:
 
 
 _THP = "/sys/kernel/mm/transparent_hugepage"
-_thp_size_cache: list[int] = []
 
 
+@functools.cache
 def _thp_size() -> int:
     """The transparent huge page size in bytes (``hpage_pmd_size``: 2 MiB on x86-64), or 0
     where there are none to ask for (not Linux, THP set to "never", unreadable sysfs)."""
-    if not _thp_size_cache:
-        size = 0
-        import sys
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        with open(f"{_THP}/enabled") as f:
+            if "[never]" in f.read():
+                return 0
+        with open(f"{_THP}/hpage_pmd_size") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
 
-        if sys.platform.startswith("linux"):
-            try:
-                with open(f"{_THP}/enabled") as f:
-                    enabled = "[never]" not in f.read()
-                with open(f"{_THP}/hpage_pmd_size") as f:
-                    size = int(f.read().strip()) if enabled else 0
-            except (OSError, ValueError):
-                size = 0
-        _thp_size_cache.append(size)
-    return _thp_size_cache[0]
+
+@functools.cache
+def _madvise():
+    """(libc ``madvise``, ``MADV_HUGEPAGE``), or None where they cannot be had."""
+    try:
+        import ctypes
+        import mmap
+
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        fn.restype = ctypes.c_int
+        return fn, mmap.MADV_HUGEPAGE
+    except (ImportError, OSError, AttributeError, TypeError):
+        return None
 
 
 def _madvise_huge(ptr: int, n_bytes: int) -> bool:
     """Ask Linux to back ``[ptr, ptr + n_bytes)`` (huge-page aligned) with transparent huge
     pages. Best effort: False (and nothing changed) where that is not possible."""
-    global _libc
-    if _libc is None:
-        try:
-            import ctypes
-            import mmap
-
-            lib = ctypes.CDLL(None, use_errno=True)
-            lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            lib.madvise.restype = ctypes.c_int
-            _libc = (lib, mmap.MADV_HUGEPAGE)
-        except (ImportError, OSError, AttributeError, TypeError):
-            _libc = False
-    return bool(_libc) and _libc[0].madvise(ptr, n_bytes, _libc[1]) == 0
-
-
-_libc = None
+    m = _madvise()
+    return m is not None and m[0](ptr, n_bytes, m[1]) == 0
 
 
 def _zeros_kv(shape: tuple, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
