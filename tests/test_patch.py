@@ -613,3 +613,78 @@ def test_palm_pytorch_built_under_inference_mode():
         patched = quiet_patch(m)
         out = patched(x)
     assert max_err(out, ref) <= 1e-4
+
+
+# ------------------------------------------------------------------ torch.autocast
+def _autocast_loss(model, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()   # inside the region: a CPU backward runs with autocast on
+    return logits
+
+
+@pytest.mark.parametrize("which", ["reference", pytest.param("palm_pytorch", marks=needs_pp)])
+def test_patched_model_under_autocast_matches_the_original(which):
+    """Under torch.autocast the patched model runs as the original does there (it raised:
+    a bf16 addmm met an fp32 addmm_ inside the fused output projection): bf16 logits, the
+    same values up to bf16 rounding, gradients on the fp32 parameters."""
+    base = ref_model() if which == "reference" else pp_model()
+    ref = copy.deepcopy(base)
+    m = quiet_patch(base)
+    assert m.palm_fast_report.ok
+    x = tokens(T=21)
+    want, got = _autocast_loss(ref, x), _autocast_loss(m, x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert close_rel(got.float(), want.float(), 3e-2)
+    for (n, p), (_, q) in zip(ref.named_parameters(), m.named_parameters()):
+        assert q.dtype == torch.float32 and q.grad is not None, n
+        assert close_rel(q.grad, p.grad, 5e-2), n
+
+
+def test_fast_palm_loss_under_autocast():
+    cfg = palm_fast.get_config("palm-tiny").replace(vocab_size=V)
+    torch.manual_seed(0)
+    ref = RefPaLM(cfg)
+    fast = palm_fast.nn.PaLM(cfg)
+    fast.load_state_dict(ref.state_dict())
+    x = tokens(T=17)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast.loss(x)[0]
+        got.backward()
+        want = ref.loss(x)[0]
+        want.backward()
+    assert torch.isfinite(got) and abs(got.item() - want.item()) <= 2e-2 * abs(want.item())
+    for (n, p), (_, q) in zip(ref.named_parameters(), fast.named_parameters()):
+        assert close_rel(q.grad, p.grad, 6e-2), n
+
+
+def test_ops_compute_in_their_inputs_dtype_under_autocast():
+    """palm_fast's ops are not autocast ops: inside an autocast region they return the same
+    bits as outside it (their own GEMMs are not recast), forward and backward."""
+    from palm_fast.ops import block as ob
+    from palm_fast.ops.lm_loss import tied_lm_loss
+
+    g = torch.Generator().manual_seed(3)
+    B, T, d, H, D, Fd = 2, 5, 32, 4, 8, 24
+    x = torch.randn(B, T, d, generator=g)
+    w_in = torch.randn((H + 2) * D + 2 * Fd, d, generator=g) * 0.1
+    w_o = torch.randn(d, H * D, generator=g) * 0.1
+    w_f = torch.randn(d, Fd, generator=g) * 0.1
+    ln_w = torch.rand(d, generator=g) + 0.5
+    inv = palm_fast.reference.functional.rope_inv_freq(D, 10000.0)
+    emb = torch.randn(11, d, generator=g)
+    tgt = torch.randint(0, 11, (B * T,), generator=g)
+
+    def run(autocast):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w_in, w_o, w_f, ln_w, emb)]
+        xx, wi, wo, wf, lw, e = leaves
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = ob.parallel_block(xx, lw, wi, wo, wf, inv, n_heads=H, head_dim=D, d_ff=Fd)
+            loss = tied_lm_loss(y.reshape(B * T, d), e, tgt, z_coef=1e-4)[0]
+            loss.backward()
+        return [y, loss] + [t.grad for t in leaves]
+
+    for a, b in zip(run(False), run(True)):
+        assert a.dtype == b.dtype == torch.float32
+        assert torch.equal(a, b)

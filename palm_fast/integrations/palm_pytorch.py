@@ -251,7 +251,9 @@ class ParallelTransformerBlock(nn.Module):
         return fused_output_projection(o, h, x, self.attn_out.weight, self.ff_out[1].weight)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+            # (autocast: the composed path, whose projections autocast casts as in the
+            # original block; the fused kernels take one dtype for x and the weights)
             return False
         if not (self.use_rope and self.use_attention and type(self.norm) is LayerNorm
                 and type(self.ff_out[0]) is fast.SwiGLU):

@@ -30,7 +30,9 @@ class ParallelBlock(_reference.ParallelBlock):
     ``recompute`` ("none" | "attention" | "full"): activation recomputation in training
     (``torch.utils.checkpoint``: the attention forward, or the whole block).
     ``forward(x [B, T, dim], positions=None, cache=None) -> [B, T, dim]`` with the
-    reference semantics (a reference ``KVCache`` works).
+    reference semantics (a reference ``KVCache`` works). Inside a ``torch.autocast`` region
+    for x's device the block runs its parts one by one (fast LayerNorm, RoPE, SwiGLU;
+    autocast's GEMMs), as the reference block does there, instead of the fused kernels.
     """
 
     def __init__(self, dim: int, n_heads: int, head_dim: int, d_ff: int, n_kv_heads: int = 1,
@@ -92,6 +94,12 @@ class ParallelBlock(_reference.ParallelBlock):
         return super()._apply(fn, recurse)
 
     def _block(self, x: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # Under autocast the reference forward, built of the fast LayerNorm, RoPE and
+            # SwiGLU modules: its projections are autocast's (lower-precision GEMMs, results
+            # added to x in x's dtype), exactly as in the reference block. The fused kernels
+            # take one dtype for x and every weight.
+            return _reference.ParallelBlock.forward(self, x, positions, cache)
         return parallel_block(
             x, self.norm.weight, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight,
             self.rotary.inv_freq, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,

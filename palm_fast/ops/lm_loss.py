@@ -51,7 +51,7 @@ import torch
 
 from .._ext import cpp
 from ._checks import FLOAT_DTYPES, check_float, check_same_device, check_tensor
-from ._dispatch import once_differentiable
+from ._dispatch import autocast_off, once_differentiable
 from .block import _linear, _upcast_gemm
 
 __all__ = ["GradLink", "embed_tokens", "tied_lm_loss"]
@@ -102,7 +102,9 @@ def embed_tokens(weight: torch.Tensor, tokens: torch.Tensor, link: GradLink | No
 
 
 class _TiedLMLoss(torch.autograd.Function):
+    # (autocast off: the loss computes in fp32 / h's dtype whatever the caller's autocast)
     @staticmethod
+    @autocast_off
     def forward(ctx, h, weight, targets, scale, z_coef, link):
         M = h.shape[0]
         gd = _gemm_dtype(h)
@@ -137,6 +139,7 @@ class _TiedLMLoss(torch.autograd.Function):
         return ce + z, ce, z
 
     @staticmethod
+    @autocast_off
     @once_differentiable("tied_lm_loss")
     def backward(ctx, g, g_ce, g_z):
         if ctx.transposed:
