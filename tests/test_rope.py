@@ -295,6 +295,29 @@ def test_in_place_refuses_autograd():
         rope_(q, k)
 
 
+def test_in_place_bumps_the_version_counter():
+    """A tensor autograd saved before rope_ rotated it must make that backward raise (as any
+    in-place op does), not silently use the rotated values."""
+    q, k = randn(1, 3, 2, 16), randn(1, 3, 1, 16)
+    w = torch.ones_like(q, requires_grad=True)
+    y = (q * w).sum()   # saves q for w's gradient
+    v = q._version, k._version
+    rope_(q, k)
+    assert q._version > v[0] and k._version > v[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_in_place_on_inference_tensors():
+    with torch.inference_mode():
+        q, k = randn(1, 3, 2, 16), randn(1, 3, 1, 16)
+        want = rope(q, k)
+        rope_(q, k)   # allowed inside inference mode
+        assert torch.equal(q, want[0]) and torch.equal(k, want[1])
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        rope_(q, k)   # as torch refuses an in-place op on one outside it
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_custom_op_cuda(dtype):

@@ -297,6 +297,14 @@ def rope_(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = 
         _check_no_overlap(q, k)
     if compiling():
         rope_inplace_op(q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
-    else:  # eager: the same launch without the dispatcher
+    else:  # eager: the same launch without the dispatcher, so its bookkeeping is done here
+        if not torch.is_inference_mode_enabled() and (q.is_inference() or k.is_inference()):
+            raise RuntimeError("rope_: q or k is an inference tensor (made under "
+                               "torch.inference_mode()); an in-place update of one is only "
+                               "allowed inside inference mode")
         _launch(q, k, q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
+        # As any in-place op: a tensor autograd saved before this call is now stale, and
+        # its backward must raise rather than read the rotated values.
+        torch.autograd.graph.increment_version(q)
+        torch.autograd.graph.increment_version(k)
     return q, k
