@@ -159,6 +159,33 @@ def test_tied_embedding_link():
     torch.testing.assert_close(g_lookup, want)
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+def test_tied_embedding_link_shared_by_chunked_losses(monkeypatch, transposed):
+    """One link, the loss computed in two token chunks (two head backwards before the
+    lookup's): both chunks' weight gradients count (the second overwrote the first). A link
+    reused after a backward that never reached its lookup starts clean."""
+    from palm_fast.ops import lm_loss as L
+    from palm_fast.ops.lm_loss import GradLink, embed_tokens
+
+    monkeypatch.setattr(L, "_cpu_transposed", lambda h, gd: transposed)
+    w = randn(23, 8).requires_grad_(True)
+    tok = torch.randint(0, 23, (2, 6))
+    tgt = torch.randint(0, 23, (12,))
+
+    def run(link):
+        h = torch.tanh(embed_tokens(w, tok, link)).flatten(0, 1)
+        return (tied_lm_loss(h[:5], w, tgt[:5], z_coef=1e-3, link=link)[0]
+                + tied_lm_loss(h[5:], w, tgt[5:], z_coef=1e-3, link=link)[0])
+
+    link = GradLink()
+    x = embed_tokens(w, tok, link)
+    torch.autograd.grad(tied_lm_loss(torch.tanh(x).flatten(0, 1), w, tgt, link=link)[0], (x,))
+    assert link.dw is not None   # left behind: the lookup's backward never ran
+    (g_link,) = torch.autograd.grad(run(link), (w,))
+    (g_plain,) = torch.autograd.grad(run(None), (w,))
+    torch.testing.assert_close(g_link, g_plain, rtol=1e-6, atol=1e-7)
+
+
 def test_torch_compile():
     h, w = randn(10, 8).requires_grad_(True), randn(13, 8).requires_grad_(True)
     t = torch.randint(0, 13, (10,))

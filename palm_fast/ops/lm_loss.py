@@ -73,9 +73,20 @@ class GradLink:
         self.dw = None
 
 
+def _hand_to_link(link: GradLink, dw: torch.Tensor) -> None:
+    """Leave a head's weight gradient for the tied lookup's backward. Several heads may share
+    one link (a loss computed in chunks): their gradients are summed, in backward order."""
+    if link.dw is None:
+        link.dw = dw
+    else:
+        link.dw.add_(dw)
+    return None
+
+
 class _TiedEmbed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, tokens, link):
+        link.dw = None   # (a gradient a backward that never reached this lookup left behind)
         ctx.save_for_backward(tokens)
         ctx.link, ctx.n_rows = link, weight.shape[0]
         return torch.nn.functional.embedding(tokens, weight)
@@ -176,7 +187,7 @@ class _TiedLMLoss(torch.autograd.Function):
                 dw.index_add_(0, targets, h.float() * (-a * s))   # - a s scatter_t(h), no host sync
             dw = dw.to(weight.dtype)
             if ctx.link is not None:    # the tied lookup's backward adds its rows and returns it
-                ctx.link.dw, dw = dw, None
+                dw = _hand_to_link(ctx.link, dw)
         return dh, dw, None, None, None, None
 
     @staticmethod
@@ -202,7 +213,7 @@ class _TiedLMLoss(torch.autograd.Function):
             dw.index_add_(0, targets, hf * (-a * s))        # fixed order on the CPU
             dw = dw.to(weight.dtype)
             if ctx.link is not None:
-                ctx.link.dw, dw = dw, None
+                dw = _hand_to_link(ctx.link, dw)
         return dh, dw, None, None, None, None
 
 
@@ -222,7 +233,8 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
     h ``[M, d]`` (float), weight ``[V, d]`` (h's dtype), targets ``[M]`` int in ``[0, V)``.
     Gradients flow to h and weight. ``link``: the ``GradLink`` given to the ``embed_tokens``
     call that produced h's input (tied embedding; the weight gradient then comes out of that
-    lookup's backward). Raises TypeError/ValueError naming the bad argument.
+    lookup's backward; several calls, e.g. a loss in token chunks, may share one link). Raises
+    TypeError/ValueError naming the bad argument.
     """
     check_tensor("h", h, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("weight", weight, dtypes=(h.dtype,), ndim=2)
