@@ -223,6 +223,18 @@ def test_add_layer_norm_leaf_gradients_are_separate_tensors(shape, compiled):
         assert torch.equal(t.grad, torch.full(shape, 2.0))
 
 
+def test_add_layer_norm_leaf_gradients_separate_when_the_reshape_copies():
+    """Leaves whose layout reshape(-1, N) cannot view (it copies): the gradient reaches each
+    leaf through the copy's backward as a view of one tensor, which was shared."""
+    w = randn(16)
+    leaves = [randn(2, 4, 16)[:, :3].detach().requires_grad_() for _ in range(3)]
+    for _ in range(2):
+        add_layer_norm(*leaves, weight=w)[0].sum().backward()
+    assert len({t.grad.untyped_storage().data_ptr() for t in leaves}) == 3
+    for t in leaves:
+        assert torch.equal(t.grad, torch.full((2, 3, 16), 2.0))
+
+
 # ------------------------------------------------------------------ determinism
 
 def test_backward_bitwise_deterministic_across_threads():

@@ -149,13 +149,37 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
 layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
+# Backward nodes that hand their incoming gradient on as it is or as a view of it (no new
+# tensor): a gradient passing only through these reaches a leaf's .grad as the same memory.
+_PASS_THROUGH = frozenset({
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
+    "AliasBackward0", "TBackward0", "TransposeBackward0", "PermuteBackward0",
+    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0",
+    "ViewAsRealBackward0", "ViewAsComplexBackward0", "ToCopyBackward0"})
+
+
 def _reaches_leaf(t) -> bool:
-    """Whether t's gradient lands in a leaf's .grad directly or through views (the public
-    function's reshape): such a gradient is kept as the .grad tensor, not copied."""
+    """Whether t's gradient lands in a leaf's .grad directly or through views or copies (the
+    public function's reshape, which copies a non-viewable layout): such a gradient is kept
+    as the .grad tensor (or a view of it), not copied."""
     if t is None:
         return False
-    base = getattr(t, "_base", None)
-    return t.is_leaf or (base is not None and base.is_leaf)
+    if t.is_leaf:
+        return True
+    fn = t.grad_fn
+    for _ in range(16):
+        if fn is None:
+            return False
+        name = type(fn).__name__
+        if name == "AccumulateGrad":
+            return True
+        if name not in _PASS_THROUGH:
+            return False
+        nxt = [f for f, _ in fn.next_functions if f is not None]
+        if len(nxt) != 1:
+            return False
+        fn = nxt[0]
+    return True   # (a long chain of views: copy, to be safe)
 
 
 def _add_ln_setup(ctx, inputs, output):
