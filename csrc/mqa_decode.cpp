@@ -609,7 +609,7 @@ void rope_append_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && q.dim() == 4 && q.size(0) == k.size(0) &&
                   q.size(1) == k.size(1) && q.size(3) == k.size(2), "q, k, v: shapes do not match");
   TORCH_CHECK(q.stride(3) == 1 || q.size(3) <= 1, "q: expected a unit last stride");
-  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k, v: expected a unit last stride");
+  TORCH_CHECK((k.stride(2) == 1 && v.stride(2) == 1) || k.size(2) <= 1, "k, v: expected a unit last stride");
   TORCH_CHECK(q_out.is_contiguous() && q_out.sizes() == q.sizes(), "q_out: expected contiguous, q's shape");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   v_cache.sizes() == k_cache.sizes() && k_cache.size(3) == k.size(2),

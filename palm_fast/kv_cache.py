@@ -220,6 +220,13 @@ class KVCache:
         """The current shared-prefix groups (paged caches; empty when nothing is shared)."""
         return list(self._groups) if self.paged else []
 
+    def __getstate__(self) -> dict:
+        # torch.save / pickle: the validation memo of ops.mqa_decode holds weak references
+        # (not picklable) and is only valid for this object; a restored cache re-validates.
+        state = dict(self.__dict__)
+        state["_checked_values"] = None
+        return state
+
     def __repr__(self) -> str:
         kind = (f"paged(page_size={self.page_size}, num_pages={self.num_pages})" if self.paged
                 else "contiguous")
@@ -360,7 +367,7 @@ class KVCache:
                 if n_new.device != self.device:
                     raise ValueError(f"n_new: expected device {self.device} (the cache's), "
                                      f"got {n_new.device}")
-                n_dev = n_new.to(torch.int32)
+                n_dev = n_new.to(torch.int32).contiguous()   # (the kernels index it densely)
         self.check_room(n_list)
         if self.paged:
             self._ensure_pages([self._host_lengths[b] + n for b, n in enumerate(n_list)])

@@ -222,3 +222,21 @@ def test_large_cpu_cache_under_default_device_and_fake_mode():
     with FakeTensorMode():
         fake = KVCache(1, 2, 1024, 128)
         assert fake.k.shape == (1, 2, 1024, 128)
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_save_and_load_after_decoding(page_size, tmp_path):
+    """torch.save of a cache that mqa_decode has used (its validation memo holds weak
+    references, which could not be pickled); the loaded cache decodes the same."""
+    from palm_fast.ops import mqa_decode
+
+    B, hd = 2, 8
+    c = KVCache(1, B, 12, hd, page_size=page_size)
+    c.append(0, torch.randn(B, 5, hd), torch.randn(B, 5, hd))
+    c.advance(torch.tensor([5, 3]))
+    q = torch.randn(B, 4, hd)
+    want = mqa_decode(q, c, 0, c.lengths)
+    torch.save(c, tmp_path / "cache.pt")
+    loaded = torch.load(tmp_path / "cache.pt", weights_only=False)
+    assert torch.equal(mqa_decode(q, loaded, 0, loaded.lengths), want)
+    assert torch.equal(mqa_decode(q, c, 0, c.lengths), want)

@@ -434,6 +434,32 @@ def test_triton_rope_append(page_size, dtype, triton_backend):
         assert torch.equal(c_tri.k.cpu(), c_ref.k) and torch.equal(c_tri.v.cpu(), c_ref.v)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_append_with_a_strided_int32_n_new(page_size, backend, request):
+    """n_new as an expanded or sliced int32 tensor: the kernels index it densely (the Triton
+    append skipped a sequence's token and read past an expand's storage; the C++ one raised
+    after pages were taken)."""
+    dev = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
+    B, T, H, hd = 3, 2, 2, 8
+    q, k, v = (randn(B, T, H, hd).to(dev), randn(B, T, hd).to(dev), randn(B, T, hd).to(dev))
+    strided = {"expand": torch.ones(1, dtype=torch.int32, device=dev).expand(B),
+               "slice": torch.tensor([1, 0, 2, 0, 1, 0], dtype=torch.int32, device=dev)[::2]}
+    for name, n_new in strided.items():
+        dense = n_new.contiguous()
+        for fn in ("append", "rope_append"):
+            caches = [KVCache(1, B, 8, hd, page_size=page_size, device=dev) for _ in range(2)]
+            for c, n in zip(caches, (n_new, dense)):
+                c.advance(torch.tensor([0, 3, 1], device=dev))
+                if fn == "append":
+                    c.append(0, k, v, n)
+                else:
+                    ops.rope_append(q, k, v, c, 0, n_new=n)
+            a, b = caches
+            assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v), (name, fn)
+            assert torch.equal(a.page_table, b.page_table) if page_size else True
+
+
 def monkeypatch_cpu_cpp():
     """A context that restores the C++ CPU kernels inside a test that swapped in Triton."""
     import contextlib
@@ -563,3 +589,14 @@ def test_cuda_graph_step():
     lens.copy_(torch.tensor([103, 10], dtype=torch.int32))
     g.replay()
     assert torch.allclose(out.float(), ops.mqa_decode(q, cache, 0, lens).float(), atol=1e-2)
+
+
+def test_append_head_dim_one_with_a_strided_last_dim():
+    """hd = 1: the last dim's stride is irrelevant (one element); the Python checks accept
+    it, and the C++ kernel used to reject it after pages were taken."""
+    k, v = randn(2, 3, 2)[..., :1], randn(2, 3, 2)[..., 1:]
+    c = KVCache(1, 2, 8, 1, page_size=4)
+    c.append(0, k, v)
+    c.advance(3)
+    assert torch.equal(c.k[0, c.page_table[0, 0], :3], k[0])
+    assert torch.equal(c.v[0, c.page_table[1, 0], :3], v[1])
