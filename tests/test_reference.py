@@ -353,6 +353,26 @@ def test_generate_sampling_top_k():
     assert not all(torch.equal(d, draws[0]) for d in draws)  # high temperature actually samples
 
 
+def test_generate_bad_arguments():
+    """Named errors for what generate() cannot take (NaN temperature, an empty prompt, a
+    token dtype nn.Embedding rejects, non-integer counts), not failures deep inside."""
+    model = tiny()
+    p = torch.randint(0, 256, (1, 3))
+    cases = [(dict(temperature=float("nan")), ValueError, "temperature"),
+             (dict(temperature=float("inf")), ValueError, "temperature"),
+             (dict(temperature=True), TypeError, "temperature"),
+             (dict(max_new_tokens=2.0), TypeError, "max_new_tokens"),
+             (dict(top_k=2.5, temperature=1.0), TypeError, "top_k"),
+             (dict(prompt=p[:, :0]), ValueError, "prompt"),
+             (dict(prompt=p.to(torch.uint8)), TypeError, "prompt")]
+    for kw, err, name in cases:
+        args = dict(prompt=p, max_new_tokens=2)
+        args.update(kw)
+        with pytest.raises(err, match=name):
+            model.generate(**args)
+    assert model.generate(p.int(), 2).shape == (1, 5)
+
+
 def test_determinism():
     tokens = torch.randint(0, 256, (2, 16))
     a, b = tiny(seed=3), tiny(seed=3)
@@ -381,7 +401,7 @@ def test_bad_inputs():
         model(torch.tensor([[-1, 2]]))
     with pytest.raises(ValueError, match=r"tokens: expected .*\[B, T\]"):
         model(torch.tensor([1, 2, 3]))
-    with pytest.raises(TypeError, match="tokens: expected an integer dtype"):
+    with pytest.raises(TypeError, match="tokens: expected dtype int32 or int64"):
         model(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 129, dtype=torch.int64))

@@ -6,6 +6,9 @@ every dense kernel N(0, 1/sqrt(n_in)), LayerNorm weights 1.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,8 +57,8 @@ class PaLM(nn.Module):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"{name}: expected an integer tensor of shape [B, T], got {got}")
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            raise TypeError(f"{name}: expected an integer dtype, got {tokens.dtype}")
+        if tokens.dtype not in (torch.int32, torch.int64):   # (what nn.Embedding takes)
+            raise TypeError(f"{name}: expected dtype int32 or int64, got {tokens.dtype}")
         V = self.config.vocab_size
         # The range check reads values (a host sync); skipped while torch.compile traces.
         if torch.compiler.is_compiling() or tokens.numel() == 0:
@@ -123,10 +126,18 @@ class PaLM(nn.Module):
         restricted to the ``top_k`` largest logits when given.
         """
         self._check_tokens(prompt, "prompt")
+        if prompt.shape[1] == 0:
+            raise ValueError("prompt: expected at least one token per sequence, "
+                             f"got shape {list(prompt.shape)}")
+        for name, v in (("max_new_tokens", max_new_tokens), ("top_k", top_k)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"temperature: expected a float, got {type(temperature).__name__}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature: expected >= 0, got {temperature}")
+        if not 0 <= temperature < math.inf:   # (NaN fails too)
+            raise ValueError(f"temperature: expected a finite float >= 0, got {temperature}")
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
             raise ValueError(f"top_k: expected in [1, {self.config.vocab_size}], got {top_k}")
         B, T0 = prompt.shape
