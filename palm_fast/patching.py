@@ -20,9 +20,12 @@ PaLM-style model, in place, by a plain recursive module walk.
 * ``unpatch`` puts every original back, first handing it the replacement's current parameters
   and buffers (e.g. after ``model.to(device)``) and training flag.
 
-Replacing a module drops forward hooks registered on it, so a module with hooks is skipped
-(reported). To change options, ``unpatch`` and ``patch`` again: ``patch`` does not re-enter
-modules it already replaced.
+Replacing a module bypasses hooks registered on it or on its submodules (a fused block
+never calls its children), so a module with hooks anywhere inside is skipped (reported;
+the walk goes on into its children). palm_fast's own fast modules are left as they are.
+A factory raising anything but ``Unsupported`` makes ``patch`` put back what the call had
+replaced and re-raise. To change options, ``unpatch`` and ``patch`` again: ``patch`` does
+not re-enter modules it already replaced.
 """
 from __future__ import annotations
 
@@ -181,6 +184,10 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _is_fast(cls: type) -> bool:
+    return cls.__module__.startswith("palm_fast.nn.")
+
+
 def _has_hooks(m: nn.Module) -> bool:
     return any(getattr(m, name, None) for name in (
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -212,6 +219,8 @@ def _replace(module: nn.Module, path: str, opts: PatchOptions, report: PatchRepo
     """The replacement of ``module`` (recording it), or None to keep it and visit its children."""
     cls = type(module)
     entry = _REGISTRY.get(cls)
+    if entry is None and _is_fast(cls):
+        return None   # palm_fast's own fast module (some subclass a reference class): nothing to do
     if entry is None:
         parent = next((c for c in cls.__mro__[1:] if c in _REGISTRY), None)
         if parent is not None and opts.enabled(_REGISTRY[parent].kind):
@@ -226,9 +235,12 @@ def _replace(module: nn.Module, path: str, opts: PatchOptions, report: PatchRepo
                 f"{' and '.join(wanted)} {'is' if len(wanted) == 1 else 'are'} inline code of "
                 f"{cls.__qualname__}.forward: patched only with {entry.kind}=True")))
         return None
-    if _has_hooks(module):
+    hooked = next((n for n, m in module.named_modules() if _has_hooks(m)), None)
+    if hooked is not None:
+        where = "the module has" if hooked == "" else f"its submodule {hooked!r} has"
         report.skipped.append(PatchRecord(path, _qualname(cls), reason=(
-            "the module has hooks registered, which a replacement would drop")))
+            f"{where} hooks registered (or a parametrization such as weight_norm), which a "
+            "replacement would bypass")))
         return None
     try:
         new = entry.factory(module, opts)
@@ -251,9 +263,10 @@ def _replace(module: nn.Module, path: str, opts: PatchOptions, report: PatchRepo
 
 
 def _walk(module: nn.Module, prefix: str, opts: PatchOptions, report: PatchReport,
-          memo: dict | None = None) -> None:
+          undo: list, memo: dict | None = None) -> None:
     # Every slot, also a module instance registered twice (named_children() lists it once):
-    # each occurrence gets the same replacement, so the sharing is kept.
+    # each occurrence gets the same replacement, so the sharing is kept. ``undo`` records
+    # (parent, slot, original) of every replacement made, for a rollback.
     memo = {} if memo is None else memo   # id(child) -> (child, its replacement or None)
     for name, child in list(module._modules.items()):
         if child is None:
@@ -262,6 +275,7 @@ def _walk(module: nn.Module, prefix: str, opts: PatchOptions, report: PatchRepor
         if id(child) in memo:
             new = memo[id(child)][1]
             if new is not None:
+                undo.append((module, name, child))
                 setattr(module, name, new)
             continue
         if _ORIGINAL in child.__dict__:   # already a replacement
@@ -269,9 +283,10 @@ def _walk(module: nn.Module, prefix: str, opts: PatchOptions, report: PatchRepor
         new = _replace(child, path, opts, report)
         memo[id(child)] = (child, new)   # (child kept alive: its id stays unique)
         if new is not None:
+            undo.append((module, name, child))
             setattr(module, name, new)
         else:
-            _walk(child, path, opts, report, memo)
+            _walk(child, path, opts, report, undo, memo)
 
 
 def patch(model: nn.Module, *, rope: bool = True, swiglu: bool = True, layer_norm: bool = True,
@@ -306,7 +321,16 @@ def patch(model: nn.Module, *, rope: bool = True, swiglu: bool = True, layer_nor
         if new is not None:
             root = new
         else:
-            _walk(model, "", opts, report)
+            undo: list = []
+            try:
+                _walk(model, "", opts, report, undo)
+            except BaseException:
+                # A factory raised something other than Unsupported (a bug, or an error of
+                # a registered factory): put back what this call replaced, then re-raise, so
+                # the model is never left half-patched without a report.
+                for parent, name, orig in reversed(undo):
+                    setattr(parent, name, orig)
+                raise
     object.__setattr__(root, _REPORT, report)
     if report.skipped:
         warnings.warn(str(report), PatchWarning, stacklevel=2)
@@ -338,12 +362,21 @@ def _restore(module: nn.Module) -> nn.Module:
     return orig
 
 
-def _unwalk(module: nn.Module) -> None:
-    for name, child in list(module.named_children()):
-        if _ORIGINAL in child.__dict__:
-            child = _restore(child)
-            setattr(module, name, child)
-        _unwalk(child)
+def _unwalk(module: nn.Module, memo: dict | None = None) -> None:
+    # Every slot, also a replacement registered twice (named_children() lists it once): each
+    # occurrence gets the same original back, restored once.
+    memo = {} if memo is None else memo   # id(child) -> (child, the module for its slot)
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        if id(child) in memo:
+            setattr(module, name, memo[id(child)][1])
+            continue
+        back = _restore(child) if _ORIGINAL in child.__dict__ else child
+        memo[id(child)] = (child, back)
+        if back is not child:
+            setattr(module, name, back)
+        _unwalk(back, memo)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -405,6 +405,98 @@ def test_factory_that_copies_is_refused(registry_guard):
     assert rec.path == "norm" and "copied: ['scale']" in rec.reason
 
 
+def test_a_factory_error_rolls_the_call_back(registry_guard):
+    """A factory raising something other than Unsupported: patch re-raises and puts back
+    what it had replaced in this call (the model is never left half-patched)."""
+    def broken(m, opts):
+        raise RuntimeError("factory bug")
+
+    palm_fast.register(MyNorm, broken, kind="layer_norm")
+    act = palm_fast.reference.SwiGLU()
+    m = nn.Sequential(act, nn.Sequential(act), MyNorm(32))
+    with pytest.raises(RuntimeError, match="factory bug"):
+        palm_fast.patch(m)
+    assert m[0] is act and m[1][0] is act and not patching.is_patched(m)
+
+
+def test_fast_module_settings_refused_are_skipped():
+    """A reference LayerNorm the fast one cannot take (eps = 0) is skipped and reported, and
+    the rest of the model is patched."""
+    from palm_fast import reference
+
+    m = nn.Sequential(reference.LayerNorm(8), reference.SwiGLU(), reference.LayerNorm(8, eps=0.0))
+    quiet_patch(m)
+    assert type(m[0]) is palm_fast.nn.LayerNorm and type(m[2]) is reference.LayerNorm
+    (rec,) = m.palm_fast_report.skipped
+    assert rec.path == "2" and "eps" in rec.reason
+
+
+def test_unpatch_restores_every_slot_of_a_shared_module():
+    from palm_fast import reference
+
+    ln = reference.LayerNorm(16)
+    holder = nn.ModuleList([ln, ln, nn.Sequential(ln)])
+    palm_fast.patch(holder)
+    palm_fast.unpatch(holder)
+    assert holder[0] is ln and holder[1] is ln and holder[2][0] is ln
+    assert not patching.is_patched(holder)
+
+
+def test_palm_fast_modules_are_left_alone_quietly():
+    """palm_fast.nn modules subclass the reference classes; patch must not report them as
+    unknown subclasses."""
+    m = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", patching.PatchWarning)
+        palm_fast.patch(m)
+    assert m.palm_fast_report.ok
+
+
+@pytest.mark.parametrize("which", ["reference", pytest.param("palm_pytorch", marks=needs_pp)])
+def test_hooks_on_a_child_skip_the_block(which):
+    """A hook on a block's child (the block's replacement would bypass it): the block is
+    skipped and reported, the hook still fires, the logits are the original's."""
+    m = ref_model() if which == "reference" else pp_model()
+    ref = copy.deepcopy(m)
+    blk = m.blocks[0] if which == "reference" else m[1].fn
+    calls = []
+    blk.norm.register_forward_hook(lambda mod, inp, out: calls.append(1) or out * 1.5)
+    ref_blk = ref.blocks[0] if which == "reference" else ref[1].fn
+    ref_blk.norm.register_forward_hook(lambda mod, inp, out: out * 1.5)
+    quiet_patch(m)
+    assert any("hooks" in r.reason and "norm" in r.reason for r in m.palm_fast_report.skipped)
+    x = tokens(T=9)
+    got, want = m(x), ref(x)
+    assert calls and close_rel(got, want, 2e-5)
+
+
+@pytest.mark.parametrize("change", ["in_proj_bias", "ff_out_bias", "norm_eps", "torch_norm", "act"])
+def test_reference_block_with_changed_parts_is_skipped(change):
+    """The fast block reads only the parts' weights: a block whose parts differ from the
+    reference's (a bias, another eps or norm class, another activation) is left as it was,
+    with a reason, and the model's output is unchanged."""
+    from palm_fast import reference
+
+    m = ref_model()
+    b = m.blocks[0]
+    if change == "in_proj_bias":
+        b.in_proj = nn.Linear(b.dim, b.in_proj.out_features, bias=True)
+    elif change == "ff_out_bias":
+        b.ff_out = nn.Linear(b.d_ff, b.dim, bias=True)
+    elif change == "norm_eps":
+        b.norm = reference.LayerNorm(b.dim, eps=0.1)
+    elif change == "torch_norm":
+        b.norm = nn.LayerNorm(b.dim, bias=False)
+    else:
+        b.act = nn.Sequential(reference.SwiGLU(), nn.Tanh())
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    assert type(m.blocks[0]) is reference.ParallelBlock
+    assert any(r.path == "blocks.0" for r in m.palm_fast_report.skipped)
+    x = tokens(T=9)
+    assert close_rel(m(x), ref(x), 2e-5)
+
+
 def test_register_rejects_bad_arguments(registry_guard):
     with pytest.raises(TypeError, match="cls"):
         palm_fast.register(object, lambda m, o: m)

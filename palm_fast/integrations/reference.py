@@ -26,16 +26,25 @@ def share_state(new: nn.Module, orig: nn.Module) -> nn.Module:
     return new
 
 
+def _build(make):
+    """``make()``, a fast module's constructor call; its argument errors (settings the fast
+    module refuses, e.g. eps = 0) become Unsupported: the module is skipped and reported."""
+    try:
+        return make()
+    except (ValueError, TypeError) as e:
+        raise Unsupported(f"the fast module refuses this module's settings ({e})") from e
+
+
 def layer_norm(m: ref.LayerNorm, opts: PatchOptions) -> nn.Module:
     check_dtype(m)
-    new = fast.LayerNorm(m.dim, eps=m.eps, bias=m.bias is not None, device="meta")
+    new = _build(lambda: fast.LayerNorm(m.dim, eps=m.eps, bias=m.bias is not None, device="meta"))
     return share_state(new, m)
 
 
 def rotary(m: ref.RotaryEmbedding, opts: PatchOptions) -> nn.Module:
     check_dtype(m)
     with torch.device("meta"):
-        new = fast.RotaryEmbedding(m.rotary_dim, m.base, m.interleaved)
+        new = _build(lambda: fast.RotaryEmbedding(m.rotary_dim, m.base, m.interleaved))
     return share_state(new, m)
 
 
@@ -53,7 +62,29 @@ def parallel_block(m: ref.ParallelBlock, opts: PatchOptions) -> nn.Module:
         raise Unsupported(f"palm_fast.nn.ParallelBlock uses every fast piece but {', '.join(off)}="
                           "False was asked; the block's parts are patched one by one")
     check_dtype(m)
-    return fast_block.from_reference(m)
+    _check_block_parts(m)
+    return _build(lambda: fast_block.from_reference(m))
+
+
+def _check_block_parts(m: ref.ParallelBlock) -> None:
+    """The fast block reads only its parts' weights (and ``m.eps``): the parts must be the
+    reference block's own kinds, or its forward would differ from the original's."""
+    def linear(name, n_out, n_in):
+        lin = getattr(m, name)
+        if type(lin) is not nn.Linear or lin.bias is not None or tuple(lin.weight.shape) != (n_out, n_in):
+            raise Unsupported(f"{name} is not the block's bias-free nn.Linear({n_in}, {n_out}) "
+                              f"(got {lin!r})")
+    linear("in_proj", sum(m.split_sizes), m.dim)
+    linear("attn_out", m.dim, m.n_heads * m.head_dim)
+    linear("ff_out", m.dim, m.d_ff)
+    norm = m.norm
+    if type(norm) is not ref.LayerNorm or norm.bias is not None or norm.eps != m.eps or norm.dim != m.dim:
+        raise Unsupported(f"norm is not the block's reference LayerNorm({m.dim}, eps={m.eps}) without "
+                          f"bias (got {norm!r})")
+    if type(m.act) is not ref.SwiGLU:
+        raise Unsupported(f"act is not the reference SwiGLU (got {type(m.act).__qualname__})")
+    if type(m.rotary) is not ref.RotaryEmbedding:
+        raise Unsupported(f"rotary is not the reference RotaryEmbedding (got {type(m.rotary).__qualname__})")
 
 
 def register_all() -> None:
