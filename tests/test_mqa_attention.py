@@ -136,3 +136,15 @@ def test_causal_mqa_attention_routes_by_size(monkeypatch):
         r = _fwd_bwd(_ref, q.double(), k.double()[:, :, None], v.double()[:, :, None], g.double())
         for x, z in zip(a, r):
             torch.testing.assert_close(x.double(), z.reshape(x.shape), rtol=1e-5, atol=2e-6)
+
+
+def test_bad_arguments():
+    q, k, v = randn(1, 3, 2, 8), randn(1, 3, 8), randn(1, 3, 8)
+    for scale, err in ((float("inf"), ValueError), (float("nan"), ValueError), (0.0, ValueError),
+                       (True, TypeError), ("0.1", TypeError)):
+        with pytest.raises(err, match="scale"):
+            causal_mqa_attention(q, k, v, scale=scale)
+    with pytest.raises(ValueError, match="q: expected a head dim >= 1"):
+        causal_mqa_attention(randn(1, 3, 2, 0), randn(1, 3, 0), randn(1, 3, 0))
+    with pytest.raises(TypeError, match="k: expected dtype"):
+        causal_mqa_attention(q, k.double(), v)

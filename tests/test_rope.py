@@ -378,6 +378,7 @@ def _bad_cases():
         (dict(base=0.0), ValueError, "base: expected a finite float > 0"),
         (dict(base=float("nan")), ValueError, "base: expected a finite float > 0"),
         (dict(base=-10.0), ValueError, "base: expected a finite float > 0"),
+        (dict(q=randn(2, 3, 4, 63), k=randn(2, 3, 1, 63)), ValueError, "q: the head dim 63 is odd"),
     ], q, k
 
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .._ext import cpp
-from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_eps, check_float, check_same_device, check_tensor
 from ._dispatch import cached_constant, call_impl, compiling, eager_ctx, eager_function, eager_op, needs_grad
 from .layer_norm import (
     _layer_norm_bwd_cpu,
@@ -408,8 +408,10 @@ def causal_mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"{H}, got {tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v: expected shape {tuple(k.shape)} (same as k), got {tuple(v.shape)}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
+    if D == 0:
+        raise ValueError(f"q: expected a head dim >= 1, got shape {tuple(q.shape)}")
+    if scale is not None:
+        scale = check_float("scale", scale, positive=True)
     return _sdpa(q, k, v, scale, q_offset=0)
 
 

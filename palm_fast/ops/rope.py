@@ -126,6 +126,9 @@ def _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim):
         rdim = D if rotary_dim is None else rotary_dim
         if not isinstance(rdim, int) or isinstance(rdim, bool):
             raise TypeError(f"rotary_dim: expected an int, got {type(rdim).__name__}")
+        if rotary_dim is None and D % 2:
+            raise ValueError(f"q: the head dim {D} is odd: RoPE rotates pairs of features; pass an "
+                             "even rotary_dim < the head dim to rotate part of each head")
         if rdim <= 0 or rdim % 2 or rdim > D:
             raise ValueError(f"rotary_dim: expected a positive even integer <= head dim {D}, got {rdim}")
         # Computed on the CPU and moved: pow() on another device can differ in the last
