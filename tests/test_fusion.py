@@ -627,3 +627,32 @@ def test_tiled_options_are_checked():
         codegen.CompiledGraph(expanders.layer_norm_fwd(False), "full", single_rows=0)
     with pytest.raises(ValueError, match="steps"):
         codegen.CompiledGraph(expanders.layer_norm_fwd(False), "full", steps=0)
+
+
+def _total_bytes(text: str) -> int:
+    line = next(ln for ln in text.splitlines() if "total bytes moved" in ln)
+    return int(line.split("total bytes moved ")[1].split(" ")[0].replace(",", ""))
+
+
+def test_explain_bytes_follow_the_runner():
+    """explain()'s byte counts as the runner allocates: partial-sum rows min(M, 2 x 132) (it
+    counted 264 rows at any M), and an output another kernel reads stored in fp32 and cast
+    at the end (it was counted at its own dtype, with no cast)."""
+    M, N, it = 4, 4096, 2
+    text = explain(expanders.layer_norm_bwd(has_bias=False), "full", M=M, N=N, source=False, file=None)
+    # dy, x (bf16 rows), weight (bf16), mean, rstd (fp32 stats); dx (bf16), M partial rows
+    # (fp32); then the partials read once, dweight written (bf16).
+    want = (2 * M * N * it + N * it + 2 * M * 4 + M * N * it + M * N * 4) + (M * N * 4 + N * it)
+    assert _total_bytes(text) == want
+    big = explain(expanders.layer_norm_bwd(has_bias=False), "full", M=16384, N=N, source=False, file=None)
+    rpp = -(-16384 // 264)   # rows per program, as the runner splits them
+    P = -(-16384 // rpp)     # (261 programs)
+    want = (2 * 16384 * N * it + N * it + 2 * 16384 * 4 + 16384 * N * it + P * N * 4) + (P * N * 4 + N * it)
+    assert _total_bytes(big) == want
+    g = expanders.add_layer_norm_fwd(False, False, "bfloat16")
+    text = explain(g, "mindspore", M=M, N=N, source=False, file=None)
+    assert "output casts / copies after the kernels" in text
+    cg = codegen.CompiledGraph(g, "mindspore")
+    consumed = {i for grp in cg.schedule.groups for i in grp.inputs}
+    y_sum = g.outputs["y_sum"][0]
+    assert y_sum in consumed   # (so it is stored fp32 and cast: 4 + 2 bytes per element more)

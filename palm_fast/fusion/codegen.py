@@ -1094,16 +1094,21 @@ def explain(graph: Graph, mode: str = "full", *, M: int = 16384, N: int = 4096,
     cg = CompiledGraph(graph, mode, **options)
     g = cg.graph
     item = torch.tensor([], dtype=dtype).element_size()
-    P = cg.partials_per_sm * 132  # partial rows on an H100-class GPU
+    # Partial-sum rows as the runner makes them on an H100-class GPU (132 SMs).
+    P = max(1, min(M, cg.partials_per_sm * 132))
+    P = -(-M // -(-M // P))
+    # A graph output another kernel also reads is stored in fp32 and cast at the end (as
+    # the runner does); one nobody else reads is written in its own dtype.
+    consumed = {i for grp in cg.schedule.groups for i in grp.inputs}
+
+    def size_of(i: int) -> int:
+        return {"row": M * N, "stat": M, "col": N, "partial": P * N, "scalar": 0}[g.nodes[i].space]
 
     def nbytes(i: int, reads: int = 1) -> int:
         n = g.nodes[i]
-        if n.space == "scalar":
-            return 0
-        size = {"row": M * N, "stat": M, "col": N, "partial": P * N}[n.space]
         is_io = n.op == "input" and n.space in ("row", "col") or any(
-            v == i and like != "float32" for v, like in g.outputs.values())
-        return size * (item if is_io else 4) * reads
+            v == i and like != "float32" and i not in consumed for v, like in g.outputs.values())
+        return size_of(i) * (item if is_io else 4) * reads
 
     lines = [f"graph {graph.name} ({graph.hash()}): {graph.op_count()} primitive ops; mode {mode}; "
              f"{cg.kernel_count} kernel(s); M={M}, N={N}, {str(dtype).replace('torch.', '')}"]
@@ -1122,6 +1127,20 @@ def explain(graph: Graph, mode: str = "full", *, M: int = 16384, N: int = 4096,
         lines.append(f"    reads {['%' + str(i) for i in grp.inputs]} writes "
                      f"{['%' + str(i) for i in grp.outputs]}; bytes moved {moved:,} "
                      f"({moved / (M * N * item):.2f} x M*N*itemsize)")
+    # The runner's closing copies: fp32 outputs cast to their dtype, and outputs that are an
+    # input (or repeat another output) copied to a new tensor.
+    seen, extra = set(), 0
+    for nid, like in g.outputs.values():
+        n = g.nodes[nid]
+        if n.op == "input" or nid in seen:
+            extra += 2 * size_of(nid) * (item if n.space in ("row", "col") else 4)
+        elif nid in consumed and like != "float32":
+            extra += size_of(nid) * (4 + item)
+        seen.add(nid)
+    if extra:
+        total += extra
+        lines.append(f"  output casts / copies after the kernels: bytes moved {extra:,} "
+                     f"({extra / (M * N * item):.2f} x M*N*itemsize)")
     lines.append(f"  total bytes moved {total:,} ({total / (M * N * item):.2f} x M*N*itemsize)")
     if source:
         for k in kernels:
