@@ -109,6 +109,15 @@ def register_decoder_parts(cls: type, fn: Callable[[Any], DecoderParts]) -> None
     _PARTS_REGISTRY[cls] = fn
 
 
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile(model)`` (generation runs its own kernels and CUDA
+    graph; the compiled forward is not used)."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) and \
+            type(model).__name__ == "OptimizedModule":
+        model = model._orig_mod
+    return model
+
+
 def decoder_parts(model: nn.Module) -> DecoderParts:
     """Take ``model`` apart for generation (see :class:`DecoderParts`).
 
@@ -118,6 +127,7 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a PaLM nn.Module, got {type(model).__name__}")
+    model = _unwrap_compiled(model)
     for cls in type(model).__mro__:
         if cls in _PARTS_REGISTRY:
             parts = _PARTS_REGISTRY[cls](model)
@@ -604,14 +614,16 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
     model:        ``palm_fast.reference.PaLM``, ``palm_fast.nn.PaLM``, or a model taught to
-                  :func:`decoder_parts` (a patched PaLM-pytorch model).
+                  :func:`decoder_parts` (a patched PaLM-pytorch model); also one of these
+                  wrapped by ``torch.compile`` (its module is used).
     prompts:      a ``[B, T]`` integer tensor, or a list of 1-D integer tensors / int lists of
                   any (different) lengths >= 1.
     temperature:  0 = greedy; otherwise sample, restricted by ``top_k`` / ``top_p`` (see
                   :func:`sample`) with ``generator`` (on the model's device type) when given.
     stop_tokens:  an int or a collection of ints: a sequence ends at its first generated stop
                   token (included in its output).
-    page_size:    None: contiguous KV cache; an int: paged cache with pages of that many tokens.
+    page_size:    None: contiguous KV cache; an int: paged cache with pages of that many tokens
+                  (at most the longest prompt + max_new_tokens: a larger one is cut to that).
     cuda_graph:   capture the decode step in a CUDA graph (None: when the model is on CUDA).
 
     Returns one 1-D int64 tensor per prompt on the model's device: the prompt followed by its
@@ -619,6 +631,8 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     """
     from .kv_cache import KVCache
 
+    if isinstance(model, nn.Module):
+        model = _unwrap_compiled(model)
     parts = decoder_parts(model)
     layers = _prepare_layers(parts)
     head = parts.head_weight
@@ -644,6 +658,8 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     for b, p in enumerate(rows):
         tokens[b, : lens[b]] = p
     lengths = torch.tensor(lens, dtype=torch.int32, device=device)
+    if page_size is not None:
+        page_size = min(page_size, max_len)   # (a larger page would only hold unused slots)
     cache = KVCache(len(layers), B, max_len, layers[0].head_dim, dtype=dtype, device=device,
                     page_size=page_size)
     final_norm = _fast_norm(parts.norm)

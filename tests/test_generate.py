@@ -498,3 +498,14 @@ def test_small_mm_is_deterministic_across_thread_counts():
         cpp().small_mm_cpu(x, w[:, :8], None)
     with pytest.raises(RuntimeError, match="res"):
         cpp().small_mm_cpu(x, w, res[:, :8])
+
+
+def test_generate_takes_a_compiled_model_and_a_page_larger_than_needed(tiny_model):
+    """torch.compile(model) is unwrapped (it raised: unsupported model class); a page_size
+    beyond prompt + new tokens is cut to that (it allocated batch x page_size tokens)."""
+    prompts = [[1, 2, 3], [4, 5]]
+    want = palm_fast.generate(tiny_model, prompts, 5)
+    got = palm_fast.generate(torch.compile(tiny_model), prompts, 5)
+    big_page = palm_fast.generate(tiny_model, prompts, 5, page_size=10 ** 9)
+    for a, b, c in zip(want, got, big_page):
+        assert torch.equal(a, b) and torch.equal(a, c)

@@ -300,6 +300,12 @@ def _check_seq_lens(cache: KVCache, seq_lens, starts_host: list[int] | None, tra
         for b, n in enumerate(lens):
             used = rows[b][:math.ceil(n / cache.page_size)]
             bad = [p for p in used if not 0 <= p < cache.num_pages]
+            if bad and all(p == -1 for p in bad) and used[:len(used) - len(bad)] == [
+                    p for p in used if p != -1]:
+                # only unallocated pages past the allocated ones: the length is what is wrong
+                held = (len(used) - len(bad)) * cache.page_size
+                raise ValueError(f"seq_lens: sequence {b} reads {n} tokens, but the cache holds pages "
+                                 f"for only {held} of its tokens (append or reserve first)")
             if bad:
                 raise ValueError(f"cache.page_table: sequence {b} reads {n} tokens, but its pages {used} "
                                  f"include {bad[0]}, not in [0, {cache.num_pages})")
