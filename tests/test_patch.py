@@ -176,6 +176,32 @@ def test_palm_pytorch_beta_changed_after_patching():
         other = pp_model(seed=4)
         m.load_state_dict(other.state_dict())            # zero beta again
         assert close_rel(m(x), other(x), 2e-5)
+        for a, b in ((m[1].fn.norm.beta, other[1].fn.norm.beta),):
+            a.data.fill_(0.5)   # a write through .data: no version bump (read every call on CPU)
+            b.data.fill_(0.5)
+        assert close_rel(m(x), other(x), 2e-5)
+
+
+def test_refresh_caches_sees_writes_through_data(monkeypatch):
+    """The CUDA input GEMM's packed weight is keyed on the weight's version counter, which a
+    write through .data bypasses; refresh_caches drops it. (Simulated on the CPU: the
+    packing is stubbed with a copy.)"""
+    from palm_fast.nn import block as fast_block
+
+    monkeypatch.setattr(fast_block, "uses_triton", lambda dev: True)
+    monkeypatch.setattr(fast_block, "pack_in_proj", lambda w, *a: w.detach().clone())
+    m = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V))
+    b = m.blocks[0]
+    w = b.in_proj.weight
+    first = b._packed_in_proj()
+    assert b._packed_in_proj() is first                   # cached
+    with torch.no_grad():
+        w.add_(1.0)                                        # seen: version bump
+    assert torch.equal(b._packed_in_proj(), w)
+    w.data.add_(1.0)                                       # not seen
+    assert not torch.equal(b._packed_in_proj(), w)
+    palm_fast.nn.refresh_caches(m)
+    assert torch.equal(b._packed_in_proj(), w)
 
 
 def test_reference_palm_logits_and_grads():

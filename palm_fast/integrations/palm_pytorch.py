@@ -262,9 +262,10 @@ class ParallelTransformerBlock(nn.Module):
         if x.dim() != 3 or w.dtype != x.dtype or g.dtype not in (x.dtype, torch.float32):
             return False
         beta = self.norm.beta
-        if beta.is_inference():
-            # an inference tensor (built under torch.inference_mode) has no version counter:
-            # a change could not be detected, so it is read every call
+        if beta.is_inference() or beta.is_cpu:
+            # an inference tensor (built under torch.inference_mode) has no version counter,
+            # and a write through .data bypasses it: read every call where that is cheap
+            # (the CPU: no device sync) or unavoidable
             return not bool(beta.any())
         key = (beta.data_ptr(), beta._version, beta.device, beta.dtype)
         if key != self._beta_key:   # one host read per change of beta, not per call

@@ -5,7 +5,9 @@ The CUDA input GEMM reads ``in_proj.weight`` re-laid out in RoPE / SwiGLU partne
 (``kernels.projection.pack_in_proj``). The re-layout is built once and cached on the module
 (not a buffer: the state_dict keeps the reference layout); it is rebuilt when the weight
 changes (new storage, or an in-place update such as an optimizer step, which bumps the
-tensor's version counter), or when dtype, device or the rotary frequencies change.
+tensor's version counter), or when dtype, device or the rotary frequencies change. A write
+through ``.data`` bypasses the version counter: call ``palm_fast.nn.refresh_caches(model)``
+after one.
 """
 from __future__ import annotations
 
