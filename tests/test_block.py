@@ -421,7 +421,7 @@ def test_bad_input():
         causal_mqa_attention(q, randn(1, 4, 8), randn(1, 4, 1, 8)[:, :3])
     with pytest.raises(TypeError, match="k: expected dtype torch.float32"):
         causal_mqa_attention(q, randn(1, 4, 8, dtype=torch.bfloat16), randn(1, 4, 8))
-    with pytest.raises(ValueError, match="scale: expected a positive"):
+    with pytest.raises(ValueError, match="scale: expected a finite float > 0"):
         causal_mqa_attention(q, randn(1, 4, 8), randn(1, 4, 8), scale=-1.0)
     x = randn(1, 4, 16)
     with pytest.raises(ValueError, match=r"h: expected shape \(1, 4, 12\)"):
