@@ -204,6 +204,27 @@ def test_refresh_caches_sees_writes_through_data(monkeypatch):
     assert torch.equal(b._packed_in_proj(), w)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_weight_follows_optimizer_steps(monkeypatch, fused):
+    """AdamW(fused=True) updates parameters in place without bumping their version counters:
+    the packed input weight (CUDA) stayed the first step's, so the forward trained on stale
+    weights. Caches also key on torch.optim's step count. (Packing simulated on the CPU.)"""
+    from palm_fast.nn import block as fast_block
+
+    monkeypatch.setattr(fast_block, "uses_triton", lambda dev: True)
+    monkeypatch.setattr(fast_block, "pack_in_proj", lambda w, *a: w.detach().clone())
+    m = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V))
+    b = m.blocks[0]
+    w = b.in_proj.weight
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=fused)
+    for _ in range(2):
+        assert torch.equal(b._packed_in_proj(), w)
+        m.zero_grad()
+        (w.square().sum() + sum(p.sum() for p in m.parameters())).backward()
+        opt.step()
+    assert torch.equal(b._packed_in_proj(), w)
+
+
 def test_reference_palm_logits_and_grads():
     m = ref_model()
     ref = copy.deepcopy(m)

@@ -38,6 +38,7 @@ from ..ops.block import (
     causal_mqa_attention,
     fused_input_projection,
     fused_output_projection,
+    optimizer_steps,
     pack_in_proj,
     uses_triton,
 )
@@ -282,7 +283,8 @@ class ParallelTransformerBlock(nn.Module):
         args = (w, inv_freq, self.heads, 1, self.dim_head, self.fused_dims[3] // 2, False)
         if w.is_inference() or buf.is_inference():   # no version counter: see _fused_ok
             return pack_in_proj(*args)
-        key = (w.data_ptr(), w._version, w.dtype, w.device, buf.data_ptr(), buf._version, buf.dtype)
+        key = (w.data_ptr(), w._version, w.dtype, w.device, buf.data_ptr(), buf._version, buf.dtype,
+               optimizer_steps())
         if self._packed is None or self._packed_key != key:
             with torch.inference_mode(False):   # a cached inference tensor breaks later training
                 self._packed = pack_in_proj(*args)

@@ -4,16 +4,18 @@ state_dict) whose forward runs the fused functional block of ``palm_fast.ops.blo
 The CUDA input GEMM reads ``in_proj.weight`` re-laid out in RoPE / SwiGLU partner pairs
 (``kernels.projection.pack_in_proj``). The re-layout is built once and cached on the module
 (not a buffer: the state_dict keeps the reference layout); it is rebuilt when the weight
-changes (new storage, or an in-place update such as an optimizer step, which bumps the
-tensor's version counter), or when dtype, device or the rotary frequencies change. A write
-through ``.data`` bypasses the version counter: call ``palm_fast.nn.refresh_caches(model)``
+changes (new storage, or an in-place update, which bumps the tensor's version counter),
+after every ``torch.optim`` optimizer step (a fused step, ``AdamW(fused=True)``, updates in
+place without bumping the counter: a global step hook counts steps), or when dtype, device
+or the rotary frequencies change. A write through ``.data`` bypasses the version counter,
+and so may an optimizer outside ``torch.optim``: call ``palm_fast.nn.refresh_caches(model)``
 after one.
 """
 from __future__ import annotations
 
 import torch
 
-from palm_fast.ops.block import pack_in_proj, parallel_block, uses_triton
+from palm_fast.ops.block import optimizer_steps, pack_in_proj, parallel_block, uses_triton
 from palm_fast.reference import layers as _reference
 
 from .layer_norm import LayerNorm
@@ -84,7 +86,7 @@ class ParallelBlock(_reference.ParallelBlock):
             # Inference tensors (a model built under torch.inference_mode) have no version
             # counter, so an in-place update could not be detected: re-lay out every call.
             return pack_in_proj(*args)
-        key = (w.data_ptr(), w._version, w.dtype, w.device, inv.data_ptr(), inv._version)
+        key = (w.data_ptr(), w._version, w.dtype, w.device, inv.data_ptr(), inv._version, optimizer_steps())
         if self._packed is None or self._packed_key != key:
             with torch.inference_mode(False):   # a cached inference tensor breaks later training
                 self._packed = pack_in_proj(*args)

@@ -45,6 +45,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook as _register_optimizer_step_post_hook
 
 from .._ext import cpp
 from ._checks import FLOAT_DTYPES, check_eps, check_float, check_same_device, check_tensor
@@ -66,6 +67,26 @@ def _proj():
     from palm_fast.kernels import projection
 
     return projection
+
+
+# Optimizer steps taken in this process (torch.optim's global step hook). A fused optimizer
+# step (AdamW(fused=True): torch._fused_adamw_) updates parameters in place WITHOUT bumping
+# their version counters, so caches derived from a weight (the packed input-projection
+# weight below) key on this count as well as on the weight's version.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+_register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps() -> int:
+    """How many ``torch.optim`` optimizer steps this process has taken (part of the keys of
+    weight-derived caches; see above)."""
+    return _OPTIMIZER_STEPS[0]
 
 
 def pack_in_proj(w_in, inv_freq, n_heads, n_kv_heads, head_dim, d_ff, interleaved):
