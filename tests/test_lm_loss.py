@@ -186,6 +186,30 @@ def test_tied_embedding_link_shared_by_chunked_losses(monkeypatch, transposed):
     torch.testing.assert_close(g_link, g_plain, rtol=1e-6, atol=1e-7)
 
 
+def test_tied_embedding_link_after_a_partial_backward():
+    """A backward pass that runs the head's backward but not the lookup's (backward(inputs=
+    ...), or autograd.grad of other tensors) must not leave its weight gradient to be added
+    by the next pass over the same graph."""
+    from palm_fast.ops.lm_loss import GradLink, embed_tokens
+
+    w = randn(23, 8).requires_grad_(True)
+    s = torch.full((8,), 1.5, requires_grad=True)
+    tok = torch.randint(0, 23, (3, 5))
+    tgt = torch.randint(0, 23, (15,))
+
+    def loss(link):
+        h = torch.tanh(embed_tokens(w, tok, link)).flatten(0, 1) * s
+        return tied_lm_loss(h, w, tgt, z_coef=1e-3, link=link)[0]
+
+    (want,) = torch.autograd.grad(loss(None), (w,))
+    total = loss(GradLink())
+    total.backward(inputs=[s], retain_graph=True)
+    torch.autograd.grad(total, (s,), retain_graph=True)
+    assert w.grad is None
+    total.backward()
+    torch.testing.assert_close(w.grad, want, rtol=1e-6, atol=1e-7)
+
+
 def test_torch_compile():
     h, w = randn(10, 8).requires_grad_(True), randn(13, 8).requires_grad_(True)
     t = torch.randint(0, 13, (10,))

@@ -67,17 +67,22 @@ def _gemm_dtype(h: torch.Tensor) -> torch.dtype:
 class GradLink:
     """Carries the head's weight gradient to the tied input embedding's backward."""
 
-    __slots__ = ("dw",)
+    __slots__ = ("dw", "task")
 
     def __init__(self):
         self.dw = None
+        self.task = None   # the backward pass (autograd graph task) dw belongs to
 
 
 def _hand_to_link(link: GradLink, dw: torch.Tensor) -> None:
     """Leave a head's weight gradient for the tied lookup's backward. Several heads may share
-    one link (a loss computed in chunks): their gradients are summed, in backward order."""
-    if link.dw is None:
-        link.dw = dw
+    one link (a loss computed in chunks): their gradients are summed, in backward order.
+    A gradient left by another backward pass (one that ran the head's backward but not the
+    lookup's: ``backward(inputs=...)``, ``autograd.grad`` of other tensors) is stale and is
+    replaced, not added to."""
+    task = torch._C._current_graph_task_id()
+    if link.dw is None or link.task != task:
+        link.dw, link.task = dw, task
     else:
         link.dw.add_(dw)
     return None
@@ -97,6 +102,8 @@ class _TiedEmbed(torch.autograd.Function):
         (tokens,) = ctx.saved_tensors
         link = ctx.link
         dw, link.dw = link.dw, None
+        if link.task != torch._C._current_graph_task_id():
+            dw = None       # left by an earlier backward pass (see _hand_to_link)
         if dw is None:      # the head produced no weight gradient (e.g. not differentiated)
             dw = g.new_zeros((ctx.n_rows, g.shape[-1]))
         dw.index_add_(0, tokens.reshape(-1), g.reshape(-1, g.shape[-1]).to(dw.dtype))
