@@ -172,9 +172,25 @@ class _TiedLMLoss(torch.autograd.Function):
         s = ctx.scale
         gd = torch.float32 if probs.dtype == torch.float32 and _gemm_dtype(h) == torch.float32 \
             else h.dtype
-        p = probs if gd == torch.float32 else probs.to(gd)
         w = weight.to(gd)
         dh = dw = None
+        if gd != torch.float32 and not torch.compiler.is_compiling():
+            # Half-precision GEMMs: the logits' gradient D = c P - a onehot rounded ONCE from
+            # fp32 (P rounded first, the one-hot taken off after the GEMMs, cancelled badly
+            # where P_target is near 1: bf16 spacing there is 2^-8). One [M, V] half buffer,
+            # as before; only the target entries are formed separately.
+            dl = torch.empty(probs.shape, dtype=gd, device=probs.device)
+            torch.mul(probs, c, out=dl)                     # fp32 product, one rounding
+            rows = torch.arange(M, device=targets.device)
+            dl[rows, targets] = (probs[rows, targets] * c.view(M) - a).to(gd)
+            if ctx.needs_input_grad[0]:
+                dh = (torch.mm(dl, w).float() * s).to(h.dtype)
+            if ctx.needs_input_grad[1]:
+                dw = torch.mm(dl.t(), (h.float() * s).to(gd)).float().to(weight.dtype)
+                if ctx.link is not None:
+                    dw = _hand_to_link(ctx.link, dw)
+            return dh, dw, None, None, None, None
+        p = probs if gd == torch.float32 else probs.to(gd)
         if ctx.needs_input_grad[0]:
             pw = torch.mm(p, w).float()                     # [M, d]
             dh = (pw * c - a * w.index_select(0, targets).float()) * s
