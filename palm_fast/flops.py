@@ -46,6 +46,7 @@ RECOMPUTE: dict[str, tuple[float, float]] = {
 # (more specific names first).
 DATASHEET_PEAK_FLOPS: dict[str, float] = {
     "h100pcie": 756e12,
+    "h100nvl": 835e12,
     "h100": 989e12,    # H100 SXM
     "h200": 989e12,
     "a100": 312e12,

@@ -99,3 +99,27 @@ def test_loss_needs_two_tokens():
     for m in (ref, fast):
         with pytest.raises(ValueError, match="tokens: expected at least 2 tokens per sequence"):
             m.loss(torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_loss_with_a_hooked_or_padded_embedding():
+    """The fused loss reads the embedding's weight directly (a gather tied to the head's
+    gradient): an embedding with hooks or lookup options takes the module's own lookup, so
+    the hooks fire and padding_idx keeps its row's gradient at zero, as in the reference."""
+    ref, fast = _pair()
+    tok = torch.randint(1, CFG.vocab_size, (2, 9))
+    tok[0, :3] = 0
+    calls = []
+    for m in (ref, fast):
+        m.embed.padding_idx = 0
+        m.embed.register_forward_hook(lambda mod, i, o: calls.append(1))
+        m.loss(tok)[0].backward()
+    assert len(calls) == 2
+    assert torch.allclose(fast.embed.weight.grad, ref.embed.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_int32_tokens_and_empty_batch():
+    ref, fast = _pair()
+    tok = torch.randint(0, CFG.vocab_size, (2, 9), dtype=torch.int32)
+    torch.testing.assert_close(fast.loss(tok)[0], ref.loss(tok)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="tokens: expected at least one token to predict"):
+        fast.loss(torch.zeros(0, 9, dtype=torch.long))

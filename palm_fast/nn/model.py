@@ -19,6 +19,19 @@ from .layer_norm import LayerNorm
 __all__ = ["PaLM"]
 
 
+def _plain_embedding(e: nn.Module) -> bool:
+    """An ``nn.Embedding`` whose lookup is a plain gather: no hooks (the fused lookup does not
+    call the module) and none of the options that change the lookup or its gradient."""
+    from torch.nn.modules import module as _m
+
+    return (type(e) is nn.Embedding and e.padding_idx is None and e.max_norm is None
+            and not e.scale_grad_by_freq and not e.sparse
+            and not (e._forward_hooks or e._forward_pre_hooks or e._backward_hooks
+                     or e._backward_pre_hooks)
+            and not (_m._global_forward_hooks or _m._global_forward_pre_hooks
+                     or _m._global_backward_hooks or _m._global_backward_pre_hooks))
+
+
 class PaLM(_reference.PaLM):
     """Decoder-only PaLM ``tokens [B, T] -> logits [B, T, V]`` on the fast block.
 
@@ -68,8 +81,11 @@ class PaLM(_reference.PaLM):
         if tokens.shape[1] > c.max_seq_len:
             raise ValueError(f"tokens: 0 cached + {tokens.shape[1]} new tokens exceeds max_seq_len "
                              f"{c.max_seq_len}")
+        if tokens.numel() == 0:
+            raise ValueError(f"tokens: expected at least one token to predict, got inputs of shape "
+                             f"{list(tokens.shape)}")
         w = self.embed.weight
-        link = None if compiling() or type(self.embed) is not nn.Embedding else GradLink()
+        link = None if compiling() or not _plain_embedding(self.embed) else GradLink()
         h = embed_tokens(w, tokens, link) if link is not None else self.embed(tokens)
         for block in self.blocks:
             h = block(h)

@@ -99,7 +99,7 @@ class PaLM(nn.Module):
         """
         tokens, targets = self._loss_inputs(tokens, targets)
         logits = self(tokens).float()
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten().long())
         z = self.config.z_loss * torch.logsumexp(logits, dim=-1).square().mean()
         return ce + z, ce, z
 
