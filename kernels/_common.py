@@ -61,6 +61,29 @@ def capability(device: torch.device) -> tuple[int, int]:
     return _props(device)[1]
 
 
+# Shared memory a block may opt into, by compute capability (CUDA programming guide);
+# used where torch does not report it (older torch, compile-only mode).
+_SMEM_OPTIN = {(7, 0): 98304, (7, 5): 65536, (8, 0): 166912, (8, 6): 101376, (8, 7): 166912,
+               (8, 9): 101376, (9, 0): 232448, (10, 0): 232448, (10, 3): 232448,
+               (12, 0): 101376, (12, 1): 101376}
+
+
+@functools.lru_cache(maxsize=8)
+def _cuda_smem(index: int) -> int | None:
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+
+
+def smem_per_block(device: torch.device) -> int:
+    """Shared memory (bytes) one block may use on the CUDA ``device`` (or the compile-only
+    target): the launchers size tiles and pipeline stages to it (an H100 has 227 KiB; an
+    RTX 4090 or L40, sm_89, and consumer Blackwell, sm_120, 99 KiB)."""
+    if device.type == "cuda":
+        n = _cuda_smem(device.index if device.index is not None else torch.cuda.current_device())
+        if n:
+            return int(n)
+    return _SMEM_OPTIN.get(capability(device), 101376)
+
+
 def check_launch_device(t: torch.Tensor) -> None:
     """Triton kernels need CUDA tensors, or CPU tensors under the interpreter (or in
     compile-only mode)."""

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import cdiv, check_launch_device, gpu_launch, interpreting, next_pow2
+from ._common import cdiv, check_launch_device, gpu_launch, interpreting, next_pow2, smem_per_block
 from .rope import precise_trig, rope_cos_sin
 
 _INTERPRETER_SMS = 4  # the "SM count" used for the split heuristic under the interpreter
@@ -205,14 +205,25 @@ def _fit_splits(capacity: int, n_splits: int, block_n: int) -> tuple[int, int]:
     return max(1, cdiv(capacity, split_len)), split_len
 
 
-def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int) -> dict:
+def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes: int = 2,
+                  smem: int = 232448) -> dict:
     """Tile sizes and the split count (a function of shapes and the cache capacity only,
-    never of the lengths: the grid stays fixed for CUDA graphs)."""
+    never of the lengths: the grid stays fixed for CUDA graphs). ``elem_bytes``: the cache's
+    element size; ``smem``: shared memory per block (``smem_per_block``; default an H100's)."""
     block_d = max(16, next_pow2(hd))  # tl.dot needs K >= 16
     # All H <= 64 heads of a sequence in one M tile (PaLM: 48 heads -> 64 rows), so each K/V
     # tile is loaded once per split; more rows (shared-prefix groups) take several tiles.
     block_r = min(max(16, next_pow2(R)), 64)
     block_n = 64 if block_d <= 128 else 32
+    num_stages = 3
+    if elem_bytes * block_d >= 512 and smem < 140 * 1024:
+        # GPUs with 99 KiB per block (sm_86 / sm_89 / sm_120), compiled for sm_89 at head dim
+        # 256: bf16 took 102,400 bytes (contiguous cache; 2 stages: 69,632); fp32 139,648
+        # (paged; fewer stages do not shrink it, half the rows per tile and 16 keys per
+        # step do: 67,712)
+        num_stages = 2
+        if elem_bytes * block_d >= 1024:
+            block_r, block_n = min(block_r, 32), 16
     row_blocks = cdiv(R, block_r)
     # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
     # must stay small next to the K/V bytes it reads.
@@ -223,7 +234,7 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int) -> dict:
     # B=64, T=32768, 48 heads) and equal at 128
     num_warps = 4
     return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, row_blocks=row_blocks,
-                n_splits=n_splits, split_len=split_len, num_warps=num_warps, num_stages=3)
+                n_splits=n_splits, split_len=split_len, num_warps=num_warps, num_stages=num_stages)
 
 
 _TILE_KEYS = ("BLOCK_R", "BLOCK_N", "num_warps", "num_stages")
@@ -272,7 +283,8 @@ def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise ValueError("q, k_cache, v_cache: expected contiguous tensors")
     paged = page_table is not None
     capacity = page_table.shape[1] * P if paged else P
-    cfg = decode_config(B, R, hd, capacity, sm_count(q.device))
+    cfg = decode_config(B, R, hd, capacity, sm_count(q.device), q.element_size(),
+                        smem_per_block(q.device) if gpu_launch(q.device) else 232448)
     if n_splits is not None or tiles:
         cfg = _override(cfg, B, R, capacity, n_splits, tiles)
     S = cfg["n_splits"]

@@ -75,7 +75,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import capability, cdiv, check_launch_device, gpu_launch, interpreting, next_pow2, sm_count
+from ._common import (
+    capability,
+    cdiv,
+    check_launch_device,
+    gpu_launch,
+    interpreting,
+    next_pow2,
+    sm_count,
+    smem_per_block,
+)
 from .rope import precise_trig, rope_cos_sin
 
 
@@ -303,6 +312,10 @@ TMA_SUPPORTED = TensorDescriptor is not None and _range_flattens()
 # prompts) keep the pointer kernel and its small-tile configs.
 TMA_CONFIG = dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=3)
 TMA_MIN_ROWS = 1024
+# Shared memory TMA_CONFIG's kernel takes, compiled for sm_90: 180,248 bytes (its three
+# stages of [BM + 2 BN, BK] operand tiles, 144 KiB, and the epilogue). GPUs with less per
+# block (sm_120: 99 KiB, where it compiles to 131,088 bytes) take the pointer kernel.
+TMA_SMEM = 180248
 
 
 @triton.jit
@@ -356,7 +369,8 @@ def _tma_usable(xn: torch.Tensor, w_ff: torch.Tensor, h: torch.Tensor, force: bo
         return force
     if interpreting() or not gpu_launch(xn.device):
         return False
-    return capability(xn.device)[0] >= 9 and xn.shape[0] >= TMA_MIN_ROWS
+    return (capability(xn.device)[0] >= 9 and xn.shape[0] >= TMA_MIN_ROWS
+            and smem_per_block(xn.device) >= TMA_SMEM)
 
 
 def _swiglu_tma_launch(xn, w_ff, h, ff, store_ff: bool, config: dict | None = None):

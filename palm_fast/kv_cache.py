@@ -391,6 +391,10 @@ class KVCache:
         self._host_lengths = [x + y for x, y in zip(self._host_lengths, n)]
         if isinstance(n_new, torch.Tensor) and n_new.device == self.device:
             self.lengths += n_new.to(torch.int32)
+        elif isinstance(n_new, int):
+            # (one in-place add on the device: a copy from a host tensor waited for the GPU,
+            # once per decode step)
+            self.lengths += n_new
         else:
             self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32))
 

@@ -144,3 +144,50 @@ def test_compile_only_mode_is_scoped():
     with pytest.raises(ValueError, match="target"):
         _common.compile_only((0, (9, 0)))
     assert _common._COMPILE_ONLY is None
+
+
+def test_decode_fits_gpus_with_99_kib_per_block():
+    """sm_89 (L40, RTX 4090; also sm_86 / sm_120): 99 KiB of shared memory per block. The
+    H100 tiles at head dim 256 took more (fp32 139,648 bytes, bf16 102,400): the launch
+    would fail there. decode_config sizes them to the device (H100 tiles unchanged)."""
+    if HAS_CUDA:
+        pytest.skip("the CUDA tests run the kernels themselves")
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError:
+        pytest.skip("triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, str(SCRIPT), "--cc", "89", "--sms", "128", "--family", "decode"],
+                       env=env, capture_output=True, text=True, timeout=1200)
+    if p.returncode != 0 and "ptxas" in p.stderr and "not found" in p.stderr:
+        pytest.skip("ptxas is not available")
+    assert p.returncode == 0, p.stderr[-4000:]
+    recs = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
+    recs = [r for r in recs if not r.get("summary")]
+    assert any("hd=256" in r["case"] and "float32" in r["case"] for r in recs)
+    for r in recs:
+        assert r["shared"] <= 101376, r
+
+
+def test_tma_and_decode_tiles_follow_shared_memory(monkeypatch):
+    from palm_fast.kernels import mqa_decode as kd
+    from palm_fast.kernels import projection as kp
+
+    h100 = kd.decode_config(8, 48, 256, 4096, 132, 4)
+    assert (h100["BLOCK_R"], h100["BLOCK_N"], h100["num_stages"]) == (64, 32, 3)
+    small = kd.decode_config(8, 48, 256, 4096, 128, 4, smem=101376)
+    assert (small["BLOCK_R"], small["BLOCK_N"], small["num_stages"]) == (32, 16, 2)
+    assert kd.decode_config(8, 48, 256, 4096, 128, 2, smem=101376)["num_stages"] == 2
+    small_bf16_128 = kd.decode_config(8, 16, 128, 4096, 128, 2, smem=101376)
+    assert small_bf16_128 == kd.decode_config(8, 16, 128, 4096, 128, 2)
+    x = torch.empty(2048, 256, dtype=torch.bfloat16)
+    w = torch.empty(1024, 256, dtype=torch.bfloat16)
+    h = torch.empty(2048, 512, dtype=torch.bfloat16)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # (read per call: the GPU-side choice)
+    try:
+        for cap, want in (((9, 0), kp.TMA_SUPPORTED), ((12, 0), False), ((8, 9), False)):
+            _common.compile_only((132, cap))
+            assert kp._tma_usable(x, w, h, None) == want, cap
+            assert _common.smem_per_block(torch.device("cpu")) == _common._SMEM_OPTIN[cap]
+    finally:
+        _common.compile_only(None)

@@ -389,7 +389,7 @@ def _input_projection(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_hea
     x2 = x.reshape(M, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    pos = positions.reshape(M)
+    pos = positions.reshape(M).contiguous()   # (the kernels index it densely)
     args = (x2, ln_weight, w_in, *extra, inv_freq.contiguous(), pos, int(n_heads), int(n_kv_heads),
             int(head_dim), int(d_ff), eps, bool(interleaved), bool(keep_ff))
     op = block_in_proj if compiling() else eager_op(_InProjEager, _IN_IMPLS, x.device.type, keep_ff)
