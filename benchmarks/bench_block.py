@@ -23,8 +23,9 @@ Cases:
   against ATen's SDPA with the broadcast k/v head and the eager reference ``attention``.
 
 FLOPs are model FLOPs as PaLM counts them (Appendix B): per token ``2 N_block + 4 H hd T``
-forward (the full T x T score matrix), three times that for forward + backward. TFLOP/s is
-reported against the matmul peak measured in the same run (``pct_of_peak``).
+forward (the full T x T score matrix), three times that for forward + backward; the
+attention case likewise (``12 B H T^2 hd``: a causal kernel executes about half). TFLOP/s
+is reported against the matmul peak measured in the same run (``pct_of_peak``).
 
 Shapes: CUDA d=2048, H=16, hd=128, F=8192, B=8 x T=2048 (16384 tokens); CPU the palm-small
 block (d=256, H=4, hd=64, F=1024) on 1 x 64 tokens (32 with ``--quick``).
@@ -163,7 +164,7 @@ def _cpu_attention_shape(ctx: BenchContext, B: int, T: int, H: int, hd: int):
 
     return Case(name="block.attention.fwdbwd", shape=dict(B=B, T=T, H=H, hd=hd), dtype=dt,
                bytes=(4 * B * T * H * hd + 4 * B * T * hd) * elem,
-               flops=3 * 2 * B * H * T * T * hd, bound="compute", setup=setup,
+               flops=3 * 4 * B * H * T * T * hd, bound="compute", setup=setup,
                impls={"palm_fast": fwdbwd(causal_mqa_attention), "sdpa": fwdbwd(sdpa),
                       "eager": fwdbwd(lambda q, k, v: attention(q, k, v))})
 

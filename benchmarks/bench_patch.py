@@ -24,7 +24,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from palm_fast.benchmarks.harness import BenchContext, Case, register
+from palm_fast.benchmarks.harness import BenchContext, Case, register, roofline_note
 
 
 def _shape(ctx: BenchContext) -> dict:
@@ -114,11 +114,12 @@ def patch_cases(ctx: BenchContext):
 
     impls = {"eager": plain(base), "palm_fast": cached(fast) if gen is not None else plain(fast)}
     new_tokens = s["gen_batch"] * s["new"]
+    report_pct, note = roofline_note(ctx.device, n_params * elem)
     yield Case(
         name="patch.generate", shape={**shape, "prompt": s["prompt"], "new": s["new"],
                                       "gen_batch": s["gen_batch"]},
         dtype=ctx.dtype, bytes=s["new"] * n_params * elem, setup=setup_gen, impls=impls,
-        extra={"new_tokens": new_tokens},
+        extra={"new_tokens": new_tokens, **note}, report_pct=report_pct,
         impl_extra={"palm_fast": {"decoding": "palm_fast.generate (KV cache)" if gen is not None
                                   else "full re-run per token (palm_fast.generate not in this build)"},
                     "eager": {"decoding": "full re-run per token (PaLM-pytorch's own loop)"}},

@@ -80,13 +80,25 @@ def compare(old: dict, new: dict, threshold: float = DEFAULT_THRESHOLD) -> list[
     return rows
 
 
-def warnings_for(old: dict, new: dict) -> list[str]:
-    """Differences in the runs' setting that make the ratios less meaningful."""
+def warnings_for(old: dict, new: dict, threshold: float = DEFAULT_THRESHOLD) -> list[str]:
+    """Differences in the runs' setting that make the ratios less meaningful: device,
+    versions, uncommitted changes, and the machine's measured peaks (on a shared VM the
+    pace moves between runs; a ratio beyond noise may be the machine, not the code)."""
     out = []
     om, nm = old.get("meta", {}), new.get("meta", {})
     for field in ("device_name", "torch", "triton"):
         if om.get(field) != nm.get(field):
             out.append(f"{field} differs: {om.get(field)!r} (old) vs {nm.get(field)!r} (new)")
+    for tag, m in (("old", om), ("new", nm)):
+        if m.get("git_dirty"):
+            out.append(f"the {tag} run had uncommitted changes (git_commit is not the whole code)")
+    op, np_ = om.get("peaks") or {}, nm.get("peaks") or {}
+    for key, label in (("copy_gbps", "copy bandwidth"), ("matmul_tflops", "matmul throughput")):
+        a, b = op.get(key), np_.get(key)
+        if a and b and abs(b / a - 1) > threshold:
+            out.append(f"the measured {label} differs by {100 * (b / a - 1):+.0f}% ({a:.3g} old, "
+                       f"{b:.3g} new): the machine's pace changed between the runs, so ratios "
+                       "beyond noise may not be the code's")
     return out
 
 

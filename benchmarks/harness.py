@@ -85,6 +85,8 @@ class Case:
     # hold. Needs every implementation's state alive at once.
     interleave: bool = False
     rotate: bool = True             # False: one input set (e.g. inputs that hold a model)
+    # False: no pct_of_peak (e.g. a memory roofline over data the cache holds between calls)
+    report_pct: bool = True
     # (record, peaks) -> more figures for that record, computed after timing
     # (e.g. tokens/s and MFU of a training step).
     derive: Callable[[dict, dict], dict] | None = None
@@ -131,6 +133,17 @@ def load_all() -> dict[str, CaseGenerator]:
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def roofline_note(device: str, resident_bytes: float) -> tuple[bool, dict]:
+    """``(report_pct, extra)`` for a case whose bytes count the same ``resident_bytes``
+    (model weights) read again on every step: on a CPU whose last-level cache holds twice
+    that, the reads hit the cache and a % of the DRAM copy bandwidth would be no roofline."""
+    if device == "cpu" and 2 * resident_bytes <= cache_bytes(device):
+        return False, {"note": f"weights ({resident_bytes / 2**20:.1f} MiB) fit the "
+                               f"{cache_bytes(device) // 2**20} MiB last-level cache: no % of the "
+                               "DRAM copy peak"}
+    return True, {}
 
 
 def cache_bytes(device: str) -> int:
@@ -284,6 +297,25 @@ def device_name(device: str) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
+def _git(*args: str) -> str | None:
+    """``git args`` in this package's checkout (None outside one: e.g. a non-editable
+    install, whose directory may sit inside some other repository)."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here,
+                             capture_output=True, text=True, timeout=5)
+        root = top.stdout.strip()
+        if top.returncode != 0 or not os.path.isfile(os.path.join(root, "benchmarks", "harness.py")) \
+                or not os.path.samefile(os.path.join(root, "benchmarks"), here):
+            return None
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
 def _git_commit() -> str | None:
     """The checkout's commit; ``PALM_FAST_GIT_COMMIT`` names it where there is no .git
     (a copied working tree, as on our GPU machines)."""
@@ -291,14 +323,18 @@ def _git_commit() -> str | None:
 
     if os.environ.get("PALM_FAST_GIT_COMMIT"):
         return os.environ["PALM_FAST_GIT_COMMIT"]
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
+    commit = (_git("rev-parse", "HEAD") or "").strip()
+    return commit if len(commit) == 40 else None
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (None: unknown)."""
+    import os
+
+    if os.environ.get("PALM_FAST_GIT_COMMIT"):
         return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and len(commit) == 40 else None
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    return None if out is None else bool(out.strip())
 
 
 def meta(device: str, peaks: dict, argv: list[str] | None = None) -> dict:
@@ -310,6 +346,7 @@ def meta(device: str, peaks: dict, argv: list[str] | None = None) -> dict:
         triton_version = None
     return {
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
@@ -342,19 +379,52 @@ def figures(case: Case, ms: float, peaks: dict) -> dict:
     gbps = case.bytes / sec / 1e9 if case.bytes else None
     tflops = case.flops / sec / 1e12 if case.flops else None
     if case.bound == "compute" and tflops is not None:
-        pct = 100.0 * tflops / peaks["matmul_tflops"]
+        # against the matmul peak of the case's own dtype only (the run measures one: bf16
+        # on CUDA, fp32 on a CPU, where ATen's bf16 matmul runs far below the fp32 peak)
+        same = peaks.get("matmul_dtype", dtype_name(case.dtype)) == dtype_name(case.dtype)
+        pct = 100.0 * tflops / peaks["matmul_tflops"] if same else None
     elif gbps is not None:
         pct = 100.0 * gbps / peaks["copy_gbps"]
     else:
         pct = None
-    return {"gbps": gbps, "tflops": tflops, "pct_of_peak": pct}
+    return {"gbps": gbps, "tflops": tflops, "pct_of_peak": pct if case.report_pct else None}
+
+
+def input_bytes(inputs: Any) -> int:
+    """Bytes of the tensors in one input set (tuples, lists, dicts, and the tensor
+    attributes of other objects such as a KV cache; each tensor counted once)."""
+    seen, total = set(), 0
+
+    def visit(x, depth=0):
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            key = (x.data_ptr(), x.numel(), x.dtype, x.device)
+            if key not in seen:
+                seen.add(key)
+                total += x.numel() * x.element_size()
+        elif isinstance(x, (tuple, list)):
+            for y in x:
+                visit(y, depth)
+        elif isinstance(x, dict):
+            for y in x.values():
+                visit(y, depth)
+        elif depth == 0 and hasattr(x, "__dict__") and not isinstance(x, torch.nn.Module):
+            for y in vars(x).values():
+                visit(y, depth + 1)
+
+    visit(inputs)
+    return total
 
 
 def input_sets(case: Case, ctx: BenchContext) -> list:
-    """The input sets an implementation cycles through: enough to exceed the cache when
-    they are small, one in smoke mode or for a case that asks not to rotate."""
-    n = 1 if (ctx.smoke or not case.rotate) else n_rotations(case.bytes, ctx.device)
-    return [case.setup() for _ in range(n)]
+    """The input sets an implementation cycles through: enough that the inputs (the data
+    that rotates; outputs are written fresh) total twice the last-level cache when they
+    are small; one in smoke mode or for a case that asks not to rotate."""
+    if ctx.smoke or not case.rotate:
+        return [case.setup()]
+    first = case.setup()
+    n = n_rotations(input_bytes(first) or case.bytes, ctx.device)
+    return [first] + [case.setup() for _ in range(n - 1)]
 
 
 def cycling(fn: Callable[[Any], Any], sets: list) -> Callable[[], Any]:

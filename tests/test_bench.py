@@ -117,6 +117,44 @@ def test_rotation_count_and_timer():
     assert 0 < t.ms_min <= t.ms <= t.ms_max and t.n >= 5
 
 
+def test_rotation_counts_the_inputs_only():
+    """Input sets rotate until the INPUTS total twice the cache (outputs are written fresh,
+    so counting them, as case.bytes does, left the inputs at about one cache's size); a
+    KV cache in a set counts its tensors' views (not a huge-page-rounded storage)."""
+    from palm_fast.kv_cache import KVCache
+
+    cache = KVCache(1, 2, 1024, 128)
+    assert harness.input_bytes((torch.zeros(10), cache, [torch.zeros(5)])) == \
+        4 * 15 + 2 * (2 * 1024 * 128 * 4) + 2 * 4
+    llc = harness.cache_bytes("cpu")
+    made = []
+    case = harness.Case(name="x.fwd", shape={}, dtype=torch.float32, bytes=4 * llc,
+                        setup=lambda: made.append(1) or torch.zeros(2**20 // 4), impls={})
+    sets = harness.input_sets(case, harness.BenchContext(device="cpu", dtype=torch.float32))
+    assert len(sets) == len(made) == harness.n_rotations(2**20, "cpu") > 1
+
+
+def test_percent_of_peak_only_against_the_same_dtype():
+    peaks = {"copy_gbps": 10.0, "matmul_tflops": 1.0, "matmul_dtype": "float32"}
+    case = harness.Case(name="x.fwd", shape={}, dtype=torch.bfloat16, bytes=1e6, flops=1e9,
+                        bound="compute", setup=lambda: None, impls={})
+    assert harness.figures(case, 1.0, peaks)["pct_of_peak"] is None
+    case.dtype = torch.float32
+    assert harness.figures(case, 1.0, peaks)["pct_of_peak"] == pytest.approx(100.0)
+
+
+def test_compare_warns_when_the_machine_pace_changed():
+    from palm_fast.benchmarks import compare
+
+    old = {"meta": {"peaks": {"copy_gbps": 32.0, "matmul_tflops": 0.19}, "git_dirty": False}}
+    new = {"meta": {"peaks": {"copy_gbps": 25.7, "matmul_tflops": 0.18}, "git_dirty": True}}
+    w = compare.warnings_for(old, new)
+    assert any("copy bandwidth differs by -20%" in x for x in w)
+    assert not any("matmul" in x for x in w)   # 5%: within the threshold
+    assert any("new run had uncommitted changes" in x for x in w)
+    assert compare.warnings_for(old, old) == []
+
+
 def test_measure_peaks_cpu_quick():
     peaks = harness.measure_peaks("cpu", quick=True)
     assert peaks["copy_gbps"] > 0 and peaks["matmul_tflops"] > 0
