@@ -180,7 +180,7 @@ def test_tied_embedding_link_shared_by_chunked_losses(monkeypatch, transposed):
     link = GradLink()
     x = embed_tokens(w, tok, link)
     torch.autograd.grad(tied_lm_loss(torch.tanh(x).flatten(0, 1), w, tgt, link=link)[0], (x,))
-    assert link.dw is not None   # left behind: the lookup's backward never ran
+    assert link.dw is not None   # left behind: the gradient was captured before the lookup
     (g_link,) = torch.autograd.grad(run(link), (w,))
     (g_plain,) = torch.autograd.grad(run(None), (w,))
     torch.testing.assert_close(g_link, g_plain, rtol=1e-6, atol=1e-7)
@@ -239,6 +239,32 @@ def test_half_gemm_path_confident_predictions(monkeypatch, dtype):
     eager, exact = grads(ref), grads(ref, torch.float64)
     for f, e, x in zip(fast, eager, exact):
         assert (f - x).abs().max() <= 2 * (e - x).abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_tied_embedding_link_inside_checkpoints(reentrant, chunks):
+    """Loss chunks inside activation checkpoints: a reentrant checkpoint runs its backward
+    as a nested pass in which the lookup does not run; the head's gradient must still reach
+    the weight (keyed on the pass, it was dropped), once per chunk."""
+    from torch.utils.checkpoint import checkpoint
+
+    from palm_fast.ops.lm_loss import GradLink, embed_tokens
+
+    w = randn(23, 8).requires_grad_(True)
+    tok = torch.randint(0, 23, (3, 6))
+    tgt = torch.randint(0, 23, (18,))
+
+    def run(link):
+        h = torch.tanh(embed_tokens(w, tok, link)).flatten(0, 1)
+        parts = torch.tensor_split(torch.arange(18), chunks)
+        return sum(checkpoint(lambda hh, i=i: tied_lm_loss(hh[i], w, tgt[i], z_coef=1e-3, link=link)[0],
+                              h, use_reentrant=reentrant) for i in parts)
+
+    run(None).backward()   # (a reentrant checkpoint does not support autograd.grad)
+    want, w.grad = w.grad, None
+    run(GradLink()).backward()
+    torch.testing.assert_close(w.grad, want, rtol=1e-6, atol=1e-7)
 
 
 def test_torch_compile():

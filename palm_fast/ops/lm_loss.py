@@ -47,6 +47,8 @@ uses this loss on the CPU only; on other devices it keeps the reference loss.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .._ext import cpp
@@ -67,21 +69,28 @@ def _gemm_dtype(h: torch.Tensor) -> torch.dtype:
 class GradLink:
     """Carries the head's weight gradient to the tied input embedding's backward."""
 
-    __slots__ = ("dw", "task")
+    __slots__ = ("dw", "task", "node")
 
     def __init__(self):
         self.dw = None
         self.task = None   # the backward pass (autograd graph task) dw belongs to
+        self.node = None   # weak reference to the lookup's backward node
 
 
-def _hand_to_link(link: GradLink, dw: torch.Tensor) -> None:
-    """Leave a head's weight gradient for the tied lookup's backward. Several heads may share
-    one link (a loss computed in chunks): their gradients are summed, in backward order.
-    A gradient left by another backward pass (one that ran the head's backward but not the
-    lookup's: ``backward(inputs=...)``, ``autograd.grad`` of other tensors) is stale and is
-    replaced, not added to."""
+def _hand_to_link(link: GradLink, dw: torch.Tensor) -> torch.Tensor | None:
+    """Leave a head's weight gradient for the tied lookup's backward (None returned), when
+    that lookup runs later in this same backward pass; several heads may share one link (a
+    loss computed in chunks): their gradients are summed, in backward order. Otherwise
+    (``backward(inputs=...)`` or ``autograd.grad`` that does not reach the lookup, or a
+    reentrant checkpoint's nested pass) the gradient is returned, for autograd to handle as
+    any other: a gradient left in the link would be added by a later pass."""
+    node = link.node() if link.node is not None else None
+    if node is None or not torch._C._will_engine_execute_node(node):
+        return dw
     task = torch._C._current_graph_task_id()
     if link.dw is None or link.task != task:
+        # (one left by another pass: ``autograd.grad`` of the lookup's output runs the head
+        # but captures the gradient before the lookup)
         link.dw, link.task = dw, task
     else:
         link.dw.add_(dw)
@@ -91,7 +100,7 @@ def _hand_to_link(link: GradLink, dw: torch.Tensor) -> None:
 class _TiedEmbed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, tokens, link):
-        link.dw = None   # (a gradient a backward that never reached this lookup left behind)
+        link.dw = None   # (a gradient an interrupted backward left behind)
         ctx.save_for_backward(tokens)
         ctx.link, ctx.n_rows = link, weight.shape[0]
         return torch.nn.functional.embedding(tokens, weight)
@@ -103,7 +112,7 @@ class _TiedEmbed(torch.autograd.Function):
         link = ctx.link
         dw, link.dw = link.dw, None
         if link.task != torch._C._current_graph_task_id():
-            dw = None       # left by an earlier backward pass (see _hand_to_link)
+            dw = None       # left by another backward pass (see _hand_to_link)
         if dw is None:      # the head produced no weight gradient (e.g. not differentiated)
             dw = g.new_zeros((ctx.n_rows, g.shape[-1]))
         dw.index_add_(0, tokens.reshape(-1), g.reshape(-1, g.shape[-1]).to(dw.dtype))
@@ -116,7 +125,9 @@ def embed_tokens(weight: torch.Tensor, tokens: torch.Tensor, link: GradLink | No
     being summed with a separate ``[V, d]`` gradient (see module doc)."""
     if link is None or not torch.is_grad_enabled() or not weight.requires_grad:
         return torch.nn.functional.embedding(tokens, weight)
-    return _TiedEmbed.apply(weight, tokens, link)
+    out = _TiedEmbed.apply(weight, tokens, link)
+    link.node = weakref.ref(out.grad_fn)   # (weak: no cycle through the graph)
+    return out
 
 
 class _TiedLMLoss(torch.autograd.Function):
