@@ -12,9 +12,9 @@ Bytes: a decode step must read every weight once (the tied embedding as the outp
 and the cached K/V of every layer, so one call moves at least
 ``new * weight_bytes + sum over steps of 2 * L * B * (T + step) * hd * elem``;
 ``pct_of_peak`` is that against the copy bandwidth measured in the run (the roofline of
-memory-bound decoding); none where the weights fit twice in a CPU's last-level cache (they
-are then read from it, not from DRAM: palm-small in fp32 is 24 MB). FLOPs: ``2 N B (T +
-new - 1)`` (a prefill of T tokens and new - 1 decode steps).
+memory-bound decoding); none where the weights are under twice a CPU's last-level cache
+(they are then partly read from it, not from DRAM: palm-small in fp32 is 24 MB). FLOPs:
+``2 N B (T + new - 1)`` (a prefill of T tokens and new - 1 decode steps).
 """
 from __future__ import annotations
 

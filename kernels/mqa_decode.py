@@ -217,13 +217,13 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes
     block_n = 64 if block_d <= 128 else 32
     num_stages = 3
     if elem_bytes * block_d >= 512 and smem < 140 * 1024:
-        # GPUs with 99 KiB per block (sm_86 / sm_89 / sm_120), compiled for sm_89 at head dim
-        # 256: bf16 took 102,400 bytes (contiguous cache; 2 stages: 69,632); fp32 139,648
-        # (paged; fewer stages do not shrink it, half the rows per tile and 16 keys per
-        # step do: 67,712)
-        num_stages = 2
+        # GPUs with 99 KiB per block (sm_86 / sm_89 / sm_120), compiled for sm_89: bf16 at
+        # head dim 256 took 102,400 bytes (contiguous cache; 2 stages: 69,632); fp32 at 128
+        # with 48 heads 114,944; fp32 at 256 139,648 (fewer stages do not shrink it, half the
+        # rows per tile and 16 keys per step do: 67,712)
+        num_stages, block_r = 2, min(block_r, 32)
         if elem_bytes * block_d >= 1024:
-            block_r, block_n = min(block_r, 32), 16
+            block_n = 16
     row_blocks = cdiv(R, block_r)
     # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
     # must stay small next to the K/V bytes it reads.

@@ -106,12 +106,13 @@ def decode() -> None:
         pt = torch.arange(128, dtype=torch.int32).view(8, 16)
         ends = torch.full((8,), 4000, dtype=torch.int32)
         kd.mqa_decode(_empty(8, 16, 128, dtype=dt), kc, kc, pt, None, ends, 1, 0.088, dt == torch.float32)
-    for paged in (True, False):   # an fp32 cache at PaLM's head dim (the largest tiles)
-        _case("decode", f"{torch.float32} H=48 hd=256 B=8 T=4096 paged={paged}")
-        kc = _empty(1, 128 if paged else 8, 256 if paged else 4096, 256, dtype=torch.float32)
+    for hd, paged in ((256, True), (256, False), (128, True), (128, False)):
+        # fp32 caches with 48 heads (64-row tiles): the largest tiles
+        _case("decode", f"{torch.float32} H=48 hd={hd} B=8 T=4096 paged={paged}")
+        kc = _empty(1, 128 if paged else 8, 256 if paged else 4096, hd, dtype=torch.float32)
         pt = torch.arange(128, dtype=torch.int32).view(8, 16) if paged else None
         ends = torch.full((8,), 4000, dtype=torch.int32)
-        kd.mqa_decode(_empty(8, 48, 256, dtype=torch.float32), kc, kc, pt, None, ends, 0, 0.0625, False)
+        kd.mqa_decode(_empty(8, 48, hd, dtype=torch.float32), kc, kc, pt, None, ends, 0, hd ** -0.5, False)
     # shared prefix: 64 sequences over one 4096-token prefix (all their rows in one pass),
     # then each sequence's suffix with the prefix merged in by the combine kernel
     for H, hd in ((48, 256), (16, 128)):

@@ -656,3 +656,5 @@ def test_explain_bytes_follow_the_runner():
     consumed = {i for grp in cg.schedule.groups for i in grp.inputs}
     y_sum = g.outputs["y_sum"][0]
     assert y_sum in consumed   # (so it is stored fp32 and cast: 4 + 2 bytes per element more)
+    f32 = explain(g, "mindspore", M=M, N=N, dtype=torch.float32, source=False, file=None)
+    assert "output casts / copies" not in f32   # fp32: the stored output is the output

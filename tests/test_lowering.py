@@ -164,7 +164,8 @@ def test_decode_fits_gpus_with_99_kib_per_block():
     assert p.returncode == 0, p.stderr[-4000:]
     recs = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
     recs = [r for r in recs if not r.get("summary")]
-    assert any("hd=256" in r["case"] and "float32" in r["case"] for r in recs)
+    assert any("H=48 hd=256" in r["case"] and "float32" in r["case"] for r in recs)
+    assert any("H=48 hd=128" in r["case"] and "float32" in r["case"] for r in recs)
     for r in recs:
         assert r["shared"] <= 101376, r
 
@@ -177,6 +178,8 @@ def test_tma_and_decode_tiles_follow_shared_memory(monkeypatch):
     assert (h100["BLOCK_R"], h100["BLOCK_N"], h100["num_stages"]) == (64, 32, 3)
     small = kd.decode_config(8, 48, 256, 4096, 128, 4, smem=101376)
     assert (small["BLOCK_R"], small["BLOCK_N"], small["num_stages"]) == (32, 16, 2)
+    small = kd.decode_config(8, 48, 128, 4096, 128, 4, smem=101376)
+    assert (small["BLOCK_R"], small["BLOCK_N"], small["num_stages"]) == (32, 64, 2)
     assert kd.decode_config(8, 48, 256, 4096, 128, 2, smem=101376)["num_stages"] == 2
     small_bf16_128 = kd.decode_config(8, 16, 128, 4096, 128, 2, smem=101376)
     assert small_bf16_128 == kd.decode_config(8, 16, 128, 4096, 128, 2)

@@ -517,6 +517,26 @@ def test_hooks_on_a_child_skip_the_block(which):
     assert calls and close_rel(got, want, 2e-5)
 
 
+def test_patch_again_with_blocks_after_parts():
+    """patch(m, block=False) replaces a block's parts; a later patch(m) must still fuse the
+    block (its parts are then palm_fast's), and unpatch must restore every original."""
+    from palm_fast import reference
+
+    m = ref_model()
+    ref = copy.deepcopy(m)
+    quiet_patch(m, block=False)
+    assert type(m.blocks[0].norm) is palm_fast.nn.LayerNorm
+    quiet_patch(m)
+    assert all(type(b) is palm_fast.nn.ParallelBlock for b in m.blocks)
+    x = tokens(T=9)
+    assert close_rel(m(x), ref(x), 2e-5)
+    palm_fast.unpatch(m)
+    assert not patching.is_patched(m)
+    assert all(type(b) is reference.ParallelBlock and type(b.norm) is reference.LayerNorm
+               and type(b.act) is reference.SwiGLU for b in m.blocks)
+    assert close_rel(m(x), ref(x), 2e-5)
+
+
 @pytest.mark.parametrize("change", ["in_proj_bias", "ff_out_bias", "norm_eps", "torch_norm", "act"])
 def test_reference_block_with_changed_parts_is_skipped(change):
     """The fast block reads only the parts' weights: a block whose parts differ from the
@@ -796,6 +816,25 @@ def test_fast_palm_loss_under_autocast():
     assert torch.isfinite(got) and abs(got.item() - want.item()) <= 2e-2 * abs(want.item())
     for (n, p), (_, q) in zip(ref.named_parameters(), fast.named_parameters()):
         assert close_rel(q.grad, p.grad, 6e-2), n
+
+
+def test_a_model_in_autocasts_dtype_stays_fused_under_autocast(monkeypatch):
+    """A bf16 model under bf16 autocast: nothing to cast, so the fused block runs (the
+    composed path is only for x or weights autocast would cast), with the same bits."""
+    from palm_fast.nn import block as fast_block
+
+    calls = []
+    real = fast_block.parallel_block
+    monkeypatch.setattr(fast_block, "parallel_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V)).bfloat16()
+    x = tokens(T=9)
+    with torch.no_grad():
+        want = m(x)
+        n = len(calls)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = m(x)
+    assert n == len(m.blocks) and len(calls) == 2 * n
+    assert torch.equal(got, want)
 
 
 def test_ops_compute_in_their_inputs_dtype_under_autocast():

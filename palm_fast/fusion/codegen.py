@@ -1134,8 +1134,8 @@ def explain(graph: Graph, mode: str = "full", *, M: int = 16384, N: int = 4096,
         n = g.nodes[nid]
         if n.op == "input" or nid in seen:
             extra += 2 * size_of(nid) * (item if n.space in ("row", "col") else 4)
-        elif nid in consumed and like != "float32":
-            extra += size_of(nid) * (4 + item)
+        elif nid in consumed and like != "float32" and dtype != torch.float32:
+            extra += size_of(nid) * (4 + item)   # (fp32 inputs: stored as they are, no cast)
         seen.add(nid)
     if extra:
         total += extra

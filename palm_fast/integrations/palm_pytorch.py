@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import nn as fast
+from ..ops._dispatch import autocast_changes_dtype
 from ..ops.block import (
     causal_mqa_attention,
     fused_input_projection,
@@ -252,9 +253,11 @@ class ParallelTransformerBlock(nn.Module):
         return fused_output_projection(o, h, x, self.attn_out.weight, self.ff_out[1].weight)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
-            # (autocast: the composed path, whose projections autocast casts as in the
-            # original block; the fused kernels take one dtype for x and the weights)
+        if torch.compiler.is_compiling() or autocast_changes_dtype(
+                x, self.fused_attn_ff_proj.weight, self.attn_out.weight, self.ff_out[1].weight):
+            # (autocast casting x or a weight: the composed path, whose projections autocast
+            # casts as in the original block; the fused kernels take one dtype for x and the
+            # weights)
             return False
         if not (self.use_rope and self.use_attention and type(self.norm) is LayerNorm
                 and type(self.ff_out[0]) is fast.SwiGLU):

@@ -77,13 +77,15 @@ def _check_block_parts(m: ref.ParallelBlock) -> None:
     linear("in_proj", sum(m.split_sizes), m.dim)
     linear("attn_out", m.dim, m.n_heads * m.head_dim)
     linear("ff_out", m.dim, m.d_ff)
+    # (the reference parts, or the fast ones an earlier patch(..., block=False) put there)
     norm = m.norm
-    if type(norm) is not ref.LayerNorm or norm.bias is not None or norm.eps != m.eps or norm.dim != m.dim:
+    if type(norm) not in (ref.LayerNorm, fast.LayerNorm) or norm.bias is not None or norm.eps != m.eps \
+            or norm.dim != m.dim:
         raise Unsupported(f"norm is not the block's reference LayerNorm({m.dim}, eps={m.eps}) without "
                           f"bias (got {norm!r})")
-    if type(m.act) is not ref.SwiGLU:
+    if type(m.act) not in (ref.SwiGLU, fast.SwiGLU):
         raise Unsupported(f"act is not the reference SwiGLU (got {type(m.act).__qualname__})")
-    if type(m.rotary) is not ref.RotaryEmbedding:
+    if type(m.rotary) not in (ref.RotaryEmbedding, fast.RotaryEmbedding):
         raise Unsupported(f"rotary is not the reference RotaryEmbedding (got {type(m.rotary).__qualname__})")
 
 

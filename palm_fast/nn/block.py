@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from palm_fast.ops._dispatch import autocast_changes_dtype
 from palm_fast.ops.block import optimizer_steps, pack_in_proj, parallel_block, uses_triton
 from palm_fast.reference import layers as _reference
 
@@ -35,8 +36,9 @@ class ParallelBlock(_reference.ParallelBlock):
     (``torch.utils.checkpoint``: the attention forward, or the whole block).
     ``forward(x [B, T, dim], positions=None, cache=None) -> [B, T, dim]`` with the
     reference semantics (a reference ``KVCache`` works). Inside a ``torch.autocast`` region
-    for x's device the block runs its parts one by one (fast LayerNorm, RoPE, SwiGLU;
-    autocast's GEMMs), as the reference block does there, instead of the fused kernels.
+    for x's device, when x or a weight is not in autocast's dtype, the block runs its parts
+    one by one (fast LayerNorm, RoPE, SwiGLU; autocast's GEMMs), as the reference block does
+    there, instead of the fused kernels.
     """
 
     def __init__(self, dim: int, n_heads: int, head_dim: int, d_ff: int, n_kv_heads: int = 1,
@@ -98,11 +100,12 @@ class ParallelBlock(_reference.ParallelBlock):
         return super()._apply(fn, recurse)
 
     def _block(self, x: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
-            # Under autocast the reference forward, built of the fast LayerNorm, RoPE and
-            # SwiGLU modules: its projections are autocast's (lower-precision GEMMs, results
-            # added to x in x's dtype), exactly as in the reference block. The fused kernels
-            # take one dtype for x and every weight.
+        if autocast_changes_dtype(x, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight):
+            # Under autocast, with x or a weight in another dtype than autocast's: the
+            # reference forward, built of the fast LayerNorm, RoPE and SwiGLU modules: its
+            # projections are autocast's (lower-precision GEMMs, results added to x in x's
+            # dtype), exactly as in the reference block. The fused kernels take one dtype
+            # for x and every weight. (A model already in autocast's dtype runs fused.)
             return _reference.ParallelBlock.forward(self, x, positions, cache)
         return parallel_block(
             x, self.norm.weight, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight,

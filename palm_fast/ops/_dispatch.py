@@ -46,6 +46,16 @@ def _autocast_on() -> bool:
     return torch._C._is_any_autocast_enabled()
 
 
+def autocast_changes_dtype(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether an autocast region for x's device is on and would cast x or a weight (their
+    dtypes differ from autocast's): a fused path taking one dtype cannot follow it then."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return False
+    dt = torch.get_autocast_dtype(dev)
+    return any(t.dtype != dt for t in (x, *weights))
+
+
 def run_without_autocast(fn: Callable, *args):
     """``fn(*args)`` with autocast off for the tensors' device type.
 
