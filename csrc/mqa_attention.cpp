@@ -385,7 +385,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mqa_attn_bwd(const at::Tensor& do
                   k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "grad_out, k, v, o: expected q's dtype");
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  if (q.numel() == 0) return {dq, dk, dv};
+  // No query (H = 0, or T = 0): k and v feed nothing, their gradients are zero.
+  if (q.numel() == 0) return {dq, at::zeros_like(k), at::zeros_like(v)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mqa_attn_bwd", [&] {
     bwd_kernel<scalar_t>(dout.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
                          k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),

@@ -67,6 +67,10 @@ constexpr int64_t kSLd = kChunk + 4;  // score scratch row stride: room for a pa
 constexpr int64_t kPfRows = 32;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// max(a, b) that propagates NaN (std::max(a, NaN) returns a: a NaN score, e.g. from a NaN
+// in q or in a cached key, would otherwise vanish and the row decode to zeros).
+inline float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
+
 // Sum of the lanes of v.
 inline float hsum(const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX2)
@@ -370,8 +374,8 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
       for (; j + kW <= n; j += kW) vm = at::vec::maximum(vm, Vec::loadu(sr + j));
       alignas(64) float t[kW];
       vm.store(t);
-      for (int64_t i = 0; i < kW; ++i) mx = std::max(mx, t[i]);
-      for (; j < n; ++j) mx = std::max(mx, sr[j]);
+      for (int64_t i = 0; i < kW; ++i) mx = nan_max(mx, t[i]);
+      for (; j < n; ++j) mx = nan_max(mx, sr[j]);
     }
     Vec vsum(0.f);
     const Vec vmx(mx);
@@ -463,7 +467,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     for (int64_t i = 0; i < B * R; ++i) {
       const int64_t b = i / R, r = i % R;
       float mx = kNegInf;
-      for (int64_t t = task_first[b]; t < task_first[b + 1]; ++t) mx = std::max(mx, part_m[t * R + r]);
+      for (int64_t t = task_first[b]; t < task_first[b + 1]; ++t) mx = nan_max(mx, part_m[t * R + r]);
       std::fill(row.begin(), row.end(), 0.f);
       float den = 0.f;
       if (mx != kNegInf) {
@@ -478,7 +482,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         }
       }
       const float inv = den > 0.f ? 1.f / den : 0.f;
-      lp[i] = den > 0.f ? mx + std::log(den) : kNegInf;
+      lp[i] = den > 0.f ? mx + std::log(den) : (den != den ? den : kNegInf);   // NaN stays NaN
       if (o.scalar_type() == at::kFloat) {
         float* op = o.mutable_data_ptr<float>() + i * hd;
         for (int64_t d = 0; d < hd; ++d) op[d] = row[d] * inv;
@@ -683,7 +687,7 @@ void prefix_merge_kernel(const float* o_pre, const float* lse_pre, const int32_t
     for (int64_t h = 0; h < H; ++h) {
       const float ls = lse_suf[b * H + h];
       const float lp = j >= 0 ? lse_pre[j * H + h] : kNegInf;
-      const float m = std::max(lp, ls);
+      const float m = nan_max(lp, ls);
       const float wp = m == kNegInf ? 0.f : std::exp(lp - m), ws = m == kNegInf ? 0.f : std::exp(ls - m);
       const float inv = wp + ws > 0.f ? 1.f / (wp + ws) : 0.f;
       const float* sp = o_suf + (b * H + h) * hd;

@@ -98,22 +98,27 @@ inline Vectorized<acc_t> fast_exp(const Vectorized<acc_t>& v) {
 // 1 / d for d >= 1.  fp32 on AVX2/AVX512: the hardware reciprocal estimate
 // plus one Newton step (~2^-22 relative error), several times the throughput
 // of a vector divide, which otherwise bounds this kernel on small CPUs.  d is
-// clamped to 2^100 first so d = inf cannot turn the Newton step into inf * 0
-// (the result, 2^-100 instead of 0, is far below any rounding of the output;
-// a NaN gate still propagates through the products with the gate).
+// clamped to 2^100 first so d = inf cannot turn the Newton step into inf * 0,
+// and lanes with d >= 2^100 return 0 (1 / d < 2^-100: returning 2^-100 there made
+// gate * sigmoid(gate) = -0.79 at gate = -1e30, and -7.9e7 at -1e38); a NaN gate
+// still propagates through the products with the gate.
 template <typename acc_t>
 inline Vectorized<acc_t> reciprocal_ge1(const Vectorized<acc_t>& d) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m512 dc = _mm512_min_ps(d, _mm512_set1_ps(0x1p100f));
+    const __m512 big = _mm512_set1_ps(0x1p100f);
+    const __m512 dc = _mm512_min_ps(d, big);
     const __m512 r = _mm512_rcp14_ps(dc);
-    return Vectorized<float>(_mm512_mul_ps(r, _mm512_fnmadd_ps(dc, r, _mm512_set1_ps(2.f))));
+    const __m512 y = _mm512_mul_ps(r, _mm512_fnmadd_ps(dc, r, _mm512_set1_ps(2.f)));
+    return Vectorized<float>(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, big, _CMP_LT_OQ), y));
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m256 dc = _mm256_min_ps(d, _mm256_set1_ps(0x1p100f));
+    const __m256 big = _mm256_set1_ps(0x1p100f);
+    const __m256 dc = _mm256_min_ps(d, big);
     const __m256 r = _mm256_rcp_ps(dc);
-    return Vectorized<float>(_mm256_mul_ps(r, _mm256_fnmadd_ps(dc, r, _mm256_set1_ps(2.f))));
+    const __m256 y = _mm256_mul_ps(r, _mm256_fnmadd_ps(dc, r, _mm256_set1_ps(2.f)));
+    return Vectorized<float>(_mm256_andnot_ps(_mm256_cmp_ps(d, big, _CMP_GE_OQ), y));
   }
 #endif
   return Vectorized<acc_t>(acc_t(1)) / d;

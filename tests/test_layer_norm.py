@@ -497,3 +497,34 @@ def test_no_grad_call_skips_autograd_with_the_same_bits(fn, monkeypatch):
     graded = run(x.requires_grad_(), w)
     assert calls and graded.grad_fn is not None
     assert torch.equal(graded.detach(), fast)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_constant_rows_normalise_to_zero_cpu(dtype):
+    """Rows of equal values have variance 0: LayerNorm gives exactly 0 (plus the bias), as
+    torch does. The mean as a rounded sum times a rounded 1/N left x - mean != 0, which
+    rstd = eps^-1/2 amplified (|y| up to 0.3 for a row of 10000.0)."""
+    rows = []
+    for n in (1, 7, 15, 17, 64, 1000):
+        for c in (7.0, 0.1, 10000.0, -3.3, 1e6):
+            rows.append((n, c))
+    for n, c in rows:
+        x = torch.full((3, n), c, dtype=dtype)
+        w = torch.rand(n, dtype=torch.float32) + 0.5
+        assert torch.equal(layer_norm(x, w), torch.zeros_like(x)), (n, c)
+        b = torch.randn(n)
+        assert torch.equal(layer_norm(x, w, b).float(), b.to(dtype).float().expand(3, n)), (n, c)
+        y_sum, out = add_layer_norm(x, torch.zeros_like(x), weight=w)
+        assert torch.equal(out, torch.zeros_like(x)), (n, c)
+
+
+def test_large_offset_rows_accuracy_cpu():
+    """Rows far from zero (offset 1e4, spread 1): error vs float64 within a few times
+    torch's own fp32 error (it was 10-400x)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 777, generator=g) + 1e4
+    w = torch.ones(777)
+    want = torch.nn.functional.layer_norm(x.double(), (777,))
+    ours = (layer_norm(x, w).double() - want).abs().max()
+    theirs = (torch.nn.functional.layer_norm(x, (777,)).double() - want).abs().max()
+    assert ours <= 4 * theirs + 1e-6

@@ -148,3 +148,10 @@ def test_bad_arguments():
         causal_mqa_attention(randn(1, 3, 2, 0), randn(1, 3, 0), randn(1, 3, 0))
     with pytest.raises(TypeError, match="k: expected dtype"):
         causal_mqa_attention(q, k.double(), v)
+
+
+def test_no_query_heads_gives_zero_kv_gradients():
+    q = randn(2, 8, 0, 16).requires_grad_()
+    k, v = randn(2, 8, 16).requires_grad_(), randn(2, 8, 16).requires_grad_()
+    causal_mqa_attention(q, k, v).sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))

@@ -601,3 +601,22 @@ def test_append_head_dim_one_with_a_strided_last_dim():
     c.advance(3)
     assert torch.equal(c.k[0, c.page_table[0, 0], :3], k[0])
     assert torch.equal(c.v[0, c.page_table[1, 0], :3], v[1])
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_decode_propagates_nan(page_size):
+    """A NaN in one query row makes that row's output NaN (a NaN-dropping max turned it
+    into an 'empty' row: o = 0); the other rows are unaffected."""
+    B, H, hd, T = 2, 4, 64, 40
+    cache = KVCache(1, B, 128, hd, page_size=page_size)
+    k, v = randn(B, T, hd), randn(B, T, hd)
+    cache.append(0, k, v)
+    cache.advance(T)
+    q = randn(B, H, hd)
+    want = ops.mqa_decode(q, cache, 0, cache.lengths)
+    q[0, 1, 5] = float("nan")
+    got = ops.mqa_decode(q, cache, 0, cache.lengths)
+    assert got[0, 1].isnan().all()
+    mask = torch.ones(B, H, dtype=torch.bool)
+    mask[0, 1] = False
+    assert torch.equal(got[mask], want[mask])

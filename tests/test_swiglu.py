@@ -355,3 +355,24 @@ def test_empty_rows():
     x = torch.ones(0, 3, 8)
     assert ops.swiglu(x).shape == (0, 3, 4)
     assert cpp().swiglu_bwd(torch.ones(0, 3, 4), x).shape == (0, 3, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_extreme_gates_cpu(dtype):
+    """Very negative gates: sigmoid must reach 0 (it stopped at 2^-100, so gate * sigmoid
+    came out -0.79 at -1e30 and -7.9e7 at -1e38); -inf gives NaN as in torch; forward and
+    backward, across vector widths (F = 20: a vector body and a scalar tail)."""
+    F = 20
+    gates = torch.tensor([-1e30, -1e38, -float("inf"), -100.0, -1e5, -3e29, 1e30, float("inf"),
+                          -88.0, -89.0, 0.0, 3.0] * 2, dtype=dtype)[:F]
+    x = torch.ones(2, 2 * F, dtype=dtype)
+    x[:, F:] = gates
+    xr = x.double().requires_grad_()
+    want = torch.nn.functional.silu(xr[..., F:]) * xr[..., :F]
+    want.sum().backward()
+    xg = x.clone().requires_grad_()
+    got = ops.swiglu(xg)
+    got.sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-30) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-30)
+    torch.testing.assert_close(got.double(), want.detach().to(dtype).double(), equal_nan=True, **tol)
+    torch.testing.assert_close(xg.grad.double(), xr.grad.to(dtype).double(), equal_nan=True, **tol)
