@@ -587,6 +587,7 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
     ``TMA_CONFIG`` entries: tests), else as the pointer kernel's SwiGLU region.
     """
     check_launch_device(xn)
+    pos = pos.contiguous()   # (the kernels index it densely)
     M, K = xn.shape
     assert xn.stride(-1) == 1 and packed.w_a.shape[1] == K
     w_interleaved = is_interleaved(packed.w_a, packed.w_b)

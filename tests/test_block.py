@@ -440,3 +440,20 @@ def test_bad_input():
         ob.parallel_block(randn(1, 2, 64), fast.norm.weight, fast.in_proj.weight,
                           fast.attn_out.weight[:, :-1], fast.ff_out.weight, fast.rotary.inv_freq,
                           **sizes)
+
+
+def test_in_proj_launcher_takes_strided_positions():
+    """The epilogue GEMM's own RoPE region read pos densely: a strided pos [M] (which the
+    public ops never pass, but the launcher accepts) rotated with the wrong positions."""
+    if TRITON_DEVICE != "cpu":
+        pytest.skip("interpreter check (the CUDA tests cover the launcher on a GPU)")
+    M, d, H, Hk, hd, F = 5, 16, 2, 1, 8, 4
+    g = torch.Generator().manual_seed(0)
+    inv = functional.rope_inv_freq(hd)
+    xn, w = torch.randn(M, d, generator=g), torch.randn((H + 2 * Hk) * hd + 2 * F, d, generator=g)
+    pos = torch.arange(0, 2 * M * 37, 37)[::2]
+    packed = kp.pack_in_proj(w, inv, H, Hk, hd, F, False)
+    cfg = kp.IN_PROJ_CONFIGS[-1]
+    strided = kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=False, config=cfg)[0]
+    dense = kp.in_proj(xn, packed, pos.contiguous(), H, Hk, hd, F, store_ff=False, config=cfg)[0]
+    assert torch.equal(strided, dense)

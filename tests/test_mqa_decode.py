@@ -620,3 +620,20 @@ def test_decode_propagates_nan(page_size):
     mask = torch.ones(B, H, dtype=torch.bool)
     mask[0, 1] = False
     assert torch.equal(got[mask], want[mask])
+
+
+def test_prefix_merge_in_torch_ops_empty_rows():
+    """The shared-prefix merge torch.compile traces (torch ops): a row with neither a prefix
+    (slot -1) nor suffix keys (lse -inf both) is 0, as the C++ merge and the Triton combine
+    give (it was 0/0 = NaN); other rows match the C++ merge."""
+    md = importlib.import_module("palm_fast.ops.mqa_decode")
+    H, hd = 2, 8
+    o_pre, lse_pre = randn(1, H, hd), randn(1, H)
+    o_suf, lse_suf = randn(3, H, hd), randn(3, H)
+    lse_suf[2] = float("-inf")
+    o_suf[2] = 0.0
+    slot = torch.tensor([0, 0, -1], dtype=torch.int32)
+    got = md._prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, torch.float32)
+    want = cpp().prefix_merge_cpu(o_pre, lse_pre, slot, o_suf, lse_suf, torch.float32)
+    assert torch.equal(got[2], torch.zeros(H, hd))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -27,13 +27,9 @@ def _best_ms(fn) -> float:
     return harness.time_fn(fn, "cpu", quick=True).ms_min
 
 
-@pytest.fixture(scope="module")
-def peaks():
-    """The run's peaks (as ``palm-fast bench --quick`` measures them), plus ceilings for the
-    sanity bound: the best copy bandwidth of a DRAM-sized and of a cache-sized buffer (a
-    small case may run from cache) and the best matmul throughput. A case above 1.2x its
-    ceiling declares more bytes or FLOPs than it can have moved or done."""
-    p = harness.measure_peaks("cpu", quick=True)
+def _ceilings() -> dict:
+    """The best copy bandwidth of a DRAM-sized and of a cache-sized buffer (a small case may
+    run from cache) and the best matmul throughput, measured now."""
     ceiling_gbps = 0.0
     for n_bytes in (64 * 2**20, 2**20):
         src = torch.randn(n_bytes // 4)
@@ -42,8 +38,32 @@ def peaks():
         ceiling_gbps = max(ceiling_gbps, 2 * n_bytes / (ms * 1e-3) / 1e9)
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)
-    ceiling_tflops = max(p["matmul_tflops"], 2 * n**3 / (_best_ms(lambda: a @ b) * 1e-3) / 1e12)
-    return p, {"gbps": max(ceiling_gbps, p["copy_gbps"]), "tflops": ceiling_tflops}
+    return {"gbps": ceiling_gbps, "tflops": 2 * n**3 / (_best_ms(lambda: a @ b) * 1e-3) / 1e12}
+
+
+class _Ceiling(dict):
+    """Ceilings for the sanity bound: a case above 1.2x its ceiling declares more bytes or
+    FLOPs than it can have moved or done. On a shared machine the first measurement may
+    have run while another job held a core: a case above it gets the ceilings measured
+    again (kept at their best) before the bound fails."""
+
+    def check(self, key: str, value: float) -> bool:
+        for _ in range(3):
+            if value <= 1.2 * self[key]:
+                return True
+            fresh = _ceilings()
+            for k in self:
+                self[k] = max(self[k], fresh[k])
+        return value <= 1.2 * self[key]
+
+
+@pytest.fixture(scope="module")
+def peaks():
+    """The run's peaks (as ``palm-fast bench --quick`` measures them), plus the ceilings of
+    the sanity bound (``_Ceiling``)."""
+    p = harness.measure_peaks("cpu", quick=True)
+    c = _ceilings()
+    return p, _Ceiling(gbps=max(c["gbps"], p["copy_gbps"]), tflops=max(c["tflops"], p["matmul_tflops"]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -70,9 +90,11 @@ def test_every_registered_case_smoke(dtype, peaks):
             assert r["name"] == case.name and r["device"] == "cpu" and r["n_timed"] == 1
             assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"], where
             if case.bytes:
-                assert math.isfinite(r["gbps"]) and 0 < r["gbps"] <= 1.2 * ceiling["gbps"], where
+                assert math.isfinite(r["gbps"]) and 0 < r["gbps"], where
+                assert ceiling.check("gbps", r["gbps"]), (where, r["gbps"], dict(ceiling))
             if case.flops:
-                assert math.isfinite(r["tflops"]) and 0 < r["tflops"] <= 1.2 * ceiling["tflops"], where
+                assert math.isfinite(r["tflops"]) and 0 < r["tflops"], where
+                assert ceiling.check("tflops", r["tflops"]), (where, r["tflops"], dict(ceiling))
             pct = r["pct_of_peak"]
             if not case.report_pct:
                 assert pct is None, where   # (e.g. weights the last-level cache holds)

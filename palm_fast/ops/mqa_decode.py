@@ -401,6 +401,8 @@ def _prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, dtype):
     o_p = o_pre.reshape(-1, H, hd)[idx]
     lse_p = torch.where(member, lse_pre.reshape(-1, H)[idx], float("-inf"))
     m = torch.maximum(lse_p, lse_suf)
+    m = torch.where(m == float("-inf"), 0.0, m)   # (an empty row: -inf - -inf would be NaN)
     w_p, w_s = torch.exp(lse_p - m), torch.exp(lse_suf - m)
-    o = (o_p * w_p[..., None] + o_suf * w_s[..., None]) / (w_p + w_s)[..., None]
-    return o.to(dtype)
+    den = w_p + w_s
+    o = (o_p * w_p[..., None] + o_suf * w_s[..., None]) / torch.where(den > 0, den, 1.0)[..., None]
+    return o.to(dtype)   # an empty row: both weights 0, so o = 0 as the kernels give
