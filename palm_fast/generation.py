@@ -197,7 +197,7 @@ def _fused_block(blk: nn.Module) -> nn.Module | None:
     (LayerNorm + input GEMM + RoPE/SwiGLU epilogue; output GEMM + residual) applies."""
     from .nn import ParallelBlock as FastBlock
 
-    if type(blk) is FastBlock and blk.n_kv_heads == 1 and getattr(blk.norm, "bias", None) is None:
+    if type(blk) is FastBlock and blk.n_kv_heads == 1 and blk.parts_fusable():
         return blk
     return None
 

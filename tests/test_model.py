@@ -123,3 +123,21 @@ def test_loss_int32_tokens_and_empty_batch():
     torch.testing.assert_close(fast.loss(tok)[0], ref.loss(tok)[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="tokens: expected at least one token to predict"):
         fast.loss(torch.zeros(0, 9, dtype=torch.long))
+
+
+def test_swapped_or_hooked_parts_are_honoured():
+    """A fast block whose part was replaced (another norm) or hooked runs the reference
+    forward over its parts (the fused kernels ignored them: the block computed the stock
+    LayerNorm, and the hook never fired); generate does the same."""
+    ref, fast = _pair()
+    for m in (ref, fast):
+        m.blocks[0].norm = torch.nn.LayerNorm(CFG.d_model, eps=0.1, bias=False)
+    x = torch.randint(0, CFG.vocab_size, (2, 9))
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)
+    assert not fast.blocks[0].parts_fusable() and fast.blocks[1].parts_fusable()
+    calls = []
+    fast.blocks[1].act.register_forward_hook(lambda mod, i, o: calls.append(1))
+    fast(x)
+    assert calls and not fast.blocks[1].parts_fusable()
+    prompt = torch.randint(0, CFG.vocab_size, (1, 5))
+    assert torch.equal(palm_fast.generate(fast, prompt, 4)[0], ref.generate(prompt, 4)[0])

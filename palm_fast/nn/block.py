@@ -99,7 +99,28 @@ class ParallelBlock(_reference.ParallelBlock):
         self._packed, self._packed_key = None, None   # .to() / .cuda(): rebuild lazily
         return super()._apply(fn, recurse)
 
+    def parts_fusable(self) -> bool:
+        """Whether the fused kernels compute what the block's parts do: its own kinds of parts
+        (the fast LayerNorm without bias at the block's eps, SwiGLU, RotaryEmbedding,
+        bias-free nn.Linear projections) with no hooks on them. A part the user swapped or
+        hooked makes the block run the reference forward over its parts instead."""
+        mods = self._modules   # (plain dict reads: this runs on every forward)
+        norm, act, rot = mods["norm"], mods["act"], mods["rotary"]
+        p, o, f = mods["in_proj"], mods["attn_out"], mods["ff_out"]
+        Linear = torch.nn.Linear
+        if not (type(norm) is LayerNorm and type(act) is SwiGLU and type(rot) is RotaryEmbedding
+                and type(p) is Linear and type(o) is Linear and type(f) is Linear
+                and norm.bias is None and norm.eps == self.eps
+                and p.bias is None and o.bias is None and f.bias is None):
+            return False
+        for m in (norm, act, rot, p, o, f):
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return False
+        return True
+
     def _block(self, x: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
+        if not self.parts_fusable():
+            return _reference.ParallelBlock.forward(self, x, positions, cache)
         if autocast_changes_dtype(x, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight):
             # Under autocast, with x or a weight in another dtype than autocast's: the
             # reference forward, built of the fast LayerNorm, RoPE and SwiGLU modules: its
