@@ -631,9 +631,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     """
     from .kv_cache import KVCache
 
-    if isinstance(model, nn.Module):
-        model = _unwrap_compiled(model)
-    parts = decoder_parts(model)
+    parts = decoder_parts(model)   # (unwraps torch.compile; the wrapper forwards .config)
     layers = _prepare_layers(parts)
     head = parts.head_weight
     device, dtype = head.device, head.dtype

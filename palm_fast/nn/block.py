@@ -119,14 +119,12 @@ class ParallelBlock(_reference.ParallelBlock):
         return True
 
     def _block(self, x: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
-        if not self.parts_fusable():
-            return _reference.ParallelBlock.forward(self, x, positions, cache)
-        if autocast_changes_dtype(x, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight):
-            # Under autocast, with x or a weight in another dtype than autocast's: the
-            # reference forward, built of the fast LayerNorm, RoPE and SwiGLU modules: its
-            # projections are autocast's (lower-precision GEMMs, results added to x in x's
-            # dtype), exactly as in the reference block. The fused kernels take one dtype
-            # for x and every weight. (A model already in autocast's dtype runs fused.)
+        if not self.parts_fusable() or autocast_changes_dtype(
+                x, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight):
+            # The reference forward over the block's parts: for a swapped or hooked part, and
+            # under autocast with x or a weight in another dtype than autocast's (then its
+            # projections are autocast's, results added to x in x's dtype, exactly as in the
+            # reference block; the fused kernels take one dtype for x and every weight).
             return _reference.ParallelBlock.forward(self, x, positions, cache)
         return parallel_block(
             x, self.norm.weight, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight,

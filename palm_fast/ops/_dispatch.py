@@ -57,27 +57,27 @@ def autocast_changes_dtype(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 
 def run_without_autocast(fn: Callable, *args):
-    """``fn(*args)`` with autocast off for the tensors' device type.
+    """``fn(*args)``, with autocast off for the device type of its first tensor argument
+    when an autocast region is on (free otherwise).
 
     palm_fast's ops compute in the dtypes of their inputs, as custom kernels do: inside an
     ``autocast`` region an implementation's own ATen GEMMs must not be recast (a bf16
     ``addmm`` meeting an fp32 ``addmm_`` raised; a deliberate fp32 GEMM became bf16)."""
-    with torch.autocast(_device_type(args), enabled=False):
+    if not _autocast_on():
+        return fn(*args)
+    dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
+    if dev is None:
+        return fn(*args)
+    with torch.autocast(dev, enabled=False):
         return fn(*args)
 
 
 def autocast_off(fn: Callable) -> Callable:
-    """Decorator: ``fn`` runs with autocast off (see ``run_without_autocast``); the device
-    type is the first tensor argument's. Free when autocast is not enabled."""
+    """Decorator: ``fn`` runs through ``run_without_autocast`` (a function, not a partial:
+    torch.compile traces ``autograd.Function.forward`` only when it is one)."""
     @functools.wraps(fn)
     def wrapper(*args):
-        if not _autocast_on():
-            return fn(*args)
-        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
-        if dev is None:
-            return fn(*args)
-        with torch.autocast(dev, enabled=False):
-            return fn(*args)
+        return run_without_autocast(fn, *args)
     return wrapper
 
 
@@ -94,7 +94,8 @@ def eager_function(name: str, impls: dict[str, Callable], setup_context: Callabl
     """
     if not double_backward:
         backward = _once_differentiable(backward, name)
-    backward = _backward_without_autocast(backward)
+    backward = autocast_off(backward)   # (a CPU backward runs on the calling thread, inside
+                                        # the caller's autocast region if called there)
 
     # Old-style forward(ctx, ...): the separate setup_context style binds the arguments
     # through inspect.signature on every call, which costs more than the kernels we save.
@@ -103,7 +104,7 @@ def eager_function(name: str, impls: dict[str, Callable], setup_context: Callabl
         if dev not in impls:
             raise NotImplementedError(f"palm_fast::{name}: no kernel for device type {dev!r} "
                                       f"(available: {sorted(impls)})")
-        output = impls[dev](*args) if not _autocast_on() else run_without_autocast(impls[dev], *args)
+        output = run_without_autocast(impls[dev], *args)
         setup_context(ctx, args, output)
         ctx.palm_fast_eager = True  # the backward stays on the eager path too
         return output
@@ -112,17 +113,6 @@ def eager_function(name: str, impls: dict[str, Callable], setup_context: Callabl
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
     })
-
-
-def _backward_without_autocast(backward: Callable) -> Callable:
-    """``backward(ctx, *grads)`` with autocast off (a CPU backward runs on the calling thread,
-    inside the caller's autocast region when ``.backward()`` is called there)."""
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        if not _autocast_on() or not any(isinstance(g, torch.Tensor) for g in grads):
-            return backward(ctx, *grads)
-        return run_without_autocast(lambda *g: backward(ctx, *g), *grads)
-    return wrapper
 
 
 def _once_differentiable(backward: Callable, name: str) -> Callable:
@@ -194,5 +184,4 @@ def eager_ctx(ctx) -> bool:
 
 def call_impl(impls: dict[str, Callable], *args):
     """Run a (non-differentiable) op's device implementation directly (autocast off)."""
-    fn = impls[_device_type(args)]
-    return fn(*args) if not _autocast_on() else run_without_autocast(fn, *args)
+    return run_without_autocast(impls[_device_type(args)], *args)
