@@ -210,8 +210,9 @@ def test_tied_embedding_link_after_a_partial_backward():
     torch.testing.assert_close(w.grad, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_gemm_path_confident_predictions(monkeypatch, dtype):
+def test_half_gemm_path_confident_predictions(monkeypatch, dtype, compiled):
     """The half-precision GEMM path (CUDA; CPUs with bf16 / fp16 matrix units; simulated
     here): with confident predictions (P_target near 1) the one-hot was subtracted after
     rounding P, and dW was 17x the eager error in bf16. Errors vs fp64 within 2x eager's."""
@@ -235,7 +236,13 @@ def test_half_gemm_path_confident_predictions(monkeypatch, dtype):
         ww = (w.to(cast) if cast else w).detach().requires_grad_(True)
         return [x.double() for x in torch.autograd.grad(fn(hh, ww), (hh, ww))]
 
-    fast = grads(lambda hh, ww: tied_lm_loss(hh, ww, t, scale=s, z_coef=1e-4)[0])
+    def loss(hh, ww):
+        return tied_lm_loss(hh, ww, t, scale=s, z_coef=1e-4)[0]
+
+    if compiled:   # (traced: the one-hot form of the same gradient)
+        torch._dynamo.reset()
+        loss = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    fast = grads(loss)
     eager, exact = grads(ref), grads(ref, torch.float64)
     for f, e, x in zip(fast, eager, exact):
         assert (f - x).abs().max() <= 2 * (e - x).abs().max() + 1e-7

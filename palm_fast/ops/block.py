@@ -98,12 +98,17 @@ def pack_in_proj(w_in, inv_freq, n_heads, n_kv_heads, head_dim, d_ff, interleave
 _HALF = (torch.float16, torch.bfloat16)
 
 
-@functools.cache
+# Whether this CPU has matrix instructions for each half dtype (else ATen's half GEMM is
+# slow). Read once at import: torch.compile cannot trace the torch.cpu queries, and the
+# half-precision lm loss asks while it is traced.
+_NATIVE_HALF_GEMM = {
+    torch.bfloat16: torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported(),
+    torch.float16: torch.cpu._is_amx_fp16_supported(),
+}
+
+
 def _native_half_gemm(dtype: torch.dtype) -> bool:
-    """Whether this CPU has matrix instructions for ``dtype`` (else ATen's half GEMM is slow)."""
-    if dtype == torch.bfloat16:
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.cpu._is_amx_fp16_supported()
+    return _NATIVE_HALF_GEMM[dtype]
 
 
 def _upcast_gemm(t: torch.Tensor) -> bool:
@@ -389,7 +394,7 @@ def _input_projection(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_hea
     x2 = x.reshape(M, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    pos = positions.reshape(M).contiguous()   # (the kernels index it densely)
+    pos = positions.reshape(M)
     args = (x2, ln_weight, w_in, *extra, inv_freq.contiguous(), pos, int(n_heads), int(n_kv_heads),
             int(head_dim), int(d_ff), eps, bool(interleaved), bool(keep_ff))
     op = block_in_proj if compiling() else eager_op(_InProjEager, _IN_IMPLS, x.device.type, keep_ff)

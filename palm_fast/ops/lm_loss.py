@@ -185,15 +185,18 @@ class _TiedLMLoss(torch.autograd.Function):
             else h.dtype
         w = weight.to(gd)
         dh = dw = None
-        if gd != torch.float32 and not torch.compiler.is_compiling():
+        if gd != torch.float32:
             # Half-precision GEMMs: the logits' gradient D = c P - a onehot rounded ONCE from
             # fp32 (P rounded first, the one-hot taken off after the GEMMs, cancelled badly
-            # where P_target is near 1: bf16 spacing there is 2^-8). One [M, V] half buffer,
-            # as before; only the target entries are formed separately.
-            dl = torch.empty(probs.shape, dtype=gd, device=probs.device)
-            torch.mul(probs, c, out=dl)                     # fp32 product, one rounding
-            rows = torch.arange(M, device=targets.device)
-            dl[rows, targets] = (probs[rows, targets] * c.view(M) - a).to(gd)
+            # where P_target is near 1: bf16 spacing there is 2^-8).
+            if torch.compiler.is_compiling():   # (the one-hot: a comparison the compiler fuses)
+                onehot = torch.arange(probs.shape[1], device=targets.device)[None, :] == targets[:, None]
+                dl = (probs * c - onehot * a).to(gd)
+            else:   # one [M, V] half buffer; only the target entries are formed separately
+                dl = torch.empty(probs.shape, dtype=gd, device=probs.device)
+                torch.mul(probs, c, out=dl)                 # fp32 product, one rounding
+                rows = torch.arange(M, device=targets.device)
+                dl[rows, targets] = (probs[rows, targets] * c.view(M) - a).to(gd)
             if ctx.needs_input_grad[0]:
                 dh = (torch.mm(dl, w).float() * s).to(h.dtype)
             if ctx.needs_input_grad[1]:
@@ -201,7 +204,7 @@ class _TiedLMLoss(torch.autograd.Function):
                 if ctx.link is not None:
                     dw = _hand_to_link(ctx.link, dw)
             return dh, dw, None, None, None, None
-        p = probs if gd == torch.float32 else probs.to(gd)
+        p = probs   # fp32 GEMMs from here on
         if ctx.needs_input_grad[0]:
             pw = torch.mm(p, w).float()                     # [M, d]
             dh = (pw * c - a * w.index_select(0, targets).float()) * s
@@ -213,10 +216,10 @@ class _TiedLMLoss(torch.autograd.Function):
                 # torch 2.6's inductor computes index_add / index_put(accumulate=True) wrongly
                 # on one CPU thread (tests/test_lm_loss.py::test_torch_compile, cpu/NOTES.md).
                 onehot = torch.arange(probs.shape[1], device=targets.device)[None, :] == targets[:, None]
-                dlog = (probs.float() * c - onehot * a).to(gd)
-                dw = torch.mm(dlog.t(), (h.float() * s).to(gd)).float()
+                dlog = probs * c - onehot * a
+                dw = torch.mm(dlog.t(), h.float() * s)
             else:
-                hc = (h.float() * (c * s)).to(gd)               # [M, d]
+                hc = h.float() * (c * s)                        # [M, d]
                 dw = torch.mm(p.t(), hc).float()                # [V, d]
                 dw.index_add_(0, targets, h.float() * (-a * s))   # - a s scatter_t(h), no host sync
             dw = dw.to(weight.dtype)
