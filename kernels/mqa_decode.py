@@ -131,7 +131,10 @@ def _mqa_decode_split(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    nonempty = l_i > 0.0
+    # l_i is 0 only for a row without keys; a NaN score (NaN or inf in q / k) leaves l_i NaN,
+    # which "!= 0" keeps: the row's output is NaN, as the reference's, not an empty row's 0
+    # (a GPU max can drop NaN operands, so m_i alone would not show it).
+    nonempty = l_i != 0.0
     o = tl.where(nonempty[:, None], acc / tl.where(nonempty, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
@@ -185,10 +188,10 @@ def _mqa_decode_combine(
         o = tl.load(o_part_ptr + part[:, None] * hd + d[None, :],
                     mask=(sc < n_splits)[:, None] & (d < hd)[None, :], other=0.0)
         acc += tl.sum(o * w[:, None], axis=0)
-    out = tl.where(den > 0.0, acc / tl.where(den > 0.0, den, 1.0), 0.0)
+    keys = den != 0.0  # False only without keys: a NaN partial stays NaN (see the split kernel)
+    out = tl.where(keys, acc / tl.where(keys, den, 1.0), 0.0)
     tl.store(o_ptr + row * hd + d, out.to(o_ptr.dtype.element_ty), mask=d < hd)
-    tl.store(lse_ptr + row, tl.where(den > 0.0, m_safe + tl.log(tl.where(den > 0.0, den, 1.0)),
-                                     float("-inf")))
+    tl.store(lse_ptr + row, tl.where(keys, m_safe + tl.log(tl.where(keys, den, 1.0)), float("-inf")))
 
 
 def sm_count(device: torch.device) -> int:

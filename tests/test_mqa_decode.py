@@ -603,23 +603,33 @@ def test_append_head_dim_one_with_a_strided_last_dim():
     assert torch.equal(c.v[0, c.page_table[1, 0], :3], v[1])
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("page_size", [None, 16])
-def test_decode_propagates_nan(page_size):
-    """A NaN in one query row makes that row's output NaN (a NaN-dropping max turned it
-    into an 'empty' row: o = 0); the other rows are unaffected."""
+def test_decode_propagates_nan(page_size, backend, request):
+    """A NaN (or an infinity: inf - inf) in one query row makes that row's output NaN, as the
+    reference's; the other rows are unaffected. A NaN-dropping max (C++) and a "sum of
+    weights > 0" test (Triton split and combine kernels) turned it into an 'empty' row: o = 0."""
+    dev = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
     B, H, hd, T = 2, 4, 64, 40
-    cache = KVCache(1, B, 128, hd, page_size=page_size)
-    k, v = randn(B, T, hd), randn(B, T, hd)
+    cache = KVCache(1, B, 128, hd, page_size=page_size, device=dev)
+    k, v = randn(B, T, hd, device=dev), randn(B, T, hd, device=dev)
     cache.append(0, k, v)
     cache.advance(T)
-    q = randn(B, H, hd)
+    q = randn(B, H, hd, device=dev)
     want = ops.mqa_decode(q, cache, 0, cache.lengths)
-    q[0, 1, 5] = float("nan")
-    got = ops.mqa_decode(q, cache, 0, cache.lengths)
-    assert got[0, 1].isnan().all()
     mask = torch.ones(B, H, dtype=torch.bool)
     mask[0, 1] = False
-    assert torch.equal(got[mask], want[mask])
+    for bad in (float("nan"), float("inf")):
+        q[0, 1, 5] = bad
+        got = ops.mqa_decode(q, cache, 0, cache.lengths).cpu()
+        assert got[0, 1].isnan().all(), bad
+        assert torch.equal(got[mask], want.cpu()[mask]), bad
+    if backend == "triton":  # several splits (the combine kernel merging a NaN partial)
+        from palm_fast.kernels import mqa_decode as tk
+        o, lse = tk.mqa_decode(q, cache.k, cache.v, cache.page_table, None, cache.lengths,
+                               0, hd ** -0.5, True, n_splits=3)
+        assert o[0, 1].isnan().all() and lse[0, 1].isnan()
+        torch.testing.assert_close(o.cpu()[mask], want.cpu()[mask])
 
 
 def test_prefix_merge_in_torch_ops_empty_rows():
