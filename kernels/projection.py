@@ -109,23 +109,41 @@ OUT_PROJ_CONFIGS = [
     _cfg(128, 128, 64, 8, 4, 4),
     _cfg(64, 64, 32, 8, 4, 4),
 ]
-# Shared memory a config may plan for its pipeline (an H100 has 227 KiB per block).
-SMEM_BUDGET = 220 * 1024
+# Shared memory a config leaves free on the device beyond its pipeline buffers (barriers;
+# the epilogue's layout conversions reuse the buffers: compiled kernels' shared memory
+# equals their buffers' size on sm_80 / sm_89 / sm_90).
+SMEM_RESERVE = 1024
+H100_PIPELINE = (232448, (9, 0))   # (shared memory per block, capability) without a GPU
 
 
-def fit_config(config: triton.Config, elem_bytes: int, b_rows: int = 1) -> triton.Config:
+def pipeline_target(device: torch.device) -> tuple[int, tuple[int, int]]:
+    """(shared memory per block, capability) the GEMM configs are fitted to: the GPU's (or the
+    compile-only target's); an H100's under the interpreter (which has no limit)."""
+    if gpu_launch(device):
+        return smem_per_block(device), capability(device)
+    return H100_PIPELINE
+
+
+def fit_config(config: triton.Config, elem_bytes: int, b_rows: int = 1,
+               target: tuple[int, tuple[int, int]] = H100_PIPELINE) -> triton.Config:
     """``config`` with fewer stages (then a shorter BLOCK_K) until its pipeline buffers fit
-    ``SMEM_BUDGET`` for operands of ``elem_bytes`` (fp32 tiles take twice bf16's space).
-    ``b_rows`` is how many weight tiles of BLOCK_N rows each stage holds (2: the pairs)."""
+    the shared memory of ``target`` (see ``pipeline_target``) for operands of
+    ``elem_bytes`` (fp32 tiles take twice bf16's space). ``b_rows`` is how many weight
+    tiles of BLOCK_N rows each stage holds (2: the pairs). Triton's pipeliner keeps one
+    buffer per stage on sm_90+ (wgmma), one fewer before (cp.async): measured by compiling
+    for sm_80 / sm_89 / sm_90 (``tests/lower_for_gpu.py``)."""
+    smem, cap = target
+    budget = smem - SMEM_RESERVE
     kw = dict(config.kwargs)
     stages = config.num_stages
+    spare = 0 if cap >= (9, 0) else 1
 
     def need():
-        return stages * (kw["BLOCK_M"] + b_rows * kw["BLOCK_N"]) * kw["BLOCK_K"] * elem_bytes
+        return max(stages - spare, 1) * (kw["BLOCK_M"] + b_rows * kw["BLOCK_N"]) * kw["BLOCK_K"] * elem_bytes
 
-    while need() > SMEM_BUDGET and stages > 2:
+    while need() > budget and stages > 2:
         stages -= 1
-    while need() > SMEM_BUDGET and kw["BLOCK_K"] > 16:
+    while need() > budget and kw["BLOCK_K"] > 16:
         kw["BLOCK_K"] //= 2
     return triton.Config(kw, num_warps=config.num_warps, num_stages=stages)
 
@@ -458,15 +476,15 @@ def _out_even_k(meta):
 # Built on first use: Triton 3.2's Autotuner asks the active GPU driver for its benchmarker
 # when it is created, which fails on a machine without a GPU (this module is imported there).
 @functools.cache
-def _in_proj_tuned(eb: int):
-    return triton.autotune([fit_config(c, eb, 2) for c in IN_PROJ_CONFIGS],
+def _in_proj_tuned(eb: int, target: tuple[int, tuple[int, int]]):
+    return triton.autotune([fit_config(c, eb, 2, target) for c in IN_PROJ_CONFIGS],
                            key=["M_BUCKET", "K", "PAIR0", "P_END", "STORE_FF", "DOT_PREC", "INTERLEAVED", "REGION"])(
         triton.heuristics({"EVEN_K": _in_even_k})(_in_proj_fwd))
 
 
 @functools.cache
-def _out_proj_tuned(eb: int):
-    return triton.autotune([fit_config(c, eb) for c in OUT_PROJ_CONFIGS],
+def _out_proj_tuned(eb: int, target: tuple[int, tuple[int, int]]):
+    return triton.autotune([fit_config(c, eb, 1, target) for c in OUT_PROJ_CONFIGS],
                            key=["M_BUCKET", "N", "K1", "K2", "DOT_PREC"])(
         triton.heuristics({"EVEN_K": _out_even_k})(_out_proj_fwd))
 
@@ -554,14 +572,15 @@ def pack_in_proj(w_in: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_
 
 # --------------------------------------------------------------------------- launchers
 
-def _meta(config: triton.Config | None, elem_bytes: int, b_rows: int) -> dict | None:
-    """Explicit launch meta-parameters (fitted to shared memory), or None to autotune
-    (GPU only)."""
+def _meta(config: triton.Config | None, elem_bytes: int, b_rows: int,
+          target: tuple[int, tuple[int, int]] = H100_PIPELINE) -> dict | None:
+    """Explicit launch meta-parameters (fitted to ``target``'s shared memory), or None to
+    autotune (GPU only)."""
     if config is None and interpreting():
         config = IN_PROJ_CONFIGS[-1]  # the smallest tile: fastest under the interpreter
     if config is None:
         return None
-    config = fit_config(config, elem_bytes, b_rows)
+    config = fit_config(config, elem_bytes, b_rows, target)
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -607,7 +626,8 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
                  PRECISE_TRIG=precise_trig(xn.device), DOT_PREC=dot_precision(dt),
                  INTERLEAVED=w_interleaved)
     eb = 4 if dt == torch.float32 else 2
-    meta = _meta(config, eb, 2)
+    target = pipeline_target(dev)
+    meta = _meta(config, eb, 2, target)
     # Two launches: the q / k / v pairs (RoPE epilogue) and the SwiGLU pairs, each tuned on
     # its own (the RoPE epilogue needs many more registers than the SwiGLU one); or the
     # q / k / v columns through a library GEMM and the RoPE kernel.
@@ -630,7 +650,7 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
                 packed.p_qkv, HQ, HKV, F, xn.stride(0))
         if meta is None:
             grid = lambda m, n=p1 - p0: (cdiv(M, m["BLOCK_M"]) * cdiv(n, m["BLOCK_N"]),)  # noqa: E731
-            _in_proj_tuned(eb)[grid](*args, **flags, REGION=region)
+            _in_proj_tuned(eb, target)[grid](*args, **flags, REGION=region)
         else:
             grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(p1 - p0, meta["BLOCK_N"]),)
             _in_proj_fwd[grid](*args, **flags, REGION=region, EVEN_K=K % meta["BLOCK_K"] == 0, **meta)
@@ -673,11 +693,12 @@ def out_proj(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor, w_attn_out: torc
     args = (o, h, w_attn_out, w_ff_out, x, y, M, N, K1, K2, next_pow2(M),
             o.stride(0), h.stride(0), w_attn_out.stride(0), w_ff_out.stride(0), x.stride(0))
     eb = 4 if x.dtype == torch.float32 else 2
-    meta = _meta(config if config is not None or not interpreting() else OUT_PROJ_CONFIGS[-1], eb, 1)
+    target = pipeline_target(x.device)
+    meta = _meta(config if config is not None or not interpreting() else OUT_PROJ_CONFIGS[-1], eb, 1, target)
     flags = dict(UPCAST=interpreting(), DOT_PREC=dot_precision(x.dtype))
     if meta is None:
         grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]),)  # noqa: E731
-        _out_proj_tuned(eb)[grid](*args, **flags)
+        _out_proj_tuned(eb, target)[grid](*args, **flags)
     else:
         grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         even = K1 % meta["BLOCK_K"] == 0 and K2 % meta["BLOCK_K"] == 0

@@ -9,6 +9,7 @@ running it.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -153,15 +154,46 @@ def test_compile_only_mode_is_scoped():
     assert _common._COMPILE_ONLY is None
 
 
-def test_decode_fits_gpus_with_99_kib_per_block():
+def test_decode_and_gemms_fit_gpus_with_99_kib_per_block():
     """sm_89 (L40, RTX 4090; also sm_86 / sm_120): 99 KiB of shared memory per block. The
-    H100 tiles at head dim 256 took more (fp32 139,648 bytes, bf16 102,400): the launch
-    would fail there. decode_config sizes them to the device (H100 tiles unchanged)."""
-    recs = _lower(89, 128, (("decode",),))
+    H100 decode tiles at head dim 256 took more (fp32 139,648 bytes, bf16 102,400), and so
+    did GEMM config 1 (147,456 bytes): the launches would fail there. decode_config and
+    fit_config size them to the device (H100 tiles unchanged)."""
+    recs = _lower(89, 128, (("decode",), ("projection",)))
     assert any("H=48 hd=256" in r["case"] and "float32" in r["case"] for r in recs)
     assert any("H=48 hd=128" in r["case"] and "float32" in r["case"] for r in recs)
+    assert any(r["kernel"] == "_in_proj_fwd" for r in recs)  # (config 1 fits as config 0)
+    assert any(r["kernel"] == "_out_proj_fwd" for r in recs)
     for r in recs:
         assert r["shared"] <= _common._SMEM_OPTIN[(8, 9)], r
+
+
+def test_gemm_configs_fit_the_target():
+    """fit_config: one pipeline buffer per stage on sm_90 (wgmma), one fewer before
+    (cp.async), as Triton allocates them; the H100 configs are left as they were tuned."""
+    from palm_fast.kernels import projection as kp
+
+    def smem(c, eb, b_rows, cap):
+        return (c.num_stages - (cap < (9, 0))) * (c.kwargs["BLOCK_M"] + b_rows * c.kwargs["BLOCK_N"]) \
+            * c.kwargs["BLOCK_K"] * eb
+
+    for configs, b_rows in ((kp.IN_PROJ_CONFIGS, 2), (kp.OUT_PROJ_CONFIGS, 1)):
+        for c in configs:
+            h100 = kp.fit_config(c, 2, b_rows)
+            assert (h100.kwargs, h100.num_stages) == (c.kwargs, c.num_stages)
+            for cap, eb in itertools.product(((8, 0), (8, 9), (9, 0), (12, 0)), (2, 4)):
+                target = (_common._SMEM_OPTIN[cap], cap)
+                f = kp.fit_config(c, eb, b_rows, target)
+                assert smem(f, eb, b_rows, cap) <= target[0] - kp.SMEM_RESERVE, (c, cap, eb)
+                assert f.num_stages >= 2 and f.kwargs["BLOCK_K"] >= 16
+    # a config that fits is kept: 3 stages = 2 cp.async buffers of 48 KiB on sm_89
+    c = kp.IN_PROJ_CONFIGS[0]
+    assert kp.fit_config(c, 2, 2, (_common._SMEM_OPTIN[(8, 9)], (8, 9))).num_stages == 3
+    _common.compile_only((128, (8, 9)))
+    try:
+        assert kp.pipeline_target(torch.device("cpu")) == (_common._SMEM_OPTIN[(8, 9)], (8, 9))
+    finally:
+        _common.compile_only(None)
 
 
 def test_tma_and_decode_tiles_follow_shared_memory(monkeypatch):
