@@ -65,8 +65,10 @@ class DecoderParts:
                   ``(n_heads * head_dim, head_dim, head_dim, 2 * d_ff)``) and means the
                   reference block's function, residual included:
                   ``x + attn_out(Attn(norm x)) + ff_out(act(ff))``. Only these attributes
-                  are read (never ``forward``); ``norm`` / ``act`` may be any callables
-                  (ours run the fast ops directly).
+                  are read (never ``forward``): forward hooks on the block, its projections
+                  or its rotary module are refused (they would not run). ``norm`` / ``act``
+                  may be any callables: ours (those classes, without hooks) run the fast ops
+                  directly, any other module (a subclass, a hooked one) is called as it is.
     norm:         the final LayerNorm (module ``[..., d] -> [..., d]``).
     head_weight:  the output head ``[V, d]`` (the tied embedding): ``logits = norm(h) @ W^T``.
     logit_scale:  multiplies the logits (``d ** -0.5`` for PaLM's tied embedding), or None.
@@ -128,6 +130,9 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a PaLM nn.Module, got {type(model).__name__}")
     model = _unwrap_compiled(model)
+    from .patching import _load_builtins
+
+    _load_builtins()   # (registers PaLM-pytorch's layout once that package is imported)
     for cls in type(model).__mro__:
         if cls in _PARTS_REGISTRY:
             parts = _PARTS_REGISTRY[cls](model)
@@ -168,12 +173,18 @@ _LAYER_NORMS: tuple[type, ...] = (_ref.LayerNorm,)
 _SWIGLUS: tuple[type, ...] = (_ref.SwiGLU,)
 
 
+def _hooked(mod) -> bool:
+    """Whether calling ``mod`` would run forward hooks (generate's kernels would skip them)."""
+    return isinstance(mod, nn.Module) and bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
 def _fast_norm(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``palm_fast.ops.layer_norm`` with the module's weight / bias / eps when it is one of
-    our LayerNorms; otherwise the module itself."""
+    our LayerNorms (that exact class, no hooks); otherwise the module itself (a subclass
+    or a hooked norm runs its own forward, hooks included)."""
     from .nn import LayerNorm as FastLayerNorm
 
-    if isinstance(mod, (*_LAYER_NORMS, FastLayerNorm)):
+    if type(mod) in (*_LAYER_NORMS, FastLayerNorm) and not _hooked(mod):
         w, b, eps = mod.weight, mod.bias, mod.eps
 
         def norm(x):
@@ -185,9 +196,11 @@ def _fast_norm(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _fast_act(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``palm_fast.ops.swiglu`` for our SwiGLU modules (that exact class, no hooks), else
+    the module itself."""
     from .nn import SwiGLU as FastSwiGLU
 
-    if isinstance(mod, (*_SWIGLUS, FastSwiGLU)):
+    if type(mod) in (*_SWIGLUS, FastSwiGLU) and not _hooked(mod):
         return ops.swiglu
     return mod
 
@@ -202,14 +215,32 @@ def _fused_block(blk: nn.Module) -> nn.Module | None:
     return None
 
 
+def _not_bypassed(where: str, mod) -> None:
+    """generate reads a module's weights or attributes and never calls it: refuse one with
+    forward hooks (they would silently not run)."""
+    if _hooked(mod):
+        raise ValueError(f"model: {where} has forward hooks, which generate would not run (it "
+                         f"reads the weights and runs its own kernels); remove them, or use the "
+                         f"model's own generate()")
+
+
 def _linear_weight(block_name: str, name: str, mod) -> torch.Tensor:
-    if not isinstance(mod, nn.Linear) or mod.bias is not None:
-        raise ValueError(f"model: {block_name}.{name}: expected a bias-free nn.Linear, got {mod!r}")
+    if type(mod) is not nn.Linear or mod.bias is not None:
+        raise ValueError(f"model: {block_name}.{name}: expected a bias-free nn.Linear (that class: "
+                         f"generate multiplies by its weight), got {mod!r}")
+    _not_bypassed(f"{block_name}.{name}", mod)
     return mod.weight
+
+
+# Rotary modules whose function generate's fused RoPE reproduces from (rotary_dim, base,
+# interleaved); integrations add theirs.
+_ROTARIES: tuple[type, ...] = (_ref.RotaryEmbedding,)
 
 
 def _prepare_layers(parts: DecoderParts) -> list[_Layer]:
     """Check every block's layout and collect what the loops need."""
+    from .nn import RotaryEmbedding as FastRotary
+
     d = parts.head_weight.shape[1]
     layers = []
     for i, blk in enumerate(parts.blocks):
@@ -230,7 +261,12 @@ def _prepare_layers(parts: DecoderParts) -> list[_Layer]:
         if tuple(w_in.shape) != (sum(splits), d):
             raise ValueError(f"model: {where}.in_proj.weight: expected shape {(sum(splits), d)}, "
                              f"got {tuple(w_in.shape)}")
+        _not_bypassed(where, blk)
         rot = blk.rotary
+        if isinstance(rot, nn.Module) and type(rot) not in (*_ROTARIES, FastRotary):
+            raise ValueError(f"model: {where}.rotary: expected a RotaryEmbedding (that class: generate "
+                             f"computes RoPE from its rotary_dim / base), got {type(rot).__qualname__}")
+        _not_bypassed(f"{where}.rotary", rot)
         rd = int(getattr(rot, "rotary_dim", hd))
         base = float(getattr(rot, "base", 10000.0))
         inv = getattr(rot, "inv_freq", None)
@@ -553,6 +589,8 @@ def _prompt_list(prompts, vocab: int, device: torch.device) -> list[torch.Tensor
             hint = " (one prompt as a list of ints: pass [[...]])" if _is_int(p) else ""
             raise TypeError(f"{name}: expected a 1-D tensor or a list of ints, got "
                             f"{type(p).__name__}{hint}")
+        if p.is_meta:
+            raise ValueError(f"{name}: expected token ids with values, got a tensor on the meta device")
         if p.numel() == 0:
             raise ValueError(f"{name}: expected at least one token, got an empty prompt")
         lo, hi = int(p.min()), int(p.max())
@@ -632,10 +670,20 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     from .kv_cache import KVCache
 
     parts = decoder_parts(model)   # (unwraps torch.compile; the wrapper forwards .config)
+    _not_bypassed("the model", _unwrap_compiled(model))
     layers = _prepare_layers(parts)
     head = parts.head_weight
     device, dtype = head.device, head.dtype
     vocab = head.shape[0]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"model: generate's kernels and KV cache take float32, float16 or bfloat16 "
+                        f"weights, the model's are {dtype} (use the model's own generate(), or "
+                        f"convert it with .float())")
+    if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) != dtype:
+        raise ValueError(f"generate runs in the model's dtype ({dtype}); torch.autocast "
+                         f"({torch.get_autocast_dtype(device.type)}) is on and would mix dtypes: "
+                         f"call generate outside autocast, or convert the model with "
+                         f".to({torch.get_autocast_dtype(device.type)})")
     temperature, stops, max_new_tokens, top_k, page_size = _check_options(
         max_new_tokens, temperature, top_k, top_p, stop_tokens, generator, page_size, cuda_graph,
         vocab, device)

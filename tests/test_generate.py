@@ -2,9 +2,15 @@
 caches, CUDA graphs and argument checks (palm_fast/generation.py)."""
 from __future__ import annotations
 
+import copy
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import HAS_CUDA, assert_close_by_rule, randn, requires_cuda
+import torch.nn.functional as F
 from torch import nn
 
 import palm_fast
@@ -509,3 +515,93 @@ def test_generate_takes_a_compiled_model_and_a_page_larger_than_needed(tiny_mode
     big_page = palm_fast.generate(tiny_model, prompts, 5, page_size=10 ** 9)
     for a, b, c in zip(want, got, big_page):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_parts_generate_cannot_call_are_refused_and_others_are_called():
+    """generate reads the projections' weights and the rotary settings and never calls the
+    blocks: forward hooks there (or a Linear / rotary subclass) would silently not run, so
+    they are refused, naming the part; a LayerNorm / SwiGLU subclass or a hooked norm is
+    called as a module, so its output follows the reference model's (it ran the fast ops
+    for any subclass of ours, and skipped the hooks)."""
+    from palm_fast.reference.layers import LayerNorm, RotaryEmbedding, SwiGLU
+
+    cfg = CONFIGS["tiny"]
+    model = lively(cfg, seed=5)
+    prompt = torch.tensor([[5, 17, 3, 99, 42]])
+
+    def same():
+        want = model.generate(prompt, 8)[0]
+        assert torch.equal(palm_fast.generate(model, prompt, 8)[0], want)
+        return want
+
+    plain = same()
+    for where, mod in (("blocks[0].ff_out", model.blocks[0].ff_out), ("blocks[1].in_proj", model.blocks[1].in_proj),
+                       ("blocks[1]", model.blocks[1]), ("blocks[0].rotary", model.blocks[0].rotary),
+                       ("the model", model)):
+        h = mod.register_forward_hook(lambda m, i, o: o)
+        with pytest.raises(ValueError, match=rf"{re.escape(where)} has forward hooks"):
+            palm_fast.generate(model, prompt, 8)
+        h.remove()
+    with pytest.raises(ValueError, match=r"blocks\[0\]\.in_proj: expected a bias-free nn.Linear"):
+        old = model.blocks[0].in_proj
+        model.blocks[0].in_proj = type("MyLinear", (nn.Linear,), {})(old.in_features, old.out_features, bias=False)
+        try:
+            palm_fast.generate(model, prompt, 8)
+        finally:
+            model.blocks[0].in_proj = old
+
+    class Rotary(RotaryEmbedding):
+        pass
+
+    old = model.blocks[0].rotary
+    model.blocks[0].rotary = Rotary(cfg.head_dim)
+    with pytest.raises(ValueError, match=r"blocks\[0\]\.rotary: expected a RotaryEmbedding"):
+        palm_fast.generate(model, prompt, 8)
+    model.blocks[0].rotary = old
+
+    h = model.norm.register_forward_pre_hook(lambda m, i: (i[0].flip(-1),))
+    assert not torch.equal(same(), plain)
+    h.remove()
+
+    class ScaledNorm(LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 3.0
+
+    class GeGLU(SwiGLU):
+        def forward(self, x):
+            v, g = x.chunk(2, dim=-1)
+            return F.gelu(g) * v
+
+    sn = ScaledNorm(cfg.d_model, cfg.eps)
+    sn.load_state_dict(model.blocks[1].norm.state_dict())
+    model.blocks[1].norm, model.blocks[0].act = sn, GeGLU()
+    assert not torch.equal(same(), plain)
+
+
+def test_autocast_and_float64_models_are_refused(tiny_model):
+    """generate runs in the model's dtype: under an autocast to another dtype the reference's
+    bf16 matmuls met the fp32 cache (a dtype error naming k or q, at some batch sizes only);
+    a float64 model's error named a 'dtype' argument nobody passed."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="torch.autocast"):
+            palm_fast.generate(tiny_model, [[1, 2, 3]], 3)
+    with pytest.raises(TypeError, match="model: generate's kernels .* torch.float64"):
+        palm_fast.generate(copy.deepcopy(tiny_model).double(), [[1, 2, 3]], 3)
+    with pytest.raises(ValueError, match=r"prompts\[0\]: .* meta"):
+        palm_fast.generate(tiny_model, [torch.zeros(3, dtype=torch.int64, device="meta")], 3)
+
+
+def test_unpatched_palm_pytorch_model_in_a_fresh_process():
+    """PaLM-pytorch's layout was registered only by a first palm_fast.patch call: in a fresh
+    process generate refused an unpatched PaLM-pytorch model. Hooks on its blocks (which
+    generate does not call) are refused."""
+    pytest.importorskip("palm_pytorch")
+    code = ("import torch, palm_fast\nfrom palm_pytorch import PaLM\ntorch.manual_seed(0)\n"
+            "m = PaLM(num_tokens=50, dim=32, depth=1, heads=2, dim_head=16).eval()\n"
+            "print(len(palm_fast.generate(m, [[1, 2, 3]], 4)[0]))\n"
+            "m[1].fn.register_forward_hook(lambda *a: None)\n"
+            "try:\n    palm_fast.generate(m, [[1, 2, 3]], 4)\nexcept ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "7" and "model[1].fn has forward hooks" in lines[1], lines

@@ -390,7 +390,7 @@ def decoder_parts(model: nn.Module):
     """``palm_fast.generation.decoder_parts`` for PaLM-pytorch's ``nn.Sequential`` (patched or
     not): ``Embedding, Residual(block) x depth, LayerNorm, Linear``; no logit scale. Raises
     ValueError for another layout (generate then says why)."""
-    from ..generation import DecoderParts
+    from ..generation import DecoderParts, _not_bypassed
 
     pp = _pp()
     blocks_ok = (pp.ParallelTransformerBlock, ParallelTransformerBlock)
@@ -401,6 +401,7 @@ def decoder_parts(model: nn.Module):
         raise ValueError("model: an nn.Sequential that is not laid out like PaLM-pytorch's PaLM "
                          "(Embedding, Residual(ParallelTransformerBlock)..., LayerNorm, Linear)")
     head = model[-1]
+    _not_bypassed(f"model[{n - 1}]", head)
     if head.bias is not None or head.weight.shape != model[0].weight.shape:
         raise ValueError(f"model[{n - 1}]: expected a bias-free Linear {tuple(model[0].weight.shape)} "
                          f"(the tied output head), got {head}")
@@ -411,6 +412,8 @@ def decoder_parts(model: nn.Module):
         if type(res) not in (pp.Residual, Residual) or type(blk) not in blocks_ok:
             raise ValueError(f"model[{i}]: expected Residual(ParallelTransformerBlock), got "
                              f"{type(res).__qualname__}({type(blk).__qualname__})")
+        for name, m in ((f"model[{i}]", res), (f"model[{i}].fn", blk), (f"model[{i}].fn.ff_out", blk.ff_out)):
+            _not_bypassed(name, m)
         D = int(blk.fused_dims[0]) // int(blk.heads)
         if float(blk.scale) != D ** -0.5:
             raise ValueError(f"model[{i}].fn.scale = {blk.scale}: generate uses dim_head^-0.5")
