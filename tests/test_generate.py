@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_close_by_rule, randn, requires_cuda
 import torch.nn.functional as F
+from conftest import HAS_CUDA, assert_close_by_rule, randn, requires_cuda
 from torch import nn
 
 import palm_fast
@@ -535,16 +535,17 @@ def test_parts_generate_cannot_call_are_refused_and_others_are_called():
         return want
 
     plain = same()
-    for where, mod in (("blocks[0].ff_out", model.blocks[0].ff_out), ("blocks[1].in_proj", model.blocks[1].in_proj),
-                       ("blocks[1]", model.blocks[1]), ("blocks[0].rotary", model.blocks[0].rotary),
-                       ("the model", model)):
+    b0, b1 = model.blocks
+    for where, mod in (("blocks[0].ff_out", b0.ff_out), ("blocks[1].in_proj", b1.in_proj),
+                       ("blocks[1]", b1), ("blocks[0].rotary", b0.rotary), ("the model", model)):
         h = mod.register_forward_hook(lambda m, i, o: o)
         with pytest.raises(ValueError, match=rf"{re.escape(where)} has forward hooks"):
             palm_fast.generate(model, prompt, 8)
         h.remove()
     with pytest.raises(ValueError, match=r"blocks\[0\]\.in_proj: expected a bias-free nn.Linear"):
         old = model.blocks[0].in_proj
-        model.blocks[0].in_proj = type("MyLinear", (nn.Linear,), {})(old.in_features, old.out_features, bias=False)
+        my_linear = type("MyLinear", (nn.Linear,), {})
+        model.blocks[0].in_proj = my_linear(old.in_features, old.out_features, bias=False)
         try:
             palm_fast.generate(model, prompt, 8)
         finally:
