@@ -194,7 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rc = 1 if any(r.get("error") for r in records) else 0
     if args.compare:
         rows = cmp.compare(old_doc, doc, threshold=args.threshold)
-        cmp.print_comparison(rows, old_doc, doc)
+        cmp.print_comparison(rows, old_doc, doc, threshold=args.threshold)
         if args.fail_on_regression and any(r.status == "regression" for r in rows):
             rc = rc or 2
     return rc
@@ -205,7 +205,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     old, new = _load_results(args.old), _load_results(args.new)
     rows = cmp.compare(old, new, threshold=args.threshold)
-    cmp.print_comparison(rows, old, new)
+    cmp.print_comparison(rows, old, new, threshold=args.threshold)
     return 2 if args.fail_on_regression and any(r.status == "regression" for r in rows) else 0
 
 

@@ -31,20 +31,23 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from .ops._checks import check_int
+
 __all__ = ["KVCache", "PrefixGroup"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
+_INT32_MAX = 2 ** 31 - 1
 
 
 def _check_pos_int(name: str, value, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = check_int(name, value)
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name}: expected an int {'>= 0' if allow_zero else '> 0'}, got {value}")
     return value
@@ -161,6 +164,9 @@ class KVCache:
         self.n_layers = _check_pos_int("n_layers", n_layers)
         self.batch = _check_pos_int("batch", batch)
         self.max_len = _check_pos_int("max_len", max_len)
+        if self.max_len > _INT32_MAX:
+            raise ValueError(f"max_len: expected at most 2**31 - 1 (lengths and positions are int32 "
+                             f"on the device), got {max_len}")
         self.head_dim = _check_pos_int("head_dim", head_dim)
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype: expected one of {_FLOAT_DTYPES}, got {dtype}")
@@ -239,15 +245,15 @@ class KVCache:
             raise ValueError(f"{what}: needs a paged cache (page_size given), this cache is contiguous")
 
     def check_layer(self, layer) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
+        layer = check_int("layer", layer)
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer: expected 0 <= layer < {self.n_layers}, got {layer}")
         return layer
 
     def _check_seq(self, name: str, b) -> int:
-        if isinstance(b, bool) or not isinstance(b, int):
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
             raise TypeError(f"{name}: expected an int sequence index, got {type(b).__name__}")
+        b = int(b)
         if not 0 <= b < self.batch:
             raise ValueError(f"{name}: expected a sequence index in [0, {self.batch}), got {b}")
         return b
@@ -257,8 +263,8 @@ class KVCache:
         in ``[0, upper]``; raises naming ``name``. Reads a device tensor (a host sync)."""
         if isinstance(n, bool):
             raise TypeError(f"{name}: expected an int or an int tensor [{self.batch}], got bool")
-        if isinstance(n, int):
-            vals = [n] * self.batch
+        if isinstance(n, numbers.Integral):
+            vals = [int(n)] * self.batch
         elif isinstance(n, torch.Tensor):
             if n.dtype not in _INT_DTYPES:
                 raise TypeError(f"{name}: expected an int32/int64 tensor, got dtype {n.dtype}")
@@ -361,8 +367,8 @@ class KVCache:
             n_dev = self.full_n_new(T)
         else:
             n_list = self.counts("n_new", n_new, upper=T)
-            if isinstance(n_new, int):
-                n_dev = self.full_n_new(n_new)
+            if not isinstance(n_new, torch.Tensor):   # (an int: counts checked it)
+                n_dev = self.full_n_new(int(n_new))
             else:
                 if n_new.device != self.device:
                     raise ValueError(f"n_new: expected device {self.device} (the cache's), "
@@ -379,7 +385,7 @@ class KVCache:
         tensor ``[batch]``, default ``T``). Does not change ``lengths`` (see ``advance``)."""
         from palm_fast.ops.mqa_decode import append_kv
 
-        append_kv(self, layer, k, v, n_new)
+        append_kv(self, self.check_layer(layer), k, v, n_new)
 
     def advance(self, n_new) -> None:
         """``lengths += n_new`` (int or int tensor ``[batch]``); call once per step after every

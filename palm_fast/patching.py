@@ -37,6 +37,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .ops._checks import check_bool
+
 __all__ = ["patch", "unpatch", "register", "unregister", "registered", "PatchOptions",
            "PatchReport", "PatchRecord", "PatchWarning", "Unsupported", "is_patched"]
 
@@ -65,6 +67,10 @@ class PatchOptions:
     layer_norm: bool = True
     block: bool = True
     attention: bool = True
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check_bool(f.name, getattr(self, f.name))
 
     def enabled(self, kind: str) -> bool:
         return bool(getattr(self, kind))

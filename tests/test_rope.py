@@ -474,8 +474,9 @@ def test_row_overlap_check_is_exact():
         n = B * T * W + 64
         oq, ok = (int(torch.randint(0, 40, (1,), generator=g)) for _ in range(2))
         buf = torch.zeros(n)
-        sq = [T * W, W, s2q, 1]
-        sk = [T * W, W, s2k, 1]
+        seq_major = bool(torch.randint(0, 2, (1,), generator=g))  # a transposed [T, B, W]
+        rows = [W, B * W] if seq_major else [T * W, W]
+        sq, sk = [*rows, s2q, 1], [*rows, s2k, 1]
         for st in (sq, sk):   # a size-1 dim's stride is arbitrary
             for dim, size in enumerate((B, T)):
                 if size == 1 and int(torch.randint(0, 2, (1,), generator=g)):
@@ -494,6 +495,42 @@ def test_row_overlap_check_is_exact():
         assert got == bool(eq & ek), (B, T, W, H, Hk, D, s2q, s2k, oq, ok)
         checked += 1
     assert checked > 200
+
+
+def test_self_overlap_check():
+    """_self_overlap (q or k rotated in place with elements that share memory): never a false
+    alarm, and exact where rows are a fixed stride apart; rope_ refuses such a q (windows
+    of one buffer were rotated twice) and k a B / T-permuted view of q's heads."""
+    from palm_fast.ops.rope import _row_stride, _self_overlap
+
+    g = torch.Generator().manual_seed(1)
+    decided = 0
+    for _ in range(400):
+        B, T, H, D = (int(torch.randint(1, 4, (1,), generator=g)) for _ in range(4))
+        st = [int(torch.randint(0, 30, (1,), generator=g)) for _ in range(3)] + [1]
+        t = torch.zeros(4000).as_strided((B, T, H, D), st)
+        idx = torch.arange(4000, dtype=torch.float32).as_strided((B, T, H, D), st).flatten()
+        truth = len(set(idx.tolist())) < idx.numel()
+        got = _self_overlap(t)
+        assert not got or truth, (B, T, H, D, st)
+        if _row_stride(t) is not None:
+            assert got == truth, (B, T, H, D, st)
+            decided += 1
+    assert decided > 200
+    base = randn(64)
+    q = base.as_strided((1, 3, 1, 8), (0, 4, 8, 1))       # rows 4 apart, 8 long
+    before = base.clone()
+    with pytest.raises(ValueError, match="q: .*share memory"):
+        rope_(q, randn(1, 3, 1, 8))
+    buf = randn(2, 2, 3, 8)
+    with pytest.raises(ValueError, match="k: .*shares memory with q"):
+        rope_(buf, buf.permute(1, 0, 2, 3)[:, :, :1])      # head 0 of q, B and T swapped
+    assert torch.equal(base, before)
+    proj = randn(5, 2, 6 * 32).transpose(0, 1)            # sequence-major projection views
+    q, k = proj[..., :4 * 32].unflatten(-1, (4, 32)), proj[..., 4 * 32:5 * 32].unflatten(-1, (1, 32))
+    want = rope(q, k)
+    rope_(q, k)
+    assert torch.equal(q, want[0]) and torch.equal(k, want[1])
 
 
 @pytest.mark.parametrize("shape", [(0, 8, 4, 64, 1), (2, 8, 0, 64, 1), (2, 8, 4, 64, 0), (2, 0, 4, 64, 1)])

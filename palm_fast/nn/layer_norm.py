@@ -76,6 +76,9 @@ class LayerNorm(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] != self.weight.shape[0] == self.dim:
+            raise ValueError(f"x: expected last dim {self.dim} (this LayerNorm's), got shape "
+                             f"{tuple(x.shape)}")
         return layer_norm(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:

@@ -73,10 +73,9 @@ class PaLM(_reference.PaLM):
         the head, cross-entropy and z-loss fused (``tied_lm_loss``) on the CPU. On other devices
         the reference's loss runs (over the fast blocks): the fused loss has been measured on
         the CPU only, and the committed GPU figures were taken with the reference's loss."""
-        if tokens.device.type != "cpu":
-            return super().loss(tokens, targets)
+        if not isinstance(tokens, torch.Tensor) or tokens.device.type != "cpu":
+            return super().loss(tokens, targets)   # (which also names a bad argument)
         tokens, targets = self._loss_inputs(tokens, targets)
-        self._check_tokens(tokens)
         c = self.config
         if tokens.shape[1] > c.max_seq_len:
             raise ValueError(f"tokens: 0 cached + {tokens.shape[1]} new tokens exceeds max_seq_len "

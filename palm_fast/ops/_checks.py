@@ -31,6 +31,28 @@ def check_tensor(name: str, t, *, dtypes: Sequence[torch.dtype] | None = FLOAT_D
         raise ValueError(f"{name}: expected a cpu or cuda tensor, got device {t.device}")
 
 
+def check_bool(name: str, value) -> bool:
+    """A flag: a bool (or a numpy bool), not any truthy object (the string "False" is true)."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool"):   # (numpy 1 / 2)
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {value!r}")
+
+
+def check_int(name: str, value) -> int:
+    """An integer (a Python or numpy int, not a bool) as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    return int(value)
+
+
+def check_no_grad(name: str, t: torch.Tensor) -> None:
+    """Inputs the ops give no gradient (the RoPE frequency table): refuse one that requires
+    grad rather than leave its .grad silently None."""
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name}: gradients with respect to {name} are not computed, but it "
+                         f"requires grad; pass {name}.detach()")
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     items = [(k, v) for k, v in tensors.items() if v is not None]
     if not items:
@@ -69,20 +91,23 @@ def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], what: str = ""
 
 
 FP32_MAX = 3.4028234663852886e38
+FP32_TINY = 1.1754943508222875e-38   # the smallest normal fp32 (smaller ones flush to 0)
 
 
 def check_float(name: str, value, *, positive: bool = False) -> float:
     """A real number (a Python int / float or a numpy scalar, not a bool), finite and within
-    fp32 range (the kernels take fp32 scalars), and > 0 if ``positive``: as a Python float.
+    fp32 range (the kernels take fp32 scalars), and if ``positive`` at least the smallest
+    normal fp32 (a smaller one is 0 in fp32, or flushed to 0): as a Python float.
     Written as comparisons (not ``math.isfinite``) so that ``torch.compile(dynamic=True)``
     traces it."""
-    if type(value) is float and -FP32_MAX <= value <= FP32_MAX and (value > 0 or not positive):
+    if type(value) is float and -FP32_MAX <= value <= FP32_MAX and (not positive or value >= FP32_TINY):
         return value  # the common case, without the abstract-class check (per decode call)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
-    if not (-FP32_MAX <= value <= FP32_MAX) or (positive and not value > 0):  # NaN fails both
+    if not (-FP32_MAX <= value <= FP32_MAX) or (positive and not value >= FP32_TINY):  # NaN fails both
         raise ValueError(f"{name}: expected a finite float{' > 0' if positive else ''} "
-                         f"(within the fp32 range), got {value!r}")
+                         f"(within the fp32 range{', a normal fp32 >= 1.2e-38' if positive else ''}), "
+                         f"got {value!r}")
     return float(value)
 
 

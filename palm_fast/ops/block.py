@@ -48,7 +48,16 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook as _register_optimizer_step_post_hook
 
 from .._ext import cpp
-from ._checks import FLOAT_DTYPES, check_eps, check_float, check_same_device, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    check_bool,
+    check_eps,
+    check_float,
+    check_int,
+    check_no_grad,
+    check_same_device,
+    check_tensor,
+)
 from ._dispatch import cached_constant, call_impl, compiling, eager_ctx, eager_function, eager_op, needs_grad
 from .layer_norm import (
     _layer_norm_bwd_cpu,
@@ -328,9 +337,7 @@ _InProjEager = eager_function("block_in_proj", _IN_IMPLS, _in_setup, _in_backwar
 
 def _check_in(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_heads, head_dim, d_ff):
     for name, v in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim), ("d_ff", d_ff)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-        if v < 1:
+        if check_int(name, v) < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v}")
     if n_heads % n_kv_heads:
         raise ValueError(f"n_kv_heads: expected a divisor of n_heads={n_heads} (each key/value head "
@@ -338,12 +345,17 @@ def _check_in(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_heads, head
     check_tensor("x", x, ndim=3)
     B, T, d = x.shape
     check_tensor("ln_weight", ln_weight, ndim=1)
+    check_tensor("w_in", w_in, ndim=2)
+    if ln_weight.shape[0] == w_in.shape[1] != d:   # the weights agree: x is the odd one
+        raise ValueError(f"x: expected last dim {w_in.shape[1]} (the model width of ln_weight and "
+                         f"w_in), got shape {tuple(x.shape)}")
+    if ln_weight.dtype == w_in.dtype != x.dtype:
+        raise TypeError(f"x: expected dtype {w_in.dtype} (the block weights'), got {x.dtype}")
     if ln_weight.shape[0] != d:
         raise ValueError(f"ln_weight: expected shape ({d},) (x's last dim), got {tuple(ln_weight.shape)}")
     if ln_weight.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"ln_weight: expected dtype {x.dtype} (same as x) or torch.float32, "
-                        f"got {ln_weight.dtype}")
-    check_tensor("w_in", w_in, ndim=2)
+        also = "" if x.dtype == torch.float32 else " or torch.float32"
+        raise TypeError(f"ln_weight: expected dtype {x.dtype} (same as x){also}, got {ln_weight.dtype}")
     n_in = (n_heads + 2 * n_kv_heads) * head_dim + 2 * d_ff
     if tuple(w_in.shape) != (n_in, d):
         raise ValueError(f"w_in: expected shape ({n_in}, {d}) ((H + 2 Hk) hd + 2F, d), "
@@ -351,6 +363,7 @@ def _check_in(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_heads, head
     if w_in.dtype != x.dtype:
         raise TypeError(f"w_in: expected dtype {x.dtype} (same as x), got {w_in.dtype}")
     check_tensor("inv_freq", inv_freq, dtypes=(torch.float32,), ndim=1)
+    check_no_grad("inv_freq", inv_freq)
     if not 1 <= inv_freq.numel() <= head_dim // 2:
         raise ValueError(f"inv_freq: expected 1 <= len <= head_dim / 2 = {head_dim // 2}, "
                          f"got {inv_freq.numel()}")
@@ -374,7 +387,8 @@ def fused_input_projection(x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch
     """
     _check_in(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_heads, head_dim, d_ff)
     return _input_projection(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_heads,
-                             head_dim, d_ff, check_eps(eps), interleaved, packed)
+                             head_dim, d_ff, check_eps(eps), check_bool("interleaved", interleaved),
+                             packed)
 
 
 def _input_projection(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_heads, head_dim,
@@ -669,6 +683,28 @@ def _output_projection(o, h, x, w_attn_out, w_ff_out):
 
 # =========================================================================== the block
 
+def _check_cache(cache, x: torch.Tensor, n_kv_heads, head_dim) -> None:
+    """A reference ``KVCache`` that can take x's T new tokens: checked before anything is
+    computed or appended (a rejected call leaves the cache as it was)."""
+    from ..reference.layers import KVCache as RefCache
+
+    if not isinstance(cache, RefCache):
+        raise TypeError(f"cache: expected None or a palm_fast.reference.layers.KVCache (the "
+                        f"blocks' prefill / step cache; palm_fast.kv_cache.KVCache is the decode "
+                        f"cache of palm_fast.generate and ops.mqa_decode), got {type(cache).__name__}")
+    B, T, _ = x.shape
+    want = (B, n_kv_heads, head_dim)
+    got = (cache.k.shape[0], cache.k.shape[2], cache.k.shape[3])
+    if got != want:
+        raise ValueError(f"cache: expected [batch, max_len, n_kv_heads, head_dim] buffers with "
+                         f"(batch, n_kv_heads, head_dim) = {want} (x's batch, the block's heads), "
+                         f"got {tuple(cache.k.shape)}")
+    if cache.k.device != x.device:
+        raise ValueError(f"cache: expected buffers on {x.device} (x's device), got {cache.k.device}")
+    if cache.length + T > cache.max_len:
+        raise ValueError(f"cache: {cache.length} cached + {T} new tokens exceeds max_len {cache.max_len}")
+
+
 def parallel_block(x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch.Tensor,
                    w_attn_out: torch.Tensor, w_ff_out: torch.Tensor, inv_freq: torch.Tensor, *,
                    n_heads: int, n_kv_heads: int = 1, head_dim: int, d_ff: int, eps: float = 1e-5,
@@ -685,6 +721,9 @@ def parallel_block(x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch.Tensor,
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3)
     B, T, d = x.shape
+    interleaved = check_bool("interleaved", interleaved)
+    if cache is not None:
+        _check_cache(cache, x, n_kv_heads, head_dim)
     start = int(cache.length) if cache is not None else 0
     if positions is None:
         positions = (torch.arange(start, start + T, device=x.device).expand(B, T) if compiling()
@@ -698,6 +737,8 @@ def parallel_block(x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch.Tensor,
                                    head_dim, d_ff, eps, interleaved, packed)
     if cache is not None:
         k, v = cache.append(k, v)
+        # a cache in another dtype holds k, v rounded to it; attention as the reference's
+        k, v = k.to(q.dtype), v.to(q.dtype)
         o = _sdpa(q, k, v, None, q_offset=start)
     elif recompute_attention and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint

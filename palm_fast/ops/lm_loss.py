@@ -123,6 +123,8 @@ def embed_tokens(weight: torch.Tensor, tokens: torch.Tensor, link: GradLink | No
     """``weight[tokens]`` (an embedding lookup). With ``link`` (shared with ``tied_lm_loss``)
     the head's weight gradient is completed in place by this lookup's backward instead of
     being summed with a separate ``[V, d]`` gradient (see module doc)."""
+    if link is not None and not isinstance(link, GradLink):
+        raise TypeError(f"link: expected None or a GradLink, got {type(link).__name__}")
     if link is None or not torch.is_grad_enabled() or not weight.requires_grad:
         return torch.nn.functional.embedding(tokens, weight)
     out = _TiedEmbed.apply(weight, tokens, link)
@@ -291,6 +293,9 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
     z_coef = check_float("z_coef", z_coef)
     if z_coef < 0:
         raise ValueError(f"z_coef: expected a float >= 0, got {z_coef!r}")
+    if link is not None and not isinstance(link, GradLink):
+        raise TypeError(f"link: expected None or a GradLink (the one given to embed_tokens), got "
+                        f"{type(link).__name__}")
     targets = targets.long().contiguous()
     # (one host read; skipped while tracing or capturing a CUDA graph, where it cannot run)
     capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()

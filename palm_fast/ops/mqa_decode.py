@@ -37,7 +37,7 @@ from palm_fast._ext import cpp
 from palm_fast.kv_cache import KVCache
 from palm_fast.reference.functional import rope_inv_freq
 
-from ._checks import check_float
+from ._checks import check_bool, check_float, check_int
 from ._dispatch import cached_constant, compiling
 from .rope import _cached_inv_freq
 
@@ -173,6 +173,7 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCach
     """
     _check_cache(cache)
     _no_grad_check("rope_append", q=q, k=k, v=v)
+    layer = cache.check_layer(layer)
     cache.check_like("q", q, 4)
     B, T, H, hd = q.shape
     if B != cache.batch or hd != cache.head_dim or H == 0:
@@ -182,9 +183,8 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCach
         raise ValueError(f"q: expected a unit stride in the last dim, got strides {tuple(q.stride())}")
     if isinstance(k, torch.Tensor) and k.dim() == 3 and k.shape[1] != T:
         raise ValueError(f"k: expected {T} tokens (q's T), got shape {list(k.shape)}")
-    rdim = hd if rotary_dim is None else rotary_dim
-    if isinstance(rdim, bool) or not isinstance(rdim, int):
-        raise TypeError(f"rotary_dim: expected an int, got {type(rdim).__name__}")
+    rdim = hd if rotary_dim is None else check_int("rotary_dim", rotary_dim)
+    interleaved = check_bool("interleaved", interleaved)
     if rdim <= 0 or rdim % 2 or rdim > hd:
         raise ValueError(f"rotary_dim: expected a positive even integer <= head dim {hd}, got {rdim}")
     if positions is not None:
@@ -203,7 +203,7 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCach
                 else _cached_inv_freq(rdim, base, q.device))
     n_dev, _ = cache.prepare_write(layer, k, v, n_new)  # last: it may allocate pages
     args = (q, k, v, cache.k, cache.v, cache.page_table, cache.lengths, n_dev, positions, inv_freq,
-            layer, bool(interleaved))
+            layer, interleaved)
     if compiling():
         return rope_append_op(*args)
     return _ROPE_APPEND[q.device.type](*args)
@@ -340,10 +340,10 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
                          f"and head_dim), got {list(q.shape)}")
     if not q.is_contiguous():
         raise ValueError(f"q: expected a contiguous tensor, got strides {tuple(q.stride())}")
-    cache.check_layer(layer)
+    layer = cache.check_layer(layer)
     if scale is None:
         scale = hd ** -0.5
-    scale = check_float("scale", scale)
+    scale = check_float("scale", scale, positive=True)
     if shared_prefix is not None and not isinstance(shared_prefix, bool):
         raise TypeError(f"shared_prefix: expected None or a bool, got {shared_prefix!r}")
     dev_type = "cpu" if q.is_cpu else q.device.type

@@ -14,8 +14,11 @@ from palm_fast._ext import cpp
 from palm_fast.reference.functional import rope_inv_freq
 
 from ._checks import (
+    check_bool,
     check_float,
+    check_int,
     check_last_dim_contiguous,
+    check_no_grad,
     check_same_device,
     check_same_dtype,
     check_tensor,
@@ -123,9 +126,7 @@ def _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim):
     check_last_dim_contiguous("k", k)
     if inv_freq is None:
         base = check_float("base", base, positive=True)
-        rdim = D if rotary_dim is None else rotary_dim
-        if not isinstance(rdim, int) or isinstance(rdim, bool):
-            raise TypeError(f"rotary_dim: expected an int, got {type(rdim).__name__}")
+        rdim = D if rotary_dim is None else check_int("rotary_dim", rotary_dim)
         if rotary_dim is None and D % 2:
             raise ValueError(f"q: the head dim {D} is odd: RoPE rotates pairs of features; pass an "
                              "even rotary_dim < the head dim to rotate part of each head")
@@ -138,6 +139,7 @@ def _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim):
                     else _cached_inv_freq(rdim, float(base), q.device))
     else:
         check_tensor("inv_freq", inv_freq, dtypes=(torch.float32,), ndim=1)
+        check_no_grad("inv_freq", inv_freq)
         check_same_device(q=q, inv_freq=inv_freq)
         rdim = 2 * inv_freq.numel()
         if rotary_dim is not None and rotary_dim != rdim:
@@ -177,9 +179,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = N
     unit-stride. Returns new contiguous ``(q_out, k_out)`` in the input dtype.
     Raises TypeError/ValueError naming the bad argument.
     """
+    interleaved = check_bool("interleaved", interleaved)
     inv_freq, pos, pos_is_offset = _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim)
     op = rope_op if compiling() else _RopeEager.apply
-    return op(q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
+    return op(q, k, inv_freq, pos, pos_is_offset, interleaved, False)
 
 
 def _heads_alias(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -220,13 +223,27 @@ def _intervals_meet(a: list[tuple[int, int]], b: list[tuple[int, int]], shift: i
     return False
 
 
+def _row_stride(t: torch.Tensor) -> int | None:
+    """``s`` when the B * T rows of ``t`` [B, T, H, D] start ``n * s`` elements (n < B * T,
+    in some order) after its first element: batch-major (``stride(0) == T * stride(1)``),
+    sequence-major (``stride(1) == B * stride(0)``, e.g. a transposed ``[T, B, W]``
+    projection) or one of B, T of size 1 (a size-1 dim's stride means nothing); 0 for a
+    single row; None for another layout."""
+    dims = sorted((st, n) for n, st in zip(t.shape[:2], t.stride()[:2]) if n > 1)
+    if not dims:
+        return 0
+    if len(dims) == 1:
+        return dims[0][0]
+    (sa, na), (sb, _) = dims
+    return sa if sb == sa * na else None
+
+
 def _rows_overlap(q: torch.Tensor, k: torch.Tensor) -> bool | None:
     """Exact overlap test of q and k in one storage when both are rows of one [B * T, W]
-    buffer (the layout of a fused projection and its head slices): the B * T rows of each
-    are ``s1`` elements apart (``stride(1)``, and ``stride(0) == T * s1`` when B > 1; for
-    T == 1 the row stride is ``stride(0)``: a size-1 dim's stride means nothing) and a row
-    of each fits in ``s1`` elements. Element (n, i) of q is at ``q0 + n * s1 + i``; it meets
-    k's (n', j) iff ``(n - n') * s1 = j + d - i`` with d = k0 - q0, which for i, j in
+    buffer (the layout of a fused projection and its head slices, batch- or sequence-major:
+    ``_row_stride``): the rows of each are ``s1`` elements apart and a row of each fits in
+    ``s1`` elements. Row n of q starts at ``q0 + n * s1``, so its element i meets k's row
+    n', element j iff ``(n - n') * s1 = j + d - i`` with d = k0 - q0, which for i, j in
     [0, s1) leaves two candidate row distances. One row each (B * T == 1): the two rows'
     intervals at distance d. None when the layout is another one."""
     B, T = q.shape[0], q.shape[1]
@@ -239,15 +256,8 @@ def _rows_overlap(q: torch.Tensor, k: torch.Tensor) -> bool | None:
     rows = B * T
     if rows == 1:
         return _intervals_meet(iq, ik, d)
-
-    def row_stride(t: torch.Tensor) -> int | None:
-        s0, s1 = t.stride(0), t.stride(1)
-        if T == 1:
-            return s0
-        return s1 if B == 1 or s0 == T * s1 else None
-
-    s1 = row_stride(q)
-    if s1 is None or s1 <= 0 or row_stride(k) != s1 or iq[-1][1] > s1 or ik[-1][1] > s1:
+    s1 = _row_stride(q)
+    if not s1 or _row_stride(k) != s1 or iq[-1][1] > s1 or ik[-1][1] > s1:
         return None
     a, r = divmod(d, s1)   # d = a * s1 + r, 0 <= r < s1
     # n - n' = a: i = j + r;  n - n' = a + 1: i = j + r - s1  (any row distance < rows occurs)
@@ -255,17 +265,38 @@ def _rows_overlap(q: torch.Tensor, k: torch.Tensor) -> bool | None:
             or (abs(a + 1) < rows and _intervals_meet(iq, ik, r - s1)))
 
 
+def _self_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` [B, T, H, D] (unit last stride) share memory: a
+    broadcast (stride-0) dim, heads of a row that overlap, or rows that overlap when they
+    are ``_row_stride`` apart (e.g. ``unfold`` / ``as_strided`` windows). Other layouts
+    pass, as torch's in-place ops let them."""
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        return True
+    if t.numel() == 0:
+        return False
+    iv = _row_intervals(t)
+    if iv is None:
+        return True
+    s, span = _row_stride(t), iv[-1][1]
+    if not s or s >= span:
+        return False
+    # rows m * s apart meet for some m < rows (all distances below the row count occur)
+    return any(_intervals_meet(iv, iv, m * s) for m in range(1, min(-(-span // s), t.shape[0] * t.shape[1])))
+
+
 def _check_no_overlap(q: torch.Tensor, k: torch.Tensor) -> None:
-    """In place, an element reached twice is rotated twice. Rejected: a broadcast (stride-0)
-    dim; q and k sharing an element, tested exactly when both are rows of one buffer (views
-    of a fused projection, head slices: ``_rows_overlap``), otherwise where it can be seen
-    cheaply (as torch's in-place ops do): both dense and overlapping, or one a head slice of
-    the other (``torch._C._overlaps`` is not used: it reports any two views of one storage).
-    Views of one fused projection (q | k | ...) pass."""
+    """In place, an element reached twice is rotated twice. Rejected: q or k sharing memory
+    with itself (``_self_overlap``: a broadcast dim, overlapping heads or rows); q and k
+    sharing an element, tested exactly when both are rows of one buffer (views of a fused
+    projection, batch- or sequence-major, head slices: ``_rows_overlap``), otherwise where
+    it can be seen cheaply (as torch's in-place ops do): both dense and overlapping, or one
+    a head slice of the other (``torch._C._overlaps`` is not used: it reports any two views
+    of one storage). Views of one fused projection (q | k | ...) pass."""
     for name, t in (("q", q), ("k", k)):
-        if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+        if _self_overlap(t):
             raise ValueError(f"{name}: rotated in place, but several of its elements share memory "
-                             f"(strides {tuple(t.stride())}, e.g. an expand()); pass a copy")
+                             f"(shape {tuple(t.shape)}, strides {tuple(t.stride())}, e.g. an expand() "
+                             f"or overlapping windows); pass a copy")
     if q.numel() == 0 or k.numel() == 0 or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
         return
     exact = _rows_overlap(q, k)
@@ -295,6 +326,7 @@ def rope_(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = 
     if torch.is_grad_enabled() and (getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)):
         raise RuntimeError("rope_: in-place RoPE does not support autograd, but q or k requires grad; "
                            "use palm_fast.ops.rope or run under torch.no_grad()")
+    interleaved = check_bool("interleaved", interleaved)
     inv_freq, pos, pos_is_offset = _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim)
     if not compiling():  # (tracing: fake tensors have no storage to compare)
         _check_no_overlap(q, k)

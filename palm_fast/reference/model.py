@@ -104,13 +104,14 @@ class PaLM(nn.Module):
         return ce + z, ce, z
 
     def _loss_inputs(self, tokens: torch.Tensor, targets: torch.Tensor | None):
-        """``(tokens, targets)`` of a loss call: without targets, the model reads
-        ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]``; targets checked against tokens."""
+        """``(tokens, targets)`` of a loss call, both checked: without targets, the model
+        reads ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]``."""
+        self._check_tokens(tokens)
         if targets is None:
-            if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[1] < 2:
+            if tokens.shape[1] < 2:
                 raise ValueError(f"tokens: expected at least 2 tokens per sequence (inputs and the "
                                  f"next-token targets), got shape {list(tokens.shape)}")
-            tokens, targets = tokens[:, :-1], tokens[:, 1:]
+            return tokens[:, :-1], tokens[:, 1:]
         self._check_tokens(targets, "targets")
         if targets.shape != tokens.shape:
             raise ValueError(f"targets: expected shape {list(tokens.shape)}, got {list(targets.shape)}")

@@ -1,0 +1,172 @@
+"""Argument checks found missing or misleading by a review of the public API: each case was
+silently wrong, or raised an error naming another argument (or none). Every op keeps
+the rule: bad input raises TypeError / ValueError naming the argument; a rejected call
+changes nothing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import randn
+
+import palm_fast
+from palm_fast import get_config, ops
+from palm_fast.kv_cache import KVCache
+from palm_fast.nn import LayerNorm
+from palm_fast.nn import ParallelBlock as FastBlock
+from palm_fast.ops.lm_loss import embed_tokens, tied_lm_loss
+from palm_fast.reference import KVCache as RefCache
+from palm_fast.reference import PaLM
+from palm_fast.reference import ParallelBlock as RefBlock
+from palm_fast.reference.functional import rope_inv_freq
+
+
+def _block(dtype=torch.float32):
+    torch.manual_seed(0)
+    ref = RefBlock(16, 2, 8, 24).to(dtype)
+    fast = FastBlock(16, 2, 8, 24).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def test_inv_freq_requiring_grad_is_refused():
+    """The ops give inv_freq no gradient: its .grad stayed None where the reference's RoPE
+    gives one."""
+    q, k = randn(1, 3, 2, 8), randn(1, 3, 1, 8)
+    inv = rope_inv_freq(8).requires_grad_()
+    with pytest.raises(ValueError, match="inv_freq: .*requires grad"):
+        ops.rope(q, k, inv_freq=inv)
+    ops.rope(q, k, inv_freq=inv.detach())
+    with torch.no_grad():
+        ops.rope(q, k, inv_freq=inv)         # (no gradient asked for)
+    _, fast = _block()
+    x = randn(1, 3, 16)
+    with pytest.raises(ValueError, match="inv_freq: .*requires grad"):
+        ops.parallel_block(x, fast.norm.weight, fast.in_proj.weight, fast.attn_out.weight,
+                           fast.ff_out.weight, inv, n_heads=2, head_dim=8, d_ff=24)
+
+
+def test_flags_must_be_bools():
+    """interleaved="False" ran the interleaved layout (any truthy object was True)."""
+    q, k = randn(1, 3, 2, 8), randn(1, 3, 1, 8)
+    for call in (lambda: ops.rope(q, k, interleaved="False"),
+                 lambda: ops.rope_(q, k, interleaved=1)):
+        with pytest.raises(TypeError, match="interleaved: expected a bool"):
+            call()
+    assert torch.equal(ops.rope(q, k, interleaved=np.bool_(True))[0], ops.rope(q, k, interleaved=True)[0])
+    _, fast = _block()
+    with pytest.raises(TypeError, match="interleaved: expected a bool"):
+        ops.parallel_block(randn(1, 3, 16), fast.norm.weight, fast.in_proj.weight, fast.attn_out.weight,
+                           fast.ff_out.weight, fast.rotary.inv_freq, n_heads=2, head_dim=8, d_ff=24,
+                           interleaved="no")
+    cache = KVCache(1, 1, 8, 8)
+    with pytest.raises(TypeError, match="interleaved: expected a bool"):
+        ops.rope_append(randn(1, 1, 2, 8), randn(1, 1, 8), randn(1, 1, 8), cache, 0, interleaved="x")
+    assert int(cache.lengths[0]) == 0 and not cache.k.any()
+    model = PaLM(get_config("palm-tiny"))
+    with pytest.raises(TypeError, match="block: expected a bool"):
+        palm_fast.patch(model, block="False")
+    assert not palm_fast.patching.is_patched(model)
+
+
+def test_positive_scalars_must_be_positive_in_fp32():
+    """eps = 1e-50 is 0 in fp32: a constant row gave NaN. mqa_decode took scale <= 0 where
+    the other attention ops refuse it."""
+    x = torch.ones(2, 8)
+    for eps in (1e-50, 1e-40):
+        with pytest.raises(ValueError, match="eps: expected a finite float > 0"):
+            ops.layer_norm(x, torch.ones(8), eps=eps)
+    assert ops.layer_norm(x, torch.ones(8), eps=1.2e-38).eq(0).all()
+    cache = KVCache(1, 1, 8, 8)
+    cache.append(0, randn(1, 2, 8), randn(1, 2, 8))
+    cache.advance(2)
+    for scale in (0.0, -1.0):
+        with pytest.raises(ValueError, match="scale: expected a finite float > 0"):
+            ops.mqa_decode(randn(1, 2, 8), cache, 0, cache.lengths, scale=scale)
+
+
+def test_numpy_integers_are_ints_everywhere():
+    """numpy ints were refused by some int arguments (layer, batch, rotary_dim, n_heads) and
+    accepted by others."""
+    cache = KVCache(np.int64(1), np.int64(2), np.int64(8), np.int64(8))
+    cache.append(np.int64(0), randn(2, 3, 8), randn(2, 3, 8), np.int64(3))
+    cache.advance(np.int32(3))
+    q = randn(2, 2, 8)
+    assert torch.equal(ops.mqa_decode(q, cache, np.int64(0), cache.lengths),
+                       ops.mqa_decode(q, cache, 0, cache.lengths))
+    qq, kk = randn(1, 3, 2, 8), randn(1, 3, 1, 8)
+    assert torch.equal(ops.rope(qq, kk, rotary_dim=np.int64(4))[0], ops.rope(qq, kk, rotary_dim=4)[0])
+    _, fast = _block()
+    x = randn(1, 3, 16)
+    args = (x, fast.norm.weight, fast.in_proj.weight, fast.attn_out.weight, fast.ff_out.weight,
+            fast.rotary.inv_freq)
+    assert torch.equal(ops.parallel_block(*args, n_heads=np.int64(2), head_dim=8, d_ff=24),
+                       ops.parallel_block(*args, n_heads=2, head_dim=8, d_ff=24))
+    with pytest.raises(TypeError, match="n_heads: expected an int"):
+        ops.parallel_block(*args, n_heads=2.0, head_dim=8, d_ff=24)
+
+
+def test_kv_cache_length_limit():
+    """Lengths live in int32 device tensors: a max_len of 2**31 or more would wrap them."""
+    with pytest.raises(ValueError, match=r"max_len: expected at most 2\*\*31 - 1"):
+        KVCache(1, 1, 2 ** 31, 1, page_size=2 ** 30, num_pages=1)
+
+
+def test_block_errors_name_the_argument_the_caller_passed():
+    """A mismatched x named ln_weight (with a garbled 'torch.float32 or torch.float32'); an
+    nn.LayerNorm given x of another width named its weight."""
+    _, fast = _block(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"x: expected dtype torch.bfloat16 \(the block weights'\)"):
+        fast(randn(1, 3, 16))
+    _, fast = _block()
+    with pytest.raises(ValueError, match="x: expected last dim 16"):
+        fast(randn(1, 3, 15))
+    with pytest.raises(TypeError, match=r"ln_weight: expected dtype torch.float32 \(same as x\), got "):
+        ops.parallel_block(randn(1, 3, 16), fast.norm.weight.half(), fast.in_proj.weight,
+                           fast.attn_out.weight, fast.ff_out.weight, fast.rotary.inv_freq,
+                           n_heads=2, head_dim=8, d_ff=24)
+    with pytest.raises(ValueError, match=r"x: expected last dim 8 \(this LayerNorm's\)"):
+        LayerNorm(8)(randn(2, 4))
+
+
+def test_block_cache_is_checked_before_it_is_written():
+    """The block's cache: any other object raised AttributeError 'length'; a batch mismatch
+    named an argument of the reference cache (k_new); a bf16 reference cache (which the
+    reference block takes) raised a C++ dtype error after its keys were appended."""
+    ref, fast = _block()
+    x = randn(2, 5, 16)
+    for bad, exc, match in ((object(), TypeError, "cache: expected None or a palm_fast.reference"),
+                            (KVCache(1, 2, 8, 8), TypeError, "cache: expected None or a palm_fast.reference"),
+                            (RefCache(3, 16, 1, 8), ValueError, r"cache: expected .* \(2, 1, 8\)"),
+                            (RefCache(2, 3, 1, 8), ValueError, "cache: 0 cached \\+ 5 new tokens exceeds")):
+        with pytest.raises(exc, match=match):
+            fast(x, cache=bad)
+        if isinstance(bad, RefCache):
+            assert bad.length == 0 and not bad.k.any()
+    with torch.no_grad():
+        c_ref, c_fast = (RefCache(2, 16, 1, 8, dtype=torch.bfloat16) for _ in range(2))
+        for step in (x[:, :3], x[:, 3:]):
+            want, got = ref(step, cache=c_ref), fast(step, cache=c_fast)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert c_fast.length == 5 and torch.equal(c_fast.k, c_ref.k)
+
+
+def test_loss_token_checks_and_lm_loss_link():
+    """nn.PaLM.loss with 1-D tokens raised IndexError, with a list AttributeError, and named
+    targets for bad tokens; tied_lm_loss took any object as link and failed in backward."""
+    model = palm_fast.nn.PaLM(get_config("palm-tiny"))
+    ref = PaLM(get_config("palm-tiny"))
+    for m in (model, ref):
+        with pytest.raises(ValueError, match=r"tokens: expected an integer tensor of shape \[B, T\]"):
+            m.loss(torch.tensor([1, 2, 3]))
+        with pytest.raises(ValueError, match="tokens: expected an integer tensor"):
+            m.loss([[1, 2, 3]])
+        with pytest.raises(TypeError, match="tokens: expected dtype int32 or int64"):
+            m.loss(torch.ones(2, 4))
+        with pytest.raises(ValueError, match=r"tokens: token ids must lie in \[0, 256\)"):
+            m.loss(torch.tensor([[1, 2, 256]]))
+    h, w = randn(4, 8).requires_grad_(), randn(10, 8).requires_grad_()
+    with pytest.raises(TypeError, match="link: expected None or a GradLink"):
+        tied_lm_loss(h, w, torch.randint(0, 10, (4,)), link=object())
+    with pytest.raises(TypeError, match="link: expected None or a GradLink"):
+        embed_tokens(w, torch.tensor([1, 2]), link=object())
