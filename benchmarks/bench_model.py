@@ -20,7 +20,8 @@ heads, Q head dim, T sequence length:
         implementation actually ran (``recompute`` in the record; flops.RECOMPUTE).
 Each against the datasheet peak of the device (``mfu``, ``hfu``; null where there is none,
 e.g. a CPU) and against the matmul peak measured in the same run (``mfu_measured_peak``,
-``hfu_measured_peak``; ``pct_of_peak`` = 100 x ``mfu_measured_peak``).
+``hfu_measured_peak``; ``pct_of_peak`` = 100 x ``mfu_measured_peak``; None when the run's
+dtype is not the measured peak's).
 
 Sizes: ``--config`` picks the preset (default palm-small on CPU, palm-1b on GPU). CPU:
 T = 128, B = 2 (quick: T = 64); GPU: bf16, T = 2048, B the largest power of two (<= 8)
@@ -35,7 +36,7 @@ import warnings
 import torch
 
 from palm_fast import flops
-from palm_fast.benchmarks.harness import BenchContext, Case, register
+from palm_fast.benchmarks.harness import BenchContext, Case, dtype_name, register
 from palm_fast.config import PaLMConfig, get_config
 
 
@@ -190,7 +191,10 @@ def model_cases(ctx: BenchContext):
     def derive(rec: dict, peaks: dict) -> dict:
         policy = _HFU_POLICY[rec["recompute"]]
         tps = B * T / (rec["ms"] * 1e-3)
-        measured = peaks["matmul_tflops"] * 1e12
+        # against the measured matmul peak of the run's own dtype only (as pct_of_peak):
+        # a bf16 run on a CPU measures the fp32 peak
+        same = peaks.get("matmul_dtype", dtype_name(ctx.dtype)) == dtype_name(ctx.dtype)
+        measured = peaks["matmul_tflops"] * 1e12 if same else None
         t = state.get(rec["impl"])
         out = {
             "tokens_per_s": tps,
@@ -200,9 +204,9 @@ def model_cases(ctx: BenchContext):
             "peak_measured_tflops": peaks["matmul_tflops"],
             "peak_measured_dtype": peaks.get("matmul_dtype"),
             "peak_datasheet_tflops": datasheet / 1e12 if datasheet else None,
-            "mfu_measured_peak": flops.mfu(tps, cfg, T, peak_flops_per_device=measured),
-            "hfu_measured_peak": flops.hfu(tps, cfg, T, peak_flops_per_device=measured,
-                                           recompute=policy),
+            "mfu_measured_peak": flops.mfu(tps, cfg, T, peak_flops_per_device=measured) if same else None,
+            "hfu_measured_peak": (flops.hfu(tps, cfg, T, peak_flops_per_device=measured, recompute=policy)
+                                  if same else None),
             "mfu": flops.mfu(tps, cfg, T, peak_flops_per_device=datasheet) if datasheet else None,
             "hfu": (flops.hfu(tps, cfg, T, peak_flops_per_device=datasheet, recompute=policy)
                     if datasheet else None),

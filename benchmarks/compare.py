@@ -102,7 +102,8 @@ def warnings_for(old: dict, new: dict, threshold: float = DEFAULT_THRESHOLD) -> 
     return out
 
 
-def print_comparison(rows: list[Row], old: dict, new: dict, console=None) -> None:
+def print_comparison(rows: list[Row], old: dict, new: dict, console=None,
+                     threshold: float = DEFAULT_THRESHOLD) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -127,7 +128,7 @@ def print_comparison(rows: list[Row], old: dict, new: dict, console=None) -> Non
                       "-" if row.tolerance is None else f"{100 * row.tolerance:.0f}%",
                       f"[{style[st]}]{st}[/{style[st]}]" if st in style else st)
     console.print(table)
-    for w in warnings_for(old, new):
+    for w in warnings_for(old, new, threshold):
         console.print(f"[yellow]warning: {w}[/yellow]")
     counts = {s: sum(r.status == s for r in rows) for s in
               ("regression", "improvement", "same", "new", "missing", "error")}

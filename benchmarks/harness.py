@@ -420,11 +420,15 @@ def input_bytes(inputs: Any) -> int:
 def input_sets(case: Case, ctx: BenchContext) -> list:
     """The input sets an implementation cycles through: enough that the inputs (the data
     that rotates; outputs are written fresh) total twice the last-level cache when they
-    are small; one in smoke mode or for a case that asks not to rotate."""
+    are small; one in smoke mode or for a case that asks not to rotate. Sized on the
+    smaller of a set's bytes and the bytes the op moves (``case.bytes``): a set can hold
+    tensors only some implementations read (the decode case's paged copy and multi-head
+    cache), and sized on the whole set, ours cycled through 8 MiB, which the L3 holds."""
     if ctx.smoke or not case.rotate:
         return [case.setup()]
     first = case.setup()
-    n = n_rotations(input_bytes(first) or case.bytes, ctx.device)
+    sizes = [b for b in (input_bytes(first), case.bytes) if b > 0]
+    n = n_rotations(min(sizes) if sizes else 0, ctx.device)
     return [first] + [case.setup() for _ in range(n - 1)]
 
 

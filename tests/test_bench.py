@@ -134,6 +134,18 @@ def test_rotation_counts_the_inputs_only():
     assert len(sets) == len(made) == harness.n_rotations(2**20, "cpu") > 1
 
 
+def test_rotation_sized_on_what_the_op_reads():
+    """A set holding tensors only other implementations read (the decode case: a paged copy
+    of the cache and a multi-head cache next to the 2 MiB cache ours reads) rotates on the
+    op's bytes: sized on the 20 MiB set, ours cycled through 8 MiB, inside the L3."""
+    made = []
+    case = harness.Case(name="x.fwd", shape={}, dtype=torch.float32, bytes=2**20,
+                        setup=lambda: made.append(1) or (torch.zeros(2**20 // 4), torch.zeros(2**22)),
+                        impls={})
+    sets = harness.input_sets(case, harness.BenchContext(device="cpu", dtype=torch.float32))
+    assert len(sets) == harness.n_rotations(2**20, "cpu") > harness.n_rotations(2**20 + 2**24, "cpu")
+
+
 def test_percent_of_peak_only_against_the_same_dtype():
     peaks = {"copy_gbps": 10.0, "matmul_tflops": 1.0, "matmul_dtype": "float32"}
     case = harness.Case(name="x.fwd", shape={}, dtype=torch.bfloat16, bytes=1e6, flops=1e9,
@@ -153,6 +165,17 @@ def test_compare_warns_when_the_machine_pace_changed():
     assert not any("matmul" in x for x in w)   # 5%: within the threshold
     assert any("new run had uncommitted changes" in x for x in w)
     assert compare.warnings_for(old, old) == []
+    assert not compare.warnings_for(old, dict(old, meta=dict(new["meta"], git_dirty=False)), threshold=0.5)
+    # the table's warnings follow --threshold (they used the default 10%)
+    import io
+
+    from rich.console import Console
+
+    for threshold, shown in ((0.1, True), (0.5, False)):
+        out = io.StringIO()
+        compare.print_comparison([], old, dict(new, meta=dict(new["meta"], git_dirty=False)),
+                                 console=Console(file=out, width=200), threshold=threshold)
+        assert ("copy bandwidth differs" in out.getvalue()) == shown, threshold
 
 
 def test_measure_peaks_cpu_quick():

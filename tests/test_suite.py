@@ -152,6 +152,19 @@ def test_model_train_figures_follow_palm_appendix_b():
             hw["full"] / (6 * N + 12 * LHQT))
 
 
+def test_model_train_mfu_only_against_the_same_dtype_peak():
+    """A bf16 run on a CPU measures the fp32 matmul peak: pct_of_peak was withheld but
+    mfu / hfu_measured_peak were still divided by that fp32 peak."""
+    peaks = dict(FAKE_PEAKS, matmul_dtype="float32")
+    rec = {"impl": "eager", "ms": 10.0, "recompute": "none"}
+    for dtype, has in ((torch.bfloat16, False), (torch.float32, True)):
+        ctx = harness.BenchContext(device="cpu", dtype=dtype, smoke=True)
+        (case,) = list(bench_model.model_cases(ctx))
+        got = case.derive(rec, peaks)
+        assert (got["mfu_measured_peak"] is not None) == has == (got["hfu_measured_peak"] is not None)
+        assert got["tokens_per_s"] > 0
+
+
 def test_model_case_sizes_and_gpu_batch():
     ctx = harness.BenchContext(device="cpu", dtype=torch.float32)
     cfg, B, T = bench_model.sizes(ctx)
