@@ -170,7 +170,11 @@ class KVCache:
         self.head_dim = _check_pos_int("head_dim", head_dim)
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype: expected one of {_FLOAT_DTYPES}, got {dtype}")
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: expected a torch.device or a device string, got {device!r} "
+                             f"({e})") from None
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device: expected a cpu or cuda device, got {device}")
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)

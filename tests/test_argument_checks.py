@@ -106,10 +106,13 @@ def test_numpy_integers_are_ints_everywhere():
         ops.parallel_block(*args, n_heads=2.0, head_dim=8, d_ff=24)
 
 
-def test_kv_cache_length_limit():
-    """Lengths live in int32 device tensors: a max_len of 2**31 or more would wrap them."""
+def test_kv_cache_arguments():
+    """Lengths live in int32 device tensors: a max_len of 2**31 or more would wrap them; a
+    bad device string gave torch's parse error without the argument's name."""
     with pytest.raises(ValueError, match=r"max_len: expected at most 2\*\*31 - 1"):
         KVCache(1, 1, 2 ** 31, 1, page_size=2 ** 30, num_pages=1)
+    with pytest.raises(ValueError, match="device: expected a torch.device or a device string, got 'gpu'"):
+        KVCache(1, 1, 8, 8, device="gpu")
 
 
 def test_block_errors_name_the_argument_the_caller_passed():
