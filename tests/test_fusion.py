@@ -125,14 +125,14 @@ def test_cse_and_algebra():
     b = g.exp(x)  # duplicate
     c = g.add(g.mul(a, w), g.mul(w, b))  # commutative duplicate
     d = g.mul(g.mul(c, g.const(2.0)), g.const(3.0))  # -> c * 6
-    e = g.add(g.mul(d, g.const(1.0)), g.const(0.0))  # -> d
+    e = g.sub(g.mul(d, g.const(1.0)), g.const(0.0))  # -> d
     f = g.mul(e, g.mul(g.const(4.0), g.const(0.5, n_pow=-1)))  # consts fold to 2/N
     g.output("y", f, "x")
     assert g.op_count() == 11
     s = fuse(g, "full").graph
     ops = [n.op for n in s.compute_nodes()]
     assert ops.count("exp") == 1
-    # exp, a*w (CSE'd with w*b), add, c * (12/N): x*1 and +0 dropped, the scalings folded
+    # exp, a*w (CSE'd with w*b), add, c * (12/N): x*1 and -0 dropped, the scalings folded
     assert ops == ["exp", "mul", "add", "mul"]
     consts = sorted((n.attr("value"), n.attr("n_pow")) for n in s.nodes if n.op == "const"
                     and any(n.id in m.inputs for m in s.compute_nodes()))
@@ -658,3 +658,53 @@ def test_explain_bytes_follow_the_runner():
     assert y_sum in consumed   # (so it is stored fp32 and cast: 4 + 2 bytes per element more)
     f32 = explain(g, "mindspore", M=M, N=N, dtype=torch.float32, source=False, file=None)
     assert "output casts / copies" not in f32   # fp32: the stored output is the output
+
+
+@pytest.mark.parametrize("opts", [{}, {"max_block": 32, "loop_block": 32},
+                                  dict(tile=16, tile_min=16, max_tiled=1000, max_tiled_partial=1000)],
+                         ids=["single", "looped", "tiled"])
+@pytest.mark.parametrize("mode", ["full", "mindspore"])
+def test_max_min_propagate_nan_and_signed_zeros_survive(mode, opts):
+    """max / min / row and column max give NaN for a NaN operand, as torch's (Triton's
+    default drops it: a row max of [nan, 1, 2] was 2, max(nan, 0) was 0); CSE kept 0.0 and
+    -0.0 apart (it merged them: x / -0.0 became x / 0.0); simplify drops only x + (-0) and
+    x - (+0) (x + 0.0 is +0 for x = -0); a chained scaling is folded only where c1 * c2 is
+    a normal fp32 number ((x * 1e30) * 1e-30 * ... gave 0)."""
+    t = torch.tensor([[math.nan, 1.0, 2.0] + [0.5] * 37, [3.0, -4.0, -0.0] + [0.25] * 37],
+                     device=DEV)
+    g = Graph("nan_and_zeros")
+    x = g.input("x", "row")
+    g.output("row_max", g.max(x))
+    g.output("col_max", g.max(x, "col"))
+    g.output("relu", g.binary("max", x, g.const(0.0)))
+    g.output("low", g.binary("min", x, g.const(0.0)))
+    g.output("inv_neg", g.div(x, g.const(-0.0)))
+    g.output("inv_sum", g.div(g.const(1.0), g.add(x, g.const(0.0))))
+    g.output("inv_diff", g.div(g.const(1.0), g.sub(x, g.const(-0.0))))
+    g.output("scaled", g.mul(g.mul(g.mul(x, g.const(1e-30)), g.const(1e30)), g.const(1e30)))
+    r = {k: v.cpu() for k, v in compile_graph(g, mode, **opts)(x=t).items()}
+    c = t.cpu()
+    assert torch.equal(r["row_max"].isnan(), torch.tensor([True, False]))
+    assert r["row_max"][1] == 3.0
+    assert r["col_max"][0].isnan() and torch.equal(r["col_max"][1:], c.amax(0)[1:])
+    zero = torch.zeros(())
+    for name, want in (("relu", torch.maximum(c, zero)), ("low", torch.minimum(c, zero)),
+                       ("inv_neg", c / -0.0), ("inv_sum", 1.0 / (c + 0.0)), ("inv_diff", 1.0 / (c - -0.0))):
+        torch.testing.assert_close(r[name], want, equal_nan=True, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(r["scaled"], c * 1e-30 * 1e30 * 1e30, equal_nan=True, rtol=1e-6, atol=0)
+
+
+def test_a_value_output_in_two_dtypes_is_rounded_once_for_each():
+    """exp(x) output as bf16 ("like" x) and then as fp32: the kernel stored it in bf16 (the
+    first output's dtype) and the fp32 output was that bf16 value upcast."""
+    t = randn(4, 24).bfloat16().to(DEV)
+    exact = t.double().exp()
+    for order in (("lo", "hi"), ("hi", "lo")):
+        g = Graph("twice_" + "_".join(order))
+        e = g.exp(g.input("x", "row"))
+        for name in order:
+            g.output(name, e, "x" if name == "lo" else "float32")
+        r = compile_graph(g, "full")(x=t)
+        assert r["hi"].dtype == torch.float32 and r["lo"].dtype == torch.bfloat16
+        assert ((r["hi"].double() - exact) / exact).abs().max() < 1e-6, order
+        assert ((r["lo"].double() - exact) / exact).abs().max() < 2 ** -7, order   # (1 bf16 ulp)

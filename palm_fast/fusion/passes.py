@@ -17,9 +17,13 @@ through a third group (the merged kernel would both feed and consume that group)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .ir import COMMUTATIVE, Graph, Node
+
+FP32_MAX = 3.4028234663852886e38
+FP32_TINY = 1.1754943508222875e-38   # the smallest normal fp32
 
 MODES = ("mindspore", "full")
 
@@ -57,8 +61,9 @@ def _const(g: Graph, i: int):
 
 def simplify(graph: Graph) -> Graph:
     """Simple algebra: fold constant expressions (``c1 * N**p1 op c2 * N**p2``), drop
-    ``x * 1``, ``x / 1``, ``x + 0``, ``x - 0``, ``--x``, and fold chained constant scalings
-    ``(x * c1) * c2 -> x * (c1 * c2)``. Constants go to the right of commutative ops."""
+    ``x * 1``, ``x / 1``, ``x + (-0)``, ``x - (+0)``, ``--x``, and fold chained constant
+    scalings ``(x * c1) * c2 -> x * (c1 * c2)`` where ``c1 * c2`` is a normal fp32 number.
+    Constants go to the right of commutative ops."""
 
     def visit(g: Graph, n: Node, ins):
         if n.op in COMMUTATIVE and _const(g, ins[0]) and not _const(g, ins[1]):
@@ -76,12 +81,18 @@ def simplify(graph: Graph) -> Graph:
                     return g.const(va + vb if n.op == "add" else va - vb, pa)
             if cb == (1.0, 0) and n.op in ("mul", "div"):
                 return a
-            if cb == (0.0, 0) and n.op in ("add", "sub"):
+            # x + (-0) and x - (+0) are x for every x; x + (+0) is not (-0 + +0 = +0)
+            if cb and cb[0] == 0.0 and cb[1] == 0 and \
+                    math.copysign(1.0, cb[0]) == (-1.0 if n.op == "add" else 1.0):
                 return a
             if n.op == "mul" and cb and g.nodes[a].op == "mul" and _const(g, g.nodes[a].inputs[1]):
                 inner_x, inner_c = g.nodes[a].inputs
                 vc, pc = _const(g, inner_c)
-                return g.mul(inner_x, g.const(vc * cb[0], pc + cb[1]))
+                # reassociated only where c1 * c2 is a normal fp32 number: (x * 1e30) * 1e-30
+                # must not become x * 0 (nor x * inf); the result can still differ from the
+                # op-by-op one in the last bit, or where x * c1 alone would overflow
+                if FP32_TINY <= abs(vc * cb[0]) <= FP32_MAX:
+                    return g.mul(inner_x, g.const(vc * cb[0], pc + cb[1]))
         if n.op == "neg" and g.nodes[ins[0]].op == "neg":
             return g.nodes[ins[0]].inputs[0]
         if n.op in ("input", "const"):
@@ -99,7 +110,9 @@ def cse(graph: Graph) -> Graph:
         if n.op == "input":
             return None
         key_ins = tuple(sorted(ins)) if n.op in COMMUTATIVE else ins
-        key = (n.op, key_ins, n.space, n.attrs)
+        # attribute values by repr: 0.0 == -0.0 (and hash the same) in Python, but
+        # x / 0.0 and x / -0.0 differ
+        key = (n.op, key_ins, n.space, tuple((k, repr(v)) for k, v in n.attrs))
         if key not in seen:
             seen[key] = g._add(n.op, ins, n.space, n.attrs, n.name)
         return seen[key]
