@@ -47,6 +47,7 @@ KINDS = ("rope", "swiglu", "layer_norm", "block", "attention")
 # The attribute on a replacement module that holds the module it replaced. Set with
 # object.__setattr__ so the original is not registered as a child (no extra state_dict keys).
 _ORIGINAL = "_palm_fast_original"
+_BUILT = "_palm_fast_built"
 _REPORT = "palm_fast_report"
 
 
@@ -197,7 +198,8 @@ def _is_fast(cls: type) -> bool:
 def _has_hooks(m: nn.Module) -> bool:
     return any(getattr(m, name, None) for name in (
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-        "_state_dict_hooks", "_load_state_dict_pre_hooks"))
+        "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks"))
 
 
 def _state_mismatch(orig: nn.Module, new: nn.Module) -> str | None:
@@ -264,6 +266,9 @@ def _replace(module: nn.Module, path: str, opts: PatchOptions, report: PatchRepo
         return None
     new.train(module.training)
     object.__setattr__(new, _ORIGINAL, module)
+    # the replacement's submodules as patch built them: unpatch hands back any the user
+    # swapped in later (a LoRA wrapper around a projection), not just the weights
+    object.__setattr__(new, _BUILT, dict(new.named_modules(remove_duplicate=False)))
     report.patched.append(PatchRecord(path, _qualname(cls), replacement=_qualname(type(new))))
     return new
 
@@ -359,9 +364,32 @@ def _hand_back_state(orig: nn.Module, new: nn.Module) -> None:
     orig.train(new.training)
 
 
+def _hand_back_swaps(orig: nn.Module, new: nn.Module) -> None:
+    """Put into ``orig`` the submodules the user swapped into the replacement after ``patch``
+    (at the same path; one with no such slot in the original is dropped with a warning)."""
+    built = new.__dict__.get(_BUILT, {})
+    carried: list[str] = []
+    for path, child in new.named_modules(remove_duplicate=False):
+        if not path or built.get(path) is child or any(path.startswith(c + ".") for c in carried):
+            continue
+        parent_path, _, leaf = path.rpartition(".")
+        try:
+            parent = orig.get_submodule(parent_path)
+        except AttributeError:
+            parent = None
+        if parent is None or leaf not in parent._modules:
+            warnings.warn(f"unpatch: {path} ({type(child).__name__}) was set after patch and the "
+                          f"original {type(orig).__name__} has no such submodule: it is dropped",
+                          PatchWarning, stacklevel=4)
+        else:
+            setattr(parent, leaf, child)
+        carried.append(path)
+
+
 def _restore(module: nn.Module) -> nn.Module:
     orig = module.__dict__[_ORIGINAL]
     _hand_back_state(orig, module)
+    _hand_back_swaps(orig, module)
     entry = _REGISTRY.get(type(orig))
     if entry is not None and entry.restore is not None:
         entry.restore(orig, module)

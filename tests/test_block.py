@@ -457,3 +457,56 @@ def test_in_proj_launcher_takes_strided_positions():
     strided = kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=False, config=cfg)[0]
     dense = kp.in_proj(xn, packed, pos.contiguous(), H, Hk, hd, F, store_ff=False, config=cfg)[0]
     assert torch.equal(strided, dense)
+
+
+_FRESH_WEIGHTS = r"""
+import copy, os, sys
+import torch
+import palm_fast.ops.block as ob
+from torch.func import functional_call
+import palm_fast
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+if dev == "cpu":   # the Triton path on CPU tensors (TRITON_INTERPRET=1 is set by the caller)
+    ob._IN_IMPLS["cpu"], ob._OUT_IMPLS["cpu"] = ob._in_proj_triton, ob._out_proj_triton
+torch.manual_seed(0)
+ref = palm_fast.reference.ParallelBlock(dim=64, n_heads=4, head_dim=16, d_ff=256).to(dev)
+fast = palm_fast.nn.ParallelBlock.from_reference(copy.deepcopy(ref))
+x, w = torch.randn(1, 5, 64, device=dev), ref.in_proj.weight.detach()
+worst = 0.0
+with torch.no_grad():
+    for s in (1.0, 2.0, -1.0, 0.5, 3.0, -2.0):
+        got = functional_call(fast, {"in_proj.weight": w * s}, (x,))
+        want = functional_call(ref, {"in_proj.weight": w * s}, (x,))
+        worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+print(worst)
+"""
+
+
+def test_packed_weight_cache_sees_a_new_tensor_at_the_old_address():
+    """A fresh weight per call (torch.func.functional_call: MAML inner loops, ensembles) can
+    be allocated where the cached one was, with the same version (0): the cache keyed on
+    address and version used the old re-layout (7 of 8 calls wrong). Run in a process whose
+    allocator hands freed blocks back (MALLOC_MMAP_THRESHOLD_, as CUDA's caching allocator
+    does by design)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", _FRESH_WEIGHTS], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_cache_keys_compare_tensor_identity():
+    t = torch.zeros(4)
+    alias = t.detach()          # same address and version counter, another tensor object
+    assert ob.same_key(ob.tensor_key(t), ob.tensor_key(t))
+    assert not ob.same_key(ob.tensor_key(t), ob.tensor_key(alias))
+    import copy
+    import pickle
+
+    k = ob.tensor_key(t)
+    for c in (copy.deepcopy(k), pickle.loads(pickle.dumps(k))):   # a copied module rebuilds
+        assert not ob.same_key(c, ob.tensor_key(t))

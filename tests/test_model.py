@@ -141,3 +141,19 @@ def test_swapped_or_hooked_parts_are_honoured():
     assert calls and not fast.blocks[1].parts_fusable()
     prompt = torch.randint(0, CFG.vocab_size, (1, 5))
     assert torch.equal(palm_fast.generate(fast, prompt, 4)[0], ref.generate(prompt, 4)[0])
+
+
+def test_deferred_init_on_the_meta_device():
+    """Build on the meta device, to_empty(), load weights: RotaryEmbedding copied its meta
+    inv_freq to the new device (NotImplementedError: Cannot copy out of meta tensor)."""
+    cfg = palm_fast.get_config("palm-tiny")
+    src = PaLM(cfg)
+    for cls in (RefPaLM, PaLM):
+        with torch.device("meta"):
+            m = cls(cfg)
+        m.to_empty(device="cpu")
+        for blk in m.blocks:
+            torch.testing.assert_close(blk.rotary.inv_freq, src.blocks[0].rotary.inv_freq, rtol=0, atol=0)
+        m.load_state_dict(src.state_dict())
+        tok = torch.tensor([[1, 2, 3]])
+        torch.testing.assert_close(m(tok), src(tok))

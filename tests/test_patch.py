@@ -866,3 +866,120 @@ def test_ops_compute_in_their_inputs_dtype_under_autocast():
     for a, b in zip(run(False), run(True)):
         assert a.dtype == b.dtype == torch.float32
         assert torch.equal(a, b)
+
+
+def _pp_block_edits():
+    """(name, edit(block)) pairs applied after patch to a PaLM-pytorch block and to the
+    original alike: hooks on the block and its parts, and swapped parts."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 3.0 * super().forward(x)
+
+    class LoRA(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+            g = torch.Generator().manual_seed(5)
+            self.A = nn.Parameter(torch.randn(4, base.in_features, generator=g) * 0.1)
+            self.B = nn.Parameter(torch.randn(base.out_features, 4, generator=g) * 0.1)
+
+        def forward(self, x):
+            return self.base(x) + x @ self.A.t() @ self.B.t()
+
+    def hook(name):
+        return lambda blk: blk.get_submodule(name).register_forward_hook(lambda m, i, o: o * 2.0)
+
+    def biased(blk):
+        old = blk.attn_out
+        new = nn.Linear(old.in_features, old.out_features, bias=True)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.copy_(torch.linspace(-1.0, 1.0, old.out_features))   # (not constant: LN removes that)
+        blk.attn_out = new
+
+    def scaled(blk):
+        old = blk.fused_attn_ff_proj
+        new = Scaled(old.in_features, old.out_features, bias=False)
+        new.weight = old.weight
+        blk.fused_attn_ff_proj = new
+
+    return [("hook on the block", lambda blk: blk.register_forward_hook(lambda m, i, o: o * 2.0)),
+            ("hook on attn_out", hook("attn_out")), ("hook on the projection", hook("fused_attn_ff_proj")),
+            ("hook on norm", hook("norm")), ("attn_out with a bias", biased),
+            ("a Linear subclass", scaled), ("LoRA", lambda blk: setattr(blk, "attn_out", LoRA(blk.attn_out)))]
+
+
+@needs_pp
+@pytest.mark.parametrize("edit", _pp_block_edits(), ids=lambda e: e[0])
+def test_palm_pytorch_parts_hooked_or_swapped_after_patch(edit):
+    """A hook or a swapped part added after patch: the fused block ran anyway (hooks skipped,
+    a bias dropped, a subclass's forward not called; a LoRA wrapper raised AttributeError)."""
+    m, ref = pp_model(), pp_model()
+    palm_fast.patch(m)
+    for model in (m, ref):
+        edit[1](model[1].fn)
+    x = tokens(T=9)
+    with torch.no_grad():
+        assert close_rel(m(x), ref(x), 2e-5)
+
+
+@pytest.mark.parametrize("which", ["reference", pytest.param("palm_pytorch", marks=needs_pp)])
+def test_global_module_hooks_reach_the_parts_of_fused_blocks(which):
+    """register_module_forward_hook (e.g. fake quantisation of every Linear): the fused
+    blocks skipped the calls it sees."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    m = ref_model() if which == "reference" else pp_model()
+    ref = copy.deepcopy(m)
+    palm_fast.patch(m)
+    seen = []
+
+    def fake_quant(mod, inp, out):
+        if type(mod) is nn.Linear:
+            seen.append(mod)
+            return out.round()
+        return out
+
+    h = register_module_forward_hook(fake_quant)
+    try:
+        x = tokens(T=9)
+        with torch.no_grad():
+            want, n_ref = ref(x), len(seen)
+            got = m(x)
+        assert len(seen) - n_ref == n_ref and close_rel(got, want, 2e-5)
+    finally:
+        h.remove()
+
+
+@pytest.mark.parametrize("which", ["reference", pytest.param("palm_pytorch", marks=needs_pp)])
+def test_state_dict_hooks_skip_the_module(which):
+    """A state_dict pre-hook or a load_state_dict post-hook stopped firing after patch (the
+    replacement does not carry them): such modules are skipped and reported."""
+    m = ref_model() if which == "reference" else pp_model()
+    blk = m.blocks[0] if which == "reference" else m[1].fn
+    fired = []
+    blk.register_load_state_dict_post_hook(lambda mod, keys: fired.append("load"))
+    blk.norm.register_state_dict_pre_hook(lambda mod, prefix, keep_vars: fired.append("save"))
+    quiet_patch(m)
+    assert any("hooks" in r.reason for r in m.palm_fast_report.skipped)
+    m.load_state_dict(m.state_dict())
+    assert fired == ["save", "load"]
+
+
+@pytest.mark.parametrize("which", ["reference", pytest.param("palm_pytorch", marks=needs_pp)])
+def test_unpatch_hands_back_submodules_swapped_after_patch(which):
+    """A LoRA wrapper put around attn_out after patch (as PEFT does) was dropped by unpatch:
+    the original's plain Linear came back, the wrapper's parameters were lost."""
+    edits = dict(_pp_block_edits())
+    m = ref_model() if which == "reference" else pp_model()
+    ref = copy.deepcopy(m)
+    palm_fast.patch(m)
+    for model in (m, ref):
+        edits["LoRA"](model.blocks[0] if which == "reference" else model[1].fn)
+    m = palm_fast.unpatch(m)
+    blk = m.blocks[0] if which == "reference" else m[1].fn
+    assert type(blk.attn_out).__name__ == "LoRA"
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters())
+    x = tokens(T=9)
+    with torch.no_grad():
+        assert close_rel(m(x), ref(x), 1e-6)

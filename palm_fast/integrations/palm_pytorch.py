@@ -34,13 +34,15 @@ import torch
 from torch import nn
 
 from .. import nn as fast
-from ..ops._dispatch import autocast_changes_dtype
+from ..ops._dispatch import autocast_changes_dtype, global_module_hooks, module_hooked
 from ..ops.block import (
     causal_mqa_attention,
     fused_input_projection,
     fused_output_projection,
     optimizer_steps,
     pack_in_proj,
+    same_key,
+    tensor_key,
     uses_triton,
 )
 from ..ops.layer_norm import layer_norm
@@ -252,15 +254,30 @@ class ParallelTransformerBlock(nn.Module):
         o = causal_mqa_attention(q, k, v, scale=self.scale)
         return fused_output_projection(o, h, x, self.attn_out.weight, self.ff_out[1].weight)
 
+    def parts_fusable(self) -> bool:
+        """Whether the fused kernels compute what the block's parts do: the parts ``wrap``
+        built (the fast LayerNorm and SwiGLU, bias-free ``nn.Linear`` projections, PaLM-pytorch's
+        rotary module) with no hooks on them or on the block, nor hooks for every module.
+        A part swapped (a LoRA wrapper, a Linear with a bias or a parametrization) or hooked
+        after ``patch`` makes the block run its composed forward, which calls the parts."""
+        m = self._modules
+        proj, out, ff = m["fused_attn_ff_proj"], m["attn_out"], m["ff_out"]
+        norm, rot = m["norm"], m["rotary_emb"]
+        Linear = nn.Linear
+        if not (self.use_rope and self.use_attention and type(norm) is LayerNorm
+                and type(proj) is Linear and type(out) is Linear and proj.bias is None and out.bias is None
+                and type(ff) is nn.Sequential and len(ff) == 2 and type(ff[0]) is fast.SwiGLU
+                and type(ff[1]) is Linear and ff[1].bias is None and type(rot) is _pp().RotaryEmbedding):
+            return False
+        return not any(module_hooked(p) for p in (self, norm, proj, out, ff, ff[0], ff[1], rot)) \
+            and not global_module_hooks()
+
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or autocast_changes_dtype(
+        if torch.compiler.is_compiling() or not self.parts_fusable() or autocast_changes_dtype(
                 x, self.fused_attn_ff_proj.weight, self.attn_out.weight, self.ff_out[1].weight):
             # (autocast casting x or a weight: the composed path, whose projections autocast
             # casts as in the original block; the fused kernels take one dtype for x and the
             # weights)
-            return False
-        if not (self.use_rope and self.use_attention and type(self.norm) is LayerNorm
-                and type(self.ff_out[0]) is fast.SwiGLU):
             return False
         g, w = self.norm.gamma, self.fused_attn_ff_proj.weight
         if x.dim() != 3 or w.dtype != x.dtype or g.dtype not in (x.dtype, torch.float32):
@@ -271,8 +288,8 @@ class ParallelTransformerBlock(nn.Module):
             # and a write through .data bypasses it: read every call where that is cheap
             # (the CPU: no device sync) or unavoidable
             return not bool(beta.any())
-        key = (beta.data_ptr(), beta._version, beta.device, beta.dtype)
-        if key != self._beta_key:   # one host read per change of beta, not per call
+        key = tensor_key(beta)
+        if not same_key(self._beta_key, key):   # one host read per change of beta, not per call
             self._beta_zero = not bool(beta.any())
             self._beta_key = key
         return self._beta_zero
@@ -286,9 +303,8 @@ class ParallelTransformerBlock(nn.Module):
         args = (w, inv_freq, self.heads, 1, self.dim_head, self.fused_dims[3] // 2, False)
         if w.is_inference() or buf.is_inference():   # no version counter: see _fused_ok
             return pack_in_proj(*args)
-        key = (w.data_ptr(), w._version, w.dtype, w.device, buf.data_ptr(), buf._version, buf.dtype,
-               optimizer_steps())
-        if self._packed is None or self._packed_key != key:
+        key = (tensor_key(w, buf), optimizer_steps())
+        if self._packed is None or not same_key(self._packed_key, key):
             with torch.inference_mode(False):   # a cached inference tensor breaks later training
                 self._packed = pack_in_proj(*args)
             self._packed_key = key
@@ -314,7 +330,10 @@ class Residual(nn.Module):
         self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn.forward_residual(x)
+        fn = self.fn
+        if type(fn) is not ParallelTransformerBlock or module_hooked(fn) or global_module_hooks():
+            return x + fn(x)   # (a swapped or hooked block: called as a module, hooks run)
+        return fn.forward_residual(x)
 
 
 # ----------------------------------------------------------------------- factories

@@ -15,8 +15,15 @@ from __future__ import annotations
 
 import torch
 
-from palm_fast.ops._dispatch import autocast_changes_dtype
-from palm_fast.ops.block import optimizer_steps, pack_in_proj, parallel_block, uses_triton
+from palm_fast.ops._dispatch import autocast_changes_dtype, global_module_hooks, module_hooked
+from palm_fast.ops.block import (
+    optimizer_steps,
+    pack_in_proj,
+    parallel_block,
+    same_key,
+    tensor_key,
+    uses_triton,
+)
 from palm_fast.reference import layers as _reference
 
 from .layer_norm import LayerNorm
@@ -88,8 +95,8 @@ class ParallelBlock(_reference.ParallelBlock):
             # Inference tensors (a model built under torch.inference_mode) have no version
             # counter, so an in-place update could not be detected: re-lay out every call.
             return pack_in_proj(*args)
-        key = (w.data_ptr(), w._version, w.dtype, w.device, inv.data_ptr(), inv._version, optimizer_steps())
-        if self._packed is None or self._packed_key != key:
+        key = (tensor_key(w, inv), optimizer_steps())
+        if self._packed is None or not same_key(self._packed_key, key):
             with torch.inference_mode(False):   # a cached inference tensor breaks later training
                 self._packed = pack_in_proj(*args)
             self._packed_key = key
@@ -102,8 +109,9 @@ class ParallelBlock(_reference.ParallelBlock):
     def parts_fusable(self) -> bool:
         """Whether the fused kernels compute what the block's parts do: its own kinds of parts
         (the fast LayerNorm without bias at the block's eps, SwiGLU, RotaryEmbedding,
-        bias-free nn.Linear projections) with no hooks on them. A part the user swapped or
-        hooked makes the block run the reference forward over its parts instead."""
+        bias-free nn.Linear projections) with no hooks on them, nor hooks for every module
+        (``register_module_forward_hook``). A part the user swapped or hooked makes the
+        block run the reference forward over its parts instead."""
         mods = self._modules   # (plain dict reads: this runs on every forward)
         norm, act, rot = mods["norm"], mods["act"], mods["rotary"]
         p, o, f = mods["in_proj"], mods["attn_out"], mods["ff_out"]
@@ -113,10 +121,7 @@ class ParallelBlock(_reference.ParallelBlock):
                 and norm.bias is None and norm.eps == self.eps
                 and p.bias is None and o.bias is None and f.bias is None):
             return False
-        for m in (norm, act, rot, p, o, f):
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-                return False
-        return True
+        return not any(module_hooked(m) for m in (norm, act, rot, p, o, f)) and not global_module_hooks()
 
     def _block(self, x: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
         if not self.parts_fusable() or autocast_changes_dtype(

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from palm_fast.config import PaLMConfig
-from palm_fast.ops._dispatch import compiling
+from palm_fast.ops._dispatch import compiling, global_module_hooks, module_hooked
 from palm_fast.ops.lm_loss import GradLink, embed_tokens, tied_lm_loss
 from palm_fast.reference import model as _reference
 
@@ -22,14 +22,9 @@ __all__ = ["PaLM"]
 def _plain_embedding(e: nn.Module) -> bool:
     """An ``nn.Embedding`` whose lookup is a plain gather: no hooks (the fused lookup does not
     call the module) and none of the options that change the lookup or its gradient."""
-    from torch.nn.modules import module as _m
-
     return (type(e) is nn.Embedding and e.padding_idx is None and e.max_norm is None
             and not e.scale_grad_by_freq and not e.sparse
-            and not (e._forward_hooks or e._forward_pre_hooks or e._backward_hooks
-                     or e._backward_pre_hooks)
-            and not (_m._global_forward_hooks or _m._global_forward_pre_hooks
-                     or _m._global_backward_hooks or _m._global_backward_pre_hooks))
+            and not module_hooked(e) and not global_module_hooks())
 
 
 class PaLM(_reference.PaLM):

@@ -46,6 +46,22 @@ def _autocast_on() -> bool:
     return torch._C._is_any_autocast_enabled()
 
 
+def module_hooked(m) -> bool:
+    """Whether calling module ``m`` would run hooks of its own (forward, forward-pre or
+    backward) that a fused path, which reads its weights instead of calling it, would skip."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def global_module_hooks() -> bool:
+    """Whether hooks registered for every module (``torch.nn.modules.module.
+    register_module_forward_hook`` and friends) are active: fused paths then step aside,
+    as for a hooked part."""
+    from torch.nn.modules import module as _m
+
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks
+                or _m._global_backward_hooks or _m._global_backward_pre_hooks)
+
+
 def autocast_changes_dtype(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether an autocast region for x's device is on and would cast x or a weight (their
     dtypes differ from autocast's): a fused path taking one dtype cannot follow it then."""

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,45 @@ def optimizer_steps() -> int:
     """How many ``torch.optim`` optimizer steps this process has taken (part of the keys of
     weight-derived caches; see above)."""
     return _OPTIMIZER_STEPS[0]
+
+
+def tensor_key(*tensors: torch.Tensor) -> tuple:
+    """The part of a weight-derived cache's key that says "the same tensors, unchanged":
+    each tensor's address, version, dtype and device, and a weak reference to it. A key
+    on addresses and versions alone matched a NEW tensor allocated where the cached one
+    was (version 0 again; e.g. ``torch.func.functional_call`` with a fresh weight per call):
+    the stale cache was used. Compare keys with ``same_key``."""
+    return tuple((_WeakTensor(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
+def same_key(a: tuple | None, b: tuple) -> bool:
+    """Whether two cache keys (tuples that may hold ``tensor_key`` parts) are equal: the
+    weakly referenced tensors must be the same objects."""
+    return a is not None and len(a) == len(b) and all(
+        (x.same(y) if isinstance(x, _WeakTensor) else
+         same_key(x, y) if isinstance(x, tuple) and isinstance(y, tuple) else x == y)
+        for x, y in zip(a, b))
+
+
+class _WeakTensor:
+    """A weak reference to a tensor (a cache key part); pickled / deep-copied as a dead one
+    (a copied module rebuilds its caches)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, t: torch.Tensor | None):
+        self.ref = weakref.ref(t) if t is not None else (lambda: None)
+
+    def same(self, other) -> bool:
+        return isinstance(other, _WeakTensor) and self.ref() is not None and self.ref() is other.ref()
+
+    def __eq__(self, other):   # (a key compared with == is never equal: use same_key)
+        return False
+
+    __hash__ = None
+
+    def __reduce__(self):
+        return (_WeakTensor, (None,))
 
 
 def pack_in_proj(w_in, inv_freq, n_heads, n_kv_heads, head_dim, d_ff, interleaved):

@@ -80,7 +80,12 @@ class RotaryEmbedding(nn.Module):
         # Keep inv_freq in fp32 through module.to(dtype) / .half(): only its device follows.
         inv_freq = self.inv_freq
         super()._apply(fn, recurse)
-        self.inv_freq = inv_freq.to(device=self.inv_freq.device)
+        if inv_freq.is_meta and not self.inv_freq.is_meta:
+            # to_empty() of a model built on the meta device: no values to move; the table
+            # is a function of (rotary_dim, base)
+            self.inv_freq = Fn.rope_inv_freq(self.rotary_dim, self.base).to(self.inv_freq.device)
+        else:
+            self.inv_freq = inv_freq.to(device=self.inv_freq.device)
         return self
 
     def extra_repr(self) -> str:
