@@ -722,9 +722,15 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     graphed = None
     # CPU: the first step runs the checked ops, the later ones the same kernels directly
     direct = _CpuStep(parts, layers, cache) if device.type == "cpu" else None
+    # NaN / +inf logits (a broken model): flagged on the device (no per-step sync), those rows
+    # sampled from zeros meanwhile (torch.multinomial on NaN fails, on a GPU as a device-side
+    # assert), and an error at the end rather than tokens picked from NaN
+    broken = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0
     for n in range(1, max_new_tokens + 1):
-        nxt = sample(logits, temperature, top_k, top_p, generator)
+        bad = ~(logits < float("inf")).all(dim=-1)
+        broken |= bad
+        nxt = sample(torch.where(bad[:, None], 0.0, logits.float()), temperature, top_k, top_p, generator)
         new[:, n - 1] = nxt
         if stop_ids is not None:
             done |= torch.isin(nxt, stop_ids)
@@ -742,6 +748,11 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
         else:
             logits = step(nxt)
         cache.advance(1)
+    if bool(broken.any()):
+        raise ValueError(f"model: its logits were NaN or +inf for sequences "
+                         f"{broken.nonzero().flatten().tolist()}: no token can be chosen from them "
+                         f"(check the weights and inputs; the reference generate() would return "
+                         f"arbitrary tokens)")
     return _assemble(rows, new[:, :n].cpu(), stops)
 
 

@@ -606,3 +606,15 @@ def test_unpatched_palm_pytorch_model_in_a_fresh_process():
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "7" and "model[1].fn has forward hooks" in lines[1], lines
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_logits_raise_instead_of_picking_tokens(tiny_model, temperature):
+    """A NaN in the model's logits: greedy returned the NaN's index, sampling failed in
+    torch.multinomial with a generic error (on a GPU a device-side assert)."""
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        model.embed.weight[7, 0] = float("nan")    # the tied head: token 7's logit is NaN
+    with pytest.raises(ValueError, match=r"model: its logits were NaN or \+inf for sequences \[0, 1\]"):
+        palm_fast.generate(model, [[1, 2, 3], [4, 5]], 3, temperature=temperature,
+                           generator=torch.Generator().manual_seed(0))
