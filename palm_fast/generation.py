@@ -728,9 +728,11 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     broken = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0
     for n in range(1, max_new_tokens + 1):
-        bad = ~(logits < float("inf")).all(dim=-1)
+        bad = ~(logits.amax(dim=-1) < float("inf"))   # (amax propagates NaN; one read pass)
         broken |= bad
-        nxt = sample(torch.where(bad[:, None], 0.0, logits.float()), temperature, top_k, top_p, generator)
+        if temperature != 0:   # (argmax takes NaN: only sampling needs finite rows)
+            logits = torch.where(bad[:, None], 0.0, logits.float())
+        nxt = sample(logits, temperature, top_k, top_p, generator)
         new[:, n - 1] = nxt
         if stop_ids is not None:
             done |= torch.isin(nxt, stop_ids)
