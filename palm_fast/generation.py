@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import ops
 from .ops._checks import check_float
@@ -224,10 +225,17 @@ def _not_bypassed(where: str, mod) -> None:
                          f"model's own generate()")
 
 
+def _plain_linear(mod) -> bool:
+    """An ``nn.Linear`` whose forward is ``F.linear(x, weight, bias)``: that class, or the class
+    a parametrization (``weight_norm``, ...) makes of it (its ``.weight`` is computed)."""
+    cls = type(mod)
+    return cls is nn.Linear or (cls.__bases__ == (nn.Linear,) and parametrize.is_parametrized(mod))
+
+
 def _linear_weight(block_name: str, name: str, mod) -> torch.Tensor:
-    if type(mod) is not nn.Linear or mod.bias is not None:
-        raise ValueError(f"model: {block_name}.{name}: expected a bias-free nn.Linear (that class: "
-                         f"generate multiplies by its weight), got {mod!r}")
+    if not _plain_linear(mod) or mod.bias is not None:
+        raise ValueError(f"model: {block_name}.{name}: expected a bias-free nn.Linear (that class, or "
+                         f"it parametrized: generate multiplies by its weight), got {mod!r}")
     _not_bypassed(f"{block_name}.{name}", mod)
     return mod.weight
 
@@ -728,9 +736,12 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     broken = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0
     for n in range(1, max_new_tokens + 1):
-        bad = ~(logits.amax(dim=-1) < float("inf"))   # (amax propagates NaN; one read pass)
-        broken |= bad
-        if temperature != 0:   # (argmax takes NaN: only sampling needs finite rows)
+        top = logits.amax(dim=-1)   # (amax propagates NaN; one read pass)
+        if temperature == 0:        # argmax: +inf is a well-defined choice, NaN is not
+            broken |= top.isnan()
+        else:                       # sampling: NaN or +inf leave no distribution
+            bad = ~(top < float("inf"))
+            broken |= bad
             logits = torch.where(bad[:, None], 0.0, logits.float())
         nxt = sample(logits, temperature, top_k, top_p, generator)
         new[:, n - 1] = nxt
@@ -751,7 +762,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
             logits = step(nxt)
         cache.advance(1)
     if bool(broken.any()):
-        raise ValueError(f"model: its logits were NaN or +inf for sequences "
+        raise ValueError(f"model: its logits were NaN (or +inf, sampling) for sequences "
                          f"{broken.nonzero().flatten().tolist()}: no token can be chosen from them "
                          f"(check the weights and inputs; the reference generate() would return "
                          f"arbitrary tokens)")

@@ -141,12 +141,25 @@ def test_block_cache_is_checked_before_it_is_written():
     for bad, exc, match in ((object(), TypeError, "cache: expected None or a palm_fast.reference"),
                             (KVCache(1, 2, 8, 8), TypeError, "cache: expected None or a palm_fast.reference"),
                             (RefCache(3, 16, 1, 8), ValueError, r"cache: expected .* \(2, 1, 8\)"),
-                            (RefCache(2, 3, 1, 8), ValueError, "cache: 0 cached \\+ 5 new tokens exceeds")):
+                            (RefCache(2, 3, 1, 8), RuntimeError, "KVCache overflow: 0 cached \\+ 5 new")):
         with pytest.raises(exc, match=match):
             fast(x, cache=bad)
         if isinstance(bad, RefCache):
             assert bad.length == 0 and not bad.k.any()
+    class Duck:   # the reference cache's interface, another class: its own checks apply
+        def __init__(self):
+            self.inner = RefCache(2, 16, 1, 8)
+
+        @property
+        def length(self):
+            return self.inner.length
+
+        def append(self, k, v):
+            return self.inner.append(k, v)
+
     with torch.no_grad():
+        torch.testing.assert_close(fast(x, cache=Duck()), ref(x, cache=RefCache(2, 16, 1, 8)),
+                                   rtol=1e-5, atol=1e-5)
         c_ref, c_fast = (RefCache(2, 16, 1, 8, dtype=torch.bfloat16) for _ in range(2))
         for step in (x[:, :3], x[:, 3:]):
             want, got = ref(step, cache=c_ref), fast(step, cache=c_fast)
@@ -166,8 +179,10 @@ def test_loss_token_checks_and_lm_loss_link():
             m.loss([[1, 2, 3]])
         with pytest.raises(TypeError, match="tokens: expected dtype int32 or int64"):
             m.loss(torch.ones(2, 4))
-        with pytest.raises(ValueError, match=r"tokens: token ids must lie in \[0, 256\)"):
+        with pytest.raises(ValueError, match=r"targets: token ids must lie in \[0, 256\)"):
             m.loss(torch.tensor([[1, 2, 256]]))
+        with pytest.raises(ValueError, match=r"tokens: token ids must lie in \[0, 256\)"):
+            m.loss(torch.tensor([[256, 1, 2]]), torch.tensor([[1, 2, 3]]))
     h, w = randn(4, 8).requires_grad_(), randn(10, 8).requires_grad_()
     with pytest.raises(TypeError, match="link: expected None or a GradLink"):
         tied_lm_loss(h, w, torch.randint(0, 10, (4,)), link=object())

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import nn as fast
-from ..ops._dispatch import autocast_changes_dtype, global_module_hooks, module_hooked
+from ..ops._dispatch import autocast_changes_dtype, parts_hooked
 from ..ops.block import (
     causal_mqa_attention,
     fused_input_projection,
@@ -260,17 +260,19 @@ class ParallelTransformerBlock(nn.Module):
         rotary module) with no hooks on them or on the block, nor hooks for every module.
         A part swapped (a LoRA wrapper, a Linear with a bias or a parametrization) or hooked
         after ``patch`` makes the block run its composed forward, which calls the parts."""
-        m = self._modules
+        m = self._modules   # (plain dict reads: this runs on every forward)
         proj, out, ff = m["fused_attn_ff_proj"], m["attn_out"], m["ff_out"]
         norm, rot = m["norm"], m["rotary_emb"]
+        if type(ff) is not nn.Sequential or len(ff._modules) != 2:
+            return False
+        act, lin = ff._modules.values()
         Linear = nn.Linear
         if not (self.use_rope and self.use_attention and type(norm) is LayerNorm
                 and type(proj) is Linear and type(out) is Linear and proj.bias is None and out.bias is None
-                and type(ff) is nn.Sequential and len(ff) == 2 and type(ff[0]) is fast.SwiGLU
-                and type(ff[1]) is Linear and ff[1].bias is None and type(rot) is _pp().RotaryEmbedding):
+                and type(act) is fast.SwiGLU and type(lin) is Linear and lin.bias is None
+                and type(rot) is _pp().RotaryEmbedding):
             return False
-        return not any(module_hooked(p) for p in (self, norm, proj, out, ff, ff[0], ff[1], rot)) \
-            and not global_module_hooks()
+        return not parts_hooked(self, norm, proj, out, ff, act, lin, rot)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
         if torch.compiler.is_compiling() or not self.parts_fusable() or autocast_changes_dtype(
@@ -331,7 +333,7 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = self.fn
-        if type(fn) is not ParallelTransformerBlock or module_hooked(fn) or global_module_hooks():
+        if type(fn) is not ParallelTransformerBlock or parts_hooked(fn):
             return x + fn(x)   # (a swapped or hooked block: called as a module, hooks run)
         return fn.forward_residual(x)
 

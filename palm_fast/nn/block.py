@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from palm_fast.ops._dispatch import autocast_changes_dtype, global_module_hooks, module_hooked
+from palm_fast.ops._dispatch import autocast_changes_dtype, parts_hooked
 from palm_fast.ops.block import (
     optimizer_steps,
     pack_in_proj,
@@ -121,7 +121,7 @@ class ParallelBlock(_reference.ParallelBlock):
                 and norm.bias is None and norm.eps == self.eps
                 and p.bias is None and o.bias is None and f.bias is None):
             return False
-        return not any(module_hooked(m) for m in (norm, act, rot, p, o, f)) and not global_module_hooks()
+        return not parts_hooked(norm, act, rot, p, o, f)
 
     def _block(self, x: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
         if not self.parts_fusable() or autocast_changes_dtype(

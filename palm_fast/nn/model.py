@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from palm_fast.config import PaLMConfig
-from palm_fast.ops._dispatch import compiling, global_module_hooks, module_hooked
+from palm_fast.ops._dispatch import compiling, parts_hooked
 from palm_fast.ops.lm_loss import GradLink, embed_tokens, tied_lm_loss
 from palm_fast.reference import model as _reference
 
@@ -24,7 +24,7 @@ def _plain_embedding(e: nn.Module) -> bool:
     call the module) and none of the options that change the lookup or its gradient."""
     return (type(e) is nn.Embedding and e.padding_idx is None and e.max_norm is None
             and not e.scale_grad_by_freq and not e.sparse
-            and not module_hooked(e) and not global_module_hooks())
+            and not parts_hooked(e))
 
 
 class PaLM(_reference.PaLM):
@@ -71,6 +71,7 @@ class PaLM(_reference.PaLM):
         if not isinstance(tokens, torch.Tensor) or tokens.device.type != "cpu":
             return super().loss(tokens, targets)   # (which also names a bad argument)
         tokens, targets = self._loss_inputs(tokens, targets)
+        self._check_tokens(tokens)   # (this path has no forward call to check them)
         c = self.config
         if tokens.shape[1] > c.max_seq_len:
             raise ValueError(f"tokens: 0 cached + {tokens.shape[1]} new tokens exceeds max_seq_len "

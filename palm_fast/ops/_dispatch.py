@@ -14,6 +14,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+from torch.nn.modules import module as _torch_module
 
 
 def cached_constant(maxsize: int):
@@ -46,20 +47,17 @@ def _autocast_on() -> bool:
     return torch._C._is_any_autocast_enabled()
 
 
-def module_hooked(m) -> bool:
-    """Whether calling module ``m`` would run hooks of its own (forward, forward-pre or
-    backward) that a fused path, which reads its weights instead of calling it, would skip."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
-def global_module_hooks() -> bool:
-    """Whether hooks registered for every module (``torch.nn.modules.module.
-    register_module_forward_hook`` and friends) are active: fused paths then step aside,
-    as for a hooked part."""
-    from torch.nn.modules import module as _m
-
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks
-                or _m._global_backward_hooks or _m._global_backward_pre_hooks)
+def parts_hooked(*mods) -> bool:
+    """Whether any of ``mods`` has hooks of its own, or hooks for every module are active
+    (written out: it runs on every forward of a fused block)."""
+    _m = _torch_module
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks \
+            or _m._global_backward_pre_hooks:
+        return True
+    for m in mods:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+    return False
 
 
 def autocast_changes_dtype(x: torch.Tensor, *weights: torch.Tensor) -> bool:

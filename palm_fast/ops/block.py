@@ -726,12 +726,16 @@ def _output_projection(o, h, x, w_attn_out, w_ff_out):
 def _check_cache(cache, x: torch.Tensor, n_kv_heads, head_dim) -> None:
     """A reference ``KVCache`` that can take x's T new tokens: checked before anything is
     computed or appended (a rejected call leaves the cache as it was)."""
+    from ..kv_cache import KVCache as DecodeCache
     from ..reference.layers import KVCache as RefCache
 
     if not isinstance(cache, RefCache):
-        raise TypeError(f"cache: expected None or a palm_fast.reference.layers.KVCache (the "
-                        f"blocks' prefill / step cache; palm_fast.kv_cache.KVCache is the decode "
-                        f"cache of palm_fast.generate and ops.mqa_decode), got {type(cache).__name__}")
+        if isinstance(cache, DecodeCache) or not (hasattr(cache, "length") and hasattr(cache, "append")):
+            raise TypeError(f"cache: expected None or a palm_fast.reference.layers.KVCache-like "
+                            f"object (.length, .append(k, v) -> all k, v; palm_fast.kv_cache.KVCache "
+                            f"is the decode cache of palm_fast.generate and ops.mqa_decode), got "
+                            f"{type(cache).__name__}")
+        return   # (another cache with the reference's interface: its own checks apply)
     B, T, _ = x.shape
     want = (B, n_kv_heads, head_dim)
     got = (cache.k.shape[0], cache.k.shape[2], cache.k.shape[3])
@@ -741,8 +745,9 @@ def _check_cache(cache, x: torch.Tensor, n_kv_heads, head_dim) -> None:
                          f"got {tuple(cache.k.shape)}")
     if cache.k.device != x.device:
         raise ValueError(f"cache: expected buffers on {x.device} (x's device), got {cache.k.device}")
-    if cache.length + T > cache.max_len:
-        raise ValueError(f"cache: {cache.length} cached + {T} new tokens exceeds max_len {cache.max_len}")
+    if cache.length + T > cache.max_len:   # (the reference cache's own error, raised up front)
+        raise RuntimeError(f"KVCache overflow: {cache.length} cached + {T} new tokens exceeds "
+                           f"max_len {cache.max_len}")
 
 
 def parallel_block(x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch.Tensor,

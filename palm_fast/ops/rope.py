@@ -280,8 +280,14 @@ def _self_overlap(t: torch.Tensor) -> bool:
     s, span = _row_stride(t), iv[-1][1]
     if not s or s >= span:
         return False
-    # rows m * s apart meet for some m < rows (all distances below the row count occur)
-    return any(_intervals_meet(iv, iv, m * s) for m in range(1, min(-(-span // s), t.shape[0] * t.shape[1])))
+    # Rows m * s apart (1 <= m < rows: every such distance occurs) meet iff for some pair of
+    # intervals a, b: a.lo - b.hi < m * s < a.hi - b.lo. Per pair the smallest candidate m
+    # decides; all pairs at once (a head-major [B=1, H, T, D] view: H intervals, T rows).
+    rows = t.shape[0] * t.shape[1]
+    lo = torch.tensor([a for a, _ in iv], dtype=torch.int64)
+    hi = torch.tensor([b for _, b in iv], dtype=torch.int64)
+    m = torch.div(lo[:, None] - hi[None, :], s, rounding_mode="floor").clamp(min=0) + 1
+    return bool(((m < rows) & (m * s < hi[:, None] - lo[None, :])).any())
 
 
 def _check_no_overlap(q: torch.Tensor, k: torch.Tensor) -> None:

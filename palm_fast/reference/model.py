@@ -53,7 +53,7 @@ class PaLM(nn.Module):
         return [KVCache(batch, max_len or c.max_seq_len, c.n_kv_heads, c.head_dim, w.dtype, w.device)
                 for _ in self.blocks]
 
-    def _check_tokens(self, tokens: torch.Tensor, name: str = "tokens") -> None:
+    def _check_tokens(self, tokens: torch.Tensor, name: str = "tokens", values: bool = True) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"{name}: expected an integer tensor of shape [B, T], got {got}")
@@ -61,7 +61,7 @@ class PaLM(nn.Module):
             raise TypeError(f"{name}: expected dtype int32 or int64, got {tokens.dtype}")
         V = self.config.vocab_size
         # The range check reads values (a host sync); skipped while torch.compile traces.
-        if torch.compiler.is_compiling() or tokens.numel() == 0:
+        if not values or torch.compiler.is_compiling() or tokens.numel() == 0:
             return
         if int(tokens.min()) < 0 or int(tokens.max()) >= V:
             raise ValueError(f"{name}: token ids must lie in [0, {V}), got range "
@@ -104,14 +104,15 @@ class PaLM(nn.Module):
         return ce + z, ce, z
 
     def _loss_inputs(self, tokens: torch.Tensor, targets: torch.Tensor | None):
-        """``(tokens, targets)`` of a loss call, both checked: without targets, the model
-        reads ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]``."""
-        self._check_tokens(tokens)
+        """``(tokens, targets)`` of a loss call: without targets, the model reads
+        ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]``. Targets checked here, the tokens'
+        type and shape too (their values: by the forward, one host read each)."""
+        self._check_tokens(tokens, values=False)
         if targets is None:
             if tokens.shape[1] < 2:
                 raise ValueError(f"tokens: expected at least 2 tokens per sequence (inputs and the "
                                  f"next-token targets), got shape {list(tokens.shape)}")
-            return tokens[:, :-1], tokens[:, 1:]
+            tokens, targets = tokens[:, :-1], tokens[:, 1:]
         self._check_tokens(targets, "targets")
         if targets.shape != tokens.shape:
             raise ValueError(f"targets: expected shape {list(tokens.shape)}, got {list(targets.shape)}")
