@@ -537,7 +537,8 @@ std::vector<at::Tensor> mqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_
   const int32_t* ep = ends.const_data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {  // every row read must exist
     const int64_t s0 = sp ? sp[b] : 0;
-    TORCH_CHECK(s0 >= 0 && ep[b] <= (tp ? n_blocks * P : P), "starts/ends out of range for sequence ", b);
+    TORCH_CHECK(s0 >= 0 && ep[b] >= 0 && ep[b] <= (tp ? n_blocks * P : P),
+                "starts/ends (seq_lens) out of range for sequence ", b, ": [", s0, ", ", ep[b], ")");
     if (tp) {
       for (int64_t blk = s0 / P; blk * P < ep[b]; ++blk) {
         TORCH_CHECK(tp[b * n_blocks + blk] >= 0 && tp[b * n_blocks + blk] < N, "page_table: invalid page ",

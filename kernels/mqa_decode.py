@@ -83,8 +83,10 @@ def _mqa_decode_split(
     b = tl.program_id(2)
     start = 0
     if HAS_STARTS:
-        start = tl.load(starts_ptr + b)
-    end = tl.load(ends_ptr + b)
+        start = tl.maximum(tl.load(starts_ptr + b), 0)
+    # (clamped to the cache: the host checks of the lengths are skipped under torch.compile,
+    # and a bad length must not read outside the cache or the page table)
+    end = tl.minimum(tl.load(ends_ptr + b), n_blocks * P if PAGED else P)
     j0 = start + pid_s * split_len
     j1 = tl.minimum(end, j0 + split_len)
 

@@ -647,3 +647,34 @@ def test_prefix_merge_in_torch_ops_empty_rows():
     want = cpp().prefix_merge_cpu(o_pre, lse_pre, slot, o_suf, lse_suf, torch.float32)
     assert torch.equal(got[2], torch.zeros(H, hd))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_cpp_decode_guard_refuses_negative_lengths():
+    """Under torch.compile the value checks that read seq_lens are skipped (a host sync);
+    the C++ kernel's own guard refused lengths past the cache but let a negative one
+    through as an empty row (o = 0)."""
+    cache, _, _ = fill_cache(2, [3, 5], 8, torch.float32)
+    q = randn(2, 2, 8)
+    ends = torch.tensor([3, -1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="out of range for sequence 1"):
+        cpp().mqa_decode_cpu(q, cache.k, cache.v, None, None, ends, 0, 0.3, True)
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_triton_decode_clamps_lengths_to_the_cache(page_size):
+    """Under torch.compile the host checks of seq_lens are skipped: the Triton kernel clamps
+    its key range to the cache (it read past the cache or the page table), as a length
+    equal to the capacity would."""
+    from palm_fast.kernels import mqa_decode as tk
+
+    cache, _, _ = fill_cache(2, [6, 9], 8, torch.float32, page_size, device=TRITON_DEVICE)
+    cap = cache.page_table.shape[1] * page_size if page_size else cache.k.shape[2]
+    q = randn(2, 4, 8, device=TRITON_DEVICE)
+    args = (q, cache.k, cache.v, cache.page_table, None)
+    def ends(v):
+        return torch.tensor(v, dtype=torch.int32, device=TRITON_DEVICE)
+
+    for bad, clamped in (([cap + 5, 9], [cap, 9]), ([6, 2 ** 30], [6, cap])):
+        got = tk.mqa_decode(*args, ends(bad), 0, 0.3, True)
+        want = tk.mqa_decode(*args, ends(clamped), 0, 0.3, True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -559,3 +559,16 @@ def test_module_cast_keeps_fp32_frequencies():
     ref = RotaryEmbedding(32)
     rq, rk = ref(q, k)
     assert torch.equal(qo, rq) and torch.equal(ko, rk)
+
+
+def test_in_place_overlap_refused_under_compile():
+    """Tracing cannot see storage, so the check ran only in eager mode: compiled, k = a head
+    of q was rotated twice without an error. The op now checks the real tensors."""
+    q = randn(1, 3, 4, 8)
+
+    @torch.compile(fullgraph=True)
+    def f(q):
+        return rope_(q, q[:, :, :1])
+
+    with pytest.raises(Exception, match="shares memory with q"):
+        f(q.clone())

@@ -59,7 +59,16 @@ from ._checks import (
     check_same_device,
     check_tensor,
 )
-from ._dispatch import cached_constant, call_impl, compiling, eager_ctx, eager_function, eager_op, needs_grad
+from ._dispatch import (
+    cached_constant,
+    call_impl,
+    compiling,
+    eager_ctx,
+    eager_function,
+    eager_op,
+    needs_grad,
+    run_without_autocast,
+)
 from .layer_norm import (
     _layer_norm_bwd_cpu,
     _layer_norm_bwd_cuda,
@@ -209,7 +218,9 @@ def in_proj_epilogue_aten(xn, w_in, inv_freq, pos, n_heads, n_kv_heads, head_dim
                    proj[:, hq:hq + hkv].view(1, M, n_kv_heads, head_dim),
                    q.view(1, M, n_heads, head_dim), k.view(1, M, n_kv_heads, head_dim),
                    inv_freq, pos.view(1, M), False, interleaved, False)
-    v = proj[:, hq + hkv:nqkv].contiguous()
+    # (clone, not contiguous(): for M <= 1 the slice is contiguous already and v would alias
+    # proj, which the op also returns; the dispatcher refuses aliased outputs under compile)
+    v = proj[:, hq + hkv:nqkv].clone(memory_format=torch.contiguous_format)
     h = cpp().swiglu_fwd(proj[:, nqkv:])
     return q, k, v, h, proj
 
@@ -571,7 +582,13 @@ def _cpu_mqa(q, k, v, scale):
 
 
 def _sdpa(q, k, v, scale, q_offset: int):
-    """SDPA over [B, T, H, D] / [B, S, Hk, D]; queries sit at key index q_offset + i."""
+    """SDPA over [B, T, H, D] / [B, S, Hk, D]; queries sit at key index q_offset + i. With
+    autocast off: the ops compute in their inputs' dtypes (under a bf16 autocast SDPA
+    returned bf16 for fp32 inputs)."""
+    return run_without_autocast(_sdpa_body, q, k, v, scale, q_offset)
+
+
+def _sdpa_body(q, k, v, scale, q_offset):
     B, T, H, D = q.shape
     S, Hk = k.shape[1], k.shape[2]
     if (q.device.type == "cpu" and Hk == 1 and q_offset == 0 and T == S and T > 0

@@ -103,7 +103,10 @@ _RopeEager = eager_function("rope", {"cpu": _rope_out_of_place, "cuda": _rope_ou
 @torch.library.custom_op("palm_fast::rope_", mutates_args=("q", "k"))
 def rope_inplace_op(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor,
                     pos_is_offset: bool, interleaved: bool, inverse: bool) -> None:
-    """RoPE of q and k written back into q and k."""
+    """RoPE of q and k written back into q and k. The overlap check runs here too: under
+    torch.compile (which cannot see storage while tracing) it is this call, on the real
+    tensors, that refuses q / k sharing elements (else rotated twice)."""
+    _check_no_overlap(q, k)
     _launch(q, k, q, k, inv_freq, pos, pos_is_offset, interleaved, inverse)
 
 
