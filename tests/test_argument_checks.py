@@ -188,3 +188,28 @@ def test_loss_token_checks_and_lm_loss_link():
         tied_lm_loss(h, w, torch.randint(0, 10, (4,)), link=object())
     with pytest.raises(TypeError, match="link: expected None or a GradLink"):
         embed_tokens(w, torch.tensor([1, 2]), link=object())
+
+
+def test_cache_count_and_fork_refusals_change_nothing():
+    """n_new beyond the T tokens given (the kernel would read past k), a fork onto the same
+    destination twice (pages counted twice, never freed), an odd rotary_dim: refused, the
+    cache unchanged (gaps a mutation review found untested)."""
+    cache = KVCache(1, 3, 16, 8, page_size=4)
+    cache.append(0, randn(3, 6, 8), randn(3, 6, 8), torch.tensor([6, 0, 0]))
+    cache.advance(torch.tensor([6, 0, 0]))
+
+    def snapshot():
+        return [t.clone() for t in (cache.k, cache.v, cache.page_table, cache.lengths)]
+
+    before = snapshot()
+    k, v = randn(3, 2, 8), randn(3, 2, 8)
+    for n_new in (3, torch.tensor([0, 3, 1])):
+        with pytest.raises(ValueError, match="n_new"):
+            cache.append(0, k, v, n_new)
+    with pytest.raises(ValueError, match="dst"):
+        cache.fork(0, [1, 1])
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(), before))
+    cache.fork(0, [1, 2])   # (the same fork, once per destination, is fine)
+    assert cache.lengths.tolist() == [6, 6, 6]
+    with pytest.raises(ValueError, match="rotary_dim"):
+        ops.rope(randn(1, 2, 2, 8), randn(1, 2, 1, 8), rotary_dim=3)

@@ -215,3 +215,33 @@ def test_interleaved_case_times_round_robin():
     for name in ("palm_fast", "eager"):
         r = recs[name]
         assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"]
+
+
+def test_record_figures_are_exact():
+    """The published figures of a record from a known time (a mutation review found every
+    one of them unchecked): median time, GB/s, TFLOP/s, % of the bound's peak (none for a
+    compute case in another dtype than the measured matmul peak), tokens/s, speedup."""
+    peaks = {"copy_gbps": 20.0, "matmul_tflops": 0.5, "matmul_dtype": "float32"}
+    ctx = harness.BenchContext(device="cpu", dtype=torch.float32)
+    t = harness.Timing.of([300.0, 200.0, 1000.0])
+    assert (t.ms, t.ms_min, t.ms_max, t.n) == (300.0, 200.0, 1000.0, 3)
+    mem = harness.Case(name="x.fwd", shape={}, dtype=torch.float32, bytes=4e9, flops=2e9, tokens=100,
+                       setup=lambda: None, impls={})
+    rec = harness.make_record(mem, ctx, "palm_fast", t, peaks)
+    assert rec["gbps"] == pytest.approx(4e9 / 0.3 / 1e9) and rec["tflops"] == pytest.approx(2e9 / 0.3 / 1e12)
+    assert rec["pct_of_peak"] == pytest.approx(100 * rec["gbps"] / 20.0)
+    assert rec["tokens_per_s"] == pytest.approx(100 / 0.3)
+    for dtype, pct in ((torch.float32, 100 * 2e9 / 0.3 / 1e12 / 0.5), (torch.bfloat16, None)):
+        comp = harness.Case(name="x.fwd", shape={}, dtype=dtype, bytes=4e9, flops=2e9, bound="compute",
+                            setup=lambda: None, impls={})
+        got = harness.make_record(comp, ctx, "palm_fast", t, peaks)["pct_of_peak"]
+        assert got == (pytest.approx(pct) if pct else None)
+    import time as _time
+
+    impls = {"eager": lambda _: _time.sleep(0.004), "palm_fast": lambda _: _time.sleep(0.001)}
+    case = harness.Case(name="x.fwd", shape={}, dtype=torch.float32, bytes=1e6, setup=lambda: None,
+                        impls=impls)
+    smoke = harness.BenchContext("cpu", torch.float32, smoke=True)
+    recs = {r["impl"]: r for r in harness.run_case(case, smoke, peaks)}
+    ours, eager = recs["palm_fast"], recs["eager"]
+    assert ours["speedup_vs_eager"] == pytest.approx(eager["ms"] / ours["ms"])

@@ -682,6 +682,7 @@ def test_max_min_propagate_nan_and_signed_zeros_survive(mode, opts):
     g.output("inv_sum", g.div(g.const(1.0), g.add(x, g.const(0.0))))
     g.output("inv_diff", g.div(g.const(1.0), g.sub(x, g.const(-0.0))))
     g.output("scaled", g.mul(g.mul(g.mul(x, g.const(1e-30)), g.const(1e30)), g.const(1e30)))
+    g.output("tiny", g.mul(g.mul(g.mul(x, g.const(1e30)), g.const(1e-30)), g.const(1e-30)))
     r = {k: v.cpu() for k, v in compile_graph(g, mode, **opts)(x=t).items()}
     c = t.cpu()
     assert torch.equal(r["row_max"].isnan(), torch.tensor([True, False]))
@@ -692,6 +693,8 @@ def test_max_min_propagate_nan_and_signed_zeros_survive(mode, opts):
                        ("inv_neg", c / -0.0), ("inv_sum", 1.0 / (c + 0.0)), ("inv_diff", 1.0 / (c - -0.0))):
         torch.testing.assert_close(r[name], want, equal_nan=True, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(r["scaled"], c * 1e-30 * 1e30 * 1e30, equal_nan=True, rtol=1e-6, atol=0)
+    # (x * 1e30) * 1e-30 folds to x * 1 (normal); * 1e-30 again must not fold to x * 1e-60 = 0
+    torch.testing.assert_close(r["tiny"], c * 1e30 * 1e-30 * 1e-30, equal_nan=True, rtol=1e-6, atol=0)
 
 
 def test_a_value_output_in_two_dtypes_is_rounded_once_for_each():
@@ -708,3 +711,22 @@ def test_a_value_output_in_two_dtypes_is_rounded_once_for_each():
         assert r["hi"].dtype == torch.float32 and r["lo"].dtype == torch.bfloat16
         assert ((r["hi"].double() - exact) / exact).abs().max() < 1e-6, order
         assert ((r["lo"].double() - exact) / exact).abs().max() < 2 ** -7, order   # (1 bf16 ulp)
+
+
+def test_cse_keeps_operand_order_of_non_commutative_ops_and_folds_n_powers():
+    """CSE merges a + b with b + a but never a - b with b - a (or a / b with b / a); constant
+    folding of c1 N^p1 / c2 N^p2 subtracts the powers."""
+    g = Graph("order")
+    a, b = g.input("a", "row"), g.input("b", "row")
+    g.output("d1", g.sub(a, b))
+    g.output("d2", g.sub(b, a))
+    g.output("q1", g.div(a, b))
+    g.output("q2", g.div(b, a))
+    g.output("s", g.add(g.add(a, b), g.add(b, a)))
+    g.output("k", g.mul(a, g.div(g.const(2.0, n_pow=1), g.const(4.0, n_pow=1))))   # a * 0.5
+    assert len([n for n in cse(g).compute_nodes() if n.op in ("sub", "div")]) >= 4
+    ta, tb = randn(3, 8, device=DEV), randn(3, 8, device=DEV) + 3.0
+    r = compile_graph(g, "full")(a=ta, b=tb)
+    for name, want in (("d1", ta - tb), ("d2", tb - ta), ("q1", ta / tb), ("q2", tb / ta),
+                       ("s", 2 * (ta + tb)), ("k", ta * 0.5)):
+        torch.testing.assert_close(r[name], want, rtol=1e-6, atol=1e-6, msg=name)

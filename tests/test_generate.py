@@ -643,3 +643,23 @@ def test_parametrized_linear_and_infinite_greedy_logits():
     model = model.half()
     out = palm_fast.generate(model, [[1, 2, 3]], 3)[0]
     assert out[3:].tolist() == [9, 9, 9]
+
+
+def test_sampling_follows_the_temperature_and_the_nucleus_boundary():
+    """sample() draws from softmax(logits / temperature) (a mutation dividing by
+    sqrt(temperature) went unnoticed): same generator, same draw as torch.multinomial on
+    that distribution. top_p keeps the smallest prefix whose mass REACHES top_p: with
+    probabilities [0.5, 0.25, 0.25] and top_p = 0.5 only token 0 is drawn. A stop token
+    equal to the vocabulary size is refused."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]]).expand(64, 5).contiguous()
+    for temp in (0.5, 2.0):
+        got = sample(logits, temp, generator=torch.Generator().manual_seed(3))
+        probs = (logits / temp).softmax(-1)
+        want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3))[:, 0]
+        assert torch.equal(got, want), temp
+    exact = torch.log(torch.tensor([[0.5, 0.25, 0.25]])).expand(200, 3).contiguous()
+    drawn = sample(exact, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert drawn.eq(0).all()
+    model = lively(CONFIGS["tiny"])
+    with pytest.raises(ValueError, match="stop_tokens"):
+        palm_fast.generate(model, [[1, 2]], 2, stop_tokens=CONFIGS["tiny"].vocab_size)
