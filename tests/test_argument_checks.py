@@ -213,3 +213,38 @@ def test_cache_count_and_fork_refusals_change_nothing():
     assert cache.lengths.tolist() == [6, 6, 6]
     with pytest.raises(ValueError, match="rotary_dim"):
         ops.rope(randn(1, 2, 2, 8), randn(1, 2, 1, 8), rotary_dim=3)
+
+
+def test_fork_edge_cases():
+    """Three fork paths a mutation audit found untested: too few free pages for the
+    partly filled last page of several destinations (refused, nothing changed), a
+    destination holding reserved pages (refused: its pages would leak), and a second fork of
+    the same source with a longer prefix (a new group, not merged into the shorter one:
+    the shared-prefix decode must equal the per-sequence one)."""
+    cache = KVCache(1, 4, 8, 8, page_size=4, num_pages=3)
+    cache.append(0, randn(4, 6, 8), randn(4, 6, 8), torch.tensor([6, 0, 0, 0]))
+    cache.advance(torch.tensor([6, 0, 0, 0]))
+
+    def snapshot(c):
+        return [t.clone() for t in (c.k, c.v, c.page_table, c.lengths)] + [c.free_pages()]
+
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match="out of pages"):
+        cache.fork(0, [1, 2])                      # 2 partial-page copies, 1 free page
+    assert all(a == b if isinstance(a, int) else torch.equal(a, b) for a, b in zip(snapshot(cache), before))
+
+    cache = KVCache(1, 4, 16, 8, page_size=4)
+    cache.append(0, randn(4, 10, 8), randn(4, 10, 8), torch.tensor([10, 0, 0, 0]))
+    cache.advance(torch.tensor([10, 0, 0, 0]))
+    cache.reserve(torch.tensor([0, 3, 0, 0]))      # seq 1: length 0, one page reserved
+    free = cache.free_pages()
+    with pytest.raises(ValueError, match="reserved pages"):
+        cache.fork(0, 1)
+    assert cache.free_pages() == free
+    cache.fork(0, 2, n_tokens=4)                   # one shared page
+    cache.fork(0, 3, n_tokens=8)                   # two shared pages: another group
+    groups = {(g.members, g.n_tokens) for g in cache.prefix_groups()}
+    assert groups == {((0, 3), 8)}, groups
+    q = randn(4, 2, 8)
+    torch.testing.assert_close(ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=True),
+                               ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=False))
