@@ -108,7 +108,8 @@ def _mqa_decode_split(
         t_mask = toks < j1
         if PAGED:
             page = tl.load(table_ptr + b64 * n_blocks + toks // P, mask=t_mask, other=0)
-            kv_row = page.to(tl.int64) * P + toks % P
+            # (an unallocated entry is -1: never read before the cache, whatever the length)
+            kv_row = tl.maximum(page, 0).to(tl.int64) * P + toks % P
         else:
             kv_row = b64 * P + toks
         kv_off = layer_off + kv_row[:, None] * hd + d[None, :]

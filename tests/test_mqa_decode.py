@@ -669,6 +669,8 @@ def test_triton_decode_clamps_lengths_to_the_cache(page_size):
 
     cache, _, _ = fill_cache(2, [6, 9], 8, torch.float32, page_size, device=TRITON_DEVICE)
     cap = cache.page_table.shape[1] * page_size if page_size else cache.k.shape[2]
+    if page_size:   # every page allocated: the clamped range reads the same memory twice
+        cache.reserve(torch.tensor([cap - 6, cap - 9], device=TRITON_DEVICE))
     q = randn(2, 4, 8, device=TRITON_DEVICE)
     args = (q, cache.k, cache.v, cache.page_table, None)
     def ends(v):
@@ -677,4 +679,5 @@ def test_triton_decode_clamps_lengths_to_the_cache(page_size):
     for bad, clamped in (([cap + 5, 9], [cap, 9]), ([6, 2 ** 30], [6, cap])):
         got = tk.mqa_decode(*args, ends(bad), 0, 0.3, True)
         want = tk.mqa_decode(*args, ends(clamped), 0, 0.3, True)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        for a, b in zip(got, want):   # (bitwise; the unwritten slots may hold NaN)
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
