@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import ops
-from .ops._checks import check_float
+from .ops._checks import FP32_TINY, check_float
 from .reference import functional as _ref_fn
 from .reference import layers as _ref
 from .reference import model as _ref_model
@@ -514,7 +514,6 @@ class _GraphedStep:
 
 # --------------------------------------------------------------------------- sampling
 
-_FP32_TINY = torch.finfo(torch.float32).tiny
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -536,7 +535,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     # softmax, and finite for any temperature > 0 (logits / 1e-40 overflowed to inf and the
     # softmax to NaN; a tiny temperature now samples among the maximal logits). Below fp32's
     # smallest normal number the temperature is taken as that number.
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, _FP32_TINY)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, FP32_TINY)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
@@ -736,14 +735,14 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     broken = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0
     for n in range(1, max_new_tokens + 1):
-        top = logits.amax(dim=-1)   # (amax propagates NaN; one read pass)
-        if temperature == 0:        # argmax: +inf is a well-defined choice, NaN is not
-            broken |= top.isnan()
-        else:                       # sampling: NaN or +inf leave no distribution
-            bad = ~(top < float("inf"))
+        if temperature == 0:   # argmax picks a NaN if the row has one: its logit tells (B reads)
+            nxt = sample(logits, temperature, top_k, top_p, generator)
+            broken |= logits.gather(1, nxt[:, None])[:, 0].isnan()   # (+inf: a fine choice)
+        else:                  # sampling: NaN or +inf leave no distribution (amax keeps NaN)
+            bad = ~(logits.amax(dim=-1) < float("inf"))
             broken |= bad
-            logits = torch.where(bad[:, None], 0.0, logits.float())
-        nxt = sample(logits, temperature, top_k, top_p, generator)
+            nxt = sample(torch.where(bad[:, None], 0.0, logits.float()), temperature, top_k, top_p,
+                         generator)
         new[:, n - 1] = nxt
         if stop_ids is not None:
             done |= torch.isin(nxt, stop_ids)

@@ -255,9 +255,7 @@ class KVCache:
         return layer
 
     def _check_seq(self, name: str, b) -> int:
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
-            raise TypeError(f"{name}: expected an int sequence index, got {type(b).__name__}")
-        b = int(b)
+        b = check_int(name, b)
         if not 0 <= b < self.batch:
             raise ValueError(f"{name}: expected a sequence index in [0, {self.batch}), got {b}")
         return b

@@ -20,10 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..ops._checks import FP32_MAX, FP32_TINY
 from .ir import COMMUTATIVE, Graph, Node
-
-FP32_MAX = 3.4028234663852886e38
-FP32_TINY = 1.1754943508222875e-38   # the smallest normal fp32
 
 MODES = ("mindspore", "full")
 
