@@ -63,9 +63,9 @@ def _mindspore_graphs():
 
     return (compile_graph(expanders.layer_norm_fwd(False), "mindspore"),
             compile_graph(expanders.layer_norm_bwd(False), "mindspore"),
-            compile_graph(expanders.layer_norm_fwd(False), "full"),
+            compile_graph(expanders.layer_norm_fwd(False, mean_correction=True), "full"),
             compile_graph(expanders.layer_norm_bwd(False), "full"),
-            compile_graph(expanders.add_layer_norm_fwd(True, False), "full"))
+            compile_graph(expanders.add_layer_norm_fwd(True, False, mean_correction=True), "full"))
 
 
 def _liger_layer_norm():

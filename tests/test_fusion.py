@@ -265,6 +265,50 @@ def test_layer_norm_without_bias_and_looped_variant_at_small_n(dtype):
     assert none is None
 
 
+@pytest.mark.parametrize("looped", [False, True])
+def test_layer_norm_mean_correction_rows_far_from_zero(looped):
+    """The product graphs add the deviations' mean to the rounded mean (as the C++ kernel
+    does): a row of equal values 12345.678 gave |y| = 0.3 without it (torch: 0), and rows
+    with a large mean and a small spread were off by 0.6. Checked on the single-block and
+    the looped variant, for layer_norm_fwd and add_layer_norm_fwd."""
+    N = 300
+    gen = torch.Generator().manual_seed(5)
+    base = torch.tensor([12345.678, -7777.7, 1000.0, 3.0])[:, None]
+    x = base + torch.randn(4, N, generator=gen) * torch.tensor([0.0, 1e-3, 1e-2, 1.0])[:, None]
+    x, w = x.to(DEV), torch.ones(N, device=DEV)
+    ref = F.layer_norm(x.double(), (N,), eps=EPS)
+    bound = (F.layer_norm(x, (N,), eps=EPS).double() - ref).abs().amax(1).clamp_min(1e-6)  # torch's
+    opts = {"max_block": 64, "loop_block": 64} if looped else {}
+    for mc in (True, False):
+        cg = compile_graph(expanders.layer_norm_fwd(False, mean_correction=mc), "full", **opts)
+        assert cg.variant(cg.schedule.groups[0], N)[0] == looped
+        r = cg(x=x, weight=w, eps=EPS)
+        err = (r["y"].double() - ref).abs().amax(1)
+        if mc:
+            assert err[0] == 0 and (err <= bound).all(), (err, bound)
+            torch.testing.assert_close(r["mean"].double(), x.double().mean(1), rtol=1e-7, atol=0)
+        else:
+            assert err.max() > 0.1, err  # the uncorrected (MindSpore) graph: the case is not vacuous
+    # the product launchers use the corrected graphs
+    y, mean, _ = layer_norm_fwd(x, w, None, EPS)
+    assert (y.double() - ref).abs().amax(1)[0] == 0 and ((y.double() - ref).abs().amax(1) <= bound).all()
+    zero = torch.zeros_like(x)
+    y_sum, out, _, _ = add_layer_norm_fwd(x, zero, zero, w, None, EPS)
+    assert torch.equal(y_sum, x) and ((out.double() - ref).abs().amax(1) <= bound).all()
+
+
+def test_layer_norm_mean_correction_graph():
+    """17 primitives without a bias (one more reduction, merged into the variance's pass):
+    still one forward kernel, three when the row does not fit, and MindSpore's graph is
+    unchanged unless asked."""
+    g = expanders.layer_norm_fwd(False, mean_correction=True)
+    assert g.op_count() == 17 and g.hash() != expanders.layer_norm_fwd(False).hash()
+    assert fuse(g, "full").kernel_count == 1
+    assert fuse(g, "full", row_fits=False).kernel_count == 3
+    assert expanders.add_layer_norm_fwd(True, False, None, True).op_count() == 19
+    assert fuse(expanders.add_layer_norm_fwd(True, False, None, True), "full").kernel_count == 1
+
+
 def test_mindspore_mode_runs_and_agrees_with_full():
     x, w, b, dy = _ln_case(4, 300, torch.float32)
     args = dict(x=x, weight=w, bias=b, eps=EPS)

@@ -7,6 +7,18 @@ exactly MindSpore's 11-op decomposition (10 without a bias, as in PaLM)::
     ss = ReduceSum(sq); var = Mul(ss, 1/N); ve = Add(var, eps); rstd = Rsqrt(ve)
     xhat = Mul(d, rstd); yw = Mul(xhat, gamma); y = Add(yw, beta)
 
+``mean_correction=True`` (what ``palm_fast.ops`` runs, as the C++ kernel does) adds the
+deviations' own mean to the rounded mean, in the same reduction pass as the variance::
+
+    s = ReduceSum(x); mean0 = Mul(s, 1/N); d0 = Sub(x, mean0)
+    s1 = ReduceSum(d0); s2 = ReduceSum(Mul(d0, d0)); c = Mul(s1, 1/N)
+    mean = Add(mean0, c); var = Max(Mul(Sub(s2, Mul(c, s1)), 1/N), 0)
+    rstd = Rsqrt(Add(var, eps)); y = Mul(Mul(Sub(x, mean), rstd), gamma) (+ beta)
+
+Without it a row of equal values c far from 0 (mean0 = c plus a rounding error) gave
+``x - mean != 0``, which ``rstd = eps^-1/2`` amplified: |y| = 0.3 for rows of 12345.678,
+where torch gives 0; rows with a large mean and a small spread lost accuracy the same way.
+
 The backward, with ``xhat = (x - mean) * rstd`` and ``g = dy * gamma``::
 
     dx      = rstd * (g - xhat * mean_N(xhat * g) - mean_N(g))
@@ -17,14 +29,23 @@ from __future__ import annotations
 from .ir import Graph
 
 
-def _layer_norm_body(g: Graph, x: int, weight: int, bias: int | None, eps: int):
+def _layer_norm_body(g: Graph, x: int, weight: int, bias: int | None, eps: int,
+                     mean_correction: bool = False):
     inv_n = g.const(1.0, n_pow=-1)
     s = g.sum(x)
     mean = g.mul(s, inv_n)
     d = g.sub(x, mean)
     sq = g.mul(d, d)
     ss = g.sum(sq)
-    var = g.mul(ss, inv_n)
+    if mean_correction:
+        # sum_N (d - c)^2 = ss - c * s1 with c = s1 / N, s1 = sum_N d (same pass as ss)
+        s1 = g.sum(d)
+        c = g.mul(s1, inv_n)
+        mean = g.add(mean, c)
+        d = g.sub(x, mean)
+        var = g.binary("max", g.mul(g.sub(ss, g.mul(c, s1)), inv_n), g.const(0.0))
+    else:
+        var = g.mul(ss, inv_n)
     ve = g.add(var, eps)
     rstd = g.rsqrt(ve)
     xhat = g.mul(d, rstd)
@@ -34,14 +55,15 @@ def _layer_norm_body(g: Graph, x: int, weight: int, bias: int | None, eps: int):
     return y, mean, rstd
 
 
-def layer_norm_fwd(has_bias: bool = True) -> Graph:
-    """Inputs x[row], weight[col], (bias[col]), eps[scalar]; outputs y, mean, rstd."""
-    g = Graph("layer_norm_fwd" + ("" if has_bias else "_nobias"))
+def layer_norm_fwd(has_bias: bool = True, mean_correction: bool = False) -> Graph:
+    """Inputs x[row], weight[col], (bias[col]), eps[scalar]; outputs y, mean, rstd.
+    ``mean_correction``: see the module docstring (False: MindSpore's decomposition)."""
+    g = Graph("layer_norm_fwd" + ("" if has_bias else "_nobias") + ("_mc" if mean_correction else ""))
     x = g.input("x", "row")
     weight = g.input("weight", "col")
     bias = g.input("bias", "col") if has_bias else None
     eps = g.input("eps", "scalar")
-    y, mean, rstd = _layer_norm_body(g, x, weight, bias, eps)
+    y, mean, rstd = _layer_norm_body(g, x, weight, bias, eps, mean_correction)
     g.output("y", y, "x")
     g.output("mean", mean)
     g.output("rstd", rstd)
@@ -97,13 +119,15 @@ def rms_norm_bwd() -> Graph:
     return g
 
 
-def add_layer_norm_fwd(has_m: bool = True, has_bias: bool = True, round_to: str | None = None) -> Graph:
+def add_layer_norm_fwd(has_m: bool = True, has_bias: bool = True, round_to: str | None = None,
+                       mean_correction: bool = False) -> Graph:
     """The parallel block's residual sum and the next LayerNorm:
     ``y = x + a (+ m); out = LN(y)``; outputs y_sum, out, mean, rstd. ``round_to`` (the
     inputs' dtype when it is fp16 / bf16): the sum is rounded to it before it is normalised,
-    so that ``out`` is the LayerNorm of ``y_sum`` as stored (the tensor the backward gets)."""
+    so that ``out`` is the LayerNorm of ``y_sum`` as stored (the tensor the backward gets).
+    ``mean_correction``: as in :func:`layer_norm_fwd`."""
     g = Graph("add_layer_norm_fwd" + ("" if has_m else "_2") + ("" if has_bias else "_nobias")
-              + (f"_{round_to}" if round_to else ""))
+              + (f"_{round_to}" if round_to else "") + ("_mc" if mean_correction else ""))
     x = g.input("x", "row")
     a = g.input("a", "row")
     m = g.input("m", "row") if has_m else None
@@ -115,7 +139,7 @@ def add_layer_norm_fwd(has_m: bool = True, has_bias: bool = True, round_to: str 
         y = g.add(y, m)
     if round_to is not None:
         y = g.cast(y, round_to)
-    out, mean, rstd = _layer_norm_body(g, y, weight, bias, eps)
+    out, mean, rstd = _layer_norm_body(g, y, weight, bias, eps, mean_correction)
     g.output("y_sum", y, "x")
     g.output("out", out, "x")
     g.output("mean", mean)

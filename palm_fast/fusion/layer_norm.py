@@ -32,7 +32,8 @@ def _check(name: str, t, *, ndim: int | None = None, shape=None, device=None, dt
 def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                    *, checked: bool = False):
     """``y = (x - mean) * rstd * weight (+ bias)`` row-wise; returns ``(y, mean, rstd)``
-    with y in x's dtype and mean/rstd fp32 ``[M]``. One generated kernel. ``checked``: the
+    with y in x's dtype and mean/rstd fp32 ``[M]``. One generated kernel, from the expander
+    with the mean correction (``expanders.layer_norm_fwd(has_bias, mean_correction=True)``). ``checked``: the
     caller (the custom op's CUDA kernel, behind ``palm_fast.ops``) validated the arguments;
     the runner still validates each new input signature."""
     if not checked:
@@ -42,7 +43,7 @@ def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         if bias is not None:
             _check("bias", bias, shape=(N,), device=x2d.device)
         eps = check_eps(eps)
-    cg = _compiled("layer_norm_fwd", bias is not None)
+    cg = _compiled("layer_norm_fwd", bias is not None, True)  # with the mean correction
     args = dict(x=x2d, weight=weight, eps=eps)
     if bias is not None:
         args["bias"] = bias
@@ -90,7 +91,7 @@ def add_layer_norm_fwd(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None,
             raise ValueError(f"{name}: expected a contiguous tensor; call .contiguous() first")
     # fp16 / bf16: the sum is rounded before it is normalised (see expanders.add_layer_norm_fwd)
     round_to = None if x.dtype == torch.float32 else str(x.dtype).removeprefix("torch.")
-    cg = _compiled("add_layer_norm_fwd", m is not None, bias is not None, round_to)
+    cg = _compiled("add_layer_norm_fwd", m is not None, bias is not None, round_to, True)
     args = dict(x=x.reshape(-1, N), a=a.reshape(-1, N), weight=weight, eps=eps)
     if m is not None:
         args["m"] = m.reshape(-1, N)
