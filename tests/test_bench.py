@@ -245,3 +245,21 @@ def test_record_figures_are_exact():
     recs = {r["impl"]: r for r in harness.run_case(case, smoke, peaks)}
     ours, eager = recs["palm_fast"], recs["eager"]
     assert ours["speedup_vs_eager"] == pytest.approx(eager["ms"] / ours["ms"])
+
+
+def test_measure_peaks_counts_read_plus_write_and_2n3_flops(monkeypatch):
+    """The copy peak counts the bytes read and the bytes written (2x the buffer), the matmul
+    peak 2 n^3 FLOPs; on the CPU both use the fastest call (``ms_min``)."""
+    calls = []
+
+    def fake_time(fn, device, quick=False, **kw):
+        calls.append(fn)
+        return harness.Timing(ms=4.0, ms_min=2.0, ms_max=9.0, n=5)
+
+    monkeypatch.setattr(harness, "time_fn", fake_time)
+    peaks = harness.measure_peaks("cpu", quick=True)
+    assert len(calls) == 2
+    n_bytes, mm_n = 64 * 2**20, 1024
+    assert peaks["copy_gbps"] == pytest.approx(2 * n_bytes / 2e-3 / 1e9)
+    assert peaks["matmul_tflops"] == pytest.approx(2 * mm_n**3 / 2e-3 / 1e12)
+    assert peaks["matmul_shape"] == [mm_n] * 3 and peaks["matmul_dtype"] == "float32"
