@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, assert_close_by_rule, randn
+from conftest import DTYPES, assert_close_by_rule, randn, requires_cuda
 
 from palm_fast.ops.lm_loss import tied_lm_loss
 
@@ -343,3 +343,32 @@ def test_targets_out_of_range():
     for bad in (torch.tensor([0, 1, 10, 2]), torch.tensor([0, -1, 3, 2])):
         with pytest.raises(ValueError, match="targets: expected ids in"):
             tied_lm_loss(h, w, bad)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_weight_gradient_scatter_is_bitwise_reproducible(device):
+    """The weight gradient's row scatters (head and tied lookup) add many rows into few
+    (repeated targets and tokens): the same bits every run. CUDA: ``index_put_`` with
+    accumulate (sort-based), not ``index_add_``'s atomic adds."""
+    from palm_fast.ops.lm_loss import GradLink, _scatter_rows_, embed_tokens
+
+    gen = torch.Generator().manual_seed(3)
+    V, d, M = 7, 64, 4096
+    w0 = torch.randn(V, d, generator=gen).to(device)
+    tok = torch.randint(0, V, (M,), generator=gen).to(device)
+    tgt = torch.randint(0, 3, (M,), generator=gen).to(device)   # three targets, many repeats
+
+    def run():
+        w = w0.clone().requires_grad_(True)
+        link = GradLink()
+        h = embed_tokens(w, tok, link) * 1.5
+        return torch.autograd.grad(tied_lm_loss(h, w, tgt, scale=0.3, z_coef=1e-3, link=link)[0], (w,))[0]
+
+    first = run()
+    for _ in range(4):
+        assert torch.equal(run(), first)
+    rows = torch.randn(M, d, generator=gen).to(device)
+    dst = torch.zeros(V, d, device=device)
+    _scatter_rows_(dst, tok, rows)
+    ref = torch.zeros(V, d, dtype=torch.float64).index_add_(0, tok.cpu(), rows.cpu().double())
+    torch.testing.assert_close(dst.cpu().double(), ref, rtol=1e-5, atol=1e-4)

@@ -41,9 +41,10 @@ hands its ``dW`` to the lookup's backward, which scatters its rows into it in pl
 Elsewhere plain ATen ops: the same code runs on CPU and CUDA (and traces under
 ``torch.compile``, where the model uses no link); half-precision CPU GEMMs go through fp32
 as the block's do.
-The weight gradient's row scatter is ``index_add_``: a fixed order on the CPU (bitwise
-reproducible), atomic adds on CUDA (not bitwise reproducible run to run). ``nn.PaLM.loss``
-uses this loss on the CPU only; on other devices it keeps the reference loss.
+The weight gradient's row scatters (``_scatter_rows_``) are bitwise reproducible: ``index_add_``
+on the CPU (a fixed order), ``index_put_(accumulate=True)`` elsewhere (ATen's sort-based
+kernel on CUDA; ``index_add_`` there uses atomic adds, whose order changes run to run).
+``nn.PaLM.loss`` uses this loss on the CPU only; on other devices it keeps the reference loss.
 """
 from __future__ import annotations
 
@@ -64,6 +65,14 @@ _INT_DTYPES = (torch.int32, torch.int64)
 def _gemm_dtype(h: torch.Tensor) -> torch.dtype:
     """fp32 GEMMs for fp32 and for half precision on CPUs without half matrix units."""
     return torch.float32 if h.dtype == torch.float32 or _upcast_gemm(h) else h.dtype
+
+
+def _scatter_rows_(dst: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``dst[index[i]] += rows[i]`` in place, in the same order every run (see module doc)."""
+    if dst.device.type == "cpu":
+        dst.index_add_(0, index, rows)
+    else:
+        dst.index_put_((index,), rows, accumulate=True)
 
 
 class GradLink:
@@ -115,7 +124,7 @@ class _TiedEmbed(torch.autograd.Function):
             dw = None       # left by another backward pass (see _hand_to_link)
         if dw is None:      # the head produced no weight gradient (e.g. not differentiated)
             dw = g.new_zeros((ctx.n_rows, g.shape[-1]))
-        dw.index_add_(0, tokens.reshape(-1), g.reshape(-1, g.shape[-1]).to(dw.dtype))
+        _scatter_rows_(dw, tokens.reshape(-1), g.reshape(-1, g.shape[-1]).to(dw.dtype))
         return dw, None, None
 
 
@@ -223,7 +232,7 @@ class _TiedLMLoss(torch.autograd.Function):
             else:
                 hc = h.float() * (c * s)                        # [M, d]
                 dw = torch.mm(p.t(), hc).float()                # [V, d]
-                dw.index_add_(0, targets, h.float() * (-a * s))   # - a s scatter_t(h), no host sync
+                _scatter_rows_(dw, targets, h.float() * (-a * s))   # - a s scatter_t(h), no host sync
             dw = dw.to(weight.dtype)
             if ctx.link is not None:    # the tied lookup's backward adds its rows and returns it
                 dw = _hand_to_link(ctx.link, dw)
