@@ -142,8 +142,7 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
         known = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in _PARTS_REGISTRY)
         raise TypeError(f"model: unsupported model class {type(model).__module__}."
                         f"{type(model).__qualname__}; expected one of ({known}) or a class taught "
-                        f"with palm_fast.generation.register_decoder_parts (PaLM-pytorch models: "
-                        f"call palm_fast.patch(model) first)")
+                        f"with palm_fast.generation.register_decoder_parts")
     if not isinstance(parts, DecoderParts):
         raise TypeError(f"model: the decoder_parts entry for {type(model).__qualname__} returned "
                         f"{type(parts).__name__}, expected DecoderParts")

@@ -7,7 +7,8 @@ Math (over the last dim, N features; statistics in fp32, biased variance)::
 
 ``add_layer_norm`` is the parallel block's residual sum followed by the next LayerNorm:
 ``y_sum = x + a (+ m)`` and ``out = LN(y_sum)`` (normalising y_sum as returned: in fp16 / bf16
-the fp32 sum rounded to that dtype, as the reference's ``x + a + m`` is), both returned.
+the fp32 sum rounded once to that dtype; eager ``x + a + m`` rounds after each add), both
+returned.
 
 Custom ops (2-D ``[M, N]`` rows; ``mean`` / ``rstd`` fp32 ``[M]``):
 
@@ -272,7 +273,8 @@ def add_layer_norm(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None = No
                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual sum and LayerNorm in one pass: returns ``(y_sum, out)`` with
     ``y_sum = x + a (+ m)`` and ``out = LayerNorm(y_sum)``, normalising ``y_sum`` as returned
-    (in fp16 / bf16: the fp32 sum rounded to that dtype, as the reference's ``x + a + m`` is).
+    (in fp16 / bf16: the fp32 sum rounded once to that dtype; eager ``x + a + m`` rounds after
+    each add, so with ``m`` the bits may differ from it in the last place).
 
     ``x``, ``a``, ``m``: the same shape ``[..., N]`` and dtype; weight / bias as in
     :func:`layer_norm`. Gradients flow to x, a, m (through both outputs), weight and bias.
