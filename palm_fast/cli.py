@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmark suite")
     b.add_argument("--only", help="comma-separated benchmark families (e.g. rope,swiglu)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    b.add_argument("--dtype", help="comma-separated dtypes (default: bf16 on GPU, fp32,bf16 on CPU; model, lm_loss "
-                        "and generate: fp32 only on CPU)")
+    b.add_argument("--dtype", help="comma-separated dtypes (default: bf16 on GPU, fp32,bf16 on CPU; "
+                                   "model, lm_loss and generate: fp32 only on CPU)")
     b.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
     b.add_argument("--config", help="model preset for block/model cases (e.g. palm-small)")
     b.add_argument("--json", metavar="PATH", help="write {meta, records} JSON here")
