@@ -20,7 +20,8 @@
 //   combine: sum_m = the chunk sums added in chunk order
 // The chunking depends on V only, never on the thread count: results are bitwise
 // identical for any number of threads. exp is ATen's exp_u20 (at most 20 ulp), as in
-// the decode kernel.
+// the decode kernel. A column holding a NaN or +inf logit gets a NaN lse (its softmax is
+// NaN, as the reference's cross-entropy is).
 // SIMD Vectorized (AVX2) for this extension: see cpu_capability.h.
 #include "cpu_capability.h"  // must precede every ATen include
 
@@ -50,7 +51,7 @@ void chunk_max(const float* lt, int64_t M, int64_t v0, int64_t v1, float* acc) {
     const float* row = lt + v * M;
     int64_t c = 0;
     for (; c + kW <= M; c += kW) at::vec::maximum(Vec::loadu(acc + c), Vec::loadu(row + c)).store(acc + c);
-    for (; c < M; ++c) acc[c] = std::max(acc[c], row[c]);
+    for (; c < M; ++c) acc[c] = std::isnan(row[c]) ? row[c] : std::max(acc[c], row[c]);  // as maximum
   }
 }
 
@@ -61,7 +62,10 @@ void chunk_exp_sum(float* lt, int64_t M, int64_t v0, int64_t v1, const float* mx
     float* row = lt + v * M;
     int64_t c = 0;
     for (; c + kW <= M; c += kW) {
-      const Vec e = (Vec::loadu(row + c) - Vec::loadu(mx + c)).exp_u20();
+      // (exp_u20 clamps a NaN argument, from a NaN or +inf logit, to a number: keep the NaN,
+      // as std::exp does in the tail, so a column's result does not depend on its lane)
+      const Vec d = Vec::loadu(row + c) - Vec::loadu(mx + c);
+      const Vec e = Vec::blendv(d.exp_u20(), d, d != d);
       e.store(row + c);
       (Vec::loadu(acc + c) + e).store(acc + c);
     }

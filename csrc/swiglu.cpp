@@ -95,62 +95,58 @@ inline Vectorized<acc_t> fast_exp(const Vectorized<acc_t>& v) {
   }
 }
 
-// 1 / d for d >= 1.  fp32 on AVX2/AVX512: the hardware reciprocal estimate
-// plus one Newton step (~2^-22 relative error), several times the throughput
-// of a vector divide, which otherwise bounds this kernel on small CPUs.  d is
-// clamped to 2^100 first so d = inf cannot turn the Newton step into inf * 0,
-// and lanes with d >= 2^100 return 0 (1 / d < 2^-100: returning 2^-100 there made
-// gate * sigmoid(gate) = -0.79 at gate = -1e30, and -7.9e7 at -1e38); a NaN gate
-// still propagates through the products with the gate.
+// 1 / d for d in [1, 2].  fp32 on AVX2/AVX512: the hardware reciprocal estimate plus one
+// Newton step (~2^-22 relative error), several times the throughput of a vector divide,
+// which otherwise bounds this kernel on small CPUs.
 template <typename acc_t>
-inline Vectorized<acc_t> reciprocal_ge1(const Vectorized<acc_t>& d) {
+inline Vectorized<acc_t> reciprocal_1_2(const Vectorized<acc_t>& d) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m512 big = _mm512_set1_ps(0x1p100f);
-    const __m512 dc = _mm512_min_ps(d, big);
-    const __m512 r = _mm512_rcp14_ps(dc);
-    const __m512 y = _mm512_mul_ps(r, _mm512_fnmadd_ps(dc, r, _mm512_set1_ps(2.f)));
-    return Vectorized<float>(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, big, _CMP_LT_OQ), y));
+    const __m512 r = _mm512_rcp14_ps(d);
+    return Vectorized<float>(_mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f))));
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m256 big = _mm256_set1_ps(0x1p100f);
-    const __m256 dc = _mm256_min_ps(d, big);
-    const __m256 r = _mm256_rcp_ps(dc);
-    const __m256 y = _mm256_mul_ps(r, _mm256_fnmadd_ps(dc, r, _mm256_set1_ps(2.f)));
-    return Vectorized<float>(_mm256_andnot_ps(_mm256_cmp_ps(d, big, _CMP_GE_OQ), y));
+    const __m256 r = _mm256_rcp_ps(d);
+    return Vectorized<float>(_mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f))));
   }
 #endif
   return Vectorized<acc_t>(acc_t(1)) / d;
 }
 
-// sigmoid(g) = 1 / (1 + exp(-g)); for g -> -inf exp overflows and s -> 0.
+// s = sigmoid(g) and oms = 1 - s = sigmoid(-g), without overflow or cancellation: with
+// e = exp(-|g|) in [0, 1] and r = 1 / (1 + e), sigmoid(|g|) = r and sigmoid(-|g|) = e r.
+// (1 / (1 + exp(-g)) overflowed exp for g < -88, and its cutoff returned 0 below g = -69.3
+// where the sigmoid is still a normal fp32 number; 1 - s cancelled for g >> 0.) exp_u20
+// returns 0 below ln(FLT_MIN) = -87.3, where the exact sigmoid is subnormal. A NaN gate
+// still propagates through the products with the gate (exp_u20 clamps NaN to a number).
 template <typename acc_t>
-inline Vectorized<acc_t> sigmoid(const Vectorized<acc_t>& g) {
-  const Vectorized<acc_t> one(acc_t(1));
-  return reciprocal_ge1(one + fast_exp(g.neg()));
+inline void sigmoid_pair(const Vectorized<acc_t>& g, Vectorized<acc_t>& s, Vectorized<acc_t>& oms) {
+  const Vectorized<acc_t> e = fast_exp(g.abs().neg());
+  const Vectorized<acc_t> r = reciprocal_1_2(Vectorized<acc_t>(acc_t(1)) + e);
+  const Vectorized<acc_t> er = e * r;
+  const Vectorized<acc_t> pos = g >= Vectorized<acc_t>(acc_t(0));
+  s = Vectorized<acc_t>::blendv(er, r, pos);
+  oms = Vectorized<acc_t>::blendv(r, er, pos);
 }
 
 // Forward on one step: out = gate * sigmoid(gate) * value.
 template <typename acc_t>
 inline Vectorized<acc_t> fwd_math(const Vectorized<acc_t>& v, const Vectorized<acc_t>& g) {
-  return g * sigmoid(g) * v;
+  Vectorized<acc_t> s, oms;
+  sigmoid_pair(g, s, oms);
+  return g * s * v;
 }
 
 // Backward on one step: (d_value, d_gate) from grad go, value v, gate g.
 template <typename acc_t>
 inline void bwd_math(const Vectorized<acc_t>& go, const Vectorized<acc_t>& v,
                      const Vectorized<acc_t>& g, Vectorized<acc_t>& dv, Vectorized<acc_t>& dg) {
-  const Vectorized<acc_t> one(acc_t(1));
-  const Vectorized<acc_t> e = fast_exp(g.neg());
-  const Vectorized<acc_t> s = reciprocal_ge1(one + e);
-  // 1 - s = sigmoid(-g) = e * s: for g >= 0 (s near 1) without the cancellation of 1 - s
-  // (whose rounding, times a large gate, would dominate); for g < 0, 1 - s has none and
-  // e * s could be inf * 0
-  const Vectorized<acc_t> oms = Vectorized<acc_t>::blendv(one - s, e * s, g >= Vectorized<acc_t>(acc_t(0)));
+  Vectorized<acc_t> s, oms;
+  sigmoid_pair(g, s, oms);
   const Vectorized<acc_t> gs = go * s;
   dv = gs * g;
-  dg = gs * v * (one + g * oms);
+  dg = gs * v * (Vectorized<acc_t>(acc_t(1)) + g * oms);
 }
 
 // Runs body(row, c0, c1) over all rows and [c0, c1) column chunks of width F in parallel.

@@ -374,3 +374,22 @@ def test_weight_gradient_scatter_is_bitwise_reproducible(device):
     _scatter_rows_(dst, tok, rows)
     ref = torch.zeros(V, d, dtype=torch.float64).index_add_(0, tok.cpu(), rows.cpu().double())
     torch.testing.assert_close(dst.cpu().double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_nan_or_inf_logit_columns_do_not_depend_on_their_lane():
+    """A token whose logits hold +inf (or NaN) has a NaN softmax: its log-normaliser came out
+    inf in the 8-wide vector lanes (exp_u20 turns a NaN argument into a number) and NaN in
+    the tail. Now NaN wherever the token sits; other tokens are unaffected."""
+    from palm_fast._ext import cpp
+
+    V, M = 5, 11     # 8 vector lanes + a 3-token tail
+    base = torch.randn(V, M, generator=torch.Generator().manual_seed(0))
+    for bad in (float("inf"), float("nan")):
+        lt = base.clone()
+        cols = [1, 7, 9]        # two in the vector body, one in the tail
+        lt[2, cols] = bad
+        want = torch.logsumexp(base.double(), 0)
+        lse, tgt, rsum = cpp().lm_softmax_cols_cpu(lt, torch.zeros(M, dtype=torch.long))
+        assert lse[cols].isnan().all() and rsum[cols].isnan().all(), (bad, lse)
+        ok = [m for m in range(M) if m not in cols]
+        torch.testing.assert_close(lse[ok].double(), want[ok], rtol=1e-6, atol=1e-6)

@@ -376,3 +376,28 @@ def test_extreme_gates_cpu(dtype):
     tol = dict(rtol=1e-5, atol=1e-30) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-30)
     torch.testing.assert_close(got.double(), want.detach().to(dtype).double(), equal_nan=True, **tol)
     torch.testing.assert_close(xg.grad.double(), xr.grad.to(dtype).double(), equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_sigmoid_of_very_negative_gates_is_not_cut_off(backend):
+    """sigmoid(gate) for gate in [-86, -60] is a normal fp32 number (down to 1e-38): the C++
+    kernel returned 0 below -69.3 (a reciprocal cut off at 2^100), so with a large value the
+    output was off by the whole product (-27.8 at gate -70, value 1e30). It now forms
+    sigmoid(-|g|) as exp(-|g|) / (1 + exp(-|g|)). Forward, d_value and d_gate; F = 20 lanes
+    run the vector body and the tail."""
+    device = "cpu" if backend == "cpp" else TRITON_DEVICE
+    fwd = cpp().swiglu_fwd if backend == "cpp" else tk.swiglu_fwd
+    bwd = cpp().swiglu_bwd if backend == "cpp" else tk.swiglu_bwd
+    gate = torch.linspace(-86.0, -60.0, 20)
+    F = gate.numel()
+    value = torch.full((F,), 1e30)
+    x = torch.cat([value, gate])[None].to(device)
+    grad = torch.ones(1, F, device=device)
+    out = fwd(x)[0].cpu().double()
+    gx = bwd(grad, x)[0].cpu().double()
+    g, v = gate.double(), value.double()
+    s = torch.sigmoid(g)
+    want = {"out": g * s * v, "d_value": g * s, "d_gate": s * v * (1 + g * torch.sigmoid(-g))}
+    for name, got in (("out", out), ("d_value", gx[:F]), ("d_gate", gx[F:])):
+        rel = ((got - want[name]).abs() / want[name].abs()).max().item()
+        assert rel < 1e-5, (name, rel)
