@@ -117,6 +117,57 @@ def test_loss_with_a_hooked_or_padded_embedding():
     assert torch.allclose(fast.embed.weight.grad, ref.embed.weight.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_loss_runs_the_models_own_call_when_it_does_more(monkeypatch):
+    """The reference's loss is ``self(tokens)`` then the loss: hooks on the model (a logit
+    soft-cap, a token remap), hooks on every module, or a subclass's forward change it. The
+    fused CPU loss skipped the model's call and returned the plain loss; it now runs the
+    reference's loss in those cases (and stays fused otherwise)."""
+    tok = torch.randint(0, CFG.vocab_size, (2, 9))
+
+    def softcap(mod, inp, out):
+        return 30 * torch.tanh(out / 30) * 0.5
+
+    import palm_fast.nn.model as fast_model
+    fused = []
+    real = fast_model.tied_lm_loss
+    monkeypatch.setattr(fast_model, "tied_lm_loss", lambda *a, **k: fused.append(1) or real(*a, **k))
+    ref, fast = _pair()
+    plain = fast.loss(tok)[0].item()
+    assert fused == [1]     # no hooks: the fused loss
+    for m in (ref, fast):
+        m.register_forward_hook(softcap)
+    want = ref.loss(tok)[0]
+    assert abs(want.item() - plain) > 0.1      # the hook matters
+    torch.testing.assert_close(fast.loss(tok)[0], want, rtol=1e-5, atol=1e-5)
+
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m)))
+    try:
+        _, fast = _pair()
+        fast.loss(tok)
+    finally:
+        handle.remove()
+    assert PaLM in seen        # the root module's call happened
+
+    class Biased(PaLM):
+        def forward(self, tokens, *args, **kwargs):
+            out = super().forward(tokens, *args, **kwargs)
+            return out + 5.0 * (torch.arange(out.shape[-1]) == 7)
+
+    class RefBiased(RefPaLM):
+        def forward(self, tokens, *args, **kwargs):
+            out = super().forward(tokens, *args, **kwargs)
+            return out + 5.0 * (torch.arange(out.shape[-1]) == 7)
+
+    torch.manual_seed(0)
+    r = RefBiased(CFG)
+    torch.manual_seed(0)
+    f = Biased(CFG)
+    torch.testing.assert_close(f.loss(tok)[0], r.loss(tok)[0], rtol=1e-5, atol=1e-5)
+    assert abs(f.loss(tok)[0].item() - plain) > 0.1
+    assert fused == [1]
+
+
 def test_loss_int32_tokens_and_empty_batch():
     ref, fast = _pair()
     tok = torch.randint(0, CFG.vocab_size, (2, 9), dtype=torch.int32)

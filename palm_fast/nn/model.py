@@ -67,8 +67,11 @@ class PaLM(_reference.PaLM):
         """Next-token loss ``(total, ce, z)`` as the reference's (same math and checks), with
         the head, cross-entropy and z-loss fused (``tied_lm_loss``) on the CPU. On other devices
         the reference's loss runs (over the fast blocks): the fused loss has been measured on
-        the CPU only, and the committed GPU figures were taken with the reference's loss."""
-        if not isinstance(tokens, torch.Tensor) or tokens.device.type != "cpu":
+        the CPU only, and the committed GPU figures were taken with the reference's loss.
+        The reference's loss also runs when the model's own call would do more than the fused
+        path: hooks on the model (or on every module), or a subclass's ``forward``."""
+        if not isinstance(tokens, torch.Tensor) or tokens.device.type != "cpu" \
+                or type(self).forward is not PaLM.forward or parts_hooked(self):
             return super().loss(tokens, targets)   # (which also names a bad argument)
         tokens, targets = self._loss_inputs(tokens, targets)
         self._check_tokens(tokens)   # (this path has no forward call to check them)
