@@ -125,7 +125,9 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     """Take ``model`` apart for generation (see :class:`DecoderParts`).
 
     Supported: ``palm_fast.reference.PaLM``, ``palm_fast.nn.PaLM`` and any class given to
-    :func:`register_decoder_parts`. Raises TypeError for an unsupported model class and
+    :func:`register_decoder_parts`, and their subclasses that keep the registered class's
+    ``forward``. Raises TypeError for an unsupported model class (or a subclass with its own
+    ``forward``) and
     ValueError for a supported class with an unsupported layout (e.g. more than one K/V head).
     """
     if not isinstance(model, nn.Module):
@@ -136,6 +138,13 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     _load_builtins()   # (registers PaLM-pytorch's layout once that package is imported)
     for cls in type(model).__mro__:
         if cls in _PARTS_REGISTRY:
+            if getattr(type(model), "forward", None) is not getattr(cls, "forward", None):
+                # (a subclass's forward, e.g. a logit bias, would be skipped: the parts of the
+                # registered layout are run instead)
+                raise TypeError(f"model: {type(model).__qualname__} overrides forward() of "
+                                f"{cls.__module__}.{cls.__qualname__}, which generate would not "
+                                f"run; if its logits are the same, register the class with "
+                                f"palm_fast.generation.register_decoder_parts")
             parts = _PARTS_REGISTRY[cls](model)
             break
     else:

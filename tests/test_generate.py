@@ -16,6 +16,7 @@ from torch import nn
 import palm_fast
 from palm_fast import PaLMConfig, get_config
 from palm_fast.generation import (
+    _PARTS_REGISTRY,
     DecoderParts,
     _prepare_layers,
     decoder_parts,
@@ -313,6 +314,39 @@ def test_register_decoder_parts_for_a_custom_layout():
     assert all(torch.equal(o, inner.generate(p[None], 8)[0]) for o, p in zip(out, prompts))
     with pytest.raises(TypeError, match="cls"):
         register_decoder_parts("Wrapper", lambda m: None)
+
+
+def test_a_subclass_with_its_own_forward_is_refused_unless_registered():
+    """generate runs the registered layout's parts, never the model's forward: a subclass
+    adding a logit bias in forward() decoded as its base class (silently other tokens). It
+    is refused; a subclass that keeps forward still decodes; registering the subclass is the
+    caller's statement that its logits are the base's."""
+    cfg = CONFIGS["tiny"]
+    base = lively(cfg, seed=21)
+
+    class Biased(type(base)):
+        def forward(self, tokens, *args, **kwargs):
+            out = super().forward(tokens, *args, **kwargs)
+            return out + 100.0 * (torch.arange(out.shape[-1]) == 7)
+
+    class Plain(type(base)):
+        pass
+
+    prompts = ragged_prompts(cfg.vocab_size, (4, 6), seed=22)
+    for cls in (Biased, Plain):
+        m = cls(cfg).eval()
+        m.load_state_dict(base.state_dict())
+        if cls is Biased:
+            with pytest.raises(TypeError, match="overrides forward"):
+                palm_fast.generate(m, prompts, 4)
+            register_decoder_parts(Biased, _PARTS_REGISTRY[type(base)])
+            try:
+                palm_fast.generate(m, prompts, 4)     # the caller's word: accepted
+            finally:
+                del _PARTS_REGISTRY[Biased]
+        else:
+            out = palm_fast.generate(m, prompts, 4)
+            assert all(torch.equal(o, base.generate(p[None], 4)[0]) for o, p in zip(out, prompts))
 
 
 def test_fast_palm_generates_like_the_reference():
