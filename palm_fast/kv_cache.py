@@ -150,6 +150,19 @@ class PrefixGroup:
     pages: tuple[int, ...]
 
 
+
+def _index_list(name: str, value, also: str = "") -> list:
+    """Sequence indices given as an int (Python or numpy), a list / tuple / range of them, or
+    an integer tensor or numpy array (any shape), as a list; the entries are checked by the
+    caller. Raises TypeError naming ``name``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, (list, tuple, range)):
+        return list(value)
+    if isinstance(value, torch.Tensor) or (type(value).__module__ == "numpy" and hasattr(value, "reshape")):
+        return value.reshape(-1).tolist()
+    raise TypeError(f"{name}: expected {also}an int or a list of ints, got {type(value).__name__}")
+
 class KVCache:
     """Preallocated MQA key/value cache; see the module docstring.
 
@@ -410,14 +423,7 @@ class KVCache:
         """Empty the sequences ``seqs`` (an int or a list of ints; default all): their lengths
         become 0 and their pages (paged) go back to the free list once no other sequence
         shares them. The cached values themselves are left in place."""
-        if seqs is None:
-            seqs = list(range(self.batch))
-        elif isinstance(seqs, int) and not isinstance(seqs, bool):
-            seqs = [seqs]
-        elif isinstance(seqs, bool) or not isinstance(seqs, (list, tuple, range, torch.Tensor)):
-            raise TypeError(f"seqs: expected None, an int or a list of ints, got {type(seqs).__name__}")
-        if isinstance(seqs, torch.Tensor):
-            seqs = seqs.reshape(-1).tolist()
+        seqs = list(range(self.batch)) if seqs is None else _index_list("seqs", seqs, "None, ")
         seqs = [self._check_seq("seqs", b) for b in seqs]
         for b in set(seqs):
             self._host_lengths[b] = 0
@@ -444,10 +450,7 @@ class KVCache:
         the page-aligned part of the prefix), which ``mqa_decode`` reads once for all."""
         self._require_paged("fork")
         src = self._check_seq("src", src)
-        if isinstance(dst, bool) or not isinstance(dst, (int, list, tuple, range)):
-            raise TypeError(f"dst: expected an int or a list of ints, got {type(dst).__name__}")
-        dsts = [dst] if isinstance(dst, int) else list(dst)
-        dsts = [self._check_seq("dst", d) for d in dsts]
+        dsts = [self._check_seq("dst", d) for d in _index_list("dst", dst)]
         if not dsts:
             raise ValueError("dst: expected at least one sequence index, got none")
         if len(set(dsts)) != len(dsts) or src in dsts:

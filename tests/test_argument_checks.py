@@ -94,6 +94,20 @@ def test_numpy_integers_are_ints_everywhere():
     q = randn(2, 2, 8)
     assert torch.equal(ops.mqa_decode(q, cache, np.int64(0), cache.lengths),
                        ops.mqa_decode(q, cache, 0, cache.lengths))
+    # the sequence indices of fork / reset too (an int, or an array of them)
+    paged = KVCache(1, 4, 16, 8, page_size=4)
+    paged.append(0, randn(4, 6, 8), randn(4, 6, 8), torch.tensor([6, 0, 0, 0]))
+    paged.advance(torch.tensor([6, 0, 0, 0]))
+    paged.fork(np.int64(0), np.int64(1))
+    paged.fork(0, np.array([2, 3]), np.int32(4))
+    assert paged.lengths.tolist() == [6, 6, 4, 4]
+    paged.reset(np.int64(1))
+    paged.reset(np.array([[2], [3]]))
+    assert paged.lengths.tolist() == [6, 0, 0, 0]
+    with pytest.raises(TypeError, match="dst: expected an int or a list of ints, got float"):
+        paged.fork(0, 1.0)
+    with pytest.raises(TypeError, match="seqs: expected an int, got float"):
+        paged.reset(np.array([1.0]))
     qq, kk = randn(1, 3, 2, 8), randn(1, 3, 1, 8)
     assert torch.equal(ops.rope(qq, kk, rotary_dim=np.int64(4))[0], ops.rope(qq, kk, rotary_dim=4)[0])
     _, fast = _block()
