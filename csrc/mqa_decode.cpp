@@ -517,6 +517,7 @@ std::vector<at::Tensor> mqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_
   TORCH_CHECK(ends.scalar_type() == at::kInt && ends.is_contiguous() && ends.numel() == B,
               "ends: expected a contiguous int32 [B] tensor");
   const int64_t N = k_cache.size(1), P = k_cache.size(2);
+  TORCH_CHECK(P > 0, "k_cache: expected at least one token per page");
   const int32_t* tp = nullptr;
   int64_t n_blocks = 0;
   if (page_table.has_value()) {
@@ -548,6 +549,7 @@ std::vector<at::Tensor> mqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_
   }
   at::Tensor o = at::empty({B, R, hd}, q.options().dtype(fp32_out ? at::kFloat : q.scalar_type()));
   at::Tensor lse = at::empty({B, R}, q.options().dtype(at::kFloat));
+  if (B == 0 || R == 0) return {o, lse};  // (no rows: and the row grouping would divide by 0)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mqa_decode_cpu", [&] {
     decode_kernel<scalar_t>(q, k_cache, v_cache, tp, n_blocks, sp, ep, layer, static_cast<float>(scale), o, lse);
   });
@@ -624,6 +626,7 @@ void rope_append_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   }
   TORCH_CHECK(0 <= layer && layer < k_cache.size(0), "layer out of range");
   const int64_t B = k.size(0), T = k.size(1), N = k_cache.size(1), P = k_cache.size(2);
+  TORCH_CHECK(P > 0, "k_cache: expected at least one token per page");
   TORCH_CHECK(lengths.scalar_type() == at::kInt && lengths.is_contiguous() && lengths.numel() == B &&
                   n_new.scalar_type() == at::kInt && n_new.is_contiguous() && n_new.numel() == B,
               "lengths, n_new: expected contiguous int32 [B] tensors");
@@ -705,6 +708,7 @@ at::Tensor prefix_merge_cpu(const at::Tensor& o_pre, const at::Tensor& lse_pre, 
   TORCH_CHECK(o_suf.dim() == 3 && o_suf.scalar_type() == at::kFloat && o_suf.is_contiguous(),
               "o_suf: expected a contiguous fp32 [B, H, hd] tensor");
   const int64_t B = o_suf.size(0), H = o_suf.size(1), hd = o_suf.size(2);
+  TORCH_CHECK(H > 0 && hd > 0, "o_suf: expected at least one head and one feature");
   TORCH_CHECK(o_pre.scalar_type() == at::kFloat && o_pre.is_contiguous() && o_pre.numel() % (H * hd) == 0,
               "o_pre: expected a contiguous fp32 [G * M, H, hd] tensor");
   const int64_t rows = o_pre.numel() / (H * hd);

@@ -155,3 +155,21 @@ def test_no_query_heads_gives_zero_kv_gradients():
     k, v = randn(2, 8, 16).requires_grad_(), randn(2, 8, 16).requires_grad_()
     causal_mqa_attention(q, k, v).sum().backward()
     assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
+def test_many_heads_tiny_head_dim_bounds_the_backward_scratch():
+    """The backward's per-thread score scratch is tb * H rows of T floats (twice): with many
+    heads and a tiny head dim (inside CPU_MQA_MAX_KV; T = 49152 at head dim 1 and 64 heads
+    asked for 19 GB per buffer) the token block is now capped (here 28 tokens instead of 32,
+    37 blocks per sequence instead of 32); the gradients are unchanged. The fp64 reference
+    runs 16 heads at a time."""
+    B, T, H, D = 1, 1024, 72, 2
+    q, k, v = randn(B, T, H, D), randn(B, T, 1, D), randn(B, T, 1, D)
+    g = randn(B, T, H, D)
+    ours = _fwd_bwd(_ours, q, k, v, g)
+    parts = [_fwd_bwd(_ref, q[:, :, h:h + 16].double(), k.double(), v.double(), g[:, :, h:h + 16].double())
+             for h in range(0, H, 16)]
+    ref = (torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2),
+           sum(p[2] for p in parts), sum(p[3] for p in parts))
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5, msg=name)

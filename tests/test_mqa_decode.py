@@ -683,3 +683,26 @@ def test_triton_decode_clamps_lengths_to_the_cache(page_size):
         want = tk.mqa_decode(*args, ends(clamped), 0, 0.3, True)
         for a, b in zip(got, want):   # (bitwise; the unwritten slots may hold NaN)
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_cpp_guards_on_empty_shapes_raise_instead_of_dividing_by_zero():
+    """The registered ops skip the Python checks (``torch.ops.palm_fast.*``): zero query rows
+    now return empty outputs, and a cache with zero tokens per page or a merge with zero
+    heads raise RuntimeError. All four crashed the process (integer division by zero)."""
+    i32 = torch.int32
+    o, lse = torch.ops.palm_fast.mqa_decode(torch.randn(2, 0, 8), torch.randn(1, 2, 16, 8),
+                                            torch.randn(1, 2, 16, 8), None, None,
+                                            torch.tensor([3, 5], dtype=i32), 0, 1.0, False)
+    assert o.shape == (2, 0, 8) and lse.shape == (2, 0)
+    empty = torch.randn(1, 2, 0, 8)
+    table = torch.zeros(1, 1, dtype=i32)
+    with pytest.raises(RuntimeError, match="at least one token per page"):
+        torch.ops.palm_fast.mqa_decode(torch.randn(1, 1, 8), empty, empty.clone(), table, None,
+                                       torch.zeros(1, dtype=i32), 0, 1.0, False)
+    with pytest.raises(RuntimeError, match="at least one token per page"):
+        torch.ops.palm_fast.rope_append(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8),
+                                        empty, empty.clone(), table, torch.zeros(1, dtype=i32),
+                                        torch.zeros(1, dtype=i32), None, torch.ones(4), 0, False)
+    with pytest.raises(RuntimeError, match="at least one head and one feature"):
+        cpp().prefix_merge_cpu(torch.zeros(2, 4, 0), torch.zeros(2, 4), torch.tensor([0, 1], dtype=i32),
+                               torch.zeros(2, 4, 0), torch.zeros(2, 4), torch.float32)
