@@ -86,6 +86,7 @@ from ._common import (
     smem_per_block,
 )
 from .rope import precise_trig, rope_cos_sin
+from .swiglu import precise_exp, sigmoid_exp
 
 
 def _cfg(bm, bn, bk, group, warps, stages):
@@ -216,6 +217,7 @@ def _in_proj_fwd(
     STORE_FF: tl.constexpr,    # also write the pre-activation (training)
     UPCAST: tl.constexpr,      # fp32 dot operands (interpreter)
     PRECISE_TRIG: tl.constexpr,  # libdevice cos/sin (GPU)
+    PRECISE_EXP: tl.constexpr,   # libdevice exp in the SwiGLU sigmoid (fp32 on the GPU)
     DOT_PREC: tl.constexpr,    # tl.dot input precision ("ieee" / "tf32")
     EVEN_K: tl.constexpr,      # BLOCK_K divides K: no K-tail masks
     INTERLEAVED: tl.constexpr,  # w_a / w_b interleaved rows of one buffer (one dot per K step)
@@ -284,7 +286,7 @@ def _in_proj_fwd(
         # SwiGLU pairs: a = value, b = gate
         ff_ok = row_ok[:, None] & pair_ok[None, :]
         f = pairs - P_QKV
-        h = acc_b / (1.0 + tl.exp(-acc_b)) * acc_a
+        h = acc_b / (1.0 + sigmoid_exp(-acc_b, PRECISE_EXP)) * acc_a
         tl.store(h_ptr + rows64[:, None] * F + f[None, :], h.to(h_ptr.dtype.element_ty), mask=ff_ok)
         if STORE_FF:
             ff_row = ff_ptr + rows64[:, None] * (2 * F) + f[None, :]
@@ -623,7 +625,7 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
     if M == 0:
         return q, k, v, h, ff
     flags = dict(STORE_FF=bool(store_ff), UPCAST=interpreting(),
-                 PRECISE_TRIG=precise_trig(xn.device), DOT_PREC=dot_precision(dt),
+                 PRECISE_TRIG=precise_trig(xn.device), PRECISE_EXP=precise_exp(h), DOT_PREC=dot_precision(dt),
                  INTERLEAVED=w_interleaved)
     eb = 4 if dt == torch.float32 else 2
     target = pipeline_target(dev)

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, check_launch_device, next_pow2
+from .rope import libdevice, precise_trig
 
 # Elements per program (BLOCK_R * BLOCK_F), and the widest column block. Swept on an H100
 # (bf16, 16384 x 8192 and 4096 x 4096): 4096 x 4096 gave 97-98% of copy bandwidth
@@ -42,10 +43,27 @@ _TILE_ELEMS = 4096
 _MAX_BLOCK_F = 4096
 
 
+def precise_exp(out: torch.Tensor) -> bool:
+    """Whether the sigmoid of a kernel writing ``out`` takes libdevice's exp: fp32 outputs on
+    the GPU. ``tl.exp`` is ``ex2.approx`` of the fp32-rounded ``x * log2(e)``: about 5e-8 * |x|
+    relative error (4e-6 at gate -80, an fp32 output off by 1e-4 at value 1e30, where torch's
+    expf is within 2 ulp); far below a bf16 / fp16 output's rounding, which keeps tl.exp."""
+    return out.dtype == torch.float32 and precise_trig(out.device)
+
+
 @triton.jit
-def _sigmoid_silu(gate):
+def sigmoid_exp(x, PRECISE_EXP: tl.constexpr):
+    """exp(x) for the SwiGLU sigmoid: libdevice's when PRECISE_EXP (see precise_exp)."""
+    if PRECISE_EXP:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _sigmoid_silu(gate, PRECISE_EXP: tl.constexpr):
     """fp32 ``(sigmoid(gate), silu(gate))``; exp overflows to inf for very negative gate -> s = 0."""
-    sig = 1.0 / (1.0 + tl.exp(-gate))
+    sig = 1.0 / (1.0 + sigmoid_exp(-gate, PRECISE_EXP))
     return sig, gate * sig
 
 
@@ -59,6 +77,7 @@ def _swiglu_fwd(
     stride_out_row,  # elements between consecutive rows of out (= F)
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_F: tl.constexpr,  # columns per program (power of two)
+    PRECISE_EXP: tl.constexpr,  # libdevice exp in the sigmoid (fp32 on the GPU)
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -67,7 +86,7 @@ def _swiglu_fwd(
     x_tile = x_ptr + rows[:, None] * stride_x_row + cols[None, :]
     value = tl.load(x_tile, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(x_tile + F, mask=mask, other=0.0).to(tl.float32)
-    _, silu = _sigmoid_silu(gate)
+    _, silu = _sigmoid_silu(gate, PRECISE_EXP)
     out = silu * value
     tl.store(out_ptr + rows[:, None] * stride_out_row + cols[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -85,6 +104,7 @@ def _swiglu_bwd(
     stride_gx_row,  # elements between consecutive rows of grad_x (= 2F)
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_F: tl.constexpr,  # columns per program (power of two)
+    PRECISE_EXP: tl.constexpr,  # libdevice exp in the sigmoid (fp32 on the GPU)
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -95,11 +115,11 @@ def _swiglu_bwd(
     x_tile = x_ptr + rows[:, None] * stride_x_row + cols[None, :]
     value = tl.load(x_tile, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(x_tile + F, mask=mask, other=0.0).to(tl.float32)
-    sig, silu = _sigmoid_silu(gate)
+    sig, silu = _sigmoid_silu(gate, PRECISE_EXP)
     d_value = g * silu
     # 1 - s = sigmoid(-gate) = exp(-gate) * s: for gate >= 0 (s near 1) without the
     # cancellation of 1 - s; for gate < 0 exp(-gate) may overflow, and 1 - s has none
-    one_minus = tl.where(gate >= 0.0, tl.exp(-gate) * sig, 1.0 - sig)
+    one_minus = tl.where(gate >= 0.0, sigmoid_exp(-gate, PRECISE_EXP) * sig, 1.0 - sig)
     d_gate = g * value * sig * (1.0 + gate * one_minus)
     gx_tile = grad_x_ptr + rows[:, None] * stride_gx_row + cols[None, :]
     tl.store(gx_tile, d_value.to(grad_x_ptr.dtype.element_ty), mask=mask)
@@ -144,7 +164,8 @@ def swiglu_fwd(x: torch.Tensor) -> torch.Tensor:
     block_r, block_f, num_warps = tile_config(n_rows, F)
     grid = (cdiv(n_rows, block_r), cdiv(F, block_f))
     _swiglu_fwd[grid](x2, out, n_rows, F, x2.stride(0), F,
-                      BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps)
+                      BLOCK_R=block_r, BLOCK_F=block_f, PRECISE_EXP=precise_exp(out),
+                      num_warps=num_warps)
     return out
 
 
@@ -165,5 +186,6 @@ def swiglu_bwd(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     block_r, block_f, num_warps = tile_config(n_rows, F)
     grid = (cdiv(n_rows, block_r), cdiv(F, block_f))
     _swiglu_bwd[grid](g2, x2, grad_x, n_rows, F, g2.stride(0), x2.stride(0), 2 * F,
-                      BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps)
+                      BLOCK_R=block_r, BLOCK_F=block_f, PRECISE_EXP=precise_exp(grad_x),
+                      num_warps=num_warps)
     return grad_x

@@ -329,7 +329,8 @@ def _swiglu_bwd_into(ks, grad_out, x, out):
     block_r, block_f, num_warps = ks.tile_config(n_rows, F_)
     grid = (cdiv(n_rows, block_r), cdiv(F_, block_f))
     ks._swiglu_bwd[grid](grad_out, x, out, n_rows, F_, grad_out.stride(0), x.stride(0), out.stride(0),
-                         BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps)
+                         BLOCK_R=block_r, BLOCK_F=block_f, PRECISE_EXP=ks.precise_exp(out),
+                         num_warps=num_warps)
 
 
 @torch.library.custom_op("palm_fast::block_in_proj_bwd", mutates_args=())
