@@ -252,6 +252,10 @@ def layer_norm() -> None:
     g.output("m", g.max(g.where(g.binary("gt", xi, g.const(0.0)), xi, g.const(float("-inf")))))
     g.output("c", g.mul(g.sum(xi, "col"), s))
     g.output("y", g.mul(xi, s))
+    # div / sqrt (round-to-nearest forms) between every pair of spaces
+    sq = g.binary("div", g.unary("sqrt", g.add(g.unary("abs", xi), e)), g.add(g.sum(g.unary("abs", xi)), e))
+    g.output("d", g.binary("div", sq, g.unary("sqrt", g.binary("div", e, g.const(3.0)))))
+    g.output("dc", g.binary("div", g.sum(xi, "col"), e))
     for N in (4096, 40000):
         _case("layer_norm", f"scalar math N={N}")
         compile_graph(g, "full")(x=_empty(M, N), e=0.5)

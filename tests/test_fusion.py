@@ -774,3 +774,27 @@ def test_cse_keeps_operand_order_of_non_commutative_ops_and_folds_n_powers():
     for name, want in (("d1", ta - tb), ("d2", tb - ta), ("q1", ta / tb), ("q2", tb / ta),
                        ("s", 2 * (ta + tb)), ("k", ta * 0.5)):
         torch.testing.assert_close(r[name], want, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_div_and_sqrt_round_to_nearest_between_all_spaces():
+    """div and sqrt are emitted as tl.div_rn / tl.sqrt_rn (on a GPU ``/`` is div.full, 2 ulp,
+    and tl.sqrt is sqrt.approx.ftz: 0 for a subnormal argument); scalar / row / stat / col
+    operands in every combination, compiled for sm_90 by tests/lower_for_gpu.py too."""
+    g = Graph("div_sqrt")
+    xi, wi, e = g.input("x", "row"), g.input("w", "col"), g.input("e", "scalar")
+    sq = g.binary("div", g.unary("sqrt", g.add(g.unary("abs", xi), e)), g.add(g.sum(g.unary("abs", xi)), e))
+    g.output("d", g.binary("div", sq, g.unary("sqrt", g.binary("div", e, g.const(3.0)))), "x")
+    g.output("dw", g.binary("div", wi, g.unary("sqrt", e)))
+    g.output("dc", g.binary("div", g.sum(xi, "col"), e))
+    src = explain(g, "full", M=4, N=300, file=None)
+    assert "tl.div_rn(" in src and "tl.sqrt_rn(" in src and "tl.sqrt(" not in src
+    x = randn(5, 300, device=DEV)
+    w = randn(300, device=DEV)
+    e = 0.7
+    for opts in ({}, {"max_block": 64, "loop_block": 64}):
+        r = compile_graph(g, "full", **opts)(x=x, w=w, e=e)
+        xd, wd = x.double(), w.double()
+        sqd = (xd.abs() + e).sqrt() / (xd.abs().sum(1, keepdim=True) + e)
+        torch.testing.assert_close(r["d"].double(), sqd / math.sqrt(e / 3.0), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(r["dw"].double(), wd / math.sqrt(e), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(r["dc"].double(), xd.sum(0) / e, rtol=1e-5, atol=1e-5)

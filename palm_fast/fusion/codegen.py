@@ -69,9 +69,12 @@ MAX_TILED_PARTIAL = 32768  # groups with column partials (more [N] values held) 
 # form (``reload=True``, no spills) 0.891 / 0.844 / 0.884 ms (probe 6).
 PARTIAL_TILED_WARPS = 8
 
-_UNARY = {"neg": "-({0})", "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl.sqrt({0})",
+# sqrt and div round to nearest, as torch's: on a GPU ``tl.sqrt`` is sqrt.approx.ftz (a
+# subnormal argument gives 0) and ``/`` div.full (2 ulp); the LayerNorm / RMSNorm graphs use
+# neither (rsqrt, and products with 1/N).
+_UNARY = {"neg": "-({0})", "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl.sqrt_rn({0})",
           "rsqrt": "tl.rsqrt({0})", "abs": "tl.abs({0})"}
-_BINARY = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
+_BINARY = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "tl.div_rn({0}, {1})",
            "max": "_nan_max({0}, {1})", "min": "_nan_min({0}, {1})",
            "gt": "({0} > {1}).to(tl.float32)", "lt": "({0} < {1}).to(tl.float32)"}
 _NEUTRAL = {"sum": "0.0", "max": "float('-inf')"}
