@@ -20,6 +20,7 @@ from palm_fast.fusion import (
     codegen,
     compile_graph,
     cse,
+    dce,
     expanders,
     explain,
     fuse,
@@ -798,3 +799,44 @@ def test_div_and_sqrt_round_to_nearest_between_all_spaces():
         torch.testing.assert_close(r["d"].double(), sqd / math.sqrt(e / 3.0), rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(r["dw"].double(), wd / math.sqrt(e), rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(r["dc"].double(), xd.sum(0) / e, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_building_mistakes_raise():
+    """Found by writing new clients: a graph name that is not an identifier made a kernel
+    that did not parse; ``g.mul(e, 2)`` (meaning a constant) multiplied by node %2; a handle
+    of another graph was taken as this graph's node; an input named ``self`` could not be
+    passed to the compiled graph."""
+    with pytest.raises(ValueError, match="name: expected a Python identifier"):
+        Graph("my-softmax")
+    g = Graph("t")
+    x, w = g.input("x", "row"), g.input("w", "col")
+    e = g.exp(x)
+    with pytest.raises(ValueError, match=r"g.const\(2.0\)"):
+        g.mul(e, 2)
+    with pytest.raises(ValueError, match="not a node of this graph"):
+        g.output("y", 0)
+    other = Graph("other")
+    xo = other.input("x", "row")
+    with pytest.raises(ValueError, match="node of another graph"):
+        g.mul(xo, w)
+    h = Graph("selfish")
+    s_in = h.input("self", "row")
+    h.output("y", h.mul(s_in, h.const(2.0)), "self")
+    xt = randn(2, 8, device=DEV)
+    torch.testing.assert_close(compile_graph(h, "full")(self=xt)["y"], xt * 2)
+
+
+def test_scale_fold_with_an_n_power_keeps_the_range_for_every_n():
+    """(x * N) * 1e38 was folded to x * (1e38 N), which overflows fp32 at N = 1000 (the
+    op-by-op result is 1e36); (x * c) * (12 / N) still folds (normal for any N)."""
+    g = Graph("fold_n")
+    x = g.input("x", "row")
+    g.output("y", g.mul(g.mul(x, g.const(1.0, n_pow=1)), g.const(1e38)), "x")
+    s = dce(simplify(g))
+    assert sum(n.op == "mul" for n in s.compute_nodes()) == 2
+    y = compile_graph(g, "full")(x=torch.full((2, 1000), 1e-5, device=DEV))["y"]
+    torch.testing.assert_close(y, torch.full_like(y, 1e-5 * 1000 * 1e38), rtol=1e-5, atol=0)
+    g2 = Graph("fold_ok")
+    x2 = g2.input("x", "row")
+    g2.output("y", g2.mul(g2.mul(x2, g2.const(6.0)), g2.const(2.0, n_pow=-1)), "x")
+    assert sum(n.op == "mul" for n in dce(simplify(g2)).compute_nodes()) == 1

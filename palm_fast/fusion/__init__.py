@@ -7,8 +7,8 @@ and each kernel's Triton source is generated, cached and launched (:mod:`.codege
 """
 from . import expanders
 from .codegen import CompiledGraph, compile_graph, explain
-from .ir import Graph, Node
+from .ir import Graph, Node, NodeId
 from .passes import MODES, FusionError, Partition, Schedule, cse, dce, fuse, prepare, simplify
 
-__all__ = ["MODES", "CompiledGraph", "FusionError", "Graph", "Node", "Partition", "Schedule",
+__all__ = ["MODES", "CompiledGraph", "FusionError", "Graph", "Node", "NodeId", "Partition", "Schedule",
            "compile_graph", "cse", "dce", "expanders", "explain", "fuse", "prepare", "simplify"]

@@ -899,7 +899,7 @@ class CompiledGraph:
                                 reload=self._reload(grp, looped, tiles)))
         return out
 
-    def __call__(self, **inputs) -> dict[str, torch.Tensor]:
+    def __call__(self, /, **inputs) -> dict[str, torch.Tensor]:
         """Run the graph. The first call per input signature (shapes, strides, dtypes,
         devices) validates the inputs and records a launch plan; later calls with the same
         signature only allocate the outputs and launch (the Python cost per call matters:

@@ -39,6 +39,20 @@ COMMUTATIVE = ("add", "mul", "max", "min")
 CAST_DTYPES = ("float32", "float16", "bfloat16")
 
 
+class NodeId(int):
+    """A node handle: the node's index in its graph, tied to that graph. The builders take
+    only handles of their own graph, so ``g.mul(x, 2)`` is an error (a constant is
+    ``g.const(2.0)``), not x times node 2, and a handle of another graph is refused."""
+
+    def __new__(cls, index: int, graph: Graph):
+        h = super().__new__(cls, index)
+        h.graph = graph
+        return h
+
+    def __reduce__(self):   # (pickles as a plain int: the handle is a build-time check)
+        return int, (int(self),)
+
+
 @dataclass(frozen=True)
 class Node:
     """One op. ``inputs`` are node ids; ``attrs`` a sorted tuple of (key, value) pairs."""
@@ -90,18 +104,30 @@ class Graph:
     inputs: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, tuple[int, str]] = field(default_factory=dict)
 
+    def __post_init__(self):
+        if not (isinstance(self.name, str) and self.name.isidentifier()):
+            raise ValueError(f"name: expected a Python identifier (it names the generated kernels), "
+                             f"got {self.name!r}")
+
     # ---- building -------------------------------------------------------------------
-    def _add(self, op, inputs, space, attrs=(), name="") -> int:
+    def _add(self, op, inputs, space, attrs=(), name="") -> NodeId:
+        """Append a node (passes; the public builders check their operands first)."""
         for i in inputs:
             if not (isinstance(i, int) and 0 <= i < len(self.nodes)):
                 raise ValueError(f"{op}: operand {i!r} is not a node of this graph")
-        node = Node(len(self.nodes), op, tuple(inputs), space, tuple(sorted(attrs)), name)
+        node = Node(len(self.nodes), op, tuple(int(i) for i in inputs), space, tuple(sorted(attrs)), name)
         self.nodes.append(node)
-        return node.id
+        return NodeId(node.id, self)
 
     def _space(self, i) -> str:
-        if not (isinstance(i, int) and 0 <= i < len(self.nodes)):
-            raise ValueError(f"operand {i!r} is not a node of this graph")
+        """The space of operand ``i``, a handle this graph's builders returned."""
+        if not (isinstance(i, NodeId) and i.graph is self and 0 <= i < len(self.nodes)):
+            if isinstance(i, NodeId):
+                raise ValueError(f"operand %{int(i)} is a node of another graph, not of {self.name!r}")
+            hint = f"; for a constant use g.const({float(i)!r})" if isinstance(i, (int, float)) \
+                and not isinstance(i, bool) else ""
+            raise ValueError(f"operand {i!r} is not a node of this graph (pass the handles its "
+                             f"builders return{hint})")
         return self.nodes[i].space
 
     def input(self, name: str, space: str) -> int:

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..ops._checks import FP32_MAX, FP32_TINY
-from .ir import COMMUTATIVE, Graph, Node
+from .ir import COMMUTATIVE, Graph, Node, NodeId
 
 MODES = ("mindspore", "full")
 
@@ -57,10 +57,17 @@ def _const(g: Graph, i: int):
     return (n.attr("value"), n.attr("n_pow")) if n.op == "const" else None
 
 
+def _normal_for_any_n(value: float, n_pow: int) -> bool:
+    """Whether ``value * N**n_pow`` is a normal fp32 number for every N in [1, 2^31] (it is
+    monotonic in N: the two ends bound it)."""
+    return all(FP32_TINY <= abs(value) * float(n) ** n_pow <= FP32_MAX for n in (1, 2 ** 31))
+
+
 def simplify(graph: Graph) -> Graph:
     """Simple algebra: fold constant expressions (``c1 * N**p1 op c2 * N**p2``), drop
     ``x * 1``, ``x / 1``, ``x + (-0)``, ``x - (+0)``, ``--x``, and fold chained constant
-    scalings ``(x * c1) * c2 -> x * (c1 * c2)`` where ``c1 * c2`` is a normal fp32 number.
+    scalings ``(x * c1) * c2 -> x * (c1 * c2)`` where ``c1 * c2`` is a normal fp32 number
+    (for every row length N, when it has an ``N**p`` factor).
     Constants go to the right of commutative ops."""
 
     def visit(g: Graph, n: Node, ins):
@@ -89,8 +96,10 @@ def simplify(graph: Graph) -> Graph:
                 # reassociated only where c1 * c2 is a normal fp32 number: (x * 1e30) * 1e-30
                 # must not become x * 0 (nor x * inf); the result can still differ from the
                 # op-by-op one in the last bit, or where x * c1 alone would overflow
-                if FP32_TINY <= abs(vc * cb[0]) <= FP32_MAX:
-                    return g.mul(inner_x, g.const(vc * cb[0], pc + cb[1]))
+                # for every row length N in [1, 2^31] when it has an N**p factor ((x * N) *
+                # 1e38 overflowed at N = 1000)
+                if _normal_for_any_n(vc * cb[0], pc + cb[1]):
+                    return g.mul(NodeId(inner_x, g), g.const(vc * cb[0], pc + cb[1]))
         if n.op == "neg" and g.nodes[ins[0]].op == "neg":
             return g.nodes[ins[0]].inputs[0]
         if n.op in ("input", "const"):
