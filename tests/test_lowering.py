@@ -116,21 +116,21 @@ def test_projection_kernels(report):
 
 
 def test_fusion_kernels(report):
-    """The generated LayerNorm / add + LN / RMSNorm kernels: one block per row, tiled rows
-    (N = 18432), looped rows (N = 40000), the re-reading backward and the mindspore
-    grouping's three kernels."""
+    """The generated LayerNorm (with the mean correction: ``_mc``) / add + LN / RMSNorm kernels:
+    one block per row, tiled rows (N = 18432), looped rows (N = 40000), the re-reading
+    backward and the mindspore grouping's three kernels."""
     names = {r["kernel"] for r in _kernels(report, "layer_norm")}
-    for want in ("fused_layer_norm_fwd_nobias_full_g0", "fused_layer_norm_fwd_full_g0",
+    for want in ("fused_layer_norm_fwd_nobias_mc_full_g0", "fused_layer_norm_fwd_mc_full_g0",
                  "fused_layer_norm_bwd_nobias_full_g0", "fused_layer_norm_bwd_nobias_full_g1",
-                 "fused_layer_norm_fwd_nobias_full_g0_looped", "fused_layer_norm_bwd_nobias_full_g0_looped",
+                 "fused_layer_norm_fwd_nobias_mc_full_g0_looped", "fused_layer_norm_bwd_nobias_full_g0_looped",
                  "fused_layer_norm_bwd_nobias_full_g0_t9", "fused_layer_norm_bwd_nobias_full_g0_t9_rl",
-                 "fused_add_layer_norm_fwd_nobias_bfloat16_full_g0_t9", "fused_rms_norm_fwd_full_g0",
+                 "fused_add_layer_norm_fwd_nobias_bfloat16_mc_full_g0_t9", "fused_rms_norm_fwd_full_g0",
                  "fused_rms_norm_bwd_full_g0", "fused_layer_norm_fwd_nobias_mindspore_g2",
                  "fused_generic_full_g0_looped", "fused_scalars_full_g0_looped"):
         assert want in names, (want, sorted(names))
-    assert any(n.startswith("fused_layer_norm_fwd_nobias_full_g0_t9_r") for n in names)
+    assert any(n.startswith("fused_layer_norm_fwd_nobias_mc_full_g0_t9_r") for n in names)
     # wide rows take more warps (the runner's GPU rule; under the interpreter warps are not set)
-    wide = _kernels(report, "layer_norm", "fused_layer_norm_fwd_nobias_full_g0", "N=8192")
+    wide = _kernels(report, "layer_norm", "fused_layer_norm_fwd_nobias_mc_full_g0", "N=8192")
     assert wide and wide[0]["num_warps"] == 16
 
 
