@@ -122,7 +122,8 @@ def test_fusion_kernels(report):
     names = {r["kernel"] for r in _kernels(report, "layer_norm")}
     for want in ("fused_layer_norm_fwd_nobias_mc_full_g0", "fused_layer_norm_fwd_mc_full_g0",
                  "fused_layer_norm_bwd_nobias_full_g0", "fused_layer_norm_bwd_nobias_full_g1",
-                 "fused_layer_norm_fwd_nobias_mc_full_g0_looped", "fused_layer_norm_bwd_nobias_full_g0_looped",
+                 "fused_layer_norm_fwd_nobias_mc_full_g0_looped",
+                 "fused_layer_norm_bwd_nobias_full_g0_looped",
                  "fused_layer_norm_bwd_nobias_full_g0_t9", "fused_layer_norm_bwd_nobias_full_g0_t9_rl",
                  "fused_add_layer_norm_fwd_nobias_bfloat16_mc_full_g0_t9", "fused_rms_norm_fwd_full_g0",
                  "fused_rms_norm_bwd_full_g0", "fused_layer_norm_fwd_nobias_mindspore_g2",
