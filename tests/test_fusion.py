@@ -6,7 +6,9 @@ long-row variant is also exercised cheaply at small N through a small ``max_bloc
 """
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -819,6 +821,11 @@ def test_graph_building_mistakes_raise():
     xo = other.input("x", "row")
     with pytest.raises(ValueError, match="node of another graph"):
         g.mul(xo, w)
+    # a copied graph's handles belong to the copy
+    for g2 in (copy.deepcopy(g), pickle.loads(pickle.dumps(g))):
+        g2.output("y", g2.mul(g2.inputs["x"], g2.inputs["w"]), "x")
+        with pytest.raises(ValueError, match="node of another graph"):
+            g2.mul(x, w)
     h = Graph("selfish")
     s_in = h.input("self", "row")
     h.output("y", h.mul(s_in, h.const(2.0)), "self")

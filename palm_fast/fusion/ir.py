@@ -49,8 +49,8 @@ class NodeId(int):
         h.graph = graph
         return h
 
-    def __reduce__(self):   # (pickles as a plain int: the handle is a build-time check)
-        return int, (int(self),)
+    def __getnewargs__(self):   # (copy / deepcopy / pickle keep the tie to the graph's copy)
+        return int(self), self.graph
 
 
 @dataclass(frozen=True)
