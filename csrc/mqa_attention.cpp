@@ -51,15 +51,10 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 
 // Tokens per task: enough rows to amortise the per-task setup, few enough blocks
-// to keep the backward's partial dk/dv buffers small, and a backward's per-thread score
-// scratch (tb * H rows of Tp floats, twice) at most kMaxScratch floats (8 MB) each: 32
-// blocks of a T = 49152 sequence at head dim 1 and 64 heads asked for 19 GB per buffer.
-// (PaLM-like shapes stay under it: 48 heads x 128 dims: T <= 384, 221k floats.)
-constexpr int64_t kMaxScratch = int64_t(1) << 21;
-int64_t token_block(int64_t T, int64_t H, int64_t Tp) {
+// to keep the backward's partial dk/dv buffers small.
+int64_t token_block(int64_t T, int64_t H) {
   int64_t tb = std::max<int64_t>(1, 64 / std::max<int64_t>(1, H));
-  tb = std::max<int64_t>(tb, (T + 31) / 32);   // at most 32 blocks per sequence (but see below)
-  tb = std::min<int64_t>(tb, std::max<int64_t>(1, kMaxScratch / std::max<int64_t>(1, H * Tp)));
+  tb = std::max<int64_t>(tb, (T + 31) / 32);   // at most 32 blocks per sequence
   return std::min<int64_t>(tb, T);
 }
 
@@ -200,7 +195,7 @@ void fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_
       to_float(v + b * T * D, vf.data() + b * Tp * D, T * D);
     }
   });
-  const int64_t tb = token_block(T, H, Tp);
+  const int64_t tb = token_block(T, H);
   const int64_t nb = (T + tb - 1) / tb;
   at::parallel_for(0, B * nb, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(kHB * Tp), qr(kHB * D), orow(kHB * D), inv(kHB);
@@ -248,7 +243,7 @@ void bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, cons
       to_float(k + b * T * D, kf.data() + b * Tp * D, T * D);
     }
   });
-  const int64_t tb = token_block(T, H, Tp);
+  const int64_t tb = token_block(T, H);
   const int64_t nb = (T + tb - 1) / tb;
   // Partial dk / dv of each (sequence, block): rows 0 .. t1 - 1 are written.
   std::vector<float> pdk(B * nb * T * D, 0.f), pdv(B * nb * T * D, 0.f);

@@ -157,19 +157,35 @@ def test_no_query_heads_gives_zero_kv_gradients():
     assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
 
 
-def test_many_heads_tiny_head_dim_bounds_the_backward_scratch():
-    """The backward's per-thread score scratch is tb * H rows of T floats (twice): with many
-    heads and a tiny head dim (inside CPU_MQA_MAX_KV; T = 49152 at head dim 1 and 64 heads
-    asked for 19 GB per buffer) the token block is now capped (here 28 tokens instead of 32,
-    37 blocks per sequence instead of 32); the gradients are unchanged. The fp64 reference
-    runs 16 heads at a time."""
-    B, T, H, D = 1, 1024, 72, 2
-    q, k, v = randn(B, T, H, D), randn(B, T, 1, D), randn(B, T, 1, D)
-    g = randn(B, T, H, D)
-    ours = _fwd_bwd(_ours, q, k, v, g)
-    parts = [_fwd_bwd(_ref, q[:, :, h:h + 16].double(), k.double(), v.double(), g[:, :, h:h + 16].double())
-             for h in range(0, H, 16)]
-    ref = (torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2),
-           sum(p[2] for p in parts), sum(p[3] for p in parts))
-    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, ref):
-        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5, msg=name)
+def test_many_heads_tiny_head_dim_routes_to_sdpa(monkeypatch):
+    """The C++ backward holds a token block x H x T floats of scores per thread: with many
+    heads and a tiny head dim inside CPU_MQA_MAX_KV (head dim 1, 64 heads, T = 49152) that
+    was 19 GB per buffer. Such shapes now take SDPA (the bound lowered here to keep the
+    case small); PaLM-like shapes keep the kernel."""
+    from palm_fast._ext import cpp
+
+    assert ob._cpu_mqa_scratch(49152, 64) > ob.CPU_MQA_MAX_SCRATCH
+    for T, H in ((384, 48), (768, 16), (128, 8)):   # head dims 128, 64, 256 at their T bound
+        assert ob._cpu_mqa_scratch(T, H) <= ob.CPU_MQA_MAX_SCRATCH // 8
+    calls = []
+    real = cpp().mqa_attn_fwd
+
+    class _Spy:
+        def __getattr__(self, name):
+            return getattr(cpp.__wrapped__(), name)
+
+        def mqa_attn_fwd(self, *a):
+            calls.append(a[0].shape)
+            return real(*a)
+
+    monkeypatch.setattr(ob, "cpp", lambda: _Spy())
+    monkeypatch.setattr(ob, "CPU_MQA_MAX_SCRATCH", ob._cpu_mqa_scratch(64, 8))
+    for T, want in ((64, 1), (128, 0)):
+        calls.clear()
+        q, k, v = randn(1, T, 8, 2), randn(1, T, 2), randn(1, T, 2)
+        g = randn(1, T, 8, 2)
+        a = _fwd_bwd(causal_mqa_attention, q, k, v, g)
+        assert len(calls) == want, (T, calls)
+        r = _fwd_bwd(_ref, q.double(), k.double()[:, :, None], v.double()[:, :, None], g.double())
+        for x, z in zip(a, r):
+            torch.testing.assert_close(x.double(), z.reshape(x.shape), rtol=1e-5, atol=2e-6)

@@ -567,6 +567,17 @@ _MQAEager = eager_function("mqa_attention", _MQA_IMPLS, _attn_setup, _attn_backw
 # 1.53x; past the bound T 1024 / hd 64 0.97x, T 256 / hd 256 1.04x (forward 0.69x),
 # T 1000 / hd 96 0.94x (forward 0.60x).
 CPU_MQA_MAX_KV = 49152
+# Largest per-thread score scratch of the C++ backward, in floats (16 MB): token block x H
+# rows of T keys (csrc/mqa_attention.cpp token_block). Many heads with a tiny head dim inside
+# CPU_MQA_MAX_KV asked for up to 19 GB per buffer (head dim 1, 64 heads, T = 49152); such
+# shapes take ATen's flash kernel. PaLM-like shapes are far below (48 x 128: 221k floats).
+CPU_MQA_MAX_SCRATCH = 1 << 22
+
+
+def _cpu_mqa_scratch(T: int, H: int) -> int:
+    """Floats per scratch buffer of the C++ backward (its token block x H x T padded to 16)."""
+    tb = min(T, max(max(1, 64 // max(1, H)), (T + 31) // 32))
+    return tb * H * ((T + 15) // 16 * 16)
 
 
 def _cpu_mqa(q, k, v, scale):
@@ -593,7 +604,7 @@ def _sdpa_body(q, k, v, scale, q_offset):
     B, T, H, D = q.shape
     S, Hk = k.shape[1], k.shape[2]
     if (q.device.type == "cpu" and Hk == 1 and q_offset == 0 and T == S and T > 0
-            and T * D <= CPU_MQA_MAX_KV):
+            and T * D <= CPU_MQA_MAX_KV and _cpu_mqa_scratch(T, H) <= CPU_MQA_MAX_SCRATCH):
         return _cpu_mqa(q, k, v, scale)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if Hk != H:
