@@ -138,13 +138,16 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     _load_builtins()   # (registers PaLM-pytorch's layout once that package is imported)
     for cls in type(model).__mro__:
         if cls in _PARTS_REGISTRY:
-            if getattr(type(model), "forward", None) is not getattr(cls, "forward", None):
+            if getattr(type(model), "forward", None) is not getattr(cls, "forward", None) \
+                    or "forward" in vars(model):
                 # (a subclass's forward, e.g. a logit bias, would be skipped: the parts of the
                 # registered layout are run instead)
-                raise TypeError(f"model: {type(model).__qualname__} overrides forward() of "
+                where = "the instance" if "forward" in vars(model) else type(model).__qualname__
+                raise TypeError(f"model: {where} overrides forward() of "
                                 f"{cls.__module__}.{cls.__qualname__}, which generate would not "
                                 f"run; if its logits are the same, register the class with "
-                                f"palm_fast.generation.register_decoder_parts")
+                                f"palm_fast.generation.register_decoder_parts (and keep the "
+                                f"class's forward on the instance)")
             parts = _PARTS_REGISTRY[cls](model)
             break
     else:
@@ -668,7 +671,8 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
 
     model:        ``palm_fast.reference.PaLM``, ``palm_fast.nn.PaLM``, or a model taught to
                   :func:`decoder_parts` (a patched PaLM-pytorch model); also one of these
-                  wrapped by ``torch.compile`` (its module is used).
+                  wrapped by ``torch.compile`` (its module is used). A subclass (or instance)
+                  with its own ``forward`` raises TypeError unless registered.
     prompts:      a ``[B, T]`` integer tensor, or a list of 1-D integer tensors / int lists of
                   any (different) lengths >= 1.
     temperature:  0 = greedy; otherwise sample, restricted by ``top_k`` / ``top_p`` (see

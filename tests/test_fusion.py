@@ -843,6 +843,17 @@ def test_scale_fold_with_an_n_power_keeps_the_range_for_every_n():
     assert sum(n.op == "mul" for n in s.compute_nodes()) == 2
     y = compile_graph(g, "full")(x=torch.full((2, 1000), 1e-5, device=DEV))["y"]
     torch.testing.assert_close(y, torch.full_like(y, 1e-5 * 1000 * 1e38), rtol=1e-5, atol=0)
+    g3 = Graph("fold_big_power")    # (2^31)^34 is past the float range: no fold, no error
+    x3 = g3.input("x", "row")
+    g3.output("y", g3.mul(g3.mul(x3, g3.const(1.0, n_pow=17)), g3.const(1.0, n_pow=17)), "x")
+    assert sum(n.op == "mul" for n in dce(simplify(g3)).compute_nodes()) == 2
+    g4 = Graph("neg_neg")           # --x: the simplified graph's output is a usable handle
+    x4 = g4.input("x", "row")
+    g4.output("y", g4.unary("neg", g4.unary("neg", x4)), "x")
+    s4 = simplify(g4)
+    s4.output("z", s4.unary("abs", s4.outputs["y"][0]), "x")
+    with pytest.raises(ValueError, match=r"NodeId\(0, g\)"):
+        s4.unary("abs", 0)
     g2 = Graph("fold_ok")
     x2 = g2.input("x", "row")
     g2.output("y", g2.mul(g2.mul(x2, g2.const(6.0)), g2.const(2.0, n_pow=-1)), "x")

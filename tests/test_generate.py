@@ -347,6 +347,9 @@ def test_a_subclass_with_its_own_forward_is_refused_unless_registered():
         else:
             out = palm_fast.generate(m, prompts, 4)
             assert all(torch.equal(o, base.generate(p[None], 4)[0]) for o, p in zip(out, prompts))
+            m.forward = lambda *a, _m=m, **k: type(_m).forward(_m, *a, **k)   # set on the instance
+            with pytest.raises(TypeError, match="the instance overrides forward"):
+                palm_fast.generate(m, prompts, 4)
 
 
 def test_fast_palm_generates_like_the_reference():

@@ -166,6 +166,13 @@ def test_loss_runs_the_models_own_call_when_it_does_more(monkeypatch):
     torch.testing.assert_close(f.loss(tok)[0], r.loss(tok)[0], rtol=1e-5, atol=1e-5)
     assert abs(f.loss(tok)[0].item() - plain) > 0.1
     assert fused == [1]
+    # a forward set on the instance (as wrappers do) counts too
+    r2, f2 = _pair()
+    for m in (r2, f2):
+        base_fwd = m.forward
+        m.forward = lambda tokens, *a, _f=base_fwd, **k: _f(tokens, *a, **k) * 0.5
+    torch.testing.assert_close(f2.loss(tok)[0], r2.loss(tok)[0], rtol=1e-5, atol=1e-5)
+    assert fused == [1]
 
 
 def test_loss_int32_tokens_and_empty_batch():

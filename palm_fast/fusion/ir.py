@@ -124,8 +124,11 @@ class Graph:
         if not (isinstance(i, NodeId) and i.graph is self and 0 <= i < len(self.nodes)):
             if isinstance(i, NodeId):
                 raise ValueError(f"operand %{int(i)} is a node of another graph, not of {self.name!r}")
-            hint = f"; for a constant use g.const({float(i)!r})" if isinstance(i, (int, float)) \
-                and not isinstance(i, bool) else ""
+            hint = ""
+            if isinstance(i, (int, float)) and not isinstance(i, bool):
+                hint = f"; for a constant use g.const({float(i)!r})"
+                if isinstance(i, int) and 0 <= i < len(self.nodes):
+                    hint += f"; for node %{i} use NodeId({i}, g)"
             raise ValueError(f"operand {i!r} is not a node of this graph (pass the handles its "
                              f"builders return{hint})")
         return self.nodes[i].space

@@ -60,7 +60,10 @@ def _const(g: Graph, i: int):
 def _normal_for_any_n(value: float, n_pow: int) -> bool:
     """Whether ``value * N**n_pow`` is a normal fp32 number for every N in [1, 2^31] (it is
     monotonic in N: the two ends bound it)."""
-    return all(FP32_TINY <= abs(value) * float(n) ** n_pow <= FP32_MAX for n in (1, 2 ** 31))
+    try:
+        return all(FP32_TINY <= abs(value) * float(n) ** n_pow <= FP32_MAX for n in (1, 2 ** 31))
+    except OverflowError:   # (2^31)^p past the float range: not normal either
+        return False
 
 
 def simplify(graph: Graph) -> Graph:
@@ -101,7 +104,7 @@ def simplify(graph: Graph) -> Graph:
                 if _normal_for_any_n(vc * cb[0], pc + cb[1]):
                     return g.mul(NodeId(inner_x, g), g.const(vc * cb[0], pc + cb[1]))
         if n.op == "neg" and g.nodes[ins[0]].op == "neg":
-            return g.nodes[ins[0]].inputs[0]
+            return NodeId(g.nodes[ins[0]].inputs[0], g)
         if n.op in ("input", "const"):
             return None
         return g._add(n.op, ins, n.space, n.attrs, n.name)

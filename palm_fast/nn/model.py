@@ -69,9 +69,11 @@ class PaLM(_reference.PaLM):
         the reference's loss runs (over the fast blocks): the fused loss has been measured on
         the CPU only, and the committed GPU figures were taken with the reference's loss.
         The reference's loss also runs when the model's own call would do more than the fused
-        path: hooks on the model (or on every module), or a subclass's ``forward``."""
+        path: hooks on the model (or on every module), or a ``forward`` of a subclass or one
+        set on the instance."""
         if not isinstance(tokens, torch.Tensor) or tokens.device.type != "cpu" \
-                or type(self).forward is not PaLM.forward or parts_hooked(self):
+                or type(self).forward is not PaLM.forward or "forward" in vars(self) \
+                or parts_hooked(self):
             return super().loss(tokens, targets)   # (which also names a bad argument)
         tokens, targets = self._loss_inputs(tokens, targets)
         self._check_tokens(tokens)   # (this path has no forward call to check them)

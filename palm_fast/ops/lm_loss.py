@@ -41,9 +41,12 @@ hands its ``dW`` to the lookup's backward, which scatters its rows into it in pl
 Elsewhere plain ATen ops: the same code runs on CPU and CUDA (and traces under
 ``torch.compile``, where the model uses no link); half-precision CPU GEMMs go through fp32
 as the block's do.
-The weight gradient's row scatters (``_scatter_rows_``) are bitwise reproducible: ``index_add_``
-on the CPU (a fixed order), ``index_put_(accumulate=True)`` elsewhere (ATen's sort-based
-kernel on CUDA; ``index_add_`` there uses atomic adds, whose order changes run to run).
+The weight gradient's row scatters (``_scatter_rows_``) are bitwise reproducible in eager mode:
+``index_add_`` on the CPU (a fixed order), ``index_put_(accumulate=True)`` elsewhere (ATen's
+sort-based kernel on CUDA; ``index_add_`` there uses atomic adds, whose order changes run to
+run). Traced by ``torch.compile`` the head takes a one-hot GEMM instead; a tied lookup's
+scatter (``embed_tokens`` with a link) is lowered by Inductor to atomic adds unless
+``torch.use_deterministic_algorithms(True)`` is on.
 ``nn.PaLM.loss`` uses this loss on the CPU only; on other devices it keeps the reference loss.
 """
 from __future__ import annotations
