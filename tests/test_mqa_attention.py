@@ -108,12 +108,11 @@ def test_custom_op_path_matches_eager_path():
         assert torch.equal(x, y)
 
 
-def test_causal_mqa_attention_routes_by_size(monkeypatch):
-    """causal_mqa_attention runs the C++ kernel on CPU while T * hd <= CPU_MQA_MAX_KV (SDPA
-    above): both give the reference result, and the C++ kernel runs exactly when expected."""
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The shapes of q the C++ forward kernel is called with, through causal_mqa_attention."""
     from palm_fast._ext import cpp
 
-    assert 128 * 64 <= ob.CPU_MQA_MAX_KV     # the palm-small training shape takes the kernel
     calls = []
     real = cpp().mqa_attn_fwd
 
@@ -126,16 +125,29 @@ def test_causal_mqa_attention_routes_by_size(monkeypatch):
             return real(*a)
 
     monkeypatch.setattr(ob, "cpp", lambda: _Spy())
+    return calls
+
+
+def _check_route(calls, T, H, D, want):
+    """causal_mqa_attention at [1, T, H, D]: the reference result, from the C++ kernel
+    exactly ``want`` times (0: SDPA)."""
+    calls.clear()
+    q, k, v = randn(1, T, H, D), randn(1, T, D), randn(1, T, D)
+    g = randn(1, T, H, D)
+    a = _fwd_bwd(causal_mqa_attention, q, k, v, g)
+    assert len(calls) == want, (T, H, D, calls)
+    r = _fwd_bwd(_ref, q.double(), k.double()[:, :, None], v.double()[:, :, None], g.double())
+    for x, z in zip(a, r):
+        torch.testing.assert_close(x.double(), z.reshape(x.shape), rtol=1e-5, atol=2e-6)
+
+
+def test_causal_mqa_attention_routes_by_size(monkeypatch, kernel_calls):
+    """causal_mqa_attention runs the C++ kernel on CPU while T * hd <= CPU_MQA_MAX_KV (SDPA
+    above): both give the reference result, and the C++ kernel runs exactly when expected."""
+    assert 128 * 64 <= ob.CPU_MQA_MAX_KV     # the palm-small training shape takes the kernel
     monkeypatch.setattr(ob, "CPU_MQA_MAX_KV", 12 * 24)
     for D, want in ((24, 1), (32, 0)):
-        calls.clear()
-        q, k, v = randn(1, 12, 2, D), randn(1, 12, D), randn(1, 12, D)
-        g = randn(1, 12, 2, D)
-        a = _fwd_bwd(causal_mqa_attention, q, k, v, g)
-        assert len(calls) == want, (D, calls)
-        r = _fwd_bwd(_ref, q.double(), k.double()[:, :, None], v.double()[:, :, None], g.double())
-        for x, z in zip(a, r):
-            torch.testing.assert_close(x.double(), z.reshape(x.shape), rtol=1e-5, atol=2e-6)
+        _check_route(kernel_calls, 12, 2, D, want)
 
 
 def test_bad_arguments():
@@ -157,35 +169,14 @@ def test_no_query_heads_gives_zero_kv_gradients():
     assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
 
 
-def test_many_heads_tiny_head_dim_routes_to_sdpa(monkeypatch):
+def test_many_heads_tiny_head_dim_routes_to_sdpa(monkeypatch, kernel_calls):
     """The C++ backward holds a token block x H x T floats of scores per thread: with many
     heads and a tiny head dim inside CPU_MQA_MAX_KV (head dim 1, 64 heads, T = 49152) that
     was 19 GB per buffer. Such shapes now take SDPA (the bound lowered here to keep the
     case small); PaLM-like shapes keep the kernel."""
-    from palm_fast._ext import cpp
-
     assert ob._cpu_mqa_scratch(49152, 64) > ob.CPU_MQA_MAX_SCRATCH
     for T, H in ((384, 48), (768, 16), (128, 8)):   # head dims 128, 64, 256 at their T bound
         assert ob._cpu_mqa_scratch(T, H) <= ob.CPU_MQA_MAX_SCRATCH // 8
-    calls = []
-    real = cpp().mqa_attn_fwd
-
-    class _Spy:
-        def __getattr__(self, name):
-            return getattr(cpp.__wrapped__(), name)
-
-        def mqa_attn_fwd(self, *a):
-            calls.append(a[0].shape)
-            return real(*a)
-
-    monkeypatch.setattr(ob, "cpp", lambda: _Spy())
     monkeypatch.setattr(ob, "CPU_MQA_MAX_SCRATCH", ob._cpu_mqa_scratch(64, 8))
     for T, want in ((64, 1), (128, 0)):
-        calls.clear()
-        q, k, v = randn(1, T, 8, 2), randn(1, T, 2), randn(1, T, 2)
-        g = randn(1, T, 8, 2)
-        a = _fwd_bwd(causal_mqa_attention, q, k, v, g)
-        assert len(calls) == want, (T, calls)
-        r = _fwd_bwd(_ref, q.double(), k.double()[:, :, None], v.double()[:, :, None], g.double())
-        for x, z in zip(a, r):
-            torch.testing.assert_close(x.double(), z.reshape(x.shape), rtol=1e-5, atol=2e-6)
+        _check_route(kernel_calls, T, 8, 2, want)
