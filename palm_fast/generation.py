@@ -46,6 +46,7 @@ from torch.nn.utils import parametrize
 
 from . import ops
 from .ops._checks import FP32_TINY, check_float
+from .ops._dispatch import forward_replaced
 from .reference import functional as _ref_fn
 from .reference import layers as _ref
 from .reference import model as _ref_model
@@ -138,8 +139,7 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     _load_builtins()   # (registers PaLM-pytorch's layout once that package is imported)
     for cls in type(model).__mro__:
         if cls in _PARTS_REGISTRY:
-            if getattr(type(model), "forward", None) is not getattr(cls, "forward", None) \
-                    or "forward" in vars(model):
+            if forward_replaced(model, cls):
                 # (a subclass's forward, e.g. a logit bias, would be skipped: the parts of the
                 # registered layout are run instead)
                 where = "the instance" if "forward" in vars(model) else type(model).__qualname__

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from palm_fast.config import PaLMConfig
-from palm_fast.ops._dispatch import compiling, parts_hooked
+from palm_fast.ops._dispatch import compiling, forward_replaced, parts_hooked
 from palm_fast.ops.lm_loss import GradLink, embed_tokens, tied_lm_loss
 from palm_fast.reference import model as _reference
 
@@ -72,8 +72,7 @@ class PaLM(_reference.PaLM):
         path: hooks on the model (or on every module), or a ``forward`` of a subclass or one
         set on the instance."""
         if not isinstance(tokens, torch.Tensor) or tokens.device.type != "cpu" \
-                or type(self).forward is not PaLM.forward or "forward" in vars(self) \
-                or parts_hooked(self):
+                or forward_replaced(self, PaLM) or parts_hooked(self):
             return super().loss(tokens, targets)   # (which also names a bad argument)
         tokens, targets = self._loss_inputs(tokens, targets)
         self._check_tokens(tokens)   # (this path has no forward call to check them)

@@ -60,6 +60,13 @@ def parts_hooked(*mods) -> bool:
     return False
 
 
+def forward_replaced(model, cls: type) -> bool:
+    """Whether ``model``'s forward is not ``cls.forward``: a subclass's own, or one set on the
+    instance (as wrappers do). A fast path that takes ``model`` apart instead of calling it
+    would skip that code."""
+    return type(model).forward is not cls.forward or "forward" in vars(model)
+
+
 def autocast_changes_dtype(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether an autocast region for x's device is on and would cast x or a weight (their
     dtypes differ from autocast's): a fused path taking one dtype cannot follow it then."""
