@@ -51,7 +51,8 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 
 // Tokens per task: enough rows to amortise the per-task setup, few enough blocks
-// to keep the backward's partial dk/dv buffers small.
+// to keep the backward's partial dk/dv buffers small. (palm_fast/ops/block.py
+// _cpu_mqa_scratch mirrors this to route shapes with a large backward scratch to ATen.)
 int64_t token_block(int64_t T, int64_t H) {
   int64_t tb = std::max<int64_t>(1, 64 / std::max<int64_t>(1, H));
   tb = std::max<int64_t>(tb, (T + 31) / 32);   // at most 32 blocks per sequence

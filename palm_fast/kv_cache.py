@@ -150,7 +150,6 @@ class PrefixGroup:
     pages: tuple[int, ...]
 
 
-
 def _index_list(name: str, value, also: str = "") -> list:
     """Sequence indices given as an int (Python or numpy), a list / tuple / range of them, or
     an integer tensor or numpy array (any shape), as a list; the entries are checked by the
@@ -162,6 +161,7 @@ def _index_list(name: str, value, also: str = "") -> list:
     if isinstance(value, torch.Tensor) or (type(value).__module__ == "numpy" and hasattr(value, "reshape")):
         return value.reshape(-1).tolist()
     raise TypeError(f"{name}: expected {also}an int or a list of ints, got {type(value).__name__}")
+
 
 class KVCache:
     """Preallocated MQA key/value cache; see the module docstring.
