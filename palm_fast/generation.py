@@ -46,7 +46,7 @@ from torch.nn.utils import parametrize
 
 from . import ops
 from .ops._checks import FP32_TINY, check_float
-from .ops._dispatch import forward_replaced
+from .ops._dispatch import forward_replaced, instance_override, methods_replaced
 from .reference import functional as _ref_fn
 from .reference import layers as _ref
 from .reference import model as _ref_model
@@ -234,6 +234,29 @@ def _not_bypassed(where: str, mod) -> None:
         raise ValueError(f"model: {where} has forward hooks, which generate would not run (it "
                          f"reads the weights and runs its own kernels); remove them, or use the "
                          f"model's own generate()")
+
+
+def _no_instance_overrides(model: nn.Module) -> None:
+    """generate never calls the model's submodules: refuse one with a method replaced on the
+    instance (``block.forward = f``, ``block.get_mask = f``: a LoRA or a sliding window done
+    by assignment), which would silently not run. (The model's own ``forward``: see
+    :func:`decoder_parts`.)"""
+    for name, child in model.named_children():
+        over = instance_override(child)
+        if over is not None:
+            where = f"{name}.{over[0]}" if over[0] else name
+            raise ValueError(f"model: {where} has its own {over[1]!r} set on the instance, which "
+                             f"generate would not run (it reads the weights and runs its own "
+                             f"kernels); use the model's own generate()")
+    # and methods replaced on a class (``SwiGLU.forward = geglu``): every method of a
+    # submodule's class; of the model's own class, forward only (a class-level generate or
+    # loss, e.g. one that calls palm_fast.generate, is no concern of the decoder)
+    changed = [n for c in {type(m) for m in model.modules() if m is not model} for n in methods_replaced(c)]
+    changed += [n for n in methods_replaced(type(model)) if n.rsplit(".", 1)[1] == "forward"]
+    if changed:
+        raise ValueError(f"model: {', '.join(sorted(changed))} {'was' if len(changed) == 1 else 'were'} "
+                         f"replaced at run time, which generate would not run (it reads the weights "
+                         f"and runs its own kernels); use the model's own generate()")
 
 
 def _plain_linear(mod) -> bool:
@@ -690,6 +713,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
 
     parts = decoder_parts(model)   # (unwraps torch.compile; the wrapper forwards .config)
     _not_bypassed("the model", _unwrap_compiled(model))
+    _no_instance_overrides(_unwrap_compiled(model))
     layers = _prepare_layers(parts)
     head = parts.head_weight
     device, dtype = head.device, head.dtype

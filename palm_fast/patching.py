@@ -21,8 +21,9 @@ PaLM-style model, in place, by a plain recursive module walk.
   and buffers (e.g. after ``model.to(device)``) and training flag.
 
 Replacing a module bypasses hooks registered on it or on its submodules (a fused block
-never calls its children), so a module with hooks anywhere inside is skipped (reported;
-the walk goes on into its children). palm_fast's own fast modules are left as they are.
+never calls its children), and methods replaced on an instance (``m.forward = f``), so a
+module with either anywhere inside is skipped (reported; the walk goes on into its
+children). palm_fast's own fast modules are left as they are.
 A factory raising anything but ``Unsupported`` makes ``patch`` put back what the call had
 replaced and re-raise. To change options, ``unpatch`` and ``patch`` again: ``patch`` does
 not re-enter modules it already replaced.
@@ -36,8 +37,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .ops._checks import check_bool
+from .ops._dispatch import instance_override
 
 __all__ = ["patch", "unpatch", "register", "unregister", "registered", "PatchOptions",
            "PatchReport", "PatchRecord", "PatchWarning", "Unsupported", "is_patched"]
@@ -232,9 +235,14 @@ def _replace(module: nn.Module, path: str, opts: PatchOptions, report: PatchRepo
     if entry is None:
         parent = next((c for c in cls.__mro__[1:] if c in _REGISTRY), None)
         if parent is not None and opts.enabled(_REGISTRY[parent].kind):
-            report.skipped.append(PatchRecord(path, _qualname(cls), reason=(
-                f"subclass of the registered {_qualname(parent)}: its forward may differ; "
-                "register it explicitly with palm_fast.register")))
+            if parametrize.is_parametrized(module):   # (its class is a generated subclass)
+                names = sorted(module.parametrizations.keys())
+                why = (f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} parametrized "
+                       "(torch.nn.utils.parametrize), which a replacement would bypass")
+            else:
+                why = (f"subclass of the registered {_qualname(parent)}: its forward may differ; "
+                       "register it explicitly with palm_fast.register")
+            report.skipped.append(PatchRecord(path, _qualname(cls), reason=why))
         return None
     if not opts.enabled(entry.kind):
         wanted = [k for k in entry.inline if opts.enabled(k)]
@@ -249,6 +257,14 @@ def _replace(module: nn.Module, path: str, opts: PatchOptions, report: PatchRepo
         report.skipped.append(PatchRecord(path, _qualname(cls), reason=(
             f"{where} hooks registered (or a parametrization such as weight_norm), which a "
             "replacement would bypass")))
+        return None
+    override = instance_override(module)
+    if override is not None:
+        sub, name = override
+        where = "the module has" if sub == "" else f"its submodule {sub!r} has"
+        report.skipped.append(PatchRecord(path, _qualname(cls), reason=(
+            f"{where} its own {name!r} set on the instance (replacing its class's method), "
+            "which a replacement would bypass")))
         return None
     try:
         new = entry.factory(module, opts)

@@ -138,3 +138,52 @@ def test_double_backward_raises_instead_of_dropping_terms(case):
     plain = torch.autograd.grad((fn(*leaves) * weight).sum(), leaves)
     for a, b in zip(grads, plain):
         torch.testing.assert_close(a.detach(), b)
+
+
+def test_instance_override_and_methods_replaced():
+    """The checks patch and generate use to refuse code they would bypass."""
+    import functools
+
+    from palm_fast.ops._dispatch import instance_override, methods_replaced
+
+    def deco(f):
+        @functools.wraps(f)
+        def g(*a):
+            return f(*a)
+        return g
+
+    class Base(torch.nn.Module):
+        def helper(self):
+            return 1
+
+        def forward(self, x):
+            return x
+
+    class Sub(Base):
+        helper = 3            # redefined as a plain attribute: not a method any more
+
+        @staticmethod
+        def stat():
+            return 2
+
+        @deco                 # functools.wraps keeps the name: not a replacement
+        def forward(self, x):
+            return x
+
+    outer = torch.nn.Sequential(Sub(), torch.nn.Linear(2, 2))
+    assert instance_override(outer) is None and methods_replaced(Sub) == []
+    outer[0].helper = 4                       # not a method of Sub
+    outer[0].tag = "x"                        # nor any other plain attribute
+    assert instance_override(outer) is None
+    outer[0].stat = lambda: 5
+    assert instance_override(outer) == ("0", "stat")
+    assert instance_override(outer[1]) is None
+    outer[1].forward = lambda x: 2 * x
+    assert instance_override(outer[1]) == ("", "forward")
+
+    class Fresh(Base):
+        pass
+
+    Fresh.forward = lambda self, x: 2 * x     # a class-level monkeypatch
+    assert methods_replaced(Fresh) == ["Fresh.forward"]
+    assert methods_replaced(Base) == []

@@ -903,7 +903,18 @@ def _pp_block_edits():
         new.weight = old.weight
         blk.fused_attn_ff_proj = new
 
+    def lora_by_assignment(blk):   # (the adapter set as the instance's forward)
+        lin = blk.attn_out
+        g = torch.Generator().manual_seed(6)
+        A, B = torch.randn(4, lin.in_features, generator=g) * 0.1, torch.randn(lin.out_features, 4, generator=g)
+        lin.forward = lambda t, f=lin.forward: f(t) + t @ A.t() @ B.t()
+
+    def block_forward_assigned(blk):
+        blk.forward = lambda t, f=blk.forward: 2.0 * f(t)
+
     return [("hook on the block", lambda blk: blk.register_forward_hook(lambda m, i, o: o * 2.0)),
+            ("LoRA as attn_out's forward", lora_by_assignment),
+            ("the block's forward assigned", block_forward_assigned),
             ("hook on attn_out", hook("attn_out")), ("hook on the projection", hook("fused_attn_ff_proj")),
             ("hook on norm", hook("norm")), ("attn_out with a bias", biased),
             ("a Linear subclass", scaled), ("LoRA", lambda blk: setattr(blk, "attn_out", LoRA(blk.attn_out)))]
@@ -983,3 +994,203 @@ def test_unpatch_hands_back_submodules_swapped_after_patch(which):
     x = tokens(T=9)
     with torch.no_grad():
         assert close_rel(m(x), ref(x), 1e-6)
+
+
+# ------------------------------------------------------------------ lookalikes: code changed at run time
+def _lookalike_edits(which):
+    """(name, edit(model), where the skip is reported): methods replaced on an instance, which
+    a replacement (or generate) reading the weights would silently bypass."""
+    def scale(f, c):
+        return lambda *a, **k: c * f(*a, **k)
+
+    if which == "reference":
+        def lora(m):
+            lin = m.blocks[0].attn_out
+            lin.forward = scale(lin.forward, 1.5)
+
+        def norm(m):
+            m.norm.forward = scale(m.norm.forward, 2.0)
+
+        def rotary(m):
+            rot = m.blocks[1].rotary
+            rot.forward = lambda q, k, positions=None, offsets=None, f=rot.forward: f(
+                q, k, None if positions is None else positions // 2, offsets)
+
+        return [("attn_out.forward", lora, "blocks.0"), ("norm.forward", norm, "norm"),
+                ("rotary.forward", rotary, "blocks.1")]
+
+    def get_mask(m):   # a sliding window of 4 tokens
+        blk = m[1].fn
+        blk.get_mask = lambda n, device, f=blk.get_mask: f(n, device) | torch.ones(
+            n, n, dtype=torch.bool, device=device).tril(-4)
+
+    def swiglu(m):     # GeGLU instead
+        act = m[2].fn.ff_out[0]
+        act.forward = lambda x: (lambda v, g: F.gelu(g) * v)(*x.chunk(2, dim=-1))
+
+    def lora(m):
+        lin = m[1].fn.attn_out
+        lin.forward = scale(lin.forward, 1.5)
+
+    return [("get_mask", get_mask, "1"), ("SwiGLU.forward", swiglu, "2"), ("attn_out.forward", lora, "1")]
+
+
+@pytest.mark.parametrize("which", ["reference", pytest.param("palm_pytorch", marks=needs_pp)])
+def test_methods_replaced_on_an_instance_skip_the_module(which):
+    """A method set on an instance (a LoRA by forward assignment, a sliding-window get_mask):
+    patch swapped such modules and the change silently vanished (logits 4-67% off)."""
+    for name, edit, where in _lookalike_edits(which):
+        m = ref_model() if which == "reference" else pp_model()
+        edit(m)
+        ref = copy.deepcopy(m)
+        quiet_patch(m)
+        reasons = [r.reason for r in m.palm_fast_report.skipped if r.path == where]
+        assert reasons and "set on the instance" in reasons[0], (name, m.palm_fast_report.skipped)
+        x = tokens(T=9)
+        with torch.no_grad():
+            assert close_rel(m(x), ref(x), 2e-5), name
+        with pytest.raises(ValueError, match="set on the instance"):
+            palm_fast.generate(m, [x[0, :4]], 2)
+
+
+@needs_pp
+@pytest.mark.parametrize("change", ["apply_rotary_pos_emb", "SwiGLU.forward", "get_rotary_embedding"])
+def test_palm_pytorch_code_replaced_at_run_time_is_not_patched(monkeypatch, change):
+    """pp.apply_rotary_pos_emb replaced (a context-extension hack), SwiGLU.forward made a
+    GeGLU: patch swapped the blocks anyway and the change vanished (14-18% off)."""
+    if change == "apply_rotary_pos_emb":
+        orig = pp.apply_rotary_pos_emb
+        monkeypatch.setattr(pp, "apply_rotary_pos_emb", lambda pos, t: orig(pos / 4, t))
+    elif change == "SwiGLU.forward":
+        monkeypatch.setattr(pp.SwiGLU, "forward", lambda self, x: (lambda v, g: F.gelu(g) * v)(*x.chunk(2, -1)))
+    else:
+        orig = pp.ParallelTransformerBlock.get_rotary_embedding
+        monkeypatch.setattr(pp.ParallelTransformerBlock, "get_rotary_embedding",
+                            lambda self, n, device: orig(self, n, device) / 2)
+    m = pp_model()
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    assert m.palm_fast_report.patched == [], m.palm_fast_report.patched
+    assert all("replaced at run time" in r.reason for r in m.palm_fast_report.skipped)
+    with torch.no_grad():
+        assert torch.equal(m(tokens(T=9)), ref(tokens(T=9)))
+    with pytest.raises(ValueError, match="replaced at run time"):
+        palm_fast.generate(m, [tokens(T=4)[0]], 2)
+
+
+def test_reference_code_replaced_at_run_time_is_not_patched(monkeypatch):
+    ref_cls = palm_fast.reference.SwiGLU
+    monkeypatch.setattr(ref_cls, "forward", lambda self, x: (lambda v, g: F.gelu(g) * v)(*x.chunk(2, -1)))
+    m = ref_model()
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    assert any("SwiGLU.forward was replaced" in r.reason for r in m.palm_fast_report.skipped)
+    assert all(type(b) is palm_fast.reference.ParallelBlock for b in m.blocks)
+    assert_same_logits(m, ref, T=9)
+    with pytest.raises(ValueError, match="SwiGLU.forward was replaced"):
+        palm_fast.generate(m, [tokens(T=4)[0]], 2)
+
+
+@needs_pp
+@pytest.mark.parametrize("cache", ["mask", "pos_emb", "stale pos_emb"])
+def test_palm_pytorch_hand_set_caches_are_not_patched(cache):
+    """The original block reads its cached causal mask and rotary table whenever they are
+    long enough; the fast block computes both: a sliding-window mask or an interpolated
+    table set by hand (or a table made stale by changing inv_freq) was dropped silently."""
+    m = pp_model()
+    x = tokens(T=9)
+    m(x)   # fills the caches
+    blk = m[1].fn
+    if cache == "mask":
+        blk.mask |= torch.ones_like(blk.mask).tril(-3)
+    elif cache == "pos_emb":
+        blk.pos_emb /= 4
+    else:
+        blk.rotary_emb.inv_freq /= 2
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    skipped = {r.path: r.reason for r in m.palm_fast_report.skipped}
+    assert cache.split()[-1] in skipped["1.fn"]
+    assert type(m[2].fn) is pp_fast.ParallelTransformerBlock   # the untouched block is patched
+    with torch.no_grad():
+        assert close_rel(m(x), ref(x), 2e-5)
+    palm_fast.unpatch(m)
+    with torch.no_grad():
+        assert torch.equal(m(x), ref(x))
+
+
+@needs_pp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_palm_pytorch_standard_caches_are_patched(dtype):
+    """The caches a forward leaves (also converted to bf16 afterwards) are the standard ones."""
+    m = pp_model()
+    m(tokens(T=9))
+    m.to(dtype)
+    quiet_patch(m)
+    assert m.palm_fast_report.ok, m.palm_fast_report.skipped
+
+
+@pytest.mark.parametrize("which", ["reference", pytest.param("palm_pytorch", marks=needs_pp)])
+def test_trained_rope_frequencies_are_not_patched(which):
+    """inv_freq made a trainable Parameter: patch went through, then the first backward raised
+    about an argument the user never passed."""
+    m = ref_model() if which == "reference" else pp_model()
+    for mod in m.modules():
+        if "inv_freq" in mod._buffers:
+            inv = mod._buffers.pop("inv_freq")
+            mod.inv_freq = nn.Parameter(inv.clone())
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    assert any("inv_freq is trained" in r.reason for r in m.palm_fast_report.skipped)
+    x = tokens(T=9)
+    lm_loss(m, x).backward()
+    lm_loss(ref, x).backward()
+    for (n, a), b in zip(m.named_parameters(), ref.parameters()):
+        if "inv_freq" in n:
+            assert a.grad is not None and close_rel(a.grad, b.grad, 1e-4), n
+
+
+@needs_pp
+def test_palm_pytorch_layer_norm_gain_as_a_buffer_is_skipped():
+    m = pp_model()
+    ln = m[-2]
+    g = ln._parameters.pop("gamma")
+    ln.register_buffer("gamma", g.detach().clone())
+    quiet_patch(m)
+    assert any("gamma is a" in r.reason for r in m.palm_fast_report.skipped)
+    assert type(m[-2]) is pp.LayerNorm
+
+
+def test_parametrized_registered_module_is_reported_as_parametrized():
+    """The parametrization makes a subclass: the report advised registering it, which failed."""
+    from torch.nn.utils import parametrize
+
+    class Half(nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    m = ref_model()
+    parametrize.register_parametrization(m.norm, "weight", Half())
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    reasons = [r.reason for r in m.palm_fast_report.skipped if r.path == "norm"]
+    assert reasons and "weight is parametrized" in reasons[0]
+    assert_same_logits(m, ref, T=9)
+
+
+def test_reference_norm_weight_in_bf16_with_fp32_activations():
+    """The reference LayerNorm takes its weight in fp32 whatever its dtype; the fast one
+    raised after a successful patch."""
+    m = ref_model()
+    for mod in m.modules():
+        if isinstance(mod, palm_fast.reference.LayerNorm):
+            mod.to(torch.bfloat16)
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    assert m.palm_fast_report.ok
+    x = tokens(T=9)
+    assert close_rel(m(x), ref(x), 2e-5)
+    lm_loss(m, x).backward()
+    lm_loss(ref, x).backward()
+    for (n, a), b in zip(m.named_parameters(), ref.parameters()):
+        assert a.grad.dtype == b.grad.dtype and close_rel(a.grad.float(), b.grad.float(), 1e-2), n

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import nn as fast
-from ..ops._dispatch import autocast_changes_dtype, parts_hooked
+from ..ops._dispatch import autocast_changes_dtype, methods_replaced, parts_hooked
 from ..ops.block import (
     causal_mqa_attention,
     fused_input_projection,
@@ -62,6 +62,52 @@ def _pp():
     return pp
 
 
+def check_code() -> None:
+    """Raise Unsupported when PaLM-pytorch's code was replaced at run time: a method of its
+    classes (``pp.SwiGLU.forward = geglu``) or one of its RoPE functions
+    (``pp.apply_rotary_pos_emb = ...``, a context-extension hack). The replacements
+    reproduce the package's own code, so they would drop the change."""
+    pp = _pp()
+    changed = [n for n in ("rotate_half", "apply_rotary_pos_emb")
+               if getattr(getattr(pp, n, None), "__module__", None) != pp.__name__
+               or getattr(getattr(pp, n, None), "__qualname__", None) != n]
+    for cls in (pp.LayerNorm, pp.Residual, pp.RotaryEmbedding, pp.SwiGLU, pp.ParallelTransformerBlock):
+        changed += methods_replaced(cls)
+    if changed:
+        raise Unsupported(f"palm_pytorch's {', '.join(changed)} {'was' if len(changed) == 1 else 'were'} "
+                          "replaced at run time; palm_fast's replacements compute the package's own "
+                          "code and would drop the change")
+
+
+def _check_caches(m: nn.Module) -> None:
+    """Raise Unsupported when a block's cached causal ``mask`` or rotary table ``pos_emb``
+    (non-persistent buffers the original reads whenever they are long enough) is not what
+    the original would compute: set by hand (a sliding-window mask, interpolated positions)
+    or stale (``inv_freq`` changed after the first forward). The fast block computes both."""
+    mask = getattr(m, "mask", None)
+    if mask is not None:
+        n = mask.shape[-1]
+        want = torch.ones((n, n), dtype=torch.bool, device=mask.device).triu(1)
+        if mask.dtype != torch.bool or mask.shape != want.shape or not torch.equal(mask, want):
+            raise Unsupported("its cached causal mask (the buffer mask) is not the standard causal "
+                              "mask, which the original uses and the fast block computes")
+    pos = getattr(m, "pos_emb", None)
+    if pos is not None:
+        inv = m.rotary_emb.inv_freq.detach().float().to(pos.device)
+        n = pos.shape[-2] if pos.dim() == 2 else -1
+        freqs = torch.outer(torch.arange(max(n, 0), device=pos.device, dtype=torch.float32), inv)
+        want = torch.cat((freqs, freqs), dim=-1)
+        # (a table computed in fp32 and then converted, or computed in the model's half
+        # precision, is within a few ulps of the fp32 table; a changed one is not)
+        eps = torch.finfo(pos.dtype).eps if pos.is_floating_point() else 0.0
+        if pos.shape != want.shape or not pos.is_floating_point() or \
+                not torch.allclose(pos.detach().float(), want, rtol=4 * eps, atol=0):
+            raise Unsupported("its cached rotary table (the buffer pos_emb) differs from its "
+                              "rotary_emb's inv_freq table (set by hand, or inv_freq changed after "
+                              "the first forward); the original uses the cached table, the fast "
+                              "block computes it from inv_freq")
+
+
 class LayerNorm(nn.Module):
     """PaLM-pytorch's LayerNorm on the fast op: ``y = LN(x) * gamma + beta`` (eps 1e-5),
     parameter ``gamma`` and persistent buffer ``beta`` as the original."""
@@ -74,6 +120,9 @@ class LayerNorm(nn.Module):
     @classmethod
     def wrap(cls, m: nn.Module) -> LayerNorm:
         """A fast LayerNorm sharing ``m``'s ``gamma`` Parameter and ``beta`` buffer."""
+        if not isinstance(m.gamma, nn.Parameter):
+            raise Unsupported(f"gamma is a {type(m.gamma).__name__}, not a Parameter as in "
+                              "PaLM-pytorch's LayerNorm")
         new = cls(m.gamma.shape[0], device="meta")
         new.gamma = m.gamma
         new.beta = m.beta
@@ -143,6 +192,7 @@ class ParallelTransformerBlock(nn.Module):
     @classmethod
     def wrap(cls, m: nn.Module, opts: PatchOptions) -> ParallelTransformerBlock:
         pp = _pp()
+        check_code()
         check_dtype(m)
         H = int(m.heads)
         fused = tuple(int(s) for s in m.fused_dims)
@@ -164,6 +214,10 @@ class ParallelTransformerBlock(nn.Module):
         if type(rot) is not pp.RotaryEmbedding or 2 * rot.inv_freq.numel() != D:
             raise Unsupported(f"rotary_emb: expected palm_pytorch's RotaryEmbedding over the whole "
                               f"head (dim {D})")
+        if isinstance(rot.inv_freq, nn.Parameter) or rot.inv_freq.requires_grad:
+            raise Unsupported("rotary_emb.inv_freq is trained (a Parameter requiring grad); the "
+                              "fused RoPE takes the table as a constant")
+        _check_caches(m)
         ff = m.ff_out
         if not (type(ff) is nn.Sequential and len(ff) == 2 and type(ff[0]) in (pp.SwiGLU, fast.SwiGLU)
                 and type(ff[1]) is nn.Linear and ff[1].bias is None and 2 * ff[1].in_features == ffd):
@@ -340,6 +394,7 @@ class Residual(nn.Module):
 
 # ----------------------------------------------------------------------- factories
 def _layer_norm(m: nn.Module, opts: PatchOptions) -> nn.Module:
+    check_code()
     check_dtype(m)
     if m.gamma.dtype != m.beta.dtype:
         raise Unsupported(f"gamma ({m.gamma.dtype}) and beta ({m.beta.dtype}) dtypes differ")
@@ -347,6 +402,7 @@ def _layer_norm(m: nn.Module, opts: PatchOptions) -> nn.Module:
 
 
 def _swiglu(m: nn.Module, opts: PatchOptions) -> nn.Module:
+    check_code()
     return fast.SwiGLU()
 
 
@@ -414,6 +470,10 @@ def decoder_parts(model: nn.Module):
     from ..generation import DecoderParts, _not_bypassed
 
     pp = _pp()
+    try:
+        check_code()
+    except Unsupported as e:
+        raise ValueError(f"model: {e}; generate runs its own kernels") from None
     blocks_ok = (pp.ParallelTransformerBlock, ParallelTransformerBlock)
     norms_ok = (pp.LayerNorm, LayerNorm)
     n = len(model)

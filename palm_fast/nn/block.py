@@ -124,9 +124,14 @@ class ParallelBlock(_reference.ParallelBlock):
         return not parts_hooked(norm, act, rot, p, o, f)
 
     def _block(self, x: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a Tensor [B, T, dim], got {type(x).__name__}")
         if not self.parts_fusable() or autocast_changes_dtype(
-                x, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight):
-            # The reference forward over the block's parts: for a swapped or hooked part, and
+                x, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight) \
+                or self.norm.weight.dtype not in (x.dtype, torch.float32):
+            # The reference forward over the block's parts: for a swapped or hooked part (or a
+            # norm weight in a dtype the fused kernel does not take: the fast LayerNorm takes
+            # it in fp32, as the reference), and
             # under autocast with x or a weight in another dtype than autocast's (then its
             # projections are autocast's, results added to x in x's dtype, exactly as in the
             # reference block; the fused kernels take one dtype for x and every weight).

@@ -40,7 +40,8 @@ class LayerNorm(nn.Module):
 
     Parameters as the reference: ``weight`` (ones, ``[dim]``) and, with ``bias=True``, ``bias``
     (zeros). ``dim`` may be an int or a 1-tuple (``torch.nn.LayerNorm``'s ``normalized_shape``).
-    Inputs fp32 / fp16 / bf16; parameters in the input's dtype or fp32.
+    Inputs fp32 / fp16 / bf16; parameters in the input's dtype or fp32 (others, e.g. a bf16
+    weight with fp32 inputs, are taken in fp32, as the reference does).
     """
 
     def __init__(self, dim, eps: float = 1e-5, bias: bool = False, *, elementwise_affine: bool = True,
@@ -79,7 +80,14 @@ class LayerNorm(nn.Module):
         if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] != self.weight.shape[0] == self.dim:
             raise ValueError(f"x: expected last dim {self.dim} (this LayerNorm's), got shape "
                              f"{tuple(x.shape)}")
-        return layer_norm(x, self.weight, self.bias, self.eps)
+        w, b = self.weight, self.bias
+        if isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES and w.is_floating_point() and (
+                w.dtype not in (x.dtype, torch.float32) or (b is not None and b.dtype != w.dtype)):
+            # as the reference (weight.to(fp32), statistics in fp32): a bf16 weight of an fp32
+            # model, or weight and bias in different dtypes, are taken in fp32
+            w = w.float()
+            b = b.float() if b is not None else None
+        return layer_norm(x, w, b, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, bias={self.bias is not None}"

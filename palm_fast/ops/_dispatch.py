@@ -11,6 +11,7 @@ give bitwise-equal outputs and gradients.
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 
 import torch
@@ -48,16 +49,63 @@ def _autocast_on() -> bool:
 
 
 def parts_hooked(*mods) -> bool:
-    """Whether any of ``mods`` has hooks of its own, or hooks for every module are active
-    (written out: it runs on every forward of a fused block)."""
+    """Whether calling one of ``mods`` would run more than its class's ``forward``: hooks of
+    its own, a ``forward`` set on the instance (a LoRA or adapter done by assignment), or
+    hooks for every module (written out: it runs on every forward of a fused block). A fused
+    path that reads such a module's weights instead of calling it must not be taken."""
     _m = _torch_module
     if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks \
             or _m._global_backward_pre_hooks:
         return True
     for m in mods:
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
+                or "forward" in m.__dict__:
             return True
     return False
+
+
+def _is_method(attr) -> bool:
+    return isinstance(attr, (types.FunctionType, staticmethod, classmethod))
+
+
+def instance_override(module: torch.nn.Module, recurse: bool = True) -> tuple[str, str] | None:
+    """``(submodule path, name)`` of the first method of a module's class that is replaced on
+    the instance (``m.forward = f``, ``block.get_mask = f``: adapters, LoRA, sliding-window
+    masks done by assignment), in ``module`` and (``recurse``) its submodules; None if there
+    is none. Code that takes such a module apart instead of calling it would skip that code."""
+    mods = module.named_modules(remove_duplicate=False) if recurse else (("", module),)
+    methods: dict[type, set[str]] = {}   # per class: the names of its methods
+    for path, m in mods:
+        cls = type(m)
+        if cls not in methods:
+            names: set[str] = set()
+            for c in reversed(cls.__mro__):   # (a subclass may redefine a name as a non-method)
+                for n, a in vars(c).items():
+                    (names.add if _is_method(a) else names.discard)(n)
+            methods[cls] = names
+        hit = m.__dict__.keys() & methods[cls]
+        if hit:
+            return path, min(hit)
+    return None
+
+
+def methods_replaced(cls: type) -> list[str]:
+    """Methods of ``cls`` and of its bases below ``nn.Module`` whose function was not defined
+    in that class's body: assigned at run time (``Cls.forward = f``, a monkeypatch). Their
+    ``__module__`` / ``__qualname__`` tell (decorators built with ``functools.wraps`` keep
+    them)."""
+    out = []
+    for c in cls.__mro__:
+        if c is object or c.__module__.startswith("torch."):
+            continue
+        for name, attr in vars(c).items():
+            if not _is_method(attr):
+                continue
+            f = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+            if getattr(f, "__module__", None) != c.__module__ or \
+                    getattr(f, "__qualname__", None) != f"{c.__qualname__}.{name}":
+                out.append(f"{c.__name__}.{name}")
+    return out
 
 
 def forward_replaced(model, cls: type) -> bool:
