@@ -140,8 +140,10 @@ def register(cls: type, factory: Factory, *, kind: str = "block", restore: Resto
     caches). ``inline``: kinds that are inline code of ``cls.forward`` (not submodules), so
     they are patched only with the class itself: when ``kind`` is disabled but one of these is
     enabled, the report says so. Registering a class twice raises ValueError unless
-    ``replace=True``.
+    ``replace=True`` (palm_fast's built-in classes count as registered from the start: to
+    change one's factory, pass ``replace=True``).
     """
+    _load_builtins()   # (first: a built-in loaded later must not overwrite this entry)
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise TypeError(f"cls: expected an nn.Module subclass, got {cls!r}")
     if not callable(factory):
@@ -160,7 +162,8 @@ def register(cls: type, factory: Factory, *, kind: str = "block", restore: Resto
 
 
 def unregister(cls: type) -> None:
-    """Forget ``cls`` (KeyError if it is not registered)."""
+    """Forget ``cls`` (KeyError if it is not registered; built-ins included)."""
+    _load_builtins()
     del _REGISTRY[cls]
 
 

@@ -204,6 +204,34 @@ def test_refresh_caches_sees_writes_through_data(monkeypatch):
     assert torch.equal(b._packed_in_proj(), w)
 
 
+def test_packed_weight_of_a_flat_buffer_slice_is_never_cached(monkeypatch):
+    """vector_to_parameters leaves each weight a slice of the flat vector, which is then
+    updated in place (ES / SPSA loops): the writes bump the vector's version counter, not the
+    weight's, and the stale packed weight was used (errors 2.1, 4.9). Also a changed rotary
+    layout (interleaved) with the same weight. (Packing simulated on the CPU.)"""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    from palm_fast.nn import block as fast_block
+
+    monkeypatch.setattr(fast_block, "uses_triton", lambda dev: True)
+    monkeypatch.setattr(fast_block, "pack_in_proj", lambda w, inv, H, Hk, hd, F, inter: (
+        w.detach().clone() + inter))
+    m = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V))
+    b = m.blocks[0]
+    w = b.in_proj.weight
+    first = b._packed_in_proj()
+    assert b._packed_in_proj() is first                   # an exclusive weight: cached
+    b.rotary.interleaved = True
+    assert torch.equal(b._packed_in_proj(), w + 1)        # the layout is part of the key
+    b.rotary.interleaved = False
+    theta = parameters_to_vector(m.parameters()).detach().clone()
+    with torch.no_grad():
+        for _ in range(2):
+            vector_to_parameters(theta, m.parameters())
+            assert torch.equal(b._packed_in_proj(), w)
+            theta.add_(0.5)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_packed_weight_follows_optimizer_steps(monkeypatch, fused):
     """AdamW(fused=True) updates parameters in place without bumping their version counters:
@@ -1194,3 +1222,47 @@ def test_reference_norm_weight_in_bf16_with_fp32_activations():
     lm_loss(ref, x).backward()
     for (n, a), b in zip(m.named_parameters(), ref.parameters()):
         assert a.grad.dtype == b.grad.dtype and close_rel(a.grad.float(), b.grad.float(), 1e-2), n
+
+
+def test_user_registrations_are_not_overwritten_by_builtins_loaded_later():
+    """In a fresh process: a user's register() of a built-in class before the first patch()
+    was accepted, then silently overwritten when patch loaded the built-ins; a user's
+    decoder_parts for nn.Sequential was overwritten once PaLM-pytorch got imported."""
+    import subprocess
+    import sys
+
+    code = r'''
+import torch, palm_fast
+from palm_fast import patching
+from palm_fast.reference import layers as ref
+def mine(m, opts):
+    raise patching.Unsupported("mine")
+try:
+    patching.register(ref.LayerNorm, mine, kind="layer_norm")
+    print("accepted")
+except ValueError as e:
+    print("refused:", "replace=True" in str(e))
+patching.register(ref.LayerNorm, mine, kind="layer_norm", replace=True)
+model = torch.nn.Sequential(ref.LayerNorm(8))
+import warnings; warnings.simplefilter("ignore")
+palm_fast.patch(model)
+print("factory:", [r.reason for r in model.palm_fast_report.skipped])
+from palm_fast import generation
+def parts(model):
+    raise ValueError("my layout")
+generation.register_decoder_parts(torch.nn.Sequential, parts)
+try:
+    import palm_pytorch  # noqa: F401
+except ImportError:
+    print("no palm_pytorch"); raise SystemExit
+try:
+    palm_fast.generate(torch.nn.Sequential(torch.nn.Linear(2, 2)), [[1]], 1)
+except ValueError as e:
+    print("decoder:", str(e))
+'''
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "refused: True"
+    assert lines[1] == "factory: ['mine']"
+    assert lines[2] in ("decoder: my layout", "no palm_pytorch"), lines

@@ -572,3 +572,24 @@ def test_in_place_overlap_refused_under_compile():
 
     with pytest.raises(Exception, match="shares memory with q"):
         f(q.clone())
+
+
+def test_a_call_under_fake_tensor_mode_does_not_poison_the_constant_caches():
+    """A call under FakeTensorMode (make_fx(tracing_mode="fake"), a bare mode) cached fake
+    default frequencies: every later real rope / rope_append call in the process raised."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    rope_mod = importlib.import_module("palm_fast.ops.rope")
+    rope_mod._cached_zero.cache_clear()
+    rope_mod._cached_inv_freq.cache_clear()
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
+    with FakeTensorMode() as mode:
+        try:
+            rope(mode.from_tensor(q), mode.from_tensor(k))
+        except Exception:   # (whatever the eager path does with fake tensors)
+            pass
+    got = rope(q, k)
+    pos = torch.arange(4).expand(1, 4)
+    inv = rope_inv_freq(8, 10000.0)
+    assert torch.allclose(got[0], apply_rope(q, pos, inv), atol=1e-6)
+    assert torch.allclose(got[1], apply_rope(k, pos, inv), atol=1e-6)

@@ -44,6 +44,7 @@ from ..ops.block import (
     same_key,
     tensor_key,
     uses_triton,
+    versioned,
 )
 from ..ops.layer_norm import layer_norm
 from ..ops.rope import rope
@@ -339,10 +340,11 @@ class ParallelTransformerBlock(nn.Module):
         if x.dim() != 3 or w.dtype != x.dtype or g.dtype not in (x.dtype, torch.float32):
             return False
         beta = self.norm.beta
-        if beta.is_inference() or beta.is_cpu:
+        if beta.is_cpu or not versioned(beta):
             # an inference tensor (built under torch.inference_mode) has no version counter,
-            # and a write through .data bypasses it: read every call where that is cheap
-            # (the CPU: no device sync) or unavoidable
+            # a slice of a larger buffer is written through the buffer's, and a write
+            # through .data bypasses it: read every call where that is cheap (the CPU: no
+            # device sync) or unavoidable
             return not bool(beta.any())
         key = tensor_key(beta)
         if not same_key(self._beta_key, key):   # one host read per change of beta, not per call
@@ -357,9 +359,9 @@ class ParallelTransformerBlock(nn.Module):
         if not uses_triton(w.device.type):
             return None
         args = (w, inv_freq, self.heads, 1, self.dim_head, self.fused_dims[3] // 2, False)
-        if w.is_inference() or buf.is_inference():   # no version counter: see _fused_ok
+        if not versioned(w, buf):   # no version counter that sees every write: see _fused_ok
             return pack_in_proj(*args)
-        key = (tensor_key(w, buf), optimizer_steps())
+        key = (tensor_key(w, buf), optimizer_steps(), args[2:])
         if self._packed is None or not same_key(self._packed_key, key):
             with torch.inference_mode(False):   # a cached inference tensor breaks later training
                 self._packed = pack_in_proj(*args)
@@ -528,9 +530,11 @@ def register_palm_lite() -> None:
 
 
 def register_all() -> None:
-    from ..generation import register_decoder_parts
+    from ..generation import _PARTS_REGISTRY
 
-    register_decoder_parts(nn.Sequential, decoder_parts)
+    # (a decoder_parts of the user's own for nn.Sequential, registered before PaLM-pytorch
+    # was imported, stays)
+    _PARTS_REGISTRY.setdefault(nn.Sequential, decoder_parts)
     pp = _pp()
     register(pp.LayerNorm, _layer_norm, kind="layer_norm", replace=True)
     register(pp.SwiGLU, _swiglu, kind="swiglu", replace=True)

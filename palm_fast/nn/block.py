@@ -7,9 +7,10 @@ The CUDA input GEMM reads ``in_proj.weight`` re-laid out in RoPE / SwiGLU partne
 changes (new storage, or an in-place update, which bumps the tensor's version counter),
 after every ``torch.optim`` optimizer step (a fused step, ``AdamW(fused=True)``, updates in
 place without bumping the counter: a global step hook counts steps), or when dtype, device
-or the rotary frequencies change. A write through ``.data`` bypasses the version counter,
-and so may an optimizer outside ``torch.optim``: call ``palm_fast.nn.refresh_caches(model)``
-after one.
+or the rotary frequencies or layout change. A weight that is a slice of a larger buffer
+(``vector_to_parameters``) is re-laid out on every call. A write through ``.data``, or through
+another tensor on the weight's memory (numpy, DLPack), bypasses the version counter, and so may
+an optimizer outside ``torch.optim``: call ``palm_fast.nn.refresh_caches(model)`` after one.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from palm_fast.ops.block import (
     same_key,
     tensor_key,
     uses_triton,
+    versioned,
 )
 from palm_fast.reference import layers as _reference
 
@@ -91,11 +93,12 @@ class ParallelBlock(_reference.ParallelBlock):
         if not uses_triton(w.device.type):
             return None
         args = (w, inv, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.rotary.interleaved)
-        if torch.compiler.is_compiling() or w.is_inference() or inv.is_inference():
+        if torch.compiler.is_compiling() or not versioned(w, inv):
             # Inference tensors (a model built under torch.inference_mode) have no version
-            # counter, so an in-place update could not be detected: re-lay out every call.
+            # counter, and a weight that is a slice of a larger buffer is written through
+            # the buffer's: an update could not be detected, so re-lay out every call.
             return pack_in_proj(*args)
-        key = (tensor_key(w, inv), optimizer_steps())
+        key = (tensor_key(w, inv), optimizer_steps(), args[2:])
         if self._packed is None or not same_key(self._packed_key, key):
             with torch.inference_mode(False):   # a cached inference tensor breaks later training
                 self._packed = pack_in_proj(*args)

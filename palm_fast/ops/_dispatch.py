@@ -18,17 +18,40 @@ import torch
 from torch.nn.modules import module as _torch_module
 
 
+_FAKE_KEY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
+
+
+def fake_mode_on() -> bool:
+    """Whether a ``FakeTensorMode`` is active (``make_fx(tracing_mode="fake")``, a bare
+    ``with FakeTensorMode():``): tensors made now have no data."""
+    if _FAKE_KEY is not None:
+        return torch._C._get_dispatch_mode(_FAKE_KEY) is not None
+    from torch._guards import detect_fake_mode   # (older torch)
+
+    return detect_fake_mode() is not None
+
+
 def cached_constant(maxsize: int):
     """``functools.lru_cache`` for eager-mode constant tensors (default offsets, frequencies,
     scratch), built outside inference mode: a cached tensor first made under
-    ``torch.inference_mode()`` (e.g. by ``generate``) could not be saved for a later backward."""
+    ``torch.inference_mode()`` (e.g. by ``generate``) could not be saved for a later backward.
+    Under a ``FakeTensorMode`` the tensor is made and not cached: a cached fake tensor broke
+    every later real call in the process."""
     def deco(fn):
         @functools.lru_cache(maxsize=maxsize)
-        @functools.wraps(fn)
         def cached(*args):
             with torch.inference_mode(False):
                 return fn(*args)
-        return cached
+
+        @functools.wraps(fn)
+        def get(*args):
+            if fake_mode_on():
+                return fn(*args)
+            return cached(*args)
+
+        get.cache_clear = cached.cache_clear
+        get.cache_info = cached.cache_info
+        return get
     return deco
 
 

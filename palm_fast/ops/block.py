@@ -108,6 +108,17 @@ def optimizer_steps() -> int:
     return _OPTIMIZER_STEPS[0]
 
 
+def versioned(*tensors: torch.Tensor) -> bool:
+    """Whether a cache keyed on these tensors' version counters can see every write to them:
+    not inference tensors (no counter), and each the only tensor of its storage. A parameter
+    set to a slice of a flat buffer (``torch.nn.utils.vector_to_parameters``, flat-buffer
+    optimizers) is written through the buffer, whose counter is not the parameter's."""
+    for t in tensors:
+        if t.is_inference() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            return False
+    return True
+
+
 def tensor_key(*tensors: torch.Tensor) -> tuple:
     """The part of a weight-derived cache's key that says "the same tensors, unchanged":
     each tensor's address, version, dtype and device, and a weak reference to it. A key
