@@ -687,8 +687,10 @@ def out_proj(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor, w_attn_out: torc
     M, K1 = o.shape
     K2 = h.shape[1]
     N = x.shape[1]
-    for t in (o, h, x, w_attn_out, w_ff_out):
-        assert t.stride(-1) == 1 or t.shape[-1] <= 1
+    for name, t in (("o", o), ("h", h), ("x", x), ("w_attn_out", w_attn_out), ("w_ff_out", w_ff_out)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name}: expected a unit stride in the last dim (rows of any "
+                             f"stride), got strides {tuple(t.stride())}")
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0:
         return y

@@ -243,6 +243,23 @@ def test_block_triton(cfg, triton_backend):
     _check_block(cfg, torch.float32, triton_backend, positions)
 
 
+def test_block_triton_with_column_major_output_weights(triton_backend):
+    """attn_out / ff_out weights stored transposed (W.t().contiguous().t()): the Triton
+    output GEMM takes a row stride only and failed a bare assert (wrong numbers under
+    python -O); they are copied to unit column stride first."""
+    cfg = BLOCK_CONFIGS[0]
+    ref, fast = _blocks(cfg, torch.float32, triton_backend)
+    for lin in (fast.attn_out, fast.ff_out):
+        lin.weight = torch.nn.Parameter(lin.weight.detach().t().contiguous().t())
+        assert lin.weight.stride(-1) != 1
+    x = randn(*cfg[:2], cfg[2], device=triton_backend)
+    g = randn(*cfg[:2], cfg[2], device=triton_backend)
+    got = _fwd_bwd(fast, x, g)
+    want = _fwd_bwd(ref.to(triton_backend), x, g)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", list(DT), ids=DT.get)
 @pytest.mark.parametrize("cfg", BLOCK_CONFIGS, ids=lambda c: f"T{c[1]}-hd{c[5]}-Hk{c[4]}-F{c[6]}")
@@ -375,6 +392,37 @@ def test_opcheck_custom_ops(M):
     o, h = randn(M, H * hd).requires_grad_(), randn(M, F).requires_grad_()
     wo, wf = randn(d, H * hd).requires_grad_(), randn(d, F).requires_grad_()
     opcheck(torch.ops.palm_fast.block_out_proj, (o, h, randn(M, d).requires_grad_(), wo, wf))
+    g = randn(M, d)
+    for need in (True, False):   # the backward ops, a frozen weight's GEMM skipped
+        opcheck(torch.ops.palm_fast.block_out_proj_bwd, (g, o, h, wo, wf, need, not need),
+                test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_frozen_weights_skip_their_gradient_gemms(monkeypatch, compiled):
+    """Frozen projection weights (prompt tuning, training some layers): the backward still
+    ran the three weight-gradient GEMMs, 1.5x slower than the reference block then. The
+    other gradients are unchanged and the frozen weights get none."""
+    cfg = BLOCK_CONFIGS[0]
+    ref, fast = _blocks(cfg, torch.float32)
+    x = randn(*cfg[:2], cfg[2])
+    g = randn(*cfg[:2], cfg[2])
+    calls = []
+    real_mm = ob._mm
+    monkeypatch.setattr(ob, "_mm", lambda a, b: calls.append(1) or real_mm(a, b))
+    full = _fwd_bwd(fast, x, g)
+    n_full, calls[:] = len(calls), []
+    for lin in (fast.in_proj, fast.attn_out, fast.ff_out):
+        lin.weight.requires_grad_(False)
+    fn = torch.compile(fast, fullgraph=True, backend="aot_eager") if compiled else fast
+    xg = x.detach().clone().requires_grad_(True)
+    torch.autograd.backward(fn(xg), g)
+    if not compiled:   # (traced: the GEMM count is the compiled graph's business)
+        # the backward's GEMMs (the CPU forward runs oneDNN's linear): dxn, do, dh only
+        assert (n_full, len(calls)) == (6, 3)
+    assert torch.equal(xg.grad, full[1])
+    assert torch.equal(fast.norm.weight.grad, full[2])
+    assert all(lin.weight.grad is None for lin in (fast.in_proj, fast.attn_out, fast.ff_out))
 
 
 def test_preactivation_written_only_for_autograd(triton_backend, monkeypatch):

@@ -235,6 +235,35 @@ def test_add_layer_norm_leaf_gradients_separate_when_the_reshape_copies():
         assert torch.equal(t.grad, torch.full((2, 3, 16), 2.0))
 
 
+@pytest.mark.parametrize("route", ["add", "expand_as", "sub_zero"])
+def test_add_layer_norm_gradients_separate_through_pass_through_nodes(route):
+    """x and a reaching leaves through nodes that hand a gradient on unchanged (p1 + p2,
+    expand_as, x - 0): two leaves' .grad were views of one buffer, so a second backward
+    (1.45 off) or clip_grad_norm_ wrote into both."""
+    torch.manual_seed(0)
+    w = randn(8)
+    ps = [randn(2, 3, 8).requires_grad_() for _ in range(4)]
+
+    def inputs(p1, p2, q1, q2):
+        if route == "add":
+            return p1 + p2, q1 + q2
+        if route == "expand_as":
+            return p2.expand_as(p1), q2.expand_as(q1)
+        return p2 - 0, q2 - 0
+
+    G = randn(2, 3, 8)
+    ref = [p.detach().clone().requires_grad_() for p in ps]
+    for _ in range(2):
+        add_layer_norm(*inputs(*ps), weight=w)[1].mul(G).sum().backward()
+        x, a = inputs(*ref)
+        s = x + a
+        torch.nn.functional.layer_norm(s, (8,), w).mul(G).sum().backward()
+    used = [i for i in range(4) if ps[i].grad is not None]
+    assert len({ps[i].grad.untyped_storage().data_ptr() for i in used}) == len(used)
+    for i in used:
+        torch.testing.assert_close(ps[i].grad, ref[i].grad, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ determinism
 
 def test_backward_bitwise_deterministic_across_threads():

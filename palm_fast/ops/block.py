@@ -300,9 +300,10 @@ def _(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos, n_heads, 
 
 
 def _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos,
-                      n_heads, n_kv_heads, head_dim, d_ff, interleaved):
+                      n_heads, n_kv_heads, head_dim, d_ff, interleaved, need_w=True):
     """Gradients (dx, d_ln_weight, d_w_in) of ``block_in_proj``: the RoPE and SwiGLU backward
-    write ``dproj [M, Nin]`` in place, then two GEMMs and the LayerNorm backward."""
+    write ``dproj [M, Nin]`` in place, then two GEMMs and the LayerNorm backward. Without
+    ``need_w`` (a frozen weight) the weight GEMM is skipped and d_w_in is an empty tensor."""
     hq, hkv, nqkv, F_ = _sizes(n_heads, n_kv_heads, head_dim, d_ff)
     M = x.shape[0]
     dproj = torch.empty(M, nqkv + 2 * F_, dtype=x.dtype, device=x.device)
@@ -325,7 +326,7 @@ def _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, in
         ln_bwd = _layer_norm_bwd_cpu
     dproj[:, hq + hkv:nqkv].copy_(dv.reshape(M, hkv))
     dxn = _mm(dproj, w_in)
-    dw_in = _mm(dproj.t(), xn)
+    dw_in = _mm(dproj.t(), xn) if need_w else w_in.new_empty(0)
     dx, dlnw, _ = ln_bwd(dxn, x, ln_weight, mean, rstd, False)
     return dx, dlnw, dw_in
 
@@ -349,15 +350,16 @@ def block_in_proj_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dh: 
                       x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch.Tensor, xn: torch.Tensor,
                       mean: torch.Tensor, rstd: torch.Tensor, ff: torch.Tensor, inv_freq: torch.Tensor,
                       pos: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int,
-                      interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      interleaved: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos,
-                             n_heads, n_kv_heads, head_dim, d_ff, interleaved)
+                             n_heads, n_kv_heads, head_dim, d_ff, interleaved, need_w)
 
 
 @block_in_proj_bwd.register_fake
 def _(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos, n_heads, n_kv_heads,
-      head_dim, d_ff, interleaved):
-    return x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape), w_in.new_empty(w_in.shape)
+      head_dim, d_ff, interleaved, need_w):
+    return (x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape),
+            w_in.new_empty(w_in.shape if need_w else (0,)))
 
 
 def _in_setup(ctx, inputs, output):
@@ -389,9 +391,10 @@ def _in_backward(ctx, dq, dk, dv, dh, _dff, _dxn, _dmean, _drstd):
     dv = _zeros_if_none(dv, x.new_empty(M, hkv))
     dh = _zeros_if_none(dh, x.new_empty(M, d_ff))
     bwd = _in_proj_bwd_impl if eager_ctx(ctx) else block_in_proj_bwd
+    need_w = ctx.needs_input_grad[2]   # (a frozen projection: its weight GEMM is skipped)
     dx, dlnw, dw = bwd(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos,
-                       n_heads, n_kv_heads, head_dim, d_ff, interleaved)
-    return (dx, dlnw, dw) + (None,) * 14
+                       n_heads, n_kv_heads, head_dim, d_ff, interleaved, need_w)
+    return (dx, dlnw, dw if need_w else None) + (None,) * 14
 
 
 block_in_proj.register_autograd(_in_backward, setup_context=_in_setup)
@@ -646,8 +649,14 @@ def _out_proj_aten(o, h, x, w_attn_out, w_ff_out):
     return y.addmm_(h, w_ff_out.t())
 
 
+def _unit_columns(t: torch.Tensor) -> torch.Tensor:
+    """t with a unit stride in its last dim (the GEMM kernels take a row stride only): a
+    transposed or expanded weight is copied."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
 def _out_proj_triton(o, h, x, w_attn_out, w_ff_out):
-    return _proj().out_proj(o, h, x, w_attn_out, w_ff_out)
+    return _proj().out_proj(*(_unit_columns(t) for t in (o, h, x, w_attn_out, w_ff_out)))
 
 
 _OUT_IMPLS = {"cpu": _out_proj_aten, "cuda": _out_proj_triton}
@@ -665,21 +674,26 @@ def _(o, h, x, w_attn_out, w_ff_out):
     return x.new_empty(x.shape)
 
 
-def _out_proj_bwd_impl(g, o, h, w_attn_out, w_ff_out):
-    return _mm(g, w_attn_out), _mm(g, w_ff_out), _mm(g.t(), o), _mm(g.t(), h)
+def _out_proj_bwd_impl(g, o, h, w_attn_out, w_ff_out, need_wo=True, need_wf=True):
+    """(do, dh, dw_attn_out, dw_ff_out); a weight gradient not needed (a frozen weight) is an
+    empty tensor and its GEMM is skipped."""
+    return (_mm(g, w_attn_out), _mm(g, w_ff_out),
+            _mm(g.t(), o) if need_wo else w_attn_out.new_empty(0),
+            _mm(g.t(), h) if need_wf else w_ff_out.new_empty(0))
 
 
 @torch.library.custom_op("palm_fast::block_out_proj_bwd", mutates_args=())
 def block_out_proj_bwd(g: torch.Tensor, o: torch.Tensor, h: torch.Tensor, w_attn_out: torch.Tensor,
-                       w_ff_out: torch.Tensor
+                       w_ff_out: torch.Tensor, need_wo: bool, need_wf: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _out_proj_bwd_impl(g, o, h, w_attn_out, w_ff_out)
+    return _out_proj_bwd_impl(g, o, h, w_attn_out, w_ff_out, need_wo, need_wf)
 
 
 @block_out_proj_bwd.register_fake
-def _(g, o, h, w_attn_out, w_ff_out):
-    return (o.new_empty(o.shape), h.new_empty(h.shape), w_attn_out.new_empty(w_attn_out.shape),
-            w_ff_out.new_empty(w_ff_out.shape))
+def _(g, o, h, w_attn_out, w_ff_out, need_wo, need_wf):
+    return (o.new_empty(o.shape), h.new_empty(h.shape),
+            w_attn_out.new_empty(w_attn_out.shape if need_wo else (0,)),
+            w_ff_out.new_empty(w_ff_out.shape if need_wf else (0,)))
 
 
 def _out_setup(ctx, inputs, output):
@@ -691,8 +705,9 @@ def _out_backward(ctx, g):
     o, h, w_attn_out, w_ff_out = ctx.saved_tensors
     g = g.contiguous()
     bwd = _out_proj_bwd_impl if eager_ctx(ctx) else block_out_proj_bwd
-    do, dh, dwo, dwf = bwd(g, o, h, w_attn_out, w_ff_out)
-    return do, dh, g, dwo, dwf
+    need_wo, need_wf = ctx.needs_input_grad[3], ctx.needs_input_grad[4]   # (frozen: skipped)
+    do, dh, dwo, dwf = bwd(g, o, h, w_attn_out, w_ff_out, need_wo, need_wf)
+    return do, dh, g, dwo if need_wo else None, dwf if need_wf else None
 
 
 block_out_proj.register_autograd(_out_backward, setup_context=_out_setup)

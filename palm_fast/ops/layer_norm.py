@@ -150,65 +150,29 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
 layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
-# Backward nodes that hand their incoming gradient on as it is or as a view of it (no new
-# tensor): a gradient passing only through these reaches a leaf's .grad as the same memory.
-_PASS_THROUGH = frozenset({
-    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
-    "AliasBackward0", "TBackward0", "TransposeBackward0", "PermuteBackward0",
-    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0",
-    "ViewAsRealBackward0", "ViewAsComplexBackward0", "ToCopyBackward0"})
-
-
-def _reaches_leaf(t) -> bool:
-    """Whether t's gradient lands in a leaf's .grad directly or through views or copies (the
-    public function's reshape, which copies a non-viewable layout): such a gradient is kept
-    as the .grad tensor (or a view of it), not copied."""
-    if t is None:
-        return False
-    if t.is_leaf:
-        return True
-    fn = t.grad_fn
-    for _ in range(16):
-        if fn is None:
-            return False
-        name = type(fn).__name__
-        if name == "AccumulateGrad":
-            return True
-        if name not in _PASS_THROUGH:
-            return False
-        nxt = [f for f, _ in fn.next_functions if f is not None]
-        if len(nxt) != 1:
-            return False
-        fn = nxt[0]
-    return True   # (a long chain of views: copy, to be safe)
-
-
 def _add_ln_setup(ctx, inputs, output):
     x, a, m, weight, bias, _eps = inputs
     y_sum, _out, mean, rstd = output
     ctx.save_for_backward(y_sum, weight, mean, rstd)
     ctx.has_m, ctx.has_bias = m is not None, bias is not None
-    ctx.leaves = tuple(_reaches_leaf(t) for t in (x, a, m))
 
 
 def _add_ln_backward(ctx, d_sum, d_out, _dmean, _drstd):
     y_sum, weight, mean, rstd = ctx.saved_tensors
     dx_ln, dw, db = _ln_bwd(ctx, d_out, y_sum, weight, mean, rstd, ctx.has_bias)
     d = d_sum + dx_ln  # y_sum feeds both outputs; x, a and m all receive its gradient
-    # One tensor handed to two leaves (or to views of leaves) becomes both .grad tensors
-    # (autograd keeps it rather than copying), and the next accumulation would then add
-    # into both: those get a copy.
-    grads, first = [], None
+    # One tensor (or views of one memory) handed to two inputs can become two leaves' .grad
+    # tensors: autograd keeps a gradient nothing else references instead of copying it, and
+    # the public function's reshapes wrap d in separate views, through any chain of nodes
+    # that pass a gradient on unchanged (p1 + p2, expand_as, x - 0). The next accumulation,
+    # or clip_grad_norm_, then wrote into both. Every input after the first gets a copy.
+    grads, first = [], True
     for i, need in enumerate(ctx.needs_input_grad[:3]):
         if not need or (i == 2 and not ctx.has_m):
             grads.append(None)
-        elif first is None:
-            first = i
-            grads.append(d)
         else:
-            # (traced under torch.compile: always; the compiler fuses the copy)
-            copy = not eager_ctx(ctx) or ctx.leaves[i] or ctx.leaves[first]
-            grads.append(d.clone() if copy else d)
+            grads.append(d if first else d.clone())
+            first = False
     return (*grads, dw, (db if ctx.has_bias else None), None)
 
 
