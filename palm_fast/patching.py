@@ -176,21 +176,34 @@ def registered() -> dict[type, str]:
 def _load_builtins() -> None:
     """Register palm_fast's reference modules, and PaLM-pytorch's once it has been imported
     (a model built from it implies it is; palm_fast never imports it by itself)."""
+    def load(name: str, register_all: Callable[[], None]) -> None:
+        # marked loaded first (register() calls back in here), unmarked if it fails: a
+        # failed load left patch and generate silently without the built-ins
+        _BUILTINS_LOADED.add(name)
+        try:
+            register_all()
+        except BaseException:
+            _BUILTINS_LOADED.discard(name)
+            raise
+
     if "reference" not in _BUILTINS_LOADED:
-        _BUILTINS_LOADED.add("reference")
-        from .integrations import reference as _ref
+        def ref():
+            from .integrations import reference as _ref
 
-        _ref.register_all()
+            _ref.register_all()
+        load("reference", ref)
     if "palm_pytorch" not in _BUILTINS_LOADED and "palm_pytorch.palm_pytorch" in sys.modules:
-        _BUILTINS_LOADED.add("palm_pytorch")
-        from .integrations import palm_pytorch as _pp
+        def pp():
+            from .integrations import palm_pytorch as _pp
 
-        _pp.register_all()
+            _pp.register_all()
+        load("palm_pytorch", pp)
     if "palm_lite" not in _BUILTINS_LOADED and "palm_pytorch.palm_lite" in sys.modules:
-        _BUILTINS_LOADED.add("palm_lite")
-        from .integrations import palm_pytorch as _pp
+        def lite():
+            from .integrations import palm_pytorch as _pp
 
-        _pp.register_palm_lite()
+            _pp.register_palm_lite()
+        load("palm_lite", lite)
 
 
 def _qualname(cls: type) -> str:

@@ -934,7 +934,8 @@ def _pp_block_edits():
     def lora_by_assignment(blk):   # (the adapter set as the instance's forward)
         lin = blk.attn_out
         g = torch.Generator().manual_seed(6)
-        A, B = torch.randn(4, lin.in_features, generator=g) * 0.1, torch.randn(lin.out_features, 4, generator=g)
+        A = torch.randn(4, lin.in_features, generator=g) * 0.1
+        B = torch.randn(lin.out_features, 4, generator=g)
         lin.forward = lambda t, f=lin.forward: f(t) + t @ A.t() @ B.t()
 
     def block_forward_assigned(blk):
@@ -1090,7 +1091,8 @@ def test_palm_pytorch_code_replaced_at_run_time_is_not_patched(monkeypatch, chan
         orig = pp.apply_rotary_pos_emb
         monkeypatch.setattr(pp, "apply_rotary_pos_emb", lambda pos, t: orig(pos / 4, t))
     elif change == "SwiGLU.forward":
-        monkeypatch.setattr(pp.SwiGLU, "forward", lambda self, x: (lambda v, g: F.gelu(g) * v)(*x.chunk(2, -1)))
+        monkeypatch.setattr(pp.SwiGLU, "forward",
+                            lambda self, x: (lambda v, g: F.gelu(g) * v)(*x.chunk(2, -1)))
     else:
         orig = pp.ParallelTransformerBlock.get_rotary_embedding
         monkeypatch.setattr(pp.ParallelTransformerBlock, "get_rotary_embedding",
@@ -1266,3 +1268,19 @@ except ValueError as e:
     assert lines[0] == "refused: True"
     assert lines[1] == "factory: ['mine']"
     assert lines[2] in ("decoder: my layout", "no palm_pytorch"), lines
+
+
+def test_a_failed_builtin_load_is_retried(monkeypatch, registry_guard):
+    """The built-ins were marked loaded before their registration ran: after one failure
+    (e.g. a missing subpackage) patch and generate silently did nothing."""
+    from palm_fast.integrations import reference as ref_integration
+
+    patching._REGISTRY.clear()
+    patching._BUILTINS_LOADED.clear()
+    real = ref_integration.register_all
+    monkeypatch.setattr(ref_integration, "register_all", lambda: (_ for _ in ()).throw(ImportError("boom")))
+    with pytest.raises(ImportError, match="boom"):
+        palm_fast.patch(ref_model())
+    monkeypatch.setattr(ref_integration, "register_all", real)
+    m = quiet_patch(ref_model())
+    assert m.palm_fast_report.patched

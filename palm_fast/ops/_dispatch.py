@@ -17,7 +17,6 @@ from collections.abc import Callable
 import torch
 from torch.nn.modules import module as _torch_module
 
-
 _FAKE_KEY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
 
 
@@ -26,7 +25,7 @@ def fake_mode_on() -> bool:
     ``with FakeTensorMode():``): tensors made now have no data."""
     if _FAKE_KEY is not None:
         return torch._C._get_dispatch_mode(_FAKE_KEY) is not None
-    from torch._guards import detect_fake_mode   # (older torch)
+    from torch._guards import detect_fake_mode  # (older torch)
 
     return detect_fake_mode() is not None
 
