@@ -744,6 +744,24 @@ def test_max_min_propagate_nan_and_signed_zeros_survive(mode, opts):
     torch.testing.assert_close(r["tiny"], c * 1e30 * 1e-30 * 1e-30, equal_nan=True, rtol=1e-6, atol=0)
 
 
+def test_negative_zero_constants_are_emitted_by_bit_pattern():
+    """Triton 3.2-3.8 read a -0.0 literal as +0.0 (interpreter and compiled code), so
+    x / -0.0 had the wrong sign there (the test above failed on torch 2.6 / triton 3.2; this
+    session's triton keeps the literal): -0.0 is written as its bits, +0.0 as a literal."""
+    from palm_fast.fusion.codegen import _const_expr
+
+    assert "bitcast=True" in _const_expr(-0.0, 0) and "-2147483648" in _const_expr(-0.0, 1)
+    assert _const_expr(0.0, 0) == "(0.0)" and _const_expr(-1.5, 0) == "(-1.5)"
+    g = Graph("neg_zero")
+    x = g.input("x", "row")
+    g.output("q", g.div(x, g.const(-0.0)))
+    g.output("p", g.mul(x, g.const(-0.0, 1)))   # -0.0 * N
+    t = torch.tensor([[1.0, -4.0, 0.5, 2.0]], device=DEV)
+    r = compile_graph(g, "full")(x=t)
+    assert torch.equal(r["q"].cpu(), t.cpu() / -0.0)
+    assert torch.equal(torch.signbit(r["p"].cpu()), torch.signbit(t.cpu() * -0.0))
+
+
 def test_a_value_output_in_two_dtypes_is_rounded_once_for_each():
     """exp(x) output as bf16 ("like" x) and then as fp32: the kernel stored it in bf16 (the
     first output's dtype) and the fp32 output was that bf16 value upcast."""

@@ -84,6 +84,11 @@ _REDUCE = {"sum": "tl.sum", "max": "_nan_max_reduce"}   # (see _NAN_HELPERS)
 def _const_expr(value: float, n_pow: int) -> str:
     value = float(value)
     expr = repr(value) if math.isfinite(value) else f"float('{value}')"  # inf / nan: not names
+    if value == 0.0 and math.copysign(1.0, value) < 0:
+        # Triton 3.2-3.8 turn a -0.0 literal into +0.0 (tl.full takes a null value for any
+        # value == 0), in the interpreter and in compiled code: x / -0.0 came out +-inf with
+        # the wrong sign. Its bit pattern survives every version.
+        expr = "tl.full([], -2147483648, tl.int32).to(tl.float32, bitcast=True)"
     if n_pow > 0:
         expr += " * n_f" * n_pow
     elif n_pow < 0:
