@@ -586,3 +586,21 @@ def test_attention_ignores_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = causal_mqa_attention(q, k, v)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_onednn_linear_is_used_for_a_bounded_number_of_shapes(monkeypatch):
+    """oneDNN caches a primitive per shape: a CPU loop over many sequence lengths grew the
+    process to 9x the reference's memory. Only the first ONEDNN_MAX_SHAPES shapes take it;
+    later new shapes take MKL, shapes seen keep their path, and both agree closely."""
+    if not ob._onednn_linear_ok():
+        pytest.skip("this torch has no oneDNN linear")
+    calls = []
+    real = ob._onednn_linear
+    monkeypatch.setattr(ob, "_onednn_linear", lambda a, w: calls.append(a.shape[0]) or real(a, w))
+    monkeypatch.setattr(ob, "_ONEDNN_SHAPES", set())
+    monkeypatch.setattr(ob, "ONEDNN_MAX_SHAPES", 3)
+    w = randn(8, 16)
+    for m in (1, 2, 3, 4, 5, 1, 3, 6, 2):
+        a = randn(m, 16)
+        torch.testing.assert_close(ob._linear(a, w), a @ w.t(), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 2, 3, 1, 3, 2]
