@@ -557,7 +557,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     ``softmax((logits - max) / temperature)`` (= ``softmax(logits / temperature)``, finite for
     any temperature > 0) over the ``top_k`` largest logits (ties at the k-th value kept) and,
     with ``top_p``, over the smallest prefix of tokens sorted by probability whose mass
-    reaches ``top_p`` (the most likely token is always kept).
+    reaches ``top_p`` (the most likely token is always kept; tokens tied with the prefix's
+    last one are kept too).
     """
     logits = logits.float()
     if temperature == 0:
@@ -571,11 +572,14 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     # smallest normal number the temperature is taken as that number.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, FP32_TINY)
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_logits = logits.sort(dim=-1, descending=True).values
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+        # The smallest logit of the kept prefix; every token at or above it stays, so tokens
+        # tied at the cut are all kept, as with top_k (masking by sorted position kept the
+        # lower token ids of a tie, by the sort's order)
+        cut = sorted_logits.masked_fill(mass_before >= top_p, float("inf")).amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < cut, float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 

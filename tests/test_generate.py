@@ -211,6 +211,20 @@ def test_top_p_samples_inside_the_nucleus_and_tiny_top_p_is_greedy():
         assert (mass_before.gather(1, rank[:, None])[:, 0] < p + 1e-6).all()
 
 
+def test_top_p_keeps_every_token_tied_at_the_cut():
+    """8 equal logits, top_p = 0.5: the cut went by sorted position, so tokens 0-3 were always
+    kept and 4-7 never (the sort's tie order). Tied tokens are now all kept, as top_k does;
+    tokens strictly below the cut are still dropped."""
+    g = torch.Generator().manual_seed(0)
+    flat = torch.zeros(1, 8).expand(4000, 8)
+    counts = torch.bincount(sample(flat, 1.0, top_p=0.5, generator=g), minlength=8)
+    assert (counts > 300).all(), counts
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, -5.0, 1.0]]).expand(4000, 6)
+    # softmax: 0.83, then four tied at 0.04: a nucleus of 0.85 reaches into the tie
+    counts = torch.bincount(sample(logits, 1.0, top_p=0.85, generator=g), minlength=6)
+    assert counts[4] == 0 and (counts[[1, 2, 3, 5]] > 20).all(), counts
+
+
 def test_sample_function_properties():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 50, generator=g)
