@@ -131,10 +131,10 @@ class ParallelBlock(_reference.ParallelBlock):
             raise TypeError(f"x: expected a Tensor [B, T, dim], got {type(x).__name__}")
         if not self.parts_fusable() or autocast_changes_dtype(
                 x, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight) \
-                or self.norm.weight.dtype not in (x.dtype, torch.float32):
+                or self.norm.weight.dtype not in (self.in_proj.weight.dtype, torch.float32):
             # The reference forward over the block's parts: for a swapped or hooked part (or a
-            # norm weight in a dtype the fused kernel does not take: the fast LayerNorm takes
-            # it in fp32, as the reference), and
+            # norm weight in another dtype than the projections' and not fp32, e.g. a bf16
+            # norm in an fp32 model: the fast LayerNorm takes it in fp32, as the reference), and
             # under autocast with x or a weight in another dtype than autocast's (then its
             # projections are autocast's, results added to x in x's dtype, exactly as in the
             # reference block; the fused kernels take one dtype for x and every weight).
