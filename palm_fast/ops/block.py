@@ -110,11 +110,13 @@ def optimizer_steps() -> int:
 
 def versioned(*tensors: torch.Tensor) -> bool:
     """Whether a cache keyed on these tensors' version counters can see every write to them:
-    not inference tensors (no counter), and each the only tensor of its storage. A parameter
-    set to a slice of a flat buffer (``torch.nn.utils.vector_to_parameters``, flat-buffer
-    optimizers) is written through the buffer, whose counter is not the parameter's."""
+    not inference tensors (no counter), and each a view (views share their base's counter)
+    or the only tensor of its storage. A parameter whose ``.data`` was set to a slice of a
+    flat buffer (``torch.nn.utils.vector_to_parameters``, flat-buffer optimizers) keeps its
+    own counter and is written through the buffer's."""
     for t in tensors:
-        if t.is_inference() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        if t.is_inference() or (t._base is None and
+                                t.untyped_storage().nbytes() != t.numel() * t.element_size()):
             return False
     return True
 
