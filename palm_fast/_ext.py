@@ -11,8 +11,15 @@ def cpp():
     try:
         from palm_fast import _C
     except ImportError as e:  # pragma: no cover - depends on the build
+        if "undefined symbol" not in str(e) and "shared object" not in str(e):
+            why = "are not built"
+        else:   # the file is there but does not load: typically built against another torch
+            import torch
+
+            why = (f"do not load (built against another torch than this {torch.__version__}? "
+                   f"rebuild them)")
         raise ImportError(
-            "palm_fast's C++ CPU kernels (palm_fast._C) are not built. Build them with "
+            f"palm_fast's C++ CPU kernels (palm_fast._C) {why}. Build them with "
             "`pip install --no-build-isolation -e .` from the repository root (needs gcc "
             f"and ninja, and torch installed first). Original error: {e}"
         ) from e
