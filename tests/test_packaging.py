@@ -42,3 +42,31 @@ def test_sdist_carries_headers_license_and_tests():
     assert "include LICENSE" in manifest and "recursive-include tests *.py" in manifest
     assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
     assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_extension_errors_tell_missing_from_unloadable(monkeypatch):
+    """An _C built against another torch (undefined symbols) was reported as 'not built'."""
+    import sys
+
+    import pytest
+
+    import palm_fast
+    from palm_fast import _ext
+
+    monkeypatch.delattr(palm_fast, "_C")
+    monkeypatch.delitem(sys.modules, "palm_fast._C")
+
+    class Finder:
+        def __init__(self, msg):
+            self.msg = msg
+
+        def find_spec(self, name, path, target=None):
+            if name == "palm_fast._C":
+                raise ImportError(self.msg)
+            return None
+
+    for msg, want in (("/x/_C.so: undefined symbol: _ZN3c104impl", "another torch"),
+                      ("No module named 'palm_fast._C'", "are not built")):
+        monkeypatch.setattr(sys, "meta_path", [Finder(msg), *sys.meta_path])
+        with pytest.raises(ImportError, match=want):
+            _ext.cpp.__wrapped__()
