@@ -53,8 +53,8 @@ def test_extension_errors_tell_missing_from_unloadable(monkeypatch):
     import palm_fast
     from palm_fast import _ext
 
-    monkeypatch.delattr(palm_fast, "_C")
-    monkeypatch.delitem(sys.modules, "palm_fast._C")
+    monkeypatch.delattr(palm_fast, "_C", raising=False)
+    monkeypatch.delitem(sys.modules, "palm_fast._C", raising=False)
 
     class Finder:
         def __init__(self, msg):
