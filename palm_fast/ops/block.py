@@ -40,7 +40,6 @@ VM for the block's input GEMM).
 """
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 
@@ -194,37 +193,12 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b)
 
 
-@functools.cache
-def _onednn_linear_ok() -> bool:
-    return bool(torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-# oneDNN keeps a primitive (and ideep a cache entry), about 0.5 MiB each, for every shape it
-# has run, up to 1024 of each: a CPU loop over many sequence lengths grew the process to 9x
-# the reference's resident memory (mostly freed memory the heap could not give back). The
-# first ONEDNN_MAX_SHAPES shapes take oneDNN; later new shapes take MKL (a fixed-shape
-# workload keeps oneDNN; a shape's path, once chosen, stays for the process).
-ONEDNN_MAX_SHAPES = 64
-_ONEDNN_SHAPES: set[tuple] = set()
-
-
-def _onednn_linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
-
-
 def _linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a @ w^T`` (a ``[M, K]``, w ``[N, K]``). fp32 on CPU: oneDNN's linear reads the
-    ``[N, K]`` weight as it is stored and ran 5-18% faster than MKL's GEMM on the
-    transposed view at the block's and the logits' shapes (one thread, our 2-core AVX2
-    CI VM, standalone GEMM timings), for up to ``ONEDNN_MAX_SHAPES`` distinct shapes (see
-    above); elsewhere, and while torch.compile traces, ``_mm``."""
-    if (a.device.type == "cpu" and a.dtype == torch.float32 and w.dtype == torch.float32
-            and a.shape[0] > 0 and not compiling() and _onednn_linear_ok()):
-        key = (a.shape, a.stride(), w.shape, w.stride())
-        if key in _ONEDNN_SHAPES or len(_ONEDNN_SHAPES) < ONEDNN_MAX_SHAPES:
-            _ONEDNN_SHAPES.add(key)
-            return _onednn_linear(a, w)
+    """``a @ w^T`` (a ``[M, K]``, w ``[N, K]``) through ``_mm``. (oneDNN's linear was used on
+    the CPU until the sixteenth session: it keeps a primitive per shape, about 0.5 MiB each
+    with ideep's entry, and a loop over many sequence lengths grew the process to 9x the
+    reference's memory; re-timed then, it was no faster than MKL at the loss's and the
+    training step's shapes on 1 or 2 threads.)"""
     return _mm(a, w.t())
 
 

@@ -26,7 +26,7 @@ Backward, with upstream scalars g (total), g_ce, g_z::
 so no ``[M, V]`` gradient tensor is written at all.
 
 CPU (fp32 GEMMs, not while torch.compile traces): the logits are made transposed,
-``L^T = W (s h)^T`` ``[V, M]`` (oneDNN; this layout measured 3% faster than a row-wise one), and one
+``L^T = W (s h)^T`` ``[V, M]`` (this layout measured 3% faster than a row-wise one), and one
 C++ pass (``csrc/lm_loss.cpp``) takes each column's max, reads the target logit, overwrites
 the column with ``e = exp(L - max)`` and returns ``lse`` and ``r = 1 / sum e`` per token. The
 softmax is never normalised: ``P = e * r`` row by row, so the backward uses ``c_i r_i`` in
