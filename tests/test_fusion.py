@@ -762,6 +762,28 @@ def test_negative_zero_constants_are_emitted_by_bit_pattern():
     assert torch.equal(torch.signbit(r["p"].cpu()), torch.signbit(t.cpu() * -0.0))
 
 
+def test_zero_constants_in_products_quotients_and_scalar_math():
+    """simplify's "x - (+0) is x" rule ran for every op: x * 0.0 and x / 0.0 came out as x.
+    Scalar-space operands were made tensors by adding +0.0, which turned a -0.0 constant or
+    runtime scalar into +0.0 (x * (1 / -0.0) gave +inf)."""
+    g = Graph("zeros")
+    x, e = g.input("x", "row"), g.input("e", "scalar")
+    g.output("mul0", g.mul(x, g.const(0.0)))
+    g.output("div0", g.div(x, g.const(0.0)))
+    g.output("inv_pos", g.mul(x, g.div(g.const(1.0), g.const(0.0))))
+    g.output("inv_neg", g.mul(x, g.div(g.const(1.0), g.const(-0.0))))
+    g.output("inv_e", g.mul(x, g.div(g.const(1.0), e)))
+    simplified = simplify(g)
+    assert [n.op for n in simplified.nodes].count("mul") == 4 and "div" in [n.op for n in simplified.nodes]
+    t = torch.tensor([[1.0, -2.0, 0.0, 3.0]], device=DEV)
+    r = {k: v.cpu() for k, v in compile_graph(g, "full")(x=t, e=-0.0).items()}
+    c = t.cpu()
+    for name, want in (("mul0", c * 0.0), ("div0", c / 0.0), ("inv_pos", c * math.inf),
+                       ("inv_neg", c * -math.inf), ("inv_e", c * -math.inf)):
+        torch.testing.assert_close(r[name], want, equal_nan=True, rtol=0, atol=0, msg=name)
+        assert torch.equal(torch.signbit(r[name]), torch.signbit(want)), name
+
+
 def test_a_value_output_in_two_dtypes_is_rounded_once_for_each():
     """exp(x) output as bf16 ("like" x) and then as fp32: the kernel stored it in bf16 (the
     first output's dtype) and the fp32 output was that bf16 value upcast."""

@@ -81,14 +81,17 @@ _NEUTRAL = {"sum": "0.0", "max": "float('-inf')"}
 _REDUCE = {"sum": "tl.sum", "max": "_nan_max_reduce"}   # (see _NAN_HELPERS)
 
 
+# fp32 -0.0 as its bit pattern: Triton 3.2-3.8 turn a -0.0 literal into +0.0 (tl.full takes
+# a null value for any value == 0), in the interpreter and in compiled code (x / -0.0 came
+# out with the wrong sign); the bits survive every version
+_NEG_ZERO = "tl.full([], -2147483648, tl.int32).to(tl.float32, bitcast=True)"
+
+
 def _const_expr(value: float, n_pow: int) -> str:
     value = float(value)
     expr = repr(value) if math.isfinite(value) else f"float('{value}')"  # inf / nan: not names
     if value == 0.0 and math.copysign(1.0, value) < 0:
-        # Triton 3.2-3.8 turn a -0.0 literal into +0.0 (tl.full takes a null value for any
-        # value == 0), in the interpreter and in compiled code: x / -0.0 came out +-inf with
-        # the wrong sign. Its bit pattern survives every version.
-        expr = "tl.full([], -2147483648, tl.int32).to(tl.float32, bitcast=True)"
+        expr = _NEG_ZERO
     if n_pow > 0:
         expr += " * n_f" * n_pow
     elif n_pow < 0:
@@ -126,8 +129,9 @@ class _Emitter:
         n = self.g.nodes[i]
         if n.space == "scalar":
             # constants are Python literals and the interpreter passes runtime scalars as
-            # Python floats: as 0-d fp32 tensors, .to() (cast, compare) and tl.* apply
-            ins = [f"(tl.zeros([], dtype=tl.float32) + {x})" for x in ins]
+            # Python floats: as 0-d fp32 tensors, .to() (cast, compare) and tl.* apply. Made
+            # by adding -0.0, the identity for every x (+0.0 + x turned a -0.0 into +0.0)
+            ins = [f"({_NEG_ZERO} + {x})" for x in ins]
         if n.op in _UNARY:
             return _UNARY[n.op].format(*ins)
         if n.op == "cast":

@@ -90,9 +90,9 @@ def simplify(graph: Graph) -> Graph:
             if cb == (1.0, 0) and n.op in ("mul", "div"):
                 return a
             # x + (-0) and x - (+0) are x for every x; x + (+0) is not (-0 + +0 = +0)
-            if cb and cb[0] == 0.0 and cb[1] == 0 and \
+            if n.op in ("add", "sub") and cb and cb[0] == 0.0 and cb[1] == 0 and \
                     math.copysign(1.0, cb[0]) == (-1.0 if n.op == "add" else 1.0):
-                return a
+                return a   # (only for add / sub: x * +0 and x / +0 are not x)
             if n.op == "mul" and cb and g.nodes[a].op == "mul" and _const(g, g.nodes[a].inputs[1]):
                 inner_x, inner_c = g.nodes[a].inputs
                 vc, pc = _const(g, inner_c)
