@@ -46,7 +46,7 @@ from torch.nn.utils import parametrize
 
 from . import ops
 from .ops._checks import FP32_TINY, check_float
-from .ops._dispatch import forward_replaced, instance_override, methods_replaced
+from .ops._dispatch import forward_replaced, instance_override, methods_replaced, unwrap_compiled
 from .reference import functional as _ref_fn
 from .reference import layers as _ref
 from .reference import model as _ref_model
@@ -190,13 +190,29 @@ def _hooked(mod) -> bool:
     return isinstance(mod, nn.Module) and bool(mod._forward_hooks or mod._forward_pre_hooks)
 
 
+def _code_changed(mod) -> str | None:
+    """What of ``mod``'s code is not its class's as written, if anything: a method set on the
+    instance (``block.get_mask = f``, a LoRA by forward assignment) or a method of its class
+    replaced at run time (``SwiGLU.forward = geglu``). generate would not run it if it took
+    the module apart."""
+    if not isinstance(mod, nn.Module):
+        return None
+    over = instance_override(mod, recurse=False)
+    if over is not None:
+        return f"its own {over[1]!r} set on the instance"
+    changed = methods_replaced(type(unwrap_compiled(mod)))
+    if changed:
+        return f"{', '.join(changed)} replaced at run time"
+    return None
+
+
 def _fast_norm(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``palm_fast.ops.layer_norm`` with the module's weight / bias / eps when it is one of
     our LayerNorms (that exact class, no hooks); otherwise the module itself (a subclass
     or a hooked norm runs its own forward, hooks included)."""
     from .nn import LayerNorm as FastLayerNorm
 
-    if type(mod) in (*_LAYER_NORMS, FastLayerNorm) and not _hooked(mod):
+    if type(mod) in (*_LAYER_NORMS, FastLayerNorm) and not _hooked(mod) and _code_changed(mod) is None:
         w, b, eps = mod.weight, mod.bias, mod.eps
 
         def norm(x):
@@ -212,7 +228,7 @@ def _fast_act(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     the module itself."""
     from .nn import SwiGLU as FastSwiGLU
 
-    if type(mod) in (*_SWIGLUS, FastSwiGLU) and not _hooked(mod):
+    if type(mod) in (*_SWIGLUS, FastSwiGLU) and not _hooked(mod) and _code_changed(mod) is None:
         return ops.swiglu
     return mod
 
@@ -227,36 +243,18 @@ def _fused_block(blk: nn.Module) -> nn.Module | None:
     return None
 
 
-def _not_bypassed(where: str, mod) -> None:
+def _not_bypassed(where: str, mod, methods: bool = True) -> None:
     """generate reads a module's weights or attributes and never calls it: refuse one with
-    forward hooks (they would silently not run)."""
+    forward hooks or (``methods``) code of its own (see :func:`_code_changed`): they would
+    silently not run."""
     if _hooked(mod):
         raise ValueError(f"model: {where} has forward hooks, which generate would not run (it "
                          f"reads the weights and runs its own kernels); remove them, or use the "
                          f"model's own generate()")
-
-
-def _no_instance_overrides(model: nn.Module) -> None:
-    """generate never calls the model's submodules: refuse one with a method replaced on the
-    instance (``block.forward = f``, ``block.get_mask = f``: a LoRA or a sliding window done
-    by assignment), which would silently not run. (The model's own ``forward``: see
-    :func:`decoder_parts`.)"""
-    for name, child in model.named_children():
-        over = instance_override(child)
-        if over is not None:
-            where = f"{name}.{over[0]}" if over[0] else name
-            raise ValueError(f"model: {where} has its own {over[1]!r} set on the instance, which "
-                             f"generate would not run (it reads the weights and runs its own "
-                             f"kernels); use the model's own generate()")
-    # and methods replaced on a class (``SwiGLU.forward = geglu``): every method of a
-    # submodule's class; of the model's own class, forward only (a class-level generate or
-    # loss, e.g. one that calls palm_fast.generate, is no concern of the decoder)
-    changed = [n for c in {type(m) for m in model.modules() if m is not model} for n in methods_replaced(c)]
-    changed += [n for n in methods_replaced(type(model)) if n.rsplit(".", 1)[1] == "forward"]
-    if changed:
-        raise ValueError(f"model: {', '.join(sorted(changed))} {'was' if len(changed) == 1 else 'were'} "
-                         f"replaced at run time, which generate would not run (it reads the weights "
-                         f"and runs its own kernels); use the model's own generate()")
+    why = _code_changed(mod) if methods else None
+    if why is not None:
+        raise ValueError(f"model: {where} has {why}, which generate would not run (it reads the "
+                         f"weights and runs its own kernels); use the model's own generate()")
 
 
 def _plain_linear(mod) -> bool:
@@ -716,8 +714,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     from .kv_cache import KVCache
 
     parts = decoder_parts(model)   # (unwraps torch.compile; the wrapper forwards .config)
-    _not_bypassed("the model", _unwrap_compiled(model))
-    _no_instance_overrides(_unwrap_compiled(model))
+    _not_bypassed("the model", _unwrap_compiled(model), methods=False)   # (its forward: above)
     layers = _prepare_layers(parts)
     head = parts.head_weight
     device, dtype = head.device, head.dtype

@@ -396,6 +396,14 @@ def test_opcheck_custom_ops(M):
     for need in (True, False):   # the backward ops, a frozen weight's GEMM skipped
         opcheck(torch.ops.palm_fast.block_out_proj_bwd, (g, o, h, wo, wf, need, not need),
                 test_utils=("test_schema", "test_faketensor"))
+    Nin = w.shape[0]
+    xn, mean, rstd = randn(M, d), randn(M), randn(M).abs() + 0.5
+    ff = randn(M, Nin - (H + 2 * Hk) * hd)
+    for need in (True, False):
+        opcheck(torch.ops.palm_fast.block_in_proj_bwd,
+                (randn(M, H * hd), randn(M, Hk * hd), randn(M, Hk * hd), randn(M, F), x.detach(),
+                 lnw.detach(), w.detach(), xn, mean, rstd, ff, inv, pos, H, Hk, hd, F, False, need),
+                test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -187,3 +187,34 @@ def test_instance_override_and_methods_replaced():
     Fresh.forward = lambda self, x: 2 * x     # a class-level monkeypatch
     assert methods_replaced(Fresh) == ["Fresh.forward"]
     assert methods_replaced(Base) == []
+
+    class Partial(Base):
+        pass
+
+    # any callable but a function (it was missed: a GeGLU made with partialmethod went through)
+    Partial.forward = functools.partialmethod(lambda self, x, c: c * x, c=2)
+    Partial.helper = functools.partial(lambda x: x, 1)
+    assert sorted(methods_replaced(Partial)) == ["Partial.forward", "Partial.helper"]
+    wrapped = torch.compile(torch.nn.Linear(2, 2))   # the wrapper's own forward: looked through
+    assert instance_override(wrapped) is None and instance_override(wrapped, recurse=False) is None
+
+
+def test_forward_ad_and_torch_func_transforms_raise():
+    """A dual tensor's tangent was silently dropped by the kernels (a fast model's jvp was 49.6
+    off finite differences, the layer_norm tangent None); vmap failed deep in the C++ kernel
+    on a storage-less tensor. Both raise a palm_fast error now."""
+    import torch.autograd.forward_ad as fwAD
+
+    import palm_fast
+
+    x, w = torch.randn(2, 8), torch.ones(8)
+    with fwAD.dual_level():
+        d = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            ops.layer_norm(d, w)
+        blk = palm_fast.nn.ParallelBlock(8, 2, 4, 16)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="forward-mode AD"):
+            blk(fwAD.make_dual(torch.randn(1, 3, 8), torch.randn(1, 3, 8)))
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        torch.func.vmap(lambda t: ops.layer_norm(t, w))(torch.randn(3, 2, 8))
+    assert torch.equal(ops.layer_norm(x, w), ops.layer_norm(x, w))   # no state left behind

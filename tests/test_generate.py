@@ -403,6 +403,30 @@ def test_cuda_graph_matches_eager_and_reference(page_size):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_modules_generate_calls_may_carry_code_of_their_own():
+    """A norm generate calls as a module (one not ours, or one with a forward set on the
+    instance) and torch.compile'd blocks (the wrapper sets its own forward) were
+    refused for a method set on an instance; they decode as the model does."""
+    class RMSNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    model = lively(CONFIGS["tiny"])
+    d = CONFIGS["tiny"].d_model
+    model.blocks[0].norm = RMSNorm(d)
+    model.norm.forward = (lambda f: lambda x: 1.5 * f(x))(model.norm.forward)
+    prompts = ragged_prompts(CONFIGS["tiny"].vocab_size, (3, 6))
+    want = [model.generate(p[None], 8)[0] for p in prompts]
+    assert [torch.equal(a, b) for a, b in zip(palm_fast.generate(model, prompts, 8), want)] == [True] * 2
+    varied(want, 8)
+    model.blocks[1] = torch.compile(model.blocks[1])   # (never run: generate reads its weights)
+    assert [torch.equal(a, b) for a, b in zip(palm_fast.generate(model, prompts, 8), want)] == [True] * 2
+
+
 # --------------------------------------------------------------------------- bad input
 
 @pytest.fixture(scope="module")

@@ -230,6 +230,13 @@ def test_packed_weight_of_a_flat_buffer_slice_is_never_cached(monkeypatch):
             vector_to_parameters(theta, m.parameters())
             assert torch.equal(b._packed_in_proj(), w)
             theta.add_(0.5)
+    # FSDP2 copies each all-gather into the same Parameter with its version kept: a module
+    # it manages (marked _is_fsdp_managed_module) is re-laid out every call
+    m2 = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V))
+    b2 = m2.blocks[0]
+    assert b2._packed_in_proj() is b2._packed_in_proj()
+    b2._is_fsdp_managed_module = True
+    assert b2._packed_in_proj() is not b2._packed_in_proj()
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -1027,8 +1034,9 @@ def test_unpatch_hands_back_submodules_swapped_after_patch(which):
 
 # ------------------------------------------------------------------ lookalikes: code changed at run time
 def _lookalike_edits(which):
-    """(name, edit(model), where the skip is reported): methods replaced on an instance, which
-    a replacement (or generate) reading the weights would silently bypass."""
+    """(name, edit(model), where the skip is reported, whether generate refuses it): methods
+    replaced on an instance, which a replacement (or generate) reading the weights would
+    silently bypass. (generate calls a norm or activation with code of its own as a module.)"""
     def scale(f, c):
         return lambda *a, **k: c * f(*a, **k)
 
@@ -1045,8 +1053,8 @@ def _lookalike_edits(which):
             rot.forward = lambda q, k, positions=None, offsets=None, f=rot.forward: f(
                 q, k, None if positions is None else positions // 2, offsets)
 
-        return [("attn_out.forward", lora, "blocks.0"), ("norm.forward", norm, "norm"),
-                ("rotary.forward", rotary, "blocks.1")]
+        return [("attn_out.forward", lora, "blocks.0", True), ("norm.forward", norm, "norm", False),
+                ("rotary.forward", rotary, "blocks.1", True)]
 
     def get_mask(m):   # a sliding window of 4 tokens
         blk = m[1].fn
@@ -1061,14 +1069,15 @@ def _lookalike_edits(which):
         lin = m[1].fn.attn_out
         lin.forward = scale(lin.forward, 1.5)
 
-    return [("get_mask", get_mask, "1"), ("SwiGLU.forward", swiglu, "2"), ("attn_out.forward", lora, "1")]
+    return [("get_mask", get_mask, "1", True), ("SwiGLU.forward", swiglu, "2", False),
+            ("attn_out.forward", lora, "1", True)]
 
 
 @pytest.mark.parametrize("which", ["reference", pytest.param("palm_pytorch", marks=needs_pp)])
 def test_methods_replaced_on_an_instance_skip_the_module(which):
     """A method set on an instance (a LoRA by forward assignment, a sliding-window get_mask):
     patch swapped such modules and the change silently vanished (logits 4-67% off)."""
-    for name, edit, where in _lookalike_edits(which):
+    for name, edit, where, refused in _lookalike_edits(which):
         m = ref_model() if which == "reference" else pp_model()
         edit(m)
         ref = copy.deepcopy(m)
@@ -1078,8 +1087,14 @@ def test_methods_replaced_on_an_instance_skip_the_module(which):
         x = tokens(T=9)
         with torch.no_grad():
             assert close_rel(m(x), ref(x), 2e-5), name
-        with pytest.raises(ValueError, match="set on the instance"):
-            palm_fast.generate(m, [x[0, :4]], 2)
+        if refused:
+            with pytest.raises(ValueError, match="set on the instance"):
+                palm_fast.generate(m, [x[0, :4]], 2)
+        else:   # called as a module: the same tokens as the model's own greedy decoding
+            got = palm_fast.generate(m, [x[0, :4]], 5)[0]
+            want = ref.generate(x[:1, :4], 5)[0] if which == "reference" else \
+                plain_greedy(ref, x[:1, :4], 5)[0]
+            assert torch.equal(got, want), name
 
 
 @needs_pp
@@ -1100,10 +1115,13 @@ def test_palm_pytorch_code_replaced_at_run_time_is_not_patched(monkeypatch, chan
     m = pp_model()
     ref = copy.deepcopy(m)
     quiet_patch(m)
-    assert m.palm_fast_report.patched == [], m.palm_fast_report.patched
-    assert all("replaced at run time" in r.reason for r in m.palm_fast_report.skipped)
+    assert all(type(m[i].fn) is pp.ParallelTransformerBlock for i in (1, 2))
+    if change == "SwiGLU.forward":
+        assert all(type(m[i].fn.ff_out[0]) is pp.SwiGLU for i in (1, 2))
+    assert m.palm_fast_report.skipped and \
+        all("replaced at run time" in r.reason for r in m.palm_fast_report.skipped)
     with torch.no_grad():
-        assert torch.equal(m(tokens(T=9)), ref(tokens(T=9)))
+        assert close_rel(m(tokens(T=9)), ref(tokens(T=9)), 2e-5)
     with pytest.raises(ValueError, match="replaced at run time"):
         palm_fast.generate(m, [tokens(T=4)[0]], 2)
 
@@ -1117,8 +1135,13 @@ def test_reference_code_replaced_at_run_time_is_not_patched(monkeypatch):
     assert any("SwiGLU.forward was replaced" in r.reason for r in m.palm_fast_report.skipped)
     assert all(type(b) is palm_fast.reference.ParallelBlock for b in m.blocks)
     assert_same_logits(m, ref, T=9)
-    with pytest.raises(ValueError, match="SwiGLU.forward was replaced"):
-        palm_fast.generate(m, [tokens(T=4)[0]], 2)
+    # generate calls an activation whose class code changed as a module: the same tokens
+    x = tokens(T=4)
+    assert torch.equal(palm_fast.generate(m, [x[0]], 5)[0], ref.generate(x[:1], 5)[0])
+    monkeypatch.setattr(palm_fast.reference.ParallelBlock, "forward",
+                        lambda self, x, positions=None, cache=None: x)
+    with pytest.raises(ValueError, match="ParallelBlock.forward replaced at run time"):
+        palm_fast.generate(m, [x[0]], 2)
 
 
 @needs_pp
@@ -1284,3 +1307,18 @@ def test_a_failed_builtin_load_is_retried(monkeypatch, registry_guard):
     monkeypatch.setattr(ref_integration, "register_all", real)
     m = quiet_patch(ref_model())
     assert m.palm_fast_report.patched
+
+
+@needs_pp
+def test_palm_pytorch_rope_change_still_patches_its_norms(monkeypatch):
+    """A RoPE function replaced at run time blocks the blocks only: the LayerNorms and
+    SwiGLUs (which do not use it) were refused with it."""
+    orig = pp.apply_rotary_pos_emb
+    monkeypatch.setattr(pp, "apply_rotary_pos_emb", lambda pos, t: orig(pos / 4, t))
+    m = pp_model()
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    assert type(m[-2]) is pp_fast.LayerNorm and type(m[1].fn.norm) is pp_fast.LayerNorm
+    assert type(m[1].fn) is pp.ParallelTransformerBlock
+    with torch.no_grad():
+        assert close_rel(m(tokens(T=9)), ref(tokens(T=9)), 2e-5)

@@ -37,6 +37,7 @@ from .. import nn as fast
 from ..ops._dispatch import autocast_changes_dtype, methods_replaced, parts_hooked
 from ..ops.block import (
     causal_mqa_attention,
+    fsdp_managed,
     fused_input_projection,
     fused_output_projection,
     optimizer_steps,
@@ -63,16 +64,19 @@ def _pp():
     return pp
 
 
-def check_code() -> None:
-    """Raise Unsupported when PaLM-pytorch's code was replaced at run time: a method of its
-    classes (``pp.SwiGLU.forward = geglu``) or one of its RoPE functions
-    (``pp.apply_rotary_pos_emb = ...``, a context-extension hack). The replacements
-    reproduce the package's own code, so they would drop the change."""
+def check_code(*classes: type) -> None:
+    """Raise Unsupported when PaLM-pytorch's code a replacement reproduces was replaced at run
+    time: a method of ``classes`` (``pp.SwiGLU.forward = geglu``) or, with no classes (the
+    block, which reproduces all of it), of any of its classes or one of its RoPE functions
+    (``pp.apply_rotary_pos_emb = ...``, a context-extension hack). The replacements would
+    drop the change."""
     pp = _pp()
-    changed = [n for n in ("rotate_half", "apply_rotary_pos_emb")
-               if getattr(getattr(pp, n, None), "__module__", None) != pp.__name__
-               or getattr(getattr(pp, n, None), "__qualname__", None) != n]
-    for cls in (pp.LayerNorm, pp.Residual, pp.RotaryEmbedding, pp.SwiGLU, pp.ParallelTransformerBlock):
+    changed = [] if classes else [
+        n for n in ("rotate_half", "apply_rotary_pos_emb")
+        if getattr(getattr(pp, n, None), "__module__", None) != pp.__name__
+        or getattr(getattr(pp, n, None), "__qualname__", None) != n]
+    for cls in classes or (pp.LayerNorm, pp.Residual, pp.RotaryEmbedding, pp.SwiGLU,
+                           pp.ParallelTransformerBlock):
         changed += methods_replaced(cls)
     if changed:
         raise Unsupported(f"palm_pytorch's {', '.join(changed)} {'was' if len(changed) == 1 else 'were'} "
@@ -104,8 +108,9 @@ def _check_caches(m: nn.Module) -> None:
         if pos.shape != want.shape or not pos.is_floating_point() or \
                 not torch.allclose(pos.detach().float(), want, rtol=4 * eps, atol=0):
             raise Unsupported("its cached rotary table (the buffer pos_emb) differs from its "
-                              "rotary_emb's inv_freq table (set by hand, or inv_freq changed after "
-                              "the first forward); the original uses the cached table, the fast "
+                              "rotary_emb's inv_freq table (set by hand, inv_freq changed after "
+                              "the first forward, or computed in a lower precision than the "
+                              "model now has); the original uses the cached table, the fast "
                               "block computes it from inv_freq")
 
 
@@ -340,7 +345,7 @@ class ParallelTransformerBlock(nn.Module):
         if x.dim() != 3 or w.dtype != x.dtype or g.dtype not in (x.dtype, torch.float32):
             return False
         beta = self.norm.beta
-        if beta.is_cpu or not versioned(beta):
+        if beta.is_cpu or not versioned(beta) or fsdp_managed(self):
             # an inference tensor (built under torch.inference_mode) has no version counter,
             # a slice of a larger buffer is written through the buffer's, and a write
             # through .data bypasses it: read every call where that is cheap (the CPU: no
@@ -359,7 +364,7 @@ class ParallelTransformerBlock(nn.Module):
         if not uses_triton(w.device.type):
             return None
         args = (w, inv_freq, self.heads, 1, self.dim_head, self.fused_dims[3] // 2, False)
-        if not versioned(w, buf):   # no version counter that sees every write: see _fused_ok
+        if not versioned(w, buf) or fsdp_managed(self):   # no counter that sees every write
             return pack_in_proj(*args)
         key = (tensor_key(w, buf), optimizer_steps(), args[2:])
         if self._packed is None or not same_key(self._packed_key, key):
@@ -396,7 +401,7 @@ class Residual(nn.Module):
 
 # ----------------------------------------------------------------------- factories
 def _layer_norm(m: nn.Module, opts: PatchOptions) -> nn.Module:
-    check_code()
+    check_code(type(m))
     check_dtype(m)
     if m.gamma.dtype != m.beta.dtype:
         raise Unsupported(f"gamma ({m.gamma.dtype}) and beta ({m.beta.dtype}) dtypes differ")
@@ -404,7 +409,7 @@ def _layer_norm(m: nn.Module, opts: PatchOptions) -> nn.Module:
 
 
 def _swiglu(m: nn.Module, opts: PatchOptions) -> nn.Module:
-    check_code()
+    check_code(type(m))
     return fast.SwiGLU()
 
 

@@ -18,6 +18,7 @@ import torch
 
 from palm_fast.ops._dispatch import autocast_changes_dtype, parts_hooked
 from palm_fast.ops.block import (
+    fsdp_managed,
     optimizer_steps,
     pack_in_proj,
     parallel_block,
@@ -93,10 +94,12 @@ class ParallelBlock(_reference.ParallelBlock):
         if not uses_triton(w.device.type):
             return None
         args = (w, inv, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.rotary.interleaved)
-        if torch.compiler.is_compiling() or not versioned(w, inv):
+        if torch.compiler.is_compiling() or not versioned(w, inv) or fsdp_managed(self):
             # Inference tensors (a model built under torch.inference_mode) have no version
-            # counter, and a weight that is a slice of a larger buffer is written through
-            # the buffer's: an update could not be detected, so re-lay out every call.
+            # counter, a weight that is a slice of a larger buffer is written through the
+            # buffer's, and FSDP2 copies each all-gather into the same Parameter with its
+            # version counter preserved: an update could not be detected, so re-lay out
+            # every call.
             return pack_in_proj(*args)
         key = (tensor_key(w, inv), optimizer_steps(), args[2:])
         if self._packed is None or not same_key(self._packed_key, key):

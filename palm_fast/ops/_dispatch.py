@@ -15,6 +15,7 @@ import types
 from collections.abc import Callable
 
 import torch
+from torch.autograd import forward_ad as _fwad
 from torch.nn.modules import module as _torch_module
 
 _FAKE_KEY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
@@ -90,14 +91,31 @@ def _is_method(attr) -> bool:
     return isinstance(attr, (types.FunctionType, staticmethod, classmethod))
 
 
+def _compiled_wrapper(m) -> bool:
+    """``torch.compile(module)``'s wrapper: it sets its own ``forward`` on the instance (the
+    compiled original's); the module inside is what to look at."""
+    return type(m).__name__ == "OptimizedModule" and isinstance(getattr(m, "_orig_mod", None),
+                                                                torch.nn.Module)
+
+
+def unwrap_compiled(m):
+    while _compiled_wrapper(m):
+        m = m._orig_mod
+    return m
+
+
 def instance_override(module: torch.nn.Module, recurse: bool = True) -> tuple[str, str] | None:
     """``(submodule path, name)`` of the first method of a module's class that is replaced on
     the instance (``m.forward = f``, ``block.get_mask = f``: adapters, LoRA, sliding-window
     masks done by assignment), in ``module`` and (``recurse``) its submodules; None if there
-    is none. Code that takes such a module apart instead of calling it would skip that code."""
-    mods = module.named_modules(remove_duplicate=False) if recurse else (("", module),)
+    is none. Code that takes such a module apart instead of calling it would skip that code.
+    A ``torch.compile`` wrapper is looked through (its own ``forward`` is the compiled
+    original's)."""
+    mods = module.named_modules(remove_duplicate=False) if recurse else (("", unwrap_compiled(module)),)
     methods: dict[type, set[str]] = {}   # per class: the names of its methods
     for path, m in mods:
+        if _compiled_wrapper(m):
+            continue   # (its _orig_mod is visited as its child)
         cls = type(m)
         if cls not in methods:
             names: set[str] = set()
@@ -112,21 +130,28 @@ def instance_override(module: torch.nn.Module, recurse: bool = True) -> tuple[st
 
 
 def methods_replaced(cls: type) -> list[str]:
-    """Methods of ``cls`` and of its bases below ``nn.Module`` whose function was not defined
-    in that class's body: assigned at run time (``Cls.forward = f``, a monkeypatch). Their
-    ``__module__`` / ``__qualname__`` tell (decorators built with ``functools.wraps`` keep
-    them)."""
+    """Methods of ``cls`` and of its bases below ``nn.Module`` that were not defined in that
+    class's body: assigned at run time (``Cls.forward = f``, a monkeypatch). A function tells
+    by its ``__module__`` / ``__qualname__`` (decorators built with ``functools.wraps`` keep
+    them); any other callable in a class's namespace (``functools.partialmethod``, a
+    ``partial``, a mock) counts as replaced. Classes, properties and dunder names are not
+    looked at."""
     out = []
     for c in cls.__mro__:
         if c is object or c.__module__.startswith("torch."):
             continue
         for name, attr in vars(c).items():
-            if not _is_method(attr):
+            if name.startswith("__") and name.endswith("__"):
                 continue
-            f = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
-            if getattr(f, "__module__", None) != c.__module__ or \
-                    getattr(f, "__qualname__", None) != f"{c.__qualname__}.{name}":
-                out.append(f"{c.__name__}.{name}")
+            if _is_method(attr):
+                f = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+                if getattr(f, "__module__", None) == c.__module__ and \
+                        getattr(f, "__qualname__", None) == f"{c.__qualname__}.{name}":
+                    continue
+            elif isinstance(attr, (type, property)) or not (
+                    callable(attr) or isinstance(attr, functools.partialmethod)):
+                continue
+            out.append(f"{c.__name__}.{name}")
     return out
 
 
@@ -249,8 +274,27 @@ def once_differentiable(name: str) -> Callable:
     return lambda backward: _once_differentiable(backward, name)
 
 
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def check_no_transforms(*tensors) -> None:
+    """Raise for torch.func transforms and forward-mode AD, which the eager path's kernels do
+    not follow: a dual tensor's tangent was silently dropped (or, inside a block, came out
+    wrong) and vmap failed on a storage-less tensor deep in the C++ kernel."""
+    if _FUNCTORCH_ACTIVE is not None and _FUNCTORCH_ACTIVE():
+        raise RuntimeError("palm_fast's ops do not support torch.func transforms (vmap, grad, jvp, "
+                           "...); use the reference modules (palm_fast.reference) there")
+    if _fwad._current_level >= 0 and any(
+            isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError("palm_fast's ops do not support forward-mode AD (dual tensors of "
+                           "torch.autograd.forward_ad); use the reference modules "
+                           "(palm_fast.reference) there")
+
+
 def needs_grad(*tensors) -> bool:
-    """Whether autograd would record an op on these tensors (None entries allowed)."""
+    """Whether autograd would record an op on these tensors (None entries allowed). Raises
+    for torch.func transforms and forward-mode AD (:func:`check_no_transforms`)."""
+    check_no_transforms(*tensors)
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

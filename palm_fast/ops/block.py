@@ -120,6 +120,14 @@ def versioned(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def fsdp_managed(module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages ``module``: it copies each all-gather into the
+    same unsharded Parameter under ``_unsafe_preserve_version_counter``, so a weight written
+    outside an optimizer step (an EMA swap, a partial load) keeps its identity, address and
+    version: weight-derived caches cannot see it."""
+    return bool(getattr(module, "_is_fsdp_managed_module", False))
+
+
 def tensor_key(*tensors: torch.Tensor) -> tuple:
     """The part of a weight-derived cache's key that says "the same tensors, unchanged":
     each tensor's address, version, dtype and device, and a weak reference to it. A key
