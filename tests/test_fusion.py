@@ -13,6 +13,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from conftest import DTYPES, TRITON_DEVICE, assert_close_by_rule, randn
 
 from palm_fast.fusion import (
@@ -778,8 +779,12 @@ def test_zero_constants_in_products_quotients_and_scalar_math():
     t = torch.tensor([[1.0, -2.0, 0.0, 3.0]], device=DEV)
     r = {k: v.cpu() for k, v in compile_graph(g, "full")(x=t, e=-0.0).items()}
     c = t.cpu()
-    for name, want in (("mul0", c * 0.0), ("div0", c / 0.0), ("inv_pos", c * math.inf),
-                       ("inv_neg", c * -math.inf), ("inv_e", c * -math.inf)):
+    checks = [("mul0", c * 0.0), ("div0", c / 0.0), ("inv_pos", c * math.inf), ("inv_neg", c * -math.inf)]
+    # (Triton 3.2's interpreter hands a runtime float argument of -0.0 to the kernel as +0.0;
+    # 3.9's keeps it, and compiled kernels take it as an fp32 parameter)
+    if DEV != "cpu" or tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9):
+        checks.append(("inv_e", c * -math.inf))
+    for name, want in checks:
         torch.testing.assert_close(r[name], want, equal_nan=True, rtol=0, atol=0, msg=name)
         assert torch.equal(torch.signbit(r[name]), torch.signbit(want)), name
 
