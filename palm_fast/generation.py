@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
 from . import ops
@@ -186,8 +187,21 @@ _SWIGLUS: tuple[type, ...] = (_ref.SwiGLU,)
 
 
 def _hooked(mod) -> bool:
-    """Whether calling ``mod`` would run forward hooks (generate's kernels would skip them)."""
-    return isinstance(mod, nn.Module) and bool(mod._forward_hooks or mod._forward_pre_hooks)
+    """Whether calling ``mod`` would run forward hooks (generate's kernels would skip them):
+    its own, those of a module a ``torch.compile`` wrapper holds (each level), or hooks for
+    every module (``register_module_forward_hook``)."""
+    if not isinstance(mod, nn.Module):
+        return False
+    g = _torch_module
+    if g._global_forward_hooks or g._global_forward_pre_hooks:
+        return True
+    while True:
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return True
+        inner = unwrap_compiled(mod)
+        if inner is mod:
+            return False
+        mod = mod._orig_mod
 
 
 def _code_changed(mod) -> str | None:
@@ -238,8 +252,9 @@ def _fused_block(blk: nn.Module) -> nn.Module | None:
     (LayerNorm + input GEMM + RoPE/SwiGLU epilogue; output GEMM + residual) applies."""
     from .nn import ParallelBlock as FastBlock
 
-    if type(blk) is FastBlock and blk.n_kv_heads == 1 and blk.parts_fusable():
-        return blk
+    if type(blk) is FastBlock and blk.n_kv_heads == 1 and blk.parts_fusable() and all(
+            _code_changed(p) is None for p in (blk.norm, blk.act, blk.rotary)):
+        return blk   # (a part whose class code changed: the checked per-part path, which calls it)
     return None
 
 
@@ -279,6 +294,7 @@ _ROTARIES: tuple[type, ...] = (_ref.RotaryEmbedding,)
 
 def _prepare_layers(parts: DecoderParts) -> list[_Layer]:
     """Check every block's layout and collect what the loops need."""
+    from .nn import ParallelBlock as FastBlock
     from .nn import RotaryEmbedding as FastRotary
 
     d = parts.head_weight.shape[1]
@@ -302,6 +318,12 @@ def _prepare_layers(parts: DecoderParts) -> list[_Layer]:
             raise ValueError(f"model: {where}.in_proj.weight: expected shape {(sum(splits), d)}, "
                              f"got {tuple(w_in.shape)}")
         _not_bypassed(where, blk)
+        inner = unwrap_compiled(blk)
+        if isinstance(inner, _ref.ParallelBlock) and type(inner).forward not in (
+                _ref.ParallelBlock.forward, FastBlock.forward):
+            raise ValueError(f"model: {where} ({type(inner).__qualname__}) has a forward of its own, "
+                             f"which generate would not run (it reads the weights and runs its own "
+                             f"kernels); use the model's own generate()")
         rot = blk.rotary
         if isinstance(rot, nn.Module) and type(rot) not in (*_ROTARIES, FastRotary):
             raise ValueError(f"model: {where}.rotary: expected a RotaryEmbedding (that class: generate "
@@ -714,7 +736,15 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     from .kv_cache import KVCache
 
     parts = decoder_parts(model)   # (unwraps torch.compile; the wrapper forwards .config)
-    _not_bypassed("the model", _unwrap_compiled(model), methods=False)   # (its forward: above)
+    # hooks on the model (or on a torch.compile wrapper of it); its forward: decoder_parts,
+    # and here a forward replaced on the registered class itself (which forward_replaced,
+    # comparing with that class's forward, cannot see)
+    _not_bypassed("the model", model, methods=False)
+    replaced = [n for n in methods_replaced(type(_unwrap_compiled(model))) if n.endswith(".forward")]
+    if replaced:
+        raise ValueError(f"model: {', '.join(replaced)} replaced at run time, which generate would "
+                         f"not run (it reads the weights and runs its own kernels); use the "
+                         f"model's own generate()")
     layers = _prepare_layers(parts)
     head = parts.head_weight
     device, dtype = head.device, head.dtype

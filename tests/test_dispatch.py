@@ -218,3 +218,38 @@ def test_forward_ad_and_torch_func_transforms_raise():
     with pytest.raises(RuntimeError, match="torch.func transforms"):
         torch.func.vmap(lambda t: ops.layer_norm(t, w))(torch.randn(3, 2, 8))
     assert torch.equal(ops.layer_norm(x, w), ops.layer_norm(x, w))   # no state left behind
+
+
+def test_decorated_methods_are_not_taken_for_replacements():
+    """functools.lru_cache (any functools.wraps decorator) on a method in the class body is
+    the class's own code; a callable from elsewhere is not."""
+    import functools
+
+    from palm_fast.ops._dispatch import methods_replaced
+
+    class WithCache(torch.nn.Module):
+        @functools.lru_cache(maxsize=2)   # noqa: B019
+        def mask(self, n):
+            return n
+
+    assert methods_replaced(WithCache) == []
+    WithCache.other = functools.lru_cache(maxsize=2)(lambda self: 1)
+    assert methods_replaced(WithCache) == ["WithCache.other"]
+
+
+def test_in_place_and_decode_ops_refuse_dual_tensors():
+    """rope_ rotated the primal and left the tangent; mqa_decode returned no tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    from palm_fast.kv_cache import KVCache
+
+    q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 1, 8)
+    cache = KVCache(1, 1, 8, 8)
+    cache.append(0, torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+    cache.advance(3)
+    with fwAD.dual_level():
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            ops.rope_(fwAD.make_dual(q, torch.randn_like(q)), k)
+        dq = fwAD.make_dual(torch.randn(1, 2, 8), torch.randn(1, 2, 8))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            ops.mqa_decode(dq, cache, 0, torch.tensor([3], dtype=torch.int32))

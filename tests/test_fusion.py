@@ -789,6 +789,16 @@ def test_zero_constants_in_products_quotients_and_scalar_math():
         assert torch.equal(torch.signbit(r[name]), torch.signbit(want)), name
 
 
+def test_broadcast_keeps_negative_zero():
+    """broadcast added a +0.0 block, turning -0.0 into +0.0 (1 / broadcast(-0.0) gave +inf)."""
+    g = Graph("bcast_zero")
+    x = g.input("x", "row")
+    g.output("inv", g.mul(x, g.div(g.const(1.0), g.broadcast(g.const(-0.0)))))
+    t = torch.ones(2, 5, device=DEV)
+    r = compile_graph(g, "full")(x=t)["inv"].cpu()
+    assert torch.equal(r, torch.full((2, 5), -math.inf))
+
+
 def test_a_value_output_in_two_dtypes_is_rounded_once_for_each():
     """exp(x) output as bf16 ("like" x) and then as fp32: the kernel stored it in bf16 (the
     first output's dtype) and the fp32 output was that bf16 value upcast."""

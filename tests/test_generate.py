@@ -738,3 +738,53 @@ def test_sampling_follows_the_temperature_and_the_nucleus_boundary():
     model = lively(CONFIGS["tiny"])
     with pytest.raises(ValueError, match="stop_tokens"):
         palm_fast.generate(model, [[1, 2]], 2, stop_tokens=CONFIGS["tiny"].vocab_size)
+
+
+def test_generate_refuses_code_it_would_skip_at_every_level(monkeypatch):
+    """Regressions of the first fix, and gaps: the model class's own forward replaced at run
+    time; a fast part's class code changed (the fused prefill skipped it, the decode ran it);
+    a block subclass with its own forward; hooks on a torch.compile wrapper or on every
+    module. generate ran those and gave other tokens than the model's."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    import palm_fast.reference.model as RM
+
+    prompt = [torch.tensor([1, 2, 3])]
+    model = lively(CONFIGS["tiny"])
+    orig = RM.PaLM.forward
+    monkeypatch.setattr(RM.PaLM, "forward", lambda self, *a, **k: orig(self, *a, **k) + 1.0)
+    with pytest.raises(ValueError, match="PaLM.forward replaced at run time"):
+        palm_fast.generate(model, prompt, 2)
+    monkeypatch.undo()
+
+    fast = lively(CONFIGS["tiny"], cls=palm_fast.nn.PaLM)
+    want = fast.generate(prompt[0][None], 8)[0]
+    monkeypatch.setattr(palm_fast.nn.SwiGLU, "forward",
+                        lambda self, x: (lambda v, g: F.gelu(g) * v)(*x.chunk(2, -1)))
+    got = palm_fast.generate(fast, prompt, 8)[0]     # the parts called: the GeGLU throughout
+    assert torch.equal(got, fast.generate(prompt[0][None], 8)[0]) and not torch.equal(got, want)
+    monkeypatch.undo()
+
+    class Scaled(palm_fast.reference.ParallelBlock):
+        def forward(self, x, positions=None, cache=None):
+            return 2.0 * super().forward(x, positions, cache)
+
+    sub = lively(CONFIGS["tiny"])
+    blk = sub.blocks[0]
+    new = Scaled(blk.dim, blk.n_heads, blk.head_dim, blk.d_ff)
+    new.load_state_dict(blk.state_dict())
+    sub.blocks[0] = new
+    with pytest.raises(ValueError, match="has a forward of its own"):
+        palm_fast.generate(sub, prompt, 2)
+
+    wrapped = torch.compile(model, backend="eager")
+    h = wrapped.register_forward_hook(lambda m, a, out: -out)
+    with pytest.raises(ValueError, match="forward hooks"):
+        palm_fast.generate(wrapped, prompt, 2)
+    h.remove()
+    h = register_module_forward_hook(lambda m, a, out: out)
+    try:
+        with pytest.raises(ValueError, match="forward hooks"):
+            palm_fast.generate(model, prompt, 2)
+    finally:
+        h.remove()

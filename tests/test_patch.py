@@ -1322,3 +1322,14 @@ def test_palm_pytorch_rope_change_still_patches_its_norms(monkeypatch):
     assert type(m[1].fn) is pp.ParallelTransformerBlock
     with torch.no_grad():
         assert close_rel(m(tokens(T=9)), ref(tokens(T=9)), 2e-5)
+
+
+@needs_pp
+def test_generate_refuses_palm_pytorch_rotary_with_code_of_its_own():
+    """generate reads rotary_emb's inv_freq and never calls it: a forward set on it (or a
+    hook) ran unnoticed."""
+    m = pp_model()
+    rot = m[1].fn.rotary_emb
+    rot.forward = lambda n, *, device, f=rot.forward: f(n, device=device) / 4
+    with pytest.raises(ValueError, match=r"model\[1\].fn.rotary_emb has its own 'forward'"):
+        palm_fast.generate(m, [tokens(T=4)[0]], 2)

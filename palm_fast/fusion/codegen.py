@@ -141,7 +141,8 @@ class _Emitter:
         if n.op == "where":
             return f"tl.where({ins[0]} != 0, {ins[1]}, {ins[2]})"
         if n.op == "broadcast":
-            return f"{ins[0]} + tl.zeros([BLOCK_N], dtype=tl.float32)"
+            # (+ -0.0: the identity for every value; + 0.0 turned a -0.0 into +0.0)
+            return f"{ins[0]} + tl.full([BLOCK_N], -2147483648, tl.int32).to(tl.float32, bitcast=True)"
         raise NotImplementedError(n.op)
 
 

@@ -141,6 +141,10 @@ class LayerNorm(nn.Module):
         return f"{self.gamma.shape[0]}, eps={EPS}"
 
 
+# the parts' forwards as defined (a class-level replacement later makes the block run them)
+_LN_FORWARD, _SWIGLU_FORWARD = LayerNorm.forward, fast.SwiGLU.forward
+
+
 class _RotaryView:
     """``block.rotary`` for ``palm_fast.generate``: the reference RotaryEmbedding's attributes
     (``rotary_dim``, ``base``, ``interleaved``, fp32 ``inv_freq``) read from the block."""
@@ -330,7 +334,8 @@ class ParallelTransformerBlock(nn.Module):
         if not (self.use_rope and self.use_attention and type(norm) is LayerNorm
                 and type(proj) is Linear and type(out) is Linear and proj.bias is None and out.bias is None
                 and type(act) is fast.SwiGLU and type(lin) is Linear and lin.bias is None
-                and type(rot) is _pp().RotaryEmbedding):
+                and type(rot) is _pp().RotaryEmbedding
+                and LayerNorm.forward is _LN_FORWARD and fast.SwiGLU.forward is _SWIGLU_FORWARD):
             return False
         return not parts_hooked(self, norm, proj, out, ff, act, lin, rot)
 
@@ -345,7 +350,7 @@ class ParallelTransformerBlock(nn.Module):
         if x.dim() != 3 or w.dtype != x.dtype or g.dtype not in (x.dtype, torch.float32):
             return False
         beta = self.norm.beta
-        if beta.is_cpu or not versioned(beta) or fsdp_managed(self):
+        if beta.is_cpu or not versioned(beta):   # (a buffer: FSDP2 does not all-gather it)
             # an inference tensor (built under torch.inference_mode) has no version counter,
             # a slice of a larger buffer is written through the buffer's, and a write
             # through .data bypasses it: read every call where that is cheap (the CPU: no
@@ -500,7 +505,8 @@ def decoder_parts(model: nn.Module):
         if type(res) not in (pp.Residual, Residual) or type(blk) not in blocks_ok:
             raise ValueError(f"model[{i}]: expected Residual(ParallelTransformerBlock), got "
                              f"{type(res).__qualname__}({type(blk).__qualname__})")
-        for name, m in ((f"model[{i}]", res), (f"model[{i}].fn", blk), (f"model[{i}].fn.ff_out", blk.ff_out)):
+        for name, m in ((f"model[{i}]", res), (f"model[{i}].fn", blk), (f"model[{i}].fn.ff_out", blk.ff_out),
+                        (f"model[{i}].fn.rotary_emb", blk.rotary_emb)):
             _not_bypassed(name, m)
         D = int(blk.fused_dims[0]) // int(blk.heads)
         if float(blk.scale) != D ** -0.5:

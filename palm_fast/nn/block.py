@@ -35,6 +35,10 @@ from .swiglu import SwiGLU
 
 __all__ = ["ParallelBlock"]
 
+# The parts' forwards as defined: a class-level replacement later (``SwiGLU.forward = geglu``)
+# makes the block run its parts (identity checks: this runs on every forward)
+_PART_FORWARDS = (LayerNorm.forward, SwiGLU.forward, RotaryEmbedding.forward)
+
 RECOMPUTE = ("none", "attention", "full")
 
 
@@ -123,6 +127,7 @@ class ParallelBlock(_reference.ParallelBlock):
         p, o, f = mods["in_proj"], mods["attn_out"], mods["ff_out"]
         Linear = torch.nn.Linear
         if not (type(norm) is LayerNorm and type(act) is SwiGLU and type(rot) is RotaryEmbedding
+                and (LayerNorm.forward, SwiGLU.forward, RotaryEmbedding.forward) == _PART_FORWARDS
                 and type(p) is Linear and type(o) is Linear and type(f) is Linear
                 and norm.bias is None and norm.eps == self.eps
                 and p.bias is None and o.bias is None and f.bias is None):

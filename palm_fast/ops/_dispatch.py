@@ -143,8 +143,9 @@ def methods_replaced(cls: type) -> list[str]:
         for name, attr in vars(c).items():
             if name.startswith("__") and name.endswith("__"):
                 continue
-            if _is_method(attr):
-                f = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+            f = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+            if _is_method(attr) or hasattr(f, "__wrapped__"):   # (functools.wraps keeps both
+                # names: a decorated method, functools.lru_cache included)
                 if getattr(f, "__module__", None) == c.__module__ and \
                         getattr(f, "__qualname__", None) == f"{c.__qualname__}.{name}":
                     continue

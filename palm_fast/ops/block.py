@@ -125,7 +125,7 @@ def fsdp_managed(module) -> bool:
     same unsharded Parameter under ``_unsafe_preserve_version_counter``, so a weight written
     outside an optimizer step (an EMA swap, a partial load) keeps its identity, address and
     version: weight-derived caches cannot see it."""
-    return bool(getattr(module, "_is_fsdp_managed_module", False))
+    return bool(module.__dict__.get("_is_fsdp_managed_module", False))   # (no __getattr__ miss)
 
 
 def tensor_key(*tensors: torch.Tensor) -> tuple:

@@ -38,7 +38,7 @@ from palm_fast.kv_cache import KVCache
 from palm_fast.reference.functional import rope_inv_freq
 
 from ._checks import check_bool, check_float, check_int
-from ._dispatch import cached_constant, compiling
+from ._dispatch import cached_constant, check_no_transforms, compiling
 from .rope import _cached_inv_freq
 
 __all__ = ["rope_append", "mqa_decode", "append_kv"]
@@ -171,6 +171,8 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCach
     q, k, v may be strided views (unit last stride). Inference only.
     Raises TypeError/ValueError naming the argument; a rejected call changes nothing.
     """
+    if not compiling():
+        check_no_transforms(q, k, v)
     _check_cache(cache)
     _no_grad_check("rope_append", q=q, k=k, v=v)
     layer = cache.check_layer(layer)
@@ -330,6 +332,8 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     ``benchmarks/results/cpu/bench.json``).
     Inference only. Raises TypeError/ValueError naming the argument.
     """
+    if not compiling():
+        check_no_transforms(q)
     _check_cache(cache)
     cache.check_like("q", q, 3)
     if q.requires_grad and torch.is_grad_enabled():

@@ -24,7 +24,7 @@ from ._checks import (
     check_tensor,
     unit_last_dim,
 )
-from ._dispatch import cached_constant, compiling, eager_ctx, eager_function
+from ._dispatch import cached_constant, check_no_transforms, compiling, eager_ctx, eager_function
 
 _INT_DTYPES = (torch.int32, torch.int64)
 
@@ -332,6 +332,8 @@ def rope_(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = 
     (views of a fused projection (q | k | ...) are fine), otherwise where it is cheap to
     see (both dense, or one a head slice of the other).
     """
+    if not compiling():
+        check_no_transforms(q, k)
     if torch.is_grad_enabled() and (getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)):
         raise RuntimeError("rope_: in-place RoPE does not support autograd, but q or k requires grad; "
                            "use palm_fast.ops.rope or run under torch.no_grad()")
