@@ -114,15 +114,6 @@ def register_decoder_parts(cls: type, fn: Callable[[Any], DecoderParts]) -> None
     _PARTS_REGISTRY[cls] = fn
 
 
-def _unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The module inside ``torch.compile(model)`` (generation runs its own kernels and CUDA
-    graph; the compiled forward is not used)."""
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module) and \
-            type(model).__name__ == "OptimizedModule":
-        model = model._orig_mod
-    return model
-
-
 def decoder_parts(model: nn.Module) -> DecoderParts:
     """Take ``model`` apart for generation (see :class:`DecoderParts`).
 
@@ -134,7 +125,7 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a PaLM nn.Module, got {type(model).__name__}")
-    model = _unwrap_compiled(model)
+    model = unwrap_compiled(model)
     from .patching import _load_builtins
 
     _load_builtins()   # (registers PaLM-pytorch's layout once that package is imported)
@@ -195,13 +186,11 @@ def _hooked(mod) -> bool:
     g = _torch_module
     if g._global_forward_hooks or g._global_forward_pre_hooks:
         return True
-    while True:
-        if mod._forward_hooks or mod._forward_pre_hooks:
-            return True
-        inner = unwrap_compiled(mod)
-        if inner is mod:
+    while not (mod._forward_hooks or mod._forward_pre_hooks):
+        if mod is unwrap_compiled(mod):
             return False
         mod = mod._orig_mod
+    return True
 
 
 def _code_changed(mod) -> str | None:
@@ -740,7 +729,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     # and here a forward replaced on the registered class itself (which forward_replaced,
     # comparing with that class's forward, cannot see)
     _not_bypassed("the model", model, methods=False)
-    replaced = [n for n in methods_replaced(type(_unwrap_compiled(model))) if n.endswith(".forward")]
+    replaced = [n for n in methods_replaced(type(unwrap_compiled(model))) if n.endswith(".forward")]
     if replaced:
         raise ValueError(f"model: {', '.join(replaced)} replaced at run time, which generate would "
                          f"not run (it reads the weights and runs its own kernels); use the "

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .ops._checks import check_bool
-from .ops._dispatch import instance_override
+from .ops._dispatch import instance_override, methods_replaced
 
 __all__ = ["patch", "unpatch", "register", "unregister", "registered", "PatchOptions",
            "PatchReport", "PatchRecord", "PatchWarning", "Unsupported", "is_patched"]
@@ -489,3 +489,23 @@ def check_dtype(module: nn.Module) -> None:
             raise Unsupported(f"{name} is {t.dtype}; palm_fast kernels take float32, float16 or bfloat16")
         if t is not None and t.device.type not in ("cpu", "cuda", "meta"):
             raise Unsupported(f"{name} is on {t.device}; palm_fast kernels run on cpu or cuda")
+
+
+def check_code(*classes: type) -> None:
+    """Raise Unsupported when a method of ``classes`` was replaced at run time (``Cls.forward
+    = f``, see ``ops._dispatch.methods_replaced``): a replacement computes the class's own
+    code and would drop the change."""
+    changed = [n for c in classes for n in methods_replaced(c)]
+    if changed:
+        raise Unsupported(f"{', '.join(changed)} {'was' if len(changed) == 1 else 'were'} replaced "
+                          "at run time; the replacement computes the class's own code and would "
+                          "drop the change")
+
+
+def check_constant_inv_freq(rotary: nn.Module, where: str = "inv_freq") -> None:
+    """Raise Unsupported for trained RoPE frequencies: the fused RoPE takes the table as a
+    constant (patching went through and the first backward raised)."""
+    inv = rotary.inv_freq
+    if isinstance(inv, nn.Parameter) or inv.requires_grad:
+        raise Unsupported(f"{where} is trained (a Parameter requiring grad); the fused RoPE takes "
+                          "the table as a constant")

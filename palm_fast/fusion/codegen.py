@@ -84,7 +84,11 @@ _REDUCE = {"sum": "tl.sum", "max": "_nan_max_reduce"}   # (see _NAN_HELPERS)
 # fp32 -0.0 as its bit pattern: Triton 3.2-3.8 turn a -0.0 literal into +0.0 (tl.full takes
 # a null value for any value == 0), in the interpreter and in compiled code (x / -0.0 came
 # out with the wrong sign); the bits survive every version
-_NEG_ZERO = "tl.full([], -2147483648, tl.int32).to(tl.float32, bitcast=True)"
+def _neg_zero(shape: str = "[]") -> str:
+    return f"tl.full({shape}, -2147483648, tl.int32).to(tl.float32, bitcast=True)"
+
+
+_NEG_ZERO = _neg_zero()
 
 
 def _const_expr(value: float, n_pow: int) -> str:
@@ -142,7 +146,7 @@ class _Emitter:
             return f"tl.where({ins[0]} != 0, {ins[1]}, {ins[2]})"
         if n.op == "broadcast":
             # (+ -0.0: the identity for every value; + 0.0 turned a -0.0 into +0.0)
-            return f"{ins[0]} + tl.full([BLOCK_N], -2147483648, tl.int32).to(tl.float32, bitcast=True)"
+            return f"{ins[0]} + {_neg_zero('[BLOCK_N]')}"
         raise NotImplementedError(n.op)
 
 

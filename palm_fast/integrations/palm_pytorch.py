@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import nn as fast
-from ..ops._dispatch import autocast_changes_dtype, methods_replaced, parts_hooked
+from ..ops._dispatch import autocast_changes_dtype, parts_hooked
 from ..ops.block import (
     causal_mqa_attention,
     fsdp_managed,
@@ -49,7 +49,14 @@ from ..ops.block import (
 )
 from ..ops.layer_norm import layer_norm
 from ..ops.rope import rope
-from ..patching import PatchOptions, Unsupported, check_dtype, register
+from ..patching import (
+    PatchOptions,
+    Unsupported,
+    check_code,
+    check_constant_inv_freq,
+    check_dtype,
+    register,
+)
 from ..reference import functional as Fn
 
 __all__ = ["LayerNorm", "ParallelTransformerBlock", "register_all", "EPS", "ROPE_BASE"]
@@ -64,24 +71,19 @@ def _pp():
     return pp
 
 
-def check_code(*classes: type) -> None:
-    """Raise Unsupported when PaLM-pytorch's code a replacement reproduces was replaced at run
-    time: a method of ``classes`` (``pp.SwiGLU.forward = geglu``) or, with no classes (the
-    block, which reproduces all of it), of any of its classes or one of its RoPE functions
-    (``pp.apply_rotary_pos_emb = ...``, a context-extension hack). The replacements would
-    drop the change."""
+def check_package_code() -> None:
+    """Raise Unsupported when PaLM-pytorch code the fast block reproduces was replaced at run
+    time: a method of any of its classes (``pp.SwiGLU.forward = geglu``) or one of its RoPE
+    functions (``pp.apply_rotary_pos_emb = ...``, a context-extension hack)."""
     pp = _pp()
-    changed = [] if classes else [
-        n for n in ("rotate_half", "apply_rotary_pos_emb")
-        if getattr(getattr(pp, n, None), "__module__", None) != pp.__name__
-        or getattr(getattr(pp, n, None), "__qualname__", None) != n]
-    for cls in classes or (pp.LayerNorm, pp.Residual, pp.RotaryEmbedding, pp.SwiGLU,
-                           pp.ParallelTransformerBlock):
-        changed += methods_replaced(cls)
+    changed = [n for n in ("rotate_half", "apply_rotary_pos_emb")
+               if getattr(getattr(pp, n, None), "__module__", None) != pp.__name__
+               or getattr(getattr(pp, n, None), "__qualname__", None) != n]
     if changed:
         raise Unsupported(f"palm_pytorch's {', '.join(changed)} {'was' if len(changed) == 1 else 'were'} "
-                          "replaced at run time; palm_fast's replacements compute the package's own "
-                          "code and would drop the change")
+                          "replaced at run time; the fast block computes the package's own code "
+                          "and would drop the change")
+    check_code(pp.LayerNorm, pp.Residual, pp.RotaryEmbedding, pp.SwiGLU, pp.ParallelTransformerBlock)
 
 
 def _check_caches(m: nn.Module) -> None:
@@ -202,7 +204,7 @@ class ParallelTransformerBlock(nn.Module):
     @classmethod
     def wrap(cls, m: nn.Module, opts: PatchOptions) -> ParallelTransformerBlock:
         pp = _pp()
-        check_code()
+        check_package_code()
         check_dtype(m)
         H = int(m.heads)
         fused = tuple(int(s) for s in m.fused_dims)
@@ -224,9 +226,7 @@ class ParallelTransformerBlock(nn.Module):
         if type(rot) is not pp.RotaryEmbedding or 2 * rot.inv_freq.numel() != D:
             raise Unsupported(f"rotary_emb: expected palm_pytorch's RotaryEmbedding over the whole "
                               f"head (dim {D})")
-        if isinstance(rot.inv_freq, nn.Parameter) or rot.inv_freq.requires_grad:
-            raise Unsupported("rotary_emb.inv_freq is trained (a Parameter requiring grad); the "
-                              "fused RoPE takes the table as a constant")
+        check_constant_inv_freq(rot, "rotary_emb.inv_freq")
         _check_caches(m)
         ff = m.ff_out
         if not (type(ff) is nn.Sequential and len(ff) == 2 and type(ff[0]) in (pp.SwiGLU, fast.SwiGLU)
@@ -483,7 +483,7 @@ def decoder_parts(model: nn.Module):
 
     pp = _pp()
     try:
-        check_code()
+        check_package_code()
     except Unsupported as e:
         raise ValueError(f"model: {e}; generate runs its own kernels") from None
     blocks_ok = (pp.ParallelTransformerBlock, ParallelTransformerBlock)

@@ -10,8 +10,7 @@ from torch import nn
 
 from .. import nn as fast
 from .. import reference as ref
-from ..ops._dispatch import methods_replaced
-from ..patching import PatchOptions, Unsupported, check_dtype, register
+from ..patching import PatchOptions, Unsupported, check_code, check_constant_inv_freq, check_dtype, register
 
 
 def share_state(new: nn.Module, orig: nn.Module) -> nn.Module:
@@ -27,21 +26,6 @@ def share_state(new: nn.Module, orig: nn.Module) -> nn.Module:
     return new
 
 
-def _check_code(*classes: type) -> None:
-    """Unsupported when a method of these classes was replaced at run time (``Cls.forward =
-    f``): the fast module computes the class's own code and would drop the change."""
-    changed = [n for c in classes for n in methods_replaced(c)]
-    if changed:
-        raise Unsupported(f"{', '.join(changed)} {'was' if len(changed) == 1 else 'were'} replaced "
-                          "at run time; the fast module computes the class's own code")
-
-
-def _check_inv_freq(rot: nn.Module, where: str) -> None:
-    if isinstance(rot.inv_freq, nn.Parameter) or rot.inv_freq.requires_grad:
-        raise Unsupported(f"{where}inv_freq is trained (a Parameter requiring grad); the fused RoPE "
-                          "takes the table as a constant")
-
-
 def _build(make):
     """``make()``, a fast module's constructor call; its argument errors (settings the fast
     module refuses, e.g. eps = 0) become Unsupported: the module is skipped and reported."""
@@ -52,23 +36,23 @@ def _build(make):
 
 
 def layer_norm(m: ref.LayerNorm, opts: PatchOptions) -> nn.Module:
-    _check_code(ref.LayerNorm)
+    check_code(ref.LayerNorm)
     check_dtype(m)
     new = _build(lambda: fast.LayerNorm(m.dim, eps=m.eps, bias=m.bias is not None, device="meta"))
     return share_state(new, m)
 
 
 def rotary(m: ref.RotaryEmbedding, opts: PatchOptions) -> nn.Module:
-    _check_code(ref.RotaryEmbedding)
+    check_code(ref.RotaryEmbedding)
     check_dtype(m)
-    _check_inv_freq(m, "")
+    check_constant_inv_freq(m)
     with torch.device("meta"):
         new = _build(lambda: fast.RotaryEmbedding(m.rotary_dim, m.base, m.interleaved))
     return share_state(new, m)
 
 
 def swiglu(m: ref.SwiGLU, opts: PatchOptions) -> nn.Module:
-    _check_code(ref.SwiGLU)
+    check_code(ref.SwiGLU)
     return fast.SwiGLU()
 
 
@@ -107,8 +91,8 @@ def _check_block_parts(m: ref.ParallelBlock) -> None:
         raise Unsupported(f"act is not the reference SwiGLU (got {type(m.act).__qualname__})")
     if type(m.rotary) not in (ref.RotaryEmbedding, fast.RotaryEmbedding):
         raise Unsupported(f"rotary is not the reference RotaryEmbedding (got {type(m.rotary).__qualname__})")
-    _check_inv_freq(m.rotary, "rotary.")
-    _check_code(type(m), type(norm), type(m.act), type(m.rotary))
+    check_constant_inv_freq(m.rotary, "rotary.inv_freq")
+    check_code(type(m), type(norm), type(m.act), type(m.rotary))
 
 
 def register_all() -> None:
