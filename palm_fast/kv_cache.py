@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .ops._checks import check_int
+from .ops._dispatch import fake_mode_on
 
 __all__ = ["KVCache", "PrefixGroup"]
 
@@ -114,14 +115,7 @@ def _zeros_kv(shape: tuple, dtype: torch.dtype, device: torch.device) -> tuple[t
 
 
 def _tracing_or_fake() -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    try:
-        from torch._guards import detect_fake_mode
-
-        return detect_fake_mode() is not None
-    except ImportError:
-        return False
+    return torch.compiler.is_compiling() or fake_mode_on()
 
 
 def _zeros_cache_tensor(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
