@@ -593,3 +593,29 @@ def test_a_call_under_fake_tensor_mode_does_not_poison_the_constant_caches():
     inv = rope_inv_freq(8, 10000.0)
     assert torch.allclose(got[0], apply_rope(q, pos, inv), atol=1e-6)
     assert torch.allclose(got[1], apply_rope(k, pos, inv), atol=1e-6)
+
+
+def test_constants_read_during_a_cuda_graph_capture_outlive_their_lru_eviction(monkeypatch):
+    """A CUDA graph holds the addresses of the cached default frequencies it read, not the
+    tensors: evicted from the LRU (more than 32 (rotary dim, base) pairs in the process), the
+    memory was freed while replays still read it. A tensor handed out during a capture is
+    pinned. (The capture query is faked: CI has no GPU.)"""
+    import weakref
+
+    dispatch = importlib.import_module("palm_fast.ops._dispatch")
+    rope_mod = importlib.import_module("palm_fast.ops.rope")
+    rope_mod._cached_inv_freq.cache_clear()
+    monkeypatch.setattr(dispatch, "_PINNED", {}, raising=False)
+    monkeypatch.setattr(dispatch, "_capturing", lambda: True, raising=False)
+    captured = weakref.ref(rope_mod._cached_inv_freq(8, 123.0, torch.device("cpu")))
+    monkeypatch.setattr(dispatch, "_capturing", lambda: False)
+    for base in range(40):   # evicts the captured entry
+        rope_mod._cached_inv_freq(8, 1000.0 + base, torch.device("cpu"))
+    assert rope_mod._cached_inv_freq.cache_info().currsize == 32
+    assert captured() is not None
+    assert torch.equal(captured(), rope_inv_freq(8, 123.0))
+    # outside a capture nothing is pinned
+    free = weakref.ref(rope_mod._cached_inv_freq(8, 7.0, torch.device("cpu")))
+    for base in range(40):
+        rope_mod._cached_inv_freq(8, 2000.0 + base, torch.device("cpu"))
+    assert free() is None

@@ -31,12 +31,24 @@ def fake_mode_on() -> bool:
     return detect_fake_mode() is not None
 
 
+# Cached constants read while a CUDA graph was being captured: the graph holds their
+# addresses, not the tensors, so an LRU eviction would free memory a replay still reads.
+# Kept for the life of the process (a few small tensors per captured configuration).
+_PINNED: dict[tuple, torch.Tensor] = {}
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA: no query)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def cached_constant(maxsize: int):
     """``functools.lru_cache`` for eager-mode constant tensors (default offsets, frequencies,
     scratch), built outside inference mode: a cached tensor first made under
     ``torch.inference_mode()`` (e.g. by ``generate``) could not be saved for a later backward.
     Under a ``FakeTensorMode`` the tensor is made and not cached: a cached fake tensor broke
-    every later real call in the process."""
+    every later real call in the process. A tensor handed out during a CUDA graph capture is
+    pinned (``_PINNED``): evicted from the LRU later, it stays allocated for the graph."""
     def deco(fn):
         @functools.lru_cache(maxsize=maxsize)
         def cached(*args):
@@ -47,7 +59,10 @@ def cached_constant(maxsize: int):
         def get(*args):
             if fake_mode_on():
                 return fn(*args)
-            return cached(*args)
+            t = cached(*args)
+            if _capturing():
+                _PINNED[(fn.__module__, fn.__qualname__, *args, id(t))] = t
+            return t
 
         get.cache_clear = cached.cache_clear
         get.cache_info = cached.cache_info
