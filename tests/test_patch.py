@@ -1333,3 +1333,33 @@ def test_generate_refuses_palm_pytorch_rotary_with_code_of_its_own():
     rot.forward = lambda n, *, device, f=rot.forward: f(n, device=device) / 4
     with pytest.raises(ValueError, match=r"model\[1\].fn.rotary_emb has its own 'forward'"):
         palm_fast.generate(m, [tokens(T=4)[0]], 2)
+
+
+@needs_pp
+@pytest.mark.parametrize("change", ["hook", "class forward"])
+def test_palm_pytorch_rotary_changed_after_patch_is_called(monkeypatch, change):
+    """A hook added to a patched block's rotary_emb (position interpolation), or
+    RotaryEmbedding.forward replaced after patch: the original calls rotary_emb for its table,
+    the fast block read inv_freq and dropped the change (fused and composed paths alike)."""
+    m = pp_model()
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    assert type(m[1].fn) is pp_fast.ParallelTransformerBlock
+
+    def interpolate(mod, args, kwargs, out):
+        return out / 4
+
+    if change == "hook":
+        for model in (m, ref):
+            model[1].fn.rotary_emb.register_forward_hook(interpolate, with_kwargs=True)
+    else:
+        orig = pp.RotaryEmbedding.forward
+        monkeypatch.setattr(pp.RotaryEmbedding, "forward",
+                            lambda self, n, *, device: orig(self, n, device=device) / 4)
+    x = tokens(T=9)
+    with torch.no_grad():
+        assert close_rel(m(x), ref(x), 2e-5)
+    loss = m(x).float().logsumexp(-1).mean()
+    loss.backward()   # (the composed path is differentiable)
+    with pytest.raises(ValueError, match="rotary_emb|RotaryEmbedding.forward"):
+        palm_fast.generate(m, [x[0, :4]], 2)

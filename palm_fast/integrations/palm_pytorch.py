@@ -200,6 +200,7 @@ class ParallelTransformerBlock(nn.Module):
         self._beta_key = self._packed_key = None
         self._beta_zero = False
         self._packed = None
+        self._rot_forward = None
 
     @classmethod
     def wrap(cls, m: nn.Module, opts: PatchOptions) -> ParallelTransformerBlock:
@@ -243,6 +244,7 @@ class ParallelTransformerBlock(nn.Module):
         new.use_rope, new.use_attention = bool(opts.rope), bool(opts.attention)
         new.norm = LayerNorm.wrap(m.norm) if opts.layer_norm and type(m.norm) is pp.LayerNorm else m.norm
         new.rotary_emb = rot
+        new._rot_forward = type(rot).forward   # (unchanged: check_package_code passed)
         new.fused_attn_ff_proj = proj
         new.attn_out = out
         act = fast.SwiGLU() if opts.swiglu and type(ff[0]) is pp.SwiGLU else ff[0]
@@ -289,7 +291,14 @@ class ParallelTransformerBlock(nn.Module):
         q, k, v, ff = self.fused_attn_ff_proj(self.norm(x)).split(self.fused_dims, dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, 1, D), v.view(B, T, 1, D)
         inv_freq = self.rotary_emb.inv_freq.float()
-        if self.use_rope:
+        if self._rotary_has_code():
+            # rotary_emb called and its table applied as the original does (its hooks, or
+            # code of its own set after patch, may change the table the original reads)
+            pp = _pp()
+            freqs = self.rotary_emb(T, device=x.device)
+            q = pp.apply_rotary_pos_emb(freqs, q.transpose(1, 2)).transpose(1, 2)
+            k = pp.apply_rotary_pos_emb(freqs, k[:, :, 0])[:, :, None]
+        elif self.use_rope:
             q, k = rope(q, k, inv_freq=inv_freq)   # positions 0..T-1; q, k read in place
         else:
             pos = torch.arange(T, device=x.device).expand(B, T)
@@ -318,6 +327,12 @@ class ParallelTransformerBlock(nn.Module):
         o = causal_mqa_attention(q, k, v, scale=self.scale)
         return fused_output_projection(o, h, x, self.attn_out.weight, self.ff_out[1].weight)
 
+    def _rotary_has_code(self) -> bool:
+        """Whether calling ``rotary_emb`` would run more than the package's table: hooks, a
+        ``forward`` set on it, or ``RotaryEmbedding.forward`` replaced after ``patch``."""
+        rot = self._modules["rotary_emb"]
+        return parts_hooked(rot) or type(rot).forward is not self.__dict__.get("_rot_forward")
+
     def parts_fusable(self) -> bool:
         """Whether the fused kernels compute what the block's parts do: the parts ``wrap``
         built (the fast LayerNorm and SwiGLU, bias-free ``nn.Linear`` projections, PaLM-pytorch's
@@ -335,6 +350,7 @@ class ParallelTransformerBlock(nn.Module):
                 and type(proj) is Linear and type(out) is Linear and proj.bias is None and out.bias is None
                 and type(act) is fast.SwiGLU and type(lin) is Linear and lin.bias is None
                 and type(rot) is _pp().RotaryEmbedding
+                and type(rot).forward is self.__dict__.get("_rot_forward")
                 and LayerNorm.forward is _LN_FORWARD and fast.SwiGLU.forward is _SWIGLU_FORWARD):
             return False
         return not parts_hooked(self, norm, proj, out, ff, act, lin, rot)
