@@ -268,6 +268,9 @@ def _override(cfg: dict, B: int, R: int, capacity: int, n_splits: int | None, ti
     return cfg
 
 
+_GRID_Z_MAX = 65535   # CUDA's largest grid extent on the y and z axes
+
+
 def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                page_table: torch.Tensor | None, starts: torch.Tensor | None, ends: torch.Tensor,
                layer: int, scale: float, fp32_out: bool, *, prefix: tuple | None = None,
@@ -287,6 +290,9 @@ def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     L, N, P, _ = k_cache.shape
     if not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("q, k_cache, v_cache: expected contiguous tensors")
+    if B > _GRID_Z_MAX:   # (B is the grid's z axis)
+        raise ValueError(f"q: expected at most {_GRID_Z_MAX} sequences per decode call (CUDA's grid "
+                         f"limit on the axis that holds them), got batch {B}; split the batch")
     paged = page_table is not None
     capacity = page_table.shape[1] * P if paged else P
     cfg = decode_config(B, R, hd, capacity, sm_count(q.device), q.element_size(),
@@ -294,6 +300,8 @@ def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if n_splits is not None or tiles:
         cfg = _override(cfg, B, R, capacity, n_splits, tiles)
     S = cfg["n_splits"]
+    if S > _GRID_Z_MAX:   # (only an override can ask for that many: the grid's y axis)
+        raise ValueError(f"n_splits: expected at most {_GRID_Z_MAX}, got {S}")
     o_part = torch.empty(B, S, R, hd, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, S, R, dtype=torch.float32, device=q.device)
     o = torch.empty(B, R, hd, dtype=torch.float32 if fp32_out else q.dtype, device=q.device)

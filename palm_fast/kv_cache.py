@@ -201,6 +201,12 @@ class KVCache:
         else:
             self.page_size = _check_pos_int("page_size", page_size)
             self.blocks_per_seq = math.ceil(max_len / page_size)
+            if self.blocks_per_seq * self.page_size > _INT32_MAX:   # (the kernels' key range)
+                raise ValueError(f"max_len: with page_size={page_size} a sequence spans "
+                                 f"{self.blocks_per_seq} pages = {self.blocks_per_seq * page_size} "
+                                 f"slots, past 2**31 - 1 (positions are int32 on the device); "
+                                 f"expected max_len <= {_INT32_MAX // page_size * page_size}, "
+                                 f"got {max_len}")
             if num_pages is None:
                 num_pages = batch * self.blocks_per_seq
             self.num_pages = _check_pos_int("num_pages", num_pages)

@@ -125,6 +125,11 @@ def test_kv_cache_arguments():
     bad device string gave torch's parse error without the argument's name."""
     with pytest.raises(ValueError, match=r"max_len: expected at most 2\*\*31 - 1"):
         KVCache(1, 1, 2 ** 31, 1, page_size=2 ** 30, num_pages=1)
+    # paged: whole pages past 2**31 - 1 wrapped the Triton decode's key range (n_blocks * page
+    # size in int32: every split empty, the output zeros)
+    with pytest.raises(ValueError, match=r"max_len: with page_size=256 .* expected max_len <= 2147483392"):
+        KVCache(1, 1, 2 ** 31 - 1, 1, page_size=256, num_pages=1)
+    assert KVCache(1, 1, 2 ** 31 - 256, 1, page_size=256, num_pages=1).blocks_per_seq == 2 ** 23 - 1
     with pytest.raises(ValueError, match="device: expected a torch.device or a device string, got 'gpu'"):
         KVCache(1, 1, 8, 8, device="gpu")
 

@@ -394,6 +394,25 @@ def test_triton_tile_overrides(tiles):
         tk.mqa_decode(*args, n_splits=0)
 
 
+def test_triton_batch_past_the_grid_limit_is_a_clear_error():
+    """The batch is the decode grid's z axis, which CUDA caps at 65535: a larger batch failed
+    the launch with Triton's bare 'invalid argument'. (Checked before anything is allocated.)"""
+    from palm_fast.kernels import mqa_decode as tk
+
+    B = 65536
+    q = torch.zeros(B, 1, 16, device=TRITON_DEVICE)
+    k = torch.zeros(1, 1, 8, 16, device=TRITON_DEVICE)
+    ends = torch.ones(B, dtype=torch.int32, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="q: expected at most 65535 sequences per decode call"):
+        tk.mqa_decode(q, k, k, None, None, ends, 0, 0.25, True)
+    # the split count (grid axis y) past it: only an override asks for that many
+    long = torch.zeros(1, 1, 2 ** 21, 1, device=TRITON_DEVICE)   # 2M keys: 70000 splits fit
+    with pytest.raises(ValueError, match="n_splits: expected at most 65535, got"):
+        tk.mqa_decode(torch.zeros(1, 1, 1, device=TRITON_DEVICE), long, long, None, None,
+                      torch.ones(1, dtype=torch.int32, device=TRITON_DEVICE), 0, 1.0, True,
+                      n_splits=70000, tiles={"BLOCK_N": 16})
+
+
 def test_triton_grid_independent_of_lengths():
     from palm_fast.kernels import mqa_decode as tk
 
