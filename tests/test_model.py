@@ -215,3 +215,35 @@ def test_deferred_init_on_the_meta_device():
         m.load_state_dict(src.state_dict())
         tok = torch.tensor([[1, 2, 3]])
         torch.testing.assert_close(m(tok), src(tok))
+
+
+@pytest.mark.parametrize("which", ["nn.PaLM", "patched"])
+def test_jit_trace_records_the_kernels(which):
+    """torch.jit.trace cannot see a call into palm_fast._C: it recorded only the empty tensors
+    the eager path allocates, and the traced model returned uninitialised memory (inf / NaN /
+    1e34) for any input. While tracing, the ops go through the registered custom ops."""
+    import warnings
+
+    cfg = palm_fast.get_config("palm-tiny", n_layers=1)
+    torch.manual_seed(0)
+    ref = RefPaLM(cfg).eval()
+    if which == "nn.PaLM":
+        model = PaLM(cfg).eval()
+        model.load_state_dict(ref.state_dict())
+    else:
+        import copy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = palm_fast.patch(copy.deepcopy(ref))
+    g = torch.Generator().manual_seed(1)
+    x, x2 = (torch.randint(0, cfg.vocab_size, (2, 9), generator=g) for _ in range(2))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+        for inp in (x, x2):
+            assert torch.equal(traced(inp), model(inp))
+        w = torch.randn(64)
+        t = torch.jit.trace(lambda a: palm_fast.ops.layer_norm(a, w), (torch.randn(4, 64),),
+                            check_trace=False)
+        y = torch.randn(4, 64) * 3 + 1
+        assert torch.equal(t(y), palm_fast.ops.layer_norm(y, w))

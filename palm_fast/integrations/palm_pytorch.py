@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import nn as fast
-from ..ops._dispatch import autocast_changes_dtype, parts_hooked
+from ..ops._dispatch import autocast_changes_dtype, compiling, parts_hooked
 from ..ops.block import (
     causal_mqa_attention,
     fsdp_managed,
@@ -356,7 +356,7 @@ class ParallelTransformerBlock(nn.Module):
         return not parts_hooked(self, norm, proj, out, ff, act, lin, rot)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or not self.parts_fusable() or autocast_changes_dtype(
+        if compiling() or not self.parts_fusable() or autocast_changes_dtype(
                 x, self.fused_attn_ff_proj.weight, self.attn_out.weight, self.ff_out[1].weight):
             # (autocast casting x or a weight: the composed path, whose projections autocast
             # casts as in the original block; the fused kernels take one dtype for x and the

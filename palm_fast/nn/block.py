@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from palm_fast.ops._dispatch import autocast_changes_dtype, parts_hooked
+from palm_fast.ops._dispatch import autocast_changes_dtype, compiling, parts_hooked
 from palm_fast.ops.block import (
     fsdp_managed,
     optimizer_steps,
@@ -98,7 +98,7 @@ class ParallelBlock(_reference.ParallelBlock):
         if not uses_triton(w.device.type):
             return None
         args = (w, inv, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.rotary.interleaved)
-        if torch.compiler.is_compiling() or not versioned(w, inv) or fsdp_managed(self):
+        if compiling() or not versioned(w, inv) or fsdp_managed(self):
             # Inference tensors (a model built under torch.inference_mode) have no version
             # counter, a weight that is a slice of a larger buffer is written through the
             # buffer's, and FSDP2 copies each all-gather into the same Parameter with its

@@ -71,8 +71,10 @@ def cached_constant(maxsize: int):
 
 
 def compiling() -> bool:
-    """True while torch.compile / export traces (use the custom op then)."""
-    return torch.compiler.is_compiling()
+    """True while torch.compile / export traces, or ``torch.jit.trace`` records (use the custom
+    op then: the tracer cannot see a call into ``palm_fast._C`` and recorded only the empty
+    output tensors; the traced module returned uninitialised memory)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _device_type(args) -> str:

@@ -57,7 +57,7 @@ import torch
 
 from .._ext import cpp
 from ._checks import FLOAT_DTYPES, check_float, check_same_device, check_tensor
-from ._dispatch import autocast_off, once_differentiable
+from ._dispatch import autocast_off, compiling, once_differentiable
 from .block import _linear, _upcast_gemm
 
 __all__ = ["GradLink", "embed_tokens", "tied_lm_loss"]
@@ -170,7 +170,7 @@ class _TiedLMLoss(torch.autograd.Function):
             logits = logits.float()
         tgt = logits.gather(1, targets.view(M, 1)).view(M)
         mx = logits.amax(dim=1)
-        if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        if logits.device.type == "cpu" and not compiling():
             probs = torch._softmax(logits, 1, False, out=logits)   # in place (row-wise kernel)
         else:
             probs = torch.softmax(logits, dim=1)
@@ -203,7 +203,7 @@ class _TiedLMLoss(torch.autograd.Function):
             # Half-precision GEMMs: the logits' gradient D = c P - a onehot rounded ONCE from
             # fp32 (P rounded first, the one-hot taken off after the GEMMs, cancelled badly
             # where P_target is near 1: bf16 spacing there is 2^-8).
-            if torch.compiler.is_compiling():   # (the one-hot: a comparison the compiler fuses)
+            if compiling():   # (the one-hot: a comparison the compiler fuses)
                 onehot = torch.arange(probs.shape[1], device=targets.device)[None, :] == targets[:, None]
                 dl = (probs * c - onehot * a).to(gd)
             else:   # one [M, V] half buffer; only the target entries are formed separately
@@ -224,7 +224,7 @@ class _TiedLMLoss(torch.autograd.Function):
             dh = (pw * c - a * w.index_select(0, targets).float()) * s
             dh = dh.to(h.dtype)
         if ctx.needs_input_grad[1]:
-            if torch.compiler.is_compiling():
+            if compiling():
                 # Traced: dW = (c P - a onehot)^T (s h), one GEMM over a [M, V] operand (the
                 # one-hot is a comparison the compiler fuses) and no compiled scatter-add:
                 # torch 2.6's inductor computes index_add / index_put(accumulate=True) wrongly
@@ -272,7 +272,7 @@ def _cpu_transposed(h: torch.Tensor, gemm_dtype: torch.dtype) -> bool:
     """The CPU path with transposed logits and the C++ softmax statistics: fp32 GEMMs on
     the CPU, outside torch.compile tracing (which keeps the ATen form)."""
     return (h.device.type == "cpu" and gemm_dtype == torch.float32
-            and not torch.compiler.is_compiling())
+            and not compiling())
 
 
 def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -311,7 +311,7 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
     targets = targets.long().contiguous()
     # (one host read; skipped while tracing or capturing a CUDA graph, where it cannot run)
     capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not torch.compiler.is_compiling() and not capturing and targets.numel():
+    if not compiling() and not capturing and targets.numel():
         lo, hi = torch.stack(torch.aminmax(targets)).tolist()
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"targets: expected ids in [0, {weight.shape[0]}) (weight's rows), "
