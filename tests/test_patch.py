@@ -260,6 +260,38 @@ def test_packed_weight_follows_optimizer_steps(monkeypatch, fused):
     assert torch.equal(b._packed_in_proj(), w)
 
 
+@pytest.mark.parametrize("hook", ["pre forward", "post forward", "post raises"])
+def test_packed_weight_in_an_optimizers_own_step_hooks(monkeypatch, hook):
+    """torch runs an optimizer's own step hooks before the global post hook that counted the
+    step (and no post hook after one raises): a forward in a per-optimizer hook (an EMA or a
+    logging evaluation) after a fused step packed the old weight, and that cache was used
+    until the next step (65 off on the Triton path). No cache is kept while a step runs."""
+    from palm_fast.nn import block as fast_block
+
+    monkeypatch.setattr(fast_block, "uses_triton", lambda dev: True)
+    monkeypatch.setattr(fast_block, "pack_in_proj", lambda w, *a: w.detach().clone())
+    m = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V))
+    b = m.blocks[0]
+    w = b.in_proj.weight
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+    seen = []
+
+    def look(*_):
+        seen.append(torch.equal(b._packed_in_proj(), w))
+        if hook == "post raises":
+            raise RuntimeError("a hook failed")
+
+    (opt.register_step_pre_hook if hook == "pre forward" else opt.register_step_post_hook)(look)
+    assert torch.equal(b._packed_in_proj(), w)   # cached before the step
+    (w.square().sum() + sum(p.sum() for p in m.parameters())).backward()
+    try:
+        opt.step()
+    except RuntimeError:
+        assert hook == "post raises"
+    assert seen == [True]
+    assert torch.equal(b._packed_in_proj(), w)
+
+
 def test_reference_palm_logits_and_grads():
     m = ref_model()
     ref = copy.deepcopy(m)

@@ -40,6 +40,7 @@ from ..ops.block import (
     fsdp_managed,
     fused_input_projection,
     fused_output_projection,
+    optimizer_in_step,
     optimizer_steps,
     pack_in_proj,
     same_key,
@@ -385,7 +386,9 @@ class ParallelTransformerBlock(nn.Module):
         if not uses_triton(w.device.type):
             return None
         args = (w, inv_freq, self.heads, 1, self.dim_head, self.fused_dims[3] // 2, False)
-        if not versioned(w, buf) or fsdp_managed(self):   # no counter that sees every write
+        # no counter that sees every write, or an optimizer step under way (see
+        # ops.block.optimizer_steps): re-lay out every call
+        if not versioned(w, buf) or fsdp_managed(self) or optimizer_in_step():
             return pack_in_proj(*args)
         key = (tensor_key(w, buf), optimizer_steps(), args[2:])
         if self._packed is None or not same_key(self._packed_key, key):

@@ -19,6 +19,7 @@ import torch
 from palm_fast.ops._dispatch import autocast_changes_dtype, compiling, parts_hooked
 from palm_fast.ops.block import (
     fsdp_managed,
+    optimizer_in_step,
     optimizer_steps,
     pack_in_proj,
     parallel_block,
@@ -98,12 +99,12 @@ class ParallelBlock(_reference.ParallelBlock):
         if not uses_triton(w.device.type):
             return None
         args = (w, inv, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.rotary.interleaved)
-        if compiling() or not versioned(w, inv) or fsdp_managed(self):
+        if compiling() or not versioned(w, inv) or fsdp_managed(self) or optimizer_in_step():
             # Inference tensors (a model built under torch.inference_mode) have no version
             # counter, a weight that is a slice of a larger buffer is written through the
             # buffer's, and FSDP2 copies each all-gather into the same Parameter with its
             # version counter preserved: an update could not be detected, so re-lay out
-            # every call.
+            # every call (and while an optimizer step runs: see ops.block.optimizer_steps).
             return pack_in_proj(*args)
         key = (tensor_key(w, inv), optimizer_steps(), args[2:])
         if self._packed is None or not same_key(self._packed_key, key):

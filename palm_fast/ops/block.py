@@ -46,6 +46,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook as _register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook as _register_optimizer_step_pre_hook
 
 from .._ext import cpp
 from ._checks import (
@@ -87,24 +88,41 @@ def _proj():
     return projection
 
 
-# Optimizer steps taken in this process (torch.optim's global step hook). A fused optimizer
-# step (AdamW(fused=True): torch._fused_adamw_) updates parameters in place WITHOUT bumping
-# their version counters, so caches derived from a weight (the packed input-projection
-# weight below) key on this count as well as on the weight's version.
+# Optimizer steps in this process (torch.optim's global step hooks). A fused optimizer step
+# (AdamW(fused=True): torch._fused_adamw_) updates parameters in place WITHOUT bumping their
+# version counters, so caches derived from a weight (the packed input-projection weight
+# below) key on this count as well as on the weight's version. Counted before and after
+# each step, and no cache is kept while a step runs: torch runs an optimizer's own step
+# hooks (an EMA update, a logging forward) before the global post hook, and none of the
+# post hooks after one raises; a cache built in there outlived the step's update.
 _OPTIMIZER_STEPS = [0]
+_IN_STEP = [False]
 
 
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
+def _optimizer_step_begins(optimizer, args, kwargs) -> None:
     _OPTIMIZER_STEPS[0] += 1
+    _IN_STEP[0] = True
 
 
-_register_optimizer_step_post_hook(_count_optimizer_step)
+def _optimizer_step_ends(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+    _IN_STEP[0] = False
+
+
+_register_optimizer_step_pre_hook(_optimizer_step_begins)
+_register_optimizer_step_post_hook(_optimizer_step_ends)
 
 
 def optimizer_steps() -> int:
-    """How many ``torch.optim`` optimizer steps this process has taken (part of the keys of
-    weight-derived caches; see above)."""
+    """A count that moves with every ``torch.optim`` optimizer step of this process (part of
+    the keys of weight-derived caches; see above)."""
     return _OPTIMIZER_STEPS[0]
+
+
+def optimizer_in_step() -> bool:
+    """Whether a ``torch.optim`` step is under way (or the last one raised): weight-derived
+    caches are not kept then."""
+    return _IN_STEP[0]
 
 
 def versioned(*tensors: torch.Tensor) -> bool:
