@@ -1395,3 +1395,23 @@ def test_palm_pytorch_rotary_changed_after_patch_is_called(monkeypatch, change):
     loss.backward()   # (the composed path is differentiable)
     with pytest.raises(ValueError, match="rotary_emb|RotaryEmbedding.forward"):
         palm_fast.generate(m, [x[0, :4]], 2)
+
+
+def test_reset_parameters_of_a_patched_reference_model_resets_the_fast_norms():
+    """Meta-device init (patch, to_empty, reset_parameters): the reference's init matched its
+    own LayerNorm class only, so the fast LayerNorms kept uninitialised memory (NaN logits)
+    or, on a trained model, their trained weights."""
+    with torch.device("meta"):
+        m = RefPaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V))
+    quiet_patch(m)
+    m.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float("nan"))
+    torch.manual_seed(0)
+    m.reset_parameters()
+    want = RefPaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V))
+    torch.manual_seed(0)
+    want.reset_parameters()
+    for (n, p), (_, q) in zip(m.state_dict().items(), want.state_dict().items()):
+        assert torch.equal(p, q), n

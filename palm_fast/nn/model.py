@@ -45,15 +45,6 @@ class PaLM(_reference.PaLM):
         norm.weight = self.norm.weight
         self.norm = norm
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """The reference init (embedding N(0, 1), dense N(0, n_in^-0.5)); LayerNorm weights 1,
-        the fast LayerNorms included."""
-        super().reset_parameters()
-        for m in self.modules():
-            if isinstance(m, LayerNorm):
-                m.weight.fill_(1.0)
-
     @property
     def recompute(self) -> str:
         return self.blocks[0].recompute if len(self.blocks) else "none"

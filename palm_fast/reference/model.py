@@ -35,12 +35,15 @@ class PaLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Embedding N(0, 1); dense kernels N(0, std = n_in^-0.5); LayerNorm weights 1."""
+        """Embedding N(0, 1); dense kernels N(0, std = n_in^-0.5); LayerNorm weights 1 (also
+        palm_fast's fast LayerNorms, which ``palm_fast.patch`` puts in a reference model)."""
+        from palm_fast.nn.layer_norm import LayerNorm as FastLayerNorm  # (no import cycle)
+
         nn.init.normal_(self.embed.weight, 0.0, 1.0)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, m.in_features ** -0.5)
-            elif isinstance(m, LayerNorm):
+            elif isinstance(m, (LayerNorm, FastLayerNorm)):
                 m.weight.fill_(1.0)
 
     def num_params(self) -> int:
