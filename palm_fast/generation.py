@@ -327,7 +327,10 @@ def _prepare_layers(parts: DecoderParts) -> list[_Layer]:
             if inv.shape != want.shape or not torch.allclose(inv.float(), want, rtol=1e-6, atol=0):
                 raise ValueError(f"model: {where}.rotary.inv_freq differs from 1 / base^(2i / "
                                  f"rotary_dim) with rotary_dim={rd}, base={base}; generate's "
-                                 f"fused RoPE only supports that standard table")
+                                 f"fused RoPE only supports that standard table (a table rounded "
+                                 f"to fp16 / bf16, e.g. loaded from a half-precision checkpoint, "
+                                 f"differs too: restore it with {where}.rotary.inv_freq.copy_("
+                                 f"palm_fast.reference.functional.rope_inv_freq({rd}, {base})))")
         layers.append(_Layer(
             norm=_fast_norm(blk.norm), w_in=w_in, splits=splits, n_heads=H, head_dim=hd,
             rotary_dim=rd, rope_base=base, interleaved=bool(getattr(rot, "interleaved", False)),

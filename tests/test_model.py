@@ -247,3 +247,30 @@ def test_jit_trace_records_the_kernels(which):
                             check_trace=False)
         y = torch.randn(4, 64) * 3 + 1
         assert torch.equal(t(y), palm_fast.ops.layer_norm(y, w))
+
+
+@pytest.mark.parametrize("which", ["nn.PaLM", "patched"])
+def test_half_checkpoint_loaded_with_assign_keeps_working(which):
+    """A bf16 checkpoint loaded with load_state_dict(assign=True) (meta-device loading) puts a
+    bf16 inv_freq in the rotary buffer (assign bypasses the module's fp32 rule): the fast
+    ops refused it (TypeError); the reference computes its angles in fp32 from it."""
+    import warnings
+
+    cfg = palm_fast.get_config("palm-tiny")
+    torch.manual_seed(0)
+    ckpt = {k: v.bfloat16() for k, v in RefPaLM(cfg).state_dict().items()}
+    x = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.device("meta"):
+        ref = RefPaLM(cfg)
+        model = PaLM(cfg) if which == "nn.PaLM" else RefPaLM(cfg)
+    if which == "patched":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            palm_fast.patch(model)
+    ref.load_state_dict(ckpt, assign=True)
+    model.load_state_dict(ckpt, assign=True)
+    assert model.blocks[0].rotary.inv_freq.dtype == torch.bfloat16
+    with torch.no_grad():
+        got, want = model(x), ref(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)

@@ -95,18 +95,19 @@ class ParallelBlock(_reference.ParallelBlock):
 
     def _packed_in_proj(self):
         """The cached pair re-layout of ``in_proj.weight`` (Triton backend only; None on CPU)."""
-        w, inv = self.in_proj.weight, self.rotary.inv_freq
+        w, buf = self.in_proj.weight, self.rotary.inv_freq
         if not uses_triton(w.device.type):
             return None
+        inv = buf.float()   # (a checkpoint loaded with assign=True may hold it in another dtype)
         args = (w, inv, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.rotary.interleaved)
-        if compiling() or not versioned(w, inv) or fsdp_managed(self) or optimizer_in_step():
+        if compiling() or not versioned(w, buf) or fsdp_managed(self) or optimizer_in_step():
             # Inference tensors (a model built under torch.inference_mode) have no version
             # counter, a weight that is a slice of a larger buffer is written through the
             # buffer's, and FSDP2 copies each all-gather into the same Parameter with its
             # version counter preserved: an update could not be detected, so re-lay out
             # every call (and while an optimizer step runs: see ops.block.optimizer_steps).
             return pack_in_proj(*args)
-        key = (tensor_key(w, inv), optimizer_steps(), args[2:])
+        key = (tensor_key(w, buf), optimizer_steps(), args[2:])
         if self._packed is None or not same_key(self._packed_key, key):
             with torch.inference_mode(False):   # a cached inference tensor breaks later training
                 self._packed = pack_in_proj(*args)
@@ -150,7 +151,7 @@ class ParallelBlock(_reference.ParallelBlock):
             return _reference.ParallelBlock.forward(self, x, positions, cache)
         return parallel_block(
             x, self.norm.weight, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight,
-            self.rotary.inv_freq, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+            self.rotary.inv_freq.float(), n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
             head_dim=self.head_dim, d_ff=self.d_ff, eps=self.eps,
             interleaved=self.rotary.interleaved, positions=positions, cache=cache,
             packed=self._packed_in_proj(), recompute_attention=self.recompute == "attention")

@@ -21,5 +21,7 @@ class RotaryEmbedding(_reference.RotaryEmbedding):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None,
                 offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope(q, k, positions=positions, offsets=offsets, inv_freq=self.inv_freq,
+        # (.float(): a checkpoint loaded with assign=True may hold the buffer in another
+        # dtype; the reference computes its angles in fp32 from whatever it holds)
+        return rope(q, k, positions=positions, offsets=offsets, inv_freq=self.inv_freq.float(),
                     interleaved=self.interleaved)
