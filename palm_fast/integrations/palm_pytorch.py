@@ -401,6 +401,12 @@ class ParallelTransformerBlock(nn.Module):
         self._packed = self._packed_key = self._beta_key = None   # .to(): recheck lazily
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        # (before the parts load: the keys' weak references made torch.utils.swap_tensors
+        # refuse the weights, under swap_module_params_on_conversion)
+        self._packed = self._packed_key = self._beta_key = None
+        super()._load_from_state_dict(*args, **kwargs)
+
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, dim_head={self.dim_head}, fused_dims={self.fused_dims}, "
                 f"rope={'fast' if self.use_rope else 'plain'}, "

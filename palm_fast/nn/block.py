@@ -118,6 +118,12 @@ class ParallelBlock(_reference.ParallelBlock):
         self._packed, self._packed_key = None, None   # .to() / .cuda(): rebuild lazily
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        # (runs before the parts load: the key's weak references to the weight and inv_freq
+        # made torch.utils.swap_tensors refuse them, under swap_module_params_on_conversion)
+        self._packed, self._packed_key = None, None
+        super()._load_from_state_dict(*args, **kwargs)
+
     def parts_fusable(self) -> bool:
         """Whether the fused kernels compute what the block's parts do: its own kinds of parts
         (the fast LayerNorm without bias at the block's eps, SwiGLU, RotaryEmbedding,

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from palm_fast.config import PaLMConfig
-from palm_fast.ops._dispatch import compiling, forward_replaced, parts_hooked
+from palm_fast.ops._dispatch import autocast_changes_dtype, compiling, forward_replaced, parts_hooked
 from palm_fast.ops.lm_loss import GradLink, embed_tokens, tied_lm_loss
 from palm_fast.reference import model as _reference
 
@@ -61,9 +61,11 @@ class PaLM(_reference.PaLM):
         the CPU only, and the committed GPU figures were taken with the reference's loss.
         The reference's loss also runs when the model's own call would do more than the fused
         path: hooks on the model (or on every module), or a ``forward`` of a subclass or one
-        set on the instance."""
+        set on the instance; and under an autocast region whose dtype is not the weights'
+        (its head GEMM is then autocast's, as in the reference)."""
         if not isinstance(tokens, torch.Tensor) or tokens.device.type != "cpu" \
-                or forward_replaced(self, PaLM) or parts_hooked(self):
+                or forward_replaced(self, PaLM) or parts_hooked(self) \
+                or autocast_changes_dtype(self.embed.weight):
             return super().loss(tokens, targets)   # (which also names a bad argument)
         tokens, targets = self._loss_inputs(tokens, targets)
         self._check_tokens(tokens)   # (this path has no forward call to check them)
