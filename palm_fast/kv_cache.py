@@ -165,6 +165,9 @@ class KVCache:
     sequence to reach ``max_len`` (``batch * ceil(max_len / page_size)``).
     """
 
+    # (normal tensors even when made under torch.inference_mode(): the cache's in-place
+    # updates of inference tensors raised outside that mode, after its host state had moved)
+    @torch.inference_mode(False)
     def __init__(self, n_layers: int, batch: int, max_len: int, head_dim: int, *,
                  dtype: torch.dtype = torch.float32, device="cpu", page_size: int | None = None,
                  num_pages: int | None = None):

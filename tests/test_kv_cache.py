@@ -240,3 +240,24 @@ def test_save_and_load_after_decoding(page_size, tmp_path):
     loaded = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert torch.equal(mqa_decode(q, loaded, 0, loaded.lengths), want)
     assert torch.equal(mqa_decode(q, c, 0, c.lengths), want)
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_cache_made_under_inference_mode_works_outside_it(page_size):
+    """A cache built under torch.inference_mode() held inference tensors: its in-place updates
+    then raised outside that mode (torch's RuntimeError), after the host lengths, the page
+    refcounts or the free list had moved; a retry advanced twice."""
+    with torch.inference_mode():
+        c = KVCache(1, 3, 16, 8, page_size=page_size)
+    k, v = torch.randn(3, 6, 8), torch.randn(3, 6, 8)
+    with torch.no_grad():
+        c.append(0, k, v, n_new=torch.tensor([6, 6, 6]))
+        c.advance(6)
+        assert c.host_lengths() == c.lengths.tolist() == [6, 6, 6]
+        if page_size:
+            c.reset(1)
+            c.fork(0, [1])
+            assert c.page_table[1, 0] == c.page_table[0, 0]
+            assert c.host_lengths() == c.lengths.tolist() == [6, 6, 6]
+        c.reset()
+        assert c.host_lengths() == c.lengths.tolist() == [0, 0, 0]
