@@ -296,7 +296,7 @@ def _replace(module: nn.Module, path: str, opts: PatchOptions, report: PatchRepo
     if why is not None:
         report.skipped.append(PatchRecord(path, _qualname(cls), reason=why))
         return None
-    new.train(module.training)
+    _copy_training_flags(module, new)
     object.__setattr__(new, _ORIGINAL, module)
     # the replacement's submodules as patch built them: unpatch hands back any the user
     # swapped in later (a LoRA wrapper around a projection), not just the weights
@@ -393,7 +393,21 @@ def _hand_back_state(orig: nn.Module, new: nn.Module) -> None:
             slots = getattr(owner, kind)
             if leaf in slots and slots[leaf] is not t:
                 slots[leaf] = t
-    orig.train(new.training)
+    _copy_training_flags(new, orig)
+
+
+def _copy_training_flags(src: nn.Module, dst: nn.Module) -> None:
+    """``dst``'s train / eval flags from ``src``'s module at the same path (``src``'s own where
+    there is none). Modules the two share keep theirs: ``dst.train(src.training)`` set every
+    submodule, a shared part the user had put in eval mode (a dropout, a frozen norm) too."""
+    shared = {id(m) for m in src.modules()}
+    for path, m in dst.named_modules():
+        if id(m) in shared:
+            continue
+        try:
+            m.training = src.get_submodule(path).training if path else src.training
+        except AttributeError:
+            m.training = src.training
 
 
 def _hand_back_swaps(orig: nn.Module, new: nn.Module) -> None:

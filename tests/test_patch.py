@@ -1443,3 +1443,23 @@ def test_load_state_dict_with_swapped_params_after_a_forward(monkeypatch):
     for k, v in m.state_dict().items():
         assert torch.equal(v, sd[k]), k
     assert torch.equal(b._packed_in_proj(), b.in_proj.weight)
+
+
+def test_patch_and_unpatch_keep_each_modules_train_flag():
+    """patch set new.train(original.training) and unpatch the reverse: every submodule the two
+    share (the projections) took the root's flag, so a part the user had put in eval mode (a
+    dropout, a frozen norm) came back in train mode. Each module now keeps its own; a module
+    patch built takes the flag of the module it replaces."""
+    m = ref_model().train()
+    m.blocks[0].in_proj.eval()
+    m.blocks[1].norm.eval()
+    quiet_patch(m)
+    assert not m.blocks[0].in_proj.training and m.blocks[0].attn_out.training
+    assert not m.blocks[1].norm.training and m.blocks[0].norm.training and m.blocks[1].training
+    palm_fast.unpatch(m)
+    assert not m.blocks[0].in_proj.training and m.blocks[0].attn_out.training
+    assert not m.blocks[1].norm.training and m.blocks[0].norm.training
+    quiet_patch(m)
+    m.eval()                      # after patch: unpatch hands the flags back
+    palm_fast.unpatch(m)
+    assert not any(mod.training for mod in m.modules())
