@@ -500,7 +500,13 @@ def _run_case(case: Case, ctx: BenchContext, peaks: dict,
     # graph (measured 2.5-3.2x slower than a static one for RoPE on the CPU). Every case
     # starts from a clean state, so its compile baseline is specialised to its shape.
     torch._dynamo.reset()
-    sets = input_sets(case, ctx)
+    try:
+        sets = input_sets(case, ctx)
+    except Exception as e:  # (e.g. out of memory building the inputs): every impl reported, the
+        # run goes on with the next case (an exception here aborted the run and its JSON)
+        err = f"setup: {type(e).__name__}: {e}"[:500]
+        return [dict(make_record(case, ctx, impl, None, peaks, err), speedup_vs_eager=None)
+                for impl in case.impls]
     if case.interleave and case.repeats is not None and not ctx.smoke:
         records = _interleaved(case, ctx, sets, peaks, on_impl)
     else:

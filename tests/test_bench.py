@@ -2,6 +2,7 @@
 every registered case (each implementation executed once on its own inputs)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -67,6 +68,27 @@ def test_cli_writes_records_per_design(toy_registry, tmp_path, capsys):
     eager = recs[1]
     assert eager["speedup_vs_eager"] == pytest.approx(1.0)
     assert "toy.fwd" in capsys.readouterr().out
+
+
+def test_failing_setup_is_reported_and_the_run_goes_on(toy_registry, tmp_path):
+    """A case whose inputs cannot be built (out of memory, say) aborted the whole run: no
+    JSON, the cases already measured lost. Its implementations are reported as failed."""
+    def bad_setup(ctx):
+        for case in _toy_family(False)(ctx):
+            def setup():
+                raise RuntimeError("no memory for the inputs")
+            yield dataclasses.replace(case, name="toy_bad.fwd", setup=setup)
+
+    toy_registry["_toy_bad"] = bad_setup
+    path = tmp_path / "out.json"
+    rc = cli.main(["bench", "--only", "_toy_bad,_toy", "--device", "cpu", "--dtype", "fp32", "--quick",
+                   "--json", str(path)])
+    assert rc == 1
+    recs = json.loads(path.read_text())["records"]
+    bad = [r for r in recs if r["name"] == "toy_bad.fwd"]
+    assert [r["impl"] for r in bad] == ["palm_fast", "eager"]
+    assert all(r["ms"] is None and "setup: RuntimeError: no memory" in r["error"] for r in bad)
+    assert all(r["ms"] > 0 for r in recs if r["name"] == "toy.fwd")
 
 
 def test_failing_implementation_is_reported_not_hidden(toy_registry, tmp_path):
