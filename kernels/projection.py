@@ -68,6 +68,7 @@ tuned on its own) and the tests run every config under the interpreter.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -610,10 +611,17 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
     check_launch_device(xn)
     pos = pos.contiguous()   # (the kernels index it densely)
     M, K = xn.shape
-    assert xn.stride(-1) == 1 and packed.w_a.shape[1] == K
+    if xn.stride(-1) != 1 or packed.w_a.shape[1] != K or packed.w_b.shape != packed.w_a.shape:
+        raise ValueError(f"in_proj: expected xn [M, {K}] with a unit last stride and packed "
+                         f"weights [P, {K}], got xn strides {xn.stride()}, weights "
+                         f"{tuple(packed.w_a.shape)} / {tuple(packed.w_b.shape)}")
     w_interleaved = is_interleaved(packed.w_a, packed.w_b)
-    if not w_interleaved:  # separate weight tensors: each must be a contiguous [P, K]
-        assert packed.w_a.is_contiguous() and packed.w_b.is_contiguous()
+    if not w_interleaved and not (packed.w_a.is_contiguous() and packed.w_b.is_contiguous()):
+        # Separate tensors, each read as a contiguous [P, K]. (torch.compile's inductor hands
+        # the two views of pack_in_proj's buffer over as separate buffers that keep the views'
+        # strides: a bare assert failed here, and under python -O rows were read with the
+        # wrong stride.)
+        packed = dataclasses.replace(packed, w_a=packed.w_a.contiguous(), w_b=packed.w_b.contiguous())
     HQ, HKV, F = n_heads * head_dim, n_kv_heads * head_dim, d_ff
     P = packed.w_a.shape[0]
     dev, dt = xn.device, xn.dtype
