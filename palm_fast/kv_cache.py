@@ -314,14 +314,18 @@ class KVCache:
     def _pages_needed(self, ends: list[int]) -> int:
         # A sequence's pages always fill a leading run of its table row: O(batch), not
         # O(batch * blocks), per call (this runs for every append of every layer).
+        # (A sequence within its pages is tested first: under torch.compile the page count
+        # ceil(end / page_size) is a guard that recompiled the step at every page boundary.)
         ps = self.page_size
-        return sum(max(0, -(-end // ps) - n) for end, n in zip(ends, self._n_alloc))
+        return sum(-(-end // ps) - n for end, n in zip(ends, self._n_alloc) if end > n * ps)
 
     # ------------------------------------------------------------------ page allocation
     def _ensure_pages(self, ends: list[int]) -> None:
         """Give each sequence pages for tokens ``[0, ends[b])`` (room already checked)."""
         changed = False
         for b, end in enumerate(ends):
+            if end <= self._n_alloc[b] * self.page_size:   # (see _pages_needed)
+                continue
             row = self._host_table[b]
             for j in range(self._n_alloc[b], -(-end // self.page_size)):
                 p = self._free.pop()

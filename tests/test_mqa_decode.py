@@ -596,6 +596,31 @@ def test_torch_compile_decode_step(page_size, max_len):
     assert torch.equal(caches[0].v, caches[1].v)
 
 
+def test_compiled_paged_decode_loop_does_not_recompile_per_page():
+    """A compiled decode loop over a paged cache with its pages reserved: the page count
+    ceil(end / page_size) traced in the allocation bookkeeping was a guard, so every page
+    boundary recompiled; after 8 graphs fullgraph=True raised (at step 64 with 16-token pages)."""
+    from torch._dynamo.utils import counters
+
+    B, H, hd, ps, n = 2, 4, 16, 16, 100
+    cache = KVCache(1, B, 256, hd, page_size=ps)
+    cache.reserve(n)
+    torch._dynamo.reset()
+    counters.clear()
+
+    def step(q, k, v, cache):
+        q_rot = ops.rope_append(q, k, v, cache, 0)
+        return ops.mqa_decode(q_rot[:, 0].contiguous(), cache, 0, cache.lengths + 1)
+
+    cstep = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for _ in range(n):
+            cstep(randn(B, 1, H, hd), randn(B, 1, hd), randn(B, 1, hd), cache)
+            cache.advance(1)
+    assert cache.host_lengths() == [n, n]
+    assert counters["stats"]["unique_graphs"] <= 3
+
+
 @requires_cuda
 def test_cuda_graph_step():
     """A captured decode step replays correctly for other lengths (grid independent of them)."""
