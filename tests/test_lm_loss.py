@@ -393,3 +393,28 @@ def test_nan_or_inf_logit_columns_do_not_depend_on_their_lane():
         assert lse[cols].isnan().all() and rsum[cols].isnan().all(), (bad, lse)
         ok = [m for m in range(M) if m not in cols]
         torch.testing.assert_close(lse[ok].double(), want[ok], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_linked_lookup_and_loss_under_torch_compile(fullgraph):
+    """embed_tokens + tied_lm_loss sharing a GradLink inside a compiled function: the compiler
+    traces the backward, where the link's hand-over is a side effect ("Unsafe side effect"
+    with fullgraph, an internal dynamo error without). Traced, the link is ignored; the
+    gradient is the same."""
+    from palm_fast.ops.lm_loss import GradLink, embed_tokens
+
+    V, d = 40, 16
+    w0 = randn(V, d)
+    tok, tgt = torch.randint(0, V, (12,)), torch.randint(0, V, (12,))
+
+    def f(w, tok, tgt):
+        link = GradLink()
+        h = embed_tokens(w, tok, link)
+        return tied_lm_loss(h, w, tgt, scale=0.25, z_coef=1e-4, link=link)[0]
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=fullgraph, backend="aot_eager")):
+        w = w0.clone().requires_grad_()
+        fn(w, tok, tgt).backward()
+        grads.append(w.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)

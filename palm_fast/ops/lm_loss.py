@@ -39,8 +39,9 @@ to it. With a link, the head's backward (which always runs first: the lookup fee
 hands its ``dW`` to the lookup's backward, which scatters its rows into it in place.
 
 Elsewhere plain ATen ops: the same code runs on CPU and CUDA (and traces under
-``torch.compile``, where the model uses no link); half-precision CPU GEMMs go through fp32
-as the block's do.
+``torch.compile``, where a link is ignored: the compiler traces the backward, and the
+link's hand-over is a side effect it cannot trace); half-precision CPU GEMMs go through
+fp32 as the block's do.
 The weight gradient's row scatters (``_scatter_rows_``) are bitwise reproducible in eager mode:
 ``index_add_`` on the CPU (a fixed order), ``index_put_(accumulate=True)`` elsewhere (ATen's
 sort-based kernel on CUDA; ``index_add_`` there uses atomic adds, whose order changes run to
@@ -137,8 +138,8 @@ def embed_tokens(weight: torch.Tensor, tokens: torch.Tensor, link: GradLink | No
     being summed with a separate ``[V, d]`` gradient (see module doc)."""
     if link is not None and not isinstance(link, GradLink):
         raise TypeError(f"link: expected None or a GradLink, got {type(link).__name__}")
-    if link is None or not torch.is_grad_enabled() or not weight.requires_grad:
-        return torch.nn.functional.embedding(tokens, weight)
+    if link is None or not torch.is_grad_enabled() or not weight.requires_grad or compiling():
+        return torch.nn.functional.embedding(tokens, weight)   # (traced: the link is ignored)
     out = _TiedEmbed.apply(weight, tokens, link)
     link.node = weakref.ref(out.grad_fn)   # (weak: no cycle through the graph)
     return out
@@ -316,4 +317,6 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"targets: expected ids in [0, {weight.shape[0]}) (weight's rows), "
                              f"got values in [{lo}, {hi}]")
+    if compiling():   # (the compiler traces the backward; the link's hand-over is a side effect)
+        link = None
     return _TiedLMLoss.apply(h, weight, targets, float(scale), float(z_coef), link)
