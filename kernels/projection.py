@@ -557,8 +557,11 @@ def pack_in_proj(w_in: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_
     col_a, col_b, fidx = pair_columns(n_heads, n_kv_heads, head_dim, d_ff, inv_freq.numel(),
                                       interleaved)
     dev = w_in.device
-    inv = inv_freq.detach().to(device="cpu", dtype=torch.float32)
-    freq = torch.where(fidx >= 0, inv[fidx.clamp(min=0)], torch.zeros(()))
+    # (gathered on the weight's device: a copy of inv_freq to the host waited for the GPU,
+    # once per block and call under torch.compile, which re-lays out in the graph)
+    inv = inv_freq.detach().to(device=dev, dtype=torch.float32)
+    fidx = fidx.to(dev)
+    freq = torch.where(fidx >= 0, inv[fidx.clamp(min=0)], torch.zeros((), device=dev))
     w = w_in.detach()
     # One [P, 2, d] buffer: w_a / w_b are its even / odd rows (views), so the kernel loads
     # both members of BLOCK_N pairs as one [2 BLOCK_N, d] tile (see ``is_interleaved``).
@@ -568,7 +571,7 @@ def pack_in_proj(w_in: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_
         w_b=w_ab[:, 1],
         dst_a=col_a.to(device=dev, dtype=torch.int32),
         dst_b=col_b.to(device=dev, dtype=torch.int32),
-        freq=freq.to(dev),
+        freq=freq,
         p_qkv=(n_heads + 2 * n_kv_heads) * head_dim // 2,
     )
 
