@@ -353,6 +353,15 @@ def patch(model: nn.Module, *, rope: bool = True, swiglu: bool = True, layer_nor
     _load_builtins()
     report = PatchReport()
     root = model
+    earlier = model.__dict__.get(_REPORT)
+    if earlier is not None or any(_ORIGINAL in m.__dict__ for m in model.modules()):
+        # patched before: replacements are kept as they are (their options included); the
+        # report keeps describing them
+        warnings.warn("palm_fast.patch: the model was patched before; modules replaced then "
+                      "are kept as they are (call palm_fast.unpatch first to patch with other "
+                      "options)", PatchWarning, stacklevel=2)
+        if earlier is not None:
+            report.patched += earlier.patched
     unsupported = _unsupported_dtypes(model)
     if unsupported:
         # Parameter-free modules (SwiGLU) cannot see the dtype they will get: refuse the model.

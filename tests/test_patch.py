@@ -400,8 +400,12 @@ def test_patch_unpatch_patch():
         assert torch.equal(m(x), want)                    # the original code again
     palm_fast.patch(m)
     assert type(m[1].fn) is pp_fast.ParallelTransformerBlock and m.palm_fast_report.ok
-    palm_fast.patch(m)                                    # idempotent: nothing left to do
-    assert m.palm_fast_report.patched == [] and type(m[1].fn) is pp_fast.ParallelTransformerBlock
+    first = list(m.palm_fast_report.patched)
+    # again (with other options): nothing left to do; said so, and the report still describes
+    # the replacements (it was replaced by an empty one, and other options did nothing silently)
+    with pytest.warns(palm_fast.patching.PatchWarning, match="patched before"):
+        palm_fast.patch(m, block=False)
+    assert m.palm_fast_report.patched == first and type(m[1].fn) is pp_fast.ParallelTransformerBlock
 
 
 @needs_pp
