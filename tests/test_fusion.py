@@ -488,6 +488,26 @@ def test_kernel_cache(tmp_path, monkeypatch):
     assert compile_graph(g, "full") is compile_graph(expanders.rms_norm_fwd(), "full")
 
 
+def test_kernel_cache_falls_back_from_an_unwritable_home(tmp_path, monkeypatch):
+    """A read-only or missing $HOME (a container) made the first generated kernel, and so the
+    GPU LayerNorm of every fast block, fail with FileNotFoundError naming ~/.cache; the
+    source now goes to the temporary directory. An unwritable PALM_FAST_FUSION_CACHE is a
+    RuntimeError naming the variable."""
+    monkeypatch.delenv("PALM_FAST_FUSION_CACHE", raising=False)
+    monkeypatch.setenv("HOME", "/proc/nonexistent")
+    monkeypatch.setattr(codegen.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(codegen, "_KERNELS", {})
+    cg = codegen.CompiledGraph(expanders.rms_norm_fwd(), "full")
+    k, fn, _, _ = cg.kernel(cg.schedule.groups[0], 100, ("torch.float32", "torch.float32", "f"))
+    files = list(tmp_path.glob("palm_fast_fusion_*/palm_fast_fusion_*.py"))
+    assert len(files) == 1 and files[0].read_text() == k.source
+    monkeypatch.setenv("PALM_FAST_FUSION_CACHE", "/proc/nonexistent/cache")
+    monkeypatch.setattr(codegen, "_KERNELS", {})
+    cg = codegen.CompiledGraph(expanders.rms_norm_fwd(), "full")
+    with pytest.raises(RuntimeError, match="set PALM_FAST_FUSION_CACHE to a writable directory"):
+        cg.kernel(cg.schedule.groups[0], 100, ("torch.float32", "torch.float32", "f"))
+
+
 # ---------------------------------------------------------------------------------------
 # explain, bad input
 # ---------------------------------------------------------------------------------------

@@ -750,8 +750,34 @@ POISON = False  # tests: fill every buffer the runner allocates with NaN first
 
 
 def cache_dir() -> Path:
+    """Where generated kernel sources are written (Triton compiles from a source file):
+    ``$PALM_FAST_FUSION_CACHE``, else ``~/.cache/palm_fast/fusion``."""
     d = os.environ.get("PALM_FAST_FUSION_CACHE")
     return Path(d) if d else Path.home() / ".cache" / "palm_fast" / "fusion"
+
+
+def _write_source(name: str, source: str) -> Path:
+    """``source`` as ``<cache dir>/<name>.py`` (unchanged if it is there already). Without
+    ``PALM_FAST_FUSION_CACHE``, an unwritable home (a read-only or missing ``$HOME`` in a
+    container) falls back to the temporary directory."""
+    dirs = [cache_dir()]
+    if not os.environ.get("PALM_FAST_FUSION_CACHE"):
+        dirs.append(Path(tempfile.gettempdir()) / f"palm_fast_fusion_{os.getuid()}")
+    errors = []
+    for d in dirs:
+        path = d / f"{name}.py"
+        try:
+            if not path.exists() or path.read_text() != source:
+                d.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+                with os.fdopen(fd, "w") as f:
+                    f.write(source)
+                os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
+            return path
+        except OSError as e:
+            errors.append(f"{d}: {e}")
+    raise RuntimeError("palm_fast.fusion: cannot write the generated kernel source ("
+                       + "; ".join(errors) + "); set PALM_FAST_FUSION_CACHE to a writable directory")
 
 
 def load_kernel(kernel: Kernel, key: tuple):
@@ -761,13 +787,7 @@ def load_kernel(kernel: Kernel, key: tuple):
         return fn
     digest = hashlib.sha256((repr(key) + kernel.source).encode()).hexdigest()[:20]
     mod_name = f"palm_fast_fusion_{digest}"
-    path = cache_dir() / f"{mod_name}.py"
-    if not path.exists() or path.read_text() != kernel.source:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(kernel.source)
-        os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
+    path = _write_source(mod_name, kernel.source)
     spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
