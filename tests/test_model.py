@@ -274,3 +274,21 @@ def test_half_checkpoint_loaded_with_assign_keeps_working(which):
         got, want = model(x), ref(x)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
+
+
+def test_float64_fast_model_is_a_clear_error():
+    """Built under torch.set_default_dtype(torch.float64), nn.PaLM raised a TypeError about a
+    dtype argument never passed; after .double(), one from deep in parallel_block naming x.
+    Both build, and the forward names the module and what to use instead."""
+    cfg = palm_fast.get_config("palm-tiny", n_layers=1)
+    x = torch.randint(0, cfg.vocab_size, (1, 5))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        built = PaLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    for m in (built, PaLM(cfg).double()):
+        assert m.blocks[0].norm.weight.dtype == torch.float64
+        with pytest.raises(TypeError, match="ParallelBlock: float64 .* palm_fast.reference"):
+            m(x)

@@ -1467,3 +1467,14 @@ def test_patch_and_unpatch_keep_each_modules_train_flag():
     m.eval()                      # after patch: unpatch hands the flags back
     palm_fast.unpatch(m)
     assert not any(mod.training for mod in m.modules())
+
+
+@needs_pp
+def test_patched_palm_pytorch_model_converted_to_float64_is_a_clear_error():
+    m = pp_model()
+    quiet_patch(m)
+    m.double()
+    with pytest.raises(TypeError, match="float64 .* palm_fast.unpatch"):
+        m(tokens(T=5))
+    palm_fast.unpatch(m)
+    assert m(tokens(T=5)).dtype == torch.float64

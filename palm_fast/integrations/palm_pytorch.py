@@ -167,6 +167,13 @@ class _RotaryView:
     interleaved = False
 
 
+def _refuse_float64(x: torch.Tensor, w: torch.Tensor) -> None:
+    if torch.float64 in (x.dtype, w.dtype):
+        raise TypeError(f"palm_fast's PaLM-pytorch block: float64 (x {x.dtype}, weights {w.dtype}) "
+                        f"is not supported by palm_fast's kernels (float32, float16, bfloat16); "
+                        f"palm_fast.unpatch(model) puts the original blocks back")
+
+
 def _causal_mqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q ``[B, T, H, D]``, k and v ``[B, T, 1, D]`` -> ``softmax(q k^T * scale + causal) v``
     ``[B, T, H, D]`` (``palm_fast.ops.causal_mqa_attention``: SDPA, k/v never copied per head)."""
@@ -287,6 +294,7 @@ class ParallelTransformerBlock(nn.Module):
     # ------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``attn_out(o) + ff_out(ff)`` (PaLM-pytorch's block output; its Residual adds x)."""
+        _refuse_float64(x, self.fused_attn_ff_proj.weight)
         B, T, _ = x.shape
         H, D = self.heads, self.dim_head
         q, k, v, ff = self.fused_attn_ff_proj(self.norm(x)).split(self.fused_dims, dim=-1)
@@ -315,6 +323,7 @@ class ParallelTransformerBlock(nn.Module):
         projection has no LayerNorm bias): LayerNorm + ONE input GEMM with the RoPE / SwiGLU
         epilogue, multi-query attention, ONE output GEMM with the residual in its epilogue.
         Otherwise, and while torch.compile traces, ``x + forward(x)``."""
+        _refuse_float64(x, self.fused_attn_ff_proj.weight)
         if not self._fused_ok(x):
             return x + self.forward(x)
         B, T, _ = x.shape

@@ -61,8 +61,8 @@ class ParallelBlock(_reference.ParallelBlock):
                  interleaved: bool = False, *, recompute: str = "none"):
         super().__init__(dim, n_heads, head_dim, d_ff, n_kv_heads, eps, rotary_dim, rope_base,
                          interleaved)
-        w = self.norm.weight
-        self.norm = LayerNorm(dim, eps, device=w.device, dtype=w.dtype)
+        w = self.norm.weight   # (float64 under torch.set_default_dtype: built, refused in forward)
+        self.norm = LayerNorm(dim, eps, device=w.device).to(w.dtype)
         inv_freq = self.rotary.inv_freq
         self.rotary = RotaryEmbedding(self.rotary.rotary_dim, rope_base, interleaved)
         self.rotary.inv_freq = inv_freq
@@ -145,6 +145,11 @@ class ParallelBlock(_reference.ParallelBlock):
     def _block(self, x: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a Tensor [B, T, dim], got {type(x).__name__}")
+        if torch.float64 in (x.dtype, self.in_proj.weight.dtype):
+            raise TypeError(f"palm_fast.nn.ParallelBlock: float64 (x {x.dtype}, weights "
+                            f"{self.in_proj.weight.dtype}) is not supported by palm_fast's kernels "
+                            f"(float32, float16, bfloat16); use palm_fast.reference's modules, "
+                            f"which load the same state_dict (palm_fast.unpatch for a patched model)")
         if not self.parts_fusable() or autocast_changes_dtype(
                 x, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight) \
                 or self.norm.weight.dtype not in (self.in_proj.weight.dtype, torch.float32):
