@@ -536,8 +536,9 @@ class _GraphedStep:
 
     Static input ``tokens`` ``[B]``; static output ``logits`` ``[B, V]``. The step reads its
     positions from ``cache.lengths`` (a device tensor advanced in place between replays), so
-    one capture serves every step. Warm-up and capture run the step for real: they write
-    k / v at the current positions, which the first replay overwrites with the same values.
+    one capture serves every step. The warm-up runs the step for real (it writes k / v at the
+    current positions, which the first replay overwrites with the same values); the capture
+    only records its kernels.
     """
 
     def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor):

@@ -292,3 +292,18 @@ def test_float64_fast_model_is_a_clear_error():
         assert m.blocks[0].norm.weight.dtype == torch.float64
         with pytest.raises(TypeError, match="ParallelBlock: float64 .* palm_fast.reference"):
             m(x)
+
+
+@pytest.mark.parametrize("cls", [RefPaLM, PaLM])
+def test_forward_reads_no_token_values_while_a_cuda_graph_is_captured(cls, monkeypatch):
+    """The token range check read values on the host (two syncs), which is an error while a
+    CUDA graph is captured: a model's forward could not be captured. (Capture faked: no GPU.)"""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    reads = []
+    real = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: reads.append(1) or real(self))
+    cfg = palm_fast.get_config("palm-tiny")
+    with torch.no_grad():
+        cls(cfg).eval()(torch.randint(0, cfg.vocab_size, (2, 8)))
+    assert reads == []
