@@ -551,26 +551,54 @@ def is_interleaved(w_a: torch.Tensor, w_b: torch.Tensor) -> bool:
             and w_b.data_ptr() == w_a.data_ptr() + K * w_a.element_size())
 
 
+def _pair_indices(n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, rotary_half: int,
+                  interleaved: bool, device: torch.device):
+    """``(rows [2P] int64, dst_a, dst_b int32 [P], freq_index [P] int64)`` of ``pair_columns``
+    on ``device``: built on the host and copied over, so they are kept per configuration and
+    device in eager mode (never freed: a CUDA graph that re-lays out the weight in its replay
+    reads them; a host copy is not allowed while it is captured). Traced (torch.compile) or
+    under a FakeTensorMode, built anew."""
+    from palm_fast.ops._dispatch import fake_mode_on  # (a cached fake tensor poisons the cache)
+
+    if torch.compiler.is_compiling() or fake_mode_on():
+        return _build_pair_indices(n_heads, n_kv_heads, head_dim, d_ff, rotary_half, interleaved, device)
+    return _cached_pair_indices(n_heads, n_kv_heads, head_dim, d_ff, rotary_half, interleaved, device)
+
+
+def _build_pair_indices(n_heads, n_kv_heads, head_dim, d_ff, rotary_half, interleaved, device):
+    col_a, col_b, fidx = pair_columns(n_heads, n_kv_heads, head_dim, d_ff, rotary_half, interleaved)
+    rows = torch.stack((col_a, col_b), 1).flatten()
+    return (rows.to(device), col_a.to(device=device, dtype=torch.int32),
+            col_b.to(device=device, dtype=torch.int32), fidx.to(device))
+
+
+@functools.cache
+def _cached_pair_indices(*key):
+    with torch.inference_mode(False):
+        return _build_pair_indices(*key)
+
+
 def pack_in_proj(w_in: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int,
                  head_dim: int, d_ff: int, interleaved: bool) -> PackedInProj:
-    """Gather ``in_proj.weight [Nin, d]`` into the pair layout (a copy; no autograd)."""
-    col_a, col_b, fidx = pair_columns(n_heads, n_kv_heads, head_dim, d_ff, inv_freq.numel(),
-                                      interleaved)
+    """Gather ``in_proj.weight [Nin, d]`` into the pair layout (a copy; no autograd). Device
+    ops only once the indices are kept (see ``_pair_indices``): it can be captured in a CUDA
+    graph, so that the replay re-lays out the live weight."""
     dev = w_in.device
+    rows, dst_a, dst_b, fidx = _pair_indices(n_heads, n_kv_heads, head_dim, d_ff, inv_freq.numel(),
+                                             interleaved, dev)
     # (gathered on the weight's device: a copy of inv_freq to the host waited for the GPU,
     # once per block and call under torch.compile, which re-lays out in the graph)
     inv = inv_freq.detach().to(device=dev, dtype=torch.float32)
-    fidx = fidx.to(dev)
     freq = torch.where(fidx >= 0, inv[fidx.clamp(min=0)], torch.zeros((), device=dev))
     w = w_in.detach()
     # One [P, 2, d] buffer: w_a / w_b are its even / odd rows (views), so the kernel loads
     # both members of BLOCK_N pairs as one [2 BLOCK_N, d] tile (see ``is_interleaved``).
-    w_ab = w.index_select(0, torch.stack((col_a, col_b), 1).flatten().to(dev)).view(-1, 2, w.shape[1])
+    w_ab = w.index_select(0, rows).view(-1, 2, w.shape[1])
     return PackedInProj(
         w_a=w_ab[:, 0],
         w_b=w_ab[:, 1],
-        dst_a=col_a.to(device=dev, dtype=torch.int32),
-        dst_b=col_b.to(device=dev, dtype=torch.int32),
+        dst_a=dst_a,
+        dst_b=dst_b,
         freq=freq,
         p_qkv=(n_heads + 2 * n_kv_heads) * head_dim // 2,
     )

@@ -1478,3 +1478,42 @@ def test_patched_palm_pytorch_model_converted_to_float64_is_a_clear_error():
         m(tokens(T=5))
     palm_fast.unpatch(m)
     assert m(tokens(T=5)).dtype == torch.float64
+
+
+def test_packed_weight_is_not_cached_while_a_cuda_graph_is_captured(monkeypatch):
+    """A forward captured in a CUDA graph read the cached re-laid-out weight: its replays kept
+    reading that copy after an optimizer step (0.47 off; refresh_caches could not reach into
+    the graph). While capturing, the re-layout runs in the graph from the live weight and
+    nothing is cached. (Capture faked; packing simulated on the CPU.)"""
+    from palm_fast.nn import block as fast_block
+    from palm_fast.ops import _dispatch
+
+    monkeypatch.setattr(fast_block, "uses_triton", lambda dev: True)
+    monkeypatch.setattr(fast_block, "pack_in_proj", lambda w, *a: w.detach().clone())
+    b = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V)).blocks[0]
+    cached = b._packed_in_proj()
+    assert b._packed_in_proj() is cached
+    monkeypatch.setattr(_dispatch, "_capturing", lambda: True)
+    during = b._packed_in_proj()
+    assert during is not cached and b._packed_in_proj() is not during
+    assert b._packed is cached   # (the eager cache is left alone)
+
+
+def test_in_proj_pair_indices_are_kept_per_device_and_built_anew_when_traced():
+    """pack_in_proj's index tensors are kept (a host-to-device copy is not allowed while a
+    CUDA graph is captured), except under a FakeTensorMode (a kept fake tensor poisons the
+    cache); the packs are the same."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from palm_fast.kernels import projection as kp
+
+    key = (2, 1, 8, 12, 4, False, torch.device("cpu"))
+    assert kp._pair_indices(*key)[0] is kp._pair_indices(*key)[0]
+    with FakeTensorMode():
+        fake = kp._pair_indices(*key)[0]
+    assert fake is not kp._pair_indices(*key)[0] and not isinstance(kp._pair_indices(*key)[0],
+                                                                    type(fake))
+    w = torch.randn((2 + 2) * 8 + 2 * 12, 16)
+    inv = torch.rand(4)
+    p1, p2 = kp.pack_in_proj(w, inv, 2, 1, 8, 12, False), kp.pack_in_proj(w, inv, 2, 1, 8, 12, False)
+    assert torch.equal(p1.w_a, p2.w_a) and torch.equal(p1.freq, p2.freq)

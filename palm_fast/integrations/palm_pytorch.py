@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import nn as fast
+from ..ops import _dispatch
 from ..ops._dispatch import autocast_changes_dtype, compiling, parts_hooked
 from ..ops.block import (
     causal_mqa_attention,
@@ -395,9 +396,10 @@ class ParallelTransformerBlock(nn.Module):
         if not uses_triton(w.device.type):
             return None
         args = (w, inv_freq, self.heads, 1, self.dim_head, self.fused_dims[3] // 2, False)
-        # no counter that sees every write, or an optimizer step under way (see
-        # ops.block.optimizer_steps): re-lay out every call
-        if not versioned(w, buf) or fsdp_managed(self) or optimizer_in_step():
+        # no counter that sees every write, an optimizer step under way (see
+        # ops.block.optimizer_steps), or a CUDA graph captured (its replays re-lay out the
+        # live weight): re-lay out every call
+        if not versioned(w, buf) or fsdp_managed(self) or optimizer_in_step() or _dispatch._capturing():
             return pack_in_proj(*args)
         key = (tensor_key(w, buf), optimizer_steps(), args[2:])
         if self._packed is None or not same_key(self._packed_key, key):

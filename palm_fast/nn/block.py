@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from palm_fast.ops import _dispatch
 from palm_fast.ops._dispatch import autocast_changes_dtype, compiling, parts_hooked
 from palm_fast.ops.block import (
     fsdp_managed,
@@ -100,12 +101,15 @@ class ParallelBlock(_reference.ParallelBlock):
             return None
         inv = buf.float()   # (a checkpoint loaded with assign=True may hold it in another dtype)
         args = (w, inv, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.rotary.interleaved)
-        if compiling() or not versioned(w, buf) or fsdp_managed(self) or optimizer_in_step():
+        if compiling() or not versioned(w, buf) or fsdp_managed(self) or optimizer_in_step() \
+                or _dispatch._capturing():
             # Inference tensors (a model built under torch.inference_mode) have no version
             # counter, a weight that is a slice of a larger buffer is written through the
             # buffer's, and FSDP2 copies each all-gather into the same Parameter with its
             # version counter preserved: an update could not be detected, so re-lay out
-            # every call (and while an optimizer step runs: see ops.block.optimizer_steps).
+            # every call (and while an optimizer step runs: see ops.block.optimizer_steps;
+            # while a CUDA graph is captured, so that its replays re-lay out the live weight
+            # instead of reading a copy an update would leave stale).
             return pack_in_proj(*args)
         key = (tensor_key(w, buf), optimizer_steps(), args[2:])
         if self._packed is None or not same_key(self._packed_key, key):
