@@ -429,9 +429,9 @@ void layer_norm_bwd_impl(const T* dy, const T* x, const float* w, const float* m
     constexpr bool is_f = std::is_same_v<T, float>;
     std::vector<float> xbuf(is_f ? 0 : N), dybuf(is_f ? 0 : N), dxbuf(is_f ? 0 : N);
     for (int64_t c = c0; c < c1; ++c) {
-      float* pwc = pw + c * N;
+      float* pwc = pw != nullptr ? pw + c * N : nullptr;
       float* pbc = pb != nullptr ? pb + c * N : nullptr;
-      std::fill(pwc, pwc + N, 0.f);
+      if (pwc != nullptr) std::fill(pwc, pwc + N, 0.f);
       if (pbc != nullptr) std::fill(pbc, pbc + N, 0.f);
       const int64_t r_end = std::min(M, (c + 1) * rows);
       for (int64_t r = c * rows; r < r_end; ++r) {
@@ -450,8 +450,10 @@ void layer_norm_bwd_impl(const T* dy, const T* x, const float* w, const float* m
           t1 = at::vec::fmadd(h1, g1, t1);
           s2 += g0;
           t2 += g1;
-          at::vec::fmadd(d0, h0, fVec::loadu(pwc + i)).store(pwc + i);
-          at::vec::fmadd(d1, h1, fVec::loadu(pwc + i + V)).store(pwc + i + V);
+          if (pwc != nullptr) {
+            at::vec::fmadd(d0, h0, fVec::loadu(pwc + i)).store(pwc + i);
+            at::vec::fmadd(d1, h1, fVec::loadu(pwc + i + V)).store(pwc + i + V);
+          }
           if (pbc != nullptr) {
             (fVec::loadu(pbc + i) + d0).store(pbc + i);
             (fVec::loadu(pbc + i + V) + d1).store(pbc + i + V);
@@ -463,7 +465,7 @@ void layer_norm_bwd_impl(const T* dy, const T* x, const float* w, const float* m
           fVec g0 = d0 * fVec::loadu(w + i);
           s1 = at::vec::fmadd(h0, g0, s1);
           s2 += g0;
-          at::vec::fmadd(d0, h0, fVec::loadu(pwc + i)).store(pwc + i);
+          if (pwc != nullptr) at::vec::fmadd(d0, h0, fVec::loadu(pwc + i)).store(pwc + i);
           if (pbc != nullptr) (fVec::loadu(pbc + i) + d0).store(pbc + i);
         }
         float sum_hg = at::vec::vec_reduce_all<float>(std::plus<fVec>(), s1 + t1);
@@ -472,7 +474,7 @@ void layer_norm_bwd_impl(const T* dy, const T* x, const float* w, const float* m
           const float h = (xr[i] - mu) * rs, g = dyr[i] * w[i];
           sum_hg += h * g;
           sum_g += g;
-          pwc[i] += dyr[i] * h;
+          if (pwc != nullptr) pwc[i] += dyr[i] * h;
           if (pbc != nullptr) pbc[i] += dyr[i];
         }
         // pass 2: dx = rstd * (g - xhat * c1 - c2)
@@ -512,7 +514,7 @@ void reduce_partials(const float* part, float* out, int64_t n_chunks, int64_t N)
 
 std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy_in, const at::Tensor& x_in,
                                        const at::Tensor& weight, const at::Tensor& mean_in,
-                                       const at::Tensor& rstd_in, bool has_bias) {
+                                       const at::Tensor& rstd_in, bool has_bias, bool need_w) {
   TORCH_CHECK(x_in.dim() == 2, "layer_norm_bwd: x must be 2-D [M, N]");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), N = x.size(1);
@@ -527,25 +529,26 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy_in, const at::Tensor
   const at::Tensor w = as_float(weight);
   at::Tensor dx = empty_output(x.sizes(), x.options());
   const int64_t n_chunks = M > 0 ? (M + chunk_rows(M) - 1) / chunk_rows(M) : 0;
-  at::Tensor dw32 = at::zeros({N}, x.options().dtype(at::kFloat));
-  at::Tensor db32 = has_bias ? at::zeros({N}, x.options().dtype(at::kFloat)) : at::Tensor();
+  // need_w false (frozen weight and bias): dx only, no column partials; dw / db empty.
+  const bool wb = need_w, bb = need_w && has_bias;
+  at::Tensor dw32 = at::zeros({wb ? N : 0}, x.options().dtype(at::kFloat));
+  at::Tensor db32 = bb ? at::zeros({N}, x.options().dtype(at::kFloat)) : at::Tensor();
   if (M > 0 && N > 0) {
-    at::Tensor pw = at::empty({n_chunks, N}, x.options().dtype(at::kFloat));
-    at::Tensor pb = has_bias ? at::empty({n_chunks, N}, x.options().dtype(at::kFloat)) : at::Tensor();
+    at::Tensor pw = wb ? at::empty({n_chunks, N}, x.options().dtype(at::kFloat)) : at::Tensor();
+    at::Tensor pb = bb ? at::empty({n_chunks, N}, x.options().dtype(at::kFloat)) : at::Tensor();
     PF_DISPATCH_FLOATS(x.scalar_type(), "layer_norm_bwd", [&] {
       layer_norm_bwd_impl<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                     w.const_data_ptr<float>(), mean.const_data_ptr<float>(),
                                     rstd.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(),
-                                    pw.mutable_data_ptr<float>(),
-                                    has_bias ? pb.mutable_data_ptr<float>() : nullptr, M, N);
+                                    wb ? pw.mutable_data_ptr<float>() : nullptr,
+                                    bb ? pb.mutable_data_ptr<float>() : nullptr, M, N);
     });
-    reduce_partials(pw.const_data_ptr<float>(), dw32.mutable_data_ptr<float>(), n_chunks, N);
-    if (has_bias) {
-      reduce_partials(pb.const_data_ptr<float>(), db32.mutable_data_ptr<float>(), n_chunks, N);
-    }
+    if (wb) reduce_partials(pw.const_data_ptr<float>(), dw32.mutable_data_ptr<float>(), n_chunks, N);
+    if (bb) reduce_partials(pb.const_data_ptr<float>(), db32.mutable_data_ptr<float>(), n_chunks, N);
   }
   at::Tensor dw = dw32.to(weight.scalar_type());
-  at::Tensor db = has_bias ? db32.to(weight.scalar_type()) : at::Tensor();
+  at::Tensor db = has_bias ? (bb ? db32.to(weight.scalar_type()) : at::empty({0}, weight.options()))
+                           : at::Tensor();
   return {dx, dw, db};
 }
 
@@ -555,9 +558,9 @@ void bind_layer_norm(pybind11::module_& m) {
   m.def("layer_norm_fwd", guarded(&layer_norm_fwd), "LayerNorm forward: (y, mean, rstd)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"));
   m.def("layer_norm_bwd", guarded(&layer_norm_bwd),
-        "LayerNorm backward: (dx, dweight, dbias or an undefined tensor)", pybind11::arg("dy"),
+        "LayerNorm backward: (dx, dweight, dbias or an undefined tensor); need_w false: dx, and dweight / dbias empty", pybind11::arg("dy"),
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("mean"), pybind11::arg("rstd"),
-        pybind11::arg("has_bias"));
+        pybind11::arg("has_bias"), pybind11::arg("need_w") = true);
   m.def("add_layer_norm_fwd", guarded(&add_layer_norm_fwd),
         "y_sum = x + a (+ m); out = LayerNorm(y_sum): (y_sum, out, mean, rstd)", pybind11::arg("x"),
         pybind11::arg("a"), pybind11::arg("m"), pybind11::arg("weight"), pybind11::arg("bias"),

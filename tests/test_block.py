@@ -415,7 +415,8 @@ def test_opcheck_custom_ops(M):
     for need in (True, False):
         opcheck(torch.ops.palm_fast.block_in_proj_bwd,
                 (randn(M, H * hd), randn(M, Hk * hd), randn(M, Hk * hd), randn(M, F), x.detach(),
-                 lnw.detach(), w.detach(), xn, mean, rstd, ff, inv, pos, H, Hk, hd, F, False, need),
+                 lnw.detach(), w.detach(), xn, mean, rstd, ff, inv, pos, H, Hk, hd, F, False, need,
+                 not need),
                 test_utils=("test_schema", "test_faketensor"))
 
 
@@ -451,6 +452,19 @@ def test_frozen_weights_skip_their_gradient_gemms(monkeypatch, compiled):
     assert torch.equal(dx, dx_full)
     assert torch.equal(fast.norm.weight.grad, dlnw_full)
     assert all(lin.weight.grad is None for lin in (fast.in_proj, fast.attn_out, fast.ff_out))
+    # the whole block frozen (LoRA-style): the LayerNorm's weight reduction is skipped too
+    fast.zero_grad(set_to_none=True)
+    fast.norm.weight.requires_grad_(False)
+    ln_calls = []
+    real_ln = ob._layer_norm_bwd_cpu
+    monkeypatch.setattr(ob, "_layer_norm_bwd_cpu",
+                        lambda *a: ln_calls.append(a[-1]) or real_ln(*a))
+    fn = torch.compile(fast, fullgraph=True, backend="aot_eager") if compiled else fast
+    _, dx = backward_gemms(fn)
+    assert torch.equal(dx, dx_full)
+    assert all(p.grad is None for p in fast.parameters())
+    if not compiled:
+        assert ln_calls == [False]
 
 
 def test_preactivation_written_only_for_autograd(triton_backend, monkeypatch):

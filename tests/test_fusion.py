@@ -62,6 +62,8 @@ def test_expander_op_counts():
     bwd = expanders.layer_norm_bwd(True)
     assert set(bwd.outputs) == {"dx", "dweight", "dbias"}
     assert set(expanders.layer_norm_bwd(False).outputs) == {"dx", "dweight"}
+    for has_bias in (True, False):   # frozen weight and bias: dx only
+        assert set(expanders.layer_norm_bwd(has_bias, weight_grads=False).outputs) == {"dx"}
 
 
 def test_graph_hash_is_stable_and_discriminating():
@@ -174,6 +176,8 @@ def test_full_mode_kernel_counts():
         stage2 = {s.graph.nodes[i].kind for i in s.groups[1].nodes}
         assert stage2 == {"cfin"}
         assert sum(s.graph.nodes[i].kind == "cfin" for i in s.groups[1].nodes) == (2 if has_bias else 1)
+    s = fuse(expanders.layer_norm_bwd(weight_grads=False), "full")   # no column reductions
+    assert s.kernel_count == 1 and [grp.kind for grp in s.groups] == ["row"]
     assert fuse(expanders.add_layer_norm_fwd(), "full").kernel_count == 1
     assert fuse(expanders.rms_norm_fwd(), "full").kernel_count == 1
     assert fuse(expanders.rms_norm_bwd(), "full").kernel_count == 2

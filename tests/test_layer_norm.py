@@ -297,6 +297,7 @@ def _sample_inputs():
         (ln_ops.layer_norm_fwd, (xh, randn(40), None, 1e-5)),  # fp32 weight, bf16 x
         (ln_ops.layer_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, True)),
         (ln_ops.layer_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, False)),
+        (ln_ops.layer_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, True, False)),  # frozen
         (ln_ops.add_layer_norm_fwd, (randn(9, 40).requires_grad_(), randn(9, 40).requires_grad_(),
                                      randn(9, 40).requires_grad_(), randn(40).requires_grad_(),
                                      randn(40).requires_grad_(), 1e-5)),
@@ -304,7 +305,7 @@ def _sample_inputs():
     ]
 
 
-@pytest.mark.parametrize("i", range(7))
+@pytest.mark.parametrize("i", range(8))
 def test_opcheck(i):
     op, args = _sample_inputs()[i]
     torch.library.opcheck(op, args)
@@ -557,3 +558,42 @@ def test_large_offset_rows_accuracy_cpu():
     ours = (layer_norm(x, w).double() - want).abs().max()
     theirs = (torch.nn.functional.layer_norm(x, (777,)).double() - want).abs().max()
     assert ours <= 4 * theirs + 1e-6
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("frozen", ["weight", "bias", "both"])
+@pytest.mark.parametrize("fused_add", [False, True])
+def test_frozen_affine_skips_the_column_reductions(backend, frozen, fused_add, monkeypatch):
+    """A frozen weight and bias (LoRA / adapter training, a frozen LayerNorm): the backward
+    still summed dweight and dbias over all rows. Both frozen: dx only (the C++ kernel without
+    its column partials, the generated dx-only kernel); dx is unchanged and the frozen
+    parameters get no gradient. One of them trainable: computed as before."""
+    if backend == "triton":
+        monkeypatch.setitem(ln_ops._LN_FWD_IMPLS, "cpu", ln_ops._layer_norm_fwd_cuda)
+        monkeypatch.setitem(ln_ops._ADD_LN_FWD_IMPLS, "cpu", ln_ops._add_layer_norm_fwd_cuda)
+        monkeypatch.setitem(ln_ops._LN_BWD_IMPLS, "cpu", ln_ops._layer_norm_bwd_cuda)
+    flags = []
+    real = ln_ops._LN_BWD_IMPLS["cpu"]
+    monkeypatch.setitem(ln_ops._LN_BWD_IMPLS, "cpu", lambda *a: flags.append(a[6]) or real(*a))
+    M, N = 37, 96
+    x, a, w, b, dy = randn(M, N), randn(M, N), randn(N), randn(N), randn(M, N)
+
+    def run(w_grad, b_grad):
+        xl = x.clone().requires_grad_()
+        wl, bl = w.clone().requires_grad_(w_grad), b.clone().requires_grad_(b_grad)
+        y = add_layer_norm(xl, a, weight=wl, bias=bl)[1] if fused_add else layer_norm(xl, wl, bl)
+        y.backward(dy)
+        return xl.grad, wl.grad, bl.grad
+
+    dx, dw, db = run(True, True)
+    fdx, fdw, fdb = run(frozen == "bias", frozen == "weight")
+    assert flags == [True, frozen != "both"]
+    if backend == "cpp":
+        assert torch.equal(fdx, dx)
+    else:   # (another generated kernel: the same math, its own tiling)
+        torch.testing.assert_close(fdx, dx, atol=1e-6, rtol=1e-6)
+    assert (fdw is None) == (frozen != "bias") and (fdb is None) == (frozen != "weight")
+    if fdw is not None:
+        assert torch.equal(fdw, dw)
+    if fdb is not None:
+        assert torch.equal(fdb, db)

@@ -70,9 +70,12 @@ def layer_norm_fwd(has_bias: bool = True, mean_correction: bool = False) -> Grap
     return g
 
 
-def layer_norm_bwd(has_bias: bool = True) -> Graph:
-    """Inputs dy[row], x[row], weight[col], mean[stat], rstd[stat]; outputs dx, dweight, (dbias)."""
-    g = Graph("layer_norm_bwd" + ("" if has_bias else "_nobias"))
+def layer_norm_bwd(has_bias: bool = True, weight_grads: bool = True) -> Graph:
+    """Inputs dy[row], x[row], weight[col], mean[stat], rstd[stat]; outputs dx, dweight, (dbias).
+    ``weight_grads=False`` (frozen weight and bias): dx only, no column reductions."""
+    if not weight_grads:
+        has_bias = False   # (the bias does not enter dx)
+    g = Graph("layer_norm_bwd" + ("" if has_bias else "_nobias") + ("" if weight_grads else "_dx"))
     dy = g.input("dy", "row")
     x = g.input("x", "row")
     weight = g.input("weight", "col")
@@ -85,7 +88,8 @@ def layer_norm_bwd(has_bias: bool = True) -> Graph:
     c2 = g.mul(g.sum(wdy), inv_n)
     dx = g.mul(g.sub(wdy, g.add(g.mul(xhat, c1), c2)), rstd)
     g.output("dx", dx, "x")
-    g.output("dweight", g.sum(g.mul(dy, xhat), axis="col"), "weight")
+    if weight_grads:
+        g.output("dweight", g.sum(g.mul(dy, xhat), axis="col"), "weight")
     if has_bias:
         g.output("dbias", g.sum(dy, axis="col"), "weight")
     return g

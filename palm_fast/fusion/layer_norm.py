@@ -52,11 +52,13 @@ def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def layer_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                   rstd: torch.Tensor, has_bias: bool, *, checked: bool = False):
+                   rstd: torch.Tensor, has_bias: bool, *, checked: bool = False,
+                   weight_grads: bool = True):
     """Gradients of :func:`layer_norm_fwd`: ``(dx, dweight, dbias or None)``. Stage 1 computes
     dx and per-program partial column sums, stage 2 sums the partials in a fixed order (fp32;
     dweight/dbias returned in weight's dtype). Deterministic: no atomics. ``checked``: as
-    in :func:`layer_norm_fwd`."""
+    in :func:`layer_norm_fwd`. ``weight_grads=False`` (frozen weight and bias): one kernel
+    computing dx; returns ``(dx, None, None)``."""
     if not checked:
         _check("x2d", x2d, ndim=2)
         M, N = x2d.shape
@@ -64,6 +66,9 @@ def layer_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, me
         _check("weight", weight, shape=(N,), device=x2d.device)
         _check("mean", mean, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
         _check("rstd", rstd, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
+    if not weight_grads:
+        r = _compiled("layer_norm_bwd", False, False)(dy=dy, x=x2d, weight=weight, mean=mean, rstd=rstd)
+        return r["dx"], None, None
     cg = _compiled("layer_norm_bwd", bool(has_bias))
     r = cg(dy=dy, x=x2d, weight=weight, mean=mean, rstd=rstd)
     return r["dx"], r["dweight"], (r["dbias"] if has_bias else None)

@@ -319,10 +319,11 @@ def _(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, pos, n_heads, 
 
 
 def _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos,
-                      n_heads, n_kv_heads, head_dim, d_ff, interleaved, need_w=True):
+                      n_heads, n_kv_heads, head_dim, d_ff, interleaved, need_w=True, need_ln_w=True):
     """Gradients (dx, d_ln_weight, d_w_in) of ``block_in_proj``: the RoPE and SwiGLU backward
     write ``dproj [M, Nin]`` in place, then two GEMMs and the LayerNorm backward. Without
-    ``need_w`` (a frozen weight) the weight GEMM is skipped and d_w_in is an empty tensor."""
+    ``need_w`` (a frozen weight) the weight GEMM is skipped and d_w_in is an empty tensor;
+    without ``need_ln_w`` the LayerNorm's column reduction, and d_ln_weight is empty."""
     hq, hkv, nqkv, F_ = _sizes(n_heads, n_kv_heads, head_dim, d_ff)
     M = x.shape[0]
     dproj = torch.empty(M, nqkv + 2 * F_, dtype=x.dtype, device=x.device)
@@ -346,7 +347,7 @@ def _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, in
     dproj[:, hq + hkv:nqkv].copy_(dv.reshape(M, hkv))
     dxn = _mm(dproj, w_in)
     dw_in = _mm(dproj.t(), xn) if need_w else w_in.new_empty(0)
-    dx, dlnw, _ = ln_bwd(dxn, x, ln_weight, mean, rstd, False)
+    dx, dlnw, _ = ln_bwd(dxn, x, ln_weight, mean, rstd, False, need_ln_w)
     return dx, dlnw, dw_in
 
 
@@ -369,15 +370,16 @@ def block_in_proj_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dh: 
                       x: torch.Tensor, ln_weight: torch.Tensor, w_in: torch.Tensor, xn: torch.Tensor,
                       mean: torch.Tensor, rstd: torch.Tensor, ff: torch.Tensor, inv_freq: torch.Tensor,
                       pos: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int,
-                      interleaved: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      interleaved: bool, need_w: bool,
+                      need_ln_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos,
-                             n_heads, n_kv_heads, head_dim, d_ff, interleaved, need_w)
+                             n_heads, n_kv_heads, head_dim, d_ff, interleaved, need_w, need_ln_w)
 
 
 @block_in_proj_bwd.register_fake
 def _(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos, n_heads, n_kv_heads,
-      head_dim, d_ff, interleaved, need_w):
-    return (x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape),
+      head_dim, d_ff, interleaved, need_w, need_ln_w):
+    return (x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape if need_ln_w else (0,)),
             w_in.new_empty(w_in.shape if need_w else (0,)))
 
 
@@ -410,10 +412,11 @@ def _in_backward(ctx, dq, dk, dv, dh, _dff, _dxn, _dmean, _drstd):
     dv = _zeros_if_none(dv, x.new_empty(M, hkv))
     dh = _zeros_if_none(dh, x.new_empty(M, d_ff))
     bwd = _in_proj_bwd_impl if eager_ctx(ctx) else block_in_proj_bwd
-    need_w = ctx.needs_input_grad[2]   # (a frozen projection: its weight GEMM is skipped)
+    # frozen weights: the projection's weight GEMM / the LayerNorm's column reduction skipped
+    need_ln_w, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dx, dlnw, dw = bwd(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos,
-                       n_heads, n_kv_heads, head_dim, d_ff, interleaved, need_w)
-    return (dx, dlnw, dw if need_w else None) + (None,) * 14
+                       n_heads, n_kv_heads, head_dim, d_ff, interleaved, need_w, need_ln_w)
+    return (dx, dlnw if need_ln_w else None, dw if need_w else None) + (None,) * 14
 
 
 block_in_proj.register_autograd(_in_backward, setup_context=_in_setup)

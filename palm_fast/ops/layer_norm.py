@@ -13,9 +13,10 @@ returned.
 Custom ops (2-D ``[M, N]`` rows; ``mean`` / ``rstd`` fp32 ``[M]``):
 
 * ``palm_fast::layer_norm_fwd(x, weight, bias?, eps) -> (y, mean, rstd)``
-* ``palm_fast::layer_norm_bwd(dy, x, weight, mean, rstd, has_bias) -> (dx, dweight, dbias)``
+* ``palm_fast::layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, need_w) -> (dx, dweight, dbias)``
   (``dbias`` is an empty ``[0]`` tensor when ``has_bias`` is false: a custom op cannot
-  return an optional tensor)
+  return an optional tensor; ``need_w`` false, a frozen weight and bias: dx only, ``dweight``
+  and ``dbias`` empty, the column reductions skipped)
 * ``palm_fast::add_layer_norm_fwd(x, a, m?, weight, bias?, eps) -> (y_sum, out, mean, rstd)``
 
 CPU tensors run the C++ kernels (``csrc/layer_norm.cpp``); CUDA tensors run the fusion
@@ -71,9 +72,11 @@ def _(x, weight, bias, eps):
 
 
 def _layer_norm_bwd_cpu(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                   rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`layer_norm_fwd`: ``(dx, dweight, dbias)``, dbias empty without bias."""
-    dx, dw, db = cpp().layer_norm_bwd(dy, x, weight, mean, rstd, has_bias)
+                        rstd: torch.Tensor, has_bias: bool,
+                        need_w: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`layer_norm_fwd`: ``(dx, dweight, dbias)``, dbias empty without bias,
+    dweight and dbias empty without ``need_w``."""
+    dx, dw, db = cpp().layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, need_w)
     return dx, dw, (db if has_bias else weight.new_empty((0,)))
 
 
@@ -82,17 +85,19 @@ layer_norm_bwd = torch.library.custom_op("palm_fast::layer_norm_bwd", mutates_ar
 
 
 @layer_norm_bwd.register_kernel("cuda")
-def _layer_norm_bwd_cuda(dy, x, weight, mean, rstd, has_bias):
+def _layer_norm_bwd_cuda(dy, x, weight, mean, rstd, has_bias, need_w=True):
     from ..fusion.layer_norm import layer_norm_bwd as launch
 
     dx, dw, db = launch(unit_last_dim(dy), unit_last_dim(x), weight.contiguous(), mean.contiguous(),
-                        rstd.contiguous(), has_bias, checked=True)
+                        rstd.contiguous(), has_bias, checked=True, weight_grads=need_w)
+    if not need_w:
+        return dx, weight.new_empty((0,)), weight.new_empty((0,))
     return dx, dw, (db if has_bias else weight.new_empty((0,)))
 
 
 @layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, has_bias):
-    N = x.shape[1]
+def _(dy, x, weight, mean, rstd, has_bias, need_w=True):
+    N = x.shape[1] if need_w else 0
     return (torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty((N,)),
             weight.new_empty((N if has_bias else 0,)))
 
@@ -141,10 +146,18 @@ def _ln_bwd(ctx, *args):
     return layer_norm_bwd(*args)
 
 
+def _weight_grads(ctx, i_weight: int) -> tuple[bool, bool]:
+    """Whether the weight and the bias (inputs ``i_weight``, ``i_weight + 1``) need gradients:
+    frozen (LoRA / adapter training, a frozen LayerNorm), their column reductions are skipped."""
+    need = ctx.needs_input_grad
+    return need[i_weight], ctx.has_bias and need[i_weight + 1]
+
+
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _ln_bwd(ctx, dy, x, weight, mean, rstd, ctx.has_bias)
-    return dx, dw, (db if ctx.has_bias else None), None
+    need_w, need_b = _weight_grads(ctx, 1)
+    dx, dw, db = _ln_bwd(ctx, dy, x, weight, mean, rstd, ctx.has_bias, need_w or need_b)
+    return dx, (dw if need_w else None), (db if need_b else None), None
 
 
 layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
@@ -159,7 +172,8 @@ def _add_ln_setup(ctx, inputs, output):
 
 def _add_ln_backward(ctx, d_sum, d_out, _dmean, _drstd):
     y_sum, weight, mean, rstd = ctx.saved_tensors
-    dx_ln, dw, db = _ln_bwd(ctx, d_out, y_sum, weight, mean, rstd, ctx.has_bias)
+    need_w, need_b = _weight_grads(ctx, 3)
+    dx_ln, dw, db = _ln_bwd(ctx, d_out, y_sum, weight, mean, rstd, ctx.has_bias, need_w or need_b)
     d = d_sum + dx_ln  # y_sum feeds both outputs; x, a and m all receive its gradient
     # One tensor (or views of one memory) handed to two inputs can become two leaves' .grad
     # tensors: autograd keeps a gradient nothing else references instead of copying it, and
@@ -173,7 +187,7 @@ def _add_ln_backward(ctx, d_sum, d_out, _dmean, _drstd):
         else:
             grads.append(d if first else d.clone())
             first = False
-    return (*grads, dw, (db if ctx.has_bias else None), None)
+    return (*grads, (dw if need_w else None), (db if need_b else None), None)
 
 
 add_layer_norm_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
