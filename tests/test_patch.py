@@ -1493,7 +1493,7 @@ def test_packed_weight_is_not_cached_while_a_cuda_graph_is_captured(monkeypatch)
     b = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V)).blocks[0]
     cached = b._packed_in_proj()
     assert b._packed_in_proj() is cached
-    monkeypatch.setattr(_dispatch, "_capturing", lambda: True)
+    monkeypatch.setattr(_dispatch, "cuda_capturing", lambda: True)
     during = b._packed_in_proj()
     assert during is not cached and b._packed_in_proj() is not during
     assert b._packed is cached   # (the eager cache is left alone)

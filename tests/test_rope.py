@@ -606,9 +606,9 @@ def test_constants_read_during_a_cuda_graph_capture_outlive_their_lru_eviction(m
     rope_mod = importlib.import_module("palm_fast.ops.rope")
     rope_mod._cached_inv_freq.cache_clear()
     monkeypatch.setattr(dispatch, "_PINNED", {}, raising=False)
-    monkeypatch.setattr(dispatch, "_capturing", lambda: True, raising=False)
+    monkeypatch.setattr(dispatch, "cuda_capturing", lambda: True, raising=False)
     captured = weakref.ref(rope_mod._cached_inv_freq(8, 123.0, torch.device("cpu")))
-    monkeypatch.setattr(dispatch, "_capturing", lambda: False)
+    monkeypatch.setattr(dispatch, "cuda_capturing", lambda: False)
     for base in range(40):   # evicts the captured entry
         rope_mod._cached_inv_freq(8, 1000.0 + base, torch.device("cpu"))
     assert rope_mod._cached_inv_freq.cache_info().currsize == 32

@@ -399,7 +399,7 @@ class ParallelTransformerBlock(nn.Module):
         # no counter that sees every write, an optimizer step under way (see
         # ops.block.optimizer_steps), or a CUDA graph captured (its replays re-lay out the
         # live weight): re-lay out every call
-        if not versioned(w, buf) or fsdp_managed(self) or optimizer_in_step() or _dispatch._capturing():
+        if not versioned(w, buf) or fsdp_managed(self) or optimizer_in_step() or _dispatch.cuda_capturing():
             return pack_in_proj(*args)
         key = (tensor_key(w, buf), optimizer_steps(), args[2:])
         if self._packed is None or not same_key(self._packed_key, key):

@@ -102,7 +102,7 @@ class ParallelBlock(_reference.ParallelBlock):
         inv = buf.float()   # (a checkpoint loaded with assign=True may hold it in another dtype)
         args = (w, inv, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.rotary.interleaved)
         if compiling() or not versioned(w, buf) or fsdp_managed(self) or optimizer_in_step() \
-                or _dispatch._capturing():
+                or _dispatch.cuda_capturing():
             # Inference tensors (a model built under torch.inference_mode) have no version
             # counter, a weight that is a slice of a larger buffer is written through the
             # buffer's, and FSDP2 copies each all-gather into the same Parameter with its

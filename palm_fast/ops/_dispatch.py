@@ -37,7 +37,7 @@ def fake_mode_on() -> bool:
 _PINNED: dict[tuple, torch.Tensor] = {}
 
 
-def _capturing() -> bool:
+def cuda_capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph (False without CUDA: no query)."""
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
@@ -60,7 +60,7 @@ def cached_constant(maxsize: int):
             if fake_mode_on():
                 return fn(*args)
             t = cached(*args)
-            if _capturing():
+            if cuda_capturing():
                 _PINNED[(fn.__module__, fn.__qualname__, *args, id(t))] = t
             return t
 

@@ -58,7 +58,7 @@ import torch
 
 from .._ext import cpp
 from ._checks import FLOAT_DTYPES, check_float, check_same_device, check_tensor
-from ._dispatch import autocast_off, compiling, once_differentiable
+from ._dispatch import autocast_off, compiling, cuda_capturing, once_differentiable
 from .block import _linear, _upcast_gemm
 
 __all__ = ["GradLink", "embed_tokens", "tied_lm_loss"]
@@ -311,8 +311,7 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
                         f"{type(link).__name__}")
     targets = targets.long().contiguous()
     # (one host read; skipped while tracing or capturing a CUDA graph, where it cannot run)
-    capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not compiling() and not capturing and targets.numel():
+    if not compiling() and not cuda_capturing() and targets.numel():
         lo, hi = torch.stack(torch.aminmax(targets)).tolist()
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"targets: expected ids in [0, {weight.shape[0]}) (weight's rows), "

@@ -38,7 +38,7 @@ from palm_fast.kv_cache import KVCache
 from palm_fast.reference.functional import rope_inv_freq
 
 from ._checks import check_bool, check_float, check_int
-from ._dispatch import cached_constant, check_no_transforms, compiling
+from ._dispatch import cached_constant, check_no_transforms, compiling, cuda_capturing
 from .rope import _cached_inv_freq
 
 __all__ = ["rope_append", "mqa_decode", "append_kv"]
@@ -129,7 +129,7 @@ def _can_read_device(device: torch.device | None = None) -> bool:
         return False
     if device is not None and device.type == "cpu":
         return True
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return not cuda_capturing()
 
 
 def _check_cache(cache) -> None:
