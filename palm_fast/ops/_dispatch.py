@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -129,21 +130,31 @@ def instance_override(module: torch.nn.Module, recurse: bool = True) -> tuple[st
     A ``torch.compile`` wrapper is looked through (its own ``forward`` is the compiled
     original's)."""
     mods = module.named_modules(remove_duplicate=False) if recurse else (("", unwrap_compiled(module)),)
-    methods: dict[type, set[str]] = {}   # per class: the names of its methods
     for path, m in mods:
         if _compiled_wrapper(m):
             continue   # (its _orig_mod is visited as its child)
-        cls = type(m)
-        if cls not in methods:
-            names: set[str] = set()
-            for c in reversed(cls.__mro__):   # (a subclass may redefine a name as a non-method)
-                for n, a in vars(c).items():
-                    (names.add if _is_method(a) else names.discard)(n)
-            methods[cls] = names
-        hit = m.__dict__.keys() & methods[cls]
+        hit = m.__dict__.keys() & _method_names(type(m))
         if hit:
             return path, min(hit)
     return None
+
+
+# class -> (its classes' namespace sizes, the names of its methods): walking nn.Module's
+# namespace per module cost generate 5 ms a call; a name added to a class changes a size
+_METHOD_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _method_names(cls: type) -> set[str]:
+    sizes = tuple(len(c.__dict__) for c in cls.__mro__)
+    hit = _METHOD_NAMES.get(cls)
+    if hit is not None and hit[0] == sizes:
+        return hit[1]
+    names: set[str] = set()
+    for c in reversed(cls.__mro__):   # (a subclass may redefine a name as a non-method)
+        for n, a in vars(c).items():
+            (names.add if _is_method(a) else names.discard)(n)
+    _METHOD_NAMES[cls] = (sizes, names)
+    return names
 
 
 def methods_replaced(cls: type) -> list[str]:
