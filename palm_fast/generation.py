@@ -211,12 +211,18 @@ def _code_changed(mod) -> str | None:
 
 def _fast_norm(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``palm_fast.ops.layer_norm`` with the module's weight / bias / eps when it is one of
-    our LayerNorms (that exact class, no hooks); otherwise the module itself (a subclass
-    or a hooked norm runs its own forward, hooks included)."""
+    our LayerNorms (that exact class, no hooks; a patched PaLM-pytorch one too); otherwise
+    the module itself (a subclass or a hooked norm runs its own forward, hooks included)."""
+    from .integrations import palm_pytorch as pp_fast
     from .nn import LayerNorm as FastLayerNorm
 
-    if type(mod) in (*_LAYER_NORMS, FastLayerNorm) and not _hooked(mod) and _code_changed(mod) is None:
-        w, b, eps = mod.weight, mod.bias, mod.eps
+    kind = type(mod)
+    if kind in (*_LAYER_NORMS, FastLayerNorm, pp_fast.LayerNorm) and not _hooked(mod) \
+            and _code_changed(mod) is None:
+        if kind is pp_fast.LayerNorm:   # (a patched PaLM-pytorch norm: gamma, beta, its eps)
+            w, b, eps = mod.gamma, mod.beta, pp_fast.EPS
+        else:
+            w, b, eps = mod.weight, mod.bias, mod.eps
 
         def norm(x):
             return ops.layer_norm(x, w, b, eps)
