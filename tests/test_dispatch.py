@@ -253,3 +253,21 @@ def test_in_place_and_decode_ops_refuse_dual_tensors():
         dq = fwAD.make_dual(torch.randn(1, 2, 8), torch.randn(1, 2, 8))
         with pytest.raises(RuntimeError, match="forward-mode AD"):
             ops.mqa_decode(dq, cache, 0, torch.tensor([3], dtype=torch.int32))
+
+
+def test_instance_override_sees_a_class_attribute_rebound_to_a_method():
+    """The method names are kept per class; the cache key was the namespaces' sizes, so a
+    class attribute rebound to a function (same count) was missed afterwards."""
+    from palm_fast.ops._dispatch import instance_override
+
+    class A(torch.nn.Module):
+        scale_fn = None
+
+        def forward(self, x):
+            return x
+
+    a = A()
+    assert instance_override(a) is None
+    A.scale_fn = lambda self, x: x * 2
+    a.scale_fn = lambda x: x * 3
+    assert instance_override(a) == ("", "scale_fn")

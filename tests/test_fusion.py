@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import pickle
 
 import pytest
@@ -501,10 +502,15 @@ def test_kernel_cache_falls_back_from_an_unwritable_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", "/proc/nonexistent")
     monkeypatch.setattr(codegen.tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(codegen, "_KERNELS", {})
+    monkeypatch.setattr(codegen, "_FALLBACK_DIR", [])
     cg = codegen.CompiledGraph(expanders.rms_norm_fwd(), "full")
     k, fn, _, _ = cg.kernel(cg.schedule.groups[0], 100, ("torch.float32", "torch.float32", "f"))
     files = list(tmp_path.glob("palm_fast_fusion_*/palm_fast_fusion_*.py"))
     assert len(files) == 1 and files[0].read_text() == k.source
+    # a private directory of this process (mkdtemp: 0700, a fresh name), not a fixed name in
+    # the shared temporary directory that another user could have made first
+    assert files[0].parent.stat().st_mode & 0o777 == 0o700
+    assert files[0].parent.name != f"palm_fast_fusion_{os.getuid()}"
     monkeypatch.setenv("PALM_FAST_FUSION_CACHE", "/proc/nonexistent/cache")
     monkeypatch.setattr(codegen, "_KERNELS", {})
     cg = codegen.CompiledGraph(expanders.rms_norm_fwd(), "full")

@@ -756,17 +756,30 @@ def cache_dir() -> Path:
     return Path(d) if d else Path.home() / ".cache" / "palm_fast" / "fusion"
 
 
+_FALLBACK_DIR: list[Path] = []   # this process's private directory, made on first need
+
+
+def _fallback_dir() -> Path:
+    """A directory only this process made (``mkdtemp``: mode 0700, a fresh name): a fixed
+    name in the shared temporary directory could be another user's, who could swap the
+    source between its check and its import."""
+    if not _FALLBACK_DIR:
+        _FALLBACK_DIR.append(Path(tempfile.mkdtemp(prefix="palm_fast_fusion_")))
+    return _FALLBACK_DIR[0]
+
+
 def _write_source(name: str, source: str) -> Path:
     """``source`` as ``<cache dir>/<name>.py`` (unchanged if it is there already). Without
     ``PALM_FAST_FUSION_CACHE``, an unwritable home (a read-only or missing ``$HOME`` in a
-    container) falls back to the temporary directory."""
+    container) falls back to a private temporary directory of this process."""
     dirs = [cache_dir()]
     if not os.environ.get("PALM_FAST_FUSION_CACHE"):
-        dirs.append(Path(tempfile.gettempdir()) / f"palm_fast_fusion_{os.getuid()}")
+        dirs.append(None)   # (the fallback, made only if needed)
     errors = []
     for d in dirs:
-        path = d / f"{name}.py"
         try:
+            d = _fallback_dir() if d is None else d
+            path = d / f"{name}.py"
             if not path.exists() or path.read_text() != source:
                 d.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
@@ -775,7 +788,7 @@ def _write_source(name: str, source: str) -> Path:
                 os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
             return path
         except OSError as e:
-            errors.append(f"{d}: {e}")
+            errors.append(f"{d or 'a temporary directory'}: {e}")
     raise RuntimeError("palm_fast.fusion: cannot write the generated kernel source ("
                        + "; ".join(errors) + "); set PALM_FAST_FUSION_CACHE to a writable directory")
 

@@ -139,21 +139,22 @@ def instance_override(module: torch.nn.Module, recurse: bool = True) -> tuple[st
     return None
 
 
-# class -> (its classes' namespace sizes, the names of its methods): walking nn.Module's
-# namespace per module cost generate 5 ms a call; a name added to a class changes a size
+# class -> (the objects in its classes' namespaces, the names of its methods): walking
+# nn.Module's namespace per module cost generate 5 ms a call. Keyed on the objects' ids, so
+# that any assignment to a class attribute (a new name, or a name rebound) is seen.
 _METHOD_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _method_names(cls: type) -> set[str]:
-    sizes = tuple(len(c.__dict__) for c in cls.__mro__)
+    key = tuple(id(v) for c in cls.__mro__ for v in c.__dict__.values())
     hit = _METHOD_NAMES.get(cls)
-    if hit is not None and hit[0] == sizes:
+    if hit is not None and hit[0] == key:
         return hit[1]
     names: set[str] = set()
     for c in reversed(cls.__mro__):   # (a subclass may redefine a name as a non-method)
         for n, a in vars(c).items():
             (names.add if _is_method(a) else names.discard)(n)
-    _METHOD_NAMES[cls] = (sizes, names)
+    _METHOD_NAMES[cls] = (key, names)
     return names
 
 
