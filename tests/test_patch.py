@@ -182,14 +182,20 @@ def test_palm_pytorch_beta_changed_after_patching():
         assert close_rel(m(x), other(x), 2e-5)
 
 
-def test_refresh_caches_sees_writes_through_data(monkeypatch):
-    """The CUDA input GEMM's packed weight is keyed on the weight's version counter, which a
-    write through .data bypasses; refresh_caches drops it. (Simulated on the CPU: the
-    packing is stubbed with a copy.)"""
+@pytest.fixture
+def simulated_packing(monkeypatch):
+    """The fast blocks' CUDA-path weight cache on the CPU: the Triton backend reported on and
+    the packing stubbed with a copy of the weight."""
     from palm_fast.nn import block as fast_block
 
     monkeypatch.setattr(fast_block, "uses_triton", lambda dev: True)
     monkeypatch.setattr(fast_block, "pack_in_proj", lambda w, *a: w.detach().clone())
+
+
+def test_refresh_caches_sees_writes_through_data(simulated_packing):
+    """The CUDA input GEMM's packed weight is keyed on the weight's version counter, which a
+    write through .data bypasses; refresh_caches drops it. (Simulated on the CPU: the
+    packing is stubbed with a copy.)"""
     m = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V))
     b = m.blocks[0]
     w = b.in_proj.weight
@@ -240,14 +246,10 @@ def test_packed_weight_of_a_flat_buffer_slice_is_never_cached(monkeypatch):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_packed_weight_follows_optimizer_steps(monkeypatch, fused):
+def test_packed_weight_follows_optimizer_steps(simulated_packing, fused):
     """AdamW(fused=True) updates parameters in place without bumping their version counters:
     the packed input weight (CUDA) stayed the first step's, so the forward trained on stale
     weights. Caches also key on torch.optim's step count. (Packing simulated on the CPU.)"""
-    from palm_fast.nn import block as fast_block
-
-    monkeypatch.setattr(fast_block, "uses_triton", lambda dev: True)
-    monkeypatch.setattr(fast_block, "pack_in_proj", lambda w, *a: w.detach().clone())
     m = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V))
     b = m.blocks[0]
     w = b.in_proj.weight
@@ -261,15 +263,11 @@ def test_packed_weight_follows_optimizer_steps(monkeypatch, fused):
 
 
 @pytest.mark.parametrize("hook", ["pre forward", "post forward", "post raises"])
-def test_packed_weight_in_an_optimizers_own_step_hooks(monkeypatch, hook):
+def test_packed_weight_in_an_optimizers_own_step_hooks(simulated_packing, hook):
     """torch runs an optimizer's own step hooks before the global post hook that counted the
     step (and no post hook after one raises): a forward in a per-optimizer hook (an EMA or a
     logging evaluation) after a fused step packed the old weight, and that cache was used
     until the next step (65 off on the Triton path). No cache is kept while a step runs."""
-    from palm_fast.nn import block as fast_block
-
-    monkeypatch.setattr(fast_block, "uses_triton", lambda dev: True)
-    monkeypatch.setattr(fast_block, "pack_in_proj", lambda w, *a: w.detach().clone())
     m = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V))
     b = m.blocks[0]
     w = b.in_proj.weight
@@ -281,7 +279,7 @@ def test_packed_weight_in_an_optimizers_own_step_hooks(monkeypatch, hook):
         if hook == "post raises":
             raise RuntimeError("a hook failed")
 
-    (opt.register_step_pre_hook if hook == "pre forward" else opt.register_step_post_hook)(look)
+    handle = (opt.register_step_pre_hook if hook == "pre forward" else opt.register_step_post_hook)(look)
     assert torch.equal(b._packed_in_proj(), w)   # cached before the step
     (w.square().sum() + sum(p.sum() for p in m.parameters())).backward()
     try:
@@ -290,6 +288,9 @@ def test_packed_weight_in_an_optimizers_own_step_hooks(monkeypatch, hook):
         assert hook == "post raises"
     assert seen == [True]
     assert torch.equal(b._packed_in_proj(), w)
+    handle.remove()
+    opt.step()   # a step that completes: the cache is kept again (after a raising hook too)
+    assert b._packed_in_proj() is b._packed_in_proj()
 
 
 def test_reference_palm_logits_and_grads():
@@ -1428,15 +1429,11 @@ def test_reset_parameters_of_a_patched_reference_model_resets_the_fast_norms():
         assert torch.equal(p, q), n
 
 
-def test_load_state_dict_with_swapped_params_after_a_forward(monkeypatch):
+def test_load_state_dict_with_swapped_params_after_a_forward(simulated_packing, monkeypatch):
     """Under torch.__future__.set_swap_module_params_on_conversion(True) load_state_dict swaps
     tensors, which torch refuses for a tensor with a weak reference: the packed weight's cache
     key (CUDA path) held one, so a load after the first forward raised half-way. The cache is
     dropped before the parts load. (Packing simulated on the CPU.)"""
-    from palm_fast.nn import block as fast_block
-
-    monkeypatch.setattr(fast_block, "uses_triton", lambda dev: True)
-    monkeypatch.setattr(fast_block, "pack_in_proj", lambda w, *a: w.detach().clone())
     cfg = palm_fast.get_config("palm-tiny").replace(vocab_size=V)
     m = palm_fast.nn.PaLM(cfg)
     b = m.blocks[0]
@@ -1480,16 +1477,13 @@ def test_patched_palm_pytorch_model_converted_to_float64_is_a_clear_error():
     assert m(tokens(T=5)).dtype == torch.float64
 
 
-def test_packed_weight_is_not_cached_while_a_cuda_graph_is_captured(monkeypatch):
+def test_packed_weight_is_not_cached_while_a_cuda_graph_is_captured(simulated_packing, monkeypatch):
     """A forward captured in a CUDA graph read the cached re-laid-out weight: its replays kept
     reading that copy after an optimizer step (0.47 off; refresh_caches could not reach into
     the graph). While capturing, the re-layout runs in the graph from the live weight and
     nothing is cached. (Capture faked; packing simulated on the CPU.)"""
-    from palm_fast.nn import block as fast_block
     from palm_fast.ops import _dispatch
 
-    monkeypatch.setattr(fast_block, "uses_triton", lambda dev: True)
-    monkeypatch.setattr(fast_block, "pack_in_proj", lambda w, *a: w.detach().clone())
     b = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V)).blocks[0]
     cached = b._packed_in_proj()
     assert b._packed_in_proj() is cached
