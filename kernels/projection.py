@@ -554,15 +554,14 @@ def is_interleaved(w_a: torch.Tensor, w_b: torch.Tensor) -> bool:
 def _pair_indices(n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, rotary_half: int,
                   interleaved: bool, device: torch.device):
     """``(rows [2P] int64, dst_a, dst_b int32 [P], freq_index [P] int64)`` of ``pair_columns``
-    on ``device``: built on the host and copied over, so they are kept per configuration and
-    device in eager mode (never freed: a CUDA graph that re-lays out the weight in its replay
-    reads them; a host copy is not allowed while it is captured). Traced (torch.compile) or
-    under a FakeTensorMode, built anew."""
-    from palm_fast.ops._dispatch import fake_mode_on  # (a cached fake tensor poisons the cache)
-
-    if torch.compiler.is_compiling() or fake_mode_on():
-        return _build_pair_indices(n_heads, n_kv_heads, head_dim, d_ff, rotary_half, interleaved, device)
-    return _cached_pair_indices(n_heads, n_kv_heads, head_dim, d_ff, rotary_half, interleaved, device)
+    on ``device``: built on the host and copied over, so they are kept in eager mode by
+    ``palm_fast``'s ``cached_constant`` (which also keeps those a CUDA graph captured: its
+    replays re-lay out the weight with them, and a host copy is not allowed while a graph is
+    captured). Traced (torch.compile), built in the graph."""
+    key = (n_heads, n_kv_heads, head_dim, d_ff, rotary_half, interleaved, device)
+    if torch.compiler.is_compiling():
+        return _build_pair_indices(*key)
+    return _cached_pair_indices()(*key)
 
 
 def _build_pair_indices(n_heads, n_kv_heads, head_dim, d_ff, rotary_half, interleaved, device):
@@ -573,9 +572,10 @@ def _build_pair_indices(n_heads, n_kv_heads, head_dim, d_ff, rotary_half, interl
 
 
 @functools.cache
-def _cached_pair_indices(*key):
-    with torch.inference_mode(False):
-        return _build_pair_indices(*key)
+def _cached_pair_indices():
+    from palm_fast.ops._dispatch import cached_constant  # (kernels/ imports no palm_fast at import)
+
+    return cached_constant(maxsize=64)(_build_pair_indices)
 
 
 def pack_in_proj(w_in: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int,
