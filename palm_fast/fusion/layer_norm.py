@@ -66,12 +66,9 @@ def layer_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, me
         _check("weight", weight, shape=(N,), device=x2d.device)
         _check("mean", mean, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
         _check("rstd", rstd, shape=(M,), device=x2d.device, dtypes=(torch.float32,))
-    if not weight_grads:
-        r = _compiled("layer_norm_bwd", False, False)(dy=dy, x=x2d, weight=weight, mean=mean, rstd=rstd)
-        return r["dx"], None, None
-    cg = _compiled("layer_norm_bwd", bool(has_bias))
+    cg = _compiled("layer_norm_bwd", bool(has_bias) and weight_grads, weight_grads)
     r = cg(dy=dy, x=x2d, weight=weight, mean=mean, rstd=rstd)
-    return r["dx"], r["dweight"], (r["dbias"] if has_bias else None)
+    return r["dx"], r.get("dweight"), r.get("dbias")
 
 
 def add_layer_norm_fwd(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None, weight: torch.Tensor,

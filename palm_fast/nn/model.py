@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from palm_fast.config import PaLMConfig
-from palm_fast.ops._dispatch import autocast_changes_dtype, compiling, forward_replaced, parts_hooked
+from palm_fast.ops._dispatch import autocast_changes_dtype, forward_replaced, parts_hooked
 from palm_fast.ops.lm_loss import GradLink, embed_tokens, tied_lm_loss
 from palm_fast.reference import model as _reference
 
@@ -77,7 +77,7 @@ class PaLM(_reference.PaLM):
             raise ValueError(f"tokens: expected at least one token to predict, got inputs of shape "
                              f"{list(tokens.shape)}")
         w = self.embed.weight
-        link = None if compiling() or not _plain_embedding(self.embed) else GradLink()
+        link = None if not _plain_embedding(self.embed) else GradLink()   # (ignored when traced)
         h = embed_tokens(w, tokens, link) if link is not None else self.embed(tokens)
         for block in self.blocks:
             h = block(h)
