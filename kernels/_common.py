@@ -1,6 +1,7 @@
 """Helpers shared by the Triton launchers."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -95,6 +96,41 @@ def check_launch_device(t: torch.Tensor) -> None:
         f"Triton launcher got a tensor on {t.device}: Triton kernels need CUDA tensors "
         "(or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
     )
+
+
+_SAME_DEVICE = contextlib.nullcontext()
+
+
+def launch_device(device: torch.device):
+    """A context making ``device`` the current CUDA device while kernels are launched.
+
+    Triton launches on the *current* CUDA device (and its current stream), whatever device
+    the tensors are on: a model on ``cuda:1`` run while ``cuda:0`` is current would launch
+    its kernels on device 0 with pointers into device 1's memory (a fault, or peer reads
+    at a fraction of the bandwidth). torch's own ops switch to their tensors' device; this
+    does the same for ours. Nothing to do (no device switch) for CPU tensors or when the
+    device is already current."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _SAME_DEVICE
+    return torch.cuda.device(device.index)
+
+
+def on_tensor_device(launcher):
+    """Decorator for a Triton launcher: runs it with the CUDA device of its first tensor
+    argument current (see :func:`launch_device`). Marks it ``device_guarded`` (checked by
+    ``tests/test_device_guard.py`` for every function that launches a kernel)."""
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if a.is_cuda:
+                    with launch_device(a.device):
+                        return launcher(*args, **kwargs)
+                break
+        return launcher(*args, **kwargs)
+
+    guarded.device_guarded = True
+    return guarded
 
 
 # Host-side launch arithmetic. triton.cdiv and triton.next_power_of_2 are constexpr functions

@@ -45,7 +45,15 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import cdiv, check_launch_device, gpu_launch, interpreting, next_pow2, smem_per_block
+from ._common import (
+    cdiv,
+    check_launch_device,
+    gpu_launch,
+    interpreting,
+    next_pow2,
+    on_tensor_device,
+    smem_per_block,
+)
 from .rope import precise_trig, rope_cos_sin
 
 _INTERPRETER_SMS = 4  # the "SM count" used for the split heuristic under the interpreter
@@ -271,6 +279,7 @@ def _override(cfg: dict, B: int, R: int, capacity: int, n_splits: int | None, ti
 _GRID_Z_MAX = 65535   # CUDA's largest grid extent on the y and z axes
 
 
+@on_tensor_device
 def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                page_table: torch.Tensor | None, starts: torch.Tensor | None, ends: torch.Tensor,
                layer: int, scale: float, fp32_out: bool, *, prefix: tuple | None = None,
@@ -419,6 +428,7 @@ def _rope_append(
         tl.store(v_cache_ptr + dst + d, vr, mask=d < hd)
 
 
+@on_tensor_device
 def rope_append(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions, inv_freq, layer,
                 interleaved) -> torch.Tensor:
     """Rotated q ``[B, T, H, hd]`` (contiguous); rotated k and v written into the cache at

@@ -83,6 +83,7 @@ from ._common import (
     gpu_launch,
     interpreting,
     next_pow2,
+    on_tensor_device,
     sm_count,
     smem_per_block,
 )
@@ -394,6 +395,7 @@ def _tma_usable(xn: torch.Tensor, w_ff: torch.Tensor, h: torch.Tensor, force: bo
             and smem_per_block(xn.device) >= TMA_SMEM)
 
 
+@on_tensor_device
 def _swiglu_tma_launch(xn, w_ff, h, ff, store_ff: bool, config: dict | None = None):
     cfg = dict(TMA_CONFIG, **(config or {}))
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
@@ -618,6 +620,7 @@ def _meta(config: triton.Config | None, elem_bytes: int, b_rows: int,
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+@on_tensor_device
 def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: int,
             n_kv_heads: int, head_dim: int, d_ff: int, *, store_ff: bool,
             config: triton.Config | None = None, qkv_weight: torch.Tensor | None = None,
@@ -715,6 +718,7 @@ def _qkv_gemm_rope(xn, qkv_weight, inv_freq, pos, interleaved, q, k, v, H, Hk, h
     v.copy_(proj[:, HQ + HKV:])
 
 
+@on_tensor_device
 def out_proj(o: torch.Tensor, h: torch.Tensor, x: torch.Tensor, w_attn_out: torch.Tensor,
              w_ff_out: torch.Tensor, *, config: triton.Config | None = None) -> torch.Tensor:
     """``y = x + o @ w_attn_out^T + h @ w_ff_out^T`` as one GEMM (K = H hd + F).

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_launch_device, gpu_launch, interpreting, next_pow2
+from ._common import check_launch_device, gpu_launch, interpreting, next_pow2, on_tensor_device
 
 try:  # precise cos/sin on the GPU (the hardware approximations lose accuracy far from 0)
     from triton.language.extra import libdevice
@@ -178,6 +178,7 @@ def launch_config(n_heads: int, n_kv_heads: int, half: int, head_dim: int) -> di
     )
 
 
+@on_tensor_device
 def rope(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor, *,
          pos_is_offset: bool, interleaved: bool = False, inverse: bool = False,
          q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None):

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_launch_device, next_pow2
+from ._common import cdiv, check_launch_device, next_pow2, on_tensor_device
 from .rope import libdevice, precise_trig
 
 # Elements per program (BLOCK_R * BLOCK_F), and the widest column block. Swept on an H100
@@ -153,6 +153,7 @@ def _check_x(x: torch.Tensor) -> int:
     return x.shape[-1] // 2
 
 
+@on_tensor_device
 def swiglu_fwd(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * value`` of ``x = value | gate`` ``[..., 2F]`` -> contiguous ``[..., F]``."""
     F = _check_x(x)
@@ -169,6 +170,7 @@ def swiglu_fwd(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@on_tensor_device
 def swiglu_bwd(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Gradient w.r.t. ``x`` ``[..., 2F]`` (contiguous, ``d_value | d_gate``) given ``grad_out`` ``[..., F]``."""
     F = _check_x(x)

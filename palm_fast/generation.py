@@ -45,6 +45,8 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
+from palm_fast.kernels._common import launch_device
+
 from . import ops
 from .ops._checks import FP32_TINY, check_float
 from .ops._dispatch import forward_replaced, instance_override, methods_replaced, unwrap_compiled
@@ -549,19 +551,23 @@ class _GraphedStep:
 
     def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor):
         self.tokens = tokens.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):          # warm-up: lazy init, autotuning, allocator
-                step(self.tokens)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step(self.tokens)
+        # Streams, the capture and the replays on the model's device (torch.cuda.Stream()
+        # and torch.cuda.graph take the current one, which may be another).
+        with launch_device(tokens.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):          # warm-up: lazy init, autotuning, allocator
+                    step(self.tokens)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = step(self.tokens)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
-        self.graph.replay()
+        with launch_device(tokens.device):
+            self.graph.replay()
         return self.logits
 
 

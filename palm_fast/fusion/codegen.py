@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from palm_fast.kernels._common import gpu_launch, interpreting, sm_count
+from palm_fast.kernels._common import gpu_launch, interpreting, launch_device, sm_count
 
 from .ir import Graph
 from .passes import Group, Schedule, fuse
@@ -822,12 +822,14 @@ class _Plan:
     """What one call does for one input signature: how to take each input (``None``: as
     is, a shape: viewed as that, ``"scalar"``: as a float), the buffers to allocate
     ``(value id, shape, dtype, device, fill or None)``, the launches ``(kernel, grid,
-    [(is_value, value id or int)], meta)`` and the outputs ``(name, value id, cast)``."""
+    [(is_value, value id or int)], meta)``, the outputs ``(name, value id, cast)`` and the
+    inputs' device."""
 
     inputs: list
     allocs: list
     launches: list
     outputs: list
+    device: torch.device = torch.device("cpu")
 
 
 def _num_partials(M: int, device: torch.device, per_sm: int) -> int:
@@ -980,8 +982,9 @@ class CompiledGraph:
         for nid, shape, dtype, device, fill in plan.allocs:
             values[nid] = (torch.empty(shape, device=device, dtype=dtype) if fill is None
                            else torch.full(shape, fill, device=device, dtype=dtype))
-        for fn, grid, spec, kw in plan.launches:
-            fn[grid](*[values[x] if is_value else x for is_value, x in spec], **kw)
+        with launch_device(plan.device):   # (Triton launches on the current CUDA device)
+            for fn, grid, spec, kw in plan.launches:
+                fn[grid](*[values[x] if is_value else x for is_value, x in spec], **kw)
         result = {}
         for name, nid, cast in plan.outputs:
             v = values[nid]
@@ -1033,6 +1036,7 @@ class CompiledGraph:
             raise ValueError(f"{g.name}: needs at least one row-space input")
         if N == 0:
             raise ValueError(f"{g.name}: rows of length 0 (N == 0) are not supported")
+        plan.device = device
         if not gpu_launch(device) and not interpreting():
             raise RuntimeError(f"{g.name}: the generated Triton kernels need CUDA tensors (or CPU "
                                "tensors with TRITON_INTERPRET=1 set before triton is imported)")

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook as _register_optimizer_step_post_hook
 from torch.optim.optimizer import register_optimizer_step_pre_hook as _register_optimizer_step_pre_hook
 
+from palm_fast.kernels._common import cdiv, on_tensor_device
+
 from .._ext import cpp
 from ._checks import (
     FLOAT_DTYPES,
@@ -351,10 +353,9 @@ def _in_proj_bwd_impl(dq, dk, dv, dh, x, ln_weight, w_in, xn, mean, rstd, ff, in
     return dx, dlnw, dw_in
 
 
+@on_tensor_device
 def _swiglu_bwd_into(ks, grad_out, x, out):
     """The SwiGLU backward kernel writing ``d(value | gate)`` straight into a slice of dproj."""
-    from palm_fast.kernels._common import cdiv
-
     n_rows, F_ = grad_out.shape
     if n_rows == 0:
         return
