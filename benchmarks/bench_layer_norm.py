@@ -7,6 +7,8 @@ Cases (no bias, as PaLM; ``x [M, N]``):
 * ``layer_norm.bwd``: the backward alone from saved mean / rstd (reads dy and x, writes dx:
   3 MN): ``palm_fast`` calls the ``palm_fast::layer_norm_bwd`` op, ``torch`` ATen's
   ``native_layer_norm_backward``, ``eager`` / ``compile`` the backward math written out;
+  ``palm_fast_frozen`` / ``torch_frozen``: the same backward for a frozen weight (dx only:
+  no column reductions; on CUDA one generated kernel);
 * ``add_layer_norm.fwd``: the parallel block's ``y_sum = x + a + m``, ``out = LN(y_sum)``
   (reads 3 MN, writes 2 MN).
 
@@ -194,10 +196,18 @@ def _cases(ctx: BenchContext, M: int, N: int):
             a[0], a[1], [N], a[4], a[5], w, None, [True, True, False])[:2],
         "eager": lambda a: ref_bwd(a[0], a[1], w, a[2], a[3]),
         "compile": lambda a: compiled_bwd(a[0], a[1], w, a[2], a[3]),
+        # A frozen weight (fine-tuning with the norms fixed): dx only, no column reductions.
+        "palm_fast_frozen": lambda a: ln_bwd_op(a[0], a[1], w, a[2], a[3], False, False)[0],
+        "torch_frozen": lambda a: torch.ops.aten.native_layer_norm_backward(
+            a[0], a[1], [N], a[4], a[5], w, None, [True, False, False])[0],
     }
     bwd_kernels = {"palm_fast": 2}
     if cuda:
+        from palm_fast.fusion import compile_graph, expanders
+
         bwd_kernels["palm_fast"] = full_bwd.kernel_count
+        bwd_kernels["palm_fast_frozen"] = compile_graph(expanders.layer_norm_bwd(False, weight_grads=False),
+                                                        "full").kernel_count
     yield Case(
         name="layer_norm.bwd", shape=shape, dtype=ctx.dtype, bytes=3 * M * N * elem,
         setup=setup_bwd, impls=bwd_impls, impl_extra={k: {"kernels": v} for k, v in bwd_kernels.items()},
