@@ -299,8 +299,10 @@ def _replace(module: nn.Module, path: str, opts: PatchOptions, report: PatchRepo
     _copy_training_flags(module, new)
     object.__setattr__(new, _ORIGINAL, module)
     # the replacement's submodules as patch built them: unpatch hands back any the user
-    # swapped in later (a LoRA wrapper around a projection), not just the weights
-    object.__setattr__(new, _BUILT, dict(new.named_modules(remove_duplicate=False)))
+    # swapped in later (a LoRA wrapper around a projection), not just the weights. Not
+    # ``new`` itself (its "" entry): that would be a reference cycle, and the model's
+    # weights would outlive ``del model`` until the cyclic garbage collector ran.
+    object.__setattr__(new, _BUILT, {p: m for p, m in new.named_modules(remove_duplicate=False) if p})
     report.patched.append(PatchRecord(path, _qualname(cls), replacement=_qualname(type(new))))
     return new
 
