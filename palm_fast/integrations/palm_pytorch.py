@@ -258,6 +258,11 @@ class ParallelTransformerBlock(nn.Module):
         new.attn_out = out
         act = fast.SwiGLU() if opts.swiglu and type(ff[0]) is pp.SwiGLU else ff[0]
         new.ff_out = nn.Sequential(act, ff[1])
+        # The original's lazily built causal mask and rotary table (T x T and T x dim_head,
+        # checked standard above) are unused while it is patched: dropped, not kept alive
+        # through the replacement; it rebuilds them if it runs again.
+        m.mask = None
+        m.pos_emb = None
         return new
 
     # ------------------------------------------- palm_fast.reference.ParallelBlock's names
@@ -398,8 +403,10 @@ class ParallelTransformerBlock(nn.Module):
         args = (w, inv_freq, self.heads, 1, self.dim_head, self.fused_dims[3] // 2, False)
         # no counter that sees every write, an optimizer step under way (see
         # ops.block.optimizer_steps), or a CUDA graph captured (its replays re-lay out the
-        # live weight): re-lay out every call
-        if not versioned(w, buf) or fsdp_managed(self) or optimizer_in_step() or _dispatch.cuda_capturing():
+        # live weight), or caching turned off (palm_fast.nn.set_weight_cache): re-lay out
+        # every call
+        if (not self.cache_packed_weight or not versioned(w, buf) or fsdp_managed(self)
+                or optimizer_in_step() or _dispatch.cuda_capturing()):
             return pack_in_proj(*args)
         key = (tensor_key(w, buf), optimizer_steps(), args[2:])
         if self._packed is None or not same_key(self._packed_key, key):
@@ -408,9 +415,17 @@ class ParallelTransformerBlock(nn.Module):
             self._packed_key = key
         return self._packed
 
+    cache_packed_weight = True   # see palm_fast.nn.ParallelBlock
+
     def _apply(self, fn, recurse=True):
         self._packed = self._packed_key = self._beta_key = None   # .to(): recheck lazily
         return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        # pickle / deepcopy / torch.save(model): without the weight-derived caches
+        state = dict(super().__getstate__())
+        state["_packed"] = state["_packed_key"] = state["_beta_key"] = None
+        return state
 
     def _load_from_state_dict(self, *args, **kwargs):
         # (before the parts load: the keys' weak references made torch.utils.swap_tensors

@@ -21,3 +21,26 @@ def refresh_caches(model) -> None:
         for name in ("_packed", "_packed_key", "_beta_key"):
             if name in m.__dict__:
                 setattr(m, name, None)
+
+
+def set_weight_cache(model, enabled: bool) -> int:
+    """Keep (``enabled=True``, the default) or stop keeping the CUDA input GEMM's re-laid-out
+    projection weight on every fast block in ``model`` (``palm_fast.nn.ParallelBlock`` and
+    patched PaLM-pytorch blocks); returns the number of blocks set.
+
+    The re-layout is a second copy of each block's ``in_proj.weight``: with the SwiGLU
+    columns, about 60% of a PaLM model's parameter memory again (palm-8b in bf16: about
+    9 GiB). Kept, it is built once and reused until the weight changes; not kept, each
+    forward re-lays it out (a gather of the ``[Nin, dim]`` weight per block and call) and
+    frees it after the call. Turning the cache off drops the copies held now. CPU blocks
+    keep no copy (their GEMM reads the weight as it is)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {enabled!r}")
+    n = 0
+    for m in model.modules():
+        if hasattr(type(m), "cache_packed_weight"):
+            m.cache_packed_weight = enabled
+            if not enabled:
+                m._packed = m._packed_key = None
+            n += 1
+    return n

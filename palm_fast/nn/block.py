@@ -101,15 +101,16 @@ class ParallelBlock(_reference.ParallelBlock):
             return None
         inv = buf.float()   # (a checkpoint loaded with assign=True may hold it in another dtype)
         args = (w, inv, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.rotary.interleaved)
-        if compiling() or not versioned(w, buf) or fsdp_managed(self) or optimizer_in_step() \
-                or _dispatch.cuda_capturing():
+        if compiling() or not self.cache_packed_weight or not versioned(w, buf) or fsdp_managed(self) \
+                or optimizer_in_step() or _dispatch.cuda_capturing():
             # Inference tensors (a model built under torch.inference_mode) have no version
             # counter, a weight that is a slice of a larger buffer is written through the
             # buffer's, and FSDP2 copies each all-gather into the same Parameter with its
             # version counter preserved: an update could not be detected, so re-lay out
             # every call (and while an optimizer step runs: see ops.block.optimizer_steps;
             # while a CUDA graph is captured, so that its replays re-lay out the live weight
-            # instead of reading a copy an update would leave stale).
+            # instead of reading a copy an update would leave stale). Or not cached by choice
+            # (palm_fast.nn.set_weight_cache: the copy's memory).
             return pack_in_proj(*args)
         key = (tensor_key(w, buf), optimizer_steps(), args[2:])
         if self._packed is None or not same_key(self._packed_key, key):
@@ -118,9 +119,20 @@ class ParallelBlock(_reference.ParallelBlock):
             self._packed_key = key
         return self._packed
 
+    # Whether the CUDA re-layout of in_proj.weight is kept between calls (a second copy of
+    # that weight per block) or rebuilt per forward: palm_fast.nn.set_weight_cache.
+    cache_packed_weight = True
+
     def _apply(self, fn, recurse=True):
         self._packed, self._packed_key = None, None   # .to() / .cuda(): rebuild lazily
         return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        # pickle / deepcopy / torch.save(model): without the cached re-layout (a copy of the
+        # weight, rebuilt on the next forward)
+        state = dict(super().__getstate__())
+        state["_packed"] = state["_packed_key"] = None
+        return state
 
     def _load_from_state_dict(self, *args, **kwargs):
         # (runs before the parts load: the key's weak references to the weight and inv_freq

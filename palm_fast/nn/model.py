@@ -32,7 +32,11 @@ class PaLM(_reference.PaLM):
 
     ``recompute``: "none" | "attention" (recompute every block's attention forward in the
     backward) | "full" (recompute each whole block): ``torch.utils.checkpoint`` in training
-    (grad enabled, no KV cache), gradients unchanged.
+    (grad enabled, no KV cache), gradients unchanged. The fast attention keeps no T x T
+    tensor (its backward recomputes the probabilities from a [B, T, H] log-sum-exp), and its
+    output is saved for the output GEMM anyway: "attention" frees only that log-sum-exp
+    while running the attention forward twice. It reproduces PaLM's rematerialisation policy
+    (for HFU, ``palm_fast.flops``); to save activation memory, use "full".
     """
 
     def __init__(self, config: PaLMConfig, recompute: str = "none"):
