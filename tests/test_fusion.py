@@ -943,3 +943,32 @@ def test_scale_fold_with_an_n_power_keeps_the_range_for_every_n():
     x2 = g2.input("x", "row")
     g2.output("y", g2.mul(g2.mul(x2, g2.const(6.0)), g2.const(2.0, n_pow=-1)), "x")
     assert sum(n.op == "mul" for n in dce(simplify(g2)).compute_nodes()) == 1
+
+
+def test_launch_plans_are_kept_least_recently_used(monkeypatch):
+    """A compiled graph keeps one launch plan per input signature, at most _MAX_PLANS: past
+    that it evicts the least recently used (it stopped storing new ones, so that with many
+    row counts, e.g. ragged batches, every new shape was re-planned on every call)."""
+    from palm_fast.fusion import codegen
+
+    monkeypatch.setattr(codegen, "_MAX_PLANS", 2)
+    g = Graph("lru")
+    x = g.input("x", "row")
+    g.output("y", g.mul(x, g.const(2.0)), "x")
+    cg = compile_graph(g, "full")
+    cg._plans.clear()
+    xs = {m: randn(m, 8, device=DEV) for m in (1, 2, 3)}
+
+    def planned():
+        return sorted(k[1][0][0] for k in cg._plans)   # the row counts planned
+
+    for m in (1, 2):
+        assert torch.equal(cg(x=xs[m])["y"], 2 * xs[m])
+    assert planned() == [1, 2]
+    cg(x=xs[1])                                     # 1 is now the most recent
+    assert torch.equal(cg(x=xs[3])["y"], 2 * xs[3])  # evicts 2, not 1
+    assert planned() == [1, 3]
+    plan = cg._plans[cg._signature({"x": xs[3]})]
+    assert cg._plans[cg._signature({"x": xs[3]})] is plan
+    cg(x=xs[3])
+    assert cg._plans[cg._signature({"x": xs[3]})] is plan   # a hit reuses its plan

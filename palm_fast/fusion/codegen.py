@@ -814,7 +814,7 @@ def load_kernel(kernel: Kernel, key: tuple):
 # runner
 # ---------------------------------------------------------------------------------------
 _MISSING = object()
-_MAX_PLANS = 256  # launch plans kept per compiled graph (one per input signature)
+_MAX_PLANS = 256  # launch plans kept per compiled graph (one per input signature; LRU)
 
 
 @dataclass
@@ -957,8 +957,13 @@ class CompiledGraph:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(inputs)
-            if len(self._plans) < _MAX_PLANS:
-                self._plans[key] = plan
+            if len(self._plans) >= _MAX_PLANS:
+                # evict the least recently used (a dict keeps insertion order; hits move to the
+                # end below): with many row counts (ragged batches), the shapes in use stay planned
+                del self._plans[next(iter(self._plans))]
+            self._plans[key] = plan
+        elif len(self._plans) > 1:
+            self._plans[key] = self._plans.pop(key)   # most recently used last
         return self._run(plan, inputs)
 
     def _signature(self, inputs: dict) -> tuple:
