@@ -17,7 +17,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _cxx_flags():
     # -g0: Python's own CFLAGS carry -g, which made _C 43 MB of debug info (0.9 MB without)
-    flags = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
+    # -ffp-contract=off: no FMAs but the ones the kernels write (at::vec::fmadd). GCC's
+    # default contracts a * b + c anywhere, so the same product could be rounded in one pass
+    # and not in the next (the LayerNorm backward's dy * w: dx of a 1-wide row was up to
+    # 0.04 instead of 0 at eps 1e-12). Measured neutral on the CPU benchmarks.
+    flags = ["-O3", "-g0", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
     # Vectorise for the machine that builds (CI and users build where they run);
     # PALM_FAST_PORTABLE=1 gives a portable binary.
     if os.environ.get("PALM_FAST_PORTABLE", "0") != "1":

@@ -118,8 +118,10 @@ inline Vectorized<acc_t> reciprocal_1_2(const Vectorized<acc_t>& d) {
 // e = exp(-|g|) in [0, 1] and r = 1 / (1 + e), sigmoid(|g|) = r and sigmoid(-|g|) = e r.
 // (1 / (1 + exp(-g)) overflowed exp for g < -88, and its cutoff returned 0 below g = -69.3
 // where the sigmoid is still a normal fp32 number; 1 - s cancelled for g >> 0.) exp_u20
-// returns 0 below ln(FLT_MIN) = -87.3, where the exact sigmoid is subnormal. A NaN gate
-// still propagates through the products with the gate (exp_u20 clamps NaN to a number).
+// returns 0 below about -86.99 (its range limit, just above ln(FLT_MIN) = -87.34): there the
+// exact sigmoid is below 1.7e-38, and silu(g) below 1.5e-36 in magnitude is flushed to 0
+// where torch keeps it (an absolute difference under 1.5e-36). A NaN gate still propagates
+// through the products with the gate (exp_u20 clamps NaN to a number).
 template <typename acc_t>
 inline void sigmoid_pair(const Vectorized<acc_t>& g, Vectorized<acc_t>& s, Vectorized<acc_t>& oms) {
   const Vectorized<acc_t> e = fast_exp(g.abs().neg());

@@ -130,8 +130,8 @@ def _inside_launch_device(fn_node, call) -> bool:
     """Whether ``call`` is in the body of a ``with launch_device(...)`` in ``fn_node``."""
     for w in ast.walk(fn_node):
         if isinstance(w, ast.With) and any(
-                isinstance(i.context_expr, ast.Call) and getattr(i.context_expr.func, "id", None) == "launch_device"
-                for i in w.items):
+                isinstance(i.context_expr, ast.Call)
+                and getattr(i.context_expr.func, "id", None) == "launch_device" for i in w.items):
             if any(n is call for stmt in w.body for n in ast.walk(stmt)):
                 return True
     return False

@@ -548,6 +548,23 @@ def test_constant_rows_normalise_to_zero_cpu(dtype):
         assert torch.equal(out, torch.zeros_like(x)), (n, c)
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-12])
+def test_one_wide_rows_have_zero_dx_cpu(eps):
+    """A row of one feature normalises to 0 whatever x: dx is exactly 0, as torch gives. The
+    backward's dy * w was rounded in its first pass (the mean of g) and contracted into an
+    FMA, unrounded, in the second (GCC's -ffp-contract=fast): the difference times rstd =
+    eps^-1/2 left dx up to 2e-5 (eps 1e-5) and 0.04 (eps 1e-12)."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(64, 1, generator=g).to(dtype).requires_grad_()
+        dy = torch.randn(64, 1, generator=g).to(dtype)
+        w = torch.tensor([1.1])
+        layer_norm(x, w, eps=eps).backward(dy)
+        assert torch.equal(x.grad, torch.zeros_like(x)), (dtype, x.grad.abs().max())
+        want = torch.nn.functional.layer_norm(x.detach().float().requires_grad_(), (1,), w, eps=eps)
+        assert torch.equal(want, torch.zeros_like(want))
+
+
 def test_large_offset_rows_accuracy_cpu():
     """Rows far from zero (offset 1e4, spread 1): error vs float64 within a few times
     torch's own fp32 error (it was 10-400x)."""
