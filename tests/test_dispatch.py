@@ -271,3 +271,32 @@ def test_instance_override_sees_a_class_attribute_rebound_to_a_method():
     A.scale_fn = lambda self, x: x * 2
     a.scale_fn = lambda x: x * 3
     assert instance_override(a) == ("", "scale_fn")
+
+
+def _store_cast_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def store_cast(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask)
+        tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return store_cast
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU interpreter's rounding (conftest)")
+def test_interpreter_rounds_bf16_like_the_gpu():
+    """Under the interpreter, fp32 -> bf16 in a kernel rounds to nearest even as the GPU and
+    torch do (conftest patches the interpreter, which truncated)."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    x[:4] = torch.tensor([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -9, -(1.0 + 2.0 ** -8), 3.0e38])
+    y = torch.empty(4096, dtype=torch.bfloat16)
+    _store_cast_kernel()[(1,)](x, y, 4096, BLOCK=4096)
+    assert torch.equal(y, x.to(torch.bfloat16))
+    x = x.clamp(-6e4, 6e4)            # (fp16 range)
+    h = torch.empty(4096, dtype=torch.float16)
+    _store_cast_kernel()[(1,)](x, h, 4096, BLOCK=4096)
+    assert torch.equal(h, x.to(torch.float16))
