@@ -35,8 +35,9 @@ class PaLM(_reference.PaLM):
     (grad enabled, no KV cache), gradients unchanged. The fast attention keeps no T x T
     tensor (its backward recomputes the probabilities from a [B, T, H] log-sum-exp), and its
     output is saved for the output GEMM anyway: "attention" frees only that log-sum-exp
-    while running the attention forward twice. It reproduces PaLM's rematerialisation policy
-    (for HFU, ``palm_fast.flops``); to save activation memory, use "full".
+    while running the attention forward twice (attention-only rematerialisation, 6N + 16LHQT
+    hardware FLOPs in ``palm_fast.flops``: Table 22's policy for 8B / 62B, not 540B's 7.5N);
+    to save activation memory, use "full".
     """
 
     def __init__(self, config: PaLMConfig, recompute: str = "none"):
