@@ -969,6 +969,45 @@ def test_launch_plans_are_kept_least_recently_used(monkeypatch):
     assert torch.equal(cg(x=xs[3])["y"], 2 * xs[3])  # evicts 2, not 1
     assert planned() == [1, 3]
     plan = cg._plans[cg._signature({"x": xs[3]})]
-    assert cg._plans[cg._signature({"x": xs[3]})] is plan
     cg(x=xs[3])
     assert cg._plans[cg._signature({"x": xs[3]})] is plan   # a hit reuses its plan
+
+
+def test_launch_plan_table_is_thread_safe(monkeypatch):
+    """Threads sharing a compiled graph past its plan limit (DataParallel replicas, a server):
+    the LRU bookkeeping raised KeyError / "dictionary changed size" without its lock.
+    (Planning and launching stubbed: only the table's bookkeeping runs.)"""
+    import random
+    import sys
+    import threading
+
+    from palm_fast.fusion import codegen
+
+    monkeypatch.setattr(codegen, "_MAX_PLANS", 2)
+    cg = object.__new__(codegen.CompiledGraph)
+    cg._plans = {}
+    cg._signature = lambda inputs: inputs["k"]
+    cg._plan = lambda inputs: object()
+    cg._run = lambda plan, inputs: None
+    errors = []
+
+    def work(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(20000):
+                cg(k=rng.randrange(3))
+        except Exception as e:   # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors[:3]
+    assert len(cg._plans) <= 2

@@ -34,6 +34,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -815,6 +816,7 @@ def load_kernel(kernel: Kernel, key: tuple):
 # ---------------------------------------------------------------------------------------
 _MISSING = object()
 _MAX_PLANS = 256  # launch plans kept per compiled graph (one per input signature; LRU)
+_PLANS_LOCK = threading.Lock()   # the plan tables' eviction and reordering
 
 
 @dataclass
@@ -957,13 +959,17 @@ class CompiledGraph:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(inputs)
-            if len(self._plans) >= _MAX_PLANS:
-                # evict the least recently used (a dict keeps insertion order; hits move to the
-                # end below): with many row counts (ragged batches), the shapes in use stay planned
-                del self._plans[next(iter(self._plans))]
-            self._plans[key] = plan
-        elif len(self._plans) > 1:
-            self._plans[key] = self._plans.pop(key)   # most recently used last
+            with _PLANS_LOCK:   # (graphs are shared by threads: DataParallel replicas, servers)
+                if len(self._plans) >= _MAX_PLANS:
+                    # evict the least recently used (a dict keeps insertion order; hits move to
+                    # the end below): with many row counts (ragged batches), the shapes in use
+                    # stay planned
+                    self._plans.pop(next(iter(self._plans)), None)
+                self._plans[key] = plan
+        elif len(self._plans) > _MAX_PLANS // 2:   # (only order what eviction could reach)
+            with _PLANS_LOCK:
+                if self._plans.pop(key, None) is not None:
+                    self._plans[key] = plan   # most recently used last
         return self._run(plan, inputs)
 
     def _signature(self, inputs: dict) -> tuple:
