@@ -303,6 +303,9 @@ def _replace(module: nn.Module, path: str, opts: PatchOptions, report: PatchRepo
     # ``new`` itself (its "" entry): that would be a reference cycle, and the model's
     # weights would outlive ``del model`` until the cyclic garbage collector ran.
     object.__setattr__(new, _BUILT, {p: m for p, m in new.named_modules(remove_duplicate=False) if p})
+    accepted = getattr(type(new), "_palm_fast_accepted", None)
+    if accepted is not None:   # the replacement's own step once it is in (e.g. drop caches)
+        accepted(new, module)
     report.patched.append(PatchRecord(path, _qualname(cls), replacement=_qualname(type(new))))
     return new
 

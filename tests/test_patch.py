@@ -1528,6 +1528,10 @@ def test_weight_cache_can_be_turned_off(simulated_packing):
     assert b._packed_in_proj() is b._packed_in_proj()
     with pytest.raises(TypeError, match="enabled: expected a bool"):
         palm_fast.nn.set_weight_cache(m, 0)
+    with pytest.raises(TypeError, match="model: expected an nn.Module, got NoneType"):
+        palm_fast.nn.set_weight_cache(None, False)
+    with pytest.raises(TypeError, match="model: expected an nn.Module, got list"):
+        palm_fast.nn.refresh_caches([m])
 
 
 def test_pickled_and_copied_blocks_leave_the_weight_cache_behind(simulated_packing):
@@ -1619,3 +1623,9 @@ def test_patch_drops_the_originals_mask_and_rotary_caches():
     torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4)
     m = palm_fast.unpatch(m)
     assert torch.equal(m(x), want)
+    # a block that patch skips (here: an extra buffer, a state mismatch) keeps its caches
+    origs[0].register_buffer("extra", torch.zeros(1))
+    m = quiet_patch(m)
+    assert any(mod is origs[0] for mod in m.modules())
+    assert origs[0].mask is not None and origs[0].pos_emb is not None
+    assert origs[1].mask is None

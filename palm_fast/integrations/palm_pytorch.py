@@ -258,12 +258,16 @@ class ParallelTransformerBlock(nn.Module):
         new.attn_out = out
         act = fast.SwiGLU() if opts.swiglu and type(ff[0]) is pp.SwiGLU else ff[0]
         new.ff_out = nn.Sequential(act, ff[1])
-        # The original's lazily built causal mask and rotary table (T x T and T x dim_head,
-        # checked standard above) are unused while it is patched: dropped, not kept alive
-        # through the replacement; it rebuilds them if it runs again.
-        m.mask = None
-        m.pos_emb = None
         return new
+
+    def _palm_fast_accepted(self, original: nn.Module) -> None:
+        """Called by patch once this block has replaced ``original``: the original's lazily
+        built causal mask and rotary table (T x T and T x dim_head, checked standard by
+        wrap) are unused while it is patched, so they are dropped rather than kept alive
+        through the replacement; it rebuilds them if it runs again (after unpatch, or after
+        patch rolled back on an error)."""
+        original.mask = None
+        original.pos_emb = None
 
     # ------------------------------------------- palm_fast.reference.ParallelBlock's names
     # (read-only aliases: properties are not state, so the state_dict keeps its keys)
@@ -447,6 +451,9 @@ class Residual(nn.Module):
     def __init__(self, fn: ParallelTransformerBlock):
         super().__init__()
         self.fn = fn
+
+    def _palm_fast_accepted(self, original: nn.Module) -> None:
+        self.fn._palm_fast_accepted(original.fn)   # (see ParallelTransformerBlock)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = self.fn

@@ -6,6 +6,13 @@ from .rope import RotaryEmbedding  # noqa: F401
 from .swiglu import SwiGLU, SwiGLUMLP  # noqa: F401
 
 
+def _check_model(model) -> None:
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+
+
 def refresh_caches(model) -> None:
     """Drop the weight-derived caches of every fast module in ``model`` (the CUDA input
     GEMM's re-laid-out projection weight, a patched PaLM-pytorch block's "LayerNorm beta
@@ -17,6 +24,7 @@ def refresh_caches(model) -> None:
     of a larger buffer, as ``vector_to_parameters`` leaves it, is never cached.) Writes
     under ``torch.no_grad()`` (``p.copy_(...)``), optimizer steps, ``load_state_dict`` and
     ``.to()`` are seen without it."""
+    _check_model(model)
     for m in model.modules():
         for name in ("_packed", "_packed_key", "_beta_key"):
             if name in m.__dict__:
@@ -34,6 +42,7 @@ def set_weight_cache(model, enabled: bool) -> int:
     forward re-lays it out (a gather of the ``[Nin, dim]`` weight per block and call) and
     frees it after the call. Turning the cache off drops the copies held now. CPU blocks
     keep no copy (their GEMM reads the weight as it is)."""
+    _check_model(model)
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled: expected a bool, got {enabled!r}")
     n = 0

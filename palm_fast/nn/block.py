@@ -11,6 +11,8 @@ or the rotary frequencies or layout change. A weight that is a slice of a larger
 (``vector_to_parameters``) is re-laid out on every call. A write through ``.data``, or through
 another tensor on the weight's memory (numpy, DLPack), bypasses the version counter, and so may
 an optimizer outside ``torch.optim``: call ``palm_fast.nn.refresh_caches(model)`` after one.
+The cached copy costs the weight's memory again; ``palm_fast.nn.set_weight_cache(model,
+False)`` re-lays it out per call instead, and pickles / deep copies leave it behind.
 """
 from __future__ import annotations
 
