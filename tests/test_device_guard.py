@@ -137,6 +137,18 @@ def _inside_launch_device(fn_node, call) -> bool:
     return False
 
 
+def test_every_kernel_module_is_scanned():
+    """Every file of palm_fast.kernels that defines Triton kernels is in _LAUNCH_MODULES (a new
+    kernel file must be added there to be checked)."""
+    import pathlib
+
+    import palm_fast.kernels as kernels
+
+    for path in sorted(pathlib.Path(kernels.__file__).parent.glob("*.py")):
+        if not path.stem.startswith("_") and "@triton.jit" in path.read_text():
+            assert f"palm_fast.kernels.{path.stem}" in _LAUNCH_MODULES, path.name
+
+
 @pytest.mark.parametrize("module_name", _LAUNCH_MODULES)
 def test_every_triton_launch_is_device_guarded(module_name):
     module = importlib.import_module(module_name)
