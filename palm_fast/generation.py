@@ -48,6 +48,7 @@ from torch.nn.utils import parametrize
 from palm_fast.kernels._common import launch_device
 
 from . import ops
+from ._ext import cpp as _cpp
 from .ops._checks import FP32_TINY, check_float
 from .ops._dispatch import forward_replaced, instance_override, methods_replaced, unwrap_compiled
 from .reference import functional as _ref_fn
@@ -384,14 +385,12 @@ _SMALL_ROWS = 16
 
 
 def _small_cpu(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.shape[0] <= _SMALL_ROWS
+    return x.is_cpu and x.shape[0] <= _SMALL_ROWS
 
 
 def _small_mm(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T (+ res)`` on the CPU for few rows (see ``_SMALL_ROWS``), contiguous ``[M, N]``."""
-    from ._ext import cpp
-
-    return cpp().small_mm_cpu(x, w.contiguous(), res)
+    return _cpp().small_mm_cpu(x, w.contiguous(), res)
 
 
 def _mm_wt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -470,7 +469,7 @@ def _decode_step(parts: DecoderParts, layers: list[_Layer], final_norm, cache,
     for i, lay in enumerate(layers):
         H, hd = lay.n_heads, lay.head_dim
         proj = _mm_wt(lay.norm(x), lay.w_in)
-        q, k, v, ff = proj.split(lay.splits, dim=-1)
+        q, k, v, ff = proj.split_with_sizes(lay.splits, dim=-1)
         # positions default to lengths[b] (read on the device by the kernel)
         q = ops.rope_append(q.view(B, 1, H, hd), k.view(B, 1, hd), v.reshape(B, 1, hd), cache, i,
                             rotary_dim=lay.rotary_dim, base=lay.rope_base, interleaved=lay.interleaved)
@@ -508,6 +507,14 @@ class _CpuStep:
                          for lay in layers]
         self.scale = [lay.head_dim ** -0.5 for lay in layers]
         self.ones = cache.full_n_new(1)
+        emb = parts.embed
+        # a plain nn.Embedding (no hooks, no code of its own, no max_norm, which renormalises
+        # the weight in place): its lookup without the module call (8 us a step)
+        self.embed = emb
+        if type(emb) is nn.Embedding and emb.max_norm is None and not _hooked(emb) \
+                and _code_changed(emb) is None:
+            w = emb.weight
+            self.embed = lambda t: torch.embedding(w, t)
 
     def _norm(self, fn):
         """A direct LayerNorm for our LayerNorm closures (see :func:`_fast_norm`), else fn."""
@@ -523,11 +530,11 @@ class _CpuStep:
         B = tokens.shape[0]
         seq_lens = cache.lengths + 1
         pt = cache.page_table
-        x = self.parts.embed(tokens)                                       # [B, d]
+        x = self.embed(tokens)                                             # [B, d]
         for i, lay in enumerate(self.layers):
             H, hd = lay.n_heads, lay.head_dim
             proj = _mm_wt(self.norms[i](x), lay.w_in)
-            q, k, v, ff = proj.split(lay.splits, dim=-1)
+            q, k, v, ff = proj.split_with_sizes(lay.splits, dim=-1)
             q_rot = torch.empty((B, 1, H, hd), dtype=proj.dtype)
             C.rope_append_cpu(q.view(B, 1, H, hd), k.view(B, 1, hd), v.view(B, 1, hd), cache.k, cache.v,
                               pt, cache.lengths, self.ones, None, self.inv_freq[i], q_rot, i,

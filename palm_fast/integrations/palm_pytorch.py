@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import nn as fast
 from ..ops import _dispatch
+from ..ops._checks import as_fp32
 from ..ops._dispatch import autocast_changes_dtype, compiling, parts_hooked
 from ..ops.block import (
     causal_mqa_attention,
@@ -309,7 +310,7 @@ class ParallelTransformerBlock(nn.Module):
         H, D = self.heads, self.dim_head
         q, k, v, ff = self.fused_attn_ff_proj(self.norm(x)).split(self.fused_dims, dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, 1, D), v.view(B, T, 1, D)
-        inv_freq = self.rotary_emb.inv_freq.float()
+        inv_freq = as_fp32(self.rotary_emb.inv_freq)
         if self._rotary_has_code():
             # rotary_emb called and its table applied as the original does (its hooks, or
             # code of its own set after patch, may change the table the original reads)
@@ -338,7 +339,7 @@ class ParallelTransformerBlock(nn.Module):
             return x + self.forward(x)
         B, T, _ = x.shape
         H, D = self.heads, self.dim_head
-        inv_freq = self.rotary_emb.inv_freq.float()
+        inv_freq = as_fp32(self.rotary_emb.inv_freq)
         positions = torch.arange(T, device=x.device).expand(B, T)
         q, k, v, h = fused_input_projection(
             x, self.norm.gamma, self.fused_attn_ff_proj.weight, inv_freq, positions, n_heads=H,
@@ -376,8 +377,8 @@ class ParallelTransformerBlock(nn.Module):
         return not parts_hooked(self, norm, proj, out, ff, act, lin, rot)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        if compiling() or not self.parts_fusable() or autocast_changes_dtype(
-                x, self.fused_attn_ff_proj.weight, self.attn_out.weight, self.ff_out[1].weight):
+        if compiling() or not self.parts_fusable() or (_dispatch._autocast_on() and autocast_changes_dtype(
+                x, self.fused_attn_ff_proj.weight, self.attn_out.weight, self.ff_out[1].weight)):
             # (autocast casting x or a weight: the composed path, whose projections autocast
             # casts as in the original block; the fused kernels take one dtype for x and the
             # weights)

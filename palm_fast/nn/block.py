@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from palm_fast.ops import _dispatch
-from palm_fast.ops._dispatch import autocast_changes_dtype, compiling, parts_hooked
+from palm_fast.ops._checks import as_fp32
+from palm_fast.ops._dispatch import _autocast_on, autocast_changes_dtype, compiling, parts_hooked
 from palm_fast.ops.block import (
     fsdp_managed,
     optimizer_in_step,
@@ -168,8 +169,8 @@ class ParallelBlock(_reference.ParallelBlock):
                             f"{self.in_proj.weight.dtype}) is not supported by palm_fast's kernels "
                             f"(float32, float16, bfloat16); use palm_fast.reference's modules, "
                             f"which load the same state_dict (palm_fast.unpatch for a patched model)")
-        if not self.parts_fusable() or autocast_changes_dtype(
-                x, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight) \
+        if not self.parts_fusable() or (_autocast_on() and autocast_changes_dtype(
+                x, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight)) \
                 or self.norm.weight.dtype not in (self.in_proj.weight.dtype, torch.float32):
             # The reference forward over the block's parts: for a swapped or hooked part (or a
             # norm weight in another dtype than the projections' and not fp32, e.g. a bf16
@@ -180,7 +181,7 @@ class ParallelBlock(_reference.ParallelBlock):
             return _reference.ParallelBlock.forward(self, x, positions, cache)
         return parallel_block(
             x, self.norm.weight, self.in_proj.weight, self.attn_out.weight, self.ff_out.weight,
-            self.rotary.inv_freq.float(), n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+            as_fp32(self.rotary.inv_freq), n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
             head_dim=self.head_dim, d_ff=self.d_ff, eps=self.eps,
             interleaved=self.rotary.interleaved, positions=positions, cache=cache,
             packed=self._packed_in_proj(), recompute_attention=self.recompute == "attention")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from palm_fast.ops._checks import as_fp32
 from palm_fast.ops.rope import rope
 from palm_fast.reference import layers as _reference
 
@@ -23,5 +24,5 @@ class RotaryEmbedding(_reference.RotaryEmbedding):
                 offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # (.float(): a checkpoint loaded with assign=True may hold the buffer in another
         # dtype; the reference computes its angles in fp32 from whatever it holds)
-        return rope(q, k, positions=positions, offsets=offsets, inv_freq=self.inv_freq.float(),
+        return rope(q, k, positions=positions, offsets=offsets, inv_freq=as_fp32(self.inv_freq),
                     interleaved=self.interleaved)

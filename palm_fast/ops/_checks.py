@@ -27,7 +27,7 @@ def check_tensor(name: str, t, *, dtypes: Sequence[torch.dtype] | None = FLOAT_D
                              f"{tuple(t.shape)} ({t.dim()} dims)")
     if min_ndim is not None and t.dim() < min_ndim:
         raise ValueError(f"{name}: expected at least {min_ndim} dims, got shape {tuple(t.shape)}")
-    if t.device.type not in ("cpu", "cuda"):
+    if not (t.is_cpu or t.is_cuda):   # (t.device.type builds a str: 0.3 us more per tensor)
         raise ValueError(f"{name}: expected a cpu or cuda tensor, got device {t.device}")
 
 
@@ -40,6 +40,8 @@ def check_bool(name: str, value) -> bool:
 
 def check_int(name: str, value) -> int:
     """An integer (a Python or numpy int, not a bool) as a Python int."""
+    if type(value) is int:   # the common case, without the abstract-class check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     return int(value)
@@ -123,3 +125,9 @@ def unit_last_dim(t: torch.Tensor) -> torch.Tensor:
     if t.numel() == 0:   # contiguous() keeps an empty tensor's strides (e.g. 0 from a sum's grad)
         return t if t.dim() == 0 or t.stride(-1) == 1 else t.new_empty(t.shape)
     return t if t.dim() == 0 or t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def as_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()``: ``t`` itself when it is fp32 already, without the dispatcher's ``to``
+    (2.5 us per call, e.g. a module's fp32 ``inv_freq`` buffer on every forward)."""
+    return t if t.dtype == torch.float32 else t.float()

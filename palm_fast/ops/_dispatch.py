@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import types
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -133,29 +132,27 @@ def instance_override(module: torch.nn.Module, recurse: bool = True) -> tuple[st
     for path, m in mods:
         if _compiled_wrapper(m):
             continue   # (its _orig_mod is visited as its child)
-        hit = m.__dict__.keys() & _method_names(type(m))
+        hit = _shadowed_methods(m)
         if hit:
             return path, min(hit)
     return None
 
 
-# class -> (the objects in its classes' namespaces, the names of its methods): walking
-# nn.Module's namespace per module cost generate 5 ms a call. Keyed on the objects' ids, so
-# that any assignment to a class attribute (a new name, or a name rebound) is seen.
-_METHOD_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _method_names(cls: type) -> set[str]:
-    key = tuple(id(v) for c in cls.__mro__ for v in c.__dict__.values())
-    hit = _METHOD_NAMES.get(cls)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    names: set[str] = set()
-    for c in reversed(cls.__mro__):   # (a subclass may redefine a name as a non-method)
-        for n, a in vars(c).items():
-            (names.add if _is_method(a) else names.discard)(n)
-    _METHOD_NAMES[cls] = (key, names)
-    return names
+def _shadowed_methods(m) -> list[str]:
+    """The names in ``m.__dict__`` that name a method of its class: for each, the class that
+    defines it nearest in the MRO (a subclass may redefine a name as a non-method). Looks up
+    only the instance's own names (a few dozen), never walks nn.Module's namespace, so no
+    cache is needed and any change to a class is seen."""
+    mro = type(m).__mro__
+    hit = []
+    for n in m.__dict__:
+        for c in mro:
+            d = c.__dict__
+            if n in d:
+                if _is_method(d[n]):
+                    hit.append(n)
+                break
+    return hit
 
 
 def methods_replaced(cls: type) -> list[str]:

@@ -26,7 +26,7 @@ import torch
 from palm_fast._ext import cpp
 
 from ._checks import check_tensor
-from ._dispatch import call_impl, compiling, eager_ctx, eager_function
+from ._dispatch import call_impl, check_no_transforms, compiling, eager_ctx, eager_function
 
 __all__ = ["swiglu"]
 
@@ -96,8 +96,8 @@ def _backward(ctx, grad_out):
 
 _swiglu.register_autograd(_backward, setup_context=_setup_context)
 _BWD_IMPLS = {"cpu": _swiglu_bwd_cpu, "cuda": _swiglu_bwd_cuda}
-_SwiGLUEager = eager_function("swiglu", {"cpu": _swiglu_cpu, "cuda": _swiglu_cuda},
-                              _setup_context, _backward)
+_FWD_IMPLS = {"cpu": _swiglu_cpu, "cuda": _swiglu_cuda}
+_SwiGLUEager = eager_function("swiglu", _FWD_IMPLS, _setup_context, _backward)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
@@ -114,4 +114,8 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
                          f"got shape {tuple(x.shape)} (last dim {two_f})")
     if compiling():
         return torch.ops.palm_fast.swiglu(x)
-    return _SwiGLUEager.apply(x)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _SwiGLUEager.apply(x)   # (as before: it refuses torch.func transforms itself)
+    check_no_transforms(x)
+    # no gradient: the kernel itself (no autograd.Function; no GEMM, so autocast is moot)
+    return _FWD_IMPLS[x.device.type](x)
