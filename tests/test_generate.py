@@ -788,3 +788,21 @@ def test_generate_refuses_code_it_would_skip_at_every_level(monkeypatch):
             palm_fast.generate(model, prompt, 2)
     finally:
         h.remove()
+
+
+def test_cpu_steps_run_the_embeddings_hooks_and_code():
+    """The CPU decode steps look a plain nn.Embedding up directly; one with hooks, code of its
+    own or max_norm is called as a module at every step, as the reference generate() does."""
+    model = lively(CONFIGS["hd64"])
+    prompts = ragged_prompts(384, (5, 9))
+    calls = []
+    handle = model.embed.register_forward_hook(lambda mod, args, out: calls.append(1) or out * 1.5)
+    try:
+        ours = palm_fast.generate(model, prompts, 6)
+        n_ours = len(calls)
+        ref = [model.generate(p[None], 6)[0] for p in prompts]
+    finally:
+        handle.remove()
+    assert n_ours == 6   # the prefill and 5 decode steps
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
