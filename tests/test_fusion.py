@@ -1011,3 +1011,30 @@ def test_launch_plan_table_is_thread_safe(monkeypatch):
         sys.setswitchinterval(switch)
     assert not errors, errors[:3]
     assert len(cg._plans) <= 2
+
+
+def test_constants_outside_fp32_are_refused():
+    """A constant the fp32 kernels would round to inf or 0 is refused: a rewrite folding it in
+    float64 and the compiled op-by-op form gave different answers (x * 1e39 / 1e39: NaN
+    unfolded, x when reassociated)."""
+    g = Graph("consts")
+    for bad in (1e39, -1e39, 1e-46, -7e-46):
+        with pytest.raises(ValueError, match="outside float32's range"):
+            g.const(bad)
+    for ok in (3.4e38, 1e-44, 0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-5):
+        g.const(ok)
+
+
+def test_column_max_over_no_rows_is_refused():
+    """A column max over M == 0 rows has no value (torch's amax raises); a column sum is 0."""
+    g = Graph("colmax")
+    x = g.input("x", "row")
+    g.output("mx", g.reduce("max", x, "col"))
+    with pytest.raises(ValueError, match="column max over 0 rows"):
+        compile_graph(g, "full")(x=randn(0, 5, device=DEV))
+    ones = torch.ones(2, 5, device=DEV)
+    assert torch.equal(compile_graph(g, "full")(x=ones)["mx"], ones[0])
+    g2 = Graph("colsum")
+    x2 = g2.input("x", "row")
+    g2.output("s", g2.reduce("sum", x2, "col"))
+    assert torch.equal(compile_graph(g2, "full")(x=randn(0, 5, device=DEV))["s"], torch.zeros(5, device=DEV))

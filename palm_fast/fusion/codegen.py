@@ -1089,9 +1089,12 @@ class CompiledGraph:
             for i in grp.outputs:
                 n = g.nodes[i]
                 if n.kind == "cpart":
-                    # M == 0: no program runs a row, the partial sums are the neutral element;
-                    # else every program writes its own row of partials
-                    fill = (0.0 if n.attr("red") == "sum" else float("-inf")) if M == 0 else None
+                    # M == 0: no program runs a row, the partial sums are the neutral element
+                    # (a column sum over no rows is 0, as torch's; a column max has no value,
+                    # and torch's amax raises); else every program writes its own row of partials
+                    if M == 0 and n.attr("red") == "max":
+                        raise ValueError(f"{g.name}: a column max over 0 rows (M == 0) has no value")
+                    fill = 0.0 if M == 0 else None
                     plan.allocs.append((i, (P, N), torch.float32, device, fill))
                     dtype_of[i] = torch.float32
                 else:

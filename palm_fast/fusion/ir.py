@@ -27,6 +27,8 @@ Nodes are appended in topological order (an op can only use existing nodes), so
 from __future__ import annotations
 
 import hashlib
+import math
+import struct
 from dataclasses import dataclass, field
 
 SPACES = ("row", "stat", "col", "scalar", "partial")
@@ -142,7 +144,19 @@ class Graph:
         return self.inputs[name]
 
     def const(self, value: float, n_pow: int = 0) -> int:
-        return self._add("const", (), "scalar", (("n_pow", int(n_pow)), ("value", float(value))))
+        """The constant ``value * N ** n_pow``. ``value`` must be representable in fp32, the
+        kernels' arithmetic (inf and NaN are); one that would round to inf or to 0 is refused:
+        the folded (float64) and the compiled (fp32) forms of a graph would disagree."""
+        v = float(value)
+        if math.isfinite(v) and v != 0.0:
+            try:
+                r = struct.unpack("f", struct.pack("f", v))[0]
+            except OverflowError:
+                r = math.inf
+            if r == 0.0 or math.isinf(r):
+                raise ValueError(f"const: {value!r} is outside float32's range (the kernels compute "
+                                 f"in fp32): it would round to {r}")
+        return self._add("const", (), "scalar", (("n_pow", int(n_pow)), ("value", v)))
 
     def unary(self, op: str, a: int, **attrs) -> int:
         if op not in UNARY:
