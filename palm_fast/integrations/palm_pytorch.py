@@ -38,6 +38,7 @@ from ..ops import _dispatch
 from ..ops._checks import as_fp32
 from ..ops._dispatch import autocast_changes_dtype, compiling, parts_hooked
 from ..ops.block import (
+    _default_positions,
     causal_mqa_attention,
     fsdp_managed,
     fused_input_projection,
@@ -340,7 +341,7 @@ class ParallelTransformerBlock(nn.Module):
         B, T, _ = x.shape
         H, D = self.heads, self.dim_head
         inv_freq = as_fp32(self.rotary_emb.inv_freq)
-        positions = torch.arange(T, device=x.device).expand(B, T)
+        positions = _default_positions(0, B, T, x.device)   # (cached: 4 us a block)
         q, k, v, h = fused_input_projection(
             x, self.norm.gamma, self.fused_attn_ff_proj.weight, inv_freq, positions, n_heads=H,
             n_kv_heads=1, head_dim=D, d_ff=self.fused_dims[3] // 2, eps=EPS,
