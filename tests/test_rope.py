@@ -231,7 +231,7 @@ def test_grad_after_inference_mode_call():
     """The first call may come from inference mode (generate): cached defaults it creates
     must still work in a later training step (inference tensors cannot be saved for backward)."""
     rope_mod = importlib.import_module("palm_fast.ops.rope")
-    rope_mod._cached_zero.cache_clear()
+    rope_mod._cached_zero_offsets.cache_clear()
     rope_mod._cached_inv_freq.cache_clear()
     with torch.inference_mode():
         rope(randn(1, 4, 3, 48), randn(1, 4, 1, 48))
@@ -580,7 +580,7 @@ def test_a_call_under_fake_tensor_mode_does_not_poison_the_constant_caches():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     rope_mod = importlib.import_module("palm_fast.ops.rope")
-    rope_mod._cached_zero.cache_clear()
+    rope_mod._cached_zero_offsets.cache_clear()
     rope_mod._cached_inv_freq.cache_clear()
     q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
     with FakeTensorMode() as mode:

@@ -24,21 +24,23 @@ from ._checks import (
     check_tensor,
     unit_last_dim,
 )
-from ._dispatch import cached_constant, check_no_transforms, compiling, eager_ctx, eager_function, needs_grad
+from ._dispatch import (
+    cached_constant,
+    check_no_transforms,
+    compiling,
+    eager_ctx,
+    eager_function,
+    eager_op,
+    needs_grad,
+)
 
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
-@cached_constant(maxsize=8)
-def _cached_zero(device: torch.device) -> torch.Tensor:
-    """Eager mode: the default start offset, allocated once per device (never written)."""
-    return torch.zeros(1, dtype=torch.int32, device=device)
-
-
 @cached_constant(maxsize=32)
 def _cached_zero_offsets(device: torch.device, B: int) -> torch.Tensor:
-    """Eager mode: the default offsets, zeros ``[B]`` (a broadcast view; never written)."""
-    return _cached_zero(device).expand(B)
+    """Eager mode: the default offsets, zeros ``[B]`` (allocated once; never written)."""
+    return torch.zeros(B, dtype=torch.int32, device=device)
 
 
 @cached_constant(maxsize=32)
@@ -102,8 +104,9 @@ def _rope_backward(ctx, grad_q, grad_k):
 
 rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
 # The same implementation and autograd functions without the dispatcher (eager mode).
-_RopeEager = eager_function("rope", {"cpu": _rope_out_of_place, "cuda": _rope_out_of_place},
-                            _rope_setup_context, _rope_backward, double_backward=True)
+_ROPE_IMPLS = {"cpu": _rope_out_of_place, "cuda": _rope_out_of_place}
+_RopeEager = eager_function("rope", _ROPE_IMPLS, _rope_setup_context, _rope_backward,
+                            double_backward=True)
 
 
 # ---------------------------------------------------------------- in place (no autograd)
@@ -191,12 +194,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = N
     """
     interleaved = check_bool("interleaved", interleaved)
     inv_freq, pos, pos_is_offset = _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim)
-    if compiling():
-        op = rope_op
-    elif needs_grad(q, k):
-        op = _RopeEager.apply
-    else:   # (no gradient: the same implementation without autograd.Function's cost)
-        op = _rope_out_of_place
+    op = rope_op if compiling() else eager_op(_RopeEager, _ROPE_IMPLS, q.device.type, needs_grad(q, k))
     return op(q, k, inv_freq, pos, pos_is_offset, interleaved, False)
 
 

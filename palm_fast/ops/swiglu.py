@@ -26,7 +26,7 @@ import torch
 from palm_fast._ext import cpp
 
 from ._checks import check_tensor
-from ._dispatch import call_impl, check_no_transforms, compiling, eager_ctx, eager_function
+from ._dispatch import call_impl, compiling, eager_ctx, eager_function, eager_op, needs_grad
 
 __all__ = ["swiglu"]
 
@@ -114,8 +114,4 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
                          f"got shape {tuple(x.shape)} (last dim {two_f})")
     if compiling():
         return torch.ops.palm_fast.swiglu(x)
-    if x.requires_grad and torch.is_grad_enabled():
-        return _SwiGLUEager.apply(x)   # (as before: it refuses torch.func transforms itself)
-    check_no_transforms(x)
-    # no gradient: the kernel itself (no autograd.Function; no GEMM, so autocast is moot)
-    return _FWD_IMPLS[x.device.type](x)
+    return eager_op(_SwiGLUEager, _FWD_IMPLS, x.device.type, needs_grad(x))(x)
