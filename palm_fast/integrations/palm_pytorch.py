@@ -160,7 +160,7 @@ class _RotaryView:
 
     @property
     def inv_freq(self) -> torch.Tensor:
-        return self._m.inv_freq.float()
+        return as_fp32(self._m.inv_freq)
 
     @property
     def rotary_dim(self) -> int:

@@ -102,7 +102,7 @@ class ParallelBlock(_reference.ParallelBlock):
         w, buf = self.in_proj.weight, self.rotary.inv_freq
         if not uses_triton(w.device.type):
             return None
-        inv = buf.float()   # (a checkpoint loaded with assign=True may hold it in another dtype)
+        inv = as_fp32(buf)   # (a checkpoint loaded with assign=True may hold it in another dtype)
         args = (w, inv, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.rotary.interleaved)
         if compiling() or not self.cache_packed_weight or not versioned(w, buf) or fsdp_managed(self) \
                 or optimizer_in_step() or _dispatch.cuda_capturing():
