@@ -56,15 +56,15 @@ def check_no_grad(name: str, t: torch.Tensor) -> None:
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    if not items:
-        return
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(
-                f"{name}: expected device {first.device} (same as {first_name}), got {t.device}"
-            )
+    """The non-None tensors on one device (runs per op call: no lists built)."""
+    first_name = first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first_name, first = name, t.device
+        elif t.device != first:
+            raise ValueError(f"{name}: expected device {first} (same as {first_name}), got {t.device}")
 
 
 def check_same_dtype(**tensors: torch.Tensor) -> None:

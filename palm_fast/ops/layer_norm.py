@@ -217,8 +217,7 @@ def _check_affine(x: torch.Tensor, weight, bias) -> None:
         check_shape("bias", bias, (N,), " (x's last dim)")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias: expected dtype {weight.dtype} (same as weight), got {bias.dtype}")
-    if weight.device != x.device or (bias is not None and bias.device != x.device):
-        check_same_device(x=x, weight=weight, bias=bias)   # (raises, naming the argument)
+    check_same_device(x=x, weight=weight, bias=bias)
 
 
 def _check_input(name: str, x) -> int:
@@ -269,8 +268,7 @@ def add_layer_norm(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None = No
             raise ValueError(f"{name}: expected shape {tuple(x.shape)} (same as x), got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (same as x), got {t.dtype}")
-    if a.device != x.device or (m is not None and m.device != x.device):
-        check_same_device(x=x, a=a, m=m)   # (raises, naming the argument)
+    check_same_device(x=x, a=a, m=m)
     _check_affine(x, weight, bias)
     eps = check_eps(eps)
     if compiling():
