@@ -29,12 +29,48 @@ def _cxx_flags():
     return flags
 
 
+def _shared_libstdcxx(cxx=None):
+    """Link arguments that make the extension use the C++ runtime torch uses.
+
+    A compiler that has no shared libstdc++ of its own (the GPU image's /opt/gcc g++ 13)
+    links libstdc++.a into the extension: it then carried a private copy of the exception
+    runtime (``__cxa_throw``, ``__gxx_personality_v0``) beside the process's libstdc++.so, and
+    any C++ exception thrown inside it (a failed ``TORCH_CHECK``) crashed the process with
+    SIGSEGV instead of raising. Such a compiler gets the libstdc++.so that this process
+    (torch) has loaded on its link line, ahead of the driver's static one. Returns [] where
+    the compiler links libstdc++ dynamically (the usual case) or nothing can be found."""
+    import subprocess
+
+    if cxx is None:
+        try:
+            from torch.utils.cpp_extension import get_cxx_compiler
+            cxx = get_cxx_compiler()
+        except ImportError:
+            cxx = os.environ.get("CXX", "c++")
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if os.path.isabs(found) and os.path.exists(found):
+        return []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isabs(path):
+                    return [path]
+    except OSError:
+        pass
+    return []
+
+
 ext = CppExtension(
     name="palm_fast._C",
     sources=sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
     include_dirs=[os.path.join(ROOT, "csrc")],
     extra_compile_args={"cxx": _cxx_flags()},
-    extra_link_args=["-fopenmp"],
+    extra_link_args=["-fopenmp"] + _shared_libstdcxx(),
 )
 
 # Every package under palm_fast/ (a hand-written list once left out palm_fast.integrations:

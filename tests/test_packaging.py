@@ -70,3 +70,63 @@ def test_extension_errors_tell_missing_from_unloadable(monkeypatch):
         monkeypatch.setattr(sys, "meta_path", [Finder(msg), *sys.meta_path])
         with pytest.raises(ImportError, match=want):
             _ext.cpp.__wrapped__()
+
+
+def _setup_globals(monkeypatch) -> dict:
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.chdir(ROOT)
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
+
+
+def test_compiler_without_shared_libstdcxx_links_torchs(monkeypatch):
+    """The GPU image's g++ has no libstdc++.so of its own and linked libstdc++.a into _C:
+    a private exception runtime beside the process's, and every C++ exception thrown in _C
+    (a failed TORCH_CHECK) was a SIGSEGV. Such a compiler links the libstdc++.so this
+    process has loaded (torch's); a usual compiler keeps its default."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    pick = _setup_globals(monkeypatch)["_shared_libstdcxx"]
+
+    class Done:
+        def __init__(self, out):
+            self.stdout = out
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done("libstdc++.so\n"))  # none of its own
+    args = pick("g++")
+    assert len(args) == 1 and os.path.isabs(args[0]) and os.path.exists(args[0])
+    assert os.path.basename(args[0]).startswith("libstdc++.so")
+    loaded = Path(args[0]).resolve()
+    with open("/proc/self/maps") as maps:
+        assert any(Path(line.split()[-1]).resolve() == loaded for line in maps if "libstdc++" in line)
+    own = Path(args[0])   # a compiler with its own shared libstdc++: nothing added
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done(f"{own}\n"))
+    assert pick("g++") == []
+
+    def missing(*a, **k):
+        raise FileNotFoundError("no such compiler")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    assert pick("no-such-c++") == []
+
+
+def test_extension_carries_no_private_cxx_runtime():
+    """The built _C defines no C++ exception runtime of its own (see above)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from palm_fast._ext import cpp
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("needs binutils' nm")
+    out = subprocess.run([nm, "-D", "--defined-only", cpp().__file__], capture_output=True,
+                         text=True, check=True).stdout
+    defined = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    assert not defined & {"__cxa_throw", "__cxa_allocate_exception", "__gxx_personality_v0"}
