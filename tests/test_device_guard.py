@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from torch._subclasses import fake_tensor
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from palm_fast.kernels import _common
@@ -53,7 +54,11 @@ def cuda_state(monkeypatch):
 
 
 def _fake_cuda(index: int) -> torch.Tensor:
-    return FakeTensor(FakeTensorMode(), torch.empty(4, device="meta"), torch.device("cuda", index))
+    # (a FakeTensor on a CUDA device first makes a real tensor there when CUDA is available:
+    # "invalid device ordinal" for cuda:1 on a one-GPU machine; the fake needs no context)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fake_tensor, "init_gpu_context", lambda device: None)
+        return FakeTensor(FakeTensorMode(), torch.empty(4, device="meta"), torch.device("cuda", index))
 
 
 def test_launcher_runs_on_its_tensors_device(cuda_state):

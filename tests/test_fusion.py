@@ -816,7 +816,9 @@ def test_zero_constants_in_products_quotients_and_scalar_math():
         checks.append(("inv_e", c * -math.inf))
     for name, want in checks:
         torch.testing.assert_close(r[name], want, equal_nan=True, rtol=0, atol=0, msg=name)
-        assert torch.equal(torch.signbit(r[name]), torch.signbit(want)), name
+        # (the sign of a NaN is not specified: x86 makes 0 / 0 a negative NaN, a GPU a positive one)
+        num = ~want.isnan()
+        assert torch.equal(torch.signbit(r[name])[num], torch.signbit(want)[num]), name
 
 
 def test_broadcast_keeps_negative_zero():

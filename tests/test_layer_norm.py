@@ -585,15 +585,16 @@ def test_frozen_affine_skips_the_column_reductions(backend, frozen, fused_add, m
     still summed dweight and dbias over all rows. Both frozen: dx only (the C++ kernel without
     its column partials, the generated dx-only kernel); dx is unchanged and the frozen
     parameters get no gradient. One of them trainable: computed as before."""
-    if backend == "triton":
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    if backend == "triton" and dev == "cpu":   # the CUDA glue on CPU tensors (interpreter)
         monkeypatch.setitem(ln_ops._LN_FWD_IMPLS, "cpu", ln_ops._layer_norm_fwd_cuda)
         monkeypatch.setitem(ln_ops._ADD_LN_FWD_IMPLS, "cpu", ln_ops._add_layer_norm_fwd_cuda)
         monkeypatch.setitem(ln_ops._LN_BWD_IMPLS, "cpu", ln_ops._layer_norm_bwd_cuda)
     flags = []
-    real = ln_ops._LN_BWD_IMPLS["cpu"]
-    monkeypatch.setitem(ln_ops._LN_BWD_IMPLS, "cpu", lambda *a: flags.append(a[6]) or real(*a))
+    real = ln_ops._LN_BWD_IMPLS[dev]
+    monkeypatch.setitem(ln_ops._LN_BWD_IMPLS, dev, lambda *a: flags.append(a[6]) or real(*a))
     M, N = 37, 96
-    x, a, w, b, dy = randn(M, N), randn(M, N), randn(N), randn(N), randn(M, N)
+    x, a, w, b, dy = (randn(*s).to(dev) for s in ((M, N), (M, N), (N,), (N,), (M, N)))
 
     def run(w_grad, b_grad):
         xl = x.clone().requires_grad_()
