@@ -24,10 +24,11 @@ Paged caches: the page of every key is looked up in the page table per block
 (``page_table[b, j // P]``, a vector gather), so any page size works (16..256 and more).
 
 Split heuristic: enough programs to fill the GPU at batch 1, in whole waves: ``n_splits``
-is the largest count with ``B * row_blocks * n_splits <= SM count`` (a fixed default under
-the interpreter), splits of at least 128 keys. On an H100 (bf16, CUDA graph replay) this
-beat rounding up to two programs per SM at every measured shape but one (48 x 256 heads,
-B=1, T=4096: 17.6 vs 16.9 us): B=64, T=32768: 705 vs 775 us; B=1, T=32768: 36 vs 53 us.
+is the largest count with ``B * row_blocks * n_splits <= programs`` (SM count: a fixed
+default under the interpreter), splits of at least 128 keys. ``programs`` is one per SM for a
+contiguous cache, two per SM for a paged one (see ``decode_config``). On an H100 (bf16, CUDA graph replay) one per SM beat two per SM for
+contiguous caches at every measured shape but one (48 x 256 heads, B=1, T=4096: 17.6 vs
+16.9 us): B=64, T=32768: 705 vs 775 us; B=1, T=32768: 36 vs 53 us.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) every load is upcast to fp32 (the interpreter
 keeps bf16 as raw bits); on the GPU the ``tl.dot`` operands stay fp16/bf16 (fp32 caches
@@ -220,10 +221,11 @@ def _fit_splits(capacity: int, n_splits: int, block_n: int) -> tuple[int, int]:
 
 
 def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes: int = 2,
-                  smem: int = 232448) -> dict:
+                  smem: int = 232448, paged: bool = False) -> dict:
     """Tile sizes and the split count (a function of shapes and the cache capacity only,
     never of the lengths: the grid stays fixed for CUDA graphs). ``elem_bytes``: the cache's
-    element size; ``smem``: shared memory per block (``smem_per_block``; default an H100's)."""
+    element size; ``smem``: shared memory per block (``smem_per_block``; default an H100's);
+    ``paged``: keys are looked up through a page table."""
     block_d = max(16, next_pow2(hd))  # tl.dot needs K >= 16
     # All H <= 64 heads of a sequence in one M tile (PaLM: 48 heads -> 64 rows), so each K/V
     # tile is loaded once per split; more rows (shared-prefix groups) take several tiles.
@@ -242,8 +244,15 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes
     # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
     # must stay small next to the K/V bytes it reads.
     max_splits = max(1, cdiv(capacity, max(_MIN_SPLIT, block_n)))
-    n_splits, split_len = _fit_splits(capacity, min(max_splits, max(1, n_sms // (B * row_blocks))),
-                                      block_n)  # one wave: <= n_sms programs
+    # Programs per wave (measured on an H100, bf16, CUDA graph replays; probes/probe9_decode.py):
+    # - contiguous: one per SM (more cost partials and did not read faster);
+    # - paged: two per SM. Each block's page-table gather comes before its K/V loads, and a
+    #   second resident program hides it (same tiles; T=32768, the bench's eager calls):
+    #   48 x 256: B=64 919 -> 745 us (96% of copy), B=8 139 -> 118 us; 16 x 128, B=64: 510 ->
+    #   377 us (95%); 16 x 128, B=64, T=4096: 145 -> 69 us.
+    programs = n_sms * (2 if paged else 1)
+    n_splits, split_len = _fit_splits(capacity, min(max_splits, max(1, programs // (B * row_blocks))),
+                                      block_n)
     # 4 warps: measured on an H100 (bf16) faster than 8 at head dim 256 (775 vs 917 us at
     # B=64, T=32768, 48 heads) and equal at 128
     num_warps = 4
@@ -305,7 +314,7 @@ def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     paged = page_table is not None
     capacity = page_table.shape[1] * P if paged else P
     cfg = decode_config(B, R, hd, capacity, sm_count(q.device), q.element_size(),
-                        smem_per_block(q.device) if gpu_launch(q.device) else 232448)
+                        smem_per_block(q.device) if gpu_launch(q.device) else 232448, paged)
     if n_splits is not None or tiles:
         cfg = _override(cfg, B, R, capacity, n_splits, tiles)
     S = cfg["n_splits"]

@@ -425,6 +425,12 @@ def test_triton_grid_independent_of_lengths():
     assert 0.9 * 132 <= 8 * c["n_splits"] * c["row_blocks"] <= 132
     b = tk.decode_config(64, 16, 128, 4096, 132)
     assert b["n_splits"] >= 1 and b["BLOCK_R"] == 16
+    # a paged cache: two programs per SM (the page-table gather before each block's loads is
+    # hidden by a second resident program), same tiles
+    p = tk.decode_config(8, 48, 256, 32768, 132, paged=True)
+    assert 0.9 * 2 * 132 <= 8 * p["n_splits"] * p["row_blocks"] <= 2 * 132
+    assert {k: v for k, v in p.items() if k not in ("n_splits", "split_len")} == \
+        {k: v for k, v in c.items() if k not in ("n_splits", "split_len")}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
