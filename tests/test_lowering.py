@@ -131,8 +131,13 @@ def test_fusion_kernels(report):
         assert want in names, (want, sorted(names))
     assert any(n.startswith("fused_layer_norm_fwd_nobias_mc_full_g0_t9_r") for n in names)
     # wide rows take more warps (the runner's GPU rule; under the interpreter warps are not set)
+    # (8 up to 8192 columns without column partials, 16 for the backward's partials there)
     wide = _kernels(report, "layer_norm", "fused_layer_norm_fwd_nobias_mc_full_g0", "N=8192")
+    assert wide and wide[0]["num_warps"] == 8
+    wide = _kernels(report, "layer_norm", "fused_layer_norm_bwd_nobias_full_g0", "N=8192")
     assert wide and wide[0]["num_warps"] == 16
+    wide = _kernels(report, "layer_norm", "fused_layer_norm_fwd_nobias_mc_full_g0", "N=4096")
+    assert wide and wide[0]["num_warps"] == 8
 
 
 def test_compile_only_mode_is_scoped():
