@@ -29,7 +29,21 @@ def _cxx_flags():
     return flags
 
 
-def _shared_libstdcxx(cxx=None):
+def _loaded_libstdcxx():
+    """The libstdc++.so this process (torch) has loaded, or None (no /proc, none loaded)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(None, 5)   # the path is the 6th field (it may hold spaces)
+                path = fields[5].strip() if len(fields) == 6 else ""
+                if os.path.isabs(path) and os.path.basename(path).startswith("libstdc++.so"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _shared_libstdcxx(cxx):
     """Link arguments that make the extension use the C++ runtime torch uses.
 
     A compiler that has no shared libstdc++ of its own (the GPU image's /opt/gcc g++ 13)
@@ -37,32 +51,43 @@ def _shared_libstdcxx(cxx=None):
     runtime (``__cxa_throw``, ``__gxx_personality_v0``) beside the process's libstdc++.so, and
     any C++ exception thrown inside it (a failed ``TORCH_CHECK``) crashed the process with
     SIGSEGV instead of raising. Such a compiler gets the libstdc++.so that this process
-    (torch) has loaded on its link line, ahead of the driver's static one. Returns [] where
-    the compiler links libstdc++ dynamically (the usual case) or nothing can be found."""
+    (torch) has loaded on its link line, ahead of the driver's static one (the soname goes
+    into NEEDED). ``cxx``: the C++ compiler command that links, a string or an argv list
+    (a launcher and flags allowed: ``"ccache g++"``). Returns [] where the compiler links
+    libstdc++ dynamically (the usual case); warns where it cannot tell."""
+    import shlex
     import subprocess
+    import warnings
 
-    if cxx is None:
-        try:
-            from torch.utils.cpp_extension import get_cxx_compiler
-            cxx = get_cxx_compiler()
-        except ImportError:
-            cxx = os.environ.get("CXX", "c++")
+    argv = shlex.split(cxx) if isinstance(cxx, str) else list(cxx)
     try:
-        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True,
+        found = subprocess.run([*argv, "-print-file-name=libstdc++.so"], capture_output=True,
                                text=True, timeout=60).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as e:
+        warnings.warn(f"palm_fast: could not ask the C++ compiler {argv} for its libstdc++ ({e}); "
+                      "if it links libstdc++ statically, C++ errors inside palm_fast._C will crash")
         return []
     if os.path.isabs(found) and os.path.exists(found):
         return []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1]
-                if os.path.basename(path).startswith("libstdc++.so") and os.path.isabs(path):
-                    return [path]
-    except OSError:
-        pass
-    return []
+    loaded = _loaded_libstdcxx()
+    if loaded is None:
+        warnings.warn(f"palm_fast: the C++ compiler {argv} has no shared libstdc++ and none is "
+                      "loaded here: palm_fast._C links libstdc++ statically (C++ errors inside it "
+                      "may crash the process)")
+        return []
+    return [loaded]
+
+
+class _BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, asking the compiler that links (``compiler_cxx``: sysconfig's
+    or ``CXX``, launcher included) whether it needs torch's libstdc++ on the link line."""
+
+    def build_extensions(self):
+        extra = _shared_libstdcxx(getattr(self.compiler, "compiler_cxx", None) or ["c++"])
+        for e in self.extensions:
+            e.extra_link_args = list(e.extra_link_args or []) + [a for a in extra
+                                                                 if a not in (e.extra_link_args or [])]
+        super().build_extensions()
 
 
 ext = CppExtension(
@@ -70,7 +95,7 @@ ext = CppExtension(
     sources=sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
     include_dirs=[os.path.join(ROOT, "csrc")],
     extra_compile_args={"cxx": _cxx_flags()},
-    extra_link_args=["-fopenmp"] + _shared_libstdcxx(),
+    extra_link_args=["-fopenmp"],   # (+ torch's libstdc++ where needed: _BuildExt)
 )
 
 # Every package under palm_fast/ (a hand-written list once left out palm_fast.integrations:
@@ -85,5 +110,5 @@ setup(
         "palm_fast.benchmarks": "benchmarks",
     },
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt},
 )

@@ -82,7 +82,8 @@ def test_compiler_without_shared_libstdcxx_links_torchs(monkeypatch):
     """The GPU image's g++ has no libstdc++.so of its own and linked libstdc++.a into _C:
     a private exception runtime beside the process's, and every C++ exception thrown in _C
     (a failed TORCH_CHECK) was a SIGSEGV. Such a compiler links the libstdc++.so this
-    process has loaded (torch's); a usual compiler keeps its default."""
+    process has loaded (torch's); a usual compiler keeps its default. The compiler command
+    may carry a launcher ("ccache g++"), as setuptools' compiler_cxx does."""
     import subprocess
     import sys
 
@@ -91,18 +92,26 @@ def test_compiler_without_shared_libstdcxx_links_torchs(monkeypatch):
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/maps")
     pick = _setup_globals(monkeypatch)["_shared_libstdcxx"]
+    asked = []
 
     class Done:
         def __init__(self, out):
             self.stdout = out
 
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done("libstdc++.so\n"))  # none of its own
+    def bare(argv, **k):   # a compiler with no shared libstdc++ of its own
+        asked.append(argv)
+        return Done("libstdc++.so\n")
+
+    monkeypatch.setattr(subprocess, "run", bare)
     args = pick("g++")
     assert len(args) == 1 and os.path.isabs(args[0]) and os.path.exists(args[0])
     assert os.path.basename(args[0]).startswith("libstdc++.so")
     loaded = Path(args[0]).resolve()
     with open("/proc/self/maps") as maps:
         assert any(Path(line.split()[-1]).resolve() == loaded for line in maps if "libstdc++" in line)
+    assert pick("ccache g++ -m64") == args and pick(["ccache", "g++"]) == args
+    assert asked[1:] == [["ccache", "g++", "-m64", "-print-file-name=libstdc++.so"],
+                         ["ccache", "g++", "-print-file-name=libstdc++.so"]]
     own = Path(args[0])   # a compiler with its own shared libstdc++: nothing added
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done(f"{own}\n"))
     assert pick("g++") == []
@@ -111,7 +120,34 @@ def test_compiler_without_shared_libstdcxx_links_torchs(monkeypatch):
         raise FileNotFoundError("no such compiler")
 
     monkeypatch.setattr(subprocess, "run", missing)
-    assert pick("no-such-c++") == []
+    with pytest.warns(UserWarning, match="could not ask the C\\+\\+ compiler"):
+        assert pick("no-such-c++") == []
+    monkeypatch.setattr(subprocess, "run", bare)
+    monkeypatch.setitem(pick.__globals__, "_loaded_libstdcxx", lambda: None)
+    with pytest.warns(UserWarning, match="links libstdc\\+\\+ statically"):
+        assert pick("g++") == []
+
+
+def test_build_asks_the_linking_compiler(monkeypatch):
+    """The build asks setuptools' C++ compiler command (the one that links), not a guess."""
+    g = _setup_globals(monkeypatch)
+    seen = []
+    # (run_path returns a copy of the module's globals: patch the functions' own)
+    monkeypatch.setitem(g["_BuildExt"].build_extensions.__globals__, "_shared_libstdcxx",
+                        lambda cxx: seen.append(cxx) or ["/x/libstdc++.so.6"])
+    base = g["_BuildExt"].__mro__[1]
+    monkeypatch.setattr(base, "build_extensions", lambda self: None)
+
+    class Compiler:
+        compiler_cxx = ["ccache", "/opt/gcc/bin/g++"]
+
+    cmd = g["_BuildExt"].__new__(g["_BuildExt"])
+    cmd.compiler, cmd.extensions = Compiler(), [g["ext"]]
+    g["ext"].extra_link_args = ["-fopenmp"]
+    cmd.build_extensions()
+    cmd.build_extensions()   # (no duplicate argument on a second run)
+    assert seen == [["ccache", "/opt/gcc/bin/g++"]] * 2
+    assert g["ext"].extra_link_args == ["-fopenmp", "/x/libstdc++.so.6"]
 
 
 def test_extension_carries_no_private_cxx_runtime():
