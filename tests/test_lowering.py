@@ -131,9 +131,12 @@ def test_fusion_kernels(report):
         assert want in names, (want, sorted(names))
     assert any(n.startswith("fused_layer_norm_fwd_nobias_mc_full_g0_t9_r") for n in names)
     # wide rows take more warps (the runner's GPU rule; under the interpreter warps are not set)
-    # (8 up to 8192 columns without column partials, 16 for the backward's partials there)
+    # (8 for whole 8192-column rows without column partials, 16 for masked rows of that block
+    # and for the backward's partials)
     wide = _kernels(report, "layer_norm", "fused_layer_norm_fwd_nobias_mc_full_g0", "N=8192")
     assert wide and wide[0]["num_warps"] == 8
+    wide = _kernels(report, "layer_norm", "fused_layer_norm_fwd_nobias_mc_full_g0", "N=6000")
+    assert wide and wide[0]["num_warps"] == 16
     wide = _kernels(report, "layer_norm", "fused_layer_norm_bwd_nobias_full_g0", "N=8192")
     assert wide and wide[0]["num_warps"] == 16
     wide = _kernels(report, "layer_norm", "fused_layer_norm_fwd_nobias_mc_full_g0", "N=4096")

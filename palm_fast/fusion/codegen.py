@@ -860,7 +860,7 @@ class CompiledGraph:
         self.mode, self.max_block, self.loop_block = mode, max_block, loop_block
         self.hash = graph.hash()
         self.partials_per_sm = partials_per_sm
-        self.num_warps = num_warps  # None: by row width held (4 up to 1024, 8 up to 4096 or 8192 without column partials, else 16)
+        self.num_warps = num_warps  # None: by row width held (4 up to 1024, 8 up to 4096 or whole 8192 rows without column partials, else 16)
         if tile < 16 or tile & (tile - 1):
             raise ValueError(f"tile: expected a power of two >= 16, got {tile}")
         # the tiled variant: rows with tile_min < N <= max_tiled(_partial) held as tiles; the
@@ -1133,10 +1133,13 @@ class CompiledGraph:
                 kw["EVEN_N"] = N % block == 0
             if gpu_launch(device):
                 width = block * tiles  # the row width a program holds (or streams)
-                # (8 warps up to 8192 without column partials: H100, bf16, the mean-corrected
-                # LayerNorm forward at 16384 x 8192 took 206 us with 16 warps, 184 with 8;
-                # probes/probe9_ln.py. 16 for the backward's partials: probe 6)
-                warps = 4 if width <= 1024 else (8 if width <= (4096 if has_part else 8192) else 16)
+                # (8 warps for whole 8192-wide rows without column partials: H100, bf16, the
+                # mean-corrected LayerNorm forward at 16384 x 8192 took 206 us with 16 warps,
+                # 184 with 8; session19/probe9_ln.py. Not for masked rows (4096 < N < 8192):
+                # unmeasured, and compiled for sm_90 they took up to 187 registers with 8
+                # warps. 16 for the backward's partials: probe 6)
+                wide8 = not has_part and N % block == 0
+                warps = 4 if width <= 1024 else (8 if width <= (8192 if wide8 else 4096) else 16)
                 if tiles > 1 and has_part and not k.reload:
                     warps = PARTIAL_TILED_WARPS
                 kw["num_warps"] = self.num_warps or warps
