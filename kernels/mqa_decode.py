@@ -246,11 +246,15 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes
     max_splits = max(1, cdiv(capacity, max(_MIN_SPLIT, block_n)))
     # Programs per wave (measured on an H100, bf16, CUDA graph replays; probes/probe9_decode.py):
     # - contiguous: one per SM (more cost partials and did not read faster);
-    # - paged: two per SM. Each block's page-table gather comes before its K/V loads, and a
-    #   second resident program hides it (same tiles; T=32768, the bench's eager calls):
-    #   48 x 256: B=64 919 -> 745 us (96% of copy), B=8 139 -> 118 us; 16 x 128, B=64: 510 ->
-    #   377 us (95%); 16 x 128, B=64, T=4096: 145 -> 69 us.
-    programs = n_sms * (2 if paged else 1)
+    # - paged, fp16 / bf16 on GPUs with >= 200 KiB of shared memory per block (H100): two
+    #   per SM. Each block's page-table gather comes before its K/V loads, and a second
+    #   resident program hides it (same tiles; T=32768, the bench's eager calls): 48 x 256:
+    #   B=64 919 -> 745 us (96% of copy), B=8 139 -> 118 us; 16 x 128, B=64: 510 -> 377 us
+    #   (95%); 16 x 128, B=64, T=4096: 145 -> 69 us. Two such programs fit on an SM (the paged
+    #   48 x 256 split plans 96 KiB); an fp32 one plans up to 140 KiB (one per SM: a second
+    #   wave), and the 99 KiB GPUs were not measured.
+    two = paged and elem_bytes == 2 and smem >= 200 * 1024
+    programs = n_sms * (2 if two else 1)
     n_splits, split_len = _fit_splits(capacity, min(max_splits, max(1, programs // (B * row_blocks))),
                                       block_n)
     # 4 warps: measured on an H100 (bf16) faster than 8 at head dim 256 (775 vs 917 us at

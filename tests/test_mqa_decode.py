@@ -431,6 +431,11 @@ def test_triton_grid_independent_of_lengths():
     assert 0.9 * 2 * 132 <= 8 * p["n_splits"] * p["row_blocks"] <= 2 * 132
     assert {k: v for k, v in p.items() if k not in ("n_splits", "split_len")} == \
         {k: v for k, v in c.items() if k not in ("n_splits", "split_len")}
+    # (not where a second program does not fit: an fp32 cache, a 99 KiB GPU)
+    assert tk.decode_config(8, 48, 256, 32768, 132, 4, paged=True)["n_splits"] == \
+        tk.decode_config(8, 48, 256, 32768, 132, 4)["n_splits"]
+    assert tk.decode_config(8, 16, 128, 32768, 84, 2, smem=101376, paged=True)["n_splits"] == \
+        tk.decode_config(8, 16, 128, 32768, 84, 2, smem=101376)["n_splits"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)

@@ -70,7 +70,8 @@ def suffix_pass():
 
 ref_o, ref_lse = prefix_pass()
 t = bench(graphed(prefix_pass))
-cfg = tk.decode_config(G, M * H, hd, table_pre.shape[1] * page, tk.sm_count(q.device))
+cfg = tk.decode_config(G, M * H, hd, table_pre.shape[1] * page, tk.sm_count(q.device), 2,
+                       tk.smem_per_block(q.device), paged=True)
 log(f"prefix pass, default tiles {cfg}: {t * 1e3:.1f} us, {flop / t / 1e9:.0f} TFLOP/s")
 log(f"suffix pass: {bench(graphed(suffix_pass)) * 1e3:.1f} us")
 merged = graphed(lambda: tk.mqa_decode(q, cache.k, cache.v, cache.page_table, starts, lens, 0, scale, False,
