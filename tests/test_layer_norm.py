@@ -615,3 +615,50 @@ def test_frozen_affine_skips_the_column_reductions(backend, frozen, fused_add, m
         assert torch.equal(fdw, dw)
     if fdb is not None:
         assert torch.equal(fdb, db)
+
+
+@pytest.mark.parametrize("used", ["out", "sum", "both"])
+def test_backward_materialises_no_zero_gradients(used):
+    """mean / rstd (and an unused y_sum of add + LN) get no gradient: autograd materialised a
+    zero tensor for each per backward ([M] twice, and [M, N] plus an add for y_sum when
+    only out was used). The gradients stay those of the reference, whichever outputs are
+    used."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    M, N = 6, 32
+    x, a, w, dy = randn(M, N), randn(M, N), randn(N), randn(M, N)
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = layer_norm(xl, wl)
+    with Log() as log:
+        torch.autograd.grad(y, (xl, wl), dy)
+    assert not [s for s in log.shapes if s in ((M,), (M, N))], log.shapes
+
+    xl, al, wl = x.clone().requires_grad_(), a.clone().requires_grad_(), w.clone().requires_grad_()
+    y_sum, out = add_layer_norm(xl, al, weight=wl)
+    loss = {"out": (out * dy).sum(), "sum": (y_sum * dy).sum(),
+            "both": (out * dy).sum() + (y_sum * dy).sum()}[used]
+    with Log() as log:
+        got = torch.autograd.grad(loss, (xl, al, wl), allow_unused=True)
+    assert not [s for s in log.shapes if s in ((M,), (M, N))], log.shapes
+    xr, ar, wr = (t.double().requires_grad_() for t in (x, a, w))
+    sr = xr + ar
+    outr = torch.nn.functional.layer_norm(sr, (N,), wr)
+    lr = {"out": (outr * dy.double()).sum(), "sum": (sr * dy.double()).sum(),
+          "both": (outr * dy.double()).sum() + (sr * dy.double()).sum()}[used]
+    want = torch.autograd.grad(lr, (xr, ar, wr), allow_unused=True)
+    for g, r in zip(got, want):
+        if r is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=1e-5)

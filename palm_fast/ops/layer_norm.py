@@ -137,6 +137,9 @@ def _ln_setup(ctx, inputs, output):
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.has_bias = bias is not None
+    # mean / rstd never receive a gradient (the public functions do not return them): no zero
+    # tensors materialised for them per backward (2 allocations + 2 fills on a GPU)
+    ctx.set_materialize_grads(False)
 
 
 def _ln_bwd(ctx, *args):
@@ -154,6 +157,8 @@ def _weight_grads(ctx, i_weight: int) -> tuple[bool, bool]:
 
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:   # (grads are not materialised: y received none)
+        return None, None, None, None
     x, weight, mean, rstd = ctx.saved_tensors
     need_w, need_b = _weight_grads(ctx, 1)
     dx, dw, db = _ln_bwd(ctx, dy, x, weight, mean, rstd, ctx.has_bias, need_w or need_b)
@@ -168,13 +173,21 @@ def _add_ln_setup(ctx, inputs, output):
     y_sum, _out, mean, rstd = output
     ctx.save_for_backward(y_sum, weight, mean, rstd)
     ctx.has_m, ctx.has_bias = m is not None, bias is not None
+    ctx.set_materialize_grads(False)   # (as in _ln_setup; y_sum or out may get None too)
 
 
 def _add_ln_backward(ctx, d_sum, d_out, _dmean, _drstd):
+    if d_sum is None and d_out is None:   # (grads are not materialised)
+        return None, None, None, None, None, None
     y_sum, weight, mean, rstd = ctx.saved_tensors
     need_w, need_b = _weight_grads(ctx, 3)
-    dx_ln, dw, db = _ln_bwd(ctx, d_out, y_sum, weight, mean, rstd, ctx.has_bias, need_w or need_b)
-    d = d_sum + dx_ln  # y_sum feeds both outputs; x, a and m all receive its gradient
+    if d_out is None:   # only y_sum was used: the LayerNorm passes nothing back
+        dx_ln = dw = db = None
+        need_w = need_b = False
+    else:
+        dx_ln, dw, db = _ln_bwd(ctx, d_out, y_sum, weight, mean, rstd, ctx.has_bias, need_w or need_b)
+    # y_sum feeds both outputs; x, a and m all receive its gradient
+    d = dx_ln if d_sum is None else (d_sum if dx_ln is None else d_sum + dx_ln)
     # One tensor (or views of one memory) handed to two inputs can become two leaves' .grad
     # tensors: autograd keeps a gradient nothing else references instead of copying it, and
     # the public function's reshapes wrap d in separate views, through any chain of nodes
