@@ -65,7 +65,8 @@ def _shared_libstdcxx(cxx):
                                text=True, timeout=60).stdout.strip()
     except (OSError, subprocess.SubprocessError) as e:
         warnings.warn(f"palm_fast: could not ask the C++ compiler {argv} for its libstdc++ ({e}); "
-                      "if it links libstdc++ statically, C++ errors inside palm_fast._C will crash")
+                      "if it links libstdc++ statically, C++ errors inside palm_fast._C will crash",
+                      stacklevel=2)
         return []
     if os.path.isabs(found) and os.path.exists(found):
         return []
@@ -73,7 +74,7 @@ def _shared_libstdcxx(cxx):
     if loaded is None:
         warnings.warn(f"palm_fast: the C++ compiler {argv} has no shared libstdc++ and none is "
                       "loaded here: palm_fast._C links libstdc++ statically (C++ errors inside it "
-                      "may crash the process)")
+                      "may crash the process)", stacklevel=2)
         return []
     return [loaded]
 

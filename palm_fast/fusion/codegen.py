@@ -860,7 +860,9 @@ class CompiledGraph:
         self.mode, self.max_block, self.loop_block = mode, max_block, loop_block
         self.hash = graph.hash()
         self.partials_per_sm = partials_per_sm
-        self.num_warps = num_warps  # None: by row width held (4 up to 1024, 8 up to 4096 or whole 8192 rows without column partials, else 16)
+        # None: by row width held (4 up to 1024, 8 up to 4096 or whole 8192-column rows
+        # without column partials, else 16)
+        self.num_warps = num_warps
         if tile < 16 or tile & (tile - 1):
             raise ValueError(f"tile: expected a power of two >= 16, got {tile}")
         # the tiled variant: rows with tile_min < N <= max_tiled(_partial) held as tiles; the
