@@ -25,10 +25,11 @@ Paged caches: the page of every key is looked up in the page table per block
 
 Split heuristic: enough programs to fill the GPU at batch 1, in whole waves: ``n_splits``
 is the largest count with ``B * row_blocks * n_splits <= programs`` (SM count: a fixed
-default under the interpreter), splits of at least 128 keys. ``programs`` is one per SM for a
-contiguous cache, two per SM for a paged one (see ``decode_config``). On an H100 (bf16, CUDA graph replay) one per SM beat two per SM for
-contiguous caches at every measured shape but one (48 x 256 heads, B=1, T=4096: 17.6 vs
-16.9 us): B=64, T=32768: 705 vs 775 us; B=1, T=32768: 36 vs 53 us.
+default under the interpreter), splits of at least 128 keys. ``programs`` is one per SM,
+two per SM for an fp16 / bf16 paged cache on a GPU with >= 200 KiB of shared memory per
+block (see ``decode_config``). On an H100 (bf16, CUDA graph replay) one per SM beat two per
+SM for contiguous caches at every measured shape but one (48 x 256 heads, B=1, T=4096: 17.6
+vs 16.9 us): B=64, T=32768: 705 vs 775 us; B=1, T=32768: 36 vs 53 us.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) every load is upcast to fp32 (the interpreter
 keeps bf16 as raw bits); on the GPU the ``tl.dot`` operands stay fp16/bf16 (fp32 caches
@@ -244,7 +245,7 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes
     # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
     # must stay small next to the K/V bytes it reads.
     max_splits = max(1, cdiv(capacity, max(_MIN_SPLIT, block_n)))
-    # Programs per wave (measured on an H100, bf16, CUDA graph replays; probes/probe9_decode.py):
+    # Programs per wave (H100, bf16; benchmarks/results/h100/session19/probe9_decode.py):
     # - contiguous: one per SM (more cost partials and did not read faster);
     # - paged, fp16 / bf16 on GPUs with >= 200 KiB of shared memory per block (H100): two
     #   per SM. Each block's page-table gather comes before its K/V loads, and a second
