@@ -68,7 +68,9 @@ def _compile_instead(self, *args, grid, warmup, **kwargs):
         ir = kernel.asm.get("ttgir", "")
         _REPORT.append(dict(_CASE, kernel=self.fn.__name__, shared=kernel.metadata.shared,
                             num_warps=kernel.metadata.num_warps, wgmma=ir.count("warp_group_dot"),
-                            async_wait=ir.count("async_wait"), seconds=round(time.perf_counter() - t0, 2)))
+                            async_wait=ir.count("async_wait"),
+                            fma=kernel.asm.get("ptx", "").count("fma.rn.f32"),
+                            seconds=round(time.perf_counter() - t0, 2)))
         print(json.dumps(_REPORT[-1]), flush=True)
     return kernel
 

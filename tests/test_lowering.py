@@ -131,6 +131,11 @@ def test_fusion_kernels(report):
         assert want in names, (want, sorted(names))
     assert any(n.startswith("fused_layer_norm_fwd_nobias_mc_full_g0_t9_r") for n in names)
     # wide rows take more warps (the runner's GPU rule; under the interpreter warps are not set)
+    # no FMA contraction in any generated kernel (as the C++ kernels): the LayerNorm
+    # backward's g - mean(g) was contracted into fma(dy, w, -mean), and a 1-wide row's dx
+    # came out as the rounding error of dy * w times rstd instead of 0
+    fused = [r for r in _kernels(report, "layer_norm") if r["kernel"].startswith("fused_")]
+    assert fused and all(r["fma"] == 0 for r in fused), [(r["kernel"], r["case"]) for r in fused if r["fma"]]
     # (8 for whole 8192-column rows without column partials, 16 for masked rows of that block
     # and for the backward's partials)
     wide = _kernels(report, "layer_norm", "fused_layer_norm_fwd_nobias_mc_full_g0", "N=8192")

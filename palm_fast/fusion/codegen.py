@@ -1145,6 +1145,12 @@ class CompiledGraph:
                 if tiles > 1 and has_part and not k.reload:
                     warps = PARTIAL_TILED_WARPS
                 kw["num_warps"] = self.num_warps or warps
+                # No FMA contraction, as the C++ kernels (-ffp-contract=off): the LayerNorm
+                # backward rounds g = dy * w in its first pass (mean of g), and a second pass
+                # contracted g - mean(g) into fma(dy, w, -mean): dx of a 1-wide row was the
+                # rounding error times rstd (up to 0.11 at eps 1e-12) instead of 0. Also pins
+                # the results across Triton versions (3.10 changes the default).
+                kw["enable_fp_fusion"] = False
             plan.launches.append((fn, grid, spec, kw))
         seen = set()
         for name, (nid, like) in g.outputs.items():
