@@ -66,22 +66,23 @@ def test_in_proj_kernel(config, shape, dtype):
 
 
 @requires_cuda
-def test_autotune_configs_give_the_same_bits():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_autotune_configs_give_the_same_bits(dtype):
     """The autotuner picks a config by timing, which can differ from one process to the
     next: run-to-run bitwise reproducibility (PaLM's promise) needs every config of a GEMM
-    to give the same bits. (On the GPU only: under the interpreter numpy's dot sums each
-    tile in its own order.)"""
+    to give the same bits, in every dtype (fp32 configs are refitted to their operand size).
+    (On the GPU only: under the interpreter numpy's dot sums each tile in its own order.)"""
     M, d, H, Hk, hd, F, R, inter = 256, 512, 4, 1, 64, 256, 64, False
     inv_freq = functional.rope_inv_freq(R).cuda()
-    xn = randn(M, d, dtype=torch.bfloat16, device="cuda")
-    w = randn(H * hd + 2 * Hk * hd + 2 * F, d, dtype=torch.bfloat16, device="cuda", scale=d ** -0.5)
+    xn = randn(M, d, dtype=dtype, device="cuda")
+    w = randn(H * hd + 2 * Hk * hd + 2 * F, d, dtype=dtype, device="cuda", scale=d ** -0.5)
     pos = torch.randint(0, 300, (M,), device="cuda")
     packed = kp.pack_in_proj(w, inv_freq, H, Hk, hd, F, inter)
     runs = [kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=True, config=c) for c in kp.IN_PROJ_CONFIGS]
     for i, other in enumerate(runs[1:], 1):
         for name, a, b in zip(("q", "k", "v", "h", "ff"), runs[0], other):
             assert torch.equal(a, b), (name, i)
-    bf = dict(dtype=torch.bfloat16, device="cuda")
+    bf = dict(dtype=dtype, device="cuda")
     o, h, x = randn(M, 384, **bf), randn(M, 256, **bf), randn(M, 512, **bf)
     wo, wf = randn(512, 384, **bf), randn(512, 256, **bf)
     ys = [kp.out_proj(o, h, x, wo, wf, config=c) for c in kp.OUT_PROJ_CONFIGS]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, assert_close_by_rule, randn, requires_cuda
+from conftest import assert_close_by_rule, randn, requires_cuda
 from torch import nn
 
 import palm_fast
@@ -480,7 +480,6 @@ def test_numpy_integers_are_ints(tiny_model):
     assert [t.tolist() for t in got] == [t.tolist() for t in want]
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without CUDA")
 def test_cuda_graph_on_cpu_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="cuda_graph: True needs a model on a CUDA device"):
         palm_fast.generate(tiny_model, [[1, 2]], 2, cuda_graph=True)

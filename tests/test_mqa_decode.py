@@ -328,7 +328,7 @@ TRITON_CASES = [  # (B, H, hd, lens, page_size)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-@pytest.mark.parametrize("case", CASES if HAS_CUDA else TRITON_CASES,
+@pytest.mark.parametrize("case", CASES + TRITON_CASES if HAS_CUDA else TRITON_CASES,
                          ids=lambda c: f"B{c[0]}H{c[1]}d{c[2]}T{max(c[3])}p{c[4]}")
 def test_triton_decode_parity(case, dtype, triton_backend):
     B, H, hd, lens, page_size = case

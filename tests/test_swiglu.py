@@ -67,7 +67,7 @@ def test_cpp_parity(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-@pytest.mark.parametrize("shape", CUDA_SHAPES if HAS_CUDA else TRITON_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("shape", CUDA_SHAPES + TRITON_SHAPES if HAS_CUDA else TRITON_SHAPES, ids=_shape_id)
 def test_triton_parity(shape, dtype):
     lead, F = shape
     x = randn(*lead, 2 * F, dtype=dtype, device=TRITON_DEVICE)
