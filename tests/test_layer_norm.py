@@ -530,17 +530,21 @@ def test_no_grad_call_skips_autograd_with_the_same_bits(fn, monkeypatch):
 
 
 @pytest.fixture(params=["cpp", "triton"])
-def ln_device(request, monkeypatch):
-    """The device the LayerNorm ops run on for a backend: the C++ kernels (CPU), or the
-    generated Triton kernels (CUDA; without a GPU, the CUDA glue on CPU tensors under the
-    interpreter)."""
+def ln_backend(request, monkeypatch):
+    """``(backend, device)`` the LayerNorm ops run on: the C++ kernels (CPU), or the generated
+    Triton kernels (CUDA; without a GPU, the CUDA glue on CPU tensors under the interpreter)."""
     if request.param == "cpp":
-        return "cpu"
+        return "cpp", "cpu"
     if TRITON_DEVICE == "cpu":
         monkeypatch.setitem(ln_ops._LN_FWD_IMPLS, "cpu", ln_ops._layer_norm_fwd_cuda)
         monkeypatch.setitem(ln_ops._ADD_LN_FWD_IMPLS, "cpu", ln_ops._add_layer_norm_fwd_cuda)
         monkeypatch.setitem(ln_ops._LN_BWD_IMPLS, "cpu", ln_ops._layer_norm_bwd_cuda)
-    return TRITON_DEVICE
+    return "triton", TRITON_DEVICE
+
+
+@pytest.fixture
+def ln_device(ln_backend):
+    return ln_backend[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -593,19 +597,14 @@ def test_large_offset_rows_accuracy_cpu():
     assert ours <= 4 * theirs + 1e-6
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("frozen", ["weight", "bias", "both"])
 @pytest.mark.parametrize("fused_add", [False, True])
-def test_frozen_affine_skips_the_column_reductions(backend, frozen, fused_add, monkeypatch):
+def test_frozen_affine_skips_the_column_reductions(ln_backend, frozen, fused_add, monkeypatch):
     """A frozen weight and bias (LoRA / adapter training, a frozen LayerNorm): the backward
     still summed dweight and dbias over all rows. Both frozen: dx only (the C++ kernel without
     its column partials, the generated dx-only kernel); dx is unchanged and the frozen
     parameters get no gradient. One of them trainable: computed as before."""
-    dev = TRITON_DEVICE if backend == "triton" else "cpu"
-    if backend == "triton" and dev == "cpu":   # the CUDA glue on CPU tensors (interpreter)
-        monkeypatch.setitem(ln_ops._LN_FWD_IMPLS, "cpu", ln_ops._layer_norm_fwd_cuda)
-        monkeypatch.setitem(ln_ops._ADD_LN_FWD_IMPLS, "cpu", ln_ops._add_layer_norm_fwd_cuda)
-        monkeypatch.setitem(ln_ops._LN_BWD_IMPLS, "cpu", ln_ops._layer_norm_bwd_cuda)
+    backend, dev = ln_backend
     flags = []
     real = ln_ops._LN_BWD_IMPLS[dev]
     monkeypatch.setitem(ln_ops._LN_BWD_IMPLS, dev, lambda *a: flags.append(a[6]) or real(*a))
