@@ -86,8 +86,8 @@ class _BuildExt(BuildExtension.with_options(use_ninja=True)):
     def build_extensions(self):
         extra = _shared_libstdcxx(getattr(self.compiler, "compiler_cxx", None) or ["c++"])
         for e in self.extensions:
-            e.extra_link_args = list(e.extra_link_args or []) + [a for a in extra
-                                                                 if a not in (e.extra_link_args or [])]
+            have = list(e.extra_link_args or [])
+            e.extra_link_args = have + [a for a in extra if a not in have]
         super().build_extensions()
 
 

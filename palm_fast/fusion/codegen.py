@@ -1131,8 +1131,9 @@ class CompiledGraph:
                         continue
                     grid = (1,)  # M == 0: program 0 still writes the column-space outputs
             kw = {"BLOCK_N": block}
+            even = N % block == 0
             if grp.kind == "row":
-                kw["EVEN_N"] = N % block == 0
+                kw["EVEN_N"] = even
             if gpu_launch(device):
                 width = block * tiles  # the row width a program holds (or streams)
                 # (8 warps for whole 8192-wide rows without column partials: H100, bf16, the
@@ -1140,8 +1141,8 @@ class CompiledGraph:
                 # 184 with 8; session19/probe9_ln.py. Not for masked rows (4096 < N < 8192):
                 # unmeasured, and compiled for sm_90 they took up to 187 registers with 8
                 # warps. 16 for the backward's partials: probe 6)
-                wide8 = not has_part and N % block == 0
-                warps = 4 if width <= 1024 else (8 if width <= (8192 if wide8 else 4096) else 16)
+                eight = 8192 if even and not has_part else 4096   # widest row with 8 warps
+                warps = 4 if width <= 1024 else (8 if width <= eight else 16)
                 if tiles > 1 and has_part and not k.reload:
                     warps = PARTIAL_TILED_WARPS
                 kw["num_warps"] = self.num_warps or warps
