@@ -13,7 +13,8 @@ Run without ``TRITON_INTERPRET``::
     python tests/lower_for_gpu.py [--cc 90] [--sms 132] [--family decode ...]
 
 Prints one JSON object per compiled kernel (family, case, kernel name, shared memory bytes,
-warps, wgmma and async-wait counts in its TTGIR), then a summary object. ``tests/
+warps, wgmma and async-wait counts in its TTGIR, FMAs in its PTX, registers per thread and
+stack bytes, i.e. register spills, from ``cuobjdump``), then a summary object. ``tests/
 test_lowering.py`` runs it and checks the report.
 """
 from __future__ import annotations
@@ -53,6 +54,35 @@ class _TargetDriver:
         return True
 
 
+def _cuobjdump() -> str | None:
+    """Triton's bundled cuobjdump (else one on PATH); None without one."""
+    import shutil
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.isfile(path) else shutil.which("cuobjdump")
+
+
+_CUOBJDUMP = _cuobjdump()
+
+
+def _resources(cubin: bytes | None) -> dict:
+    """Registers per thread and stack bytes (register spills) of a compiled kernel, from
+    ``cuobjdump --dump-resource-usage`` of its cubin; None each without cuobjdump."""
+    import re
+    import subprocess
+    import tempfile
+
+    if not (_CUOBJDUMP and cubin):
+        return {"regs": None, "stack": None}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return {"regs": int(m.group(1)), "stack": int(m.group(2))} if m else {"regs": None, "stack": None}
+
+
 _REPORT: list[dict] = []
 _SEEN: set[int] = set()
 _CASE = {"family": "", "case": ""}
@@ -70,6 +100,7 @@ def _compile_instead(self, *args, grid, warmup, **kwargs):
                             num_warps=kernel.metadata.num_warps, wgmma=ir.count("warp_group_dot"),
                             async_wait=ir.count("async_wait"),
                             fma=kernel.asm.get("ptx", "").count("fma.rn.f32"),
+                            **_resources(kernel.asm.get("cubin")),
                             seconds=round(time.perf_counter() - t0, 2)))
         print(json.dumps(_REPORT[-1]), flush=True)
     return kernel

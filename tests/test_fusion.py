@@ -274,23 +274,25 @@ def test_layer_norm_without_bias_and_looped_variant_at_small_n(dtype):
     assert none is None
 
 
-@pytest.mark.parametrize("looped", [False, True])
-def test_layer_norm_mean_correction_rows_far_from_zero(looped):
+@pytest.mark.parametrize("variant", ["single", "tiled", "looped"])
+def test_layer_norm_mean_correction_rows_far_from_zero(variant):
     """The product graphs add the deviations' mean to the rounded mean (as the C++ kernel
     does): a row of equal values 12345.678 gave |y| = 0.3 without it (torch: 0), and rows
-    with a large mean and a small spread were off by 0.6. Checked on the single-block and
-    the looped variant, for layer_norm_fwd and add_layer_norm_fwd."""
+    with a large mean and a small spread were off by 0.6. Checked on the single-block, the
+    tiled and the looped variant, for layer_norm_fwd and add_layer_norm_fwd."""
     N = 300
+    looped = variant == "looped"
     gen = torch.Generator().manual_seed(5)
     base = torch.tensor([12345.678, -7777.7, 1000.0, 3.0])[:, None]
     x = base + torch.randn(4, N, generator=gen) * torch.tensor([0.0, 1e-3, 1e-2, 1.0])[:, None]
     x, w = x.to(DEV), torch.ones(N, device=DEV)
     ref = F.layer_norm(x.double(), (N,), eps=EPS)
     bound = (F.layer_norm(x, (N,), eps=EPS).double() - ref).abs().amax(1).clamp_min(1e-6)  # torch's
-    opts = {"max_block": 64, "loop_block": 64} if looped else {}
+    opts = {"single": {}, "looped": {"max_block": 64, "loop_block": 64},
+            "tiled": {"tile": 64, "tile_min": 64, "max_tiled": 1024}}[variant]
     for mc in (True, False):
         cg = compile_graph(expanders.layer_norm_fwd(False, mean_correction=mc), "full", **opts)
-        assert cg.variant(cg.schedule.groups[0], N)[0] == looped
+        assert cg.variant(cg.schedule.groups[0], N)[::2] == (looped, 5 if variant == "tiled" else 1)
         r = cg(x=x, weight=w, eps=EPS)
         err = (r["y"].double() - ref).abs().amax(1)
         if mc:
@@ -316,6 +318,15 @@ def test_layer_norm_mean_correction_graph():
     assert fuse(g, "full", row_fits=False).kernel_count == 3
     assert expanders.add_layer_norm_fwd(True, False, None, True).op_count() == 19
     assert fuse(expanders.add_layer_norm_fwd(True, False, None, True), "full").kernel_count == 1
+    # x is read by the first two nodes only (its sum and d0 = x - mean0); y normalises d0 - c,
+    # so a kernel that holds the row holds one copy of it, not x beside d0 (sm_90, N=18432:
+    # 304 bytes of register spills per thread with x - mean, 48 with d0 - c)
+    for graph in (g, expanders.add_layer_norm_fwd(False, False, "bfloat16", True)):
+        src = graph.nodes[graph.outputs["mean"][0]].inputs[0]   # mean = mean0 + c: mean0
+        row = graph.nodes[src].inputs[0]                      # mean0 = s * (1/N): the sum
+        x = graph.nodes[row].inputs[0]                        # sum(x): x (add + LN: the sum)
+        readers = sorted(n.op for n in graph.nodes if x in n.inputs)
+        assert readers == ["reduce_sum", "sub"], readers
 
 
 def test_mindspore_mode_runs_and_agrees_with_full():
@@ -612,13 +623,14 @@ def test_launch_plans_per_input_signature():
 @pytest.mark.parametrize("row_step", [1, 3])
 def test_tiled_variant_at_small_n(dtype, row_step):
     """The tiled variant forced at small N (16-wide tiles, a ragged last tile): LayerNorm
-    forward with 1 or 3 rows per loop step (M not a multiple of 3), its backward (column
-    partials, one row per step) and add + LayerNorm, against the fp64 reference."""
+    forward (MindSpore's graph and the product's, with the mean correction) with 1 or 3
+    rows per loop step (M not a multiple of 3), its backward (column partials, one row per
+    step) and add + LayerNorm, against the fp64 reference."""
     M, N = 7, 100
     opts = dict(tile=16, tile_min=16, max_tiled=1000, max_tiled_partial=1000, row_step=row_step)
     x, w, b, dy = _ln_case(M, N, dtype, has_bias=True)
-    for has_bias in (False, True):
-        fwd = compile_graph(expanders.layer_norm_fwd(has_bias), "full", **opts)
+    for has_bias, mc in ((False, False), (True, False), (False, True), (True, True)):
+        fwd = compile_graph(expanders.layer_norm_fwd(has_bias, mc), "full", **opts)
         bwd = compile_graph(expanders.layer_norm_bwd(has_bias), "full", **opts)
         grp = fwd.schedule.groups[0]
         assert fwd.variant(grp, N) == (False, 16, 7) and fwd._rows(grp, 7) == row_step
@@ -641,6 +653,32 @@ def test_tiled_variant_at_small_n(dtype, row_step):
     torch.testing.assert_close(r["y_sum"].double(), s64, rtol=2e-2, atol=2e-2)
     y64 = torch.nn.functional.layer_norm(r["y_sum"].double(), (N,), w.double(), None, EPS)
     torch.testing.assert_close(r["out"].double(), y64, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("opts", [{}, dict(tile=16, tile_min=16, max_tiled=1000, row_step=1)],
+                         ids=["single", "tiled"])
+def test_row_outputs_read_in_the_kernel_are_stored_early(opts):
+    """A row output that the kernel goes on to read (add + LayerNorm's y_sum) is stored as
+    soon as it is computed, before the row reductions, so its values need not stay live
+    beside the deviations (sm_90, three-input add + LN: 127 -> 100 registers per thread at
+    N=18432, 48 -> 40 at 4096); other outputs are stored after the last computation, in
+    argument order (LayerNorm's forward kernel is unchanged). The results stay exact."""
+    N = 100
+    add = compile_graph(expanders.add_layer_norm_fwd(True, False, None, True), "full", **opts)
+    src = add.sources(N)[0].source
+    y_sum, out = add.graph.outputs["y_sum"][0], add.graph.outputs["out"][0]
+    first_sum = src.index("tl.sum(")
+    assert src.index(f"tl.store(out{y_sum} ") < first_sum < src.index(f"tl.store(out{out} ")
+    ln = compile_graph(expanders.layer_norm_fwd(False, True), "full", **opts)
+    lines = [line.strip() for line in ln.sources(N)[0].source.splitlines()]
+    stores = [i for i, line in enumerate(lines) if line.startswith("tl.store(")]
+    computed = [i for i, line in enumerate(lines) if line.startswith("v") and " = " in line]
+    assert stores and min(stores) > max(computed)
+    x, w, _, a = _ln_case(5, N, torch.float32, seed=3)
+    r = add(x=x, a=a, m=x, weight=w, eps=EPS)
+    assert torch.equal(r["y_sum"], x + a + x)
+    ref = F.layer_norm(r["y_sum"].double(), (N,), w.double(), None, EPS)
+    torch.testing.assert_close(r["out"].double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tiles", [1, 7])

@@ -13,7 +13,7 @@ deviations' own mean to the rounded mean, in the same reduction pass as the vari
     s = ReduceSum(x); mean0 = Mul(s, 1/N); d0 = Sub(x, mean0)
     s1 = ReduceSum(d0); s2 = ReduceSum(Mul(d0, d0)); c = Mul(s1, 1/N)
     mean = Add(mean0, c); var = Max(Mul(Sub(s2, Mul(c, s1)), 1/N), 0)
-    rstd = Rsqrt(Add(var, eps)); y = Mul(Mul(Sub(x, mean), rstd), gamma) (+ beta)
+    rstd = Rsqrt(Add(var, eps)); y = Mul(Mul(Sub(d0, c), rstd), gamma) (+ beta)
 
 Without it a row of equal values c far from 0 (mean0 = c plus a rounding error) gave
 ``x - mean != 0``, which ``rstd = eps^-1/2`` amplified: |y| = 0.3 for rows of 12345.678,
@@ -42,7 +42,9 @@ def _layer_norm_body(g: Graph, x: int, weight: int, bias: int | None, eps: int,
         s1 = g.sum(d)
         c = g.mul(s1, inv_n)
         mean = g.add(mean, c)
-        d = g.sub(x, mean)
+        # x - mean as d0 - c: x is dead once d0 exists (a tiled kernel holds one copy of
+        # the row, not x and d0), and d0 - c skips the rounding of mean0 + c
+        d = g.sub(d, c)
         var = g.binary("max", g.mul(g.sub(ss, g.mul(c, s1)), inv_n), g.const(0.0))
     else:
         var = g.mul(ss, inv_n)
