@@ -241,6 +241,15 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes
         num_stages, block_r = 2, min(block_r, 32)
         if elem_bytes * block_d >= 1024:
             block_n = 16
+    num_warps = 4
+    if elem_bytes == 4:
+        # fp32 caches: exact fp32 dots run on the FMA units, from registers. Compiled for
+        # sm_90 (Triton 3.6, cuobjdump), the bf16 tiles spilled 700 to 12,400 bytes per
+        # thread (48 x 256: 64 rows x 32 keys, 4 warps: 12,416; 16 x 128: 16 x 64: 704;
+        # 12 x 80: 680); 8 warps with at most 32 rows and 16 keys per step (head dim > 128)
+        # or 32 (<= 128) spill none (76-108 registers; 64 x 32 with 8 warps still spilled 48)
+        num_warps, block_r = 8, min(block_r, 32)
+        block_n = 16 if block_d > 128 else 32
     row_blocks = cdiv(R, block_r)
     # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
     # must stay small next to the K/V bytes it reads.
@@ -258,9 +267,8 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes
     programs = n_sms * (2 if two else 1)
     n_splits, split_len = _fit_splits(capacity, min(max_splits, max(1, programs // (B * row_blocks))),
                                       block_n)
-    # 4 warps: measured on an H100 (bf16) faster than 8 at head dim 256 (775 vs 917 us at
-    # B=64, T=32768, 48 heads) and equal at 128
-    num_warps = 4
+    # 4 warps (fp16 / bf16): measured on an H100 (bf16) faster than 8 at head dim 256 (775
+    # vs 917 us at B=64, T=32768, 48 heads) and equal at 128
     return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, row_blocks=row_blocks,
                 n_splits=n_splits, split_len=split_len, num_warps=num_warps, num_stages=num_stages)
 
