@@ -18,7 +18,7 @@ deterministic (no atomics, a fixed merge order).
 
 CUDA graphs: the grid depends on B, R and the cache capacity (``max_len``), never on the
 lengths, which are read on the device; a program whose split lies past its sequence's end
-writes a neutral partial (o = 0, lse = -inf) and exits.
+writes only its lse = -inf (the combine kernel does not read its output) and exits.
 
 Paged caches: the page of every key is looked up in the page table per block
 (``page_table[b, j // P]``, a vector gather), so any page size works (16..256 and more).
@@ -152,7 +152,13 @@ def _mqa_decode_split(
     lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     part = (b64 * n_splits + pid_s) * R + rows
-    tl.store(o_part_ptr + part[:, None] * hd + d[None, :], o, mask=row_mask[:, None] & d_mask[None, :])
+    # An empty split (past its sequence's end) writes only its lse = -inf: the combine
+    # kernel does not read the outputs of such splits (o = 0 there, weight 0), which saves
+    # an R x hd fp32 write and read per empty split (a short sequence in a long cache; the
+    # shared-prefix suffix pass, whose splits cover the whole capacity after the prefix)
+    has_keys = (rows * 0 + j0) < j1  # (a vector: the interpreter rejects a scalar & vector mask)
+    tl.store(o_part_ptr + part[:, None] * hd + d[None, :], o,
+             mask=(row_mask & has_keys)[:, None] & d_mask[None, :])
     tl.store(lse_part_ptr + part, lse, mask=row_mask)
 
 
@@ -197,9 +203,11 @@ def _mqa_decode_combine(
     for s0 in range(0, n_splits, CHUNK_S):  # a fixed order: deterministic
         sc = s0 + tl.arange(0, CHUNK_S)
         part = (b * n_splits + sc) * R + r
-        w = tl.exp(tl.load(lse_part_ptr + part, mask=sc < n_splits, other=float("-inf")) - m_safe)
+        lse_c = tl.load(lse_part_ptr + part, mask=sc < n_splits, other=float("-inf"))
+        w = tl.exp(lse_c - m_safe)
+        # (an empty split's output is not written: lse -inf, read as o = 0, as it would be)
         o = tl.load(o_part_ptr + part[:, None] * hd + d[None, :],
-                    mask=(sc < n_splits)[:, None] & (d < hd)[None, :], other=0.0)
+                    mask=((sc < n_splits) & (lse_c != float("-inf")))[:, None] & (d < hd)[None, :], other=0.0)
         acc += tl.sum(o * w[:, None], axis=0)
     keys = den != 0.0  # False only without keys: a NaN partial stays NaN (see the split kernel)
     out = tl.where(keys, acc / tl.where(keys, den, 1.0), 0.0)

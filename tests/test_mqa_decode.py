@@ -371,6 +371,50 @@ def test_triton_splits_and_empty_ranges(n_splits):
     assert (o[1] == 0).all() and torch.isinf(lse[1]).all() and (lse[1] < 0).all()
 
 
+def test_triton_empty_splits_write_no_partial_output(monkeypatch):
+    """A split past its sequence's end writes only its lse (-inf); the combine kernel reads
+    no output of such a split. Checked with the partial buffers filled with NaN: the empty
+    splits' outputs stay NaN (not written), and the result is bitwise the one of a call
+    whose partials start as zeros (nothing unwritten was read), also merging a prefix."""
+    from palm_fast.kernels import mqa_decode as tk
+
+    cache, _, _ = fill_cache(3, [700, 3, 0], 16, torch.float32, 8, device=TRITON_DEVICE)
+    q = randn(3, 6, 16, device=TRITON_DEVICE)
+    starts = torch.tensor([5, 0, 0], dtype=torch.int32, device=TRITON_DEVICE)
+    prefix = (randn(2, 6, 16, device=TRITON_DEVICE), randn(2, 6, device=TRITON_DEVICE),
+              torch.tensor([1, -1, 0], dtype=torch.int32, device=TRITON_DEVICE))
+    allocs = []
+
+    class Torch:   # kernels.mqa_decode's torch, its fp32 buffers pre-filled
+        def __init__(self, fill):
+            self.fill = fill
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def empty(self, *shape, dtype=None, device=None):
+            t = torch.empty(*shape, dtype=dtype, device=device)
+            if dtype == torch.float32:
+                t.fill_(self.fill)
+                allocs.append(t)
+            return t
+
+    out = []
+    for fill in (0.0, float("nan")):
+        allocs.clear()
+        monkeypatch.setattr(tk, "torch", Torch(fill))
+        out += [tk.mqa_decode(q, cache.k, cache.v, cache.page_table, starts, cache.lengths, 0, 0.3,
+                              True, n_splits=4, prefix=prefix)]
+        monkeypatch.undo()
+    o_part = allocs[0]
+    assert o_part.shape[:2] == (3, 4)  # [B, splits, R, hd]: sequence 0 keys 5..700, 1: 0..3, 2: none
+    assert not o_part[0].isnan().any() and not o_part[1, 0].isnan().any()
+    assert o_part[1, 1:].isnan().all() and o_part[2].isnan().all()
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    assert not out[0][0].isnan().any()
+
+
 @pytest.mark.parametrize("tiles", [{"BLOCK_R": 16, "BLOCK_N": 16},
                                    {"BLOCK_R": 32, "BLOCK_N": 32, "num_warps": 8},
                                    {"BLOCK_N": 64, "num_stages": 2}], ids=str)
