@@ -105,8 +105,9 @@ def _mqa_decode_split(
     row_mask = rows < R
     d_mask = d < hd
     b64 = b.to(tl.int64)
+    has_keys = (rows * 0 + j0) < j1  # (a vector: the interpreter rejects a scalar & vector mask)
     q = tl.load(q_ptr + (b64 * R + rows[:, None]) * hd + d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                mask=(row_mask & has_keys)[:, None] & d_mask[None, :], other=0.0)  # (none if empty)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -156,7 +157,6 @@ def _mqa_decode_split(
     # kernel does not read the outputs of such splits (o = 0 there, weight 0), which saves
     # an R x hd fp32 write and read per empty split (a short sequence in a long cache; the
     # shared-prefix suffix pass, whose splits cover the whole capacity after the prefix)
-    has_keys = (rows * 0 + j0) < j1  # (a vector: the interpreter rejects a scalar & vector mask)
     tl.store(o_part_ptr + part[:, None] * hd + d[None, :], o,
              mask=(row_mask & has_keys)[:, None] & d_mask[None, :])
     tl.store(lse_part_ptr + part, lse, mask=row_mask)
