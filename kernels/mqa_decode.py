@@ -258,6 +258,14 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes
         # or 32 (<= 128) spill none (76-108 registers; 64 x 32 with 8 warps still spilled 48)
         num_warps, block_r = 8, min(block_r, 32)
         block_n = 16 if block_d > 128 else 32
+    if R > 64 and block_d == 256 and elem_bytes == 2 and smem >= 200 * 1024:
+        # Several 64-row tiles per sequence: a shared-prefix pass (all members' rows over
+        # the prefix), compute-bound. H100, bf16, 64 sequences x 48 heads over a 4096-token
+        # prefix (benchmarks/results/h100/session19/shared_prefix_tiles.log): 128 rows x 64
+        # keys, 8 warps, one program per SM (5 splits) 73.1 us (176 TFLOP/s) against 86.9 us
+        # with the decode tiles; more splits were slower (8: 90.1 us). Other head dims were
+        # not measured.
+        block_r, block_n, num_warps = 128, 64, 8
     row_blocks = cdiv(R, block_r)
     # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
     # must stay small next to the K/V bytes it reads.
@@ -270,8 +278,9 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes
     #   B=64 919 -> 745 us (96% of copy), B=8 139 -> 118 us; 16 x 128, B=64: 510 -> 377 us
     #   (95%); 16 x 128, B=64, T=4096: 145 -> 69 us. Two such programs fit on an SM (the paged
     #   48 x 256 split plans 96 KiB); an fp32 one plans up to 140 KiB (one per SM: a second
-    #   wave), and the 99 KiB GPUs were not measured.
-    two = paged and elem_bytes == 2 and smem >= 200 * 1024
+    #   wave), and the 99 KiB GPUs were not measured;
+    # - 128-row tiles (the shared-prefix pass above): one per SM, as measured.
+    two = paged and elem_bytes == 2 and smem >= 200 * 1024 and block_r <= 64
     programs = n_sms * (2 if two else 1)
     n_splits, split_len = _fit_splits(capacity, min(max_splits, max(1, programs // (B * row_blocks))),
                                       block_n)

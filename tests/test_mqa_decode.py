@@ -480,6 +480,15 @@ def test_triton_grid_independent_of_lengths():
         tk.decode_config(8, 48, 256, 32768, 132, 4)["n_splits"]
     assert tk.decode_config(8, 16, 128, 32768, 84, 2, smem=101376, paged=True)["n_splits"] == \
         tk.decode_config(8, 16, 128, 32768, 84, 2, smem=101376)["n_splits"]
+    # a shared-prefix pass at head dim 256 (64 members x 48 heads over the bench's paged
+    # 4096-token prefix, capacity 4352): the measured compute-bound tiles, one program per SM
+    s = tk.decode_config(1, 64 * 48, 256, 4352, 132, paged=True)
+    assert (s["BLOCK_R"], s["BLOCK_N"], s["num_warps"], s["row_blocks"], s["n_splits"]) == (128, 64, 8, 24, 5)
+    # (decode-sized rows, other head dims, fp32, 99 KiB GPUs: unchanged)
+    for cfg in (tk.decode_config(64, 48, 256, 4352, 132, paged=True),
+                tk.decode_config(1, 64 * 16, 128, 4352, 132, paged=True),
+                tk.decode_config(1, 64 * 48, 256, 4352, 128, smem=101376, paged=True)):
+        assert cfg["BLOCK_R"] <= 64 and cfg["num_warps"] == 4
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
