@@ -259,12 +259,14 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes
         num_warps, block_r = 8, min(block_r, 32)
         block_n = 16 if block_d > 128 else 32
     if R > 64 and block_d == 256 and elem_bytes == 2 and smem >= 200 * 1024:
-        # Several 64-row tiles per sequence: a shared-prefix pass (all members' rows over
-        # the prefix), compute-bound. H100, bf16, 64 sequences x 48 heads over a 4096-token
-        # prefix (benchmarks/results/h100/session19/shared_prefix_tiles.log): 128 rows x 64
-        # keys, 8 warps, one program per SM (5 splits) 73.1 us (176 TFLOP/s) against 86.9 us
-        # with the decode tiles; more splits were slower (8: 90.1 us). Other head dims were
-        # not measured.
+        # More than one 64-row tile per sequence (a shared-prefix pass: all members' rows
+        # over the prefix, compute-bound; also a decode with more than 64 heads) at head dims
+        # 129-256. H100, bf16, 64 sequences x 48 heads over a 4096-token prefix
+        # (benchmarks/results/h100/session19/shared_prefix_tiles.log): 128 rows x 64 keys, 8
+        # warps, 5 splits (the sweep kept the paged heuristic's count; that log's "default
+        # tiles" line printed the contiguous one, 2: NOTES.md, nineteenth section) 73.1 us
+        # (176 TFLOP/s) against 86.9 us with the decode tiles; 4 splits 78.7, 8 splits 90.1.
+        # One program per SM gives those 5 splits here. Only head dim 256 was measured.
         block_r, block_n, num_warps = 128, 64, 8
     row_blocks = cdiv(R, block_r)
     # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which

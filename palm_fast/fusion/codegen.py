@@ -350,7 +350,8 @@ def _early_stores(em: _Emitter, args) -> dict[int, str]:
     """{node: space} of the row-space outputs that other nodes of the group consume (add +
     LayerNorm's y_sum): stored as soon as they are computed, so their values need not stay
     live to the end of the row's work beside what is computed from them (sm_90, three-input
-    add + LayerNorm: 127 -> 100 registers at N=18432, 59 -> 48 at N=4096). Other outputs
+    add + LayerNorm, Triton 3.6: 127 -> 103 registers at N=18432, 48 -> 40 at
+    N=4096; 59 at 4096 with the d0 - c graph and the stores at the end). Other outputs
     are stored at the end, in argument order (a mid-kernel store of LayerNorm's mean gave
     its N=8192 forward 79 registers instead of 64)."""
     used = {j for i in em.group.nodes for j in em.g.nodes[i].inputs}
