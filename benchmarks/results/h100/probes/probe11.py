@@ -20,7 +20,7 @@ Run: python benchmarks/results/h100/probes/probe11.py
 import torch
 from triton.testing import do_bench
 
-from palm_fast.benchmarks.bench_decode import shared_prefix_cache
+from palm_fast.benchmarks.bench_decode import _Graphed, shared_prefix_cache
 from palm_fast.fusion import Graph, compile_graph, expanders
 from palm_fast.kernels import mqa_decode as tk
 from palm_fast.ops import mqa_decode
@@ -101,21 +101,19 @@ q = torch.randn(n_seq, H, hd, device="cuda", dtype=dt)
 
 
 def graphed(fn):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    """fn captured once as a CUDA graph (the bench's helper); returns its replay."""
+    g = _Graphed(lambda _: fn())
+    return lambda: g(q)
 
 
 t_un = do_bench(graphed(lambda: mqa_decode(q, cache, 0, cache.lengths, shared_prefix=False)), rep=200)
 t_sh = do_bench(graphed(lambda: mqa_decode(q, cache, 0, cache.lengths, shared_prefix=True)), rep=200)
 log(f"shared prefix, graph: unshared {t_un * 1e3:.1f} us, shared {t_sh * 1e3:.1f} us ({t_un / t_sh:.2f}x)")
-group_seq, group_len, rows, starts, slot = cache.decode_meta()
-G, Mm = rows.shape
-q_pre = q[rows.clamp(min=0).long()].reshape(G, Mm * H, hd).contiguous()
-table_pre = cache.page_table[group_seq.long()].contiguous()
+# the two passes' inputs, as ops.mqa_decode builds them
+_, group_len, rows, starts, _ = cache.decode_meta()
+row_idx, seq_idx = cache.decode_index()
+q_pre = q.index_select(0, row_idx).view(rows.shape[0], -1, hd)
+table_pre = cache.page_table.index_select(0, seq_idx)
 flop = 4 * q_pre.shape[1] * prefix * hd
 for name, kw in (("new default", {}), ("old default", dict(tiles=dict(BLOCK_R=64, BLOCK_N=32, num_warps=4),
                                                           n_splits=5))):
