@@ -471,6 +471,7 @@ def _row_kernel_tiled(em: _Emitter, args, nt: int, rows: int = 1) -> tuple[list[
             elif s == "stat":
                 H.append(f"v{i}{S} = tl.load(in{i} + row{S}, mask=rmask{S}, other=0.0).to(tl.float32)")
                 avail[i] = f"v{i}{S}"
+
         def store(i: int, s: str) -> list[str]:
             if s == "row":
                 return [f"tl.store(out{i} + row64{S} * out{i}_rs + cols_{t}, "
