@@ -87,9 +87,10 @@ for H, hd in ((16, 128), (48, 256)):
     v = torch.randn_like(k)
     q = torch.randn(B, H, hd, device="cuda")
     ends = torch.full((B,), T, dtype=torch.int32, device="cuda")
-    old_tiles = dict(BLOCK_R=min(64, max(16, 1 << (H - 1).bit_length())), BLOCK_N=64 if hd <= 128 else 32,
-                     num_warps=4)
-    for name, kw in (("new", {}), ("old", dict(tiles=old_tiles)), ("new", {}), ("old", dict(tiles=old_tiles))):
+    # the configuration fp32 caches had before (the bf16 one: one row block, 132 // 8 splits)
+    old = dict(tiles=dict(BLOCK_R=min(64, max(16, 1 << (H - 1).bit_length())), BLOCK_N=64 if hd <= 128 else 32,
+                          num_warps=4), n_splits=16)
+    for name, kw in (("new", {}), ("old", old), ("new", {}), ("old", old)):
         t = do_bench(lambda: tk.mqa_decode(q, k, v, None, None, ends, 0, hd ** -0.5, False, **kw),
                      warmup=10, rep=100)
         log(f"fp32 decode {H}x{hd} B={B} T={T} {name}: {t * 1e3:.1f} us, "
