@@ -22,7 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -56,8 +60,6 @@ class _TargetDriver:
 
 def _cuobjdump() -> str | None:
     """Triton's bundled cuobjdump (else one on PATH); None without one."""
-    import shutil
-
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     return path if os.path.isfile(path) else shutil.which("cuobjdump")
 
@@ -68,10 +70,6 @@ _CUOBJDUMP = _cuobjdump()
 def _resources(cubin: bytes | None) -> dict:
     """Registers per thread and stack bytes (register spills) of a compiled kernel, from
     ``cuobjdump --dump-resource-usage`` of its cubin; None each without cuobjdump."""
-    import re
-    import subprocess
-    import tempfile
-
     if not (_CUOBJDUMP and cubin):
         return {"regs": None, "stack": None}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

@@ -390,7 +390,6 @@ def _row_kernel_single(em: _Emitter, args) -> tuple[list[str], dict]:
             B.append(f"{em.var(i)} = {_load(i, s)}")
             avail[i] = em.var(i)
     early = _early_stores(em, args)
-    stored = set(early)
     for i in body_nodes:
         n = g.nodes[i]
         x = [avail[j] for j in n.inputs]
@@ -407,9 +406,9 @@ def _row_kernel_single(em: _Emitter, args) -> tuple[list[str], dict]:
             B.append(f"{em.var(i)} = " + em.op_expr(i, x))
         avail[i] = em.var(i)
         if i in early:
-            _store(B, i, early.pop(i), avail[i])
+            _store(B, i, early[i], avail[i])
     for role, i, s in args:
-        if role == "out" and i not in stored:
+        if role == "out" and i not in early:
             _store(B, i, s, avail[i])
     L += ["    " + b for b in B]
     for i in parts:
