@@ -12,8 +12,8 @@
 // Work split: the keys of each sequence are cut into fixed chunks of kChunk keys, one
 // at::parallel_for task per (sequence, chunk, group of at most kRowGroup rows; R <= 16:
 // one group). A task reads each K/V row of its chunk ONCE for all its rows, in two passes
-// (each a single stream of cache rows; Half / BFloat16 rows are converted to fp32 by
-// sub-blocks into a per-task scratch):
+// (each a single stream of cache rows, read in place; Half / BFloat16 rows are widened to
+// fp32 in registers by the micro-kernels):
 //   scores  S[r, j] = q[r] . K[j] for the whole chunk   4 rows x 3 keys per register block
 //   softmax per row over the chunk: max m, P = exp(S - m), sum l
 //   values  acc[r] = sum_j P[r, j] V[j]   column strips of 4 rows x 24 floats in registers
@@ -101,19 +101,44 @@ inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 }
 #endif
 
+// kW elements of a cache or weight row at p as an fp32 vector. Half / BFloat16 rows are
+// widened in registers (exactly: bf16 is the high half of an fp32, and F16C converts
+// fp16 exactly), so the micro-kernels read them in place: no fp32 scratch copy of the
+// rows, which cost a store and a reload per element (bf16 decode 1.2-1.3x slower than
+// fp32 with the cache in cache, where its half-size rows should make it faster).
+inline Vec load_f(const float* p) { return Vec::loadu(p); }
+#if defined(CPU_CAPABILITY_AVX2)
+inline Vec load_f(const c10::BFloat16* p) {
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+}
+inline Vec load_f(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+// Other element types (the portable build's Half / BFloat16; double, which the dispatch
+// macros instantiate but the Python layer never passes): element by element.
+template <typename T>
+inline Vec load_f(const T* p) {
+  alignas(64) float t[kW];
+  for (int64_t i = 0; i < kW; ++i) t[i] = static_cast<float>(p[i]);
+  return Vec::loadu(t);
+}
+
 // Dot products of one fp32 row a with 4 rows b0..b3 (length hd) -> out[0..3]; and of 2
 // rows with 4: the register block of the score computation.
 // pf (optional): a memory range of hd / kW cache lines to prefetch, one line per step of
 // the loop (spread among the FMAs: a burst of prefetches stalls on the miss buffers).
-inline void dot_2x4(const float* a0, const float* a1, const float* const* b, int64_t hd,
+template <typename T>
+inline void dot_2x4(const float* a0, const float* a1, const T* const* b, int64_t hd,
                     float* out0, float* out1, const char* pf = nullptr) {
   Vec c00(0.f), c01(0.f), c02(0.f), c03(0.f), c10(0.f), c11(0.f), c12(0.f), c13(0.f);
   int64_t d = 0;
   for (; d + kW <= hd; d += kW) {
     if (pf != nullptr) __builtin_prefetch(pf + d * (64 / kW));
     Vec x0 = Vec::loadu(a0 + d), x1 = Vec::loadu(a1 + d);
-    Vec k0 = Vec::loadu(b[0] + d), k1 = Vec::loadu(b[1] + d);
-    Vec k2 = Vec::loadu(b[2] + d), k3 = Vec::loadu(b[3] + d);
+    Vec k0 = load_f(b[0] + d), k1 = load_f(b[1] + d);
+    Vec k2 = load_f(b[2] + d), k3 = load_f(b[3] + d);
     in_register(k0, k1, k2, k3, x0, x1);  // each row loaded once (see dot_4x3)
     c00 = at::vec::fmadd(x0, k0, c00); c01 = at::vec::fmadd(x0, k1, c01);
     c02 = at::vec::fmadd(x0, k2, c02); c03 = at::vec::fmadd(x0, k3, c03);
@@ -130,8 +155,8 @@ inline void dot_2x4(const float* a0, const float* a1, const float* const* b, int
 #endif
   for (; d < hd; ++d) {  // hd not a multiple of the vector width
     for (int j = 0; j < 4; ++j) {
-      r0[j] += a0[d] * b[j][d];
-      r1[j] += a1[d] * b[j][d];
+      r0[j] += a0[d] * static_cast<float>(b[j][d]);
+      r1[j] += a1[d] * static_cast<float>(b[j][d]);
     }
   }
   for (int j = 0; j < 4; ++j) {
@@ -144,14 +169,15 @@ inline void dot_2x4(const float* a0, const float* a1, const float* const* b, int
 // + j]: 12 accumulators, 3 key and 4 q loads per 12 FMAs (dot_2x4: 6 per 8), which
 // measured 5-10% faster (L2-resident, both cores busy). Rows i, keys j: the same lane
 // sums as dot_2x4, so a score does not depend on the kernel that made it.
-inline void dot_4x3(const float* a, int64_t lda, const float* const* b, int64_t hd, float* out, int64_t ldo) {
+template <typename T>
+inline void dot_4x3(const float* a, int64_t lda, const T* const* b, int64_t hd, float* out, int64_t ldo) {
   Vec c00(0.f), c01(0.f), c02(0.f), c10(0.f), c11(0.f), c12(0.f);
   Vec c20(0.f), c21(0.f), c22(0.f), c30(0.f), c31(0.f), c32(0.f);
-  const float *b0 = b[0], *b1 = b[1], *b2 = b[2];
+  const T *b0 = b[0], *b1 = b[1], *b2 = b[2];
   const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
   int64_t d = 0;
   for (; d + kW <= hd; d += kW) {
-    Vec k0 = Vec::loadu(b0 + d), k1 = Vec::loadu(b1 + d), k2 = Vec::loadu(b2 + d);
+    Vec k0 = load_f(b0 + d), k1 = load_f(b1 + d), k2 = load_f(b2 + d);
     in_register(k0, k1, k2);
     // Each q vector is pinned too: folded into its three FMAs as a memory operand it was
     // loaded three times (15 loads per 12 FMAs, load-bound): 1.6x this loop's throughput
@@ -181,7 +207,7 @@ inline void dot_4x3(const float* a, int64_t lda, const float* const* b, int64_t 
   const float* const rows[4] = {a0, a1, a2, a3};
   for (; d < hd; ++d) {  // hd not a multiple of the vector width
     for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 3; ++j) t[i * 3 + j] += rows[i][d] * b[j][d];
+      for (int j = 0; j < 3; ++j) t[i * 3 + j] += rows[i][d] * static_cast<float>(b[j][d]);
     }
   }
   for (int i = 0; i < 4; ++i) {
@@ -196,13 +222,13 @@ using Int = std::integral_constant<int, N>;
 // acc[i] += sum_j p[i * kSLd + j] V[j]. The strip stays in registers (NR * NV
 // accumulators) while the n value rows stream by. NV = 0: the scalar tail [d, hd).
 // Every output is summed in key order whatever the strip.
-template <int NR, int NV>
-inline void pv_strip(float* acc, int64_t hd, int64_t d, const float* p, const float* const* vrow, int64_t n) {
+template <int NR, int NV, typename T>
+inline void pv_strip(float* acc, int64_t hd, int64_t d, const float* p, const T* const* vrow, int64_t n) {
   if constexpr (NV == 0) {
     for (; d < hd; ++d) {
       for (int i = 0; i < NR; ++i) {
         float x = acc[i * hd + d];
-        for (int64_t j = 0; j < n; ++j) x += p[i * kSLd + j] * vrow[j][d];
+        for (int64_t j = 0; j < n; ++j) x += p[i * kSLd + j] * static_cast<float>(vrow[j][d]);
         acc[i * hd + d] = x;
       }
     }
@@ -212,10 +238,10 @@ inline void pv_strip(float* acc, int64_t hd, int64_t d, const float* p, const fl
       for (int u = 0; u < NV; ++u) a[i][u] = Vec::loadu(acc + i * hd + d + u * kW);
     }
     for (int64_t j = 0; j < n; ++j) {
-      const float* vr = vrow[j] + d;
+      const T* vr = vrow[j] + d;
       Vec v[NV];
       for (int u = 0; u < NV; ++u) {
-        v[u] = Vec::loadu(vr + u * kW);
+        v[u] = load_f(vr + u * kW);
         in_register(v[u]);  // one load per value vector for all NR rows
       }
       for (int i = 0; i < NR; ++i) {
@@ -256,21 +282,20 @@ inline void pv_schedule(int64_t R, int64_t hd, F&& f) {
 }
 
 // Per-task scratch: fp32 q rows (scaled), the scores of a chunk, the chunk's K / V row
-// pointers and cache offsets; for Half / BFloat16 one sub-block of K or V rows in fp32.
-// Buffers are left uninitialised (every entry is written before it is read): zeroing them
-// cost a few microseconds per call, a third of a short decode call's time.
+// pointers (into the cache, whatever its dtype: the micro-kernels widen Half / BFloat16
+// rows in registers) and cache offsets. Buffers are left uninitialised (every entry is
+// written before it is read): zeroing them cost a few microseconds per call, a third of
+// a short decode call's time.
+template <typename scalar_t>
 struct Scratch {
   template <typename T>
   using Buf = std::unique_ptr<T[]>;
-  Buf<float> q, kv, s;
-  Buf<const float*> krow, vrow;
+  Buf<float> q, s;
+  Buf<const scalar_t*> krow, vrow;
   Buf<int64_t> off;
-  // convert: K / V sub-blocks are converted to fp32 (Half, BFloat16); fp32 rows are read
-  // in place and need no buffer.
-  Scratch(int64_t R, int64_t hd, bool convert)
-      : q(new float[R * hd]), kv(convert ? new float[std::max(kSBlock, kVBlock) * hd] : nullptr),
-        s(new float[(R + 3) * kSLd]), krow(new const float*[kChunk + 3]), vrow(new const float*[kChunk]),
-        off(new int64_t[kChunk]) {}
+  Scratch(int64_t R, int64_t hd)
+      : q(new float[R * hd]), s(new float[(R + 3) * kSLd]), krow(new const scalar_t*[kChunk + 3]),
+        vrow(new const scalar_t*[kChunk]), off(new int64_t[kChunk]) {}
 };
 
 // Attention of rows q[0..R) over keys [j0, j1) (at most kChunk) of one sequence; writes
@@ -286,8 +311,7 @@ struct Scratch {
 template <typename scalar_t>
 void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const scalar_t* kbase,
                   const scalar_t* vbase, const int32_t* table_row, int64_t seq_page, int64_t P,
-                  int64_t j0, int64_t j1, float* acc, float* m, float* l, Scratch& sc) {
-  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+                  int64_t j0, int64_t j1, float* acc, float* m, float* l, Scratch<scalar_t>& sc) {
   const int64_t n = j1 - j0;
   for (int64_t r = 0; r < R; ++r) {
     to_float(qb + r * hd, sc.q.get() + r * hd, hd);
@@ -308,11 +332,9 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
       }
     }
   }
-  if constexpr (kF32) {
-    for (int64_t t = 0; t < n; ++t) {
-      sc.krow[t] = kbase + sc.off[t];
-      sc.vrow[t] = vbase + sc.off[t];
-    }
+  for (int64_t t = 0; t < n; ++t) {
+    sc.krow[t] = kbase + sc.off[t];
+    sc.vrow[t] = vbase + sc.off[t];
   }
   // Prefetch cursor over the reading order: index i < n is K row i, i >= n is V row i - n.
   const int64_t row_bytes = hd * static_cast<int64_t>(sizeof(scalar_t));
@@ -332,12 +354,6 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
   const int64_t R4 = R - R % 4;
   for (int64_t s0 = 0; s0 < n; s0 += kSBlock) {
     const int64_t nb = std::min(kSBlock, n - s0);
-    if constexpr (!kF32) {
-      for (int64_t j = 0; j < nb; ++j) {
-        to_float(kbase + sc.off[s0 + j], sc.kv.get() + j * hd, hd);
-        sc.krow[s0 + j] = sc.kv.get() + j * hd;
-      }
-    }
     if (s0 + nb == n) {  // pad the last key group (a full sub-block needs none)
       for (int64_t j = n; j < n + 3; ++j) sc.krow[j] = sc.krow[s0];
     }
@@ -400,14 +416,7 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
   strips = std::max<int64_t>(1, strips);  // hd = 0: no strips
   for (int64_t s0 = 0; s0 < n; s0 += kVBlock) {
     const int64_t nb = std::min(kVBlock, n - s0);
-    const float* const* vr = sc.vrow.get() + s0;
-    if constexpr (!kF32) {
-      for (int64_t j = 0; j < nb; ++j) {
-        to_float(vbase + sc.off[s0 + j], sc.kv.get() + j * hd, hd);
-        sc.vrow[j] = sc.kv.get() + j * hd;
-      }
-      vr = sc.vrow.get();
-    }
+    const scalar_t* const* vr = sc.vrow.get() + s0;
     const int64_t target = n + s0 + nb + kPfRows;
     const int64_t per_strip = (std::max<int64_t>(0, std::min(target, 2 * n) - pf_next) + strips - 1) / strips;
     pv_schedule(R, hd, [&](auto nr, auto nv, int64_t r, int64_t d) {
@@ -445,7 +454,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   for (int64_t b = 0; b < B; ++b) total += std::max<int64_t>(0, ends[b] - (starts ? starts[b] : 0));
   const int64_t grain = total * R * hd < (int64_t(1) << 18) ? std::max<int64_t>(1, n_tasks * n_groups) : 1;
   at::parallel_for(0, n_tasks * n_groups, grain, [&](int64_t i0, int64_t i1) {
-    Scratch sc(RG, hd, !std::is_same_v<scalar_t, float>);
+    Scratch<scalar_t> sc(RG, hd);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i / n_groups, r0 = (i % n_groups) * RG, nr = std::min(RG, R - r0);
       const int64_t b = std::upper_bound(task_first.begin(), task_first.end(), t) - task_first.begin() - 1;
@@ -739,13 +748,11 @@ at::Tensor prefix_merge_cpu(const at::Tensor& o_pre, const at::Tensor& lse_pre, 
 template <typename scalar_t>
 void small_mm_kernel(const scalar_t* x, int64_t M, int64_t K, const scalar_t* w, int64_t N,
                      const scalar_t* res, scalar_t* y) {
-  constexpr bool is_f = std::is_same_v<scalar_t, float>;
   std::vector<float> xf((M + 1) * K);
   for (int64_t m = 0; m < M; ++m) to_float(x + m * K, xf.data() + m * K, K);
   const int64_t n_blocks = (N + 3) / 4;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, 4 * K * M));
   at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> wf(is_f ? 0 : 4 * K);
     // The weight rows kAhead blocks ahead are prefetched while this block is computed: by
     // the dot products of the first two x row pairs (one line per k step, 2 rows each
     // for fp32), the rest in one go.
@@ -758,16 +765,8 @@ void small_mm_kernel(const scalar_t* x, int64_t M, int64_t K, const scalar_t* w,
       const char* pf0 = reinterpret_cast<const char*>(w + std::min(N, (nb + kAhead) * 4) * K);
       const char* pf_end = reinterpret_cast<const char*>(w + std::min(N, (nb + kAhead + 1) * 4) * K);
       const char* pf = pf0;
-      const float* wr[4];
-      for (int64_t j = 0; j < 4; ++j) {
-        const scalar_t* row = w + (n0 + std::min(j, nn - 1)) * K;
-        if constexpr (is_f) {
-          wr[j] = row;
-        } else {
-          to_float(row, wf.data() + j * K, K);
-          wr[j] = wf.data() + j * K;
-        }
-      }
+      const scalar_t* wr[4];
+      for (int64_t j = 0; j < 4; ++j) wr[j] = w + (n0 + std::min(j, nn - 1)) * K;
       for (int64_t m = 0; m < M; m += 2) {
         const int64_t m1 = std::min(m + 1, M - 1);
         float o0[4], o1[4];
