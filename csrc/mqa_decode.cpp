@@ -126,24 +126,29 @@ inline Vec load_f(const T* p) {
 }
 
 // Dot products of one fp32 row a with 4 rows b0..b3 (length hd) -> out[0..3]; and of 2
-// rows with 4: the register block of the score computation.
+// rows with 4: the register block of the score computation. kPair = false: row a0 only
+// (a1 and out1 unused; the odd last row of a GEMM), with the same lane sums for it.
 // pf (optional): a memory range of hd / kW cache lines to prefetch, one line per step of
 // the loop (spread among the FMAs: a burst of prefetches stalls on the miss buffers).
-template <typename T>
+template <bool kPair = true, typename T>
 inline void dot_2x4(const float* a0, const float* a1, const T* const* b, int64_t hd,
                     float* out0, float* out1, const char* pf = nullptr) {
   Vec c00(0.f), c01(0.f), c02(0.f), c03(0.f), c10(0.f), c11(0.f), c12(0.f), c13(0.f);
   int64_t d = 0;
   for (; d + kW <= hd; d += kW) {
     if (pf != nullptr) __builtin_prefetch(pf + d * (64 / kW));
-    Vec x0 = Vec::loadu(a0 + d), x1 = Vec::loadu(a1 + d);
+    Vec x0 = Vec::loadu(a0 + d);
     Vec k0 = load_f(b[0] + d), k1 = load_f(b[1] + d);
     Vec k2 = load_f(b[2] + d), k3 = load_f(b[3] + d);
-    in_register(k0, k1, k2, k3, x0, x1);  // each row loaded once (see dot_4x3)
+    in_register(k0, k1, k2, k3, x0);  // each row loaded once (see dot_4x3)
     c00 = at::vec::fmadd(x0, k0, c00); c01 = at::vec::fmadd(x0, k1, c01);
     c02 = at::vec::fmadd(x0, k2, c02); c03 = at::vec::fmadd(x0, k3, c03);
-    c10 = at::vec::fmadd(x1, k0, c10); c11 = at::vec::fmadd(x1, k1, c11);
-    c12 = at::vec::fmadd(x1, k2, c12); c13 = at::vec::fmadd(x1, k3, c13);
+    if constexpr (kPair) {
+      Vec x1 = Vec::loadu(a1 + d);
+      in_register(x1);
+      c10 = at::vec::fmadd(x1, k0, c10); c11 = at::vec::fmadd(x1, k1, c11);
+      c12 = at::vec::fmadd(x1, k2, c12); c13 = at::vec::fmadd(x1, k3, c13);
+    }
   }
   float r0[4], r1[4];
 #if defined(CPU_CAPABILITY_AVX2)
@@ -156,12 +161,12 @@ inline void dot_2x4(const float* a0, const float* a1, const T* const* b, int64_t
   for (; d < hd; ++d) {  // hd not a multiple of the vector width
     for (int j = 0; j < 4; ++j) {
       r0[j] += a0[d] * static_cast<float>(b[j][d]);
-      r1[j] += a1[d] * static_cast<float>(b[j][d]);
+      if constexpr (kPair) r1[j] += a1[d] * static_cast<float>(b[j][d]);
     }
   }
   for (int j = 0; j < 4; ++j) {
     out0[j] = r0[j];
-    out1[j] = r1[j];
+    if constexpr (kPair) out1[j] = r1[j];
   }
 }
 
@@ -771,7 +776,11 @@ void small_mm_kernel(const scalar_t* x, int64_t M, int64_t K, const scalar_t* w,
         const int64_t m1 = std::min(m + 1, M - 1);
         float o0[4], o1[4];
         const bool pf_here = pf + pf_bytes <= pf_end;
-        dot_2x4(xf.data() + m * K, xf.data() + m1 * K, wr, K, o0, o1, pf_here ? pf : nullptr);
+        if (m1 != m) {
+          dot_2x4(xf.data() + m * K, xf.data() + m1 * K, wr, K, o0, o1, pf_here ? pf : nullptr);
+        } else {  // the odd last row alone (batch 1: half the FMAs of pairing it with itself)
+          dot_2x4<false>(xf.data() + m * K, nullptr, wr, K, o0, o1, pf_here ? pf : nullptr);
+        }
         if (pf_here) pf += pf_bytes;
         for (int64_t j = 0; j < nn; ++j) {
           const int64_t i0 = m * N + n0 + j, i1 = m1 * N + n0 + j;
