@@ -174,14 +174,17 @@ inline void dot_2x4(const float* a0, const float* a1, const T* const* b, int64_t
 // + j]: 12 accumulators, 3 key and 4 q loads per 12 FMAs (dot_2x4: 6 per 8), which
 // measured 5-10% faster (L2-resident, both cores busy). Rows i, keys j: the same lane
 // sums as dot_2x4, so a score does not depend on the kernel that made it.
+// pf (optional): as in dot_2x4.
 template <typename T>
-inline void dot_4x3(const float* a, int64_t lda, const T* const* b, int64_t hd, float* out, int64_t ldo) {
+inline void dot_4x3(const float* a, int64_t lda, const T* const* b, int64_t hd, float* out, int64_t ldo,
+                    const char* pf = nullptr) {
   Vec c00(0.f), c01(0.f), c02(0.f), c10(0.f), c11(0.f), c12(0.f);
   Vec c20(0.f), c21(0.f), c22(0.f), c30(0.f), c31(0.f), c32(0.f);
   const T *b0 = b[0], *b1 = b[1], *b2 = b[2];
   const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
   int64_t d = 0;
   for (; d + kW <= hd; d += kW) {
+    if (pf != nullptr) __builtin_prefetch(pf + d * (64 / kW));
     Vec k0 = load_f(b0 + d), k1 = load_f(b1 + d), k2 = load_f(b2 + d);
     in_register(k0, k1, k2);
     // Each q vector is pinned too: folded into its three FMAs as a memory operand it was
@@ -745,50 +748,68 @@ at::Tensor prefix_merge_cpu(const at::Tensor& o_pre, const at::Tensor& lse_pre, 
 
 // ------------------------------------------------------------------ small_mm
 // y [M, N] = x [M, K] W[N, K]^T (+ res [M, N]) for the few rows of a decode step (M <= 16):
-// a stream over the weight, which dominates the bytes. Blocks of 4 weight rows are dotted
-// with pairs of x rows by the score micro-kernel (fp32 FMAs, lane sums in a fixed order),
-// so every output is computed by one thread in one order: bitwise identical for any
-// thread count. Parallel over blocks of weight rows; the rows 4 blocks ahead are
-// prefetched (the weight of a whole model exceeds the last-level cache).
+// a stream over the weight, which dominates the bytes. Blocks of kMmRows weight rows: x
+// rows in fours are dotted with them 3 at a time (dot_4x3: each weight vector loaded, and
+// widened for Half / BFloat16, once per 4 x rows), the last M % 4 rows in pairs (or
+// alone) with them 4 at a time (dot_2x4). Both kernels sum every output in the same lane
+// order (fp32 FMAs), so each output is computed by one thread in one order whatever the
+// kernel or the thread count: bitwise identical results. Parallel over blocks of weight
+// rows; the rows kAhead blocks ahead are prefetched (the weight of a whole model exceeds
+// the last-level cache).
+constexpr int64_t kMmRows = 12;  // weight rows per block: 4 groups of 3, or 3 of 4
+
 template <typename scalar_t>
 void small_mm_kernel(const scalar_t* x, int64_t M, int64_t K, const scalar_t* w, int64_t N,
                      const scalar_t* res, scalar_t* y) {
-  std::vector<float> xf((M + 1) * K);
+  std::vector<float> xf(M * K);
   for (int64_t m = 0; m < M; ++m) to_float(x + m * K, xf.data() + m * K, K);
-  const int64_t n_blocks = (N + 3) / 4;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, 4 * K * M));
+  const int64_t n_blocks = (N + kMmRows - 1) / kMmRows;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, kMmRows * K * M));
+  const int64_t M4 = M - M % 4;
   at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> out(M * kMmRows);
     // The weight rows kAhead blocks ahead are prefetched while this block is computed: by
-    // the dot products of the first two x row pairs (one line per k step, 2 rows each
-    // for fp32), the rest in one go.
+    // its dot products (one line per k step each), the rest in one go.
     // ~128 KiB ahead (in L2): a shorter distance left the weight's DRAM reads serialised
     // with the arithmetic (measured 1.5x slower at 4 KiB per block, 4 blocks ahead).
-    const int64_t kAhead = std::max<int64_t>(2, (128 << 10) / (4 * K * static_cast<int64_t>(sizeof(scalar_t))));
+    const int64_t row_bytes = K * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t kAhead = std::max<int64_t>(2, (128 << 10) / (kMmRows * row_bytes));
     const int64_t pf_bytes = (K / kW) * 64;  // what one dot product prefetches
     for (int64_t nb = b0; nb < b1; ++nb) {
-      const int64_t n0 = nb * 4, nn = std::min<int64_t>(4, N - n0);
-      const char* pf0 = reinterpret_cast<const char*>(w + std::min(N, (nb + kAhead) * 4) * K);
-      const char* pf_end = reinterpret_cast<const char*>(w + std::min(N, (nb + kAhead + 1) * 4) * K);
-      const char* pf = pf0;
-      const scalar_t* wr[4];
-      for (int64_t j = 0; j < 4; ++j) wr[j] = w + (n0 + std::min(j, nn - 1)) * K;
-      for (int64_t m = 0; m < M; m += 2) {
-        const int64_t m1 = std::min(m + 1, M - 1);
-        float o0[4], o1[4];
-        const bool pf_here = pf + pf_bytes <= pf_end;
-        if (m1 != m) {
-          dot_2x4(xf.data() + m * K, xf.data() + m1 * K, wr, K, o0, o1, pf_here ? pf : nullptr);
-        } else {  // the odd last row alone (batch 1: half the FMAs of pairing it with itself)
-          dot_2x4<false>(xf.data() + m * K, nullptr, wr, K, o0, o1, pf_here ? pf : nullptr);
+      const int64_t n0 = nb * kMmRows, nn = std::min<int64_t>(kMmRows, N - n0);
+      const char* pf = reinterpret_cast<const char*>(w + std::min(N, (nb + kAhead) * kMmRows) * K);
+      const char* pf_end = reinterpret_cast<const char*>(w + std::min(N, (nb + kAhead + 1) * kMmRows) * K);
+      auto pf_next = [&]() -> const char* {  // this call's share of the prefetches, if any left
+        if (pf + pf_bytes > pf_end) return nullptr;
+        const char* p = pf;
+        pf += pf_bytes;
+        return p;
+      };
+      const scalar_t* wr[kMmRows];  // a short last block repeats its last row
+      for (int64_t j = 0; j < kMmRows; ++j) wr[j] = w + (n0 + std::min(j, nn - 1)) * K;
+      for (int64_t m = 0; m < M4; m += 4) {
+        for (int64_t j = 0; j < kMmRows; j += 3) {
+          dot_4x3(xf.data() + m * K, K, wr + j, K, out.data() + m * kMmRows + j, kMmRows, pf_next());
         }
-        if (pf_here) pf += pf_bytes;
-        for (int64_t j = 0; j < nn; ++j) {
-          const int64_t i0 = m * N + n0 + j, i1 = m1 * N + n0 + j;
-          y[i0] = static_cast<scalar_t>(res ? static_cast<float>(res[i0]) + o0[j] : o0[j]);
-          if (m1 != m) y[i1] = static_cast<scalar_t>(res ? static_cast<float>(res[i1]) + o1[j] : o1[j]);
+      }
+      for (int64_t m = M4; m < M; m += 2) {
+        for (int64_t j = 0; j < kMmRows; j += 4) {
+          float* o0 = out.data() + m * kMmRows + j;
+          if (m + 1 < M) {
+            dot_2x4(xf.data() + m * K, xf.data() + (m + 1) * K, wr + j, K, o0, o0 + kMmRows, pf_next());
+          } else {  // the odd last row alone (batch 1: half the FMAs of pairing it with itself)
+            dot_2x4<false>(xf.data() + m * K, nullptr, wr + j, K, o0, nullptr, pf_next());
+          }
         }
       }
       for (; pf < pf_end; pf += 64) __builtin_prefetch(pf);
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t j = 0; j < nn; ++j) {
+          const int64_t i = m * N + n0 + j;
+          const float v = out[m * kMmRows + j];
+          y[i] = static_cast<scalar_t>(res ? static_cast<float>(res[i]) + v : v);
+        }
+      }
     }
   });
 }
