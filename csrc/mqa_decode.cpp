@@ -173,7 +173,8 @@ inline void dot_2x4(const float* a0, const float* a1, const T* const* b, int64_t
 // Scores of 4 rows a, a + lda, a + 2 lda, a + 3 lda with 3 key rows b[0..2] -> out[i * ldo
 // + j]: 12 accumulators, 3 key and 4 q loads per 12 FMAs (dot_2x4: 6 per 8), which
 // measured 5-10% faster (L2-resident, both cores busy). Rows i, keys j: the same lane
-// sums as dot_2x4, so a score does not depend on the kernel that made it.
+// sums as dot_2x4, so a score does not depend on the kernel that made it (NaN payloads
+// aside: the scalar tails' products may take their operands in either order).
 // pf (optional): as in dot_2x4.
 template <typename T>
 inline void dot_4x3(const float* a, int64_t lda, const T* const* b, int64_t hd, float* out, int64_t ldo,

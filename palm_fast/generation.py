@@ -377,10 +377,12 @@ def _prefill_fused(lay: _Layer, x: torch.Tensor, positions: torch.Tensor, cache,
 
 
 # CPU GEMMs with few rows (decode steps) run ``palm_fast._C.small_mm_cpu``: one stream over
-# the weight (the bytes that matter), blocks of weight rows dotted with pairs of x rows
-# across the cores. At 4 rows (palm-small shapes, 2 threads) it measured 1.1-2.5x faster
-# per GEMM than BLAS computing ``x W^T`` as ``(W x^T)^T`` (itself 1.2-2.3x faster than
-# ``x W^T`` there); the 8192-row output head about equal.
+# the weight (the bytes that matter), blocks of 12 weight rows dotted with the x rows four at
+# a time (the last M % 4 in pairs or alone) across the cores; fp16 / bf16 weights are widened
+# in registers. Measured when it dotted pairs of x rows, at 4 rows (palm-small shapes, 2
+# threads): 1.1-2.5x faster per GEMM than BLAS computing ``x W^T`` as ``(W x^T)^T`` (itself
+# 1.2-2.3x faster than ``x W^T`` there), the 8192-row output head about equal; the fours
+# since are 0.7-1.0x that time (benchmarks/results/cpu/NOTES.md, twenty-first section).
 _SMALL_ROWS = 16
 
 

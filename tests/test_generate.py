@@ -543,9 +543,11 @@ def test_cpu_direct_step_calls_other_norms_and_activations_as_modules():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M,N,K", [(1, 7, 5), (3, 33, 64), (4, 130, 257), (16, 9, 1024)])
+@pytest.mark.parametrize("M,N,K", [(1, 7, 5), (3, 33, 64), (4, 130, 257), (16, 9, 1024),
+                                   (6, 25, 24), (13, 40, 100)])
 def test_small_mm_matches_the_reference(M, N, K, dtype):
-    # the CPU decode step's GEMM: x W^T (+ res), odd sizes (N, K not multiples of 4 / 8)
+    # the CPU decode step's GEMM: x W^T (+ res), odd sizes (N, K not multiples of 4 / 8 / 12;
+    # M = 6 and 13: x rows in fours, then a pair or a single row, in the same call)
     from palm_fast._ext import cpp
 
     x, w, res = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype), randn(M, N, dtype=dtype)
@@ -578,6 +580,20 @@ def test_small_mm_is_deterministic_across_thread_counts():
         cpp().small_mm_cpu(x, w[:, :8], None)
     with pytest.raises(RuntimeError, match="res"):
         cpp().small_mm_cpu(x, w, res[:, :8])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_mm_row_does_not_depend_on_its_batch(dtype):
+    # x rows go in fours (4 x 3 register blocks), then in a pair or alone (2 x 4 / 1 x 4):
+    # all sum each output in the same lane order, so a row's result is the same bits
+    # whichever block computed it (a sequence decodes alike alone or in a batch)
+    from palm_fast._ext import cpp
+
+    x, w = randn(13, 100, dtype=dtype), randn(40, 100, dtype=dtype)
+    whole = cpp().small_mm_cpu(x, w, None)
+    for i in range(13):
+        assert torch.equal(cpp().small_mm_cpu(x[i:i + 1], w, None)[0], whole[i]), i
+    assert torch.equal(cpp().small_mm_cpu(x[5:11], w, None), whole[5:11])
 
 
 def test_generate_takes_a_compiled_model_and_a_page_larger_than_needed(tiny_model):
