@@ -127,7 +127,7 @@ inline Vec load_f(const T* p) {
 
 // Dot products of one fp32 row a with 4 rows b0..b3 (length hd) -> out[0..3]; and of 2
 // rows with 4: the register block of the score computation. kPair = false: row a0 only
-// (a1 and out1 unused; the odd last row of a GEMM), with the same lane sums for it.
+// (a1 and out1 unused; an odd last row), with the same lane sums for it.
 // pf (optional): a memory range of hd / kW cache lines to prefetch, one line per step of
 // the loop (spread among the FMAs: a burst of prefetches stalls on the miss buffers).
 template <bool kPair = true, typename T>
@@ -303,7 +303,7 @@ struct Scratch {
   Buf<const scalar_t*> krow, vrow;
   Buf<int64_t> off;
   Scratch(int64_t R, int64_t hd)
-      : q(new float[R * hd]), s(new float[(R + 3) * kSLd]), krow(new const scalar_t*[kChunk + 3]),
+      : q(new float[R * hd]), s(new float[R * kSLd]), krow(new const scalar_t*[kChunk + 3]),
         vrow(new const scalar_t*[kChunk]), off(new int64_t[kChunk]) {}
 };
 
@@ -378,10 +378,13 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
     }
     if (R4 < R) {
       for (int64_t j = s0; j < s0 + nb; j += 4) {
-        for (int64_t r = R4; r < R; r += 2) {  // an odd last row pairs with itself (scratch row R)
-          const int64_t r1 = std::min(r + 1, R - 1);
-          dot_2x4(sc.q.get() + r * hd, sc.q.get() + r1 * hd, sc.krow.get() + j, hd, S + r * kSLd + j,
-                  S + (r + 1) * kSLd + j);
+        for (int64_t r = R4; r < R; r += 2) {
+          const float* qr = sc.q.get() + r * hd;
+          if (r + 1 < R) {
+            dot_2x4(qr, qr + hd, sc.krow.get() + j, hd, S + r * kSLd + j, S + (r + 1) * kSLd + j);
+          } else {  // an odd last row alone
+            dot_2x4<false>(qr, nullptr, sc.krow.get() + j, hd, S + r * kSLd + j, nullptr);
+          }
           prefetch_to(pf_next + per_call);
         }
       }
