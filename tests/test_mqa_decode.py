@@ -72,7 +72,9 @@ CASES = [  # (B, H, hd, lens, page_size)
 
 
 CPU_KERNEL_CASES = [  # (B, H, hd, lens, page_size): every register block of the C++ kernel
-    (2, 7, 104, [97, 530], None),   # rows 4 + 2 + 1; hd 13 vectors: 4 strips of 3 + 1
+    # (value strips of 4 rows: 3 vectors for fp32, 2 for fp16 / bf16; bf16 pairs of vectors
+    # are split blocks, even | odd columns, with a natural-order rest: see load_lo)
+    (2, 7, 104, [97, 530], None),   # rows 4 + 2 + 1; hd 13 vectors: 4 strips of 3 + 1 (half: 6 x 2 + 1)
     (1, 3, 88, [49], 8),            # rows 2 + 1 only (no 4-row block); 11 vectors: 4 + 4 + 2 + 1
     (2, 5, 36, [1025, 48], 16),     # hd not a multiple of 8 (scalar tails); 3 chunks
     (1, 1, 130, [3], None),         # one row, keys fewer than a key group
