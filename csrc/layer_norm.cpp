@@ -225,7 +225,11 @@ inline void normalize_row(const float* x, const float* w, const float* b, float*
   const DevMoments dm = row_dev_moments(x, mean0, n);
   const float c = dm.sum / fn;
   const float mean = mean0 + c;
-  const float var = std::max(0.f, (dm.sq - c * dm.sum) / fn);
+  // Clamped at 0 (rounding), NaN kept: with overflowing squares, inf - inf is NaN, and
+  // std::max(0.f, NaN) returned 0 (rstd = eps^-1/2: huge finite garbage, where torch and
+  // the generated GPU kernel give NaN).
+  const float v = (dm.sq - c * dm.sum) / fn;
+  const float var = v < 0.f ? 0.f : v;
   const float rstd = 1.f / std::sqrt(var + eps);
   *mean_out = mean;
   *rstd_out = rstd;

@@ -585,6 +585,21 @@ def test_one_wide_rows_have_zero_dx(eps, ln_device):
         assert torch.equal(want, torch.zeros_like(want))
 
 
+def test_overflowing_variance_gives_nan_not_garbage(ln_device):
+    """Deviations whose squares overflow fp32 (inf - inf in the corrected variance: NaN). The
+    C++ kernel clamped the variance with std::max(0.f, var), which turns NaN into 0: rstd =
+    eps^-1/2 and |y| ~ 1e33, finite garbage. torch and the generated kernels give NaN."""
+    x = torch.tensor([[3e30, -1e30, 1e30, 2e30, -2.5e30, 7e29, 1.1e30, -3e30],
+                      [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]], device=ln_device)
+    w = torch.ones(8, device=ln_device)
+    want = torch.nn.functional.layer_norm(x.cpu(), (8,), w.cpu())
+    assert want[0].isnan().all()
+    for y in (layer_norm(x, w), add_layer_norm(x, torch.zeros_like(x), weight=w)[1]):
+        y = y.cpu()
+        assert y[0].isnan().all(), y[0]
+        torch.testing.assert_close(y[1], want[1], atol=1e-5, rtol=1e-5)
+
+
 def test_large_offset_rows_accuracy_cpu():
     """Rows far from zero (offset 1e4, spread 1): error vs float64 within a few times
     torch's own fp32 error (it was 10-400x)."""
