@@ -70,11 +70,19 @@ def cached_constant(maxsize: int):
     return deco
 
 
+_DISPATCH_STACK_LEN = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
 def compiling() -> bool:
-    """True while torch.compile / export traces, or ``torch.jit.trace`` records (use the custom
-    op then: the tracer cannot see a call into ``palm_fast._C`` and recorded only the empty
-    output tensors; the traced module returned uninitialised memory)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    """True while torch.compile / export traces, ``torch.jit.trace`` records, or any
+    ``TorchDispatchMode`` is active (``make_fx``, ``FakeTensorMode``, ``FlopCounterMode``, a
+    user's mode): use the custom op then. Such a tracer or mode cannot see a call into
+    ``palm_fast._C``: ``jit.trace`` and ``make_fx`` recorded only the empty output tensors (the
+    traced graph returned uninitialised memory), and a fake tensor, which has no data,
+    failed inside the kernel."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    return _DISPATCH_STACK_LEN is not None and _DISPATCH_STACK_LEN() > 0
 
 
 def _device_type(args) -> str:

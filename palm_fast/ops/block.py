@@ -493,7 +493,10 @@ def _input_projection(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_hea
     else:
         e = x.new_empty((0,))
         extra = (e, e, e, e, e)
-    keep_ff = needs_grad(x, ln_weight, w_in)
+    # Whether to keep the SwiGLU pre-activation for a backward. A jit.trace records it as a
+    # constant, and the trace may run with or without grad (its own check re-traces under
+    # no_grad): kept there always.
+    keep_ff = needs_grad(x, ln_weight, w_in) or torch.jit.is_tracing()
     x2 = x.reshape(M, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -63,9 +63,11 @@ class PaLM(nn.Module):
         if tokens.dtype not in (torch.int32, torch.int64):   # (what nn.Embedding takes)
             raise TypeError(f"{name}: expected dtype int32 or int64, got {tokens.dtype}")
         V = self.config.vocab_size
-        # The range check reads values (a host sync); skipped while torch.compile traces and
-        # while a CUDA graph is captured (a host read there is an error).
+        # The range check reads values (a host sync); skipped while torch.compile traces,
+        # under a dispatch mode (make_fx, FakeTensorMode: the values may not exist) and while
+        # a CUDA graph is captured (a host read there is an error).
         if not values or torch.compiler.is_compiling() or tokens.numel() == 0 or (
+                torch._C._len_torch_dispatch_stack() > 0) or (
                 torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
             return
         if int(tokens.min()) < 0 or int(tokens.max()) >= V:

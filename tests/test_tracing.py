@@ -1,0 +1,120 @@
+"""Tracers and dispatch modes other than torch.compile: make_fx, FakeTensorMode, FlopCounterMode,
+torch.jit.trace. None of them can see a call into palm_fast._C, so while one is active the
+public ops must go through the registered custom ops."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import palm_fast
+from palm_fast import ops
+from palm_fast.nn import PaLM
+from palm_fast.reference import PaLM as RefPaLM
+
+
+def _models():
+    cfg = palm_fast.get_config("palm-tiny", n_layers=1)
+    torch.manual_seed(0)
+    ref = RefPaLM(cfg).eval()
+    fast = PaLM(cfg).eval()
+    fast.load_state_dict(ref.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patched = palm_fast.patch(copy.deepcopy(ref))
+    return cfg, ref, {"nn.PaLM": fast, "patched": patched}
+
+
+def _palm_fast_targets(gm):
+    return {str(n.target) for n in gm.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("palm_fast.")}
+
+
+@pytest.mark.parametrize("fn_name", ["swiglu", "layer_norm", "add_layer_norm", "rope"])
+def test_make_fx_records_the_custom_ops(fn_name):
+    """make_fx (tracing_mode="real") recorded only the empty output of the eager path's direct
+    call into _C: the graph returned uninitialised memory."""
+    w = torch.randn(16)
+    fns = {
+        "swiglu": (lambda x: ops.swiglu(x), lambda: torch.randn(4, 32)),
+        "layer_norm": (lambda x: ops.layer_norm(x, w), lambda: torch.randn(4, 16) * 3 + 1),
+        "add_layer_norm": (lambda x: ops.add_layer_norm(x, x * 2, x * 3, weight=w)[1],
+                           lambda: torch.randn(4, 16)),
+        "rope": (lambda x: ops.rope(x[..., :2, :], x[..., 2:, :])[0], lambda: torch.randn(2, 5, 3, 16)),
+    }
+    fn, make = fns[fn_name]
+    gm = make_fx(fn)(make())
+    assert _palm_fast_targets(gm), gm.graph
+    x2 = make()
+    assert torch.equal(gm(x2), fn(x2))
+
+
+@pytest.mark.parametrize("mode", ["fake", "symbolic"])
+def test_make_fx_fake_and_symbolic(mode):
+    """With fake tensors the eager path failed inside the kernel ("data is not allocated")."""
+    gm = make_fx(lambda x: ops.swiglu(x), tracing_mode=mode)(torch.randn(4, 32))
+    assert _palm_fast_targets(gm) == {"palm_fast.swiglu.default"}
+    x = torch.randn(3, 32)
+    assert torch.equal(gm(x), ops.swiglu(x))
+
+
+@pytest.mark.parametrize("which", ["nn.PaLM", "patched"])
+def test_models_under_fake_tensor_mode_and_make_fx(which):
+    cfg, ref, models = _models()
+    model = models[which]
+    tok = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        want = ref(tok)
+        gm = make_fx(model)(tok)
+        assert _palm_fast_targets(gm)
+        torch.testing.assert_close(gm(tok), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gm(tok), model(tok), rtol=0, atol=0)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:   # (real parameters)
+        out = model(mode.from_tensor(tok))
+    assert out.shape == want.shape and out.dtype == want.dtype
+
+
+def test_flop_counter_mode_sees_the_ops():
+    """A TorchDispatchMode (here FlopCounterMode) sees the custom ops and the results are
+    unchanged."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w = torch.randn(8, 64), torch.randn(64)
+    want = ops.layer_norm(x, w)
+    seen = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with FlopCounterMode(display=False), Spy():
+        got = ops.layer_norm(x, w)
+    assert torch.equal(got, want)
+    assert any(s.startswith("palm_fast.") for s in seen), seen
+
+
+@pytest.mark.parametrize("which", ["nn.PaLM", "patched"])
+def test_jit_trace_with_its_default_check_and_training_a_no_grad_trace(which):
+    """jit.trace's default check re-traces under no_grad: the block's "keep the SwiGLU
+    pre-activation for backward" flag, recorded as a constant, differed between the two
+    traces (TracingCheckError). A trace made under no_grad then raised in backward."""
+    cfg, ref, models = _models()
+    model = models[which]
+    tok = torch.randint(0, cfg.vocab_size, (2, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (tok,))   # check_trace=True
+        with torch.no_grad():
+            traced_ng = torch.jit.trace(model, (tok,), check_trace=False)
+    torch.testing.assert_close(traced(tok), model(tok), rtol=0, atol=0)
+    traced_ng(tok).float().square().mean().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model(tok).float().square().mean().backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and got
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
