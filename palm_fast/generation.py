@@ -612,7 +612,12 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
         # The smallest logit of the kept prefix; every token at or above it stays, so tokens
         # tied at the cut are all kept, as with top_k (masking by sorted position kept the
         # lower token ids of a tie, by the sort's order)
-        cut = sorted_logits.masked_fill(mass_before >= top_p, float("inf")).amin(dim=-1, keepdim=True)
+        drop = mass_before >= top_p
+        # The most likely token always stays: a top_p below fp32's smallest subnormal compared
+        # as 0.0 here and dropped every token (the softmax of all -inf: NaN, and multinomial
+        # raised); the rule keeps it for any top_p > 0.
+        drop[:, 0] = False
+        cut = sorted_logits.masked_fill(drop, float("inf")).amin(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < cut, float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
@@ -663,7 +668,11 @@ def _prompt_list(prompts, vocab: int, device: torch.device) -> list[torch.Tensor
             if not all(_is_int(t) for t in p):
                 bad = next(t for t in p if not _is_int(t))
                 raise TypeError(f"{name}: expected a list of int token ids, got an element {bad!r}")
-            p = torch.tensor(p, dtype=torch.int64)
+            try:
+                p = torch.tensor(p, dtype=torch.int64)
+            except (OverflowError, RuntimeError, ValueError):   # beyond int64
+                bad = next(t for t in p if not -2**63 <= int(t) < 2**63)
+                raise ValueError(f"{name}: token ids must lie in [0, {vocab}), got {bad}") from None
         else:
             hint = " (one prompt as a list of ints: pass [[...]])" if _is_int(p) else ""
             raise TypeError(f"{name}: expected a 1-D tensor or a list of ints, got "

@@ -178,6 +178,9 @@ class KVCache:
             raise ValueError(f"max_len: expected at most 2**31 - 1 (lengths and positions are int32 "
                              f"on the device), got {max_len}")
         self.head_dim = _check_pos_int("head_dim", head_dim)
+        # Python ints from here on: numpy int32 sizes overflowed in the byte count (a cache
+        # of 2**32 + 2 MiB bytes counted as 2 MiB, then a failed view)
+        n_layers, batch, max_len, head_dim = self.n_layers, self.batch, self.max_len, self.head_dim
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype: expected one of {_FLOAT_DTYPES}, got {dtype}")
         try:
@@ -187,7 +190,10 @@ class KVCache:
                              f"({e})") from None
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device: expected a cpu or cuda device, got {device}")
-        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        try:
+            self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        except (AssertionError, RuntimeError) as e:   # (a CPU-only torch raises AssertionError)
+            raise ValueError(f"device: {device} is not available ({e})") from None
         # The device as tensors report it ("cuda" -> "cuda:0"), so comparisons with a
         # tensor's .device are exact.
         self.dtype, self.device = dtype, self.lengths.device
@@ -202,7 +208,7 @@ class KVCache:
             shape = (n_layers, batch, max_len, head_dim)
             self.page_table = None
         else:
-            self.page_size = _check_pos_int("page_size", page_size)
+            self.page_size = page_size = _check_pos_int("page_size", page_size)
             self.blocks_per_seq = math.ceil(max_len / page_size)
             if self.blocks_per_seq * self.page_size > _INT32_MAX:   # (the kernels' key range)
                 raise ValueError(f"max_len: with page_size={page_size} a sequence spans "
@@ -212,7 +218,7 @@ class KVCache:
                                  f"got {max_len}")
             if num_pages is None:
                 num_pages = batch * self.blocks_per_seq
-            self.num_pages = _check_pos_int("num_pages", num_pages)
+            self.num_pages = num_pages = _check_pos_int("num_pages", num_pages)
             shape = (n_layers, num_pages, page_size, head_dim)
             self.page_table = torch.full((batch, self.blocks_per_seq), -1, dtype=torch.int32,
                                          device=device)
@@ -227,6 +233,7 @@ class KVCache:
         self._full_n_new: dict[int, torch.Tensor] = {}
         self._decode_meta = None  # shared-prefix index tensors, rebuilt when groups change
         self._decode_index = None  # the same as int64 gather indices (decode_index)
+        self._note_device_state()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -338,6 +345,44 @@ class KVCache:
 
     def _sync_table(self) -> None:
         self.page_table.copy_(torch.tensor(self._host_table, dtype=torch.int32))
+        self._note_device_state()
+
+    def _note_device_state(self) -> None:
+        """Record ``lengths`` and ``page_table`` as this class last wrote them (the tensors and
+        their in-place version counters): see :meth:`_check_device_state`. While torch.compile
+        traces (a version counter is no Python int there), recorded as unknown: the next eager
+        write compares the tensors once."""
+        if _tracing_or_fake():
+            self._device_state = None
+            return
+        self._device_state = (self.lengths, self.lengths._version, self.page_table,
+                              None if self.page_table is None else self.page_table._version)
+
+    def _check_device_state(self) -> None:
+        """Raise ValueError if ``lengths`` or ``page_table`` was changed other than through this
+        class's methods and no longer matches its host copy. The kernels write at
+        ``lengths[b] + t`` through ``page_table``: a length or a page written there directly
+        sent a Triton append out of bounds (memory corruption; the C++ kernels raised
+        RuntimeError). Reads the device only when a version counter moved; not while
+        torch.compile traces, under a fake tensor mode or during a CUDA graph capture."""
+        if _tracing_or_fake() or (self.lengths.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        if self._device_state is not None:
+            lengths, lv, table, tv = self._device_state
+            if lengths is self.lengths and lv == lengths._version and table is self.page_table and (
+                    table is None or tv == table._version):
+                return
+        for name, t, host in (("lengths", self.lengths, self._host_lengths),
+                              ("page_table", self.page_table, getattr(self, "_host_table", None))):
+            if t is None:
+                continue
+            want = torch.tensor(host, dtype=torch.int32)
+            if not (isinstance(t, torch.Tensor) and t.dtype == torch.int32 and t.shape == want.shape
+                    and t.device == self.device and torch.equal(t.cpu(), want)):
+                raise ValueError(f"{name}: changed outside the KVCache methods (it no longer matches "
+                                 f"the cache's own record of it); change a cache only through "
+                                 f"append / advance / reserve / reset / fork")
+        self._note_device_state()
 
     def reserve(self, n_tokens) -> None:
         """Allocate pages now for ``n_tokens`` (int or ``[batch]`` tensor) more tokens per
@@ -373,6 +418,7 @@ class KVCache:
         pages. Returns (``n_new`` as an int32 device tensor, as a list). Shared by ``append`` and
         ``palm_fast.ops.rope_append``; nothing is changed when it raises."""
         self.check_layer(layer)
+        self._check_device_state()
         for name, t in (("k", k), ("v", v)):
             self.check_like(name, t, 3)
             if t.shape[0] != self.batch or t.shape[2] != self.head_dim:
@@ -425,6 +471,7 @@ class KVCache:
             self.lengths += n_new
         else:
             self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32))
+        self._note_device_state()
 
     def reset(self, seqs=None) -> None:
         """Empty the sequences ``seqs`` (an int or a list of ints; default all): their lengths
@@ -444,6 +491,7 @@ class KVCache:
                         row[j] = -1
                 self._n_alloc[b] = 0
         self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32))
+        self._note_device_state()
         if self.paged:
             self._sync_table()
             self._drop_from_groups(set(seqs))
@@ -498,6 +546,7 @@ class KVCache:
             self._host_lengths[d] = n_tokens
         self._sync_table()
         self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32))
+        self._note_device_state()
         if n_full:
             self._add_group(src, dsts, n_full)
 

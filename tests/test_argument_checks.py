@@ -267,3 +267,116 @@ def test_fork_edge_cases():
     q = randn(4, 2, 8)
     torch.testing.assert_close(ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=True),
                                ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=False))
+
+
+# ------------------------------------------------------------------ twenty-second session review
+
+def test_sparse_and_other_layouts_are_refused_naming_the_argument():
+    """Sparse inputs raised torch's internal errors (naming no argument); tied_lm_loss took a
+    sparse CSR h silently."""
+    x, w = randn(3, 8), torch.ones(8)
+    calls = {
+        "x": lambda: ops.swiglu(x.to_sparse()),
+        "weight": lambda: ops.layer_norm(x, w.to_sparse()),
+        "a": lambda: ops.add_layer_norm(x, x.to_sparse(), weight=w),
+        "q": lambda: ops.causal_mqa_attention(randn(1, 3, 2, 4).to_sparse(), randn(1, 3, 4), randn(1, 3, 4)),
+        "h": lambda: tied_lm_loss(x.to_sparse_csr(), randn(5, 8), torch.tensor([0, 1, 2])),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^{name}: expected a dense \(torch.strided\) tensor"):
+            call()
+
+
+def test_kv_cache_numpy_int32_sizes_are_python_ints(monkeypatch):
+    """numpy int32 sizes reached the byte count of the cache buffer, which wrapped at 2**32
+    (a 4 GiB + 2 MiB cache was counted as 2 MiB; construction then failed)."""
+    import palm_fast.kv_cache as kv
+
+    shapes = []
+    real = kv._zeros_kv
+    monkeypatch.setattr(kv, "_zeros_kv", lambda shape, *a: shapes.append(shape) or real(shape, *a))
+    i32 = np.int32
+    for ps in (None, i32(4)):
+        cache = KVCache(i32(2), i32(3), i32(10), i32(8), page_size=ps,
+                        num_pages=None if ps is None else i32(9))
+        assert all(type(n) is int for n in shapes[-1]), shapes[-1]
+        assert all(type(getattr(cache, a)) is int for a in ("n_layers", "batch", "max_len", "head_dim"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable CUDA device")
+def test_kv_cache_on_an_unavailable_cuda_device():
+    with pytest.raises(ValueError, match="^device: cuda is not available"):
+        KVCache(1, 1, 4, 8, device="cuda")
+
+
+def test_direct_writes_to_lengths_or_page_table_are_refused_before_an_append():
+    """The kernels write at lengths[b] + t through page_table: a value written there directly
+    (the module docstring says not to) sent the Triton append out of bounds (memory
+    corruption; heap errors and a segfault under the interpreter) and made the C++ one
+    raise RuntimeError. Now a ValueError, and the cache is unchanged."""
+    for ps in (None, 4):
+        for what in ("lengths", "page_table"):
+            if what == "page_table" and ps is None:
+                continue
+            cache = KVCache(1, 2, 32, 8, page_size=ps)
+            cache.append(0, randn(2, 2, 8), randn(2, 2, 8))
+            cache.advance(2)
+            if what == "lengths":
+                cache.lengths[0] = 10**6
+            else:
+                cache.page_table[0, 0] = -1
+            before = [t.clone() for t in (cache.k, cache.v)]
+            for call in (lambda c: c.append(0, randn(2, 1, 8), randn(2, 1, 8)),
+                         lambda c: ops.rope_append(randn(2, 1, 2, 8), randn(2, 1, 8), randn(2, 1, 8), c, 0)):
+                with pytest.raises(ValueError, match=f"^{what}: changed outside the KVCache methods"):
+                    call(cache)
+            assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
+            # written back to what the cache holds: accepted again
+            if what == "lengths":
+                cache.lengths[0] = 2
+            else:
+                cache.page_table[0, 0] = cache._host_table[0][0]
+            cache.append(0, randn(2, 1, 8), randn(2, 1, 8))
+    # the cache's own methods never trip the check
+    cache = KVCache(1, 3, 16, 8, page_size=4)
+    for _ in range(3):
+        cache.append(0, randn(3, 3, 8), randn(3, 3, 8))
+        cache.advance(3)
+    cache.reset([1])
+    cache.fork(0, 1)
+    cache.reserve(2)
+    cache.append(0, randn(3, 1, 8), randn(3, 1, 8))
+
+
+def test_generate_token_ids_beyond_int64_and_tiny_top_p():
+    """A prompt id of 2**70 raised numpy/torch's "Overflow when unpacking long long" (no
+    argument named). A top_p below fp32's smallest subnormal compared as 0.0 and dropped
+    every token: multinomial raised on the all-NaN probabilities; now it samples greedily
+    (the most likely token is always kept), as top_p=1e-9 did."""
+    from palm_fast.generation import sample
+
+    model = PaLM(get_config("palm-tiny", n_layers=1)).eval()
+    with pytest.raises(ValueError, match=rf"^prompts\[1\]: token ids must lie in \[0, 256\), got {2**70}$"):
+        palm_fast.generate(model, [[1, 2], [3, 2**70]], 2)
+    logits = randn(4, 50)
+    for top_p in (1e-46, 1e-300, 1e-9):
+        g = torch.Generator().manual_seed(0)
+        assert torch.equal(sample(logits, 1.0, top_p=top_p, generator=g), logits.argmax(-1))
+    g = torch.Generator().manual_seed(0)
+    out = palm_fast.generate(model, [[1, 2, 3]], 4, temperature=1.0, top_p=1e-300, generator=g)
+    want = palm_fast.generate(model, [[1, 2, 3]], 4)
+    assert torch.equal(out[0], want[0])
+
+
+def test_layer_norm_module_takes_torchs_keyword_and_numpy_sizes():
+    """nn.LayerNorm(normalized_shape=8) raised TypeError, a numpy size ValueError, and the
+    module had no normalized_shape attribute (torch.nn.LayerNorm's)."""
+    for m in (LayerNorm(normalized_shape=8), LayerNorm(np.int64(8)), LayerNorm((np.int32(8),)),
+              LayerNorm(normalized_shape=torch.Size([8]), bias=True),
+              LayerNorm.from_torch(torch.nn.LayerNorm(8))):
+        assert m.dim == 8 and type(m.dim) is int and m.normalized_shape == (8,)
+        assert m.weight.shape == (8,)
+    with pytest.raises(TypeError, match="^dim: expected the feature size"):
+        LayerNorm(8, normalized_shape=8)
+    with pytest.raises(TypeError, match="^dim: expected the feature size"):
+        LayerNorm()

@@ -11,6 +11,7 @@ shares its Parameter objects.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -22,10 +23,14 @@ from ..ops.layer_norm import layer_norm
 __all__ = ["LayerNorm"]
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)   # (numpy ints too)
+
+
 def _feature_dim(dim) -> int:
-    if isinstance(dim, int) and not isinstance(dim, bool):
-        n = dim
-    elif isinstance(dim, Sequence) and len(dim) == 1 and isinstance(dim[0], int):
+    if _is_int(dim):
+        n = int(dim)
+    elif isinstance(dim, Sequence) and len(dim) == 1 and _is_int(dim[0]):
         n = int(dim[0])  # torch.nn.LayerNorm's normalized_shape as a 1-tuple / torch.Size
     else:
         raise ValueError(f"dim: expected an int or a 1-tuple (normalisation over the last dim only), "
@@ -39,14 +44,21 @@ class LayerNorm(nn.Module):
     """``y = (x - mean(x)) / sqrt(var(x) + eps) * weight (+ bias)`` over the last dim.
 
     Parameters as the reference: ``weight`` (ones, ``[dim]``) and, with ``bias=True``, ``bias``
-    (zeros). ``dim`` may be an int or a 1-tuple (``torch.nn.LayerNorm``'s ``normalized_shape``).
+    (zeros). ``dim`` may be an int or a 1-tuple (``torch.nn.LayerNorm``'s ``normalized_shape``,
+    which is also accepted by that keyword and read back as the attribute ``normalized_shape``).
     Inputs fp32 / fp16 / bf16; parameters in the input's dtype or fp32 (others, e.g. a bf16
     weight with fp32 inputs, are taken in fp32, as the reference does).
     """
 
-    def __init__(self, dim, eps: float = 1e-5, bias: bool = False, *, elementwise_affine: bool = True,
-                 device=None, dtype=None):
+    def __init__(self, dim=None, eps: float = 1e-5, bias: bool = False, *, normalized_shape=None,
+                 elementwise_affine: bool = True, device=None, dtype=None):
         super().__init__()
+        if (dim is None) == (normalized_shape is None):
+            raise TypeError("dim: expected the feature size as dim or as normalized_shape (torch's "
+                            f"name), exactly one of them; got dim={dim!r}, "
+                            f"normalized_shape={normalized_shape!r}")
+        if dim is None:
+            dim = normalized_shape
         if elementwise_affine is not True:
             raise ValueError(f"elementwise_affine: expected True (this LayerNorm has a weight), "
                              f"got {elementwise_affine!r}")
@@ -88,6 +100,11 @@ class LayerNorm(nn.Module):
             w = w.float()
             b = b.float() if b is not None else None
         return layer_norm(x, w, b, self.eps)
+
+    @property
+    def normalized_shape(self) -> tuple[int]:
+        """``(dim,)``, as ``torch.nn.LayerNorm.normalized_shape``."""
+        return (self.dim,)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, bias={self.bias is not None}"

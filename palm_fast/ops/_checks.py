@@ -29,6 +29,8 @@ def check_tensor(name: str, t, *, dtypes: Sequence[torch.dtype] | None = FLOAT_D
         raise ValueError(f"{name}: expected at least {min_ndim} dims, got shape {tuple(t.shape)}")
     if not (t.is_cpu or t.is_cuda):   # (t.device.type builds a str: 0.3 us more per tensor)
         raise ValueError(f"{name}: expected a cpu or cuda tensor, got device {t.device}")
+    if t.layout is not torch.strided:   # (sparse, mkldnn: the kernels read strided memory)
+        raise TypeError(f"{name}: expected a dense (torch.strided) tensor, got layout {t.layout}")
 
 
 def check_bool(name: str, value) -> bool:
