@@ -48,7 +48,8 @@ DATASHEET_PEAK_FLOPS: dict[str, float] = {
     "h100pcie": 756e12,
     "h100nvl": 835e12,
     "h100": 989e12,    # H100 SXM
-    "h200": 989e12,
+    "h200nvl": 835e12,
+    "h200": 989e12,    # H200 SXM
     "a100": 312e12,
     "tpu-v4": 275e12,
 }

@@ -99,10 +99,12 @@ def test_hfu_none_equals_mfu_and_bad_inputs():
 
 def test_datasheet_peaks():
     assert DATASHEET_PEAK_FLOPS == {"h100pcie": 756e12, "h100nvl": 835e12, "h100": 989e12,
-                                    "h200": 989e12, "a100": 312e12, "tpu-v4": 275e12}
+                                    "h200nvl": 835e12, "h200": 989e12, "a100": 312e12,
+                                    "tpu-v4": 275e12}
     assert datasheet_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert datasheet_peak_flops("NVIDIA H100 PCIe") == 756e12
     assert datasheet_peak_flops("NVIDIA H100 NVL") == 835e12
     assert datasheet_peak_flops("NVIDIA H200") == 989e12
+    assert datasheet_peak_flops("NVIDIA H200 NVL") == 835e12   # (matched "h200" before)
     assert datasheet_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
     assert datasheet_peak_flops("Some CPU") is None
