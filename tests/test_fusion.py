@@ -1078,3 +1078,73 @@ def test_column_max_over_no_rows_is_refused():
     x2 = g2.input("x", "row")
     g2.output("s", g2.reduce("sum", x2, "col"))
     assert torch.equal(compile_graph(g2, "full")(x=randn(0, 5, device=DEV))["s"], torch.zeros(5, device=DEV))
+
+
+# ------------------------------------------------------------------ twenty-second session review
+
+def test_constant_folding_computes_in_fp32_and_never_breaks_a_valid_graph():
+    """simplify() folded constants in float64 (x + (16777217 - 16777216) gave x + 1 where fp32
+    op by op gives x + 0) and through Graph.const, which refuses a result past fp32's range:
+    a valid graph (x * (1e20 * 1e20)) failed to compile with an error about a constant the
+    user never wrote. Folds now round like the kernels; an out-of-range result is not folded."""
+    x = torch.ones(2, 4, device=DEV)
+    cases = [("sub", 16777217.0, 16777216.0, 0.0), ("mul", 1e20, 1e20, math.inf),
+             ("mul", 1e-30, 1e-20, 0.0), ("div", 1.0, 1e-40, math.inf), ("add", 0.1, 0.2, None)]
+    for op, a, b, want in cases:
+        g = Graph(f"fold_{op}")
+        xi = g.input("x", "row")
+        g.output("y", g.add(xi, g.binary(op, g.const(a), g.const(b))) if op == "sub"
+                 else g.mul(xi, g.binary(op, g.const(a), g.const(b))))
+        y = compile_graph(g, "full")(x=x)["y"].cpu()
+        fa, fb = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+        c = {"sub": fa - fb, "mul": fa * fb, "div": fa / fb, "add": fa + fb}[op]
+        ref = (x.cpu() + c) if op == "sub" else x.cpu() * c
+        assert torch.equal(y, ref), (op, a, b, y, ref)
+        if want is not None:
+            assert torch.equal(y, torch.full_like(y, 1.0 + want if op == "sub" else want))
+
+
+def test_vector_inputs_take_only_their_shapes():
+    """A col or stat input of any 2-D shape with the right element count was flattened
+    silently (a [2, 4] weight for N = 8)."""
+    cg = compile_graph(expanders.rms_norm_fwd(), "full")
+    x = randn(4, 8, device=DEV)
+    want = cg(x=x, weight=torch.ones(8, device=DEV), eps=1e-5)["y"]
+    for shape in ((1, 8), (8, 1)):
+        assert torch.equal(cg(x=x, weight=torch.ones(shape, device=DEV), eps=1e-5)["y"], want)
+    with pytest.raises(ValueError, match=r"^weight: expected shape \(8,\) or \(1, 8\) or \(8, 1\)"):
+        cg(x=x, weight=torch.ones(2, 4, device=DEV), eps=1e-5)
+    cgb = compile_graph(expanders.rms_norm_bwd(), "full")
+    with pytest.raises(ValueError, match=r"^rstd: expected shape \(4,\) or \(4, 1\)"):
+        cgb(dy=x, x=x, weight=torch.ones(8, device=DEV), rstd=torch.ones(2, 2, device=DEV))
+    with pytest.raises(ValueError, match=r"^rstd: expected shape"):
+        cgb(dy=x, x=x, weight=torch.ones(8, device=DEV), rstd=torch.ones(1, 4, device=DEV))
+
+
+@pytest.mark.parametrize("opt,value,exc", [
+    ("loop_block", 0, ValueError), ("loop_block", 100, ValueError), ("max_block", 3000, ValueError),
+    ("steps", 1.5, TypeError), ("tile", "16", TypeError), ("num_warps", 3, ValueError),
+    ("single_rows", True, TypeError), ("max_tiled", -1, ValueError)])
+def test_compile_options_are_checked_by_name(opt, value, exc):
+    """loop_block=0 raised ZeroDivisionError, a block of 100 or steps=1.5 failed inside Triton,
+    tile='16' raised a TypeError naming nothing."""
+    with pytest.raises(exc, match=f"^{opt}: expected"):
+        compile_graph(expanders.rms_norm_fwd(), "full", **{opt: value})
+
+
+def test_graph_api_arguments_are_checked():
+    with pytest.raises(TypeError, match="^graph: expected a palm_fast.fusion.Graph"):
+        compile_graph(None)
+    with pytest.raises(TypeError, match="^graph: expected a palm_fast.fusion.Graph"):
+        explain("layer_norm")
+    with pytest.raises(TypeError, match="^file: expected None"):
+        explain(expanders.rms_norm_fwd(), file=3)
+    with pytest.raises(TypeError, match="^n_pow: expected an int"):
+        Graph("c").const(2.0, n_pow=1.5)           # (was truncated to N**1)
+    with pytest.raises(ValueError, match="^input: expected a name"):
+        Graph("c").input(3, "row")
+    cg = compile_graph(expanders.rms_norm_fwd(), "full")
+    x, w = randn(2, 8, device=DEV), torch.ones(8, device=DEV)
+    for eps in (1e300, 10**400, 1e-50):           # (inf silently, OverflowError, 0 silently)
+        with pytest.raises(ValueError, match="^eps: .* outside float32's range"):
+            cg(x=x, weight=w, eps=eps)

@@ -31,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import numbers
 import os
+import struct
 import sys
 import tempfile
 import threading
@@ -863,6 +865,23 @@ def _num_partials(M: int, device: torch.device, per_sm: int) -> int:
     return max(1, min(M, target))
 
 
+def _check_options(**opts) -> None:
+    """Integer options (bools refused), None where allowed; block sizes powers of two. A bad
+    value crashed (loop_block=0: ZeroDivisionError), failed inside Triton (a block of 100,
+    steps=1.5) or raised an error naming no option."""
+    pow2 = ("max_block", "loop_block", "tile", "tile_min", "num_warps")
+    optional = ("num_warps", "max_tiled", "max_tiled_partial")
+    for name, v in opts.items():
+        if v is None and name in optional:
+            continue
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            raise TypeError(f"{name}: expected an int, got {v!r}")
+        if v < (0 if name in ("max_tiled", "max_tiled_partial") else 1):
+            raise ValueError(f"{name}: expected a positive int, got {v}")
+        if name in pow2 and v & (v - 1):
+            raise ValueError(f"{name}: expected a power of two, got {v}")
+
+
 class CompiledGraph:
     """A graph fused under ``mode``, runnable on torch tensors (CUDA, or CPU under
     ``TRITON_INTERPRET=1``): ``compiled(x=..., weight=..., eps=1e-5) -> {name: tensor}``.
@@ -874,6 +893,12 @@ class CompiledGraph:
                  tile_min: int = DEFAULT_TILE_MIN, max_tiled: int | None = None,
                  max_tiled_partial: int | None = None, row_step: int = DEFAULT_ROW_STEP,
                  reload: bool = False, single_rows: int = 1, steps: int = 1):
+        if not isinstance(graph, Graph):
+            raise TypeError(f"graph: expected a palm_fast.fusion.Graph, got {type(graph).__name__}")
+        _check_options(max_block=max_block, loop_block=loop_block, partials_per_sm=partials_per_sm,
+                       num_warps=num_warps, tile=tile, tile_min=tile_min, max_tiled=max_tiled,
+                       max_tiled_partial=max_tiled_partial, row_step=row_step, single_rows=single_rows,
+                       steps=steps)
         self.source_graph = graph
         self.schedule = fuse(graph, mode)
         self.graph = self.schedule.graph
@@ -1043,6 +1068,16 @@ class CompiledGraph:
             if space == "scalar":
                 if isinstance(t, (torch.Tensor, bool)) or not isinstance(t, (int, float)):
                     raise TypeError(f"{name}: expected a Python float, got {type(t).__name__}")
+                # as Graph.const: a finite value that fp32 (the kernels' arithmetic) turns into
+                # inf or 0 is refused (10**400 raised OverflowError, 1e300 became inf silently)
+                try:
+                    f = float(t)
+                    f32 = struct.unpack("f", struct.pack("f", f))[0] if math.isfinite(f) else f
+                except OverflowError:
+                    f32 = math.inf
+                if (isinstance(t, int) or math.isfinite(t)) and t != 0 and (math.isinf(f32) or f32 == 0.0):
+                    raise ValueError(f"{name}: {t!r} is outside float32's range (the kernels "
+                                     f"compute in fp32)")
                 dtype_of[nid] = "f"
                 continue
             if not isinstance(t, torch.Tensor):
@@ -1081,8 +1116,13 @@ class CompiledGraph:
                 continue
             if want is not None:
                 t = inputs[name]
-                if t.numel() != want[0] or t.dim() not in (1, 2):
-                    raise ValueError(f"{name}: expected shape {want} ({space} vector), got {tuple(t.shape)}")
+                # [M] or [M, 1] for a stat, [N], [1, N] or [N, 1] for a col (a [2, 4] weight for
+                # N = 8 was flattened silently)
+                n = want[0]
+                forms = [(n,), (n, 1)] if space == "stat" else [(n,), (1, n), (n, 1)]
+                if tuple(t.shape) not in forms:
+                    raise ValueError(f"{name}: expected shape {' or '.join(map(str, forms))} ({space} "
+                                     f"vector), got {tuple(t.shape)}")
                 if not t.is_contiguous():
                     raise ValueError(f"{name}: expected a contiguous tensor")
                 if tuple(t.shape) == want:
@@ -1193,6 +1233,8 @@ _COMPILED: dict[tuple, CompiledGraph] = {}
 
 def compile_graph(graph: Graph, mode: str = "full", **options) -> CompiledGraph:
     """A cached :class:`CompiledGraph` (keyed by graph hash, mode and options)."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph: expected a palm_fast.fusion.Graph, got {type(graph).__name__}")
     key = (graph.hash(), mode, tuple(sorted(options.items())))
     if key not in _COMPILED:
         _COMPILED[key] = CompiledGraph(graph, mode, **options)
@@ -1214,6 +1256,8 @@ def explain(graph: Graph, mode: str = "full", *, M: int = 16384, N: int = 4096,
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    if file is not None and file != "stdout" and not callable(getattr(file, "write", None)):
+        raise TypeError(f"file: expected None, 'stdout' or a writable text stream, got {file!r}")
     cg = CompiledGraph(graph, mode, **options)
     g = cg.graph
     item = torch.tensor([], dtype=dtype).element_size()

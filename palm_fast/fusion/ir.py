@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import struct
 from dataclasses import dataclass, field
 
@@ -136,6 +137,9 @@ class Graph:
         return self.nodes[i].space
 
     def input(self, name: str, space: str) -> int:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"input: expected a name that is a Python identifier (it becomes a "
+                             f"keyword argument), got {name!r}")
         if space not in ("row", "stat", "col", "scalar"):
             raise ValueError(f"input {name!r}: space must be row, stat, col or scalar, got {space!r}")
         if name in self.inputs:
@@ -156,6 +160,8 @@ class Graph:
             if r == 0.0 or math.isinf(r):
                 raise ValueError(f"const: {value!r} is outside float32's range (the kernels compute "
                                  f"in fp32): it would round to {r}")
+        if not isinstance(n_pow, numbers.Integral) or isinstance(n_pow, bool):
+            raise TypeError(f"n_pow: expected an int, got {n_pow!r}")   # (1.5 became 1)
         return self._add("const", (), "scalar", (("n_pow", int(n_pow)), ("value", v)))
 
     def unary(self, op: str, a: int, **attrs) -> int:

@@ -18,6 +18,7 @@ through a third group (the merged kernel would both feed and consume that group)
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 
 from ..ops._checks import FP32_MAX, FP32_TINY
@@ -66,6 +67,36 @@ def _normal_for_any_n(value: float, n_pow: int) -> bool:
         return False
 
 
+def _f32(v: float) -> float:
+    """v rounded to fp32 (inf past its range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:
+        return math.copysign(math.inf, v)
+
+
+def _fold(g: Graph, op: str, ca: tuple, cb: tuple):
+    """The constant ``ca op cb`` computed as the kernels would, in fp32 (operands rounded to
+    fp32, one rounding of the result), or None: not folded where that result overflows or
+    underflows to 0 (``Graph.const`` refuses such a value, and a valid graph must still
+    compile) or the exponents of N differ. (Folding in float64 gave x + 1 for
+    x + (16777217 - 16777216), where fp32 op by op gives x + 0.)"""
+    (va, pa), (vb, pb) = ca, cb
+    fa, fb = _f32(va), _f32(vb)
+    if op == "mul":
+        r, p = fa * fb, pa + pb
+    elif op == "div" and fb != 0:
+        r, p = fa / fb, pa - pb
+    elif op in ("add", "sub") and pa == pb:
+        r, p = (fa + fb if op == "add" else fa - fb), pa
+    else:
+        return None
+    r32 = _f32(r)
+    if math.isfinite(r) and (math.isinf(r32) or (r32 == 0.0 and r != 0.0)):
+        return None
+    return g.const(r32, p)
+
+
 def simplify(graph: Graph) -> Graph:
     """Simple algebra: fold constant expressions (``c1 * N**p1 op c2 * N**p2``), drop
     ``x * 1``, ``x / 1``, ``x + (-0)``, ``x - (+0)``, ``--x``, and fold chained constant
@@ -80,13 +111,9 @@ def simplify(graph: Graph) -> Graph:
             a, b = ins
             ca, cb = _const(g, a), _const(g, b)
             if ca and cb:
-                (va, pa), (vb, pb) = ca, cb
-                if n.op == "mul":
-                    return g.const(va * vb, pa + pb)
-                if n.op == "div" and vb != 0:
-                    return g.const(va / vb, pa - pb)
-                if n.op in ("add", "sub") and pa == pb:
-                    return g.const(va + vb if n.op == "add" else va - vb, pa)
+                folded = _fold(g, n.op, ca, cb)
+                if folded is not None:
+                    return folded
             if cb == (1.0, 0) and n.op in ("mul", "div"):
                 return a
             # x + (-0) and x - (+0) are x for every x; x + (+0) is not (-0 + +0 = +0)
