@@ -1148,3 +1148,25 @@ def test_graph_api_arguments_are_checked():
     for eps in (1e300, 10**400, 1e-50):           # (inf silently, OverflowError, 0 silently)
         with pytest.raises(ValueError, match="^eps: .* outside float32's range"):
             cg(x=x, weight=w, eps=eps)
+
+
+def test_explain_bytes_for_outputs_in_two_dtypes_and_cast_inputs():
+    """explain() counted a value returned in two dtypes as one half-precision write (the
+    runner stores it in fp32, casts one output and copies the other) and an input returned
+    in fp32 as a same-dtype copy (the runner casts: 2 bytes read, 4 written)."""
+    M, N = 4, 64
+    g = Graph("two_dtypes")
+    e = g.exp(g.input("x", "row"))
+    g.output("lo", e, "x")
+    g.output("hi", e, "float32")
+    text = explain(g, "full", M=M, N=N, dtype=torch.bfloat16, source=False, file=None)
+    # kernel: x read (bf16), e written (fp32); then lo = cast (4 + 2), hi = clone (4 + 4)
+    assert _total_bytes(text) == M * N * (2 + 4 + 4 + 2 + 4 + 4)
+    x = randn(M, N, device=DEV).bfloat16()
+    out = compile_graph(g, "full")(x=x)
+    assert out["lo"].dtype == torch.bfloat16 and out["hi"].dtype == torch.float32
+    assert out["lo"].data_ptr() != out["hi"].data_ptr()
+    g2 = Graph("cast_input")
+    g2.output("xf", g2.input("x", "row"), "float32")
+    assert _total_bytes(explain(g2, "full", M=M, N=N, dtype=torch.bfloat16, source=False,
+                                file=None)) == M * N * (2 + 4)

@@ -1264,18 +1264,33 @@ def explain(graph: Graph, mode: str = "full", *, M: int = 16384, N: int = 4096,
     # Partial-sum rows as the runner makes them on an H100-class GPU (132 SMs).
     P = max(1, min(M, cg.partials_per_sm * 132))
     P = -(-M // -(-M // P))
-    # A graph output another kernel also reads is stored in fp32 and cast at the end (as
-    # the runner does); one nobody else reads is written in its own dtype.
+    # Element sizes as the runner stores values (see CompiledGraph._plan): row / col inputs
+    # in ``dtype``, stat inputs and intermediates in fp32; a graph output another kernel also
+    # reads in fp32 (cast at the end), one nobody else reads in its requested dtype, and a
+    # value output in two dtypes in fp32.
     consumed = {i for grp in cg.schedule.groups for i in grp.inputs}
 
     def size_of(i: int) -> int:
         return {"row": M * N, "stat": M, "col": N, "partial": P * N, "scalar": 0}[g.nodes[i].space]
 
+    def input_item(i: int) -> int:
+        return item if g.nodes[i].space in ("row", "col") else 4
+
+    def like_item(like: str) -> int:
+        return 4 if like == "float32" else input_item(g.inputs[like])
+
+    stored: dict[int, int] = {}
+    for nid, like in g.outputs.values():
+        if g.nodes[nid].op == "input":
+            stored[nid] = input_item(nid)
+            continue
+        s = 4 if nid in consumed else like_item(like)
+        stored[nid] = s if stored.get(nid, s) == s else 4
+
     def nbytes(i: int, reads: int = 1) -> int:
-        n = g.nodes[i]
-        is_io = n.op == "input" and n.space in ("row", "col") or any(
-            v == i and like != "float32" and i not in consumed for v, like in g.outputs.values())
-        return size_of(i) * (item if is_io else 4) * reads
+        if g.nodes[i].op == "input":
+            return size_of(i) * input_item(i) * reads
+        return size_of(i) * stored.get(i, 4) * reads
 
     lines = [f"graph {graph.name} ({graph.hash()}): {graph.op_count()} primitive ops; mode {mode}; "
              f"{cg.kernel_count} kernel(s); M={M}, N={N}, {str(dtype).replace('torch.', '')}"]
@@ -1294,15 +1309,16 @@ def explain(graph: Graph, mode: str = "full", *, M: int = 16384, N: int = 4096,
         lines.append(f"    reads {['%' + str(i) for i in grp.inputs]} writes "
                      f"{['%' + str(i) for i in grp.outputs]}; bytes moved {moved:,} "
                      f"({moved / (M * N * item):.2f} x M*N*itemsize)")
-    # The runner's closing copies: fp32 outputs cast to their dtype, and outputs that are an
-    # input (or repeat another output) copied to a new tensor.
+    # The runner's closing copies: a value stored in another dtype than an output asks for is
+    # cast (read, write), and an output that is an input (or repeats another output) in its
+    # own dtype is copied to a new tensor.
     seen, extra = set(), 0
     for nid, like in g.outputs.values():
-        n = g.nodes[nid]
-        if n.op == "input" or nid in seen:
-            extra += 2 * size_of(nid) * (item if n.space in ("row", "col") else 4)
-        elif nid in consumed and like != "float32" and dtype != torch.float32:
-            extra += size_of(nid) * (4 + item)   # (fp32 inputs: stored as they are, no cast)
+        have, want = stored[nid], like_item(like)
+        if have != want:
+            extra += size_of(nid) * (have + want)
+        elif g.nodes[nid].op == "input" or nid in seen:
+            extra += 2 * size_of(nid) * have
         seen.add(nid)
     if extra:
         total += extra
