@@ -159,6 +159,27 @@ def test_palm_pytorch_nonzero_beta_is_exact():
 
 
 @needs_pp
+def test_palm_pytorch_trainable_beta_gets_its_gradient():
+    """A user made beta (a zero buffer in PaLM-pytorch) a trainable Parameter: the fused path,
+    taken while beta is zero, reads gamma only, so beta.grad stayed None and beta never
+    trained. With grad on, such a block takes the composed path."""
+    m = pp_model()
+    for mod in m.modules():
+        if type(mod) is pp.LayerNorm:
+            mod.beta = nn.Parameter(mod._buffers.pop("beta").clone())
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    assert type(m[1]) is pp_fast.Residual
+    x = tokens()
+    lm_loss(m, x).backward()
+    lm_loss(ref, x).backward()
+    for (name, a), b in zip(m.named_parameters(), ref.parameters()):
+        assert a.grad is not None, name
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert m[1].fn.norm.beta.grad.abs().max() > 0
+
+
+@needs_pp
 def test_palm_pytorch_beta_changed_after_patching():
     """The fused residual path (no LayerNorm bias) is taken only while beta is zero; an
     in-place change or a load_state_dict after patching is seen on the next call."""

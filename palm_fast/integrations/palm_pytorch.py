@@ -388,13 +388,19 @@ class ParallelTransformerBlock(nn.Module):
         if x.dim() != 3 or w.dtype != x.dtype or g.dtype not in (x.dtype, torch.float32):
             return False
         beta = self.norm.beta
+        if beta.requires_grad and torch.is_grad_enabled():
+            # beta made a trainable Parameter (PaLM-pytorch keeps it a zero buffer): the fused
+            # projection reads gamma only, so beta had no gradient and never trained
+            return False
         if beta.is_cpu or not versioned(beta):   # (a buffer: FSDP2 does not all-gather it)
             # an inference tensor (built under torch.inference_mode) has no version counter,
             # a slice of a larger buffer is written through the buffer's, and a write
             # through .data bypasses it: read every call where that is cheap (the CPU: no
             # device sync) or unavoidable
             return not bool(beta.any())
-        key = tensor_key(beta)
+        # (with optimizer_steps(): a fused optimizer's update of a Parameter beta bypasses its
+        # version counter, as for the packed weight below)
+        key = (tensor_key(beta), optimizer_steps())
         if not same_key(self._beta_key, key):   # one host read per change of beta, not per call
             self._beta_zero = not bool(beta.any())
             self._beta_key = key
