@@ -418,3 +418,36 @@ def test_linked_lookup_and_loss_under_torch_compile(fullgraph):
         fn(w, tok, tgt).backward()
         grads.append(w.grad)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_a_link_whose_lookup_read_another_weight_is_not_used():
+    """A GradLink shared by a lookup of w_in and a head on another weight w_out (an untied
+    output embedding): the head's gradient was handed to the lookup, added to w_in.grad,
+    and w_out.grad stayed None. The link is now used only for the weight the lookup read."""
+    from palm_fast.ops.lm_loss import GradLink, embed_tokens, tied_lm_loss
+
+    torch.manual_seed(0)
+    V, d = 11, 8
+    w_in = torch.randn(V, d, requires_grad=True)
+    w_out = torch.randn(V, d, requires_grad=True)
+    tok, tgt = torch.randint(0, V, (2, 5)), torch.randint(0, V, (10,))
+
+    def run(link):
+        w_in.grad = w_out.grad = None
+        h = torch.tanh(embed_tokens(w_in, tok, link)).flatten(0, 1)
+        tied_lm_loss(h, w_out, tgt, link=link)[0].backward()
+        return w_in.grad.clone(), w_out.grad.clone()
+
+    gi, go = run(None)
+    li, lo = run(GradLink())
+    assert torch.equal(li, gi) and torch.equal(lo, go)
+    # tied (the same weight): the link still hands the gradient over, same result
+    w_in.grad = None
+    h = torch.tanh(embed_tokens(w_in, tok)).flatten(0, 1)
+    tied_lm_loss(h, w_in, tgt)[0].backward()
+    want = w_in.grad.clone()
+    w_in.grad = None
+    link = GradLink()
+    h = torch.tanh(embed_tokens(w_in, tok, link)).flatten(0, 1)
+    tied_lm_loss(h, w_in, tgt, link=link)[0].backward()
+    torch.testing.assert_close(w_in.grad, want, rtol=1e-6, atol=1e-7)

@@ -82,12 +82,13 @@ def _scatter_rows_(dst: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -
 class GradLink:
     """Carries the head's weight gradient to the tied input embedding's backward."""
 
-    __slots__ = ("dw", "task", "node")
+    __slots__ = ("dw", "task", "node", "weight")
 
     def __init__(self):
         self.dw = None
         self.task = None   # the backward pass (autograd graph task) dw belongs to
         self.node = None   # weak reference to the lookup's backward node
+        self.weight = None   # weak reference to the weight the lookup read
 
 
 def _hand_to_link(link: GradLink, dw: torch.Tensor) -> torch.Tensor | None:
@@ -142,6 +143,7 @@ def embed_tokens(weight: torch.Tensor, tokens: torch.Tensor, link: GradLink | No
         return torch.nn.functional.embedding(tokens, weight)   # (traced: the link is ignored)
     out = _TiedEmbed.apply(weight, tokens, link)
     link.node = weakref.ref(out.grad_fn)   # (weak: no cycle through the graph)
+    link.weight = weakref.ref(weight)
     return out
 
 
@@ -317,5 +319,10 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
             raise ValueError(f"targets: expected ids in [0, {weight.shape[0]}) (weight's rows), "
                              f"got values in [{lo}, {hi}]")
     if compiling():   # (the compiler traces the backward; the link's hand-over is a side effect)
+        link = None
+    if link is not None and (link.weight is None or link.weight() is not weight):
+        # a link whose lookup read another tensor (an untied output weight, a copy): handing
+        # this head's gradient over would add it to the lookup's weight and leave this one's
+        # None. Not used: autograd sums the two gradients as for any other graph.
         link = None
     return _TiedLMLoss.apply(h, weight, targets, float(scale), float(z_coef), link)
