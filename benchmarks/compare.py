@@ -14,6 +14,7 @@ one file only are ``new`` / ``missing``; a failed implementation is ``error``.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 DEFAULT_THRESHOLD = 0.10
@@ -24,9 +25,15 @@ def record_key(r: dict) -> tuple:
             json.dumps(r.get("shape", {}), sort_keys=True))
 
 
+def timed(ms) -> bool:
+    """Whether ``ms`` is a usable time: a finite number > 0 (a NaN time compared as "same"
+    and a negative one as an improvement)."""
+    return isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms) and ms > 0
+
+
 def _spread(r: dict) -> float:
     ms, lo = r.get("ms"), r.get("ms_min")
-    if not ms or lo is None:
+    if not timed(ms) or not timed(lo):
         return 0.0
     return max(0.0, (ms - lo) / ms)
 
@@ -63,7 +70,7 @@ def compare(old: dict, new: dict, threshold: float = DEFAULT_THRESHOLD) -> list[
         if o is None:
             rows.append(Row(key, None, r.get("ms"), None, None, "new"))
             continue
-        if not o.get("ms") or not r.get("ms"):
+        if not timed(o.get("ms")) or not timed(r.get("ms")):
             rows.append(Row(key, o.get("ms"), r.get("ms"), None, None, "error"))
             continue
         tol = max(threshold, _spread(o) + _spread(r))
@@ -136,8 +143,31 @@ def print_comparison(rows: list[Row], old: dict, new: dict, console=None,
 
 
 def load(path: str) -> dict:
+    """A results file, checked for what compare and plot read (ValueError naming the file
+    and the record: a malformed file raised KeyError / TypeError / AttributeError deep in
+    the comparison)."""
     with open(path) as f:
         doc = json.load(f)
-    if not isinstance(doc, dict) or "records" not in doc:
+    if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):
         raise ValueError(f"{path}: expected a palm-fast bench JSON file ({{'meta', 'records'}})")
+    if not isinstance(doc.get("meta", {}), dict):
+        raise ValueError(f"{path}: 'meta' must be an object, got {type(doc['meta']).__name__}")
+    if not isinstance(doc.get("meta", {}).get("peaks", {}), dict):
+        raise ValueError(f"{path}: 'meta.peaks' must be an object")
+    for i, r in enumerate(doc["records"]):
+        bad = None
+        if not isinstance(r, dict):
+            bad = f"expected an object, got {type(r).__name__}"
+        elif not isinstance(r.get("name"), str) or not isinstance(r.get("impl"), str):
+            bad = "expected string 'name' and 'impl'"
+        elif not isinstance(r.get("shape", {}), dict):
+            bad = "'shape' must be an object"
+        else:
+            for k in ("ms", "ms_min", "ms_max"):
+                v = r.get(k)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    bad = f"'{k}' must be a number or null, got {v!r}"
+                    break
+        if bad:
+            raise ValueError(f"{path}: record {i}: {bad}")
     return doc

@@ -36,7 +36,9 @@ def case_label(r: dict, with_shape: bool) -> str:
 def plot(doc: dict, path: str) -> str:
     """Write the figure of ``doc`` (``{"meta", "records"}``) to ``path``; returns path."""
     plt = _require_matplotlib()
-    records = [r for r in doc["records"] if r.get("ms")]
+    from palm_fast.benchmarks.compare import timed
+
+    records = [r for r in doc["records"] if timed(r.get("ms"))]
     if not records:
         raise ValueError("plot: no timed records to draw")
     # A case is (name, dtype, shape); show the shape only where a name/dtype has several.
@@ -92,8 +94,8 @@ def plot(doc: dict, path: str) -> str:
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[i]) for i in impls]
     ax_p.legend(handles, impls, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
                 title="implementation")
-    m = doc.get("meta", {})
-    peaks = m.get("peaks", {})
+    m = doc.get("meta") or {}
+    peaks = m.get("peaks") or {}
     commit = (m.get("git_commit") or "")[:10]
     fig.suptitle(f"palm_fast bench | {m.get('device_name')} | torch {m.get('torch')} | "
                  f"{m.get('date')} {commit}\nmeasured peaks: copy {peaks.get('copy_gbps', 0):.0f} GB/s, "

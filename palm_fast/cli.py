@@ -25,8 +25,35 @@ def _parse_dtypes(text: str | None, device: str) -> list[torch.dtype]:
         part = part.strip()
         if part not in DTYPES:
             raise SystemExit(f"--dtype: expected one of {sorted(DTYPES)}, got {part!r}")
-        out.append(DTYPES[part])
+        if DTYPES[part] not in out:   # (fp32,float32 ran every case twice: duplicate records)
+            out.append(DTYPES[part])
     return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _check_writable(flag: str, path: str | None) -> None:
+    """Exit now if ``path`` cannot be written (it was found only after all the measuring,
+    with the results lost)."""
+    if not path:
+        return
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SystemExit(f"{flag}: {path} is a directory")
+    if not os.path.isdir(parent):
+        raise SystemExit(f"{flag}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise SystemExit(f"{flag}: {path} is not writable")
 
 
 def _fmt(x, spec: str) -> str:
@@ -130,8 +157,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device = args.device
         if device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available")
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
+    _check_writable("--json", args.json)
+    _check_writable("--plot", args.plot)
     dtypes = _parse_dtypes(args.dtype, device)
     only = [s.strip() for s in args.only.split(",")] if args.only else None
 
@@ -189,13 +218,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1, default=harness.as_jsonable)
         print(f"wrote {args.json}")
-    if args.plot:
-        print(f"wrote {plot_mod.plot(json.loads(json.dumps(doc, default=harness.as_jsonable)), args.plot)}")
     rc = 1 if any(r.get("error") for r in records) else 0
+    if args.plot:
+        try:
+            jdoc = json.loads(json.dumps(doc, default=harness.as_jsonable))
+            print(f"wrote {plot_mod.plot(jdoc, args.plot)}")
+        except (ValueError, OSError) as e:   # (no timed record: the comparison still runs)
+            print(f"palm-fast: --plot: {e}", file=sys.stderr)
+            rc = 1
     if args.compare:
         rows = cmp.compare(old_doc, doc, threshold=args.threshold)
         cmp.print_comparison(rows, old_doc, doc, threshold=args.threshold)
-        if args.fail_on_regression and any(r.status == "regression" for r in rows):
+        if args.fail_on_regression and _regressed(rows):
             rc = rc or 2
     return rc
 
@@ -206,13 +240,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     old, new = _load_results(args.old), _load_results(args.new)
     rows = cmp.compare(old, new, threshold=args.threshold)
     cmp.print_comparison(rows, old, new, threshold=args.threshold)
-    return 2 if args.fail_on_regression and any(r.status == "regression" for r in rows) else 0
+    return 2 if args.fail_on_regression and _regressed(rows) else 0
+
+
+def _regressed(rows) -> bool:
+    """A case slower beyond noise, or one timed in the old run that failed in the new one
+    (an error row exited 0: a newly broken kernel passed the gate)."""
+    from palm_fast.benchmarks.compare import timed
+
+    return any(r.status == "regression" or (r.status == "error" and timed(r.old_ms)) for r in rows)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from palm_fast.benchmarks import plot as plot_mod
 
-    print(f"wrote {plot_mod.plot(_load_results(args.results), args.out)}")
+    doc = _load_results(args.results)
+    try:
+        print(f"wrote {plot_mod.plot(doc, args.out)}")
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"palm-fast: {e}") from None
     return 0
 
 
@@ -221,7 +267,8 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
                    help="smallest relative change flagged (default 0.10); the noise of both "
                         "runs widens it per case")
     p.add_argument("--fail-on-regression", action="store_true",
-                   help="exit with status 2 when a case regressed beyond noise")
+                   help="exit with status 2 when a case regressed beyond noise, or failed where "
+                        "the old run timed it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
     b.add_argument("--config", help="model preset for block/model cases (e.g. palm-small)")
     b.add_argument("--json", metavar="PATH", help="write {meta, records} JSON here")
-    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--plot", metavar="PATH", help="write a PNG figure (speedup over eager and "
                                                    "%% of peak per case; needs matplotlib)")
     b.add_argument("--compare", metavar="OLD_JSON",

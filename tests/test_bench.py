@@ -285,3 +285,91 @@ def test_measure_peaks_counts_read_plus_write_and_2n3_flops(monkeypatch):
     assert peaks["copy_gbps"] == pytest.approx(2 * n_bytes / 2e-3 / 1e9)
     assert peaks["matmul_tflops"] == pytest.approx(2 * mm_n**3 / 2e-3 / 1e12)
     assert peaks["matmul_shape"] == [mm_n] * 3 and peaks["matmul_dtype"] == "float32"
+
+
+def _doc(tmp_path, name, records, meta=None):
+    path = tmp_path / name
+    path.write_text(json.dumps({"meta": {} if meta is None else meta, "records": records}))
+    return str(path)
+
+
+def _rec(ms, **kw):
+    return dict(name="a.fwd", impl="palm_fast", device="cpu", dtype="float32", shape={"n": 1},
+                ms=ms, ms_min=ms, ms_max=ms, **kw)
+
+
+def test_compare_flags_non_finite_times_and_new_failures(tmp_path, capsys):
+    """A NaN time compared as "same" (every comparison False) and a negative one as an
+    improvement; a case the old run timed that fails in the new one exited 0 under
+    --fail-on-regression."""
+    from palm_fast.benchmarks import compare as cmp
+
+    old = _doc(tmp_path, "old.json", [_rec(1.0)])
+    for i, bad in enumerate((float("nan"), -1.0, float("inf"), None)):
+        new = _doc(tmp_path, f"new{i}.json", [_rec(bad, error="boom") if bad is None else _rec(bad)])
+        rows = cmp.compare(cmp.load(old), cmp.load(new))
+        assert [r.status for r in rows] == ["error"], bad
+        assert cli.main(["compare", old, new, "--fail-on-regression"]) == 2
+        assert cli.main(["compare", old, new]) == 0
+    # a case that failed before and still fails is not a new failure
+    both = _doc(tmp_path, "both.json", [_rec(None, error="boom")])
+    assert cli.main(["compare", both, both, "--fail-on-regression"]) == 0
+    capsys.readouterr()
+
+
+def test_malformed_results_files_and_plot_errors_are_one_line(tmp_path):
+    good = _doc(tmp_path, "good.json", [_rec(1.0)])
+    cases = {
+        "rec_empty.json": ({"meta": {}, "records": [{}]}, "record 0: expected string 'name'"),
+        "rec_int.json": ({"meta": {}, "records": [3]}, "record 0: expected an object"),
+        "records_null.json": ({"meta": {}, "records": None}, "expected a palm-fast bench JSON"),
+        "shape_list.json": ({"meta": {}, "records": [dict(_rec(1.0), shape=[1, 2])]}, "'shape' must"),
+        "ms_str.json": ({"meta": {}, "records": [dict(_rec(1.0), ms="1.0")]}, "'ms' must be a number"),
+        "meta_null.json": ({"meta": None, "records": []}, "'meta' must be an object"),
+        "peaks_null.json": ({"meta": {"peaks": None}, "records": [_rec(1.0)]}, "'meta.peaks' must"),
+    }
+    for name, (doc, msg) in cases.items():
+        path = tmp_path / name
+        path.write_text(json.dumps(doc))
+        with pytest.raises(SystemExit, match=msg):
+            cli.main(["compare", good, str(path)])
+    pytest.importorskip("matplotlib")
+    empty = _doc(tmp_path, "empty.json", [])
+    with pytest.raises(SystemExit, match="no timed records"):
+        cli.main(["plot", empty, "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="No such file or directory"):
+        cli.main(["plot", good, "--out", str(tmp_path / "none" / "x.png")])
+
+
+def test_bench_checks_output_paths_threads_and_dedupes_dtypes(toy_registry, tmp_path, capsys):
+    """An unwritable --json / --plot path was found after all the measuring (results lost);
+    --threads -1 raised a RuntimeError traceback and 0 was ignored; --dtype fp32,float32 ran
+    every case twice."""
+    for flag in ("--json", "--plot"):
+        with pytest.raises(SystemExit, match=f"{flag}: the directory .* does not exist"):
+            cli.main(["bench", "--only", "_toy", "--device", "cpu", "--quick", flag,
+                      str(tmp_path / "none" / "x")])
+        with pytest.raises(SystemExit, match=f"{flag}: .* is a directory"):
+            cli.main(["bench", "--only", "_toy", "--device", "cpu", "--quick", flag, str(tmp_path)])
+    for bad in ("-1", "0", "x"):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--only", "_toy", "--device", "cpu", "--quick", "--threads", bad])
+        assert "--threads" in capsys.readouterr().err
+    path = tmp_path / "out.json"
+    assert cli.main(["bench", "--only", "_toy", "--device", "cpu", "--quick", "--dtype", "fp32,float32",
+                     "--json", str(path)]) == 0
+    assert len(json.loads(path.read_text())["records"]) == 2
+
+
+def test_bench_plot_failure_still_compares(toy_registry, tmp_path, capsys):
+    """Every implementation failing (no timed record): --plot raised before the --compare
+    table and the --fail-on-regression decision."""
+    pytest.importorskip("matplotlib")
+    old = _doc(tmp_path, "old.json", [dict(_rec(1.0), name="toy.fwd", impl="broken",
+                                           shape={"n": 1 << 16})])
+    toy_registry["_toy_allfail"] = lambda ctx: (
+        dataclasses.replace(c, impls={"broken": c.impls["broken"]}) for c in _toy_family(True)(ctx))
+    rc = cli.main(["bench", "--only", "_toy_allfail", "--device", "cpu", "--dtype", "fp32", "--quick",
+                   "--plot", str(tmp_path / "x.png"), "--compare", old, "--fail-on-regression"])
+    out = capsys.readouterr()
+    assert rc == 1 and "no timed records" in out.err and "old ms" in out.out
