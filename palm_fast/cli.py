@@ -162,7 +162,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _check_writable("--json", args.json)
     _check_writable("--plot", args.plot)
     dtypes = _parse_dtypes(args.dtype, device)
-    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    only = None
+    if args.only is not None:
+        only = [s.strip() for s in args.only.split(",") if s.strip()]
+        if not only:   # (an empty --only ran every family)
+            raise SystemExit("--only: expected comma-separated benchmark family names, got none")
+    if args.fail_on_regression and not args.compare:
+        raise SystemExit("--fail-on-regression: needs --compare OLD_JSON (nothing to compare with)")
 
     if args.config:
         from palm_fast.config import get_config

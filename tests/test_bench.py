@@ -373,3 +373,11 @@ def test_bench_plot_failure_still_compares(toy_registry, tmp_path, capsys):
                    "--plot", str(tmp_path / "x.png"), "--compare", old, "--fail-on-regression"])
     out = capsys.readouterr()
     assert rc == 1 and "no timed records" in out.err and "old ms" in out.out
+
+
+def test_bench_empty_only_and_gate_without_compare_are_refused(toy_registry):
+    """--only "" ran every family; --fail-on-regression without --compare could never fail."""
+    with pytest.raises(SystemExit, match="--only: expected comma-separated"):
+        cli.main(["bench", "--only", " , ", "--device", "cpu", "--quick"])
+    with pytest.raises(SystemExit, match="--fail-on-regression: needs --compare"):
+        cli.main(["bench", "--only", "_toy", "--device", "cpu", "--quick", "--fail-on-regression"])
