@@ -33,7 +33,6 @@ import importlib.util
 import math
 import numbers
 import os
-import struct
 import sys
 import tempfile
 import threading
@@ -44,7 +43,7 @@ import torch
 
 from palm_fast.kernels._common import gpu_launch, interpreting, launch_device, sm_count
 
-from .ir import Graph
+from .ir import Graph, outside_fp32
 from .passes import Group, Schedule, fuse
 
 DEFAULT_MAX_BLOCK = 16384  # longest row held in one block (kernels with column partials)
@@ -869,7 +868,7 @@ def _check_options(**opts) -> None:
     """Integer options (bools refused), None where allowed; block sizes powers of two. A bad
     value crashed (loop_block=0: ZeroDivisionError), failed inside Triton (a block of 100,
     steps=1.5) or raised an error naming no option."""
-    pow2 = ("max_block", "loop_block", "tile", "tile_min", "num_warps")
+    pow2 = ("max_block", "loop_block", "tile_min", "num_warps")   # (tile: >= 16, checked below)
     optional = ("num_warps", "max_tiled", "max_tiled_partial")
     for name, v in opts.items():
         if v is None and name in optional:
@@ -915,14 +914,8 @@ class CompiledGraph:
         # looped variant with, turns tiling off unless asked for)
         default = max_block == DEFAULT_MAX_BLOCK
         self.tile, self.tile_min = tile, tile_min
-        if row_step < 1:
-            raise ValueError(f"row_step: expected >= 1, got {row_step}")
         self.row_step = row_step  # rows per loop step of tiled kernels without column partials
-        if single_rows < 1:
-            raise ValueError(f"single_rows: expected >= 1, got {single_rows}")
         self.single_rows = single_rows  # rows per step of single-block kernels without partials
-        if steps < 1:
-            raise ValueError(f"steps: expected >= 1, got {steps}")
         self.steps = steps  # loop steps per program of kernels without partials
         # row kernels with column partials (single-block or tiled) re-read the row after
         # each row reduction instead of holding it (default False: measured slower, see
@@ -1070,12 +1063,7 @@ class CompiledGraph:
                     raise TypeError(f"{name}: expected a Python float, got {type(t).__name__}")
                 # as Graph.const: a finite value that fp32 (the kernels' arithmetic) turns into
                 # inf or 0 is refused (10**400 raised OverflowError, 1e300 became inf silently)
-                try:
-                    f = float(t)
-                    f32 = struct.unpack("f", struct.pack("f", f))[0] if math.isfinite(f) else f
-                except OverflowError:
-                    f32 = math.inf
-                if (isinstance(t, int) or math.isfinite(t)) and t != 0 and (math.isinf(f32) or f32 == 0.0):
+                if outside_fp32(t):
                     raise ValueError(f"{name}: {t!r} is outside float32's range (the kernels "
                                      f"compute in fp32)")
                 dtype_of[nid] = "f"

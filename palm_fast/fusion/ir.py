@@ -94,6 +94,25 @@ def _join_spaces(spaces) -> str:
     return "row"  # stat x col, stat x row, col x row all broadcast to [M, N]
 
 
+def to_fp32(v: float) -> float:
+    """``v`` rounded to fp32, the kernels' arithmetic (+-inf past its range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:
+        return math.copysign(math.inf, v)
+
+
+def outside_fp32(value) -> bool:
+    """Whether a finite, nonzero number (a Python int or float) becomes inf or 0 in fp32."""
+    try:
+        v = float(value)
+    except OverflowError:   # (an int past float64's range)
+        return True
+    if not math.isfinite(v) or v == 0.0:
+        return False
+    r = to_fp32(v)
+    return r == 0.0 or math.isinf(r)
+
 @dataclass
 class Graph:
     """A primitive-op graph with named inputs and outputs.
@@ -149,17 +168,12 @@ class Graph:
 
     def const(self, value: float, n_pow: int = 0) -> int:
         """The constant ``value * N ** n_pow``. ``value`` must be representable in fp32, the
-        kernels' arithmetic (inf and NaN are); one that would round to inf or to 0 is refused:
-        the folded (float64) and the compiled (fp32) forms of a graph would disagree."""
+        kernels' arithmetic (inf and NaN are); one that would round to inf or to 0 is refused
+        (:func:`outside_fp32`): the graph would not compute what it says."""
         v = float(value)
-        if math.isfinite(v) and v != 0.0:
-            try:
-                r = struct.unpack("f", struct.pack("f", v))[0]
-            except OverflowError:
-                r = math.inf
-            if r == 0.0 or math.isinf(r):
-                raise ValueError(f"const: {value!r} is outside float32's range (the kernels compute "
-                                 f"in fp32): it would round to {r}")
+        if outside_fp32(v):
+            raise ValueError(f"const: {value!r} is outside float32's range (the kernels compute "
+                             f"in fp32): it would round to {to_fp32(v)}")
         if not isinstance(n_pow, numbers.Integral) or isinstance(n_pow, bool):
             raise TypeError(f"n_pow: expected an int, got {n_pow!r}")   # (1.5 became 1)
         return self._add("const", (), "scalar", (("n_pow", int(n_pow)), ("value", v)))

@@ -18,11 +18,10 @@ through a third group (the merged kernel would both feed and consume that group)
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass, field
 
 from ..ops._checks import FP32_MAX, FP32_TINY
-from .ir import COMMUTATIVE, Graph, Node, NodeId
+from .ir import COMMUTATIVE, Graph, Node, NodeId, outside_fp32, to_fp32
 
 MODES = ("mindspore", "full")
 
@@ -67,14 +66,6 @@ def _normal_for_any_n(value: float, n_pow: int) -> bool:
         return False
 
 
-def _f32(v: float) -> float:
-    """v rounded to fp32 (inf past its range)."""
-    try:
-        return struct.unpack("f", struct.pack("f", v))[0]
-    except OverflowError:
-        return math.copysign(math.inf, v)
-
-
 def _fold(g: Graph, op: str, ca: tuple, cb: tuple):
     """The constant ``ca op cb`` computed as the kernels would, in fp32 (operands rounded to
     fp32, one rounding of the result), or None: not folded where that result overflows or
@@ -82,7 +73,7 @@ def _fold(g: Graph, op: str, ca: tuple, cb: tuple):
     compile) or the exponents of N differ. (Folding in float64 gave x + 1 for
     x + (16777217 - 16777216), where fp32 op by op gives x + 0.)"""
     (va, pa), (vb, pb) = ca, cb
-    fa, fb = _f32(va), _f32(vb)
+    fa, fb = to_fp32(va), to_fp32(vb)
     if op == "mul":
         r, p = fa * fb, pa + pb
     elif op == "div" and fb != 0:
@@ -91,10 +82,9 @@ def _fold(g: Graph, op: str, ca: tuple, cb: tuple):
         r, p = (fa + fb if op == "add" else fa - fb), pa
     else:
         return None
-    r32 = _f32(r)
-    if math.isfinite(r) and (math.isinf(r32) or (r32 == 0.0 and r != 0.0)):
+    if outside_fp32(r):
         return None
-    return g.const(r32, p)
+    return g.const(to_fp32(r), p)
 
 
 def simplify(graph: Graph) -> Graph:
