@@ -34,7 +34,6 @@ Supported models (:func:`decoder_parts`): ``palm_fast.reference.PaLM`` and its s
 """
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +48,7 @@ from palm_fast.kernels._common import launch_device
 
 from . import ops
 from ._ext import cpp as _cpp
-from .ops._checks import FP32_TINY, check_float
+from .ops._checks import FP32_TINY, check_float, is_int
 from .ops._dispatch import forward_replaced, instance_override, methods_replaced, unwrap_compiled
 from .reference import functional as _ref_fn
 from .reference import layers as _ref
@@ -624,17 +623,12 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
 
 # --------------------------------------------------------------------------- arguments
 
-def _is_int(x) -> bool:
-    """A Python or numpy integer (not a bool)."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _int_arg(name: str, x, lo: int, hi: int | None = None, none_ok: bool = False) -> int | None:
     """``x`` as an int in ``[lo, hi]``: TypeError for a non-integer, ValueError out of range."""
     if x is None and none_ok:
         return None
     want = f"{'None or ' if none_ok else ''}an int " + (f">= {lo}" if hi is None else f"in [{lo}, {hi}]")
-    if not _is_int(x):
+    if not is_int(x):
         raise TypeError(f"{name}: expected {want}, got {type(x).__name__} {x!r}")
     if x < lo or (hi is not None and x > hi):
         raise ValueError(f"{name}: expected {want}, got {x!r}")
@@ -665,8 +659,8 @@ def _prompt_list(prompts, vocab: int, device: torch.device) -> list[torch.Tensor
             if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
                 raise TypeError(f"{name}: expected an integer dtype, got {p.dtype}")
         elif isinstance(p, (list, tuple)):
-            if not all(_is_int(t) for t in p):
-                bad = next(t for t in p if not _is_int(t))
+            if not all(is_int(t) for t in p):
+                bad = next(t for t in p if not is_int(t))
                 raise TypeError(f"{name}: expected a list of int token ids, got an element {bad!r}")
             try:
                 p = torch.tensor(p, dtype=torch.int64)
@@ -674,7 +668,7 @@ def _prompt_list(prompts, vocab: int, device: torch.device) -> list[torch.Tensor
                 bad = next(t for t in p if not -2**63 <= int(t) < 2**63)
                 raise ValueError(f"{name}: token ids must lie in [0, {vocab}), got {bad}") from None
         else:
-            hint = " (one prompt as a list of ints: pass [[...]])" if _is_int(p) else ""
+            hint = " (one prompt as a list of ints: pass [[...]])" if is_int(p) else ""
             raise TypeError(f"{name}: expected a 1-D tensor or a list of ints, got "
                             f"{type(p).__name__}{hint}")
         if p.is_meta:
@@ -701,7 +695,7 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, stop_tokens, gener
     if stop_tokens is None:
         stops: set[int] = set()
     else:
-        items = [stop_tokens] if _is_int(stop_tokens) else stop_tokens
+        items = [stop_tokens] if is_int(stop_tokens) else stop_tokens
         if isinstance(items, torch.Tensor):
             items = items.flatten().tolist()
         try:
@@ -709,9 +703,9 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, stop_tokens, gener
         except TypeError:
             raise TypeError(f"stop_tokens: expected None, an int or a sequence of ints, "
                             f"got {type(stop_tokens).__name__}") from None
-        if any(not _is_int(t) for t in items):
+        if any(not is_int(t) for t in items):
             raise TypeError(f"stop_tokens: expected None, an int or a sequence of ints, got "
-                            f"{[t for t in items if not _is_int(t)]}")
+                            f"{[t for t in items if not is_int(t)]}")
         bad = [t for t in items if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"stop_tokens: expected token ids in [0, {vocab}), got {bad}")

@@ -11,26 +11,21 @@ shares its Parameter objects.
 """
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..ops._checks import FLOAT_DTYPES, check_eps
+from ..ops._checks import FLOAT_DTYPES, check_eps, is_int
 from ..ops.layer_norm import layer_norm
 
 __all__ = ["LayerNorm"]
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)   # (numpy ints too)
-
-
 def _feature_dim(dim) -> int:
-    if _is_int(dim):
+    if is_int(dim):
         n = int(dim)
-    elif isinstance(dim, Sequence) and len(dim) == 1 and _is_int(dim[0]):
+    elif isinstance(dim, Sequence) and len(dim) == 1 and is_int(dim[0]):
         n = int(dim[0])  # torch.nn.LayerNorm's normalized_shape as a 1-tuple / torch.Size
     else:
         raise ValueError(f"dim: expected an int or a 1-tuple (normalisation over the last dim only), "

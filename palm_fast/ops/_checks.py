@@ -40,11 +40,16 @@ def check_bool(name: str, value) -> bool:
     raise TypeError(f"{name}: expected a bool, got {value!r}")
 
 
+def is_int(value) -> bool:
+    """A Python or numpy integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_int(name: str, value) -> int:
     """An integer (a Python or numpy int, not a bool) as a Python int."""
     if type(value) is int:   # the common case, without the abstract-class check
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     return int(value)
 
