@@ -60,6 +60,12 @@ from .rope import precise_trig, rope_cos_sin
 
 _INTERPRETER_SMS = 4  # the "SM count" used for the split heuristic under the interpreter
 _MIN_SPLIT = 128      # fewest keys per split
+# fewest keys per split when the keys read past the starts are bounded by a span (the
+# shared-prefix decode's suffix pass). H100, bf16, 64 sequences x 48 x 256, 128-token
+# suffixes in a 4352-token capacity (benchmarks/results/h100/session23/probe10.log, kernel
+# times per call): 1 split 14.8 us, 2 splits 19.0, 4 (the capacity's count) 32.8, 8 39.8.
+# An empty split still costs its program and the combine's pass over its lse.
+_MIN_SPAN_SPLIT = 256
 
 
 @triton.jit
@@ -156,7 +162,7 @@ def _mqa_decode_split(
     # An empty split (past its sequence's end) writes only its lse = -inf: the combine
     # kernel does not read the outputs of such splits (o = 0 there, weight 0), which saves
     # an R x hd fp32 write and read per empty split (a short sequence in a long cache; the
-    # shared-prefix suffix pass, whose splits cover the whole capacity after the prefix)
+    # shared-prefix suffix pass when its splits cover more than its span)
     tl.store(o_part_ptr + part[:, None] * hd + d[None, :], o,
              mask=(row_mask & has_keys)[:, None] & d_mask[None, :])
     tl.store(lse_part_ptr + part, lse, mask=row_mask)
@@ -230,11 +236,12 @@ def _fit_splits(capacity: int, n_splits: int, block_n: int) -> tuple[int, int]:
 
 
 def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes: int = 2,
-                  smem: int = 232448, paged: bool = False) -> dict:
+                  smem: int = 232448, paged: bool = False, span: int | None = None) -> dict:
     """Tile sizes and the split count (a function of shapes and the cache capacity only,
     never of the lengths: the grid stays fixed for CUDA graphs). ``elem_bytes``: the cache's
     element size; ``smem``: shared memory per block (``smem_per_block``; default an H100's);
-    ``paged``: keys are looked up through a page table."""
+    ``paged``: keys are looked up through a page table; ``span``: at most this many keys
+    past each sequence's start are read (the splits cover the span, not the capacity)."""
     block_d = max(16, next_pow2(hd))  # tl.dot needs K >= 16
     # All H <= 64 heads of a sequence in one M tile (PaLM: 48 heads -> 64 rows), so each K/V
     # tile is loaded once per split; more rows (shared-prefix groups) take several tiles.
@@ -273,7 +280,10 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes
     row_blocks = cdiv(R, block_r)
     # Splits of at least _MIN_SPLIT keys: each split writes an fp32 partial of R x hd, which
     # must stay small next to the K/V bytes it reads.
-    max_splits = max(1, cdiv(capacity, max(_MIN_SPLIT, block_n)))
+    keys, min_split = capacity, _MIN_SPLIT
+    if span is not None and span < capacity:
+        keys, min_split = max(1, span), _MIN_SPAN_SPLIT
+    max_splits = max(1, cdiv(keys, max(min_split, block_n)))
     # Programs per wave (H100, bf16; benchmarks/results/h100/session19/probe9_decode.py):
     # - contiguous: one per SM (more cost partials and did not read faster);
     # - paged, fp16 / bf16 on GPUs with >= 200 KiB of shared memory per block (H100): two
@@ -286,7 +296,7 @@ def decode_config(B: int, R: int, hd: int, capacity: int, n_sms: int, elem_bytes
     # - 128-row tiles (the shared-prefix pass above): one per SM, as measured.
     two = paged and elem_bytes == 2 and smem >= 200 * 1024 and block_r <= 64
     programs = n_sms * (2 if two else 1)
-    n_splits, split_len = _fit_splits(capacity, min(max_splits, max(1, programs // (B * row_blocks))),
+    n_splits, split_len = _fit_splits(keys, min(max_splits, max(1, programs // (B * row_blocks))),
                                       block_n)
     return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, row_blocks=row_blocks,
                 n_splits=n_splits, split_len=split_len, num_warps=num_warps, num_stages=num_stages)
@@ -324,14 +334,19 @@ _GRID_Z_MAX = 65535   # CUDA's largest grid extent on the y and z axes
 def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                page_table: torch.Tensor | None, starts: torch.Tensor | None, ends: torch.Tensor,
                layer: int, scale: float, fp32_out: bool, *, prefix: tuple | None = None,
-               n_splits: int | None = None, tiles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               n_splits: int | None = None, tiles: dict | None = None,
+               span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``[B, R, hd]`` over keys ``[starts[b], ends[b])`` of ``layer`` of the cache ``[L, N, P,
     hd]`` -> (o ``[B, R, hd]`` fp32 or q's dtype, lse ``[B, R]`` fp32).
     ``prefix = (o_pre, lse_pre, slot)``: a shared-prefix pass's fp32 outputs (rows ``slot[b] *
     R + r``; ``slot`` int32 ``[B]``, -1 for none) merged in by log-sum-exp by the combine
     kernel, so that the shared-prefix decode needs no separate merge. The slots are not read
     on the host (graph capture): they must index rows of ``o_pre`` (``KVCache.decode_meta``
-    builds them so). ``n_splits`` and
+    builds them so). ``span``: no sequence reads more than ``span`` keys past its start
+    (``ends[b] - starts[b] <= span``; the shared-prefix suffix pass: the capacity minus the
+    shortest prefix, known on the host): the splits cover the span, not the whole capacity.
+    Keys past ``starts[b] + span`` would not be read: the caller guarantees the bound.
+    ``n_splits`` and
     ``tiles`` (some of ``BLOCK_R``, ``BLOCK_N``, ``num_warps``, ``num_stages``) override the
     heuristic: for tests and tuning probes (e.g. ``benchmarks/results/h100/probes/
     shared_prefix_tiles.py``)."""
@@ -345,10 +360,12 @@ def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          f"limit on the axis that holds them), got batch {B}; split the batch")
     paged = page_table is not None
     capacity = page_table.shape[1] * P if paged else P
+    if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 1):
+        raise ValueError(f"span: expected None or an int >= 1, got {span!r}")
     cfg = decode_config(B, R, hd, capacity, sm_count(q.device), q.element_size(),
-                        smem_per_block(q.device) if gpu_launch(q.device) else 232448, paged)
+                        smem_per_block(q.device) if gpu_launch(q.device) else 232448, paged, span)
     if n_splits is not None or tiles:
-        cfg = _override(cfg, B, R, capacity, n_splits, tiles)
+        cfg = _override(cfg, B, R, capacity if span is None else min(span, capacity), n_splits, tiles)
     S = cfg["n_splits"]
     if S > _GRID_Z_MAX:   # (only an override can ask for that many: the grid's y axis)
         raise ValueError(f"n_splits: expected at most {_GRID_Z_MAX}, got {S}")

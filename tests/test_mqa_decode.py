@@ -491,6 +491,15 @@ def test_triton_grid_independent_of_lengths():
                 tk.decode_config(1, 64 * 16, 128, 4352, 132, paged=True),
                 tk.decode_config(1, 64 * 48, 256, 4352, 128, smem=101376, paged=True)):
         assert cfg["BLOCK_R"] <= 64 and cfg["num_warps"] == 4
+    # the suffix pass of that decode: its 4 splits of the capacity left 3 empty (the suffix
+    # keys all lie in the first); split over the 256 keys past the prefix, one split
+    assert tk.decode_config(64, 48, 256, 4352, 132, paged=True)["n_splits"] == 4
+    sp = tk.decode_config(64, 48, 256, 4352, 132, paged=True, span=256)
+    assert (sp["n_splits"], sp["split_len"]) == (1, 256)
+    # (a span of the whole capacity, or more, changes nothing)
+    for span in (4352, 10 ** 6):
+        assert tk.decode_config(1, 48, 256, 4352, 132, span=span) == tk.decode_config(1, 48, 256, 4352, 132)
+    assert tk.decode_config(1, 48, 256, 32768, 132, span=4096)["n_splits"] == 16   # 256-key splits
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
@@ -599,13 +608,60 @@ def test_triton_shared_prefix(page_size, triton_backend):
     o_pre, lse_pre = tk.mqa_decode(q_pre, cache.k, cache.v, cache.page_table.index_select(0, seq_idx), None,
                                    group_len, 0, hd ** -0.5, True)
     args = (q, cache.k, cache.v, cache.page_table, starts, cache.lengths, 0, hd ** -0.5)
-    fused = mod._suffix_merge_cuda(*args, o_pre, lse_pre, slot)
+    fused = mod._suffix_merge_cuda(*args, o_pre, lse_pre, slot, cache.blocks_per_seq * page_size)
     o_suf, lse_suf = tk.mqa_decode(*args, True)
     separate = mod._prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
     assert torch.allclose(fused, separate, atol=1e-6, rtol=1e-6)
     assert torch.equal(fused, shared)
     with pytest.raises(ValueError, match="prefix"):
         tk.mqa_decode(*args, False, prefix=(o_pre, lse_pre, slot.long()))
+
+
+def test_triton_split_span(triton_backend):
+    """``span``: the splits cover the keys past each start up to ``start + span`` instead of
+    the capacity; the same attention, with or without a span, for any split count; a bad span
+    is refused."""
+    from palm_fast.kernels import mqa_decode as tk
+
+    dev = triton_backend
+    B, R, hd, P = 3, 5, 16, 96
+    k, v = randn(1, B, P, hd, device=dev), randn(1, B, P, hd, device=dev)
+    q = randn(B, R, hd, device=dev)
+    starts = torch.tensor([40, 50, 60], dtype=torch.int32, device=dev)
+    ends = torch.tensor([47, 96, 61], dtype=torch.int32, device=dev)
+    ref, ref_lse = tk.mqa_decode(q, k, v, None, starts, ends, 0, 0.25, True)
+    for n_splits in (None, 1, 2, 3):
+        o, lse = tk.mqa_decode(q, k, v, None, starts, ends, 0, 0.25, True, span=P - 40, n_splits=n_splits,
+                               tiles={"BLOCK_N": 16})
+        assert torch.allclose(o, ref, atol=1e-5, rtol=1e-5), n_splits
+        assert torch.allclose(lse, ref_lse, atol=1e-5, rtol=1e-5), n_splits
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="span: expected None or an int >= 1"):
+            tk.mqa_decode(q, k, v, None, starts, ends, 0, 0.25, True, span=bad)
+
+
+def test_shared_prefix_all_members_split_over_the_span(triton_backend):
+    """Every sequence in a group (the suffix pass's span is the capacity less the shortest
+    prefix): the same output as reading per sequence, deterministic."""
+    dev = triton_backend
+    B, H, hd = 4, 8, 32
+    cache = KVCache(1, B, 256, hd, page_size=16, device=dev)
+    n0 = torch.tensor([150, 0, 100, 0], device=dev)
+    cache.append(0, randn(B, 150, hd, device=dev), randn(B, 150, hd, device=dev), n0)
+    cache.advance(n0)
+    cache.fork(0, [1])
+    cache.fork(2, [3])
+    # (sequence 2 reads 150 keys past its 100-token prefix: more than the capacity less the
+    # longest prefix, 106, rounded up to whole 64-key blocks, so a span taken from the wrong
+    # prefix would drop keys)
+    suffix = torch.tensor([3, 9, 150, 1], device=dev)
+    cache.append(0, randn(B, 150, hd, device=dev), randn(B, 150, hd, device=dev), suffix)
+    cache.advance(suffix)
+    q = randn(B, H, hd, device=dev)
+    shared = ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=True)
+    unshared = ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=False)
+    assert torch.allclose(shared, unshared, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ops.mqa_decode(q, cache, 0, cache.lengths, shared_prefix=True), shared)
 
 
 # ------------------------------------------------------------------ custom ops, compile

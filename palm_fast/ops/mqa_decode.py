@@ -377,22 +377,28 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     # Suffix: each sequence over its own tokens, merged with its group's prefix output.
     suffix_args = (q, cache.k, cache.v, cache.page_table, starts, seq_lens, layer, float(scale))
     if not tracing:
-        return _SUFFIX_MERGE[dev_type](*suffix_args, o_pre, lse_pre, slot)
+        # no sequence reads past its start more than the capacity less the shortest prefix
+        span = cache.blocks_per_seq * cache.page_size - min(starts_host)
+        return _SUFFIX_MERGE[dev_type](*suffix_args, o_pre, lse_pre, slot, span)
     o_suf, lse_suf = run(*suffix_args, True)
     return _prefix_merge(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
 
 
-def _suffix_merge_cpu(q, k_cache, v_cache, page_table, starts, ends, layer, scale, o_pre, lse_pre, slot):
-    """The shared-prefix decode's suffix pass, then the merge with the prefix pass in one C++ pass."""
+def _suffix_merge_cpu(q, k_cache, v_cache, page_table, starts, ends, layer, scale, o_pre, lse_pre, slot,
+                      span):
+    """The shared-prefix decode's suffix pass, then the merge with the prefix pass in one C++ pass
+    (``span`` unused: the C++ kernel splits each sequence's own keys)."""
     o_suf, lse_suf = cpp().mqa_decode_cpu(q, k_cache, v_cache, page_table, starts, ends, layer, scale, True)
     return cpp().prefix_merge_cpu(o_pre, lse_pre, slot, o_suf, lse_suf, q.dtype)
 
 
-def _suffix_merge_cuda(q, k_cache, v_cache, page_table, starts, ends, layer, scale, o_pre, lse_pre, slot):
+def _suffix_merge_cuda(q, k_cache, v_cache, page_table, starts, ends, layer, scale, o_pre, lse_pre, slot,
+                       span):
     """The suffix pass with the prefix output merged in by its combine kernel (no separate
-    merge: fewer launches in eager calls and in a captured decode step)."""
+    merge: fewer launches in eager calls and in a captured decode step), its splits over
+    ``span`` keys past each start (the grid still depends on shapes and groups only)."""
     return _triton().mqa_decode(q, k_cache, v_cache, page_table, starts, ends, layer, scale, False,
-                                prefix=(o_pre, lse_pre, slot))[0]
+                                prefix=(o_pre, lse_pre, slot), span=span)[0]
 
 
 _SUFFIX_MERGE = {"cpu": _suffix_merge_cpu, "cuda": _suffix_merge_cuda}
