@@ -5,7 +5,8 @@ Cases (no bias, as PaLM; ``x [M, N]``):
 * ``layer_norm.fwd``: reads x, writes y (2 MN elements);
 * ``layer_norm.fwdbwd``: forward, then dx and dweight (reads dy and x again, writes dx: 5 MN);
 * ``layer_norm.bwd``: the backward alone from saved mean / rstd (reads dy and x, writes dx:
-  3 MN): ``palm_fast`` calls the ``palm_fast::layer_norm_bwd`` op, ``torch`` ATen's
+  3 MN): ``palm_fast`` runs the ``palm_fast::layer_norm_bwd`` op's implementation as the
+  autograd backward does outside torch.compile (not through the dispatcher), ``torch`` ATen's
   ``native_layer_norm_backward``, ``eager`` / ``compile`` the backward math written out;
   ``palm_fast_frozen`` / ``torch_frozen``: the same backward for a frozen weight (dx only:
   no column reductions; on CUDA one generated kernel);
@@ -188,7 +189,11 @@ def _cases(ctx: BenchContext, M: int, N: int):
         dx = (g - xhat * c1 - c2) * rstd[:, None]
         return dx.to(x.dtype), (dy.float() * xhat).sum(0).to(w.dtype)
 
-    from palm_fast.ops.layer_norm import layer_norm_bwd as ln_bwd_op
+    from palm_fast.ops._dispatch import call_impl
+    from palm_fast.ops.layer_norm import _LN_BWD_IMPLS
+
+    def ln_bwd_op(*args):
+        return call_impl(_LN_BWD_IMPLS, *args)
     compiled_bwd = torch.compile(ref_bwd, dynamic=False)
     bwd_impls = {
         "palm_fast": lambda a: ln_bwd_op(a[0], a[1], w, a[2], a[3], False)[:2],
