@@ -868,8 +868,8 @@ def _check_options(**opts) -> None:
     """Integer options (bools refused), None where allowed; block sizes powers of two. A bad
     value crashed (loop_block=0: ZeroDivisionError), failed inside Triton (a block of 100,
     steps=1.5) or raised an error naming no option."""
-    pow2 = ("max_block", "loop_block", "tile_min", "num_warps")   # (tile: >= 16, checked below)
-    optional = ("num_warps", "max_tiled", "max_tiled_partial")
+    pow2 = ("max_block", "loop_block", "tile_min", "num_warps", "tiled_warps")   # (tile: >= 16, below)
+    optional = ("num_warps", "tiled_warps", "max_tiled", "max_tiled_partial", "row_elems")
     for name, v in opts.items():
         if v is None and name in optional:
             continue
@@ -891,13 +891,14 @@ class CompiledGraph:
                  num_warps: int | None = None, tile: int = DEFAULT_TILE,
                  tile_min: int = DEFAULT_TILE_MIN, max_tiled: int | None = None,
                  max_tiled_partial: int | None = None, row_step: int = DEFAULT_ROW_STEP,
-                 reload: bool = False, single_rows: int = 1, steps: int = 1):
+                 reload: bool = False, single_rows: int = 1, steps: int = 1,
+                 tiled_warps: int | None = None, row_elems: int | None = None):
         if not isinstance(graph, Graph):
             raise TypeError(f"graph: expected a palm_fast.fusion.Graph, got {type(graph).__name__}")
         _check_options(max_block=max_block, loop_block=loop_block, partials_per_sm=partials_per_sm,
                        num_warps=num_warps, tile=tile, tile_min=tile_min, max_tiled=max_tiled,
                        max_tiled_partial=max_tiled_partial, row_step=row_step, single_rows=single_rows,
-                       steps=steps)
+                       steps=steps, tiled_warps=tiled_warps, row_elems=row_elems)
         self.source_graph = graph
         self.schedule = fuse(graph, mode)
         self.graph = self.schedule.graph
@@ -907,6 +908,12 @@ class CompiledGraph:
         # None: by row width held (4 up to 1024, 8 up to 4096 or whole 8192-column rows
         # without column partials, else 16)
         self.num_warps = num_warps
+        # warps of tiled kernels without column partials (None: by row width, as above;
+        # num_warps, when given, takes precedence)
+        self.tiled_warps = tiled_warps
+        # at most this many row elements (rows x tiled width) loaded per loop step of a
+        # tiled kernel without column partials (None: row_step alone sets the rows)
+        self.row_elems = row_elems
         if tile < 16 or tile & (tile - 1):
             raise ValueError(f"tile: expected a power of two >= 16, got {tile}")
         # the tiled variant: rows with tile_min < N <= max_tiled(_partial) held as tiles; the
@@ -960,7 +967,10 @@ class CompiledGraph:
         if tiles == 1:
             return self.single_rows
         row_inputs = sum(1 for i in group.inputs if self.graph.nodes[i].space == "row")
-        return max(1, self.row_step // max(1, row_inputs))
+        rows = max(1, self.row_step // max(1, row_inputs))
+        if self.row_elems:
+            rows = max(1, min(rows, self.row_elems // (tiles * self.tile)))
+        return rows
 
     def _reload(self, group: Group, looped: bool, tiles: int) -> bool:
         """Whether a row kernel re-reads its row after each row reduction (the ``reload``
@@ -1193,6 +1203,8 @@ class CompiledGraph:
                 warps = 4 if width <= 1024 else (8 if width <= eight else 16)
                 if tiles > 1 and has_part and not k.reload:
                     warps = PARTIAL_TILED_WARPS
+                elif tiles > 1 and not has_part and self.tiled_warps:
+                    warps = self.tiled_warps
                 kw["num_warps"] = self.num_warps or warps
                 # No FMA contraction, as the C++ kernels (-ffp-contract=off): the LayerNorm
                 # backward rounds g = dy * w in its first pass (mean of g), and a second pass

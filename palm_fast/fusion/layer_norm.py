@@ -14,11 +14,25 @@ from ..ops._checks import FLOAT_DTYPES, check_eps, check_last_dim_contiguous, ch
 from . import expanders
 from .codegen import CompiledGraph, compile_graph
 
+# The forward's tiled kernel (16384 < N <= 32768): 1024-column tiles, 8 warps, and at most
+# 3 rows of 18432 (no bias) or 2 (with a bias) loaded per step. H100, bf16, 16384 rows, % of
+# copy bandwidth (benchmarks/results/h100/session23/probe14.log; the codegen's default was
+# 2048-column tiles, 16 warps, 3 rows): no bias, N = 18432: 97.9% (default 94.3%; 1.015x
+# torch.compile, 0.977x before), 3 rows; 20480: 96.8% (76.8%) and 24576: 96.7% (59.8%), 2
+# rows; 16896: 92.4% (93.4%), 3 rows; with a bias, 18432: 88.8% (53.5%), 2 rows. Three rows
+# of 20480 (90.2%) or 24576 (70.6%), or of 18432 with a bias (69.4%), ran out of registers
+# (255 per thread at 8 warps). N = 32768 takes 1 row: unmeasured (2 rows: 68.4%, the
+# default 40.4%, torch.compile 98%).
+_FWD_TILED = {False: dict(tile=1024, tiled_warps=8, row_elems=3 * 18432),
+              True: dict(tile=1024, tiled_warps=8, row_elems=2 * 18432)}
+
 
 @functools.cache
 def _compiled(expander: str, *flags) -> CompiledGraph:
-    """The ``full``-mode compiled graph of an expander (built and hashed once per process)."""
-    return compile_graph(getattr(expanders, expander)(*flags), "full")
+    """The ``full``-mode compiled graph of an expander (built and hashed once per process);
+    the LayerNorm forward with its tiled-kernel options (``_FWD_TILED``)."""
+    opts = _FWD_TILED[flags[0]] if expander == "layer_norm_fwd" else {}
+    return compile_graph(getattr(expanders, expander)(*flags), "full", **opts)
 
 def _check(name: str, t, *, ndim: int | None = None, shape=None, device=None, dtypes=FLOAT_DTYPES):
     check_tensor(name, t, dtypes=dtypes, ndim=ndim)
