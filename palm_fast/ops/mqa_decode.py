@@ -328,10 +328,9 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     ``shared_prefix``: True reads each prefix group's shared pages once for all its members
     (paged caches with ``fork``); False reads them per sequence (same result); None (default)
     is False: the shared pass measured slower than reading per sequence on both backends
-    so far (H100: 0.130 vs 0.097 ms at 64 sequences sharing 4096 tokens, CUDA-graph
-    replays, ``benchmarks/results/h100/session19/decode.json``, before the twentieth
-    session's changes to the pass; CPU: 0.195 vs 0.181 ms, ``benchmarks/results/cpu/
-    bench.json``: sharing saves reads, not FLOPs).
+    so far (H100: 0.101 vs 0.094 ms at 64 sequences x 48 heads sharing 4096 tokens,
+    CUDA-graph replays, ``benchmarks/results/h100/session23/decode.json``; CPU: 0.195 vs
+    0.181 ms, ``benchmarks/results/cpu/bench.json``: sharing saves reads, not FLOPs).
     Inference only. Raises TypeError/ValueError naming the argument.
     """
     tracing = compiling()
