@@ -651,9 +651,9 @@ def test_shared_prefix_all_members_split_over_the_span(triton_backend):
     cache.advance(n0)
     cache.fork(0, [1])
     cache.fork(2, [3])
-    # (sequence 2 reads 150 keys past its 100-token prefix: more than the capacity less the
-    # longest prefix, 106, rounded up to whole 64-key blocks, so a span taken from the wrong
-    # prefix would drop keys)
+    # (fork shares whole pages: prefixes of 144 and 96 tokens. Sequence 2 reads 154 keys past
+    # its prefix: more than the capacity less the longest prefix, 112, rounded up to whole
+    # 32-key blocks (128), so a span taken from the wrong prefix would drop keys)
     suffix = torch.tensor([3, 9, 150, 1], device=dev)
     cache.append(0, randn(B, 150, hd, device=dev), randn(B, 150, hd, device=dev), suffix)
     cache.advance(suffix)

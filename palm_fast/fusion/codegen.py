@@ -912,7 +912,8 @@ class CompiledGraph:
         # num_warps, when given, takes precedence)
         self.tiled_warps = tiled_warps
         # at most this many row elements (rows x tiled width) loaded per loop step of a
-        # tiled kernel without column partials (None: row_step alone sets the rows)
+        # tiled kernel without column partials, but always one row (None: row_step alone
+        # sets the rows)
         self.row_elems = row_elems
         if tile < 16 or tile & (tile - 1):
             raise ValueError(f"tile: expected a power of two >= 16, got {tile}")
