@@ -16,9 +16,11 @@ memory-bound decoding); none where the weights are under twice a CPU's last-leve
 (they are then partly read from it, not from DRAM: palm-small in fp32 is 24 MB). FLOPs:
 ``2 B ((N - V d) T + V d + N (new - 1))``: a prefill of T tokens, whose output head (the
 tied ``[V, d]`` embedding) runs for the last prompt token only, and new - 1 decode steps
-(the attention's FLOPs left out: under 1% at these lengths). (Before the twenty-second
-session the prefill was counted as 2 N per prompt token: 21% too many FLOPs for palm-small,
-4.5% for palm-1b in the committed JSON records.)
+(the attention's FLOPs left out: under 1% at the CPU and ``--quick`` shapes, 1.3-1.4% at
+the default GPU shape, palm-1b with 128 + 256 tokens). (Before the twenty-second session the
+prefill was counted as 2 N per prompt token: the committed JSON records read 20.8% too many
+FLOPs for palm-small and 4.5% for palm-1b where they counted T + new - 1 tokens, 24.7% and
+5.0% where they counted T + new: ``cpu/bench.json``, ``h100/generate_quick.json``.)
 """
 from __future__ import annotations
 
