@@ -508,12 +508,24 @@ class PackedInProj:
     p_qkv: int            # number of q / k / v pairs (the rest are SwiGLU pairs)
 
 
+def qkv_pairs(n_heads: int, n_kv_heads: int, head_dim: int) -> int:
+    """Pairs of q / k / v columns in the packed layout, before the SwiGLU pairs: none for an
+    odd head dim, whose pass-through features do not pair within a head (its q / k / v
+    columns then take the library GEMM + RoPE kernel path alone, ``QKV_VIA_GEMM``)."""
+    return 0 if head_dim % 2 else (n_heads + 2 * n_kv_heads) * head_dim // 2
+
+
 def pair_columns(n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, rotary_half: int,
                  interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(col_a, col_b, freq_index)`` int64 ``[P]`` of every pair (freq_index -1: no rotation)."""
+    """``(col_a, col_b, freq_index)`` int64 ``[P]`` of every pair (freq_index -1: no rotation);
+    the first ``qkv_pairs(...)`` are q / k / v pairs (none for an odd head dim)."""
     hd, R2 = head_dim, rotary_half
-    if hd % 2 or not 0 < R2 <= hd // 2:
-        raise ValueError(f"head_dim {hd} / rotary dim {2 * R2}: expected an even head dim >= rotary dim")
+    if not 0 < R2 <= hd // 2:
+        raise ValueError(f"head_dim {hd} / rotary dim {2 * R2}: expected an even rotary dim <= head dim")
+    if hd % 2:   # only the SwiGLU pairs
+        f0 = (n_heads + 2 * n_kv_heads) * hd
+        fc = f0 + torch.arange(d_ff)
+        return fc, fc + d_ff, torch.full((d_ff,), -1)
     i = torch.arange(R2)
     if interleaved:
         rot_a, rot_b = 2 * i, 2 * i + 1
@@ -602,7 +614,7 @@ def pack_in_proj(w_in: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_
         dst_a=dst_a,
         dst_b=dst_b,
         freq=freq,
-        p_qkv=(n_heads + 2 * n_kv_heads) * head_dim // 2,
+        p_qkv=qkv_pairs(n_heads, n_kv_heads, head_dim),
     )
 
 
@@ -658,6 +670,10 @@ def in_proj(xn: torch.Tensor, packed: PackedInProj, pos: torch.Tensor, n_heads: 
         packed = dataclasses.replace(packed, w_a=packed.w_a.contiguous(), w_b=packed.w_b.contiguous())
     HQ, HKV, F = n_heads * head_dim, n_kv_heads * head_dim, d_ff
     P = packed.w_a.shape[0]
+    if qkv_weight is None and head_dim % 2 and HQ + 2 * HKV > 0:
+        raise ValueError(f"head_dim: the epilogue GEMM's RoPE region needs q / k / v column pairs (an "
+                         f"even head dim), got {head_dim}; pass qkv_weight (the library GEMM + RoPE "
+                         f"kernel path)")
     dev, dt = xn.device, xn.dtype
     q = torch.empty(M, HQ, device=dev, dtype=dt)
     k = torch.empty(M, HKV, device=dev, dtype=dt)

@@ -254,6 +254,30 @@ def test_block_triton(cfg, triton_backend):
     _check_block(cfg, torch.float32, triton_backend, positions)
 
 
+@pytest.mark.parametrize("cfg", [(2, 5, 12, 2, 1, 5, 5, {"rotary_dim": 4}),
+                                 (1, 3, 16, 3, 3, 7, 9, {"rotary_dim": 2, "interleaved": True})],
+                         ids=["hd5", "hd7-gqa-interleaved"])
+def test_block_triton_odd_head_dim(cfg, triton_backend):
+    """An odd head dim with an even rotary dim (the reference and the CPU path take it): the
+    Triton path refused it while re-laying out the input weight in column pairs, which its
+    q / k / v columns do not need (they take the library GEMM + RoPE kernel). Forward and
+    every gradient against the reference; the epilogue GEMM's RoPE region (which needs the
+    pairs) refuses it by name."""
+    _check_block(cfg, torch.float32, triton_backend)
+    B, T, d, H, Hk, hd, F, kw = cfg
+    a, b, f = kp.pair_columns(H, Hk, hd, F, kw["rotary_dim"] // 2, kw.get("interleaved", False))
+    f0 = (H + 2 * Hk) * hd   # (only the SwiGLU columns are paired)
+    assert kp.qkv_pairs(H, Hk, hd) == 0
+    assert torch.equal(torch.cat((a, b)).sort().values, torch.arange(f0, f0 + 2 * F))
+    _, fast = _blocks(cfg, torch.float32, triton_backend)
+    inv = fast.rotary.inv_freq
+    packed = kp.pack_in_proj(fast.in_proj.weight, inv, H, Hk, hd, F, kw.get("interleaved", False))
+    xn = randn(B * T, d, device=triton_backend)
+    pos = torch.zeros(B * T, dtype=torch.int32, device=triton_backend)
+    with pytest.raises(ValueError, match="^head_dim: the epilogue GEMM's RoPE region needs"):
+        kp.in_proj(xn, packed, pos, H, Hk, hd, F, store_ff=False)
+
+
 def test_block_triton_with_column_major_output_weights(triton_backend):
     """attn_out / ff_out weights stored transposed (W.t().contiguous().t()): the Triton
     output GEMM takes a row stride only and failed a bare assert (wrong numbers under

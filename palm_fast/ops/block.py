@@ -272,10 +272,11 @@ def _in_proj_triton(x, ln_weight, w_in, w_a, w_b, dst_a, dst_b, freq, inv_freq, 
     """x ``[M, d]`` -> (q, k, v, h, ff, xn, mean, rstd); ff = [M, 2F] when keep_ff, else [0]."""
     xn, mean, rstd = _layer_norm_fwd_cuda(x, ln_weight, None, eps)
     kp = _proj()
-    packed = kp.PackedInProj(w_a, w_b, dst_a, dst_b, freq,
-                             (n_heads + 2 * n_kv_heads) * head_dim // 2)
+    packed = kp.PackedInProj(w_a, w_b, dst_a, dst_b, freq, kp.qkv_pairs(n_heads, n_kv_heads, head_dim))
     extra = {}
-    if kp.QKV_VIA_GEMM:  # q / k / v columns: library GEMM + RoPE kernel (see kernels.projection)
+    # q / k / v columns: library GEMM + RoPE kernel (see kernels.projection); always for an
+    # odd head dim (no q / k / v pairs for the epilogue GEMM's RoPE region)
+    if kp.QKV_VIA_GEMM or head_dim % 2:
         nqkv = (n_heads + 2 * n_kv_heads) * head_dim
         extra = dict(qkv_weight=w_in[:nqkv], inv_freq=inv_freq, interleaved=interleaved)
     q, k, v, h, ff = kp.in_proj(xn, packed, pos, n_heads, n_kv_heads, head_dim, d_ff,
