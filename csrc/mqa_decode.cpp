@@ -455,6 +455,16 @@ void attend_chunk(const scalar_t* qb, int64_t R, int64_t hd, float scale, const 
       for (int64_t i = 0; i < kW; ++i) mx = nan_max(mx, t[i]);
       for (; j < n; ++j) mx = nan_max(mx, sr[j]);
     }
+    if (mx == kNegInf) {
+      // Every score of the chunk is -inf (an infinite q or k): the reference's softmax is
+      // exp(-inf - -inf) = NaN. P = 0 (no garbage in the value products; exp_u20 of a NaN
+      // is the largest float, not NaN) and l = NaN, which the combine turns into a NaN row,
+      // as the Triton kernels give (it used to come out as an empty row's o = 0).
+      std::fill(sr, sr + n, 0.f);
+      m[r] = kNegInf;
+      l[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     Vec vsum(0.f);
     const Vec vmx(mx);
     for (j = 0; j + kW <= n; j += kW) {
@@ -542,7 +552,13 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       for (int64_t t = task_first[b]; t < task_first[b + 1]; ++t) mx = nan_max(mx, part_m[t * R + r]);
       std::fill(row.begin(), row.end(), 0.f);
       float den = 0.f;
-      if (mx != kNegInf) {
+      if (mx == kNegInf) {
+        // Every chunk's scores are -inf (its l is NaN; a sequence without keys has no
+        // chunk): o and lse NaN, as the reference's softmax gives
+        for (int64_t t = task_first[b]; t < task_first[b + 1]; ++t) {
+          if (part_l[t * R + r] != part_l[t * R + r]) den = part_l[t * R + r];
+        }
+      } else {
         for (int64_t t = task_first[b]; t < task_first[b + 1]; ++t) {
           const float w = std::exp(part_m[t * R + r] - mx);
           den += w * part_l[t * R + r];
@@ -553,7 +569,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
           for (; d < hd; ++d) row[d] += w * a[d];
         }
       }
-      const float inv = den > 0.f ? 1.f / den : 0.f;
+      const float inv = den > 0.f ? 1.f / den : (den != den ? den : 0.f);   // NaN: o NaN
       lp[i] = den > 0.f ? mx + std::log(den) : (den != den ? den : kNegInf);   // NaN stays NaN
       if (o.scalar_type() == at::kFloat) {
         float* op = o.mutable_data_ptr<float>() + i * hd;

@@ -781,6 +781,7 @@ def test_decode_propagates_nan(page_size, backend, request):
     B, H, hd, T = 2, 4, 64, 40
     cache = KVCache(1, B, 128, hd, page_size=page_size, device=dev)
     k, v = randn(B, T, hd, device=dev), randn(B, T, hd, device=dev)
+    k[1, :, 7] = k[1, :, 7].abs() + 0.1   # (every key of sequence 1 positive in feature 7)
     cache.append(0, k, v)
     cache.advance(T)
     q = randn(B, H, hd, device=dev)
@@ -792,6 +793,16 @@ def test_decode_propagates_nan(page_size, backend, request):
         got = ops.mqa_decode(q, cache, 0, cache.lengths).cpu()
         assert got[0, 1].isnan().all(), bad
         assert torch.equal(got[mask], want.cpu()[mask]), bad
+    # Every score -inf (q = -inf against positive keys): the reference's softmax is NaN
+    # (-inf - -inf); the C++ kernel gave an empty row's o = 0.
+    q2 = q.clone()
+    q2[1, 2, 7] = float("-inf")
+    got = ops.mqa_decode(q2, cache, 0, cache.lengths).cpu()
+    k1, v1 = (t[1:2, :, None].double().cpu() for t in (k, v))
+    ref = attention(q2[1:2, None].double().cpu(), k1, v1, causal=False)
+    assert ref[0, 0, 2].isnan().all() and got[1, 2].isnan().all()
+    mask[1, 2] = False
+    assert torch.equal(got[mask], ops.mqa_decode(q, cache, 0, cache.lengths).cpu()[mask])
     if backend == "triton":  # several splits (the combine kernel merging a NaN partial)
         from palm_fast.kernels import mqa_decode as tk
         o, lse = tk.mqa_decode(q, cache.k, cache.v, cache.page_table, None, cache.lengths,
