@@ -48,6 +48,8 @@ def precise_trig(device: torch.device) -> bool:
     return libdevice is not None and not interpreting() and gpu_launch(device)
 
 
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
 @triton.jit
 def rope_cos_sin(theta, PRECISE_TRIG: tl.constexpr):
     """cos and sin of fp32 rotary angles, shared by every kernel that rotates (rope,
@@ -191,6 +193,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Te
     Arguments are assumed valid (``palm_fast.ops.rope`` checks them).
     """
     check_launch_device(q)
+    for name, t in (("q", q), ("k", k)):   # (the raw ops reach here unchecked: an int tensor
+        if t.dtype not in _FLOAT:            # computed silently, fp64 in fp32)
+            raise TypeError(f"{name}: expected dtype torch.float32, torch.float16 or torch.bfloat16 "
+                            f"on the GPU, got {t.dtype}")
     B, T, H, D = q.shape
     HK = k.shape[2]
     half = inv_freq.numel()

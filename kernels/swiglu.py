@@ -148,6 +148,10 @@ def tile_config(n_rows: int, F: int) -> tuple[int, int, int]:
 
 def _check_x(x: torch.Tensor) -> int:
     check_launch_device(x)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):   # (the raw ops reach here
+        # unchecked: an int tensor computed silently, fp64 in fp32)
+        raise TypeError(f"x: expected dtype torch.float32, torch.float16 or torch.bfloat16 on the "
+                        f"GPU, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0 or x.shape[-1] % 2:
         raise ValueError(f"x: expected shape [..., 2F] with F > 0, got {tuple(x.shape)}")
     return x.shape[-1] // 2

@@ -380,3 +380,25 @@ def test_layer_norm_module_takes_torchs_keyword_and_numpy_sizes():
         LayerNorm(8, normalized_shape=8)
     with pytest.raises(TypeError, match="^dim: expected the feature size"):
         LayerNorm()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64])
+def test_triton_rope_and_swiglu_launchers_refuse_other_dtypes(dtype):
+    """The raw ops (``torch.ops.palm_fast.rope`` / ``swiglu``) reach the Triton launchers
+    without the public functions' checks: an int32 input was computed silently and an fp64
+    one in fp32 (the C++ kernels refuse the former and compute the latter in fp64)."""
+    from conftest import TRITON_DEVICE
+
+    from palm_fast.kernels import rope as kr
+    from palm_fast.kernels import swiglu as ks
+
+    dev = TRITON_DEVICE
+    q = torch.ones(1, 2, 2, 4, dtype=dtype, device=dev)
+    k = torch.ones(1, 2, 1, 4, dtype=dtype, device=dev)
+    inv = torch.ones(2, device=dev)
+    with pytest.raises(TypeError, match="^q: expected dtype torch.float32, torch.float16 or torch.bfloat16"):
+        kr.rope(q, k, inv, torch.zeros(1, dtype=torch.int32, device=dev), pos_is_offset=True)
+    with pytest.raises(TypeError, match="^x: expected dtype torch.float32, torch.float16 or torch.bfloat16"):
+        ks.swiglu_fwd(torch.ones(3, 4, dtype=dtype, device=dev))
+    with pytest.raises(TypeError, match="^x: expected dtype"):
+        ks.swiglu_bwd(torch.ones(3, 2, dtype=dtype, device=dev), torch.ones(3, 4, dtype=dtype, device=dev))
