@@ -118,3 +118,30 @@ def test_jit_trace_with_its_default_check_and_training_a_no_grad_trace(which):
     assert got.keys() == want.keys() and got
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_ad_under_a_dispatch_mode_raises_as_in_eager():
+    """Under a dispatch mode the ops take the custom ops, which have no forward-AD formula:
+    torch.func.jvp returned a zero tangent and a dual tensor's tangent came back None. Now
+    they raise as the eager path does."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from palm_fast.nn import ParallelBlock
+
+    x, t = torch.randn(4, 8), torch.ones(4, 8)
+    w = torch.ones(8)
+    k = torch.randn(1, 4, 1, 8)
+    block = ParallelBlock(8, 2, 4, 6)
+    calls = {"swiglu": lambda z: ops.swiglu(z), "layer_norm": lambda z: ops.layer_norm(z, w),
+             "add_layer_norm": lambda z: ops.add_layer_norm(z, z, weight=w)[1],
+             "rope": lambda z: ops.rope(z.view(1, 4, 1, 8), k)[0],
+             "block": lambda z: block(z.view(1, 4, 8))}
+    for name, f in calls.items():
+        with FlopCounterMode(display=False):
+            with pytest.raises(RuntimeError, match="palm_fast's ops do not support"):
+                torch.func.jvp(f, (x,), (t,))
+            with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+                f(fwAD.make_dual(x, t))
+            with fwAD.dual_level():   # (plain tensors inside a dual level are fine)
+                assert f(x).isfinite().all(), name

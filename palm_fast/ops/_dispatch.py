@@ -326,6 +326,17 @@ def check_no_transforms(*tensors) -> None:
                            "(palm_fast.reference) there")
 
 
+def check_traced(*tensors) -> None:
+    """The transform checks of the eager path (:func:`check_no_transforms`) for a call that
+    takes the custom op under a dispatch mode (``FlopCounterMode``, ``make_fx``) or
+    ``torch.jit.trace``: the custom ops have no forward-AD formula, and torch returned no
+    tangent (``jvp`` gave zeros) instead of raising. (Not while torch.compile traces: the
+    checks read Python state of the real tensors, which the traced fakes do not carry; the
+    README lists forward-mode AD under torch.compile as unsupported.)"""
+    if not torch.compiler.is_compiling():
+        check_no_transforms(*tensors)
+
+
 def needs_grad(*tensors) -> bool:
     """Whether autograd would record an op on these tensors (None entries allowed). Raises
     for torch.func transforms and forward-mode AD (:func:`check_no_transforms`)."""

@@ -64,6 +64,7 @@ from ._checks import (
 from ._dispatch import (
     cached_constant,
     call_impl,
+    check_traced,
     compiling,
     eager_ctx,
     eager_function,
@@ -630,6 +631,7 @@ def _cpu_mqa(q, k, v, scale):
     v = v.reshape(B, T, D).contiguous()
     s = float(D ** -0.5 if scale is None else scale)
     if compiling():
+        check_traced(q, k, v)
         return mqa_attention_op(q, k, v, s)[0]
     return eager_op(_MQAEager, _MQA_IMPLS, "cpu", needs_grad(q, k, v))(q, k, v, s)[0]
 
@@ -798,8 +800,11 @@ def _output_projection(o, h, x, w_attn_out, w_ff_out):
     M = B * T
     args = (_rows("o", o, M, w_attn_out.shape[1]), _rows("h", h, M, w_ff_out.shape[1]),
             _rows("x", x, M, d), w_attn_out, w_ff_out)
-    op = block_out_proj if compiling() else eager_op(
-        _OutProjEager, _OUT_IMPLS, x.device.type, needs_grad(o, h, x, w_attn_out, w_ff_out))
+    if compiling():
+        check_traced(o, h, x, w_attn_out, w_ff_out)
+        op = block_out_proj
+    else:
+        op = eager_op(_OutProjEager, _OUT_IMPLS, x.device.type, needs_grad(o, h, x, w_attn_out, w_ff_out))
     return op(*args).view(B, T, d)
 
 

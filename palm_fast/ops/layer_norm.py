@@ -37,7 +37,7 @@ import torch
 
 from .._ext import cpp
 from ._checks import FLOAT_DTYPES, check_eps, check_same_device, check_shape, check_tensor, unit_last_dim
-from ._dispatch import call_impl, compiling, eager_ctx, eager_function, eager_op, needs_grad
+from ._dispatch import call_impl, check_traced, compiling, eager_ctx, eager_function, eager_op, needs_grad
 
 __all__ = ["layer_norm", "add_layer_norm"]
 
@@ -252,6 +252,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     _check_affine(x, weight, bias)
     eps = check_eps(eps)
     if compiling():
+        check_traced(x, weight, bias)
         op = layer_norm_fwd
     else:
         op = eager_op(_LayerNormEager, _LN_FWD_IMPLS, x.device.type, needs_grad(x, weight, bias))
@@ -285,6 +286,7 @@ def add_layer_norm(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None = No
     _check_affine(x, weight, bias)
     eps = check_eps(eps)
     if compiling():
+        check_traced(x, a, m, weight, bias)
         op = add_layer_norm_fwd
     else:
         op = eager_op(_AddLayerNormEager, _ADD_LN_FWD_IMPLS, x.device.type,

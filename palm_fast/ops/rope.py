@@ -27,6 +27,7 @@ from ._checks import (
 from ._dispatch import (
     cached_constant,
     check_no_transforms,
+    check_traced,
     compiling,
     eager_ctx,
     eager_function,
@@ -194,7 +195,11 @@ def rope(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = N
     """
     interleaved = check_bool("interleaved", interleaved)
     inv_freq, pos, pos_is_offset = _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim)
-    op = rope_op if compiling() else eager_op(_RopeEager, _ROPE_IMPLS, q.device.type, needs_grad(q, k))
+    if compiling():
+        check_traced(q, k)
+        op = rope_op
+    else:
+        op = eager_op(_RopeEager, _ROPE_IMPLS, q.device.type, needs_grad(q, k))
     return op(q, k, inv_freq, pos, pos_is_offset, interleaved, False)
 
 

@@ -26,7 +26,7 @@ import torch
 from palm_fast._ext import cpp
 
 from ._checks import check_tensor
-from ._dispatch import call_impl, compiling, eager_ctx, eager_function, eager_op, needs_grad
+from ._dispatch import call_impl, check_traced, compiling, eager_ctx, eager_function, eager_op, needs_grad
 
 __all__ = ["swiglu"]
 
@@ -113,5 +113,6 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x: expected an even, positive last dim [..., 2F] (value | gate), "
                          f"got shape {tuple(x.shape)} (last dim {two_f})")
     if compiling():
+        check_traced(x)
         return torch.ops.palm_fast.swiglu(x)
     return eager_op(_SwiGLUEager, _FWD_IMPLS, x.device.type, needs_grad(x))(x)
