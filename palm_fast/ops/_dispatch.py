@@ -96,14 +96,6 @@ def _autocast_on() -> bool:
     return torch._C._is_any_autocast_enabled()
 
 
-def _instance_forward(m) -> bool:
-    """Whether ``m.forward`` is not its class's (a function or another object's method set on
-    the instance). Read through ``m.forward``, which torch.compile guards: an assignment made
-    after compiling recompiles. (``"forward" in m.__dict__`` installed no guard: a compiled
-    model kept its fused path after a part's forward was replaced, 3.9 off.)"""
-    return getattr(m.forward, "__func__", None) is not type(m).forward
-
-
 def parts_hooked(*mods) -> bool:
     """Whether calling one of ``mods`` would run more than its class's ``forward``: hooks of
     its own, a ``forward`` set on the instance (a LoRA or adapter done by assignment), or
@@ -115,7 +107,7 @@ def parts_hooked(*mods) -> bool:
         return True
     for m in mods:
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
-                or _instance_forward(m):
+                or "forward" in m.__dict__:
             return True
     return False
 
@@ -202,7 +194,7 @@ def forward_replaced(model, cls: type) -> bool:
     """Whether ``model``'s forward is not ``cls.forward``: a subclass's own, or one set on the
     instance (as wrappers do). A fast path that takes ``model`` apart instead of calling it
     would skip that code."""
-    return type(model).forward is not cls.forward or _instance_forward(model)
+    return type(model).forward is not cls.forward or "forward" in vars(model)
 
 
 def autocast_changes_dtype(x: torch.Tensor, *weights: torch.Tensor) -> bool:
