@@ -85,6 +85,17 @@ def smem_per_block(device: torch.device) -> int:
     return _SMEM_OPTIN.get(capability(device), 101376)
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float_dtype(name: str, t: torch.Tensor) -> None:
+    """A launcher's float input (the raw custom ops reach the launchers without the public
+    functions' checks: an int tensor was computed silently, an fp64 one in fp32)."""
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype torch.float32, torch.float16 or torch.bfloat16 "
+                        f"on the GPU, got {t.dtype}")
+
+
 def check_launch_device(t: torch.Tensor) -> None:
     """Triton kernels need CUDA tensors, or CPU tensors under the interpreter (or in
     compile-only mode)."""

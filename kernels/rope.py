@@ -35,7 +35,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_launch_device, gpu_launch, interpreting, next_pow2, on_tensor_device
+from ._common import (
+    check_float_dtype,
+    check_launch_device,
+    gpu_launch,
+    interpreting,
+    next_pow2,
+    on_tensor_device,
+)
 
 try:  # precise cos/sin on the GPU (the hardware approximations lose accuracy far from 0)
     from triton.language.extra import libdevice
@@ -48,7 +55,6 @@ def precise_trig(device: torch.device) -> bool:
     return libdevice is not None and not interpreting() and gpu_launch(device)
 
 
-_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def rope_cos_sin(theta, PRECISE_TRIG: tl.constexpr):
@@ -193,10 +199,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Te
     Arguments are assumed valid (``palm_fast.ops.rope`` checks them).
     """
     check_launch_device(q)
-    for name, t in (("q", q), ("k", k)):   # (the raw ops reach here unchecked: an int tensor
-        if t.dtype not in _FLOAT:            # computed silently, fp64 in fp32)
-            raise TypeError(f"{name}: expected dtype torch.float32, torch.float16 or torch.bfloat16 "
-                            f"on the GPU, got {t.dtype}")
+    check_float_dtype("q", q)
+    check_float_dtype("k", k)
     B, T, H, D = q.shape
     HK = k.shape[2]
     half = inv_freq.numel()

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_launch_device, next_pow2, on_tensor_device
+from ._common import cdiv, check_float_dtype, check_launch_device, next_pow2, on_tensor_device
 from .rope import libdevice, precise_trig
 
 # Elements per program (BLOCK_R * BLOCK_F), and the widest column block. Swept on an H100
@@ -148,10 +148,7 @@ def tile_config(n_rows: int, F: int) -> tuple[int, int, int]:
 
 def _check_x(x: torch.Tensor) -> int:
     check_launch_device(x)
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):   # (the raw ops reach here
-        # unchecked: an int tensor computed silently, fp64 in fp32)
-        raise TypeError(f"x: expected dtype torch.float32, torch.float16 or torch.bfloat16 on the "
-                        f"GPU, got {x.dtype}")
+    check_float_dtype("x", x)
     if x.dim() < 1 or x.shape[-1] == 0 or x.shape[-1] % 2:
         raise ValueError(f"x: expected shape [..., 2F] with F > 0, got {tuple(x.shape)}")
     return x.shape[-1] // 2
