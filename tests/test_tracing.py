@@ -145,3 +145,12 @@ def test_forward_ad_under_a_dispatch_mode_raises_as_in_eager():
                 f(fwAD.make_dual(x, t))
             with fwAD.dual_level():   # (plain tensors inside a dual level are fine)
                 assert f(x).isfinite().all(), name
+    from palm_fast.kv_cache import KVCache
+
+    cache = KVCache(1, 1, 8, 8)
+    cache.append(0, torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+    cache.advance(3)
+    qd = torch.randn(1, 2, 8)
+    with FlopCounterMode(display=False), fwAD.dual_level(), \
+            pytest.raises(RuntimeError, match="forward-mode AD"):
+        ops.mqa_decode(fwAD.make_dual(qd, torch.ones_like(qd)), cache, 0, cache.lengths)

@@ -38,7 +38,7 @@ from palm_fast.kv_cache import KVCache
 from palm_fast.reference.functional import rope_inv_freq
 
 from ._checks import check_bool, check_float, check_int
-from ._dispatch import cached_constant, check_no_transforms, compiling, cuda_capturing
+from ._dispatch import cached_constant, check_traced, compiling, cuda_capturing
 from .rope import _cached_inv_freq
 
 __all__ = ["rope_append", "mqa_decode", "append_kv"]
@@ -172,8 +172,7 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCach
     Raises TypeError/ValueError naming the argument; a rejected call changes nothing.
     """
     tracing = compiling()
-    if not tracing:
-        check_no_transforms(q, k, v)
+    check_traced(q, k, v)
     _check_cache(cache)
     _no_grad_check("rope_append", q=q, k=k, v=v)
     layer = cache.check_layer(layer)
@@ -334,8 +333,7 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     Inference only. Raises TypeError/ValueError naming the argument.
     """
     tracing = compiling()
-    if not tracing:
-        check_no_transforms(q)
+    check_traced(q)
     _check_cache(cache)
     cache.check_like("q", q, 3)
     if q.requires_grad and torch.is_grad_enabled():
