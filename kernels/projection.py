@@ -522,29 +522,27 @@ def pair_columns(n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, rotary
     hd, R2 = head_dim, rotary_half
     if not 0 < R2 <= hd // 2:
         raise ValueError(f"head_dim {hd} / rotary dim {2 * R2}: expected an even rotary dim <= head dim")
-    if hd % 2:   # only the SwiGLU pairs
-        f0 = (n_heads + 2 * n_kv_heads) * hd
-        fc = f0 + torch.arange(d_ff)
-        return fc, fc + d_ff, torch.full((d_ff,), -1)
-    i = torch.arange(R2)
-    if interleaved:
-        rot_a, rot_b = 2 * i, 2 * i + 1
-    else:
-        rot_a, rot_b = i, i + R2
-    pas = torch.arange(2 * R2, hd, 2)                      # pass-through pairs (c, c + 1)
-    head_a = torch.cat((rot_a, pas))
-    head_b = torch.cat((rot_b, pas + 1))
-    head_f = torch.cat((i, torch.full((pas.numel(),), -1)))
+    col_a, col_b, fidx = [], [], []
     n_rot_heads = n_heads + n_kv_heads
-    base = (torch.arange(n_rot_heads) * hd)[:, None]
-    col_a = [(base + head_a).flatten()]
-    col_b = [(base + head_b).flatten()]
-    fidx = [head_f.repeat(n_rot_heads)]
     v0 = n_rot_heads * hd
-    vc = v0 + torch.arange(0, n_kv_heads * hd, 2)
-    col_a.append(vc)
-    col_b.append(vc + 1)
-    fidx.append(torch.full((vc.numel(),), -1))
+    if hd % 2 == 0:   # (an odd head dim: the SwiGLU pairs only, see qkv_pairs)
+        i = torch.arange(R2)
+        if interleaved:
+            rot_a, rot_b = 2 * i, 2 * i + 1
+        else:
+            rot_a, rot_b = i, i + R2
+        pas = torch.arange(2 * R2, hd, 2)                      # pass-through pairs (c, c + 1)
+        head_a = torch.cat((rot_a, pas))
+        head_b = torch.cat((rot_b, pas + 1))
+        head_f = torch.cat((i, torch.full((pas.numel(),), -1)))
+        base = (torch.arange(n_rot_heads) * hd)[:, None]
+        col_a.append((base + head_a).flatten())
+        col_b.append((base + head_b).flatten())
+        fidx.append(head_f.repeat(n_rot_heads))
+        vc = v0 + torch.arange(0, n_kv_heads * hd, 2)
+        col_a.append(vc)
+        col_b.append(vc + 1)
+        fidx.append(torch.full((vc.numel(),), -1))
     f0 = v0 + n_kv_heads * hd
     fc = f0 + torch.arange(d_ff)
     col_a.append(fc)
