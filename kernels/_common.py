@@ -92,8 +92,21 @@ def check_float_dtype(name: str, t: torch.Tensor) -> None:
     """A launcher's float input (the raw custom ops reach the launchers without the public
     functions' checks: an int tensor was computed silently, an fp64 one in fp32)."""
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected dtype torch.float32, torch.float16 or torch.bfloat16 "
-                        f"on the GPU, got {t.dtype}")
+        raise TypeError(f"{name}: expected dtype torch.float32, torch.float16 or torch.bfloat16, "
+                        f"got {t.dtype}")
+
+
+def check_float_dtypes(names: str, *tensors: torch.Tensor) -> None:
+    """check_float_dtype for the first of ``tensors`` and the others in its dtype (a kernel
+    that reads them all as one element type); ``names``: theirs, comma-separated."""
+    dtype = tensors[0].dtype
+    if dtype not in _FLOAT_DTYPES:
+        check_float_dtype(names.split(",")[0].strip(), tensors[0])
+    for i in range(1, len(tensors)):
+        if tensors[i].dtype != dtype:
+            split = [n.strip() for n in names.split(",")]
+            name0, name = split[0], split[i]
+            raise TypeError(f"{name}: expected dtype {dtype} (same as {name0}), got {tensors[i].dtype}")
 
 
 def check_launch_device(t: torch.Tensor) -> None:

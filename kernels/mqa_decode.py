@@ -49,6 +49,7 @@ import triton.language as tl
 from . import _common
 from ._common import (
     cdiv,
+    check_float_dtypes,
     check_launch_device,
     gpu_launch,
     interpreting,
@@ -351,6 +352,7 @@ def mqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     heuristic: for tests and tuning probes (e.g. ``benchmarks/results/h100/probes/
     shared_prefix_tiles.py``)."""
     check_launch_device(q)
+    check_float_dtypes("q, k_cache, v_cache", q, k_cache, v_cache)
     B, R, hd = q.shape
     L, N, P, _ = k_cache.shape
     if not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -492,6 +494,7 @@ def rope_append(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions
     """Rotated q ``[B, T, H, hd]`` (contiguous); rotated k and v written into the cache at
     ``lengths[b] + t`` for ``t < n_new[b]`` (see the module docstring)."""
     check_launch_device(k)
+    check_float_dtypes("q, k, v, k_cache, v_cache", q, k, v, k_cache, v_cache)
     B, T, H, hd = q.shape
     L, N, P, _ = k_cache.shape
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -402,3 +402,66 @@ def test_triton_rope_and_swiglu_launchers_refuse_other_dtypes(dtype):
         ks.swiglu_fwd(torch.ones(3, 4, dtype=dtype, device=dev))
     with pytest.raises(TypeError, match="^x: expected dtype"):
         ks.swiglu_bwd(torch.ones(3, 2, dtype=dtype, device=dev), torch.ones(3, 4, dtype=dtype, device=dev))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64])
+def test_raw_cpu_ops_refuse_dtypes_their_kernels_do_not_compute(dtype):
+    """The raw CPU ops whose C++ kernels compute in fp32 (rope, mqa_attention and its
+    backward, rope_append, mqa_decode) refuse other dtypes by name: an fp64 input was
+    computed in fp32 and returned as fp64 (|error| ~2e-7 against fp64). The C++ SwiGLU
+    computes fp64 in fp64 (its gradcheck) and keeps it."""
+    P = torch.ops.palm_fast
+    B, T, H, D = 1, 3, 2, 8
+    t = lambda *s: torch.ones(*s, dtype=dtype)  # noqa: E731
+    inv, pos = torch.ones(D // 2), torch.zeros(B, dtype=torch.int32)
+    ends = torch.tensor([2], dtype=torch.int32)
+    calls = {
+        "rope": lambda: P.rope(t(B, T, H, D), t(B, T, 1, D), inv, pos, True, False, False),
+        "rope_": lambda: P.rope_(t(B, T, H, D), t(B, T, 1, D), inv, pos, True, False, False),
+        "mqa_attention": lambda: P.mqa_attention(t(B, T, H, D), t(B, T, D), t(B, T, D), 0.5),
+        "mqa_attention_bwd": lambda: P.mqa_attention_bwd(t(B, T, H, D), t(B, T, H, D), t(B, T, D),
+                                                         t(B, T, D), t(B, T, H, D),
+                                                         torch.zeros(B, T, H), 0.5),
+        "mqa_decode": lambda: P.mqa_decode(t(B, H, D), t(1, B, 4, D), t(1, B, 4, D), None, None, ends,
+                                           0, 0.5, False),
+    }
+    k_cache, v_cache = t(1, B, 4, D), t(1, B, 4, D)
+    k_before = k_cache.clone()
+    calls["rope_append"] = lambda: P.rope_append(t(B, 1, H, D), t(B, 1, D), t(B, 1, D), k_cache, v_cache,
+                                                 None, ends, torch.ones(B, dtype=torch.int32), None, inv,
+                                                 0, False)
+    for call in calls.values():
+        with pytest.raises(TypeError, match="^q: expected dtype torch.float32, torch.float16 or "
+                                            f"torch.bfloat16, got {dtype}"):
+            call()
+    assert torch.equal(k_cache, k_before)
+    # a cache of another dtype than q: named (the decode and append launchers check it too)
+    q = torch.ones(B, H, D)
+    with pytest.raises(TypeError, match=r"^v_cache: expected dtype torch.float32 \(same as q\), got"):
+        P.mqa_decode(q, torch.ones(1, B, 4, D), torch.ones(1, B, 4, D, dtype=torch.bfloat16), None, None,
+                     ends, 0, 0.5, False)
+
+
+def test_triton_decode_launchers_refuse_other_dtypes():
+    """The Triton decode and append launchers (the raw ops' CUDA kernels) check dtypes as
+    the CPU ones do."""
+    from conftest import TRITON_DEVICE
+
+    from palm_fast.kernels import mqa_decode as kd
+
+    dev, B, H, D = TRITON_DEVICE, 1, 2, 16
+    ends = torch.tensor([2], dtype=torch.int32, device=dev)
+    cache = torch.ones(1, B, 4, D, device=dev)
+    with pytest.raises(TypeError, match="^q: expected dtype torch.float32, torch.float16 or torch.bfloat16"):
+        kd.mqa_decode(torch.ones(B, H, D, dtype=torch.float64, device=dev), cache, cache, None, None,
+                      ends, 0, 0.5, False)
+    with pytest.raises(TypeError, match=r"^k_cache: expected dtype torch.bfloat16 \(same as q\)"):
+        kd.mqa_decode(torch.ones(B, H, D, dtype=torch.bfloat16, device=dev), cache, cache, None, None,
+                      ends, 0, 0.5, False)
+    before = cache.clone()
+    with pytest.raises(TypeError, match=r"^v: expected dtype torch.float32 \(same as q\), got torch.float16"):
+        kd.rope_append(torch.ones(B, 1, H, D, device=dev), torch.ones(B, 1, D, device=dev),
+                       torch.ones(B, 1, D, dtype=torch.float16, device=dev), cache, cache, None, ends,
+                       torch.ones(B, dtype=torch.int32, device=dev), None, torch.ones(D // 2, device=dev),
+                       0, False)
+    assert torch.equal(cache, before)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook as _register_optimizer_step_post_hook
 from torch.optim.optimizer import register_optimizer_step_pre_hook as _register_optimizer_step_pre_hook
 
-from palm_fast.kernels._common import cdiv, on_tensor_device
+from palm_fast.kernels._common import cdiv, check_float_dtypes, on_tensor_device
 
 from .._ext import cpp
 from ._checks import (
@@ -553,6 +553,7 @@ def _mqa_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal MQA attention of contiguous q ``[B, T, H, D]``, k, v ``[B, T, D]`` on CPU (C++):
     returns (o ``[B, T, H, D]``, lse ``[B, T, H]`` fp32)."""
+    check_float_dtypes("q, k, v", q, k, v)   # (the raw op's check: the C++ kernel computes fp64 in fp32)
     return tuple(cpp().mqa_attn_fwd(q, k, v, scale))
 
 
@@ -568,6 +569,7 @@ def _(q, k, v, scale):
 def mqa_attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          o: torch.Tensor, lse: torch.Tensor, scale: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_float_dtypes("q, k, v, grad_out, o", q, k, v, grad_out, o)
     return tuple(cpp().mqa_attn_bwd(grad_out, q, k, v, o, lse, scale))
 
 

@@ -34,6 +34,7 @@ import weakref
 import torch
 
 from palm_fast._ext import cpp
+from palm_fast.kernels._common import check_float_dtypes
 from palm_fast.kv_cache import KVCache
 from palm_fast.reference.functional import rope_inv_freq
 
@@ -61,7 +62,6 @@ def rope_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
     raise NotImplementedError(f"palm_fast::rope_append: no kernel for device {q.device} (cpu or cuda)")
 
 
-@rope_append_op.register_kernel("cpu")
 def _rope_append_cpu(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions, inv_freq,
                      layer, interleaved):
     q_out = torch.empty_like(q, memory_format=torch.contiguous_format)   # (not a torch.Size: 1.5 us)
@@ -70,6 +70,14 @@ def _rope_append_cpu(q, k, v, k_cache, v_cache, page_table, lengths, n_new, posi
     cpp().rope_append_cpu(q, k, v, k_cache, v_cache, page_table, lengths, n_new, positions,
                           inv_freq, q_out, layer, interleaved)
     return q_out
+
+
+@rope_append_op.register_kernel("cpu")
+def _rope_append_cpu_op(*args):
+    """The raw op's CPU kernel: the dtype check the public functions make before they call
+    ``_rope_append_cpu`` (the C++ kernel computes an fp64 cache in fp32)."""
+    check_float_dtypes("q, k, v, k_cache, v_cache", *args[:5])
+    return _rope_append_cpu(*args)
 
 
 @rope_append_op.register_kernel("cuda")
@@ -91,10 +99,16 @@ def mqa_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     raise NotImplementedError(f"palm_fast::mqa_decode: no kernel for device {q.device} (cpu or cuda)")
 
 
-@mqa_decode_op.register_kernel("cpu")
 def _mqa_decode_cpu(q, k_cache, v_cache, page_table, starts, ends, layer, scale, fp32_out):
     o, lse = cpp().mqa_decode_cpu(q, k_cache, v_cache, page_table, starts, ends, layer, scale, fp32_out)
     return o, lse
+
+
+@mqa_decode_op.register_kernel("cpu")
+def _mqa_decode_cpu_op(*args):
+    """The raw op's CPU kernel (as ``_rope_append_cpu_op``)."""
+    check_float_dtypes("q, k_cache, v_cache", *args[:3])
+    return _mqa_decode_cpu(*args)
 
 
 @mqa_decode_op.register_kernel("cuda")

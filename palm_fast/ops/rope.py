@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from palm_fast._ext import cpp
+from palm_fast.kernels._common import check_float_dtype
 from palm_fast.reference.functional import rope_inv_freq
 
 from ._checks import (
@@ -52,6 +53,8 @@ def _cached_inv_freq(rotary_dim: int, base: float, device: torch.device) -> torc
 
 def _launch(q, k, q_out, k_out, inv_freq, pos, pos_is_offset, interleaved, inverse):
     if q.device.type == "cpu":
+        # (the raw ops' check, as the Triton launcher's: the C++ kernel computes fp64 in fp32)
+        check_float_dtype("q", q)   # (k: the C++ kernel checks that it is q's dtype)
         cpp().rope_cpu(q, k, q_out, k_out, inv_freq.contiguous(), pos, pos_is_offset,
                        interleaved, inverse)
     else:
