@@ -429,6 +429,16 @@ class KVCache:
                                  f"{tuple(t.stride())}; call .contiguous() first")
         if k.shape != v.shape:
             raise ValueError(f"v: expected shape {list(k.shape)} (same as k), got {list(v.shape)}")
+        if not _tracing_or_fake():
+            # A view of the cache as the source: the kernels copy token by token, so a token's
+            # slot written before a later token is read from it gave wrong rows silently
+            # (torch's copy_ refuses such overlap too). One storage pointer each, ~0.5 us.
+            cache_mem = (self.k.untyped_storage().data_ptr(), self.v.untyped_storage().data_ptr())
+            for name, t in (("k", k), ("v", v)):
+                if t.numel() and t.untyped_storage().data_ptr() in cache_mem:
+                    raise ValueError(f"{name}: expected a tensor that does not share memory with "
+                                     f"the cache (a view of its K or V, which this call writes); "
+                                     f"pass {name}.clone()")
         T = k.shape[1]
         if n_new is None:
             n_list = [T] * self.batch

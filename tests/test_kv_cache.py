@@ -128,6 +128,11 @@ def _bad_calls(cache: KVCache):
     yield lambda: cache.reset(B), ValueError, "seqs"
     yield lambda: cache.reset(True), TypeError, "seqs: expected None, an int or a list"
     yield lambda: cache.advance(-1), ValueError, "n_new: expected values >= 0, got -1"
+    # a view of the cache's own K or V as the source (the kernels copy token by token: the
+    # second token's slot was written before it was read, silently)
+    shares = "expected a tensor that does not share memory with the cache"
+    yield lambda: cache.append(0, cache.k[1][:B, :1], v[:, :1]), ValueError, "k: " + shares
+    yield lambda: cache.append(0, k[:, :1], cache.v[0][:B, 2:3]), ValueError, "v: " + shares
 
 
 @pytest.mark.parametrize("page_size", [None, 4])
@@ -261,3 +266,15 @@ def test_cache_made_under_inference_mode_works_outside_it(page_size):
             assert c.host_lengths() == c.lengths.tolist() == [6, 6, 6]
         c.reset()
         assert c.host_lengths() == c.lengths.tolist() == [0, 0, 0]
+
+
+def test_append_from_a_copy_of_the_cache_slots():
+    """What the refused aliased append (see _bad_calls) should have done, done with a copy:
+    slots 2, 3 take the rows slots 1, 2 held before the call."""
+    cache = KVCache(1, 1, 8, 4)
+    rows = torch.arange(8.0).view(1, 2, 4) + 1
+    cache.append(0, rows, -rows)
+    cache.advance(2)
+    src_k, src_v = cache.k[0][:, 1:3].clone(), cache.v[0][:, 1:3].clone()
+    cache.append(0, src_k, src_v)
+    assert torch.equal(cache.k[0][:, 2:4], src_k) and torch.equal(cache.v[0][:, 2:4], src_v)

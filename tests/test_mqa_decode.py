@@ -295,6 +295,8 @@ def test_rope_append_rejections_leave_cache_unchanged(page_size):
         (lambda: ops.rope_append(q, k, v, cache, 0, rotary_dim=5), ValueError, "rotary_dim"),
         (lambda: ops.rope_append(q, k, v, cache, 0, base=float("nan")), ValueError, "base"),
         (lambda: ops.rope_append(q, k, v, cache, 0, base=0.0), ValueError, "base"),
+        (lambda: ops.rope_append(q, cache.k[0][:B, 2:4], v, cache, 0), ValueError,
+         "k: expected a tensor that does not share memory with the cache"),
         (lambda: ops.rope_append(q.requires_grad_(), k, v, cache, 0), RuntimeError, "inference only"),
     ]
     for call, err, match in bad:
