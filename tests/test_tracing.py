@@ -154,3 +154,50 @@ def test_forward_ad_under_a_dispatch_mode_raises_as_in_eager():
     with FlopCounterMode(display=False), fwAD.dual_level(), \
             pytest.raises(RuntimeError, match="forward-mode AD"):
         ops.mqa_decode(fwAD.make_dual(qd, torch.ones_like(qd)), cache, 0, cache.lengths)
+
+
+def test_rope_inplace_under_allow_mutation_on_saved_tensors():
+    """A TorchDispatchMode sees the mutable custom op ``palm_fast::rope_`` with its arguments'
+    versions already bumped (torch's custom-op layer does that first), so
+    allow_mutation_on_saved_tensors() did not clone a q saved for backward before rope_
+    rotated it: the gradient came from the rotated values (max error 2.8), silently. Under a
+    mode, rope_ is now the out-of-place op and aten copy_ calls, which the mode sees."""
+    torch.manual_seed(0)
+    q0, k0 = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 1, 8)
+    leaf = q0.clone().requires_grad_()
+    ops.swiglu(leaf * 1).sum().backward()
+    with torch.autograd.graph.allow_mutation_on_saved_tensors():
+        leaf2 = q0.clone().requires_grad_()
+        q = leaf2 * 1
+        y = ops.swiglu(q)   # saves q
+        k = k0.clone()
+        with torch.no_grad():
+            ops.rope_(q, k)
+        y.sum().backward()
+    assert torch.equal(leaf2.grad, leaf.grad)
+    # and the rotation itself is the eager one, bit for bit
+    eq, ek = ops.rope_(q0.clone(), k0.clone())
+    assert torch.equal(q.detach(), eq) and torch.equal(k, ek)
+
+
+def test_rope_inplace_under_make_fx_and_flop_counter():
+    """rope_ under a mode (out-of-place op + copy_): the traced graph updates its inputs as
+    eager rope_ does; FlopCounterMode runs it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def fn(q, k):
+        ops.rope_(q, k)
+        return q * 1, k * 1
+
+    q0, k0 = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 1, 8)
+    gm = make_fx(fn)(q0.clone(), k0.clone())
+    assert "palm_fast.rope.default" in _palm_fast_targets(gm)
+    q, k = q0.clone(), k0.clone()
+    out = gm(q, k)
+    eq, ek = ops.rope_(q0.clone(), k0.clone())
+    assert torch.equal(out[0], eq) and torch.equal(out[1], ek)
+    assert torch.equal(q, eq) and torch.equal(k, ek)   # the inputs were rotated in place
+    q, k = q0.clone(), k0.clone()
+    with FlopCounterMode(display=False):
+        ops.rope_(q, k)
+    assert torch.equal(q, eq) and torch.equal(k, ek)

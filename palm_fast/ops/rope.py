@@ -359,8 +359,17 @@ def rope_(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = 
     inv_freq, pos, pos_is_offset = _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim)
     if not compiling():  # (tracing: fake tensors have no storage to compare)
         _check_no_overlap(q, k)
-    if compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         rope_inplace_op(q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
+    elif compiling():
+        # A TorchDispatchMode (not a compiler): it sees a mutable custom op's arguments with
+        # their versions already bumped (torch's custom-op layer does that first), so a mode
+        # that keys on versions misses the mutation: allow_mutation_on_saved_tensors() did not
+        # clone a saved q, and its backward read the rotated values silently. The out-of-place
+        # op and two aten copy_ calls are mutations every mode sees.
+        q_out, k_out = rope_op(q, k, inv_freq, pos, pos_is_offset, bool(interleaved), False)
+        q.copy_(q_out)
+        k.copy_(k_out)
     else:  # eager: the same launch without the dispatcher, so its bookkeeping is done here
         if not torch.is_inference_mode_enabled() and (q.is_inference() or k.is_inference()):
             raise RuntimeError("rope_: q or k is an inference tensor (made under "
