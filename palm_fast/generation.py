@@ -23,7 +23,9 @@ those weights with the multi-query KV cache (:class:`palm_fast.kv_cache.KVCache`
 * **Sampling**: greedy (``temperature == 0``), or ``softmax(logits / temperature)``
   restricted to the ``top_k`` largest logits and / or the smallest set of tokens whose
   probability mass reaches ``top_p`` (nucleus); ``torch.multinomial`` with the caller's
-  generator, so a seeded generator gives the same tokens every run.
+  generator, so a seeded generator gives the same tokens every run. All rows of a step draw
+  from that one stream, so a sampled sequence's tokens depend on the other prompts of its
+  batch (as in the reference's ``generate``); greedy output does not.
 * **Stopping**: each sequence ends at its first generated stop token (included) or after
   ``max_new_tokens``. Finished sequences keep running in the batch (their extra tokens
   are discarded); the loop ends early once every sequence has finished.
@@ -785,6 +787,9 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
     config = getattr(model, "config", None)
     limit = getattr(config, "max_seq_len", None)
     if limit is not None and max_len > limit:
+        if T > limit:   # a prompt alone is too long: name it, not max_new_tokens
+            b = lens.index(T)
+            raise ValueError(f"prompts[{b}]: {T} tokens exceed the model's max_seq_len {limit}")
         raise ValueError(f"max_new_tokens: the longest prompt ({T} tokens) + {max_new_tokens} new "
                          f"tokens exceeds the model's max_seq_len {limit}")
     if max_new_tokens == 0:

@@ -453,6 +453,8 @@ def tiny_model():
     ([[1]], {"temperature": "hot"}, TypeError, "temperature"),
     ([[1]], {"stop_tokens": "a"}, TypeError, "stop_tokens: expected None, an int or a sequence"),
     ([[1] * 100], {"max_new_tokens": 29}, ValueError, "max_new_tokens: .* exceeds the model's max_seq_len"),
+    ([[1], [1] * 129], {"max_new_tokens": 0}, ValueError,
+     r"prompts\[1\]: 129 tokens exceed the model's max_seq_len 128"),
     ([[1]], {"temperature": -0.5}, ValueError, "temperature: expected a finite float >= 0"),
     ([[1]], {"temperature": float("nan")}, ValueError, "temperature"),
     ([[1]], {"top_k": 0}, ValueError, r"top_k: expected None or an int in \[1, 256\], got 0"),
