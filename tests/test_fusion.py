@@ -996,6 +996,13 @@ def test_graph_building_mistakes_raise():
     h.output("y", h.mul(s_in, h.const(2.0)), "self")
     xt = randn(2, 8, device=DEV)
     torch.testing.assert_close(compile_graph(h, "full")(self=xt)["y"], xt * 2)
+    # found by fuzzing the engine: a non-str output name was accepted and failed later in
+    # the graph's hash ("'<' not supported between 'int' and 'str'"); an input named by a
+    # keyword could only be passed as **{"if": x}
+    with pytest.raises(ValueError, match="output: expected a non-empty str name, got 3"):
+        h.output(3, s_in)
+    with pytest.raises(ValueError, match="input: expected a name that is a Python identifier and not a"):
+        h.input("if", "row")
 
 
 def test_scale_fold_with_an_n_power_keeps_the_range_for_every_n():

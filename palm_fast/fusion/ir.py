@@ -27,6 +27,7 @@ Nodes are appended in topological order (an op can only use existing nodes), so
 from __future__ import annotations
 
 import hashlib
+import keyword
 import math
 import numbers
 import struct
@@ -156,9 +157,9 @@ class Graph:
         return self.nodes[i].space
 
     def input(self, name: str, space: str) -> int:
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"input: expected a name that is a Python identifier (it becomes a "
-                             f"keyword argument), got {name!r}")
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise ValueError(f"input: expected a name that is a Python identifier and not a "
+                             f"keyword (it becomes a keyword argument), got {name!r}")
         if space not in ("row", "stat", "col", "scalar"):
             raise ValueError(f"input {name!r}: space must be row, stat, col or scalar, got {space!r}")
         if name in self.inputs:
@@ -210,6 +211,9 @@ class Graph:
         return self._add("reduce_" + op, (a,), "stat" if axis == "row" else "col", (("axis", axis),))
 
     def output(self, name: str, node: int, dtype_like: str = "float32") -> None:
+        if not isinstance(name, str) or not name:
+            # (outputs are sorted by name for the graph's hash: another type failed there)
+            raise ValueError(f"output: expected a non-empty str name, got {name!r}")
         if name in self.outputs:
             raise ValueError(f"output {name!r} declared twice")
         space = self._space(node)
