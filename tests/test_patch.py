@@ -283,6 +283,34 @@ def test_packed_weight_follows_optimizer_steps(simulated_packing, fused):
     assert torch.equal(b._packed_in_proj(), w)
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_compiled_optimizer_steps_do_not_recompile_and_are_counted(simulated_packing, wrapped):
+    """The step count was a Python int the global hooks read and wrote: Dynamo, tracing the
+    hooks inside a compiled ``opt.step``, guarded on its value, so every step recompiled (and
+    after the recompile limit ran eagerly), in any program that imported palm_fast. It is
+    now a tensor's version: no frame compiled after the first steps, and a compiled fused
+    step (which bumps no weight's version) still moves the packed weight's key."""
+    from torch._dynamo.utils import counters
+
+    m = palm_fast.nn.PaLM(palm_fast.get_config("palm-tiny").replace(vocab_size=V))
+    b = m.blocks[0]
+    w = b.in_proj.weight
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile((lambda: opt.step()) if wrapped else opt.step, backend="eager")
+    frames = []
+    for _ in range(5):
+        assert torch.equal(b._packed_in_proj(), w)
+        m.zero_grad()
+        (w.square().sum() + sum(p.sum() for p in m.parameters())).backward()
+        step()
+        frames.append(counters["frames"]["total"])   # frames Dynamo compiled so far
+    assert torch.equal(b._packed_in_proj(), w)
+    assert frames[1] == frames[-1], frames   # (before: one more per step)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("hook", ["pre forward", "post forward", "post raises"])
 def test_packed_weight_in_an_optimizers_own_step_hooks(simulated_packing, hook):
     """torch runs an optimizer's own step hooks before the global post hook that counted the

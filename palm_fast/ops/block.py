@@ -98,17 +98,23 @@ def _proj():
 # each step, and no cache is kept while a step runs: torch runs an optimizer's own step
 # hooks (an EMA update, a logging forward) before the global post hook, and none of the
 # post hooks after one raises; a cache built in there outlived the step's update.
-_OPTIMIZER_STEPS = [0]
+# The count is the version counter of a 0-d tensor bumped by add_, not a Python int: Dynamo
+# traces these hooks inside a compiled optimizer step, and an int it reads and writes back
+# became a guard on its value, so every step of a compiled optimizer recompiled (and after
+# the recompile limit ran eagerly), in any program that imported palm_fast. A traced add_
+# runs with the graph, and bumps the version (a compiled fused step does not bump the
+# weights' own versions either).
+_STEP_COUNTER = torch.zeros((), dtype=torch.int64)
 _IN_STEP = [False]
 
 
 def _optimizer_step_begins(optimizer, args, kwargs) -> None:
-    _OPTIMIZER_STEPS[0] += 1
+    _STEP_COUNTER.add_(1)
     _IN_STEP[0] = True
 
 
 def _optimizer_step_ends(optimizer, args, kwargs) -> None:
-    _OPTIMIZER_STEPS[0] += 1
+    _STEP_COUNTER.add_(1)
     _IN_STEP[0] = False
 
 
@@ -117,9 +123,9 @@ _register_optimizer_step_post_hook(_optimizer_step_ends)
 
 
 def optimizer_steps() -> int:
-    """A count that moves with every ``torch.optim`` optimizer step of this process (part of
-    the keys of weight-derived caches; see above)."""
-    return _OPTIMIZER_STEPS[0]
+    """A count that moves with every ``torch.optim`` optimizer step of this process, compiled
+    or not (part of the keys of weight-derived caches; see above)."""
+    return _STEP_COUNTER._version
 
 
 def optimizer_in_step() -> bool:
