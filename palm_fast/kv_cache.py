@@ -567,7 +567,7 @@ class KVCache:
             if src in g.members and g.n_tokens == n_tok:
                 members |= set(g.members)
         # A sequence belongs to at most one group (its other sharing is then read per
-        # sequence, which gives the same result).
+        # sequence, which gives the same attention up to rounding).
         groups = [PrefixGroup(tuple(m for m in g.members if m not in members), g.n_tokens, g.pages)
                   for g in self._groups]
         groups = [g for g in groups if len(g.members) >= 2]

@@ -339,7 +339,9 @@ def mqa_decode(q: torch.Tensor, cache: KVCache, layer: int, seq_lens: torch.Tens
     dtype; a sequence with ``seq_lens[b] == 0`` (an empty batch slot) gets o = 0. The
     kernels' launch grid does not depend on the lengths (CUDA-graph safe).
     ``shared_prefix``: True reads each prefix group's shared pages once for all its members
-    (paged caches with ``fork``); False reads them per sequence (same result); None (default)
+    (paged caches with ``fork``); False reads them per sequence (the same attention up to
+    rounding: the two merge the keys' partial sums in another order, a few fp32 ulps, one
+    ulp of a bf16 output; not bit for bit); None (default)
     is False: the shared pass measured slower than reading per sequence on both backends
     so far (H100: 0.101 vs 0.094 ms at 64 sequences x 48 heads sharing 4096 tokens,
     CUDA-graph replays, ``benchmarks/results/h100/session23/decode.json``; CPU: 0.195 vs
