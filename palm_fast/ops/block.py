@@ -104,7 +104,7 @@ def _proj():
 # the recompile limit ran eagerly), in any program that imported palm_fast. A traced add_
 # runs with the graph, and bumps the version (a compiled fused step does not bump the
 # weights' own versions either).
-_STEP_COUNTER = torch.zeros((), dtype=torch.int64)
+_STEP_COUNTER = torch.zeros((), dtype=torch.int64, device="cpu")   # (not a default device)
 _IN_STEP = [False]
 
 
