@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    check_float_dtype,
+    check_float_dtypes,
     check_launch_device,
     gpu_launch,
     interpreting,
@@ -53,7 +53,6 @@ except ImportError:  # pragma: no cover - old triton
 def precise_trig(device: torch.device) -> bool:
     """Whether kernels on ``device`` take libdevice's cos/sin (CUDA; not the interpreter)."""
     return libdevice is not None and not interpreting() and gpu_launch(device)
-
 
 
 @triton.jit
@@ -199,8 +198,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Te
     Arguments are assumed valid (``palm_fast.ops.rope`` checks them).
     """
     check_launch_device(q)
-    check_float_dtype("q", q)
-    check_float_dtype("k", k)
+    check_float_dtypes("q, k", q, k)
     B, T, H, D = q.shape
     HK = k.shape[2]
     half = inv_freq.numel()
