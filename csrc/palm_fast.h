@@ -13,10 +13,14 @@
 
 namespace palm_fast {
 
-// A bound entry point that raises its errors as Python RuntimeErrors itself: a C++
-// exception (a failed TORCH_CHECK) is caught here, its message set as the Python error and
-// pybind11::error_already_set thrown, which pybind11 turns back into the Python error
-// without consulting its exception translators (the message, without a C++ backtrace).
+// A bound entry point that runs without the GIL and raises its errors as Python
+// RuntimeErrors itself. The kernel runs with the GIL released (as torch's own ops do): no
+// kernel touches a Python object, and a Python thread beside a long decode or LayerNorm
+// call was otherwise frozen for the whole call. A C++ exception (a failed TORCH_CHECK) is
+// caught once the GIL is back (the release guard unwinds first), its message set as the
+// Python error and pybind11::error_already_set thrown, which pybind11 turns back into the
+// Python error without consulting its exception translators (the message, without a C++
+// backtrace).
 // Known issue: on the GPU image (torch 2.11, CUDA 13, GCC 13.3 build) any exception thrown
 // from this extension still segfaults, with this wrapper or without, and with a plain
 // std::exception instead of TORCH_CHECK (benchmarks/results/h100/probes/exc_probe.log); the
@@ -24,15 +28,16 @@ namespace palm_fast {
 template <typename R, typename... Args>
 auto guarded(R (*fn)(Args...)) {
   return [fn](Args... args) -> R {
+    std::string message;
     try {
+      pybind11::gil_scoped_release no_gil;
       return fn(std::forward<Args>(args)...);
-    } catch (const pybind11::error_already_set&) {
-      throw;
     } catch (const c10::Error& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+      message = e.what_without_backtrace();
     } catch (const std::exception& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
+      message = e.what();
     }
+    PyErr_SetString(PyExc_RuntimeError, message.c_str());
     throw pybind11::error_already_set();
   };
 }

@@ -166,3 +166,47 @@ def test_extension_carries_no_private_cxx_runtime():
                          text=True, check=True).stdout
     defined = {line.split()[-1] for line in out.splitlines() if line.strip()}
     assert not defined & {"__cxa_throw", "__cxa_allocate_exception", "__gxx_personality_v0"}
+
+
+def test_cpp_kernels_run_without_the_gil_and_still_raise():
+    """Every _C entry point releases the GIL while its kernel runs (a Python thread beside a
+    long decode was frozen for the whole call), and a failed check still comes back as a
+    RuntimeError with its message once the GIL is retaken. A second thread, woken just
+    before a call of some 20-80 ms, spins on a counter; with a 1 s switch interval it can
+    only run during the call if the call lets go of the GIL (with the GIL held: 0, 6 runs
+    of 6; released: 6 of 6)."""
+    import sys
+    import threading
+
+    import pytest
+    import torch
+
+    from palm_fast._ext import cpp
+
+    x, w = torch.randn(4096, 4096), torch.randn(4096)
+    ln = cpp().layer_norm_fwd
+    ln(x, w, None, 1e-5)   # warm (the first call's import and allocations)
+    counter, go, stop = [0], threading.Event(), threading.Event()
+
+    def spin():
+        go.wait()
+        while not stop.is_set():
+            counter[0] += 1
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    t = threading.Thread(target=spin)
+    try:
+        t.start()
+        go.set()      # the spinner now waits for the GIL, which this thread holds
+        out = ln(x, w, None, 1e-5)   # kept: freeing a tensor lets go of the GIL too
+        ran = counter[0]
+        del out
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(old)
+    assert ran > 0
+    t4 = torch.randn(3)
+    with pytest.raises(RuntimeError, match="rope_cpu: expected 4-dim CPU tensors"):
+        cpp().rope_cpu(t4, t4, t4, t4, t4, torch.zeros(3, dtype=torch.long), False, False, False)
