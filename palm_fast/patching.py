@@ -18,7 +18,15 @@ PaLM-style model, in place, by a plain recursive module walk.
 * The report: ``patch`` returns the model (the same object, unless the root module itself was
   replaced) and attaches a :class:`PatchReport` as ``model.palm_fast_report``.
 * ``unpatch`` puts every original back, first handing it the replacement's current parameters
-  and buffers (e.g. after ``model.to(device)``) and training flag.
+  and buffers (e.g. after ``model.to(device)``) and training flag, the submodules swapped in
+  after ``patch``, and the forward / backward hooks registered after ``patch`` on the modules
+  it built (settings changed on them, ``norm.eps = ...``, go back where the original has the
+  same attribute; any other change, a ``forward`` set on the instance included, is dropped
+  with a :class:`PatchWarning`). A built module the user moved into a wrapper after
+  ``patch`` (``res.fn = checkpoint_wrapper(res.fn)``) gives way to its original inside it.
+* A ``torch.compile`` wrapper calls the module it was built with: ``patch`` never replaces a
+  wrapper's ``_orig_mod`` (reported as skipped: patch before compiling), though it goes on
+  into that module's submodules, which the module looks up when it runs.
 
 Replacing a module bypasses hooks registered on it or on its submodules (a fused block
 never calls its children), and methods replaced on an instance (``m.forward = f``), so a
@@ -40,7 +48,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .ops._checks import check_bool
-from .ops._dispatch import instance_override, methods_replaced
+from .ops._dispatch import _compiled_wrapper, _shadowed_methods, instance_override, methods_replaced
 
 __all__ = ["patch", "unpatch", "register", "unregister", "registered", "PatchOptions",
            "PatchReport", "PatchRecord", "PatchWarning", "Unsupported", "is_patched"]
@@ -51,6 +59,7 @@ KINDS = ("rope", "swiglu", "layer_norm", "block", "attention")
 # object.__setattr__ so the original is not registered as a child (no extra state_dict keys).
 _ORIGINAL = "_palm_fast_original"
 _BUILT = "_palm_fast_built"
+_SETTINGS = "_palm_fast_settings"   # its plain attributes as patch built it (see _settings)
 _REPORT = "palm_fast_report"
 
 
@@ -297,17 +306,38 @@ def _replace(module: nn.Module, path: str, opts: PatchOptions, report: PatchRepo
         report.skipped.append(PatchRecord(path, _qualname(cls), reason=why))
         return None
     _copy_training_flags(module, new)
-    object.__setattr__(new, _ORIGINAL, module)
-    # the replacement's submodules as patch built them: unpatch hands back any the user
-    # swapped in later (a LoRA wrapper around a projection), not just the weights. Not
-    # ``new`` itself (its "" entry): that would be a reference cycle, and the model's
-    # weights would outlive ``del model`` until the cyclic garbage collector ran.
-    object.__setattr__(new, _BUILT, {p: m for p, m in new.named_modules(remove_duplicate=False) if p})
+    _mark(new, module)
     accepted = getattr(type(new), "_palm_fast_accepted", None)
     if accepted is not None:   # the replacement's own step once it is in (e.g. drop caches)
         accepted(new, module)
     report.patched.append(PatchRecord(path, _qualname(cls), replacement=_qualname(type(new))))
     return new
+
+
+def _settings(m: nn.Module) -> dict:
+    """``m``'s public plain attributes (``eps``, ``interleaved``, ``scale``, a ``forward`` set
+    on the instance), for unpatch to tell what changed after patch."""
+    return {k: v for k, v in m.__dict__.items()
+            if not k.startswith("_") and k not in ("training", _REPORT)}
+
+
+def _mark(new: nn.Module, orig: nn.Module) -> None:
+    """Record on ``new`` the module it stands for, for unpatch; likewise on each part patch
+    built for it that stands for a part of ``orig`` at the same name (not the parts it
+    shares), so that a part the user moved into a wrapper after patch
+    (``res.fn = checkpoint_wrapper(res.fn)``) is found and put back on its own."""
+    object.__setattr__(new, _ORIGINAL, orig)
+    # the submodules as patch built them: unpatch hands back any the user swapped in later
+    # (a LoRA wrapper around a projection), not just the weights. Not ``new`` itself (its ""
+    # entry): that would be a reference cycle, and the model's weights would outlive
+    # ``del model`` until the cyclic garbage collector ran.
+    object.__setattr__(new, _BUILT, {p: m for p, m in new.named_modules(remove_duplicate=False) if p})
+    object.__setattr__(new, _SETTINGS, _settings(new))
+    for name, part in new._modules.items():
+        counterpart = orig._modules.get(name)
+        if part is not None and counterpart is not None and part is not counterpart \
+                and _ORIGINAL not in part.__dict__:
+            _mark(part, counterpart)
 
 
 def _walk(module: nn.Module, prefix: str, opts: PatchOptions, report: PatchReport,
@@ -320,6 +350,21 @@ def _walk(module: nn.Module, prefix: str, opts: PatchOptions, report: PatchRepor
         if child is None:
             continue
         path = f"{prefix}.{name}" if prefix else name
+        if name == "_orig_mod" and _compiled_wrapper(module):
+            # torch.compile's wrapper: its forward is bound to this module's __call__ (bound
+            # when the wrapper was built), so a replacement put in this slot would never run.
+            # The module looks its own submodules up when it runs: the walk goes on into them.
+            if id(child) in memo or _ORIGINAL in child.__dict__:
+                continue
+            entry = _REGISTRY.get(type(child))
+            if entry is not None and opts.enabled(entry.kind):
+                report.skipped.append(PatchRecord(path, _qualname(type(child)), reason=(
+                    f"inside a torch.compile wrapper ({prefix or '<root>'}), which calls the "
+                    "module it was built with: patch before compiling (the walk went on into "
+                    "its submodules)")))
+            memo[id(child)] = (child, None)
+            _walk(child, path, opts, report, undo, memo)
+            continue
         if id(child) in memo:
             new = memo[id(child)][1]
             if new is not None:
@@ -359,14 +404,14 @@ def patch(model: nn.Module, *, rope: bool = True, swiglu: bool = True, layer_nor
     report = PatchReport()
     root = model
     earlier = model.__dict__.get(_REPORT)
-    if earlier is not None or any(_ORIGINAL in m.__dict__ for m in model.modules()):
-        # patched before: replacements are kept as they are (their options included); the
-        # report keeps describing them
+    if earlier is not None:
+        report.patched += earlier.patched   # (the report keeps describing them)
+    if (earlier is not None and earlier.patched) or is_patched(model):
+        # patched before: replacements are kept as they are (their options included); a
+        # patch that only skipped modules replaced nothing to keep, so no warning
         warnings.warn("palm_fast.patch: the model was patched before; modules replaced then "
                       "are kept as they are (call palm_fast.unpatch first to patch with other "
                       "options)", PatchWarning, stacklevel=2)
-        if earlier is not None:
-            report.patched += earlier.patched
     unsupported = _unsupported_dtypes(model)
     if unsupported:
         # Parameter-free modules (SwiGLU) cannot see the dtype they will get: refuse the model.
@@ -446,9 +491,113 @@ def _hand_back_swaps(orig: nn.Module, new: nn.Module) -> None:
         carried.append(path)
 
 
-def _restore(module: nn.Module) -> nn.Module:
+# A module's hook dicts ``unpatch`` moves from a built module to its original (keyed by hook
+# id); the state_dict ones are not moved (a load_state_dict pre-hook holds its module).
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks")
+_STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                     "_load_state_dict_post_hooks")
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:   # (a value whose == is not a plain bool)
+        return False
+
+
+def _hand_back_hooks(orig: nn.Module, new: nn.Module, where: str) -> None:
+    """Move the hooks registered on ``new`` (a module patch built) after patch onto ``orig``."""
+    if new._backward_hooks and orig._backward_hooks and \
+            new._is_full_backward_hook != orig._is_full_backward_hook:
+        warnings.warn(f"unpatch: {where} has backward hooks registered after patch of another kind "
+                      f"(register_backward_hook / register_full_backward_hook) than the original "
+                      f"{type(orig).__qualname__}'s own: they are dropped", PatchWarning, stacklevel=2)
+        names = [n for n in _HOOK_DICTS if n != "_backward_hooks"]
+    else:
+        names = list(_HOOK_DICTS)
+        if new._backward_hooks:
+            orig._is_full_backward_hook = new._is_full_backward_hook
+    for name in names:
+        src, dst = getattr(new, name), getattr(orig, name)
+        if not src or src is dst:
+            continue
+        if not dst:
+            # the dict itself: the handles the user holds (handle.remove()) keep working
+            setattr(orig, name, src)
+        else:   # (hooks put on the original itself while it was out of the model)
+            for k, hook in src.items():
+                dst.setdefault(k, hook)
+    if any(getattr(new, n) for n in _STATE_DICT_HOOKS):
+        warnings.warn(f"unpatch: {where} has state_dict hooks registered after patch; the original "
+                      f"{type(orig).__qualname__} does not get them: they are dropped",
+                      PatchWarning, stacklevel=2)
+
+
+def _hand_back_settings(orig: nn.Module, new: nn.Module, where: str) -> None:
+    """Give ``orig`` the plain attributes changed on ``new`` after patch that ``orig`` holds
+    under the same name with the value ``new`` was built with (``eps``, ``interleaved``,
+    ``scale``); warn about any other change (a ``forward`` set on the instance, a setting
+    the original does not have), which the original cannot take."""
+    before = new.__dict__.get(_SETTINGS)
+    if before is None:
+        return
+    now = _settings(new)
+    methods = set(_shadowed_methods(new))
+    cls = type(orig).__qualname__
+    for k in sorted(before.keys() | now.keys()):
+        if k in before and k in now and _same(before[k], now[k]):
+            continue
+        if k in methods:
+            why = (f"{where}.{k} was set on the instance after patch; the original {cls} runs its "
+                   f"class's {k}: the change is dropped")
+        elif k in before and k in now and k in orig.__dict__ and _same(orig.__dict__[k], before[k]):
+            setattr(orig, k, now[k])   # the same setting under the same name
+            continue
+        elif k not in before and hasattr(type(new), k) and not hasattr(orig, k):
+            continue   # palm_fast's own setting (set_weight_cache): nothing for the original
+        else:
+            what = "deleted" if k not in now else f"set to {now[k]!r}"
+            why = (f"{where}.{k} was {what} after patch and the original {cls} has no such setting "
+                   "(of that name and value when patched): the change is dropped")
+        warnings.warn(f"unpatch: {why}", PatchWarning, stacklevel=2)
+
+
+def _hand_back_extras(orig: nn.Module, new: nn.Module, where: str) -> None:
+    """Hooks and settings added after patch to ``new`` and to the parts patch built for it
+    that are still in place (one moved into a wrapper is put back on its own by _unwalk)."""
+    shared = {id(m) for m in orig.modules()}
+    parts = [("", new, orig)]
+    for p, b in new.__dict__.get(_BUILT, {}).items():
+        if id(b) in shared:
+            continue
+        try:
+            in_place = new.get_submodule(p) is b
+        except AttributeError:
+            in_place = False
+        if in_place:
+            parts.append((p, b, b.__dict__.get(_ORIGINAL)))
+    for p, b, o in parts:
+        name = ".".join(x for x in (where, p) if x) or "<root>"
+        if o is None:
+            if _has_hooks(b):
+                warnings.warn(f"unpatch: {name} ({type(b).__qualname__}) has hooks registered after "
+                              "patch and no counterpart in the original: they are dropped",
+                              PatchWarning, stacklevel=2)
+            continue
+        _hand_back_hooks(o, b, name)
+        _hand_back_settings(o, b, name)
+
+
+def _restore(module: nn.Module, where: str = "") -> nn.Module:
     orig = module.__dict__[_ORIGINAL]
     _hand_back_state(orig, module)
+    _hand_back_extras(orig, module, where)
     _hand_back_swaps(orig, module)
     entry = _REGISTRY.get(type(orig))
     if entry is not None and entry.restore is not None:
@@ -456,21 +605,30 @@ def _restore(module: nn.Module) -> nn.Module:
     return orig
 
 
-def _unwalk(module: nn.Module, memo: dict | None = None) -> None:
+def _unwalk(module: nn.Module, memo: dict | None = None, prefix: str = "") -> None:
     # Every slot, also a replacement registered twice (named_children() lists it once): each
     # occurrence gets the same original back, restored once.
     memo = {} if memo is None else memo   # id(child) -> (child, the module for its slot)
     for name, child in list(module._modules.items()):
         if child is None:
             continue
+        path = f"{prefix}.{name}" if prefix else name
         if id(child) in memo:
             setattr(module, name, memo[id(child)][1])
             continue
-        back = _restore(child) if _ORIGINAL in child.__dict__ else child
+        if _ORIGINAL in child.__dict__ and name == "_orig_mod" and _compiled_wrapper(module):
+            # (torch.compile(fast module) after patch: the wrapper calls the module it was
+            # built with, so an original put in this slot would never run)
+            warnings.warn(f"unpatch: {path} is a palm_fast module inside a torch.compile wrapper, "
+                          "which keeps calling it: it is left in place (unpatch before compiling, "
+                          "or compile the unpatched module again)", PatchWarning, stacklevel=3)
+            memo[id(child)] = (child, child)
+            continue
+        back = _restore(child, path) if _ORIGINAL in child.__dict__ else child
         memo[id(child)] = (child, back)
         if back is not child:
             setattr(module, name, back)
-        _unwalk(back, memo)
+        _unwalk(back, memo, path)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -666,3 +666,56 @@ def test_cpu_linear_is_one_path_for_every_shape():
     for m in (1, 3, 64, 200):
         a = randn(m, 512)
         assert torch.equal(ob._linear(a, w), torch.mm(a, w.t()))
+
+
+class _LoRA(torch.nn.Module):
+    """A hand-written LoRA wrapper of a Linear: no ``.weight`` of its own."""
+
+    def __init__(self, base: torch.nn.Linear, r: int = 4, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base = base
+        self.A = torch.nn.Parameter(torch.randn(r, base.in_features, generator=g) * 0.1)
+        self.B = torch.nn.Parameter(torch.randn(base.out_features, r, generator=g) * 0.1)
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t()) @ self.B.t()
+
+
+@pytest.mark.parametrize("kind", ["block", "model"])
+def test_lora_without_a_weight_on_in_proj_runs_the_composed_block(kind):
+    """A LoRA wrapper (no ``.weight``) on in_proj: the float64 check read
+    ``in_proj.weight`` before the block saw its parts could not fuse, an AttributeError. The
+    block runs its composed path: the reference's outputs and gradients, the LoRA's included;
+    float64 x is still refused with the block's message."""
+    import copy
+
+    import palm_fast
+
+    torch.manual_seed(0)
+    if kind == "block":
+        ref = RefBlock(dim=32, n_heads=4, head_dim=8, d_ff=64)
+        fast = ParallelBlock.from_reference(copy.deepcopy(ref))
+        x = randn(2, 7, 32)
+    else:
+        cfg = palm_fast.get_config("palm-tiny").replace(vocab_size=64, n_layers=2)
+        fast = palm_fast.nn.PaLM(cfg)
+        ref = palm_fast.reference.PaLM(cfg)
+        ref.load_state_dict(fast.state_dict())
+        x = torch.randint(0, 64, (2, 7))
+    for m in (fast, ref):
+        blk = m if kind == "block" else m.blocks[0]
+        blk.in_proj = _LoRA(blk.in_proj)
+    got, want = fast(x), ref(x)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    got.square().mean().backward()
+    want.square().mean().backward()
+    grads = dict(ref.named_parameters())
+    assert {n for n, _ in fast.named_parameters()} == grads.keys()
+    for n, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n].grad, rtol=2e-5, atol=2e-5, msg=n)
+    assert (fast if kind == "block" else fast.blocks[0]).in_proj.A.grad.abs().max() > 0
+    if kind == "block":
+        with pytest.raises(TypeError, match="float64"):
+            fast(x.double())
+

@@ -1678,3 +1678,431 @@ def test_patch_drops_the_originals_mask_and_rotary_caches():
     assert any(mod is origs[0] for mod in m.modules())
     assert origs[0].mask is not None and origs[0].pos_emb is not None
     assert origs[1].mask is None
+
+
+# ----------------------------------------- reference functions replaced at run time
+
+def _reference_function_change(name: str):
+    """(module, attribute, replacement, kinds of reference module that call it as they run)."""
+    import functools
+    import types
+
+    from palm_fast.reference import functional as Fn
+    from palm_fast.reference import layers as L
+
+    def geglu(x):
+        value, gate = x.chunk(2, dim=-1)
+        return F.gelu(gate) * value
+
+    if name == "attention":   # (sliding-window attention, a softmax temperature...)
+        orig = L.attention
+        return L, "attention", lambda q, k, v, **kw: orig(q * 0.5, k, v, **kw), {"block"}
+    if name == "_rope_cache_attend":
+        orig = L._rope_cache_attend
+        return L, name, lambda rot, q, k, v, pos, cache: orig(rot, q * 0.5, k, v, pos, cache), {"block"}
+    if name == "_compute_dtype":
+        return L, name, lambda x: torch.float64, {"block", "layer_norm"}
+    rope = {"block", "rope"}
+    if name == "apply_rope (functools.wraps)":   # position interpolation; keeps name and module
+        orig = Fn.apply_rope
+
+        @functools.wraps(orig)
+        def interpolated(x, positions, inv_freq, **kw):
+            return orig(x, positions // 4, inv_freq, **kw)
+        return Fn, "apply_rope", interpolated, rope
+    if name == "apply_rope (a copy rotating backwards)":   # (only an identity check sees it)
+        orig = Fn.apply_rope
+        copy_ = types.FunctionType(orig.__code__, orig.__globals__, orig.__name__, orig.__defaults__,
+                                   orig.__closure__)
+        copy_.__kwdefaults__ = {"interleaved": False, "inverse": True}
+        copy_.__qualname__ = orig.__qualname__
+        return Fn, "apply_rope", copy_, rope
+    if name == "rope_angles":
+        orig = Fn.rope_angles
+        return Fn, name, lambda positions, inv_freq: orig(positions, inv_freq) / 4, rope
+    if name == "rotate_half":
+        orig = Fn.rotate_half
+        return Fn, name, lambda x: -orig(x), rope
+    if name == "positions_from_offsets":
+        orig = Fn.positions_from_offsets
+        return Fn, name, lambda offsets, T: 2 * orig(offsets, T), rope
+    if name == "swiglu":
+        return Fn, name, geglu, {"block", "swiglu"}
+    assert name == "Fn"   # the functional module the layers call, swapped for another
+    other = types.SimpleNamespace(**{k: v for k, v in vars(Fn).items() if not k.startswith("__")})
+    other.swiglu = geglu
+    return L, name, other, {"block", "rope", "swiglu"}
+
+
+def _part_kind(path: str) -> str:
+    leaf = path.rsplit(".", 1)[-1]
+    return {"norm": "layer_norm", "rotary": "rope", "act": "swiglu"}.get(leaf, "block")
+
+
+@pytest.mark.parametrize("change", [
+    "attention", "_rope_cache_attend", "_compute_dtype", "apply_rope (functools.wraps)",
+    "apply_rope (a copy rotating backwards)", "rope_angles", "rotate_half",
+    "positions_from_offsets", "swiglu", "Fn"])
+def test_reference_function_replaced_at_run_time_is_not_patched_over(monkeypatch, change):
+    """A module-level function of palm_fast.reference replaced at run time (sliding-window
+    attention, RoPE position interpolation, GeGLU for SwiGLU) changes what the reference
+    modules compute; patch replaced them anyway, dropping the change silently (logits off
+    by 0.4-2.1). The modules that call it are skipped, naming it; the others are patched."""
+    module, attr, new, kinds = _reference_function_change(change)
+    monkeypatch.setattr(module, attr, new)
+    m = ref_model()
+    ref = copy.deepcopy(m)
+    with pytest.warns(patching.PatchWarning, match=f"{module.__name__}.{attr} was replaced"):
+        palm_fast.patch(m)
+    rep = m.palm_fast_report
+    skipped = {r.path: r.reason for r in rep.skipped}
+    patched = {r.path for r in rep.patched}
+    n = len(m.blocks)
+    paths = [f"blocks.{i}{part}" for i in range(n) for part in ("", ".norm", ".rotary", ".act")]
+    for path in paths + ["norm"]:
+        if _part_kind(path) in kinds:
+            assert f"{module.__name__}.{attr} was replaced" in skipped[path], path
+        else:
+            assert path in patched, path
+    x = tokens(T=9)
+    with torch.no_grad():
+        want = ref(x)
+        assert close_rel(m(x), want, 2e-5)
+        monkeypatch.undo()
+        if change not in ("positions_from_offsets", "_compute_dtype"):   # (the model never calls
+            # the first; the second computes in fp64 here, within fp32 rounding of the original)
+            assert max_err(ref(x), want) > 1e-2   # the change is one the patched model must keep
+
+
+def test_reference_function_replaced_before_the_first_patch_is_seen(monkeypatch):
+    """The originals are held from the integration's import, which the first patch call
+    makes: a function replaced before then is told by its globals and qualname (and the
+    untouched functions are still taken as the originals)."""
+    from palm_fast.integrations import reference as ref_integration
+    from palm_fast.reference import functional as Fn
+
+    monkeypatch.setattr(ref_integration, "_ORIGINALS", {})
+    m = quiet_patch(ref_model())
+    assert m.palm_fast_report.ok
+    monkeypatch.setattr(Fn, "rotate_half", lambda x: -torch.cat(x.chunk(2, dim=-1)[::-1], dim=-1))
+    m = ref_model()
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    assert {r.path for r in m.palm_fast_report.skipped} == {
+        "blocks.0", "blocks.0.rotary", "blocks.1", "blocks.1.rotary"}
+    assert "palm_fast.reference.functional.rotate_half" in m.palm_fast_report.skipped[0].reason
+    assert_same_logits(m, ref, T=9)
+
+
+class _LoRA(nn.Module):
+    """A hand-written LoRA wrapper of a Linear: no ``.weight`` of its own."""
+
+    def __init__(self, base: nn.Linear, r: int = 4, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base = base
+        self.A = nn.Parameter(torch.randn(r, base.in_features, generator=g) * 0.1)
+        self.B = nn.Parameter(torch.randn(base.out_features, r, generator=g) * 0.1)
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t()) @ self.B.t()
+
+
+def _assert_same_outputs_and_grads(m, ref, x):
+    got, want = m(x), ref(x)
+    assert close_rel(got, want, 2e-5)
+    got.square().mean().backward()
+    want.square().mean().backward()
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    assert grads.keys() == {n for n, _ in m.named_parameters()}
+    for n, p in m.named_parameters():
+        assert close_rel(p.grad, grads[n], 2e-5), n
+    assert any(".A" in n for n in grads) and all(grads[n].abs().max() > 0 for n in grads if ".A" in n)
+
+
+@pytest.mark.parametrize("kind", ["reference", pytest.param("palm_pytorch", marks=needs_pp)])
+def test_lora_without_a_weight_on_the_input_projection_after_patch(kind):
+    """A LoRA wrapper (no ``.weight``) put on a patched block's input projection: the float64
+    check read ``in_proj.weight`` / ``fused_attn_ff_proj.weight`` before the block saw it
+    could not fuse, an AttributeError. The block runs its composed path: the unpatched
+    model's outputs and gradients (the LoRA's included)."""
+    m = ref_model() if kind == "reference" else pp_model()
+    ref = copy.deepcopy(m)
+    quiet_patch(m)
+    assert m.palm_fast_report.ok
+    for model in (m, ref):
+        if kind == "reference":
+            model.blocks[0].in_proj = _LoRA(model.blocks[0].in_proj)
+        else:
+            model[1].fn.fused_attn_ff_proj = _LoRA(model[1].fn.fused_attn_ff_proj)
+    _assert_same_outputs_and_grads(m, ref, tokens(T=9))
+
+
+# ------------------------------------------------------------------ torch.compile wrappers; unpatch hand-back
+def _palm_fast_modules(model):
+    return sorted({type(x).__qualname__ for x in model.modules()
+                   if type(x).__module__.startswith(("palm_fast.nn", "palm_fast.integrations"))})
+
+
+def _inject_lora(model, leaf="attn_out"):
+    """PEFT's way: find the Linear by name, replace it in its parent."""
+    for name, mod in list(model.named_modules()):
+        if name.endswith(leaf):
+            parent = model.get_submodule(name.rpartition(".")[0])
+            setattr(parent, leaf, _LoRA(mod))
+
+
+def test_patch_does_not_replace_the_module_inside_a_torch_compile_wrapper():
+    """``blocks[i] = torch.compile(block)`` then patch: patch replaced the wrapper's
+    ``_orig_mod`` and reported it, but the wrapper's forward stays bound to the block it was
+    built with, so the fast block never ran and a LoRA put into the "patched" block was
+    ignored. The block is now reported as skipped (patch before compiling); its parts, which
+    the block looks up when it runs, are patched."""
+    torch._dynamo.reset()
+    m = ref_model()
+    ref = copy.deepcopy(m)
+    for i, b in enumerate(m.blocks):
+        m.blocks[i] = torch.compile(b, backend="eager")
+    with pytest.warns(patching.PatchWarning, match="inside a torch.compile wrapper"):
+        palm_fast.patch(m)
+    rep = m.palm_fast_report
+    assert {r.path for r in rep.skipped} == {"blocks.0._orig_mod", "blocks.1._orig_mod"}
+    assert "patch before compiling" in rep.skipped[0].reason
+    for r in rep.patched:   # every module the report lists is the one the model runs
+        assert type(m.get_submodule(r.path)).__module__.startswith("palm_fast.nn"), r.path
+    assert type(m.blocks[0]._orig_mod) is type(ref.blocks[0])
+    assert type(m.blocks[0]._orig_mod.norm) is palm_fast.nn.LayerNorm
+    for model in (m, ref):
+        _inject_lora(model)
+    x = tokens(T=9)
+    got, want = m(x), ref(x)
+    assert close_rel(got, want, 2e-5)   # (before: the LoRA was ignored)
+    got.square().mean().backward()
+    want.square().mean().backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), m.named_parameters()):
+        assert q.grad is not None and close_rel(q.grad, p.grad, 2e-5), n
+    torch._dynamo.reset()
+
+
+def test_patch_of_a_compiled_model_patches_the_modules_it_calls():
+    """``patch(torch.compile(model))``: the wrapper calls the model, which looks its blocks
+    up when it runs, so the blocks replaced inside it run (a setting changed on a replaced
+    module shows in the compiled model's outputs, also after a first compiled call). A
+    compiled registered module itself is not replaced (its wrapper would not call it)."""
+    torch._dynamo.reset()
+    m = ref_model()
+    ref = copy.deepcopy(m)
+    x = tokens(T=9)
+    compiled = torch.compile(m, backend="eager")
+    compiled(x)
+    assert quiet_patch(compiled) is compiled
+    rep = compiled.palm_fast_report
+    assert rep.ok and {r.path for r in rep.patched} == {"_orig_mod.blocks.0", "_orig_mod.blocks.1",
+                                                        "_orig_mod.norm"}
+    for model in (compiled._orig_mod, ref):
+        model.norm.eps = 0.5
+    with torch.no_grad():
+        assert close_rel(compiled(x), ref(x), 2e-5)
+    palm_fast.unpatch(compiled)
+    assert _palm_fast_modules(compiled) == []
+
+    norm = palm_fast.reference.LayerNorm(64)
+    wrapped = torch.compile(norm, backend="eager")
+    with pytest.warns(patching.PatchWarning, match="inside a torch.compile wrapper"):
+        palm_fast.patch(wrapped)
+    assert wrapped._orig_mod is norm and [r.path for r in wrapped.palm_fast_report.skipped] == ["_orig_mod"]
+    torch._dynamo.reset()
+
+
+def test_unpatch_leaves_a_fast_module_compiled_after_patch_with_a_warning():
+    """``torch.compile(fast block)`` after patch: the wrapper keeps calling the fast block, so
+    unpatch leaves it there (and says so) instead of putting in an original it never calls."""
+    m = ref_model()
+    quiet_patch(m)
+    m.blocks[0] = torch.compile(m.blocks[0], backend="eager")
+    with pytest.warns(patching.PatchWarning, match=r"blocks\.0\._orig_mod .*torch\.compile wrapper"):
+        palm_fast.unpatch(m)
+    assert type(m.blocks[0]._orig_mod) is palm_fast.nn.ParallelBlock
+    assert type(m.blocks[1]) is type(ref_model().blocks[1])
+    torch._dynamo.reset()
+
+
+def _hook_edits(which):
+    """(path of a module patch built, edit registering a hook on it) for unpatch."""
+    def fwd(mod):
+        return mod.register_forward_hook(lambda m_, i, o: o * 1.5)
+
+    def fwd_kwargs(mod):
+        return mod.register_forward_hook(lambda m_, a, kw, o: o * 1.5, with_kwargs=True)
+
+    def pre(mod):
+        return mod.register_forward_pre_hook(lambda m_, a: (-a[0],) + tuple(a[1:]))
+
+    def rot(mod):
+        return mod.register_forward_hook(lambda m_, i, o: (o[0] * 2, o[1]))
+
+    if which == "reference":
+        return [("blocks.0", fwd), ("blocks.0", fwd_kwargs), ("blocks.0.norm", pre), ("norm", fwd),
+                ("blocks.0.rotary", rot)]
+    return [("1", fwd), ("1.fn", pre), ("1.fn.norm", fwd), ("1.fn.ff_out", fwd_kwargs),
+            ("1.fn.ff_out.0", fwd), ("3", pre)]
+
+
+@pytest.mark.parametrize("which,path,edit", [
+    *[("reference", p, e) for p, e in _hook_edits("reference")],
+    *[pytest.param("palm_pytorch", p, e, marks=needs_pp) for p, e in _hook_edits("palm_pytorch")]],
+    ids=lambda v: getattr(v, "__name__", v))
+def test_unpatch_hands_back_hooks_registered_on_built_modules(which, path, edit):
+    """A hook registered after patch on a module patch built (the fast block, LayerNorm,
+    SwiGLU, RotaryEmbedding, PaLM-pytorch's Residual / ff_out) was dropped by unpatch: the
+    unpatched model computed something else than the patched one. It now goes to the
+    original, and the handle the user holds still removes it."""
+    m = ref_model() if which == "reference" else pp_model()
+    x = tokens(T=9)
+    with torch.no_grad():
+        base = m(x)
+    quiet_patch(m)
+    handle = edit(m.get_submodule(path))
+    with torch.no_grad():
+        patched = m(x)
+    assert not close_rel(patched, base, 1e-3)   # (the hook changes the outputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", patching.PatchWarning)
+        palm_fast.unpatch(m)
+    assert _palm_fast_modules(m) == []
+    with torch.no_grad():
+        assert close_rel(m(x), patched, 2e-5)
+    handle.remove()
+    with torch.no_grad():
+        assert close_rel(m(x), base, 2e-5)
+
+
+@pytest.mark.parametrize("which", ["reference", pytest.param("palm_pytorch", marks=needs_pp)])
+def test_unpatch_hands_back_backward_hooks_of_built_modules(which):
+    """Backward hooks registered after patch on built modules run on their originals."""
+    m = ref_model() if which == "reference" else pp_model()
+    block = (lambda model: model.blocks[0]) if which == "reference" else (lambda model: model[1].fn)
+    block_cls, norm_cls = type(block(m)), type(block(m).norm)
+    quiet_patch(m)
+    seen = []
+    block(m).register_full_backward_hook(lambda mod, gi, go: seen.append(type(mod)))
+    block(m).norm.register_full_backward_pre_hook(lambda mod, go: seen.append(type(mod)))
+    palm_fast.unpatch(m)
+    m(tokens(T=9)).float().square().mean().backward()
+    assert sorted(seen, key=str) == sorted([block_cls, norm_cls], key=str)
+
+
+def _setting_edits(which):
+    """(path, attribute, value): a setting of a built module its original has too."""
+    if which == "reference":
+        return [("blocks.0.norm", "eps", 0.1), ("norm", "eps", 0.2), ("blocks.0.rotary", "interleaved", True),
+                ("blocks.1", "eps", 0.1)]
+    return [("1.fn", "scale", 0.05)]
+
+
+@pytest.mark.parametrize("which,path,attr,value", [
+    *[("reference", *e) for e in _setting_edits("reference")],
+    *[pytest.param("palm_pytorch", *e, marks=needs_pp) for e in _setting_edits("palm_pytorch")]])
+def test_unpatch_hands_back_settings_changed_on_built_modules(which, path, attr, value):
+    """``norm.eps = 0.1`` (or the rotary layout, PaLM-pytorch's ``scale``) set after patch
+    on a module patch built was lost by unpatch, silently: it goes to the original's
+    attribute of the same name."""
+    m = ref_model() if which == "reference" else pp_model()
+    x = tokens(T=9)
+    quiet_patch(m)
+    setattr(m.get_submodule(path), attr, value)
+    if attr == "eps" and path.startswith("blocks.") and path.count(".") == 1:
+        m.get_submodule(path).norm.eps = value   # (the block's eps is its norm's)
+    with torch.no_grad():
+        patched = m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", patching.PatchWarning)
+        palm_fast.unpatch(m)
+    assert getattr(m.get_submodule(path), attr) == value
+    with torch.no_grad():
+        assert close_rel(m(x), patched, 2e-5)
+
+
+@pytest.mark.parametrize("which", ["reference", pytest.param("palm_pytorch", marks=needs_pp)])
+def test_unpatch_warns_about_changes_the_original_cannot_take(which):
+    """A ``forward`` set on a built module's instance, or a setting its original does not
+    have, cannot go back: unpatch now says so (module path and attribute) instead of
+    dropping it silently. palm_fast's own settings (``set_weight_cache``) go silently."""
+    m = ref_model() if which == "reference" else pp_model()
+    quiet_patch(m)
+    norm = m.blocks[0].norm if which == "reference" else m[1].fn.norm
+    f = norm.forward
+    norm.forward = lambda x: f(x) * 2
+    blk = m.blocks[1] if which == "reference" else m[2].fn
+    blk.my_tag = 3
+    palm_fast.nn.set_weight_cache(m, False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        palm_fast.unpatch(m)
+    msgs = [str(x.message) for x in w if issubclass(x.category, patching.PatchWarning)]
+    npath, bpath = ("blocks.0.norm", "blocks.1") if which == "reference" else ("1.fn.norm", "2.fn")
+    assert len(msgs) == 2, msgs
+    assert f"{npath}.forward was set on the instance" in msgs[0]
+    assert f"{bpath}.my_tag was set to 3" in msgs[1]
+
+
+class _Wrap(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("which", ["reference", pytest.param("palm_pytorch", marks=needs_pp)])
+def test_unpatch_replaces_built_modules_inside_wrappers_added_after_patch(which):
+    """A wrapper put after patch around a module patch built inside a replacement
+    (``res.fn = checkpoint_wrapper(res.fn)``, a wrapper around a block's fast LayerNorm) came
+    back with unpatch still holding the palm_fast module: is_patched() was False, palm_fast
+    modules remained (a float64 model then failed). The original now goes inside the
+    wrapper, with what was changed on the fast module (a LoRA in it, a hook on its norm)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    m = ref_model() if which == "reference" else pp_model()
+    x = tokens(T=9)
+    quiet_patch(m)
+    if which == "reference":
+        m.blocks[0].norm = _Wrap(m.blocks[0].norm)
+        m.blocks[1].act = checkpoint_wrapper(m.blocks[1].act)
+    else:
+        m[1].fn.attn_out = _LoRA(m[1].fn.attn_out)
+        m[1].fn.norm.register_forward_hook(lambda mod, i, o: o * 1.5)
+        m[1].fn = checkpoint_wrapper(m[1].fn)
+        m[2].fn = _Wrap(m[2].fn)
+    with torch.no_grad():
+        patched = m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", patching.PatchWarning)
+        palm_fast.unpatch(m)
+    assert _palm_fast_modules(m) == [] and not patching.is_patched(m)
+    if which == "palm_pytorch":
+        assert "mask" not in vars(m[1].fn)   # (the block's cache reset did not land on the wrapper)
+        assert type(m[1].fn._checkpoint_wrapped_module.attn_out) is _LoRA
+    with torch.no_grad():
+        assert close_rel(m(x), patched, 2e-5)
+        m.double()(x)   # (the originals take float64)
+
+
+def test_patching_again_warns_only_when_something_was_replaced_before():
+    """A first patch that only skipped modules (hooks) replaced nothing, yet a second one
+    warned "the model was patched before; modules replaced then are kept"."""
+    m = ref_model()
+    for b in m.blocks:
+        b.register_forward_hook(lambda *a: None)
+    m.norm.register_forward_hook(lambda *a: None)
+    quiet_patch(m, rope=False, swiglu=False, layer_norm=False)
+    assert not m.palm_fast_report.patched
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        palm_fast.patch(m, rope=False, swiglu=False, layer_norm=False)
+    assert not any("patched before" in str(x.message) for x in w)
+    m = ref_model()
+    quiet_patch(m)
+    with pytest.warns(patching.PatchWarning, match="patched before"):
+        palm_fast.patch(m)

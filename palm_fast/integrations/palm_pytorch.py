@@ -170,9 +170,10 @@ class _RotaryView:
     interleaved = False
 
 
-def _refuse_float64(x: torch.Tensor, w: torch.Tensor) -> None:
-    if torch.float64 in (x.dtype, w.dtype):
-        raise TypeError(f"palm_fast's PaLM-pytorch block: float64 (x {x.dtype}, weights {w.dtype}) "
+def _refuse_float64(x: torch.Tensor, w: torch.Tensor | None) -> None:
+    w_dtype = None if w is None else w.dtype
+    if torch.float64 in (x.dtype, w_dtype):
+        raise TypeError(f"palm_fast's PaLM-pytorch block: float64 (x {x.dtype}, weights {w_dtype}) "
                         f"is not supported by palm_fast's kernels (float32, float16, bfloat16); "
                         f"palm_fast.unpatch(model) puts the original blocks back")
 
@@ -306,7 +307,8 @@ class ParallelTransformerBlock(nn.Module):
     # ------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``attn_out(o) + ff_out(ff)`` (PaLM-pytorch's block output; its Residual adds x)."""
-        _refuse_float64(x, self.fused_attn_ff_proj.weight)
+        # (a projection wrapper without a weight, e.g. a LoRA added after patch: x only)
+        _refuse_float64(x, getattr(self.fused_attn_ff_proj, "weight", None))
         B, T, _ = x.shape
         H, D = self.heads, self.dim_head
         q, k, v, ff = self.fused_attn_ff_proj(self.norm(x)).split(self.fused_dims, dim=-1)
@@ -335,9 +337,9 @@ class ParallelTransformerBlock(nn.Module):
         projection has no LayerNorm bias): LayerNorm + ONE input GEMM with the RoPE / SwiGLU
         epilogue, multi-query attention, ONE output GEMM with the residual in its epilogue.
         Otherwise, and while torch.compile traces, ``x + forward(x)``."""
-        _refuse_float64(x, self.fused_attn_ff_proj.weight)
         if not self._fused_ok(x):
-            return x + self.forward(x)
+            return x + self.forward(x)   # (forward refuses float64)
+        _refuse_float64(x, self.fused_attn_ff_proj.weight)
         B, T, _ = x.shape
         H, D = self.heads, self.dim_head
         inv_freq = as_fp32(self.rotary_emb.inv_freq)
@@ -503,7 +505,13 @@ def _residual(m: nn.Module, opts: PatchOptions) -> nn.Module | None:
 
 
 def _restore_residual(orig: nn.Module, new: nn.Module) -> None:
-    _restore_block(orig.fn, new.fn)
+    from ..patching import _ORIGINAL
+
+    # Only while the fast block is still ``fn``: one the user put in a wrapper after patch
+    # (``res.fn = checkpoint_wrapper(res.fn)``) came back with it, and unpatch restores the
+    # block inside on its own (patch marked it with its original).
+    if new.fn.__dict__.get(_ORIGINAL) is orig.fn:
+        _restore_block(orig.fn, new.fn)
 
 
 def _restore_block(orig: nn.Module, new: nn.Module) -> None:

@@ -5,12 +5,65 @@ buffers (``reference.LayerNorm`` -> ``nn.LayerNorm``, ``reference.RotaryEmbeddin
 ``nn.ParallelBlock`` when this build has it)."""
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
 from .. import nn as fast
 from .. import reference as ref
 from ..patching import PatchOptions, Unsupported, check_code, check_constant_inv_freq, check_dtype, register
+from ..reference import functional as _fn
+from ..reference import layers as _layers
+
+
+def _as_defined(m: types.ModuleType, name: str, f) -> bool:
+    """Whether ``f`` is ``m``'s own ``name``: the function its body defines, not one assigned
+    at run time (a function elsewhere, or a wrapper, ``functools.wraps`` or not, a ``partial``,
+    a lambda, has other globals, another qualname or a ``__wrapped__``); for ``layers.Fn``,
+    the functional module."""
+    if name == "Fn":
+        return f is _fn
+    return isinstance(f, types.FunctionType) and f.__globals__ is vars(m) \
+        and f.__qualname__ == name and not hasattr(f, "__wrapped__")
+
+
+# The module-level names the replaced reference modules look up each time they run
+# (LayerNorm: _compute_dtype; RotaryEmbedding: Fn.positions_from_offsets, Fn.apply_rope, which
+# calls rope_angles and rotate_half; SwiGLU: Fn.swiglu; ParallelBlock: _rope_cache_attend,
+# which calls attention, which calls _compute_dtype; and the parts). Replacing one
+# (``layers.attention = sliding_window``) changes what the original computes, not what its
+# fast module does. (Fn.rope_inv_freq, run by RotaryEmbedding._apply, runs in the fast
+# module too: it inherits _apply.)
+_ROPE = ((_layers, "Fn"), (_fn, "positions_from_offsets"), (_fn, "apply_rope"), (_fn, "rope_angles"),
+         (_fn, "rotate_half"))
+_RUN_TIME = {
+    "layer_norm": ((_layers, "_compute_dtype"),),
+    "rope": _ROPE,
+    "swiglu": ((_layers, "Fn"), (_fn, "swiglu")),
+    "block": ((_layers, "_rope_cache_attend"), (_layers, "attention"), (_layers, "_compute_dtype"),
+              *_ROPE, (_fn, "swiglu")),
+}
+# The originals as of this module's import (it is imported by the first patch call): later
+# replacements fail the identity check; one made before then fails _as_defined.
+_ORIGINALS = {(m, n): getattr(m, n) for pairs in _RUN_TIME.values() for m, n in pairs
+              if _as_defined(m, n, getattr(m, n, None))}
+
+
+def check_reference_functions(kind: str) -> None:
+    """Raise Unsupported when a module-level function that the reference modules of ``kind``
+    ("layer_norm", "rope", "swiglu", "block") call as they run was replaced at run time
+    (``palm_fast.reference.layers.attention = f``): the fast module computes the original
+    and would drop the change."""
+    changed = []
+    for m, n in dict.fromkeys(_RUN_TIME[kind]):
+        f, orig = getattr(m, n, None), _ORIGINALS.get((m, n))
+        if not (f is orig if orig is not None else _as_defined(m, n, f)):
+            changed.append(f"{m.__name__}.{n}")
+    if changed:
+        raise Unsupported(f"{', '.join(changed)} {'was' if len(changed) == 1 else 'were'} replaced "
+                          "at run time; the fast module computes the original function and would "
+                          "drop the change")
 
 
 def share_state(new: nn.Module, orig: nn.Module) -> nn.Module:
@@ -37,6 +90,7 @@ def _build(make):
 
 def layer_norm(m: ref.LayerNorm, opts: PatchOptions) -> nn.Module:
     check_code(ref.LayerNorm)
+    check_reference_functions("layer_norm")
     check_dtype(m)
     new = _build(lambda: fast.LayerNorm(m.dim, eps=m.eps, bias=m.bias is not None, device="meta"))
     return share_state(new, m)
@@ -44,6 +98,7 @@ def layer_norm(m: ref.LayerNorm, opts: PatchOptions) -> nn.Module:
 
 def rotary(m: ref.RotaryEmbedding, opts: PatchOptions) -> nn.Module:
     check_code(ref.RotaryEmbedding)
+    check_reference_functions("rope")
     check_dtype(m)
     check_constant_inv_freq(m)
     with torch.device("meta"):
@@ -53,6 +108,7 @@ def rotary(m: ref.RotaryEmbedding, opts: PatchOptions) -> nn.Module:
 
 def swiglu(m: ref.SwiGLU, opts: PatchOptions) -> nn.Module:
     check_code(ref.SwiGLU)
+    check_reference_functions("swiglu")
     return fast.SwiGLU()
 
 
@@ -93,6 +149,7 @@ def _check_block_parts(m: ref.ParallelBlock) -> None:
         raise Unsupported(f"rotary is not the reference RotaryEmbedding (got {type(m.rotary).__qualname__})")
     check_constant_inv_freq(m.rotary, "rotary.inv_freq")
     check_code(type(m), type(norm), type(m.act), type(m.rotary))
+    check_reference_functions("block")
 
 
 def register_all() -> None:

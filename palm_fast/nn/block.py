@@ -164,9 +164,11 @@ class ParallelBlock(_reference.ParallelBlock):
     def _block(self, x: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a Tensor [B, T, dim], got {type(x).__name__}")
-        if torch.float64 in (x.dtype, self.in_proj.weight.dtype):
+        # (an in_proj wrapper without a weight, e.g. a LoRA, runs the composed path: x only)
+        w_dtype = getattr(getattr(self.in_proj, "weight", None), "dtype", None)
+        if torch.float64 in (x.dtype, w_dtype):
             raise TypeError(f"palm_fast.nn.ParallelBlock: float64 (x {x.dtype}, weights "
-                            f"{self.in_proj.weight.dtype}) is not supported by palm_fast's kernels "
+                            f"{w_dtype}) is not supported by palm_fast's kernels "
                             f"(float32, float16, bfloat16); use palm_fast.reference's modules, "
                             f"which load the same state_dict (palm_fast.unpatch for a patched model)")
         if not self.parts_fusable() or (_autocast_on() and autocast_changes_dtype(
