@@ -37,7 +37,7 @@ Supported models (:func:`decoder_parts`): ``palm_fast.reference.PaLM`` and its s
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -291,6 +291,14 @@ def _linear_weight(block_name: str, name: str, mod) -> torch.Tensor:
 _ROTARIES: tuple[type, ...] = (_ref.RotaryEmbedding,)
 
 
+def _gemm_weight(w: torch.Tensor) -> torch.Tensor:
+    """A weight as generate's GEMMs take it: on the CPU row-major, copied once per generate
+    call if it is not (``small_mm_cpu`` reads row-major weights: a column-major one, e.g.
+    loaded as ``kernel.T``, was copied in every decode step, 4x slower at palm-small);
+    elsewhere as it is (cuBLAS reads either layout, and a copy would double its memory)."""
+    return w.contiguous() if w.is_cpu else w
+
+
 def _prepare_layers(parts: DecoderParts) -> list[_Layer]:
     """Check every block's layout and collect what the loops need."""
     from .nn import ParallelBlock as FastBlock
@@ -342,9 +350,10 @@ def _prepare_layers(parts: DecoderParts) -> list[_Layer]:
                                  f"differs too: restore it with {where}.rotary.inv_freq.copy_("
                                  f"palm_fast.reference.functional.rope_inv_freq({rd}, {base})))")
         layers.append(_Layer(
-            norm=_fast_norm(blk.norm), w_in=w_in, splits=splits, n_heads=H, head_dim=hd,
-            rotary_dim=rd, rope_base=base, interleaved=bool(getattr(rot, "interleaved", False)),
-            act=_fast_act(blk.act), w_attn_out=w_ao, w_ff_out=w_ff, fused=_fused_block(blk)))
+            norm=_fast_norm(blk.norm), w_in=_gemm_weight(w_in), splits=splits, n_heads=H,
+            head_dim=hd, rotary_dim=rd, rope_base=base,
+            interleaved=bool(getattr(rot, "interleaved", False)), act=_fast_act(blk.act),
+            w_attn_out=_gemm_weight(w_ao), w_ff_out=_gemm_weight(w_ff), fused=_fused_block(blk)))
     if not layers:
         raise ValueError("model: expected at least one block, got none")
     if len({(lay.head_dim) for lay in layers}) != 1:
@@ -392,7 +401,8 @@ def _small_cpu(x: torch.Tensor) -> bool:
 
 
 def _small_mm(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor:
-    """``x W^T (+ res)`` on the CPU for few rows (see ``_SMALL_ROWS``), contiguous ``[M, N]``."""
+    """``x W^T (+ res)`` on the CPU for few rows (see ``_SMALL_ROWS``), contiguous ``[M, N]``.
+    (generate's weights are row-major already, :func:`_gemm_weight`: no copy per step.)"""
     return _cpp().small_mm_cpu(x, w.contiguous(), res)
 
 
@@ -538,7 +548,7 @@ class _CpuStep:
             H, hd = lay.n_heads, lay.head_dim
             proj = _mm_wt(self.norms[i](x), lay.w_in)
             q, k, v, ff = proj.split_with_sizes(lay.splits, dim=-1)
-            q_rot = torch.empty((B, 1, H, hd), dtype=proj.dtype)
+            q_rot = torch.empty((B, 1, H, hd), dtype=proj.dtype, device=proj.device)
             C.rope_append_cpu(q.view(B, 1, H, hd), k.view(B, 1, hd), v.view(B, 1, hd), cache.k, cache.v,
                               pt, cache.lengths, self.ones, None, self.inv_freq[i], q_rot, i,
                               lay.interleaved)
@@ -665,7 +675,7 @@ def _prompt_list(prompts, vocab: int, device: torch.device) -> list[torch.Tensor
                 bad = next(t for t in p if not is_int(t))
                 raise TypeError(f"{name}: expected a list of int token ids, got an element {bad!r}")
             try:
-                p = torch.tensor(p, dtype=torch.int64)
+                p = torch.tensor(p, dtype=torch.int64, device="cpu")
             except (OverflowError, RuntimeError, ValueError):   # beyond int64
                 bad = next(t for t in p if not -2**63 <= int(t) < 2**63)
                 raise ValueError(f"{name}: token ids must lie in [0, {vocab}), got {bad}") from None
@@ -765,6 +775,7 @@ def generate(model: nn.Module, prompts, max_new_tokens: int, *, temperature: flo
                          f"not run (it reads the weights and runs its own kernels); use the "
                          f"model's own generate()")
     layers = _prepare_layers(parts)
+    parts = replace(parts, head_weight=_gemm_weight(parts.head_weight))   # (the tied head too)
     head = parts.head_weight
     device, dtype = head.device, head.dtype
     vocab = head.shape[0]
@@ -863,7 +874,8 @@ def _assemble(rows: list[torch.Tensor], new: torch.Tensor, stops: set[int]) -> l
     for b, p in enumerate(rows):
         gen = new[b]
         if stops:
-            hits = torch.isin(gen, torch.tensor(sorted(stops), dtype=gen.dtype)).nonzero()
+            stop_ids = torch.tensor(sorted(stops), dtype=gen.dtype, device=gen.device)
+            hits = torch.isin(gen, stop_ids).nonzero()
             if hits.numel():
                 gen = gen[: int(hits[0, 0]) + 1]
         out.append(torch.cat((p, gen.to(p.device))))

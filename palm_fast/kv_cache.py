@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .ops._checks import check_int
-from .ops._dispatch import fake_mode_on
+from .ops._dispatch import exporting, fake_mode_on
 
 __all__ = ["KVCache", "PrefixGroup"]
 
@@ -199,6 +199,9 @@ class KVCache:
         self.dtype, self.device = dtype, self.lengths.device
         self._host_lengths = [0] * batch
         self._checked_values = None   # ops.mqa_decode: the last seq_lens / page table it validated
+        # Made while torch.compile / export traces (its tensors are the tracer's): see
+        # check_not_exported
+        self._made_traced = _tracing_or_fake()
         if page_size is None:
             if num_pages is not None:
                 raise ValueError(f"num_pages: only meaningful with page_size, got num_pages={num_pages} "
@@ -270,6 +273,19 @@ class KVCache:
     def _require_paged(self, what: str) -> None:
         if not self.paged:
             raise ValueError(f"{what}: needs a paged cache (page_size given), this cache is contiguous")
+
+    def check_not_exported(self) -> None:
+        """Raise NotImplementedError while torch.export traces a call over this cache when the
+        cache was made outside the exported function: export records its k, v, lengths and
+        page table as constants, so the exported program wrote into a private copy at
+        positions that never moved (wrong results after save / load, no error). A cache made
+        inside the function, and torch.compile over any cache, are supported. (Not checked
+        under a torch without torch.compiler.is_exporting, such as 2.6.)"""
+        if exporting() and not getattr(self, "_made_traced", False):
+            raise NotImplementedError(
+                "cache: exporting a decode step over a KVCache created outside the exported "
+                "function is not supported: torch.export captures its tensors as constants "
+                "(create the cache inside the function, or use torch.compile)")
 
     def check_layer(self, layer) -> int:
         layer = check_int("layer", layer)
@@ -344,7 +360,10 @@ class KVCache:
             self._sync_table()
 
     def _sync_table(self) -> None:
-        self.page_table.copy_(torch.tensor(self._host_table, dtype=torch.int32))
+        # (host copies are built with device="cpu" here and below: under
+        # torch.set_default_device they were made on that device, and the copy failed after
+        # the host state had already moved, leaving host and device tables apart)
+        self.page_table.copy_(torch.tensor(self._host_table, dtype=torch.int32, device="cpu"))
         self._note_device_state()
 
     def _note_device_state(self) -> None:
@@ -376,7 +395,7 @@ class KVCache:
                               ("page_table", self.page_table, getattr(self, "_host_table", None))):
             if t is None:
                 continue
-            want = torch.tensor(host, dtype=torch.int32)
+            want = torch.tensor(host, dtype=torch.int32, device="cpu")
             if not (isinstance(t, torch.Tensor) and t.dtype == torch.int32 and t.shape == want.shape
                     and t.device == self.device and torch.equal(t.cpu(), want)):
                 raise ValueError(f"{name}: changed outside the KVCache methods (it no longer matches "
@@ -480,7 +499,7 @@ class KVCache:
             # once per decode step)
             self.lengths += n_new
         else:
-            self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32))
+            self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32, device="cpu"))
         self._note_device_state()
 
     def reset(self, seqs=None) -> None:
@@ -500,7 +519,7 @@ class KVCache:
                             self._free.append(p)
                         row[j] = -1
                 self._n_alloc[b] = 0
-        self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32))
+        self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32, device="cpu"))
         self._note_device_state()
         if self.paged:
             self._sync_table()
@@ -555,7 +574,7 @@ class KVCache:
                 self.v[:, p_new, :rem] = self.v[:, src_row[n_full], :rem]
             self._host_lengths[d] = n_tokens
         self._sync_table()
-        self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32))
+        self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32, device="cpu"))
         self._note_device_state()
         if n_full:
             self._add_group(src, dsts, n_full)

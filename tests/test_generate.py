@@ -823,3 +823,64 @@ def test_cpu_steps_run_the_embeddings_hooks_and_code():
     assert n_ours == 6   # the prefill and 5 decode steps
     for a, b in zip(ours, ref):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [PaLM, palm_fast.nn.PaLM], ids=["reference", "fast"])
+def test_column_major_weights_are_made_contiguous_once(cls, monkeypatch):
+    """Weights stored column-major (loaded as kernel.T, or with assign=True): the CPU decode
+    GEMMs (small_mm_cpu) read row-major weights, and _small_mm copied each such weight in
+    every decode step (palm-small 4x slower). They are made contiguous once per generate
+    call (contiguous weights are used as they are), and give the same tokens."""
+    generation = sys.modules["palm_fast.generation"]
+    model = lively(CONFIGS["tiny"], seed=31, cls=cls)
+    col = copy.deepcopy(model)
+    for mod in col.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.dim() == 2:
+                setattr(mod, name, nn.Parameter(p.detach().t().contiguous().t()))
+    assert not col.blocks[0].in_proj.weight.is_contiguous()
+    # contiguous weights: no copies
+    lay = _prepare_layers(decoder_parts(model))[0]
+    assert lay.w_in is model.blocks[0].in_proj.weight and lay.w_ff_out is model.blocks[0].ff_out.weight
+    seen = []
+    small_mm = generation._small_mm
+
+    def spy(x, w, res=None):
+        seen.append(w.is_contiguous())
+        return small_mm(x, w, res)
+
+    prompts = ragged_prompts(CONFIGS["tiny"].vocab_size, [3, 5])
+    want = palm_fast.generate(model, prompts, 8)
+    monkeypatch.setattr(generation, "_small_mm", spy)
+    got = palm_fast.generate(col, prompts, 8)
+    assert len(seen) > 8 and all(seen)   # every decode GEMM got a row-major weight
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("page_size", [None, 2])
+def test_generate_under_another_default_device(page_size):
+    """torch.set_default_device ("meta" here, standing in for "cuda") does not move
+    generate's own tensors: the fast model's RoPE failed ("rope_cpu: expected 4-dim CPU
+    tensors"), an int-list prompt was made on the default device (and refused as meta), the
+    CPU decode step's rotated-q buffer was made there, and the stop-token cut compared with
+    a stop-id tensor there (the output kept tokens past the stop token, or lost it)."""
+    model = lively(CONFIGS["tiny"], seed=32, cls=palm_fast.nn.PaLM)
+    prompts = [[1, 2, 3], [4, 5]]
+    tok = torch.tensor([[1, 2, 3, 4]])
+    free = palm_fast.generate(model, prompts, 8, page_size=page_size)
+    stops = [int(free[0][4]), int(free[1][3])]   # each row's 2nd new token
+    want = palm_fast.generate(model, prompts, 8, stop_tokens=stops, page_size=page_size)
+    assert 0 < sum(len(a) < len(b) for a, b in zip(want, free))   # the cut happens
+    with torch.no_grad():
+        want_logits = model(tok)
+    torch.set_default_device("meta")
+    try:
+        got = palm_fast.generate(model, prompts, 8, stop_tokens=stops, page_size=page_size)
+        got_free = palm_fast.generate(model, prompts, 8, page_size=page_size)   # (every step)
+        with torch.no_grad():
+            logits = model(tok)
+    finally:
+        torch.set_default_device(None)
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]
+    assert [g.tolist() for g in got_free] == [w.tolist() for w in free]
+    assert logits.device.type == "cpu" and torch.equal(logits, want_logits)

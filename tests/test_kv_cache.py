@@ -278,3 +278,43 @@ def test_append_from_a_copy_of_the_cache_slots():
     src_k, src_v = cache.k[0][:, 1:3].clone(), cache.v[0][:, 1:3].clone()
     cache.append(0, src_k, src_v)
     assert torch.equal(cache.k[0][:, 2:4], src_k) and torch.equal(cache.v[0][:, 2:4], src_v)
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_calls_under_another_default_device(page_size):
+    """The cache's host-side tensors (the page table and lengths it copies to its device,
+    the record it compares them with) are built on the CPU whatever
+    torch.set_default_device says ("meta" here, standing in for "cuda"): they were made on
+    the default device, so reserve / reset / fork / advance failed after the host state
+    had moved, the device table no longer matched it, and every later append raised."""
+    import numpy as np
+
+    def run(default):
+        torch.manual_seed(0)
+        cache = KVCache(2, 3, 16, 8, page_size=page_size)
+        kv = [(randn(3, 4, 8), randn(3, 4, 8)) for _ in range(3)]
+        one = torch.ones(3, dtype=torch.int32)
+        torch.set_default_device(default)
+        try:
+            cache.reserve(5)
+            for layer in range(2):
+                cache.append(layer, *kv[0])
+            cache.advance(np.int64(3))            # (a non-int count: copied from the host)
+            cache.lengths.add_(0)                 # (version moved: compared with the record)
+            cache.append(0, *kv[1], n_new=one)
+            cache.advance(one)
+            if page_size is not None:
+                cache.reset([1, 2])
+                cache.fork(0, [1, 2])
+            cache.reset([0])
+            cache.append(1, *kv[2])
+            cache.advance(2)
+        finally:
+            torch.set_default_device(None)
+        return cache
+
+    want, got = run(None), run("meta")
+    assert_same(snapshot(got), snapshot(want))
+    assert got.lengths.device.type == "cpu" and got.host_lengths() == want.host_lengths()
+    if page_size is not None:
+        assert got.page_table.tolist() == got._host_table

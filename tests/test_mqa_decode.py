@@ -885,3 +885,80 @@ def test_cpp_guards_on_empty_shapes_raise_instead_of_dividing_by_zero():
     with pytest.raises(RuntimeError, match="at least one head and one feature"):
         cpp().prefix_merge_cpu(torch.zeros(2, 4, 0), torch.zeros(2, 4), torch.tensor([0, 1], dtype=i32),
                                torch.zeros(2, 4, 0), torch.zeros(2, 4), torch.float32)
+
+
+class _ExternalCacheStep(torch.nn.Module):
+    def __init__(self, cache):
+        super().__init__()
+        self.cache = cache
+
+    def forward(self, q, k, v):
+        q_rot = ops.rope_append(q, k, v, self.cache, 0)
+        return ops.mqa_decode(q_rot[:, 0].contiguous(), self.cache, 0, self.cache.lengths + 1)
+
+
+class _ExternalCacheDecode(_ExternalCacheStep):
+    def forward(self, q):
+        return ops.mqa_decode(q, self.cache, 0, self.cache.lengths + 1)
+
+
+class _ExternalCacheAppend(_ExternalCacheStep):
+    def forward(self, k, v):
+        self.cache.append(0, k, v)
+        return k + 1
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"),
+                    reason="this torch has no torch.compiler.is_exporting (2.6): not checked")
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_export_over_an_external_cache_raises(page_size, strict):
+    """torch.export of a decode step over a KVCache made outside the exported function
+    captured the cache's k, v and lengths as constants: the exported program (after
+    save / load) wrote into a private copy at a length that never moved, silently wrong
+    from the second step (a paged cache failed later with "page_table: invalid page").
+    (strict=True: Dynamo reports the error inside its own.)"""
+    B, H, hd = 2, 4, 16
+    args = (randn(B, 1, H, hd), randn(B, 1, hd), randn(B, 1, hd))
+    match = "cache: exporting a decode step over a KVCache created outside the exported function"
+    cache = KVCache(1, B, 32, hd, page_size=page_size)
+    before = [cache.k.clone(), cache.lengths.clone()]
+    with torch.no_grad():
+        for mod, a in ((_ExternalCacheStep(cache), args), (_ExternalCacheDecode(cache), (args[0][:, 0],)),
+                       (_ExternalCacheAppend(cache), args[1:])):
+            with pytest.raises(Exception, match=match) as info:
+                torch.export.export(mod, a, strict=strict)
+            if not strict:
+                assert info.type is NotImplementedError
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.lengths, before[1])
+    assert cache.host_lengths() == [0, 0]
+    # eager calls (and torch.compile: test_torch_compile_decode_step) over it still work
+    with torch.no_grad():
+        assert _ExternalCacheStep(cache)(*args).shape == (B, H, hd)
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_export_with_the_cache_made_inside_the_function(page_size, tmp_path):
+    """A cache created inside the exported function is the tracer's own: export works and
+    the saved and loaded program gives the eager result for new inputs."""
+    B, H, hd, T0 = 2, 4, 16, 5
+
+    class Step(torch.nn.Module):
+        def forward(self, k0, v0, q, k, v):
+            cache = KVCache(1, B, 16, hd, page_size=page_size)
+            cache.append(0, k0, v0)
+            cache.advance(T0)
+            q_rot = ops.rope_append(q, k, v, cache, 0)
+            return ops.mqa_decode(q_rot[:, 0].contiguous(), cache, 0, cache.lengths + 1)
+
+    def inputs(seed):
+        torch.manual_seed(seed)
+        return (randn(B, T0, hd), randn(B, T0, hd), randn(B, 1, H, hd), randn(B, 1, hd), randn(B, 1, hd))
+
+    with torch.no_grad():
+        ep = torch.export.export(Step(), inputs(0))
+        torch.export.save(ep, tmp_path / "step.pt2")
+        loaded = torch.export.load(tmp_path / "step.pt2").module()
+        for seed in (1, 2):
+            x = inputs(seed)
+            assert torch.allclose(loaded(*x), Step()(*x), atol=1e-6, rtol=1e-6)

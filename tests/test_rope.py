@@ -619,3 +619,36 @@ def test_constants_read_during_a_cuda_graph_capture_outlive_their_lru_eviction(m
     for base in range(40):
         rope_mod._cached_inv_freq(8, 2000.0 + base, torch.device("cpu"))
     assert free() is None
+
+
+def test_rope_under_another_default_device():
+    """torch.set_default_device (here "meta", standing in for "cuda") does not move the
+    op's own tensors: the default frequencies were computed on the default device (the
+    cache's comment promises the CPU's pow()) and the fast module then failed with
+    "rope_cpu: expected 4-dim CPU tensors"; the in-place overlap check of a head-major
+    view built its interval tensors there; a traced call (make_fx) moved meta frequencies."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    rope_mod = importlib.import_module("palm_fast.ops.rope")
+    rope_mod._cached_inv_freq.cache_clear()
+    B, T, H, D = 1, 5, 2, 8
+    q, k = torch.randn(B, T, H, D), torch.randn(B, T, 1, D)
+    pos = torch.arange(T).expand(B, T)
+    inv = rope_inv_freq(D, 10000.0)
+    want = (apply_rope(q, pos, inv), apply_rope(k, pos, inv))
+    head_major = torch.randn(B, H, T, D)      # q a [B, T, H, D] view of head-major rows
+    module = RotaryEmbedding(D)
+    torch.set_default_device("meta")
+    try:
+        freq = rope_mod._cached_inv_freq(D, 10000.0, torch.device("cpu"))
+        got = rope(q, k)
+        got_mod = module(q, k)
+        q_hm = head_major.clone().transpose(1, 2)
+        got_inplace = rope_(q_hm, k.clone())
+        traced = make_fx(lambda a, b: rope(a, b))(q, k)
+    finally:
+        torch.set_default_device(None)
+    assert freq.device.type == "cpu" and torch.equal(freq, inv)
+    for g in (got, got_mod, traced(q, k)):
+        assert torch.allclose(g[0], want[0], atol=1e-6) and torch.allclose(g[1], want[1], atol=1e-6)
+    assert torch.allclose(got_inplace[0], apply_rope(head_major.transpose(1, 2), pos, inv), atol=1e-6)

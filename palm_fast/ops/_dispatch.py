@@ -85,6 +85,15 @@ def compiling() -> bool:
     return _DISPATCH_STACK_LEN is not None and _DISPATCH_STACK_LEN() > 0
 
 
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)
+
+
+def exporting() -> bool:
+    """True while torch.export traces (False under a torch without torch.compiler.is_exporting,
+    such as 2.6)."""
+    return _IS_EXPORTING is not None and bool(_IS_EXPORTING())
+
+
 def _device_type(args) -> str:
     for a in args:
         if isinstance(a, torch.Tensor):

@@ -251,8 +251,8 @@ def in_proj_epilogue_aten(xn, w_in, inv_freq, pos, n_heads, n_kv_heads, head_dim
     hq, hkv, nqkv, _ = _sizes(n_heads, n_kv_heads, head_dim, d_ff)
     M = xn.shape[0]
     proj = _linear(xn, w_in)
-    q = torch.empty(M, hq, dtype=xn.dtype)
-    k = torch.empty(M, hkv, dtype=xn.dtype)
+    q = torch.empty(M, hq, dtype=xn.dtype, device=xn.device)
+    k = torch.empty(M, hkv, dtype=xn.dtype, device=xn.device)
     cpp().rope_cpu(proj[:, :hq].view(1, M, n_heads, head_dim),
                    proj[:, hq:hq + hkv].view(1, M, n_kv_heads, head_dim),
                    q.view(1, M, n_heads, head_dim), k.view(1, M, n_kv_heads, head_dim),

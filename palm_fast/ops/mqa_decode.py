@@ -149,6 +149,7 @@ def _can_read_device(device: torch.device | None = None) -> bool:
 def _check_cache(cache) -> None:
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache: expected a palm_fast.kv_cache.KVCache, got {type(cache).__name__}")
+    cache.check_not_exported()
 
 
 @cached_constant(maxsize=8)
@@ -215,7 +216,7 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCach
         if not tracing and _can_read_device() and positions.numel() and int(positions.min()) < 0:
             raise ValueError(f"positions: expected values >= 0, got {int(positions.min())}")
     base = check_float("base", base, positive=True)
-    inv_freq = (rope_inv_freq(rdim, base).to(q.device) if tracing
+    inv_freq = (rope_inv_freq(rdim, base, device="cpu").to(q.device) if tracing
                 else _cached_inv_freq(rdim, base, q.device))
     n_dev, _ = cache.prepare_write(layer, k, v, n_new)  # last: it may allocate pages
     args = (q, k, v, cache.k, cache.v, cache.page_table, cache.lengths, n_dev, positions, inv_freq,

@@ -48,7 +48,8 @@ def _cached_zero_offsets(device: torch.device, B: int) -> torch.Tensor:
 @cached_constant(maxsize=32)
 def _cached_inv_freq(rotary_dim: int, base: float, device: torch.device) -> torch.Tensor:
     """Eager mode: the default frequencies, built once per (rotary dim, base, device)."""
-    return rope_inv_freq(rotary_dim, base).to(device)
+    # (device="cpu" explicitly: the CPU's pow(), whatever torch.set_default_device says)
+    return rope_inv_freq(rotary_dim, base, device="cpu").to(device)
 
 
 def _launch(q, k, q_out, k_out, inv_freq, pos, pos_is_offset, interleaved, inverse):
@@ -152,7 +153,7 @@ def _prepare(q, k, positions, offsets, inv_freq, base, rotary_dim):
         # Computed on the CPU and moved: pow() on another device can differ in the last
         # bit, which large positions amplify; this keeps every backend (and the
         # reference module, whose buffer is built on the CPU) on the same frequencies.
-        inv_freq = (rope_inv_freq(rdim, base).to(q.device) if compiling()
+        inv_freq = (rope_inv_freq(rdim, base, device="cpu").to(q.device) if compiling()
                     else _cached_inv_freq(rdim, float(base), q.device))
     else:
         check_tensor("inv_freq", inv_freq, dtypes=(torch.float32,), ndim=1)
@@ -305,8 +306,8 @@ def _self_overlap(t: torch.Tensor) -> bool:
     # intervals a, b: a.lo - b.hi < m * s < a.hi - b.lo. Per pair the smallest candidate m
     # decides; all pairs at once (a head-major [B=1, H, T, D] view: H intervals, T rows).
     rows = t.shape[0] * t.shape[1]
-    lo = torch.tensor([a for a, _ in iv], dtype=torch.int64)
-    hi = torch.tensor([b for _, b in iv], dtype=torch.int64)
+    lo = torch.tensor([a for a, _ in iv], dtype=torch.int64, device="cpu")
+    hi = torch.tensor([b for _, b in iv], dtype=torch.int64, device="cpu")
     m = torch.div(lo[:, None] - hi[None, :], s, rounding_mode="floor").clamp(min=0) + 1
     return bool(((m < rows) & (m * s < hi[:, None] - lo[None, :])).any())
 
