@@ -719,3 +719,27 @@ def test_lora_without_a_weight_on_in_proj_runs_the_composed_block(kind):
         with pytest.raises(TypeError, match="float64"):
             fast(x.double())
 
+
+def test_block_output_is_not_a_view():
+    """The fused block returned a view of the output projection's [B T, d] result. An
+    in-place op on it (``y *= 0.5``) then made FSDP2 drop the block's pre-backward hook, so
+    its sharded weights were not gathered again for the backward (which failed; FSDP2 also
+    warned about the view). The reference block returns ``x + ...``, not a view; so does the
+    fast one now, and the in-place op keeps the reference gradients."""
+    torch.manual_seed(0)
+    ref = RefBlock(dim=32, n_heads=4, head_dim=8, d_ff=64)
+    fast = ParallelBlock.from_reference(ref)
+    x = randn(2, 5, 32)
+    grads = []
+    for blk in (ref, fast):
+        xi = x.clone().requires_grad_()
+        y = blk(xi)
+        assert not y._is_view()
+        y *= 0.5
+        y.square().sum().backward()
+        grads.append([xi.grad] + [p.grad.clone() for p in blk.parameters()])
+        blk.zero_grad()
+        with torch.no_grad():
+            assert not blk(x)._is_view()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

@@ -142,8 +142,9 @@ def _check_route(calls, T, H, D, want):
 
 
 def test_causal_mqa_attention_routes_by_size(monkeypatch, kernel_calls):
-    """causal_mqa_attention runs the C++ kernel on CPU while T * hd <= CPU_MQA_MAX_KV (SDPA
-    above): both give the reference result, and the C++ kernel runs exactly when expected."""
+    """causal_mqa_attention runs the C++ kernel on CPU while T * hd <= CPU_MQA_MAX_KV (ATen's
+    CPU flash attention above, chosen inside the op): both give the reference result, and
+    the C++ kernel runs exactly when expected."""
     assert 128 * 64 <= ob.CPU_MQA_MAX_KV     # the palm-small training shape takes the kernel
     monkeypatch.setattr(ob, "CPU_MQA_MAX_KV", 12 * 24)
     for D, want in ((24, 1), (32, 0)):
@@ -169,14 +170,46 @@ def test_no_query_heads_gives_zero_kv_gradients():
     assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
 
 
-def test_many_heads_tiny_head_dim_routes_to_sdpa(monkeypatch, kernel_calls):
+def test_many_heads_tiny_head_dim_routes_to_aten_flash(monkeypatch, kernel_calls):
     """The C++ backward holds a token block x H x T floats of scores per thread: with many
     heads and a tiny head dim inside CPU_MQA_MAX_KV (head dim 1, 64 heads, T = 49152) that
-    was 19 GB per buffer. Such shapes now take SDPA (the bound lowered here to keep the
-    case small); PaLM-like shapes keep the kernel."""
+    was 19 GB per buffer. Such shapes now take ATen's flash attention (the bound lowered
+    here to keep the case small); PaLM-like shapes keep the kernel."""
     assert ob._cpu_mqa_scratch(49152, 64) > ob.CPU_MQA_MAX_SCRATCH
     for T, H in ((384, 48), (768, 16), (128, 8)):   # head dims 128, 64, 256 at their T bound
         assert ob._cpu_mqa_scratch(T, H) <= ob.CPU_MQA_MAX_SCRATCH // 8
     monkeypatch.setattr(ob, "CPU_MQA_MAX_SCRATCH", ob._cpu_mqa_scratch(64, 8))
     for T, want in ((64, 1), (128, 0)):
         _check_route(kernel_calls, T, 8, 2, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_op_above_the_kernel_bound(monkeypatch, kernel_calls, dtype):
+    """palm_fast::mqa_attention past the C++ kernel's bound (lowered here) runs ATen's flash
+    attention inside the op, forward and backward, through the custom op (torch.compile /
+    export) and the eager Function alike: the same bits from both, the reference result, the
+    same lse as the C++ kernel's (natural log-sum-exp of the scaled scores, [B, T, H] fp32)
+    and no C++ call."""
+    B, T, H, D = 2, 23, 3, 16
+    s = D ** -0.5
+    q, k, v = randn(B, T, H, D, dtype=dtype), randn(B, T, D, dtype=dtype), randn(B, T, D, dtype=dtype)
+    g = randn(B, T, H, D, dtype=dtype)
+    lse_c = ob.mqa_attention_op(q, k, v, s)[1]
+    monkeypatch.setattr(ob, "CPU_MQA_MAX_KV", T * D - 1)
+    kernel_calls.clear()
+    a = _fwd_bwd(lambda q, k, v: ob.mqa_attention_op(q, k, v, s)[0], q, k, v, g)
+    b = _fwd_bwd(lambda q, k, v: ob._MQAEager.apply(q, k, v, s)[0], q, k, v, g)
+    assert kernel_calls == []
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    o_f, lse_f = ob.mqa_attention_op(q, k, v, s)
+    assert lse_f.shape == (B, T, H) and lse_f.dtype == torch.float32 and o_f.is_contiguous()
+    torch.testing.assert_close(lse_f, lse_c, rtol=1e-4, atol=1e-4)
+
+    def ref(q, k, v):
+        return _ref(q, k[:, :, None], v[:, :, None])
+
+    r = _fwd_bwd(ref, q.double(), k.double(), v.double(), g.double())
+    e = _fwd_bwd(ref, q, k, v, g)
+    for name, x, rr, ee in zip(("o", "dq", "dk", "dv"), a, r, e):
+        assert_close_by_rule(x, rr.to(dtype), ee, name=name)

@@ -201,3 +201,42 @@ def test_rope_inplace_under_make_fx_and_flop_counter():
     with FlopCounterMode(display=False):
         ops.rope_(q, k)
     assert torch.equal(q, eq) and torch.equal(k, ek)
+
+
+def test_export_with_a_dynamic_length_takes_every_length_up_to_max_seq_len():
+    """The CPU attention picked its kernel (C++ up to T * hd <= CPU_MQA_MAX_KV, else ATen's
+    flash attention) in Python, before calling the op: under torch.export with a dynamic T
+    that test became a guard, and a model with head dim 128 exported only for T <= 384
+    (Dim("T", max=1024) was refused; Dim.AUTO accepted and then failed at T = 500). The op
+    now picks its kernel itself."""
+    from torch.export import Dim
+
+    from palm_fast.ops import block as ob
+
+    cfg = palm_fast.PaLMConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, head_dim=128, d_ff=64,
+                               max_seq_len=1024)
+    torch.manual_seed(0)
+    m = PaLM(cfg).eval()
+    assert 500 * 128 > ob.CPU_MQA_MAX_KV >= 16 * 128   # both kernels are exercised below
+    with torch.no_grad():
+        ep = torch.export.export(m, (torch.randint(0, 64, (1, 16)),),
+                                 dynamic_shapes={"tokens": {1: Dim("T", min=2, max=1024)}})
+        for T in (16, 500):
+            tok = torch.randint(0, 64, (1, T))
+            assert torch.equal(ep.module()(tok), m(tok)), T
+
+
+def test_a_program_exported_under_no_grad_can_be_differentiated():
+    """Exported under no_grad, the fast block's input projection did not keep the SwiGLU
+    pre-activation (a constant in the program), and the program's backward raised, where
+    the reference model's works."""
+    cfg, ref, models = _models()
+    tok = torch.randint(0, cfg.vocab_size, (2, 8))
+    for name, m in models.items():
+        with torch.no_grad():
+            gm = torch.export.export(m, (tok,)).module()
+        gm(tok).square().mean().backward()
+        m.zero_grad()
+        m(tok).square().mean().backward()
+        for (n, p), q in zip(m.named_parameters(), gm.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=f"{name} {n}")

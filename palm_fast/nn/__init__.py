@@ -19,8 +19,10 @@ def refresh_caches(model) -> None:
     is zero" flag); they are rebuilt on the next forward.
 
     Call it after writing weights through ``.data`` (``p.data.copy_(...)``, as some EMA
-    utilities do) or through another tensor on their memory (``p.detach().numpy()``, DLPack):
-    such writes bypass the version counter the caches are keyed on. (A weight that is a slice
+    utilities do), through another tensor on their memory (``p.detach().numpy()``, DLPack),
+    or by a ``torch.distributed`` collective or receive (``dist.broadcast(p, src=0)`` after a
+    forward, ``all_reduce``, ``recv``): such writes bypass the version counter the caches are
+    keyed on. (A weight that is a slice
     of a larger buffer, as ``vector_to_parameters`` leaves it, is never cached.) Writes
     under ``torch.no_grad()`` (``p.copy_(...)``), optimizer steps, ``load_state_dict`` and
     ``.to()`` are seen without it."""

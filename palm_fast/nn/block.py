@@ -9,8 +9,10 @@ after every ``torch.optim`` optimizer step (a fused step, ``AdamW(fused=True)``,
 place without bumping the counter: a global step hook counts steps), or when dtype, device
 or the rotary frequencies or layout change. A weight that is a slice of a larger buffer
 (``vector_to_parameters``) is re-laid out on every call. A write through ``.data``, or through
-another tensor on the weight's memory (numpy, DLPack), bypasses the version counter, and so may
-an optimizer outside ``torch.optim``: call ``palm_fast.nn.refresh_caches(model)`` after one.
+another tensor on the weight's memory (numpy, DLPack), bypasses the version counter, as do
+``torch.distributed`` collectives and receives into a weight (``dist.broadcast``,
+``all_reduce``, ``recv``), and so may an optimizer outside ``torch.optim``: call
+``palm_fast.nn.refresh_caches(model)`` after one.
 The cached copy costs the weight's memory again; ``palm_fast.nn.set_weight_cache(model,
 False)`` re-lays it out per call instead, and pickles / deep copies leave it behind.
 """

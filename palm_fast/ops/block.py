@@ -69,6 +69,7 @@ from ._dispatch import (
     eager_ctx,
     eager_function,
     eager_op,
+    exporting,
     needs_grad,
     run_without_autocast,
 )
@@ -411,7 +412,7 @@ def _zeros_if_none(g, like):
 def _in_backward(ctx, dq, dk, dv, dh, _dff, _dxn, _dmean, _drstd):
     if not ctx.keep_ff:
         raise RuntimeError("fused_input_projection: backward needs the SwiGLU pre-activation, "
-                           "which was not kept (the forward ran with keep_ff=False)")
+                           "which the forward did not keep (it ran without grad: keep_ff=False)")
     x, ln_weight, w_in, xn, mean, rstd, ff, inv_freq, pos = ctx.saved_tensors
     n_heads, n_kv_heads, head_dim, d_ff, interleaved = ctx.dims
     M = x.shape[0]
@@ -501,10 +502,11 @@ def _input_projection(x, ln_weight, w_in, inv_freq, positions, n_heads, n_kv_hea
     else:
         e = x.new_empty((0,))
         extra = (e, e, e, e, e)
-    # Whether to keep the SwiGLU pre-activation for a backward. A jit.trace records it as a
-    # constant, and the trace may run with or without grad (its own check re-traces under
-    # no_grad): kept there always.
-    keep_ff = needs_grad(x, ln_weight, w_in) or torch.jit.is_tracing()
+    # Whether to keep the SwiGLU pre-activation for a backward. A jit.trace or torch.export
+    # records it as a constant, and the program may run with or without grad (jit.trace's
+    # own check re-traces under no_grad; a program exported under no_grad may be
+    # differentiated, as the reference's can): kept there always.
+    keep_ff = needs_grad(x, ln_weight, w_in) or torch.jit.is_tracing() or exporting()
     x2 = x.reshape(M, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -528,7 +530,8 @@ def causal_mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``o[b, i, h] = softmax_{j <= i}(q[b, i, h] . k[b, j] * scale) @ v[b, :]``. Runs
     ``scaled_dot_product_attention`` (flash backend on GPU) with the k/v head broadcast to
     the query heads as a stride-0 view (never copied per head); autograd through SDPA.
-    On CPU with one k/v head: the C++ kernel ``palm_fast::mqa_attention`` (with autograd).
+    On CPU with one k/v head: the op ``palm_fast::mqa_attention`` (with autograd), which runs
+    the C++ kernel while the shape fits it and ATen's CPU flash attention past that.
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=(3, 4))
@@ -557,10 +560,36 @@ def causal_mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _mqa_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal MQA attention of contiguous q ``[B, T, H, D]``, k, v ``[B, T, D]`` on CPU (C++):
-    returns (o ``[B, T, H, D]``, lse ``[B, T, H]`` fp32)."""
+    """Causal MQA attention of contiguous q ``[B, T, H, D]``, k, v ``[B, T, D]`` on CPU: returns
+    (o ``[B, T, H, D]``, lse ``[B, T, H]`` fp32, the natural log-sum-exp of the scaled scores).
+    The C++ kernel while the shape fits it (_cpu_mqa_fits), else ATen's CPU flash attention.
+    The choice is made here, on the concrete shape, rather than by the caller: a caller's size
+    test becomes a shape guard under torch.export / torch.compile with a dynamic T (an
+    exported palm-1b accepted T <= 384 only)."""
     check_float_dtypes("q, k, v", q, k, v)   # (the raw op's check: the C++ kernel computes fp64 in fp32)
-    return tuple(cpp().mqa_attn_fwd(q, k, v, scale))
+    B, T, H, D = q.shape
+    if _cpu_mqa_fits(T, H, D):
+        return tuple(cpp().mqa_attn_fwd(q, k, v, scale))
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), _heads_view(k, H), _heads_view(v, H), 0.0, True, scale=scale)
+    return o.transpose(1, 2).contiguous(), lse.transpose(1, 2).contiguous()
+
+
+def _heads_view(k: torch.Tensor, H: int) -> torch.Tensor:
+    """k ``[B, T, D]`` as ``[B, H, T, D]``: a stride-0 view over the heads (no copy)."""
+    B, T, D = k.shape
+    return k.unsqueeze(1).expand(B, H, T, D)
+
+
+def _mqa_attention_bwd_cpu(grad_out, q, k, v, o, lse, scale):
+    """(dq, dk, dv) of _mqa_attention_cpu, by the kernel that made (o, lse)."""
+    B, T, H, D = q.shape
+    if _cpu_mqa_fits(T, H, D):
+        return tuple(cpp().mqa_attn_bwd(grad_out, q, k, v, o, lse, scale))
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out.transpose(1, 2), q.transpose(1, 2), _heads_view(k, H), _heads_view(v, H),
+        o.transpose(1, 2), lse.transpose(1, 2).contiguous(), 0.0, True, scale=scale)
+    return dq.transpose(1, 2).contiguous(), dk.sum(1), dv.sum(1)
 
 
 mqa_attention_op = torch.library.custom_op("palm_fast::mqa_attention", mutates_args=())(_mqa_attention_cpu)
@@ -576,7 +605,7 @@ def mqa_attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                          o: torch.Tensor, lse: torch.Tensor, scale: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_float_dtypes("q, k, v, grad_out, o", q, k, v, grad_out, o)
-    return tuple(cpp().mqa_attn_bwd(grad_out, q, k, v, o, lse, scale))
+    return _mqa_attention_bwd_cpu(grad_out, q, k, v, o, lse, scale)
 
 
 @mqa_attention_bwd_op.register_fake
@@ -598,7 +627,7 @@ def _attn_backward(ctx, do, _dlse):
         return None, None, None, None
     do = do.contiguous()
     if eager_ctx(ctx):
-        dq, dk, dv = cpp().mqa_attn_bwd(do, q, k, v, o, lse, ctx.scale)
+        dq, dk, dv = _mqa_attention_bwd_cpu(do, q, k, v, o, lse, ctx.scale)
     else:
         dq, dk, dv = mqa_attention_bwd_op(do, q, k, v, o, lse, ctx.scale)
     return dq, dk, dv, None
@@ -630,6 +659,12 @@ def _cpu_mqa_scratch(T: int, H: int) -> int:
     return tb * H * ((T + 15) // 16 * 16)
 
 
+def _cpu_mqa_fits(T: int, H: int, D: int) -> bool:
+    """Whether palm_fast::mqa_attention runs the C++ kernel at this shape (else ATen's CPU
+    flash attention): concrete sizes, inside the op."""
+    return T * D <= CPU_MQA_MAX_KV and _cpu_mqa_scratch(T, H) <= CPU_MQA_MAX_SCRATCH
+
+
 def _cpu_mqa(q, k, v, scale):
     """The C++ causal MQA attention (CPU, one shared k/v head, queries at keys 0..T-1):
     the H heads of a token share the keys they read (see csrc/mqa_attention.cpp)."""
@@ -654,9 +689,8 @@ def _sdpa(q, k, v, scale, q_offset: int):
 def _sdpa_body(q, k, v, scale, q_offset):
     B, T, H, D = q.shape
     S, Hk = k.shape[1], k.shape[2]
-    if (q.device.type == "cpu" and Hk == 1 and q_offset == 0 and T == S and T > 0
-            and T * D <= CPU_MQA_MAX_KV and _cpu_mqa_scratch(T, H) <= CPU_MQA_MAX_SCRATCH):
-        return _cpu_mqa(q, k, v, scale)
+    if q.device.type == "cpu" and Hk == 1 and q_offset == 0 and T == S and T > 0:
+        return _cpu_mqa(q, k, v, scale)   # (the op picks its kernel by size)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if Hk != H:
         # Each kv head broadcast to its H / Hk query heads as a stride-0 view (no copy), so
@@ -813,7 +847,10 @@ def _output_projection(o, h, x, w_attn_out, w_ff_out):
         op = block_out_proj
     else:
         op = eager_op(_OutProjEager, _OUT_IMPLS, x.device.type, needs_grad(o, h, x, w_attn_out, w_ff_out))
-    return op(*args).view(B, T, d)
+    # Not a view (as the reference block's ``x + ...`` is not): an in-place op on a view
+    # output (``y *= 0.5``) dropped FSDP2's pre-backward hook of the block that returned it,
+    # so its weights were not gathered again for the backward (which then failed).
+    return torch.ops.aten._unsafe_view(op(*args), (B, T, d))
 
 
 # =========================================================================== the block
