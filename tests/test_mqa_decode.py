@@ -956,7 +956,7 @@ def test_export_with_the_cache_made_inside_the_function(page_size, tmp_path):
         return (randn(B, T0, hd), randn(B, T0, hd), randn(B, 1, H, hd), randn(B, 1, hd), randn(B, 1, hd))
 
     with torch.no_grad():
-        ep = torch.export.export(Step(), inputs(0))
+        ep = torch.export.export(Step(), inputs(0), strict=False)   # (strict: Dynamo refuses KVCache())
         torch.export.save(ep, tmp_path / "step.pt2")
         loaded = torch.export.load(tmp_path / "step.pt2").module()
         for seed in (1, 2):
