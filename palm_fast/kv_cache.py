@@ -200,8 +200,9 @@ class KVCache:
         self._host_lengths = [0] * batch
         self._checked_values = None   # ops.mqa_decode: the last seq_lens / page table it validated
         # Made while torch.compile / export traces (its tensors are the tracer's): see
-        # check_not_exported
+        # check_not_exported; allow_export: the user's opt-in there
         self._made_traced = _tracing_or_fake()
+        self.allow_export = False
         if page_size is None:
             if num_pages is not None:
                 raise ValueError(f"num_pages: only meaningful with page_size, got num_pages={num_pages} "
@@ -280,12 +281,19 @@ class KVCache:
         page table as constants, so the exported program wrote into a private copy at
         positions that never moved (wrong results after save / load, no error). A cache made
         inside the function, and torch.compile over any cache, are supported. (Not checked
-        under a torch without torch.compiler.is_exporting, such as 2.6.)"""
-        if exporting() and not getattr(self, "_made_traced", False):
+        under a torch without torch.compiler.is_exporting, such as 2.6.)
+
+        ``cache.allow_export = True`` skips the check, for the "static cache" export pattern:
+        a contiguous cache whose ``k``, ``v`` and ``lengths`` the exported module registers
+        as its buffers, exported with ``strict=True`` (its buffers are then the program's
+        state, updated in place; the host-side state, page tables included, is not)."""
+        if exporting() and not (getattr(self, "_made_traced", False) or getattr(self, "allow_export", False)):
             raise NotImplementedError(
                 "cache: exporting a decode step over a KVCache created outside the exported "
                 "function is not supported: torch.export captures its tensors as constants "
-                "(create the cache inside the function, or use torch.compile)")
+                "(create the cache inside the function, or use torch.compile; for a contiguous "
+                "cache registered as the module's buffers under strict export, see "
+                "KVCache.allow_export)")
 
     def check_layer(self, layer) -> int:
         layer = check_int("layer", layer)

@@ -533,6 +533,11 @@ def _hand_back_hooks(orig: nn.Module, new: nn.Module, where: str) -> None:
         else:   # (hooks put on the original itself while it was out of the model)
             for k, hook in src.items():
                 dst.setdefault(k, hook)
+            warnings.warn(f"unpatch: {where} had hooks ({name}) registered both on it after patch "
+                          f"and on the original {type(orig).__qualname__} meanwhile: the original "
+                          "runs both, but the handles returned for the ones registered on the "
+                          "patched module no longer remove them (and prepend order across the "
+                          "two is not kept)", PatchWarning, stacklevel=2)
     if any(getattr(new, n) for n in _STATE_DICT_HOOKS):
         warnings.warn(f"unpatch: {where} has state_dict hooks registered after patch; the original "
                       f"{type(orig).__qualname__} does not get them: they are dropped",

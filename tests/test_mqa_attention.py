@@ -213,3 +213,15 @@ def test_op_above_the_kernel_bound(monkeypatch, kernel_calls, dtype):
     e = _fwd_bwd(ref, q, k, v, g)
     for name, x, rr, ee in zip(("o", "dq", "dk", "dv"), a, r, e):
         assert_close_by_rule(x, rr.to(dtype), ee, name=name)
+
+
+def test_no_query_heads_past_the_kernel_bound():
+    """H = 0 with T * hd past the C++ kernel's bound: ATen's flash kernel divides by zero
+    there (the process died of SIGFPE); empty inputs stay on the C++ kernel."""
+    q = randn(1, 1000, 0, 64).requires_grad_()
+    k, v = randn(1, 1000, 64).requires_grad_(), randn(1, 1000, 64).requires_grad_()
+    assert 1000 * 64 > ob.CPU_MQA_MAX_KV
+    o = causal_mqa_attention(q, k, v)
+    assert o.shape == (1, 1000, 0, 64)
+    o.sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))

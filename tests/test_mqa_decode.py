@@ -962,3 +962,48 @@ def test_export_with_the_cache_made_inside_the_function(page_size, tmp_path):
         for seed in (1, 2):
             x = inputs(seed)
             assert torch.allclose(loaded(*x), Step()(*x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"),
+                    reason="this torch has no torch.compiler.is_exporting (2.6): not checked")
+def test_export_of_a_cache_registered_as_buffers_with_allow_export():
+    """The "static cache" pattern: a contiguous cache made outside, its k, v and lengths the
+    module's buffers, strict export. It worked before the external-cache check, which now
+    refuses it unless ``cache.allow_export`` is set; with it the exported program (also
+    saved and loaded) follows eager step by step."""
+    import io
+
+    B, H, hd, S = 2, 4, 16, 8
+
+    class Step(torch.nn.Module):
+        def __init__(self, cache):
+            super().__init__()
+            self.cache = cache
+            self.register_buffer("k_cache", cache.k)
+            self.register_buffer("v_cache", cache.v)
+            self.register_buffer("lengths", cache.lengths)
+
+        def forward(self, q, k, v):
+            q_rot = ops.rope_append(q, k, v, self.cache, 0)
+            o = ops.mqa_decode(q_rot[:, 0].contiguous(), self.cache, 0, self.cache.lengths + 1)
+            self.cache.advance(1)
+            return o
+
+    def inputs(seed):
+        torch.manual_seed(seed)
+        return randn(B, 1, H, hd), randn(B, 1, hd), randn(B, 1, hd)
+
+    with torch.no_grad():
+        with pytest.raises(Exception, match="KVCache.allow_export"):
+            torch.export.export(Step(KVCache(1, B, S, hd)), inputs(0), strict=True)
+        cache = KVCache(1, B, S, hd)
+        cache.allow_export = True
+        ep = torch.export.export(Step(cache), inputs(0), strict=True)
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+        buf.seek(0)
+        prog = torch.export.load(buf).module()
+        eager = Step(KVCache(1, B, S, hd))
+        for seed in range(1, 5):
+            x = inputs(seed)
+            torch.testing.assert_close(prog(*x), eager(*x), rtol=1e-6, atol=1e-6)

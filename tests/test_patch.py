@@ -2106,3 +2106,21 @@ def test_patching_again_warns_only_when_something_was_replaced_before():
     quiet_patch(m)
     with pytest.warns(patching.PatchWarning, match="patched before"):
         palm_fast.patch(m)
+
+
+def test_unpatch_warns_when_hooks_on_both_the_patched_module_and_its_original_merge():
+    """A hook on the original registered while it was out of the model and one on the fast
+    module: the original runs both after unpatch, but the fast module's handle can no longer
+    remove its hook (it holds the fast module's dict): unpatch says so."""
+    m = ref_model()
+    orig = m.blocks[0]
+    quiet_patch(m)
+    calls = []
+    orig.register_forward_hook(lambda *a: calls.append("orig"))
+    handle = m.blocks[0].register_forward_hook(lambda *a: calls.append("fast"))
+    with pytest.warns(patching.PatchWarning, match="no longer remove them"):
+        palm_fast.unpatch(m)
+    handle.remove()
+    with torch.no_grad():
+        m(tokens(T=5))
+    assert calls == ["orig", "fast"]   # (as the warning says)
