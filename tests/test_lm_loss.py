@@ -451,3 +451,29 @@ def test_a_link_whose_lookup_read_another_weight_is_not_used():
     h = torch.tanh(embed_tokens(w_in, tok, link)).flatten(0, 1)
     tied_lm_loss(h, w_in, tgt, link=link)[0].backward()
     torch.testing.assert_close(w_in.grad, want, rtol=1e-6, atol=1e-7)
+
+
+def test_torch_func_and_forward_ad_raise_palm_fasts_error():
+    """torch.func transforms and forward-mode AD through the loss (and the tied lookup of
+    model.loss) gave autograd's own errors ("must override the setup_context staticmethod",
+    "You must implement the jvp function"); now palm_fast's, which names the way out. A
+    batched backward (is_grads_batched, which vmaps the backward only) still works."""
+    import torch.autograd.forward_ad as fwad
+
+    import palm_fast
+    from palm_fast.nn import PaLM
+
+    h, w, t = torch.randn(6, 8), torch.randn(11, 8), torch.randint(0, 11, (6,))
+    with pytest.raises(RuntimeError, match="palm_fast's ops do not support torch.func"):
+        torch.func.grad(lambda x: tied_lm_loss(x, w, t)[0])(h)
+    with pytest.raises(RuntimeError, match="palm_fast's ops do not support forward-mode AD"):
+        with fwad.dual_level():
+            tied_lm_loss(fwad.make_dual(h, torch.ones_like(h)), w, t)
+    model, tok = PaLM(palm_fast.get_config("palm-tiny")), torch.randint(0, 256, (1, 9))
+    with pytest.raises(RuntimeError, match="palm_fast's ops do not support torch.func"):
+        torch.func.grad(lambda p: model.loss(tok)[0] * p)(torch.tensor(1.0))
+    hg = h.clone().requires_grad_()
+    loss = tied_lm_loss(hg, w, t, z_coef=1e-3)[0]
+    (g,) = torch.autograd.grad(loss, hg, torch.tensor([1.0, 2.0]), is_grads_batched=True)
+    (g1,) = torch.autograd.grad(tied_lm_loss(hg, w, t, z_coef=1e-3)[0], hg)
+    torch.testing.assert_close(g[1], 2 * g1)

@@ -3,7 +3,7 @@
 Math (reference: ``palm_fast.reference.PaLM.loss``), h ``[M, d]`` the final LayerNorm
 output, W ``[V, d]`` the tied embedding, targets ``t [M]``, s the logit scale::
 
-    L    = s h W^T                          (fp32 logits [M, V]; one GEMM)
+    L    = s h W^T                          (logits [M, V], one GEMM; see below)
     lse  = logsumexp_j L[:, j]
     ce   = mean_i (lse_i - L[i, t_i])
     z    = z_coef * mean_i lse_i^2
@@ -24,6 +24,11 @@ Backward, with upstream scalars g (total), g_ce, g_z::
     dW  = s (P^T (c * h) - a scatter_t(h))             (GEMM [V, M] x [M, d], then index_add)
 
 so no ``[M, V]`` gradient tensor is written at all.
+
+The logits are fp32 from an fp32 GEMM where half-precision inputs go through fp32 (the CPU
+without native half GEMMs); where the GEMM runs in h's half precision (CUDA, CPUs with native
+bf16 / fp16 GEMMs) they are rounded to that dtype first, as the reference's are (an fp16
+logit past 65504 is inf there, and the loss NaN, in both).
 
 CPU (fp32 GEMMs, not while torch.compile traces): the logits are made transposed,
 ``L^T = W (s h)^T`` ``[V, M]`` (this layout measured 3% faster than a row-wise one), and one
@@ -58,7 +63,7 @@ import torch
 
 from .._ext import cpp
 from ._checks import FLOAT_DTYPES, check_float, check_same_device, check_tensor
-from ._dispatch import autocast_off, compiling, cuda_capturing, once_differentiable
+from ._dispatch import autocast_off, check_traced, compiling, cuda_capturing, once_differentiable
 from .block import _linear, _upcast_gemm
 
 __all__ = ["GradLink", "embed_tokens", "tied_lm_loss"]
@@ -141,6 +146,7 @@ def embed_tokens(weight: torch.Tensor, tokens: torch.Tensor, link: GradLink | No
         raise TypeError(f"link: expected None or a GradLink, got {type(link).__name__}")
     if link is None or not torch.is_grad_enabled() or not weight.requires_grad or compiling():
         return torch.nn.functional.embedding(tokens, weight)   # (traced: the link is ignored)
+    check_traced(weight)   # (torch.func / forward AD: palm_fast's error, not autograd's)
     out = _TiedEmbed.apply(weight, tokens, link)
     link.node = weakref.ref(out.grad_fn)   # (weak: no cycle through the graph)
     link.weight = weakref.ref(weight)
@@ -280,7 +286,8 @@ def _cpu_transposed(h: torch.Tensor, gemm_dtype: torch.dtype) -> bool:
 
 def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                  scale: float = 1.0, z_coef: float = 0.0, link: GradLink | None = None):
-    """``(total, ce, z)`` of the tied-embedding head: ``logits = scale * h @ weight^T`` (fp32),
+    """``(total, ce, z)`` of the tied-embedding head: ``logits = scale * h @ weight^T`` (fp32;
+    rounded to h's dtype first where the GEMM runs in half precision, see module doc),
     ``ce = mean cross_entropy(logits, targets)``, ``z = z_coef * mean(logsumexp(logits)^2)``,
     ``total = ce + z``, without materialising any ``[M, V]`` gradient (see module doc).
 
@@ -325,4 +332,5 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
         # this head's gradient over would add it to the lookup's weight and leave this one's
         # None. Not used: autograd sums the two gradients as for any other graph.
         link = None
+    check_traced(h, weight)   # (torch.func / forward AD: palm_fast's error, not autograd's)
     return _TiedLMLoss.apply(h, weight, targets, float(scale), float(z_coef), link)
