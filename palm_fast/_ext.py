@@ -11,13 +11,21 @@ def cpp():
     try:
         from palm_fast import _C
     except ImportError as e:  # pragma: no cover - depends on the build
-        if "undefined symbol" not in str(e) and "shared object" not in str(e):
+        cause = e.__cause__ or e.__context__
+        while cause is not None:   # a Ctrl-C during the first import comes back wrapped by
+            if not isinstance(cause, Exception):   # pybind11 ("initialization failed")
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(e, ModuleNotFoundError) or "No module named" in str(e):
             why = "are not built"
-        else:   # the file is there but does not load: typically built against another torch
+        elif "undefined symbol" in str(e) or "shared object" in str(e):
+            # the file is there but does not load: typically built against another torch
             import torch
 
             why = (f"do not load (built against another torch than this {torch.__version__}? "
                    f"rebuild them)")
+        else:
+            why = "do not load"
         raise ImportError(
             f"palm_fast's C++ CPU kernels (palm_fast._C) {why}. Build them with "
             "`pip install --no-build-isolation -e .` from the repository root (needs gcc "

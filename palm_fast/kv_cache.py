@@ -352,26 +352,45 @@ class KVCache:
 
     # ------------------------------------------------------------------ page allocation
     def _ensure_pages(self, ends: list[int]) -> None:
-        """Give each sequence pages for tokens ``[0, ends[b])`` (room already checked)."""
-        changed = False
+        """Give each sequence pages for tokens ``[0, ends[b])`` (room already checked).
+        Interrupt-safe (see :meth:`_resync_device`): the new host state is built aside, the
+        page table written from it, then the host state committed in one assignment."""
+        n_alloc, grow = list(self._n_alloc), []
         for b, end in enumerate(ends):
-            if end <= self._n_alloc[b] * self.page_size:   # (see _pages_needed)
+            if end <= n_alloc[b] * self.page_size:   # (see _pages_needed)
                 continue
-            row = self._host_table[b]
-            for j in range(self._n_alloc[b], -(-end // self.page_size)):
-                p = self._free.pop()
-                self._refcount[p] = 1
-                row[j] = p
-                self._n_alloc[b] = j + 1
-                changed = True
-        if changed:
-            self._sync_table()
+            for j in range(n_alloc[b], -(-end // self.page_size)):
+                grow.append((b, j))
+            n_alloc[b] = -(-end // self.page_size)
+        if not grow:
+            return
+        free, table, refcount = list(self._free), list(self._host_table), list(self._refcount)
+        for b in {b for b, _ in grow}:
+            table[b] = list(table[b])
+        for b, j in grow:   # (pages taken from the end of the free list, in order)
+            p = free.pop()
+            refcount[p] = 1
+            table[b][j] = p
+        try:
+            self.page_table.copy_(torch.tensor(table, dtype=torch.int32, device="cpu"))
+            self._host_table, self._free, self._refcount, self._n_alloc = table, free, refcount, n_alloc
+            self._note_device_state()
+        except BaseException:
+            self._resync_device()
+            raise
 
-    def _sync_table(self) -> None:
-        # (host copies are built with device="cpu" here and below: under
-        # torch.set_default_device they were made on that device, and the copy failed after
-        # the host state had already moved, leaving host and device tables apart)
-        self.page_table.copy_(torch.tensor(self._host_table, dtype=torch.int32, device="cpu"))
+    def _resync_device(self) -> None:
+        """Write ``lengths`` and ``page_table`` from the host record. The methods that change
+        the cache build the new host state aside, write the device tensors from it, then
+        commit the host state in one assignment (no call or loop in between, so no signal
+        handler runs there); on any exception before that commit, KeyboardInterrupt included,
+        this puts the device tensors back. An interrupted reset otherwise left the device
+        lengths at their old values, unseen (their version counter had not moved), and the
+        reset sequence went on attending over its old tokens. (Host copies are built with
+        ``device="cpu"``: under ``torch.set_default_device`` they were made on that device.)"""
+        self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32, device="cpu"))
+        if self.paged:
+            self.page_table.copy_(torch.tensor(self._host_table, dtype=torch.int32, device="cpu"))
         self._note_device_state()
 
     def _note_device_state(self) -> None:
@@ -499,16 +518,21 @@ class KVCache:
         self.check_room(n)
         if self.paged:
             self._ensure_pages([self._host_lengths[b] + x for b, x in enumerate(n)])
-        self._host_lengths = [x + y for x, y in zip(self._host_lengths, n)]
-        if isinstance(n_new, torch.Tensor) and n_new.device == self.device:
-            self.lengths += n_new.to(torch.int32)
-        elif isinstance(n_new, int):
-            # (one in-place add on the device: a copy from a host tensor waited for the GPU,
-            # once per decode step)
-            self.lengths += n_new
-        else:
-            self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32, device="cpu"))
-        self._note_device_state()
+        lengths = [x + y for x, y in zip(self._host_lengths, n)]
+        try:   # (interrupt-safe: see _resync_device)
+            if isinstance(n_new, torch.Tensor) and n_new.device == self.device:
+                self.lengths += n_new.to(torch.int32)
+            elif isinstance(n_new, int):
+                # (one in-place add on the device: a copy from a host tensor waited for the
+                # GPU, once per decode step)
+                self.lengths += n_new
+            else:
+                self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32, device="cpu"))
+            self._host_lengths = lengths
+            self._note_device_state()
+        except BaseException:
+            self._resync_device()
+            raise
 
     def reset(self, seqs=None) -> None:
         """Empty the sequences ``seqs`` (an int or a list of ints; default all): their lengths
@@ -516,22 +540,40 @@ class KVCache:
         shares them. The cached values themselves are left in place."""
         seqs = list(range(self.batch)) if seqs is None else _index_list("seqs", seqs, "None, ")
         seqs = [self._check_seq("seqs", b) for b in seqs]
+        # (interrupt-safe: the new state built aside, see _resync_device)
+        lengths = list(self._host_lengths)
         for b in set(seqs):
-            self._host_lengths[b] = 0
-            if self.paged:
-                row = self._host_table[b]
-                for j, p in enumerate(row):
-                    if p >= 0:
-                        self._refcount[p] -= 1
-                        if self._refcount[p] == 0:
-                            self._free.append(p)
-                        row[j] = -1
-                self._n_alloc[b] = 0
-        self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32, device="cpu"))
-        self._note_device_state()
-        if self.paged:
-            self._sync_table()
-            self._drop_from_groups(set(seqs))
+            lengths[b] = 0
+        if not self.paged:
+            try:
+                self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32, device="cpu"))
+                self._host_lengths = lengths
+                self._note_device_state()
+            except BaseException:
+                self._resync_device()
+                raise
+            return
+        table, free, refcount, n_alloc = (list(self._host_table), list(self._free),
+                                          list(self._refcount), list(self._n_alloc))
+        for b in set(seqs):
+            row = table[b] = list(table[b])
+            for j, p in enumerate(row):
+                if p >= 0:
+                    refcount[p] -= 1
+                    if refcount[p] == 0:
+                        free.append(p)
+                    row[j] = -1
+            n_alloc[b] = 0
+        groups = self._groups_without(set(seqs))
+        try:
+            self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32, device="cpu"))
+            self.page_table.copy_(torch.tensor(table, dtype=torch.int32, device="cpu"))
+            (self._host_lengths, self._host_table, self._free, self._refcount, self._n_alloc,
+             self._groups, self._decode_meta) = lengths, table, free, refcount, n_alloc, groups, None
+            self._note_device_state()
+        except BaseException:
+            self._resync_device()
+            raise
 
     # ------------------------------------------------------------------ shared prefixes
     def fork(self, src: int, dst, n_tokens: int | None = None) -> None:
@@ -565,29 +607,43 @@ class KVCache:
         if rem and len(self._free) < len(dsts):
             raise ValueError(f"dst: out of pages: copying the partly filled last page for {len(dsts)} "
                              f"sequences needs {len(dsts)} pages, {len(self._free)} are free")
-        src_row = self._host_table[src]
+        # (interrupt-safe: the new state built aside, see _resync_device; a partly filled
+        # page is copied into pages still free until the commit)
+        lengths, table, free, refcount, n_alloc = (list(self._host_lengths), list(self._host_table),
+                                                   list(self._free), list(self._refcount),
+                                                   list(self._n_alloc))
+        src_row = table[src]
         shared = src_row[:n_full]
-        for d in dsts:
-            row = self._host_table[d]
-            for j, p in enumerate(shared):
-                row[j] = p
-                self._refcount[p] += 1
-            self._n_alloc[d] = n_full
-            if rem:
-                p_new = self._free.pop()
-                self._refcount[p_new] = 1
-                row[n_full] = p_new
-                self._n_alloc[d] = n_full + 1
-                self.k[:, p_new, :rem] = self.k[:, src_row[n_full], :rem]
-                self.v[:, p_new, :rem] = self.v[:, src_row[n_full], :rem]
-            self._host_lengths[d] = n_tokens
-        self._sync_table()
-        self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32, device="cpu"))
-        self._note_device_state()
-        if n_full:
-            self._add_group(src, dsts, n_full)
+        try:
+            for d in dsts:
+                row = table[d] = list(table[d])
+                for j, p in enumerate(shared):
+                    row[j] = p
+                    refcount[p] += 1
+                n_alloc[d] = n_full
+                if rem:
+                    p_new = free.pop()
+                    refcount[p_new] = 1
+                    row[n_full] = p_new
+                    n_alloc[d] = n_full + 1
+                    self.k[:, p_new, :rem] = self.k[:, src_row[n_full], :rem]
+                    self.v[:, p_new, :rem] = self.v[:, src_row[n_full], :rem]
+                lengths[d] = n_tokens
+            groups = self._groups_with(src, dsts, n_full, table) if n_full else self._groups
+            self.page_table.copy_(torch.tensor(table, dtype=torch.int32, device="cpu"))
+            self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32, device="cpu"))
+            (self._host_lengths, self._host_table, self._free, self._refcount, self._n_alloc,
+             self._groups) = lengths, table, free, refcount, n_alloc, groups
+            if n_full:
+                self._decode_meta = None
+            self._note_device_state()
+        except BaseException:
+            self._resync_device()
+            raise
 
-    def _add_group(self, src: int, dsts: list[int], n_full: int) -> None:
+    def _groups_with(self, src: int, dsts: list[int], n_full: int, table) -> list[PrefixGroup]:
+        """The prefix groups once ``dsts`` share ``src``'s first ``n_full`` pages (``table``:
+        the host page table with the fork in it)."""
         n_tok = n_full * self.page_size
         members = {src, *dsts}
         for g in self._groups:  # forking a member again with the same prefix: one group
@@ -598,16 +654,14 @@ class KVCache:
         groups = [PrefixGroup(tuple(m for m in g.members if m not in members), g.n_tokens, g.pages)
                   for g in self._groups]
         groups = [g for g in groups if len(g.members) >= 2]
-        pages = tuple(self._host_table[src][:n_full])
-        groups.append(PrefixGroup(tuple(sorted(members)), n_tok, pages))
-        self._groups = groups
-        self._decode_meta = None
+        groups.append(PrefixGroup(tuple(sorted(members)), n_tok, tuple(table[src][:n_full])))
+        return groups
 
-    def _drop_from_groups(self, seqs: set[int]) -> None:
+    def _groups_without(self, seqs: set[int]) -> list[PrefixGroup]:
+        """The prefix groups once ``seqs`` leave them."""
         groups = [PrefixGroup(tuple(m for m in g.members if m not in seqs), g.n_tokens, g.pages)
                   for g in self._groups]
-        self._groups = [g for g in groups if len(g.members) >= 2]
-        self._decode_meta = None
+        return [g for g in groups if len(g.members) >= 2]
 
     def decode_meta(self):
         """Index tensors of the shared-prefix decode, built once per group change (None

@@ -318,3 +318,93 @@ def test_calls_under_another_default_device(page_size):
     assert got.lengths.device.type == "cpu" and got.host_lengths() == want.host_lengths()
     if page_size is not None:
         assert got.page_table.tolist() == got._host_table
+
+
+def _state(c):
+    return (c.host_lengths(), c.lengths.tolist(),
+            None if not c.paged else ([list(r) for r in c._host_table], c.page_table.tolist(),
+                                      sorted(c._free), list(c._refcount), list(c._n_alloc),
+                                      [(g.members, g.n_tokens, g.pages) for g in c.prefix_groups()]))
+
+
+def _check_consistent(c):
+    """The host record and the device tensors agree, and every page is free or referenced
+    (by as many rows as its count), never both."""
+    assert c.host_lengths() == c.lengths.tolist()
+    if c.paged:
+        assert [list(r) for r in c._host_table] == c.page_table.tolist()
+        refs = {}
+        for row in c._host_table:
+            for p in row:
+                if p >= 0:
+                    refs[p] = refs.get(p, 0) + 1
+        assert not set(refs) & set(c._free) and set(refs) | set(c._free) == set(range(c.num_pages))
+        assert all(c._refcount[p] == n for p, n in refs.items())
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_an_interrupted_cache_method_leaves_the_old_or_the_new_state(page_size):
+    """A KeyboardInterrupt (Ctrl-C, a signal-based timeout) inside reset / advance / fork /
+    reserve / an append that allocates pages left the host record changed and the device
+    lengths or page table not: an interrupted reset kept the device length, and the reset
+    sequence went on attending over its old tokens, silently. The interrupt is raised here
+    at every call the method makes, in turn: each time the lengths and the pages are each in
+    their old state or their new one, the record and the tensors agree, and the next decode
+    step runs."""
+    import copy
+    import sys
+
+    import palm_fast.kv_cache
+    from palm_fast import ops
+
+    kv_file = palm_fast.kv_cache.__file__
+
+    torch.manual_seed(0)
+    base = KVCache(1, 3, 32, 8, page_size=page_size)
+    with torch.no_grad():
+        n0 = torch.tensor([10, 6, 0], dtype=torch.int32)
+        base.append(0, torch.randn(3, 10, 8), torch.randn(3, 10, 8), n0)
+        base.advance(n0)
+    calls = [("reset", lambda c: c.reset([1])), ("advance", lambda c: c.advance(3)),
+             ("advance per sequence", lambda c: c.advance(torch.tensor([1, 5, 2]))),
+             ("append", lambda c: c.append(0, torch.randn(3, 5, 8), torch.randn(3, 5, 8)))]
+    if page_size:
+        calls += [("fork", lambda c: c.fork(0, [2], 6)), ("reserve", lambda c: c.reserve(7))]
+    for name, fn in calls:
+        old = _state(base)
+        new_cache = copy.deepcopy(base)
+        with torch.no_grad():
+            fn(new_cache)
+        new = _state(new_cache)
+        n, interrupted = 0, True
+        while interrupted:
+            n += 1
+            c = copy.deepcopy(base)
+            seen = [0]
+
+            def prof(frame, event, arg, n=n, seen=seen):
+                # (calls made from the cache's own code only: an interrupt elsewhere, e.g. in
+                # torch.no_grad's __enter__, would leave torch's global state behind)
+                if event in ("call", "c_call") and frame.f_code.co_filename == kv_file \
+                        and arg is not sys.setprofile:
+                    seen[0] += 1
+                    if seen[0] == n:
+                        sys.setprofile(None)
+                        raise KeyboardInterrupt
+
+            with torch.no_grad():
+                sys.setprofile(prof)
+                try:
+                    fn(c)
+                    interrupted = False
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.setprofile(None)
+            _check_consistent(c)
+            got = _state(c)   # (an advance may stop with its pages allocated, its lengths not)
+            assert got[:2] in (old[:2], new[:2]) and got[2:] in (old[2:], new[2:]), (name, n)
+            with torch.no_grad():   # the next step is accepted and runs
+                q = ops.rope_append(torch.randn(3, 1, 2, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8), c, 0)
+                ops.mqa_decode(q[:, 0].contiguous(), c, 0, c.lengths + 1)
+        assert n > 3, name   # (the method was interrupted at several points)

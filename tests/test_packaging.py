@@ -66,10 +66,39 @@ def test_extension_errors_tell_missing_from_unloadable(monkeypatch):
             return None
 
     for msg, want in (("/x/_C.so: undefined symbol: _ZN3c104impl", "another torch"),
-                      ("No module named 'palm_fast._C'", "are not built")):
+                      ("No module named 'palm_fast._C'", "are not built"),
+                      ("initialization failed", "do not load")):
         monkeypatch.setattr(sys, "meta_path", [Finder(msg), *sys.meta_path])
         with pytest.raises(ImportError, match=want):
             _ext.cpp.__wrapped__()
+
+
+def test_an_interrupt_during_the_extension_import_stays_an_interrupt(monkeypatch):
+    """A Ctrl-C during the first (lazy) import of _C came back from pybind11 as
+    ImportError("initialization failed") and was reported as "not built"; code handling
+    KeyboardInterrupt for a clean shutdown got an ImportError. It is re-raised as it was."""
+    import sys
+
+    import pytest
+
+    import palm_fast
+    from palm_fast import _ext
+
+    monkeypatch.delattr(palm_fast, "_C", raising=False)
+    monkeypatch.delitem(sys.modules, "palm_fast._C", raising=False)
+
+    class Finder:
+        def find_spec(self, name, path, target=None):
+            if name == "palm_fast._C":
+                try:
+                    raise KeyboardInterrupt
+                except KeyboardInterrupt as k:
+                    raise ImportError("initialization failed") from k
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    with pytest.raises(KeyboardInterrupt):
+        _ext.cpp.__wrapped__()
 
 
 def _setup_globals(monkeypatch) -> dict:
