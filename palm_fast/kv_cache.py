@@ -364,16 +364,20 @@ class KVCache:
             n_alloc[b] = -(-end // self.page_size)
         if not grow:
             return
-        free, table, refcount = list(self._free), list(self._host_table), list(self._refcount)
+        # The pages come off the end of the free list, last first; the list itself is cut
+        # only at the commit (one ``del``: no copy of the free list or the counts per
+        # allocation; a free page's count is not read, so it is set at once).
+        taken = self._free[len(self._free) - len(grow):][::-1]
+        table = list(self._host_table)
         for b in {b for b, _ in grow}:
             table[b] = list(table[b])
-        for b, j in grow:   # (pages taken from the end of the free list, in order)
-            p = free.pop()
-            refcount[p] = 1
+        for (b, j), p in zip(grow, taken):
+            self._refcount[p] = 1
             table[b][j] = p
         try:
             self.page_table.copy_(torch.tensor(table, dtype=torch.int32, device="cpu"))
-            self._host_table, self._free, self._refcount, self._n_alloc = table, free, refcount, n_alloc
+            self._host_table, self._n_alloc = table, n_alloc
+            del self._free[len(self._free) - len(grow):]
             self._note_device_state()
         except BaseException:
             self._resync_device()
