@@ -367,7 +367,8 @@ class KVCache:
         # The pages come off the end of the free list, last first; the list itself is cut
         # only at the commit (one ``del``: no copy of the free list or the counts per
         # allocation; a free page's count is not read, so it is set at once).
-        taken = self._free[len(self._free) - len(grow):][::-1]
+        cut = len(self._free) - len(grow)
+        taken = self._free[cut:][::-1]
         table = list(self._host_table)
         for b in {b for b, _ in grow}:
             table[b] = list(table[b])
@@ -376,8 +377,8 @@ class KVCache:
             table[b][j] = p
         try:
             self.page_table.copy_(torch.tensor(table, dtype=torch.int32, device="cpu"))
-            self._host_table, self._n_alloc = table, n_alloc
-            del self._free[len(self._free) - len(grow):]
+            self._host_table, self._n_alloc = table, n_alloc   # (no call from here to the
+            del self._free[cut:]                               # end of the commit)
             self._note_device_state()
         except BaseException:
             self._resync_device()

@@ -321,9 +321,11 @@ def test_calls_under_another_default_device(page_size):
 
 
 def _state(c):
+    """The cache's lengths and pages (host and device; a free page's count is not part of
+    it: it is never read, see _check_consistent for the counts of used pages)."""
     return (c.host_lengths(), c.lengths.tolist(),
             None if not c.paged else ([list(r) for r in c._host_table], c.page_table.tolist(),
-                                      sorted(c._free), list(c._refcount), list(c._n_alloc),
+                                      sorted(c._free), list(c._n_alloc),
                                       [(g.members, g.n_tokens, g.pages) for g in c.prefix_groups()]))
 
 
