@@ -318,6 +318,9 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
     if link is not None and not isinstance(link, GradLink):
         raise TypeError(f"link: expected None or a GradLink (the one given to embed_tokens), got "
                         f"{type(link).__name__}")
+    # torch.func / forward AD: palm_fast's error, not autograd's (nor, on torch 2.6, the
+    # target check's host read failing on a functorch-wrapped tensor)
+    check_traced(h, weight)
     targets = targets.long().contiguous()
     # (one host read; skipped while tracing or capturing a CUDA graph, where it cannot run)
     if not compiling() and not cuda_capturing() and targets.numel():
@@ -332,5 +335,4 @@ def tied_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
         # this head's gradient over would add it to the lookup's weight and leave this one's
         # None. Not used: autograd sums the two gradients as for any other graph.
         link = None
-    check_traced(h, weight)   # (torch.func / forward AD: palm_fast's error, not autograd's)
     return _TiedLMLoss.apply(h, weight, targets, float(scale), float(z_coef), link)
