@@ -524,15 +524,23 @@ class KVCache:
         if self.paged:
             self._ensure_pages([self._host_lengths[b] + x for b, x in enumerate(n)])
         lengths = [x + y for x, y in zip(self._host_lengths, n)]
-        try:   # (interrupt-safe: see _resync_device)
-            if isinstance(n_new, torch.Tensor) and n_new.device == self.device:
-                self.lengths += n_new.to(torch.int32)
-            elif isinstance(n_new, int):
-                # (one in-place add on the device: a copy from a host tensor waited for the
-                # GPU, once per decode step)
-                self.lengths += n_new
-            else:
+        if isinstance(n_new, torch.Tensor) and n_new.device == self.device:
+            self._set_lengths(lengths, lambda: self.lengths.add_(n_new.to(torch.int32)))
+        elif isinstance(n_new, int):
+            # (one in-place add on the device: a copy from a host tensor waited for the GPU,
+            # once per decode step)
+            self._set_lengths(lengths, lambda: self.lengths.add_(n_new))
+        else:
+            self._set_lengths(lengths)
+
+    def _set_lengths(self, lengths: list[int], write=None) -> None:
+        """Write ``lengths`` to the device (``write()``, else a copy) and commit them to the
+        host record, interrupt-safe (see :meth:`_resync_device`)."""
+        try:
+            if write is None:
                 self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32, device="cpu"))
+            else:
+                write()
             self._host_lengths = lengths
             self._note_device_state()
         except BaseException:
@@ -550,13 +558,7 @@ class KVCache:
         for b in set(seqs):
             lengths[b] = 0
         if not self.paged:
-            try:
-                self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32, device="cpu"))
-                self._host_lengths = lengths
-                self._note_device_state()
-            except BaseException:
-                self._resync_device()
-                raise
+            self._set_lengths(lengths)
             return
         table, free, refcount, n_alloc = (list(self._host_table), list(self._free),
                                           list(self._refcount), list(self._n_alloc))
